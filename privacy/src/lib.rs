@@ -1,0 +1,61 @@
+//! Differential privacy for Meridian: noise, DP-SGD clipping, privacy
+//! accounting and the ledger's record types.
+//!
+//! Every guarantee Meridian makes about a patient's record rests on three
+//! things done right: per-example gradients are clipped, noise is drawn from
+//! a secure source with a hardened sampler, and the privacy spent is
+//! accounted exactly as the reference implementation does. This crate holds
+//! all three, so that no other crate draws noise or computes ε.
+//!
+//! # Brief overview
+//!
+//! - [`RdpAccountant`] accumulates the Rényi DP of Poisson-subsampled
+//!   Gaussian mechanisms (DP-SGD) and converts it to an
+//!   [`EpsilonAtDelta`], reproducing Google's dp_accounting 0.6;
+//!   [`dpsgd_epsilon`] and [`noise_multiplier_for_epsilon`] are the one-call
+//!   forms.
+//! - [`NoiseSource`] draws Gaussian noise from an OS-seeded ChaCha20 CSPRNG
+//!   with Opacus' secure-mode sampler.
+//! - [`DpSgdConfig`] holds validated DP-SGD parameters; [`clip_factor`] is
+//!   the per-example clipping rule.
+//! - [`LedgerEntry`] records one round of one job against a dataset;
+//!   [`dataset_epsilon`] composes a dataset's entries by RDP, and [`Budget`]
+//!   with [`remaining`] compares them with a total.
+//!
+//! # Example
+//!
+//! ```
+//! use privacy::{DpSgdConfig, NoiseSource, RdpAccountant, clip_factor};
+//!
+//! let config = DpSgdConfig::new(1.1, 1.0, 256.0 / 60_000.0)?;
+//!
+//! // One step: clip each example's gradient, sum, add noise.
+//! let norms = [0.5_f64, 3.0];
+//! let factors: Vec<f64> = norms.iter().map(|&n| clip_factor(n, config.clip_norm())).collect();
+//! assert_eq!(factors[0], 1.0);
+//! let mut summed_gradient = vec![0.0_f32; 4];
+//! let mut noise = NoiseSource::new()?;
+//! noise.add_gaussian_noise(&mut summed_gradient, config.noise_std())?;
+//!
+//! // Account for 60 epochs of such steps.
+//! let mut accountant = RdpAccountant::new();
+//! config.compose_into(&mut accountant, 14_062)?;
+//! let spent = accountant.epsilon(1e-5)?;
+//! assert!((spent.epsilon - 2.597).abs() < 1e-3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(clippy::unwrap_used)]
+#![deny(missing_docs)]
+
+pub mod accountant;
+pub mod dpsgd;
+pub mod ledger;
+pub mod noise;
+
+pub use accountant::{
+    AccountantError, EpsilonAtDelta, RdpAccountant, dpsgd_epsilon, noise_multiplier_for_epsilon,
+};
+pub use dpsgd::{DpSgdConfig, DpSgdConfigError, InvalidDpSgdConfig, clip_factor};
+pub use ledger::{Budget, LedgerEntry, LedgerError, dataset_epsilon, remaining};
+pub use noise::{NoiseError, NoiseSource};

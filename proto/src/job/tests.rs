@@ -1,0 +1,74 @@
+use super::*;
+
+const WDBC: &str = include_str!("../../../examples/jobs/wdbc.toml");
+const BRFSS: &str = include_str!("../../../examples/jobs/brfss.toml");
+
+#[track_caller]
+fn check_err(text: &str, expected: &str) {
+    let err = JobSpec::from_toml(text, "job.toml").unwrap_err();
+    assert_eq!(err.to_string(), expected);
+}
+
+#[test]
+fn example_jobs_parse() {
+    let wdbc = JobSpec::from_toml(WDBC, "wdbc.toml").unwrap();
+    assert_eq!(wdbc.features.input_dim(), 30);
+    assert_eq!(wdbc.model, ModelSpec::LogisticRegression);
+    let brfss = JobSpec::from_toml(BRFSS, "brfss.toml").unwrap();
+    assert_eq!(brfss.features.input_dim(), 50);
+    assert_eq!(brfss.policy.min_sites, 3);
+}
+
+#[test]
+fn canonical_json_round_trips_and_hash_is_stable() {
+    let spec = JobSpec::from_toml(WDBC, "wdbc.toml").unwrap();
+    let back = JobSpec::from_canonical_json(&spec.canonical_json()).unwrap();
+    assert_eq!(back, spec);
+    assert_eq!(back.hash(), spec.hash());
+    let mut changed = spec.clone();
+    changed.training.rounds += 1;
+    assert_ne!(changed.hash(), spec.hash());
+}
+
+#[test]
+fn unknown_model_names_the_field() {
+    check_err(
+        &WDBC.replace("kind = \"logistic_regression\"", "kind = \"resnet\""),
+        "job.toml: model.kind: unknown model \"resnet\" (expected logistic_regression, mlp or cnn)",
+    );
+}
+
+#[test]
+fn invalid_values_are_all_reported() {
+    check_err(
+        &WDBC
+            .replace("rounds = 5", "rounds = 0")
+            .replace("delta = 1e-5", "delta = 0.5"),
+        "job.toml: training.rounds: must be in 1..=10000, got 0; privacy.delta: must be in (0, 0.01), got 0.5",
+    );
+}
+
+#[test]
+fn wrong_type_names_line_and_key() {
+    check_err(
+        &WDBC.replace("batch_size = 32", "batch_size = \"many\""),
+        "job.toml:49:14: training.batch_size: invalid type: string \"many\", expected usize",
+    );
+}
+
+#[test]
+fn unknown_key_is_refused() {
+    let err = JobSpec::from_toml(&WDBC.replace("[privacy]", "[privacy]\nepsilon = 3"), "job.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("job.toml:"), "{err}");
+    assert!(err.contains("unknown field `epsilon`"), "{err}");
+}
+
+#[test]
+fn duplicate_columns_are_refused() {
+    check_err(
+        &WDBC.replace("\"texture_mean\",", "\"radius_mean\","),
+        "job.toml: features.numeric[1]: column \"radius_mean\" is used twice or is the label",
+    );
+}

@@ -1,0 +1,28 @@
+//! The contract between Meridian's parties: the gRPC API (`meridian.v1`),
+//! the job spec a scientist submits, how tensors are cut into chunks on the
+//! wire, and how a certificate names its holder and role.
+//!
+//! # Brief overview
+//! - [`pb`]: generated messages, clients and servers for `meridian.v1`
+//!   (built by `build.rs` with protox; no `protoc` is needed).
+//! - [`job::JobSpec`]: a validated job, parsed once from TOML; the coordinator
+//!   and every site see the same canonical JSON of it and bind to its hash.
+//! - [`tensor`]: splitting a flat `f32` parameter vector into ≤ 1 MiB chunks
+//!   and reassembling it with length checks.
+//! - [`identity::Role`]: the role a certificate carries in its subject's
+//!   organizational unit; the coordinator authorizes every RPC by it.
+//!
+//! This crate depends on no other workspace crate.
+
+#![deny(clippy::unwrap_used)]
+#![deny(missing_docs)]
+
+pub mod identity;
+pub mod job;
+pub mod tensor;
+
+/// Generated protobuf messages and gRPC services of `meridian.v1`.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("meridian.v1");
+}

@@ -1,0 +1,45 @@
+use super::*;
+
+#[test]
+fn round_trip_across_chunk_boundaries() {
+    let values: Vec<f32> = (0..CHUNK_VALUES * 2 + 3).map(|i| i as f32 * 0.5).collect();
+    let chunks: Vec<Bytes> = encode_chunks(&values).collect();
+    assert_eq!(chunks.len(), 3);
+    assert!(chunks.iter().all(|c| c.len() <= MAX_CHUNK_BYTES));
+    let mut asm = ChunkAssembler::new(values.len());
+    for c in &chunks {
+        asm.push(c).unwrap();
+    }
+    assert_eq!(asm.finish().unwrap(), values);
+}
+
+#[test]
+fn rejects_bad_streams() {
+    let mut asm = ChunkAssembler::new(2);
+    assert_eq!(
+        asm.push(&[0u8; 3]),
+        Err(ChunkError::Misaligned { index: 0, bytes: 3 })
+    );
+    let mut asm = ChunkAssembler::new(1);
+    assert_eq!(asm.push(&[0u8; 8]), Err(ChunkError::TooLong { expected: 1 }));
+    let mut asm = ChunkAssembler::new(3);
+    asm.push(&1.0f32.to_le_bytes()).unwrap();
+    assert_eq!(
+        asm.finish(),
+        Err(ChunkError::Truncated {
+            received: 1,
+            expected: 3
+        })
+    );
+    let mut asm = ChunkAssembler::new(1);
+    let err = asm.push(&f32::NAN.to_le_bytes()).unwrap_err();
+    assert!(matches!(err, ChunkError::NotFinite { index: 0, .. }));
+    let mut asm = ChunkAssembler::new(CHUNK_VALUES * 4);
+    assert_eq!(
+        asm.push(&vec![0u8; MAX_CHUNK_BYTES + 4]),
+        Err(ChunkError::Oversized {
+            index: 0,
+            bytes: MAX_CHUNK_BYTES + 4
+        })
+    );
+}

@@ -1,0 +1,859 @@
+//! A hospital's local tabular dataset, read and encoded into model inputs.
+//!
+//! This is the one place where patient rows are read: [`load`] parses a CSV
+//! file (plain or gzip-compressed), checks every row against a job's
+//! [`FeatureSpec`], splits the rows into train and test sets with a seeded
+//! shuffle ([`SplitOptions`]) and encodes them as row-major `f32` features
+//! and `0`/`1` labels ([`EncodedDataset`]). Nothing here sends anything
+//! anywhere; only models trained on the result leave the site.
+//!
+//! Every site of a job receives the same [`FeatureSpec`], so every site
+//! produces the same input layout ([`FeatureSpec::encoded_names`]): numeric
+//! columns first, standardised with the mean and standard deviation of the
+//! site's own training split, then each categorical column one-hot encoded
+//! over its listed levels.
+//!
+//! Loading is all or nothing: the first bad row fails the whole load with a
+//! [`DatasetError`] naming the file, the physical line (header = line 1),
+//! the column and the value at fault, so no model is ever trained on part of
+//! a file.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use worker::dataset::{self, CategoricalFeature, FeatureSpec, SplitOptions};
+//!
+//! let spec = FeatureSpec {
+//!     label: "HeartDisease".into(),
+//!     positive_label: "Yes".into(),
+//!     negative_labels: vec!["No".into()],
+//!     numeric: vec!["BMI".into(), "SleepTime".into()],
+//!     categorical: vec![CategoricalFeature {
+//!         column: "Sex".into(),
+//!         levels: vec!["Female".into(), "Male".into()],
+//!     }],
+//! };
+//! let split = SplitOptions { test_fraction: 0.2, seed: 7 };
+//! let data = dataset::load(Path::new("heart.csv.gz"), &spec, &split)?;
+//! assert_eq!(data.dim, 4); // BMI, SleepTime, Sex=Female, Sex=Male
+//! # Ok::<(), worker::dataset::DatasetError>(())
+//! ```
+
+mod lines;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use flate2::bufread::MultiGzDecoder;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use lines::LineTracker;
+
+/// How a job wants the data encoded.
+///
+/// Identical at every site, so every site produces the same input layout.
+/// Field names in [`FeatureSpec::validate`]'s messages are prefixed with
+/// `features.`, the key under which a job carries this spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Name of the label column.
+    pub label: String,
+    /// Value of the label column that means class 1.
+    pub positive_label: String,
+    /// Values of the label column that mean class 0 (e.g. `["No"]`).
+    ///
+    /// Any label value that is neither this nor `positive_label` fails the
+    /// load: a typo must not silently become a negative example.
+    pub negative_labels: Vec<String>,
+    /// Numeric columns, standardised with the mean and (population)
+    /// standard deviation of the local training split; a constant column
+    /// gets standard deviation 1.
+    pub numeric: Vec<String>,
+    /// Categorical columns, one-hot encoded over their levels in order.
+    pub categorical: Vec<CategoricalFeature>,
+}
+
+/// A categorical column and the values it may take.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoricalFeature {
+    /// Name of the column.
+    pub column: String,
+    /// The values the column may take, one input each, in this order; any
+    /// other value fails the load.
+    pub levels: Vec<String>,
+}
+
+impl FeatureSpec {
+    /// Number of model inputs: one per numeric column plus one per level of
+    /// each categorical column.
+    pub fn input_dim(&self) -> usize {
+        self.numeric.len()
+            + self
+                .categorical
+                .iter()
+                .map(|c| c.levels.len())
+                .sum::<usize>()
+    }
+
+    /// Names of the model inputs in order: numeric columns as they are
+    /// (`BMI`), then `column=level` for each categorical level (`Sex=Female`).
+    pub fn encoded_names(&self) -> Vec<String> {
+        let mut names = self.numeric.clone();
+        for feature in &self.categorical {
+            for level in &feature.levels {
+                names.push(format!("{}={level}", feature.column));
+            }
+        }
+        names
+    }
+
+    /// Checks the spec on its own, without a file, collecting every problem.
+    ///
+    /// Each message names its field, e.g. `features.categorical[2].levels is
+    /// empty`. Rejected: an empty label, positive or negative label value; no
+    /// negative labels; the positive label listed as negative; repeated
+    /// negative labels; empty, repeated or label column feature columns;
+    /// categorical columns without levels or with repeated levels; names or
+    /// values with surrounding whitespace (values are trimmed when read, so
+    /// they could never match); and a spec with no feature at all.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+
+        check_name(&mut problems, "features.label", &self.label);
+        check_name(
+            &mut problems,
+            "features.positive_label",
+            &self.positive_label,
+        );
+        if self.negative_labels.is_empty() {
+            problems.push(
+                "features.negative_labels is empty: list the label values meaning class 0".into(),
+            );
+        }
+        for (i, value) in self.negative_labels.iter().enumerate() {
+            let field = format!("features.negative_labels[{i}]");
+            check_name(&mut problems, &field, value);
+            if !value.is_empty() && *value == self.positive_label {
+                problems.push(format!("{field} is {value:?}, the positive label"));
+            } else if let Some(j) = self.negative_labels[..i].iter().position(|v| v == value) {
+                problems.push(format!(
+                    "{field} repeats {value:?} (already features.negative_labels[{j}])"
+                ));
+            }
+        }
+
+        // Every feature column with the field that names it, to find repeats.
+        let mut columns: Vec<(String, &str)> = Vec::new();
+        let named_columns = self
+            .numeric
+            .iter()
+            .enumerate()
+            .map(|(i, column)| (format!("features.numeric[{i}]"), column.as_str()))
+            .chain(self.categorical.iter().enumerate().map(|(i, feature)| {
+                (
+                    format!("features.categorical[{i}].column"),
+                    feature.column.as_str(),
+                )
+            }));
+        for (field, column) in named_columns {
+            check_name(&mut problems, &field, column);
+            if column.is_empty() {
+                continue;
+            }
+            if column == self.label {
+                problems.push(format!("{field} is {column:?}, the label column"));
+            } else if let Some((first, _)) = columns.iter().find(|(_, c)| *c == column) {
+                problems.push(format!(
+                    "{field} repeats column {column:?} (already {first})"
+                ));
+            }
+            columns.push((field, column));
+        }
+
+        for (i, feature) in self.categorical.iter().enumerate() {
+            if feature.levels.is_empty() {
+                problems.push(format!("features.categorical[{i}].levels is empty"));
+            }
+            for (k, level) in feature.levels.iter().enumerate() {
+                let field = format!("features.categorical[{i}].levels[{k}]");
+                if level.trim() != level {
+                    problems.push(format!(
+                        "{field} {level:?} has surrounding whitespace, but values are trimmed when read"
+                    ));
+                }
+                if let Some(j) = feature.levels[..k].iter().position(|l| l == level) {
+                    problems.push(format!(
+                        "{field} repeats {level:?} (already features.categorical[{i}].levels[{j}])"
+                    ));
+                }
+            }
+        }
+
+        if self.numeric.is_empty() && self.categorical.is_empty() {
+            problems.push("features.numeric and features.categorical are both empty".into());
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Adds a problem to `problems` if `value`, the content of `field`, is empty
+/// or has surrounding whitespace.
+fn check_name(problems: &mut Vec<String>, field: &str, value: &str) {
+    if value.is_empty() {
+        problems.push(format!("{field} is empty"));
+    } else if value.trim() != value {
+        problems.push(format!(
+            "{field} {value:?} has surrounding whitespace, but values are trimmed when read"
+        ));
+    }
+}
+
+/// How the rows are split into train and test sets.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitOptions {
+    /// Share of the rows held out for testing, strictly between 0 and 1; the
+    /// test set has `round(rows * test_fraction)` rows.
+    pub test_fraction: f64,
+    /// Seed of the shuffle: the same file, spec and seed give the same split.
+    pub seed: u64,
+}
+
+impl SplitOptions {
+    /// Checks the options on their own, collecting every problem, each
+    /// naming its field (`split.test_fraction`).
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        if self.test_fraction > 0.0 && self.test_fraction < 1.0 {
+            Ok(())
+        } else {
+            Err(vec![format!(
+                "split.test_fraction must be strictly between 0 and 1, got {}",
+                self.test_fraction
+            )])
+        }
+    }
+}
+
+/// A dataset encoded for training: features and labels, split in two.
+///
+/// Both splits are in shuffled order. Test rows are standardised with the
+/// training split's statistics, as a model would see new patients.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedDataset {
+    /// Inputs per row: [`FeatureSpec::input_dim`].
+    pub dim: usize,
+    /// Training features, row-major, `n_train() * dim` values.
+    pub train_x: Vec<f32>,
+    /// Training labels, `0` or `1`, one per training row.
+    pub train_y: Vec<u8>,
+    /// Test features, row-major, `n_test() * dim` values.
+    pub test_x: Vec<f32>,
+    /// Test labels, `0` or `1`, one per test row.
+    pub test_y: Vec<u8>,
+    /// Name of each input, as [`FeatureSpec::encoded_names`].
+    pub encoded_names: Vec<String>,
+    /// `(mean, std)` of each numeric column over the training split, in
+    /// [`FeatureSpec::numeric`] order; `std` is 1 for a constant column.
+    pub standardisation: Vec<(f64, f64)>,
+}
+
+impl EncodedDataset {
+    /// Number of training rows.
+    pub fn n_train(&self) -> usize {
+        self.train_y.len()
+    }
+
+    /// Number of test rows.
+    pub fn n_test(&self) -> usize {
+        self.test_y.len()
+    }
+}
+
+/// Why a dataset could not be read or encoded.
+///
+/// Every message is one line and names what is at fault: the spec field,
+/// the file, and for a bad row ([`DatasetError::Row`]) its 1-based physical
+/// line (header = line 1, blank lines and lines inside quoted values
+/// counted, any line-break style) and a [`RowError`] naming the column and
+/// value, as in `heart.csv:42: column "BMI": cannot parse "abc" as a number`.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// The feature spec is invalid; see [`FeatureSpec::validate`].
+    #[error("invalid feature spec: {}", problems.join("; "))]
+    InvalidSpec {
+        /// Every problem found.
+        problems: Vec<String>,
+    },
+    /// The split options are invalid; see [`SplitOptions::validate`].
+    #[error("invalid split options: {}", problems.join("; "))]
+    InvalidSplit {
+        /// Every problem found.
+        problems: Vec<String>,
+    },
+    /// The file could not be opened or its first bytes read.
+    #[error("{}: cannot open: {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Reading failed part-way, e.g. a truncated or corrupt gzip stream.
+    #[error("{}:{line}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The line (of the decompressed text) that reading had reached.
+        line: u64,
+        /// The cause.
+        source: csv::Error,
+    },
+    /// The file has no header row: it is empty or holds only blank lines.
+    #[error("{}: the file is empty, but a header row is required", path.display())]
+    NoHeader {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A column named by the spec is not in the header.
+    #[error(
+        "{}: column {column:?} required by {field} is not in the header (columns: {})",
+        path.display(),
+        columns.join(", ")
+    )]
+    MissingColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column looked for.
+        column: String,
+        /// The spec field naming it, e.g. `features.numeric[3]`.
+        field: String,
+        /// The header's columns.
+        columns: Vec<String>,
+    },
+    /// A column named by the spec is in the header more than once.
+    #[error(
+        "{}: column {column:?} required by {field} is in the header twice (columns {first} and {second})",
+        path.display()
+    )]
+    DuplicateColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column looked for.
+        column: String,
+        /// The spec field naming it.
+        field: String,
+        /// 1-based position of its first occurrence.
+        first: usize,
+        /// 1-based position of its second occurrence.
+        second: usize,
+    },
+    /// A data row is bad: the first one in the file.
+    #[error("{}:{line}: {fault}", path.display())]
+    Row {
+        /// The file.
+        path: PathBuf,
+        /// The row's 1-based physical line, where it starts.
+        line: u64,
+        /// What is wrong with the row (boxed, so the error stays small).
+        fault: Box<RowError>,
+    },
+    /// The file has a header but no data rows.
+    #[error("{}: no data rows after the header", path.display())]
+    NoRows {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The split would leave the train or the test set without rows.
+    #[error(
+        "{}: test_fraction {test_fraction} splits {rows} rows into {train} train and {test} test rows, but both need at least one",
+        path.display()
+    )]
+    EmptySplit {
+        /// The file.
+        path: PathBuf,
+        /// Data rows in the file.
+        rows: usize,
+        /// The requested test fraction.
+        test_fraction: f64,
+        /// Training rows the split would give.
+        train: usize,
+        /// Test rows the split would give.
+        test: usize,
+    },
+}
+
+/// What is wrong with a data row; [`DatasetError::Row`] adds its file and line.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RowError {
+    /// The row has a different number of fields than the header.
+    #[error("the row has {found} fields, but the header has {expected}")]
+    FieldCount {
+        /// Fields in the header.
+        expected: usize,
+        /// Fields in the row.
+        found: usize,
+    },
+    /// A numeric column holds something that is not a number.
+    #[error("column {column:?}: cannot parse {value:?} as a number")]
+    NotANumber {
+        /// The column.
+        column: String,
+        /// The value, trimmed.
+        value: String,
+    },
+    /// A numeric column holds NaN or an infinity (or a number too large for
+    /// an `f64`).
+    #[error("column {column:?}: {value:?} is not a finite number")]
+    NotFinite {
+        /// The column.
+        column: String,
+        /// The value, trimmed.
+        value: String,
+    },
+    /// A categorical column holds a value that is not one of its levels.
+    #[error("column {column:?}: value {value:?} is not one of the levels {levels:?}")]
+    UnknownLevel {
+        /// The column.
+        column: String,
+        /// The value, trimmed.
+        value: String,
+        /// The levels the spec allows.
+        levels: Vec<String>,
+    },
+    /// The label column holds a value that is neither the positive label
+    /// nor a negative one.
+    #[error(
+        "column {column:?}: label {value:?} is neither the positive label {positive:?} nor one of the negative labels {negatives:?}"
+    )]
+    UnknownLabel {
+        /// The label column.
+        column: String,
+        /// The value, trimmed.
+        value: String,
+        /// The positive label.
+        positive: String,
+        /// The negative labels.
+        negatives: Vec<String>,
+    },
+}
+
+/// Reads the column names in the header of a CSV or gzip-compressed CSV
+/// file, trimmed, without a leading UTF-8 byte order mark.
+pub fn read_header(path: &Path) -> Result<Vec<String>, DatasetError> {
+    let mut reader = open(path)?;
+    header(path, &mut reader)
+}
+
+/// Reads, checks, splits and encodes the dataset at `path`.
+///
+/// The file is CSV with a header row, optionally gzip-compressed (detected
+/// by its magic bytes, whatever its name). Values are trimmed of surrounding
+/// whitespace and may be quoted; columns the spec does not name are ignored.
+/// The spec and split options are validated first; then the first bad row
+/// fails the whole load. The rows are shuffled with ChaCha8 seeded by
+/// `split.seed`; the first `round(rows * test_fraction)` form the test set.
+pub fn load(
+    path: &Path,
+    spec: &FeatureSpec,
+    split: &SplitOptions,
+) -> Result<EncodedDataset, DatasetError> {
+    spec.validate()
+        .map_err(|problems| DatasetError::InvalidSpec { problems })?;
+    split
+        .validate()
+        .map_err(|problems| DatasetError::InvalidSplit { problems })?;
+
+    let mut reader = open(path)?;
+    let columns = header(path, &mut reader)?;
+    let layout = Layout::new(path, spec, &columns)?;
+    let rows = read_rows(path, &layout, &mut reader)?;
+
+    let n = rows.labels.len();
+    if n == 0 {
+        return Err(DatasetError::NoRows {
+            path: path.to_path_buf(),
+        });
+    }
+    // Rounded, so 10 rows at 0.2 give 2 test rows despite 10 * 0.2 > 2.
+    let n_test = (n as f64 * split.test_fraction).round() as usize;
+    if n_test == 0 || n_test >= n {
+        return Err(DatasetError::EmptySplit {
+            path: path.to_path_buf(),
+            rows: n,
+            test_fraction: split.test_fraction,
+            train: n.saturating_sub(n_test),
+            test: n_test.min(n),
+        });
+    }
+
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(split.seed));
+    let (test, train) = order.split_at(n_test);
+
+    let standardisation = rows.standardisation(spec.numeric.len(), train);
+    let (train_x, train_y) = rows.encode(spec, &standardisation, train);
+    let (test_x, test_y) = rows.encode(spec, &standardisation, test);
+    Ok(EncodedDataset {
+        dim: spec.input_dim(),
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        encoded_names: spec.encoded_names(),
+        standardisation,
+    })
+}
+
+/// The decompressed bytes of a dataset file.
+enum Source {
+    /// An uncompressed file.
+    Plain(File),
+    /// A gzip file, possibly of several concatenated members.
+    Gzip(Box<MultiGzDecoder<BufReader<File>>>),
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Plain(file) => file.read(buf),
+            Source::Gzip(decoder) => decoder.read(buf),
+        }
+    }
+}
+
+/// The CSV reader every function here reads through.
+type CsvReader = csv::Reader<LineTracker<Source>>;
+
+/// Opens `path` as CSV, decompressing it if it starts with the gzip magic
+/// bytes `1f 8b`.
+fn open(path: &Path) -> Result<CsvReader, DatasetError> {
+    let opened = || -> io::Result<Source> {
+        let mut file = File::open(path)?;
+        let mut magic = [0u8; 2];
+        let mut filled = 0;
+        while filled < magic.len() {
+            match file.read(&mut magic[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        file.seek(SeekFrom::Start(0))?;
+        Ok(if magic[..filled] == [0x1f, 0x8b] {
+            Source::Gzip(Box::new(MultiGzDecoder::new(BufReader::with_capacity(
+                1 << 16,
+                file,
+            ))))
+        } else {
+            Source::Plain(file)
+        })
+    };
+    let source = opened().map_err(|source| DatasetError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(csv::ReaderBuilder::new()
+        .has_headers(true)
+        // Rows of the wrong width are reported by `read_rows`, with their line.
+        .flexible(true)
+        // Trimmed by hand: `csv`'s trimming copies every record.
+        .trim(csv::Trim::None)
+        .buffer_capacity(1 << 16)
+        .from_reader(LineTracker::new(source)))
+}
+
+/// Reads the header row: trimmed column names, without a byte order mark.
+fn header(path: &Path, reader: &mut CsvReader) -> Result<Vec<String>, DatasetError> {
+    let record = match reader.byte_headers() {
+        Ok(record) => record,
+        Err(source) => {
+            let line = reader.get_ref().current_line();
+            return Err(DatasetError::Read {
+                path: path.to_path_buf(),
+                line,
+                source,
+            });
+        }
+    };
+    if record.is_empty() {
+        return Err(DatasetError::NoHeader {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(record
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let name = if i == 0 {
+                name.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(name)
+            } else {
+                name
+            };
+            String::from_utf8_lossy(name.trim_ascii()).into_owned()
+        })
+        .collect())
+}
+
+/// Where the spec's columns are in the file, and the value lookups for the
+/// label and the categorical columns.
+struct Layout<'s> {
+    /// The spec, for the names and values quoted in errors.
+    spec: &'s FeatureSpec,
+    /// Fields per row: the header's width.
+    width: usize,
+    /// Index of the label column.
+    label: usize,
+    /// Label value to class.
+    classes: HashMap<&'s [u8], u8>,
+    /// Index of each numeric column, in spec order.
+    numeric: Vec<usize>,
+    /// Index of each categorical column and its level-to-position map, in
+    /// spec order.
+    categorical: Vec<(usize, HashMap<&'s [u8], u32>)>,
+}
+
+impl<'s> Layout<'s> {
+    /// Finds the spec's columns among `columns`, the header of `path`.
+    fn new(path: &Path, spec: &'s FeatureSpec, columns: &[String]) -> Result<Self, DatasetError> {
+        let find = |field: String, column: &str| -> Result<usize, DatasetError> {
+            let mut at = columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| *c == column)
+                .map(|(i, _)| i);
+            match (at.next(), at.next()) {
+                (Some(i), None) => Ok(i),
+                (Some(first), Some(second)) => Err(DatasetError::DuplicateColumn {
+                    path: path.to_path_buf(),
+                    column: column.to_owned(),
+                    field,
+                    first: first + 1,
+                    second: second + 1,
+                }),
+                (None, _) => Err(DatasetError::MissingColumn {
+                    path: path.to_path_buf(),
+                    column: column.to_owned(),
+                    field,
+                    columns: columns.to_vec(),
+                }),
+            }
+        };
+
+        let label = find("features.label".into(), &spec.label)?;
+        let mut classes = HashMap::with_capacity(1 + spec.negative_labels.len());
+        classes.insert(spec.positive_label.as_bytes(), 1);
+        for value in &spec.negative_labels {
+            classes.insert(value.as_bytes(), 0);
+        }
+        let numeric = spec
+            .numeric
+            .iter()
+            .enumerate()
+            .map(|(i, column)| find(format!("features.numeric[{i}]"), column))
+            .collect::<Result<_, _>>()?;
+        let categorical = spec
+            .categorical
+            .iter()
+            .enumerate()
+            .map(|(i, feature)| {
+                let index = find(format!("features.categorical[{i}].column"), &feature.column)?;
+                let levels = feature
+                    .levels
+                    .iter()
+                    .zip(0..)
+                    .map(|(level, k)| (level.as_bytes(), k))
+                    .collect();
+                Ok((index, levels))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Layout {
+            spec,
+            width: columns.len(),
+            label,
+            classes,
+            numeric,
+            categorical,
+        })
+    }
+}
+
+/// The checked values of every row, in file order, before splitting.
+struct Rows {
+    /// Numeric values, row-major, one per numeric column.
+    numeric: Vec<f64>,
+    /// Level positions, row-major, one per categorical column.
+    levels: Vec<u32>,
+    /// Class of each row.
+    labels: Vec<u8>,
+}
+
+/// Reads and checks every data row, failing on the first bad one.
+fn read_rows(
+    path: &Path,
+    layout: &Layout<'_>,
+    reader: &mut CsvReader,
+) -> Result<Rows, DatasetError> {
+    let mut rows = Rows {
+        numeric: Vec::new(),
+        levels: Vec::new(),
+        labels: Vec::new(),
+    };
+    let mut record = csv::ByteRecord::new();
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => return Ok(rows),
+            Err(source) => {
+                let line = reader.get_ref().current_line();
+                return Err(DatasetError::Read {
+                    path: path.to_path_buf(),
+                    line,
+                    source,
+                });
+            }
+        }
+        let start = record.position().map_or(0, csv::Position::byte);
+        let line = reader.get_mut().record_line(start);
+        if let Err(fault) = rows.push(layout, &record) {
+            // Only the header starts without a line break before it.
+            let line = line
+                .or(record.position().map(csv::Position::line))
+                .unwrap_or(0);
+            return Err(DatasetError::Row {
+                path: path.to_path_buf(),
+                line,
+                fault: Box::new(fault),
+            });
+        }
+    }
+}
+
+impl Rows {
+    /// Checks `record` and appends its values; after an error the rows are
+    /// incomplete, and the load is abandoned.
+    fn push(&mut self, layout: &Layout<'_>, record: &csv::ByteRecord) -> Result<(), RowError> {
+        if record.len() != layout.width {
+            return Err(RowError::FieldCount {
+                expected: layout.width,
+                found: record.len(),
+            });
+        }
+        let spec = layout.spec;
+        let field = |index: usize| record[index].trim_ascii();
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+
+        let value = field(layout.label);
+        let Some(&class) = layout.classes.get(value) else {
+            return Err(RowError::UnknownLabel {
+                column: spec.label.clone(),
+                value: text(value),
+                positive: spec.positive_label.clone(),
+                negatives: spec.negative_labels.clone(),
+            });
+        };
+        for (column, &index) in spec.numeric.iter().zip(&layout.numeric) {
+            let value = field(index);
+            let number = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .ok_or_else(|| RowError::NotANumber {
+                    column: column.clone(),
+                    value: text(value),
+                })?;
+            if !number.is_finite() {
+                return Err(RowError::NotFinite {
+                    column: column.clone(),
+                    value: text(value),
+                });
+            }
+            self.numeric.push(number);
+        }
+        for (feature, (index, levels)) in spec.categorical.iter().zip(&layout.categorical) {
+            let value = field(*index);
+            let &level = levels.get(value).ok_or_else(|| RowError::UnknownLevel {
+                column: feature.column.clone(),
+                value: text(value),
+                levels: feature.levels.clone(),
+            })?;
+            self.levels.push(level);
+        }
+        self.labels.push(class);
+        Ok(())
+    }
+
+    /// `(mean, std)` of each of the `width` numeric columns over the rows
+    /// `train`: the population standard deviation, or 1 for a column that is
+    /// constant there.
+    fn standardisation(&self, width: usize, train: &[usize]) -> Vec<(f64, f64)> {
+        let n = train.len() as f64;
+        (0..width)
+            .map(|j| {
+                let values = || train.iter().map(|&row| self.numeric[row * width + j]);
+                let (min, max) = values()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                        (lo.min(x), hi.max(x))
+                    });
+                if min == max {
+                    // Exactly constant: the mean is the value itself, while
+                    // summing could leave a rounding error as a tiny std.
+                    return (min, 1.0);
+                }
+                let mean = values().sum::<f64>() / n;
+                let variance = values().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+                (mean, variance.sqrt())
+            })
+            .collect()
+    }
+
+    /// Features and labels of the rows `which`, in that order.
+    fn encode(
+        &self,
+        spec: &FeatureSpec,
+        standardisation: &[(f64, f64)],
+        which: &[usize],
+    ) -> (Vec<f32>, Vec<u8>) {
+        let dim = spec.input_dim();
+        let n_numeric = spec.numeric.len();
+        let n_categorical = spec.categorical.len();
+        let offsets: Vec<usize> = spec
+            .categorical
+            .iter()
+            .scan(n_numeric, |offset, feature| {
+                let at = *offset;
+                *offset += feature.levels.len();
+                Some(at)
+            })
+            .collect();
+
+        let mut x = vec![0.0f32; which.len() * dim];
+        let mut y = Vec::with_capacity(which.len());
+        // `dim` is at least 1: a valid spec has a feature.
+        for (out, &row) in x.chunks_exact_mut(dim.max(1)).zip(which) {
+            let numeric = &self.numeric[row * n_numeric..][..n_numeric];
+            for ((slot, &value), &(mean, std)) in out.iter_mut().zip(numeric).zip(standardisation) {
+                *slot = ((value - mean) / std) as f32;
+            }
+            let levels = &self.levels[row * n_categorical..][..n_categorical];
+            for (&offset, &level) in offsets.iter().zip(levels) {
+                out[offset + level as usize] = 1.0;
+            }
+            y.push(self.labels[row]);
+        }
+        (x, y)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,2 @@
+//! placeholder: the worker daemon library (being written)
+pub mod dataset;
