@@ -1,1 +1,423 @@
-fn main() {}
+//! `meridian`: the one binary. It parses the command line, installs logging,
+//! and dispatches to the daemons (`coordinator`, `worker`) or to the client
+//! commands; the work itself lives in the library crates.
+
+mod client;
+mod demo;
+mod provision;
+mod safetensors;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use client::Connection;
+use proto::identity::Role;
+use tokio_util::sync::CancellationToken;
+
+/// Privacy-preserving federated learning for hospitals: a coordinator runs
+/// training rounds, each hospital's worker trains locally with DP-SGD and
+/// keeps its own privacy ledger, every connection is mutually
+/// authenticated TLS.
+#[derive(Parser)]
+#[command(name = "meridian", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How a client reaches the coordinator.
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "MERIDIAN_COORDINATOR", default_value = "https://127.0.0.1:7443", global = true)]
+    coordinator: String,
+    /// Directory holding your ca.pem, cert.pem and key.pem (from `meridian provision`).
+    #[arg(long, env = "MERIDIAN_IDENTITY", default_value = ".", global = true)]
+    identity: PathBuf,
+}
+
+impl ClientArgs {
+    fn connection(&self) -> Connection {
+        Connection {
+            coordinator: self.coordinator.clone(),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator and three hospital workers on this machine with a real dataset and DP training.
+    Demo(demo::DemoArgs),
+    /// Run the coordinator daemon.
+    Coordinator {
+        /// Path of coordinator.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Write the bound address to this file once listening (for scripts binding port 0).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Run a hospital worker daemon, or check its configuration.
+    Worker {
+        /// Path of worker.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only validate the configuration and the datasets' headers, then exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Create a federation's CA and certificates for the coordinator, sites and users.
+    Provision(ProvisionArgs),
+    /// Submit, list, inspect, watch and cancel training jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Download trained models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Privacy budgets (ε spent and remaining) per hospital, dataset and job, and the ledgers behind them.
+    Budget {
+        #[command(subcommand)]
+        command: Option<BudgetCommand>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Privacy calculators: ε of a DP-SGD run, or the noise a target ε needs.
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
+}
+
+#[derive(Args)]
+struct ProvisionArgs {
+    /// Directory to create the federation in.
+    #[arg(long, default_value = "federation")]
+    out: PathBuf,
+    /// A hospital site name (repeat for each site).
+    #[arg(long = "site")]
+    sites: Vec<String>,
+    /// A user as NAME:ROLE with ROLE scientist, reviewer or admin (repeat).
+    #[arg(long = "user")]
+    users: Vec<String>,
+    /// Extra DNS name or IP address of the coordinator (repeat).
+    #[arg(long = "coordinator-host")]
+    coordinator_hosts: Vec<String>,
+    /// Validity of each certificate in days.
+    #[arg(long, default_value_t = 365)]
+    valid_days: u32,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Submit a job spec (TOML); prints the job id.
+    Submit {
+        /// The job spec file.
+        spec: PathBuf,
+        /// Watch the job until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List every job.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job: state, sites, per-round metrics.
+    Status {
+        /// Job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job live until it ends (exit code 1 if it fails).
+    Watch {
+        /// Job id.
+        id: String,
+    },
+    /// Cancel a running job.
+    Cancel {
+        /// Job id.
+        id: String,
+        /// Why, shown to everyone.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download a job's global model as .safetensors (PyTorch nn.Sequential names).
+    Pull {
+        /// Job id.
+        id: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Round whose model to pull (default: the latest).
+        #[arg(long)]
+        round: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Every ledger entry, with all parameters needed to recompute ε.
+    Ledger {
+        /// Only this site.
+        #[arg(long, default_value = "")]
+        site: String,
+        /// Only this dataset.
+        #[arg(long, default_value = "")]
+        dataset: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// ε of DP-SGD (Poisson-subsampled Gaussian) by the RDP accountant.
+    Epsilon {
+        /// Poisson sampling rate q.
+        #[arg(long)]
+        sample_rate: f64,
+        /// Noise multiplier σ.
+        #[arg(long)]
+        noise: f64,
+        /// Number of steps.
+        #[arg(long)]
+        steps: u64,
+        /// δ.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// Use the old conversion ε = rdp + ln(1/δ)/(α−1) on TF Privacy's orders (reproduces published tables).
+        #[arg(long)]
+        legacy_conversion: bool,
+    },
+    /// The smallest noise multiplier σ that meets a target ε.
+    Noise {
+        /// Target ε.
+        #[arg(long)]
+        target_epsilon: f64,
+        /// Poisson sampling rate q.
+        #[arg(long)]
+        sample_rate: f64,
+        /// Number of steps.
+        #[arg(long)]
+        steps: u64,
+        /// δ.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Coordinator { config, ready_file } => {
+            init_logging();
+            let config = coordinator::CoordinatorConfig::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let addr = listener.local_addr()?;
+            if let Some(path) = ready_file {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, addr.to_string()).and_then(|()| std::fs::rename(&tmp, &path))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            coordinator::run(listener, config, shutdown_on_signals()).await?;
+            Ok(())
+        }
+        Command::Worker { config, check } => {
+            let config = worker::WorkerConfig::load(&config)?;
+            if check {
+                for d in &config.datasets {
+                    let header = worker::dataset::read_header(&d.path)?;
+                    for col in std::iter::once(&d.label).chain(&d.numeric).chain(&d.categorical) {
+                        if !header.contains(col) {
+                            bail!("dataset \"{}\": column \"{col}\" is not in {}", d.name, d.path.display());
+                        }
+                    }
+                    println!("dataset {}: {} ({} columns) ok", d.name, d.path.display(), header.len());
+                }
+                println!("configuration ok");
+                return Ok(());
+            }
+            init_logging();
+            worker::run(config, shutdown_on_signals()).await?;
+            Ok(())
+        }
+        Command::Provision(args) => {
+            let mut users = Vec::new();
+            for u in &args.users {
+                let (name, role) = u.split_once(':').with_context(|| format!("--user \"{u}\": expected NAME:ROLE"))?;
+                let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+                if matches!(role, Role::Hospital | Role::Coordinator) {
+                    bail!("--user \"{u}\": users are scientist, reviewer or admin; hospitals use --site");
+                }
+                users.push((name.to_string(), role));
+            }
+            let done = provision::provision(&provision::Plan {
+                out: args.out.clone(),
+                coordinator_hosts: args.coordinator_hosts,
+                sites: args.sites,
+                users,
+                valid_days: args.valid_days,
+            })?;
+            println!("federation in {}", args.out.display());
+            println!("  coordinator  {}", done.coordinator.display());
+            for (n, p) in done.sites.iter().chain(&done.users) {
+                println!("  {n:<12} {}", p.display());
+            }
+            Ok(())
+        }
+        Command::Job { command, client } => {
+            let conn = client.connection();
+            match command {
+                JobCommand::Submit { spec, watch } => {
+                    let id = client::submit(&conn, &spec).await?;
+                    println!("{id}");
+                    if watch {
+                        let status = client::watch(&conn, &id, false).await?;
+                        print!("{}", client::render_status(&status));
+                        if status.state != "completed" {
+                            std::process::exit(1);
+                        }
+                    }
+                }
+                JobCommand::List { json } => {
+                    let jobs = conn.jobs().await?.list_jobs(proto::pb::ListJobsRequest {}).await.map_err(client::status_error)?.into_inner().jobs;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&jobs.iter().map(client::status_json).collect::<Vec<_>>())?);
+                    } else {
+                        println!("job           state       round   model                dataset     name");
+                        for j in jobs {
+                            println!("{:<13} {:<11} {:>3}/{:<3} {:<20} {:<11} {}", j.job_id, j.state, j.current_round, j.total_rounds, j.model, j.dataset, j.name);
+                        }
+                    }
+                }
+                JobCommand::Status { id, json } => {
+                    let s = client::get(&conn, &id).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&client::status_json(&s))?);
+                    } else {
+                        print!("{}", client::render_status(&s));
+                    }
+                }
+                JobCommand::Watch { id } => {
+                    let s = client::watch(&conn, &id, false).await?;
+                    print!("{}", client::render_status(&s));
+                    if s.state != "completed" {
+                        std::process::exit(1);
+                    }
+                }
+                JobCommand::Cancel { id, reason } => {
+                    let s = conn.jobs().await?.cancel_job(proto::pb::CancelJobRequest { job_id: id, reason }).await.map_err(client::status_error)?.into_inner();
+                    println!("{} {}: {}", s.job_id, s.state, s.reason);
+                }
+            }
+            Ok(())
+        }
+        Command::Model { command: ModelCommand::Pull { id, output, round }, client } => {
+            let (round, n) = client::pull_model(&client.connection(), &id, round, &output).await?;
+            println!("wrote {} (round {round}, {n} parameters)", output.display());
+            Ok(())
+        }
+        Command::Budget { command, json, client } => {
+            let conn = client.connection();
+            match command {
+                None => {
+                    let rows = client::budgets(&conn).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows.iter().map(client::budget_json).collect::<Vec<_>>())?);
+                    } else {
+                        print!("{}", client::render_budgets(&rows));
+                    }
+                }
+                Some(BudgetCommand::Ledger { site, dataset, json: json_here }) => {
+                    let entries = client::ledger(&conn, &site, &dataset).await?;
+                    if json || json_here {
+                        println!("{}", serde_json::to_string_pretty(&entries.iter().map(client::ledger_json).collect::<Vec<_>>())?);
+                    } else {
+                        println!("site            seq dataset     job            round  σ       q          C      steps  δ        ε round  ε job    ε dataset");
+                        for e in entries {
+                            println!(
+                                "{:<15} {:>3} {:<11} {:<14} {:>5}  {:<7} {:<10.6} {:<6} {:>5}  {:<8e} {:<8.4} {:<8.4} {:.4}",
+                                e.site, e.seq, e.dataset, e.job_id, e.round, e.noise_multiplier, e.sample_rate, e.clip_norm, e.steps, e.delta, e.epsilon_round, e.epsilon_job, e.epsilon_dataset
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Privacy { command } => {
+            match command {
+                PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, legacy_conversion } => {
+                    let mut acc = if legacy_conversion { privacy::accountant::RdpAccountant::legacy() } else { privacy::accountant::RdpAccountant::new() };
+                    acc.compose_poisson_gaussian(sample_rate, noise, steps)?;
+                    let e = if legacy_conversion { acc.epsilon_legacy(delta)? } else { acc.epsilon(delta)? };
+                    println!("ε = {:.6} at δ = {delta:e} (RDP, optimal order {}, {} conversion)", e.epsilon, e.order, if legacy_conversion { "legacy" } else { "improved" });
+                }
+                PrivacyCommand::Noise { target_epsilon, sample_rate, steps, delta } => {
+                    let sigma = privacy::accountant::noise_multiplier_for_epsilon(target_epsilon, sample_rate, steps, delta)?;
+                    println!("σ = {sigma:.6} gives ε ≤ {target_epsilon} at δ = {delta:e} over {steps} steps at q = {sample_rate}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}

@@ -1,1 +1,98 @@
-//! placeholder
+//! Meridian's coordinator: it never sees a patient record. It holds jobs,
+//! runs their rounds, averages the sites' differentially private updates,
+//! checkpoints the global model, and mirrors every site's privacy ledger so
+//! reviewers can read budgets in one place.
+//!
+//! # Brief overview
+//! - [`run`]: serves the gRPC API on a listener with mutual TLS until the
+//!   shutdown token fires, resuming unfinished jobs first.
+//! - [`CoordinatorConfig`]: the validated `coordinator.toml`.
+//! - `engine`: the per-job state machine (offers → rounds → evaluation).
+//! - `service`: the RPCs, authorized by the role in the caller's certificate.
+//! - `store`: SQLite state; models and updates are files written by
+//!   `proto::checkpoint`.
+
+#![deny(clippy::unwrap_used)]
+#![deny(missing_docs)]
+
+mod aggregate;
+mod budget;
+mod config;
+mod engine;
+mod service;
+mod store;
+
+use std::sync::Arc;
+
+pub use config::{ConfigError, CoordinatorConfig};
+use proto::identity::IdentityFiles;
+use proto::pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// Why the coordinator could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The state directory or database could not be opened.
+    #[error("state in {path}: {detail}")]
+    State {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        detail: String,
+    },
+    /// The TLS files could not be read.
+    #[error(transparent)]
+    Identity(#[from] proto::identity::IdentityError),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Largest gRPC message accepted: chunks are 1 MiB, so anything much larger is hostile.
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled, then
+/// drains in-flight work.
+pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let state_err = |detail: String| RunError::State {
+        path: config.data_dir.clone(),
+        detail,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| state_err(e.to_string()))?;
+    let store = store::Store::open(&config.data_dir.join("coordinator.sqlite")).map_err(|e| state_err(e.to_string()))?;
+    let identity = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
+    let (changes, _) = tokio::sync::watch::channel(0u64);
+    let coordinator = Arc::new(engine::Coordinator {
+        store,
+        data_dir: config.data_dir.clone(),
+        idle_timeout_secs: config.idle_timeout_secs,
+        changes,
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+    coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
+    let services = service::Services {
+        inner: Arc::clone(&coordinator),
+    };
+    info!(addr = ?listener.local_addr().ok(), "coordinator listening");
+    tonic::transport::Server::builder()
+        .tls_config(identity.server_tls())?
+        .add_service(
+            pb::worker_service_server::WorkerServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::job_service_server::JobServiceServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(pb::privacy_service_server::PrivacyServiceServer::new(services))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    coordinator.tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), coordinator.tasks.wait()).await;
+    info!("coordinator stopped");
+    Ok(())
+}

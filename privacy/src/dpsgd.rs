@@ -49,7 +49,11 @@ pub enum DpSgdConfigError {
 pub struct InvalidDpSgdConfig(pub Vec<DpSgdConfigError>);
 
 fn display_all(problems: &[DpSgdConfigError]) -> String {
-    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Validated DP-SGD parameters.
@@ -71,7 +75,11 @@ impl DpSgdConfig {
     /// - `clip_norm`: the per-example L2 clipping norm C.
     /// - `sample_rate`: the Poisson sampling probability q of each example
     ///   in each step.
-    pub fn new(noise_multiplier: f64, clip_norm: f64, sample_rate: f64) -> Result<Self, InvalidDpSgdConfig> {
+    pub fn new(
+        noise_multiplier: f64,
+        clip_norm: f64,
+        sample_rate: f64,
+    ) -> Result<Self, InvalidDpSgdConfig> {
         let mut problems = Vec::new();
         if !(noise_multiplier.is_finite() && noise_multiplier >= 0.0) {
             problems.push(DpSgdConfigError::NoiseMultiplier(noise_multiplier));

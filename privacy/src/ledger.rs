@@ -114,13 +114,20 @@ pub fn dataset_epsilon(entries: &[LedgerEntry], delta: f64) -> Result<EpsilonAtD
                 round: entry.round,
                 source,
             })?;
-        let key = (entry.sample_rate.to_bits(), entry.noise_multiplier.to_bits());
+        let key = (
+            entry.sample_rate.to_bits(),
+            entry.noise_multiplier.to_bits(),
+        );
         let steps = steps_by_parameters.entry(key).or_insert(0);
         match steps.checked_add(entry.steps) {
             Some(sum) => *steps = sum,
             None => {
                 // Beyond u64 steps: compose what we have and start again.
-                accountant.compose_poisson_gaussian(entry.sample_rate, entry.noise_multiplier, *steps)?;
+                accountant.compose_poisson_gaussian(
+                    entry.sample_rate,
+                    entry.noise_multiplier,
+                    *steps,
+                )?;
                 *steps = entry.steps;
             }
         }
@@ -129,7 +136,11 @@ pub fn dataset_epsilon(entries: &[LedgerEntry], delta: f64) -> Result<EpsilonAtD
     let mut groups: Vec<_> = steps_by_parameters.into_iter().collect();
     groups.sort_unstable_by_key(|&(key, _)| key);
     for ((sample_rate, noise_multiplier), steps) in groups {
-        accountant.compose_poisson_gaussian(f64::from_bits(sample_rate), f64::from_bits(noise_multiplier), steps)?;
+        accountant.compose_poisson_gaussian(
+            f64::from_bits(sample_rate),
+            f64::from_bits(noise_multiplier),
+            steps,
+        )?;
     }
     Ok(accountant.epsilon(delta)?)
 }

@@ -90,7 +90,7 @@ impl NoiseSource {
     /// A uniform double in (0, 1]: one of 2^53 equally spaced values.
     #[inline]
     fn uniform_open_closed(&mut self) -> f64 {
-        ((self.rng.next_u64() >> 11) + 1) as f64 * TWO_POW_MINUS_53
+        uniform_from_bits(self.rng.next_u64())
     }
 
     /// Two independent standard normals by Box–Muller.
@@ -136,7 +136,11 @@ impl NoiseSource {
     ///
     /// The noise is drawn and added in `f64`, then rounded to `f32` once.
     /// `std_dev == 0` leaves the values unchanged and draws nothing.
-    pub fn add_gaussian_noise(&mut self, values: &mut [f32], std_dev: f64) -> Result<(), NoiseError> {
+    pub fn add_gaussian_noise(
+        &mut self,
+        values: &mut [f32],
+        std_dev: f64,
+    ) -> Result<(), NoiseError> {
         check_std_dev(std_dev)?;
         if std_dev == 0.0 {
             return Ok(());
@@ -146,6 +150,13 @@ impl NoiseSource {
         }
         Ok(())
     }
+}
+
+/// Maps 64 random bits to (0, 1]: the top 53 bits `k` give `(k + 1)·2^-53`,
+/// so 0 is excluded (ln 0 would be −∞) and 1 is included.
+#[inline]
+fn uniform_from_bits(bits: u64) -> f64 {
+    ((bits >> 11) + 1) as f64 * TWO_POW_MINUS_53
 }
 
 fn check_std_dev(std_dev: f64) -> Result<(), NoiseError> {

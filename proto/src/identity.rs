@@ -82,3 +82,109 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The PEM files that make up one party's TLS identity: the federation's CA
+/// certificate, the party's certificate and its private key. Provisioning
+/// writes them as `ca.pem`, `cert.pem` and `key.pem` in one directory.
+#[derive(Clone, Debug)]
+pub struct IdentityFiles {
+    /// CA certificate (PEM) every peer must be signed by.
+    pub ca_pem: Vec<u8>,
+    /// This party's certificate (PEM).
+    pub cert_pem: Vec<u8>,
+    /// This party's private key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+/// A missing or unreadable identity file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+pub struct IdentityError {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+impl IdentityFiles {
+    /// Reads `ca.pem`, `cert.pem` and `key.pem` from `dir`.
+    pub fn from_dir(dir: &std::path::Path) -> Result<IdentityFiles, IdentityError> {
+        Self::from_paths(&dir.join("ca.pem"), &dir.join("cert.pem"), &dir.join("key.pem"))
+    }
+
+    /// Reads the three files from explicit paths.
+    pub fn from_paths(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<IdentityFiles, IdentityError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| IdentityError {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        Ok(IdentityFiles {
+            ca_pem: read(ca)?,
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+        })
+    }
+
+    /// TLS settings for a client that presents this identity and trusts only
+    /// the federation's CA.
+    pub fn client_tls(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(COORDINATOR_SERVER_NAME)
+    }
+
+    /// TLS settings for the coordinator: presents this identity and requires
+    /// every client to present a certificate signed by the CA.
+    pub fn server_tls(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+    }
+}
+
+/// The name every coordinator certificate carries as a DNS subject
+/// alternative name; clients verify it whatever address they dial.
+pub const COORDINATOR_SERVER_NAME: &str = "meridian-coordinator";
+
+/// Who a peer certificate says its holder is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The subject's CN: a site or user name.
+    pub name: String,
+    /// The subject's OU.
+    pub role: Role,
+}
+
+/// Reads the CN and OU of a DER certificate.
+pub fn principal_from_der(der: &[u8]) -> Result<Principal, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable peer certificate: {e}"))?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or("peer certificate has no common name")?
+        .to_string();
+    let role = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .ok_or("peer certificate has no organizational unit (role)")?;
+    let role: Role = role.parse().map_err(|e: UnknownRole| e.to_string())?;
+    validate_name(&name)?;
+    Ok(Principal { name, role })
+}
+
+/// Reads the CN and OU of the first certificate in a PEM file's contents.
+pub fn principal_from_pem(pem: &[u8]) -> Result<Principal, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("unreadable PEM certificate: {e}"))?;
+    principal_from_der(&pem.contents)
+}

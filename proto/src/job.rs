@@ -59,41 +59,62 @@ impl ModelSpec {
     }
 }
 
-/// How a site turns rows of its CSV into model inputs.
+/// How a job wants the data encoded.
+///
+/// Identical at every site, so every site produces the same input layout.
+/// Field names in [`FeatureSpec::validate`]'s messages are prefixed with
+/// `features.`, the key under which a job carries this spec.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FeatureSpec {
-    /// The label column.
+    /// Name of the label column.
     pub label: String,
-    /// The label value that means class 1.
+    /// Value of the label column that means class 1.
     pub positive_label: String,
-    /// The label values that mean class 0; any other value is a row error.
+    /// Values of the label column that mean class 0 (e.g. `["No"]`).
+    ///
+    /// Any label value that is neither this nor `positive_label` fails the
+    /// load: a typo must not silently become a negative example.
     pub negative_labels: Vec<String>,
-    /// Numeric columns, standardised with statistics fitted locally.
+    /// Numeric columns, standardised with the mean and (population)
+    /// standard deviation of the local training split; a constant column
+    /// gets standard deviation 1.
     pub numeric: Vec<String>,
-    /// Categorical columns, one-hot encoded with fixed levels.
+    /// Categorical columns, one-hot encoded over their levels in order.
     pub categorical: Vec<CategoricalFeature>,
 }
 
-/// A categorical column and its levels, in encoding order.
+/// A categorical column and the values it may take.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CategoricalFeature {
-    /// The column name.
+    /// Name of the column.
     pub column: String,
-    /// Every value the column may take.
+    /// The values the column may take, one input each, in this order; any
+    /// other value fails the load.
     pub levels: Vec<String>,
 }
 
 impl FeatureSpec {
-    /// Width of an encoded row.
+    /// Number of model inputs: one per numeric column plus one per level of
+    /// each categorical column.
     pub fn input_dim(&self) -> usize {
-        self.numeric.len() + self.categorical.iter().map(|c| c.levels.len()).sum::<usize>()
+        self.numeric.len()
+            + self
+                .categorical
+                .iter()
+                .map(|c| c.levels.len())
+                .sum::<usize>()
     }
 
-    /// Names of the encoded inputs: `BMI`, `Sex=Female`, ...
+    /// Names of the model inputs in order: numeric columns as they are
+    /// (`BMI`), then `column=level` for each categorical level (`Sex=Female`).
     pub fn encoded_names(&self) -> Vec<String> {
         let mut names = self.numeric.clone();
-        for c in &self.categorical {
-            names.extend(c.levels.iter().map(|l| format!("{}={l}", c.column)));
+        for feature in &self.categorical {
+            for level in &feature.levels {
+                names.push(format!("{}={level}", feature.column));
+            }
         }
         names
     }
@@ -106,63 +127,109 @@ impl FeatureSpec {
         cols
     }
 
-    /// Checks the spec on its own, collecting every problem with its field.
+    /// Checks the spec on its own, without a file, collecting every problem.
+    ///
+    /// Each message names its field, e.g. `features.categorical[2].levels is
+    /// empty`. Rejected: an empty label, positive or negative label value; no
+    /// negative labels; the positive label listed as negative; repeated
+    /// negative labels; empty, repeated or label column feature columns;
+    /// categorical columns without levels or with repeated levels; names or
+    /// values with surrounding whitespace (values are trimmed when read, so
+    /// they could never match); and a spec with no feature at all.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        if self.label.trim().is_empty() {
-            problems.push("features.label: must name a column".to_string());
-        }
-        if self.positive_label.is_empty() {
-            problems.push("features.positive_label: must not be empty".to_string());
-        }
+
+        check_name(&mut problems, "features.label", &self.label);
+        check_name(
+            &mut problems,
+            "features.positive_label",
+            &self.positive_label,
+        );
         if self.negative_labels.is_empty() {
-            problems.push("features.negative_labels: must list at least one value".to_string());
+            problems.push(
+                "features.negative_labels is empty: list the label values meaning class 0".into(),
+            );
         }
-        if self.negative_labels.contains(&self.positive_label) {
-            problems.push(format!(
-                "features.negative_labels: contains the positive label \"{}\"",
-                self.positive_label
-            ));
-        }
-        if self.numeric.is_empty() && self.categorical.is_empty() {
-            problems.push("features: no numeric or categorical columns".to_string());
-        }
-        let mut seen = std::collections::HashSet::new();
-        seen.insert(self.label.as_str());
-        for (i, col) in self.numeric.iter().enumerate() {
-            if !seen.insert(col.as_str()) {
+        for (i, value) in self.negative_labels.iter().enumerate() {
+            let field = format!("features.negative_labels[{i}]");
+            check_name(&mut problems, &field, value);
+            if !value.is_empty() && *value == self.positive_label {
+                problems.push(format!("{field} is {value:?}, the positive label"));
+            } else if let Some(j) = self.negative_labels[..i].iter().position(|v| v == value) {
                 problems.push(format!(
-                    "features.numeric[{i}]: column \"{col}\" is used twice or is the label"
+                    "{field} repeats {value:?} (already features.negative_labels[{j}])"
                 ));
             }
         }
-        for (i, cat) in self.categorical.iter().enumerate() {
-            if !seen.insert(cat.column.as_str()) {
+
+        // Every feature column with the field that names it, to find repeats.
+        let mut columns: Vec<(String, &str)> = Vec::new();
+        let named_columns = self
+            .numeric
+            .iter()
+            .enumerate()
+            .map(|(i, column)| (format!("features.numeric[{i}]"), column.as_str()))
+            .chain(self.categorical.iter().enumerate().map(|(i, feature)| {
+                (
+                    format!("features.categorical[{i}].column"),
+                    feature.column.as_str(),
+                )
+            }));
+        for (field, column) in named_columns {
+            check_name(&mut problems, &field, column);
+            if column.is_empty() {
+                continue;
+            }
+            if column == self.label {
+                problems.push(format!("{field} is {column:?}, the label column"));
+            } else if let Some((first, _)) = columns.iter().find(|(_, c)| *c == column) {
                 problems.push(format!(
-                    "features.categorical[{i}].column: column \"{}\" is used twice or is the label",
-                    cat.column
+                    "{field} repeats column {column:?} (already {first})"
                 ));
             }
-            if cat.levels.is_empty() {
-                problems.push(format!(
-                    "features.categorical[{i}].levels: column \"{}\" needs at least one level",
-                    cat.column
-                ));
+            columns.push((field, column));
+        }
+
+        for (i, feature) in self.categorical.iter().enumerate() {
+            if feature.levels.is_empty() {
+                problems.push(format!("features.categorical[{i}].levels is empty"));
             }
-            let mut levels = std::collections::HashSet::new();
-            for level in &cat.levels {
-                if !levels.insert(level.as_str()) {
+            for (k, level) in feature.levels.iter().enumerate() {
+                let field = format!("features.categorical[{i}].levels[{k}]");
+                if level.trim() != level {
                     problems.push(format!(
-                        "features.categorical[{i}].levels: level \"{level}\" is listed twice"
+                        "{field} {level:?} has surrounding whitespace, but values are trimmed when read"
+                    ));
+                }
+                if let Some(j) = feature.levels[..k].iter().position(|l| l == level) {
+                    problems.push(format!(
+                        "{field} repeats {level:?} (already features.categorical[{i}].levels[{j}])"
                     ));
                 }
             }
         }
+
+        if self.numeric.is_empty() && self.categorical.is_empty() {
+            problems.push("features.numeric and features.categorical are both empty".into());
+        }
+
         if problems.is_empty() {
             Ok(())
         } else {
             Err(problems)
         }
+    }
+}
+
+/// Adds a problem to `problems` if `value`, the content of `field`, is empty
+/// or has surrounding whitespace.
+fn check_name(problems: &mut Vec<String>, field: &str, value: &str) {
+    if value.is_empty() {
+        problems.push(format!("{field} is empty"));
+    } else if value.trim() != value {
+        problems.push(format!(
+            "{field} {value:?} has surrounding whitespace, but values are trimmed when read"
+        ));
     }
 }
 

@@ -9,6 +9,7 @@
 //!   and every site see the same canonical JSON of it and bind to its hash.
 //! - [`tensor`]: splitting a flat `f32` parameter vector into ≤ 1 MiB chunks
 //!   and reassembling it with length checks.
+//! - [`checkpoint`]: parameter vectors on disk, written atomically.
 //! - [`identity::Role`]: the role a certificate carries in its subject's
 //!   organizational unit; the coordinator authorizes every RPC by it.
 //!
@@ -17,6 +18,7 @@
 #![deny(clippy::unwrap_used)]
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod identity;
 pub mod job;
 pub mod tensor;

@@ -1,2 +1,579 @@
-//! placeholder: the worker daemon library (being written)
+//! Meridian's hospital worker: the only process that reads patient rows.
+//! It connects out to the coordinator over mutual TLS, decides each job
+//! offer against the site's own policy and privacy budget, trains locally
+//! with DP-SGD on Burn, commits every round's ε to its ledger before the
+//! update leaves, and evaluates global models on a local held-out split.
+//!
+//! # Brief overview
+//! - [`run`]: the daemon; reconnects with backoff until shutdown.
+//! - [`WorkerConfig`]: the validated `worker.toml` (datasets, budgets, policy).
+//! - [`dataset`]: CSV loading and encoding; [`ledger`]: the site's privacy
+//!   ledger and budget; [`train`]: DP-SGD rounds and evaluation.
+
+#![deny(clippy::unwrap_used)]
+#![deny(missing_docs)]
+
+pub mod config;
 pub mod dataset;
+pub mod ledger;
+pub mod train;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use config::{ConfigError, DatasetConfig, TrainingDevice, WorkerConfig};
+use proto::identity::IdentityFiles;
+use proto::job::JobSpec;
+use proto::pb;
+use proto::pb::worker_service_client::WorkerServiceClient;
+use proto::tensor::{ChunkAssembler, encode_chunks};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, instrument, warn};
+
+use crate::dataset::{EncodedDataset, SplitOptions};
+use crate::ledger::{Charge, Ledger};
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// TLS files unreadable.
+    #[error(transparent)]
+    Identity(#[from] proto::identity::IdentityError),
+    /// The site certificate does not name a hospital.
+    #[error("{path}: {detail}")]
+    Certificate {
+        /// The certificate file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The state directory or ledger could not be opened.
+    #[error("state in {path}: {detail}")]
+    State {
+        /// The data directory.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+    /// The coordinator URL is unusable.
+    #[error("coordinator: {0}")]
+    Endpoint(String),
+}
+
+/// A job this site has accepted.
+struct JobContext {
+    spec: JobSpec,
+    spec_hash: String,
+    cancel: CancellationToken,
+}
+
+struct Worker {
+    config: WorkerConfig,
+    site: String,
+    ledger: Ledger,
+    device: burn::tensor::Device,
+    /// Encoded datasets per (dataset, spec hash): loading is done once per job.
+    data: Mutex<HashMap<(String, String), Arc<EncodedDataset>>>,
+    jobs: Mutex<HashMap<String, Arc<JobContext>>>,
+    /// Task keys being handled, so a resent task is not run twice.
+    inflight: Mutex<HashSet<String>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Runs the worker until `shutdown` is cancelled.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let identity = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
+    let principal = proto::identity::principal_from_pem(&identity.cert_pem).map_err(|detail| RunError::Certificate {
+        path: config.tls_cert.clone(),
+        detail,
+    })?;
+    if principal.role != proto::identity::Role::Hospital {
+        return Err(RunError::Certificate {
+            path: config.tls_cert.clone(),
+            detail: format!("certificate of {} has role {}, a worker needs role hospital", principal.name, principal.role),
+        });
+    }
+    let state_err = |detail: String| RunError::State {
+        path: config.data_dir.clone(),
+        detail,
+    };
+    std::fs::create_dir_all(config.data_dir.join("outbox")).map_err(|e| state_err(e.to_string()))?;
+    let ledger = Ledger::open(&config.data_dir.join("ledger.sqlite"), &principal.name).map_err(|e| state_err(e.to_string()))?;
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| RunError::Endpoint(e.to_string()))?
+        .tls_config(identity.client_tls())
+        .map_err(|e| RunError::Endpoint(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let worker = Arc::new(Worker {
+        device: models::default_device(config.device == TrainingDevice::Gpu),
+        config,
+        site: principal.name,
+        ledger,
+        data: Mutex::new(HashMap::new()),
+        jobs: Mutex::new(HashMap::new()),
+        inflight: Mutex::new(HashSet::new()),
+        tasks: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
+    info!(site = %worker.site, coordinator = %worker.config.coordinator, "worker starting");
+    let mut backoff = Duration::from_millis(250);
+    while !shutdown.is_cancelled() {
+        match worker.clone().session(&endpoint).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "connection to coordinator lost"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+    worker.tasks.close();
+    for job in worker.jobs_snapshot() {
+        job.cancel.cancel();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), worker.tasks.wait()).await;
+    info!("worker stopped");
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Worker {
+    fn jobs_snapshot(&self) -> Vec<Arc<JobContext>> {
+        lock(&self.jobs).values().cloned().collect()
+    }
+
+    fn dataset_config(&self, name: &str) -> Option<&DatasetConfig> {
+        self.config.datasets.iter().find(|d| d.name == name)
+    }
+
+    /// One connection: register, then serve the task stream until it ends.
+    async fn session(self: Arc<Self>, endpoint: &Endpoint) -> Result<(), tonic::Status> {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        let mut client = WorkerServiceClient::new(channel.clone())
+            .max_decoding_message_size(4 << 20);
+        let datasets = self
+            .config
+            .datasets
+            .iter()
+            .map(|d| {
+                let columns = dataset::read_header(&d.path).unwrap_or_default();
+                pb::DatasetInfo {
+                    name: d.name.clone(),
+                    columns,
+                    label: d.label.clone(),
+                    numeric: d.numeric.clone(),
+                    categorical: d.categorical.clone(),
+                    rows: 0,
+                    budget_epsilon: d.budget_epsilon,
+                    budget_delta: d.budget_delta,
+                    job_epsilon_cap: d.job_epsilon_cap,
+                }
+            })
+            .collect();
+        let ledger = self.ledger.entries().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let reply = client
+            .register(pb::RegisterRequest {
+                datasets,
+                software_version: env!("CARGO_PKG_VERSION").to_string(),
+                ledger,
+            })
+            .await?
+            .into_inner();
+        info!(site = %reply.site, "registered with the coordinator");
+        let heartbeat_every = Duration::from_secs((reply.idle_timeout_secs / 3).max(1));
+        let session_done = self.shutdown.child_token();
+        {
+            let mut hb = client.clone();
+            let done = session_done.clone();
+            self.tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = done.cancelled() => return,
+                        _ = tokio::time::sleep(heartbeat_every) => {}
+                    }
+                    if hb.heartbeat(pb::HeartbeatRequest {}).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut stream = client.receive_tasks(pb::ReceiveTasksRequest {}).await?.into_inner();
+        let result = loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => break Ok(()),
+                next = stream.next() => next,
+            };
+            match next {
+                None => break Err(tonic::Status::unavailable("task stream closed")),
+                Some(Err(e)) => break Err(e),
+                Some(Ok(task)) => self.dispatch(task, client.clone()),
+            }
+        };
+        session_done.cancel();
+        result
+    }
+
+    fn dispatch(self: &Arc<Self>, task: pb::Task, client: WorkerServiceClient<Channel>) {
+        let Some(kind) = task.kind else { return };
+        let key = match &kind {
+            pb::task::Kind::Offer(_) => format!("{}/offer", task.job_id),
+            pb::task::Kind::Train(t) => format!("{}/train/{}", task.job_id, t.round),
+            pb::task::Kind::Evaluate(t) => format!("{}/evaluate/{}", task.job_id, t.round),
+            pb::task::Kind::Cancel(c) => {
+                info!(job_id = %task.job_id, reason = %c.reason, "job stopped by the coordinator");
+                if let Some(job) = lock(&self.jobs).remove(&task.job_id) {
+                    job.cancel.cancel();
+                }
+                if let Err(e) = self.ledger.finish_job(&task.job_id) {
+                    warn!(error = %e, "cannot release the job's reservation");
+                }
+                return;
+            }
+        };
+        if !lock(&self.inflight).insert(key.clone()) {
+            return;
+        }
+        let this = Arc::clone(self);
+        let job_id = task.job_id;
+        self.tasks.spawn(async move {
+            let mut client = client;
+            let outcome = match kind {
+                pb::task::Kind::Offer(offer) => this.handle_offer(&job_id, offer, &mut client).await,
+                pb::task::Kind::Train(t) => this.handle_train(&job_id, t, &mut client).await,
+                pb::task::Kind::Evaluate(t) => this.handle_evaluate(&job_id, t, &mut client).await,
+                pb::task::Kind::Cancel(_) => Ok(()),
+            };
+            if let Err(e) = outcome {
+                warn!(job_id, task = %key, error = %e, "task failed");
+            }
+            lock(&this.inflight).remove(&key);
+        });
+    }
+
+    /// Loads (once per job) the encoded dataset a job asks for.
+    async fn load_data(self: &Arc<Self>, spec: &JobSpec, spec_hash: &str) -> Result<Arc<EncodedDataset>, String> {
+        let key = (spec.dataset.clone(), spec_hash.to_string());
+        if let Some(d) = lock(&self.data).get(&key) {
+            return Ok(Arc::clone(d));
+        }
+        let cfg = self
+            .dataset_config(&spec.dataset)
+            .ok_or_else(|| format!("this site has no dataset \"{}\"", spec.dataset))?
+            .clone();
+        let features = spec.features.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            dataset::load(
+                &cfg.path,
+                &features,
+                &SplitOptions {
+                    test_fraction: cfg.test_fraction,
+                    seed: cfg.split_seed,
+                },
+            )
+        })
+        .await
+        .map_err(|e| format!("loading panicked: {e}"))?
+        .map_err(|e| e.to_string())?;
+        let loaded = Arc::new(loaded);
+        lock(&self.data).insert(key, Arc::clone(&loaded));
+        Ok(loaded)
+    }
+
+    #[instrument(skip_all, fields(job_id = %job_id))]
+    async fn handle_offer(
+        self: &Arc<Self>,
+        job_id: &str,
+        offer: pb::JobOffer,
+        client: &mut WorkerServiceClient<Channel>,
+    ) -> Result<(), tonic::Status> {
+        let refuse = |reason: String, spec_hash: String| pb::OfferAnswer {
+            job_id: job_id.to_string(),
+            spec_hash,
+            accept: false,
+            reason,
+            planned_epsilon: 0.0,
+            train_examples: 0,
+        };
+        let answer = match self.decide_offer(job_id, &offer).await {
+            Ok(answer) => answer,
+            Err(reason) => refuse(reason, offer.spec_hash.clone()),
+        };
+        info!(accept = answer.accept, reason = %answer.reason, planned_epsilon = answer.planned_epsilon, "answering offer");
+        client.answer_offer(answer).await?;
+        Ok(())
+    }
+
+    async fn decide_offer(self: &Arc<Self>, job_id: &str, offer: &pb::JobOffer) -> Result<pb::OfferAnswer, String> {
+        let spec = JobSpec::from_canonical_json(&offer.spec_json).map_err(|e| e.to_string())?;
+        if spec.hash() != offer.spec_hash {
+            return Err("the offered spec does not match its hash".to_string());
+        }
+        if !self.config.allowed_models.is_empty() && !self.config.allowed_models.iter().any(|m| m == spec.model.kind()) {
+            return Err(format!(
+                "site policy does not allow model \"{}\" (allowed: {})",
+                spec.model.kind(),
+                self.config.allowed_models.join(", ")
+            ));
+        }
+        let cfg = self
+            .dataset_config(&spec.dataset)
+            .ok_or_else(|| format!("this site has no dataset \"{}\"", spec.dataset))?
+            .clone();
+        let data = self.load_data(&spec, &offer.spec_hash).await?;
+        let (q, steps) = train::round_plan(&spec, data.n_train());
+        let planned_steps = steps * u64::from(spec.training.rounds);
+        let decision = self
+            .ledger
+            .decide(&cfg, job_id, &offer.spec_hash, q, spec.privacy.noise_multiplier, planned_steps, spec.privacy.delta)
+            .map_err(|e| e.to_string())?;
+        if decision.accept {
+            lock(&self.jobs).insert(
+                job_id.to_string(),
+                Arc::new(JobContext {
+                    spec_hash: offer.spec_hash.clone(),
+                    spec,
+                    cancel: self.shutdown.child_token(),
+                }),
+            );
+        }
+        Ok(pb::OfferAnswer {
+            job_id: job_id.to_string(),
+            spec_hash: offer.spec_hash.clone(),
+            accept: decision.accept,
+            reason: decision.reason,
+            planned_epsilon: decision.planned_epsilon,
+            train_examples: data.n_train() as u64,
+        })
+    }
+
+    /// The context of an accepted job; rebuilt from the offer after a restart.
+    fn job(&self, job_id: &str) -> Result<Arc<JobContext>, tonic::Status> {
+        lock(&self.jobs)
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} is not known here")))
+    }
+
+    async fn pull_model(
+        &self,
+        client: &mut WorkerServiceClient<Channel>,
+        job_id: &str,
+        round: u32,
+        layout_hash: &str,
+        num_params: u64,
+    ) -> Result<Vec<f32>, tonic::Status> {
+        let mut stream = client
+            .pull_model(pb::PullModelRequest {
+                job_id: job_id.to_string(),
+                round,
+            })
+            .await?
+            .into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::ModelChunk {
+                part: Some(pb::model_chunk::Part::Header(h)),
+            })) => h,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(tonic::Status::data_loss("model stream did not start with a header")),
+        };
+        if header.layout_hash != layout_hash || header.num_params != num_params {
+            return Err(tonic::Status::data_loss(format!(
+                "model layout {} / {} values does not match the job's {} / {}",
+                header.layout_hash, header.num_params, layout_hash, num_params
+            )));
+        }
+        let mut assembler = ChunkAssembler::new(num_params as usize);
+        while let Some(chunk) = stream.next().await {
+            match chunk?.part {
+                Some(pb::model_chunk::Part::Data(d)) => {
+                    assembler.push(&d).map_err(|e| tonic::Status::data_loss(e.to_string()))?
+                }
+                _ => return Err(tonic::Status::data_loss("a second header in the model stream")),
+            }
+        }
+        assembler.finish().map_err(|e| tonic::Status::data_loss(e.to_string()))
+    }
+
+    fn outbox_path(&self, job_id: &str, round: u32) -> PathBuf {
+        self.config.data_dir.join("outbox").join(format!("{job_id}-r{round:04}.bin"))
+    }
+
+    #[instrument(skip_all, fields(job_id = %job_id, round = task.round))]
+    async fn handle_train(
+        self: &Arc<Self>,
+        job_id: &str,
+        task: pb::TrainTask,
+        client: &mut WorkerServiceClient<Channel>,
+    ) -> Result<(), tonic::Status> {
+        let job = match self.job(job_id) {
+            Ok(job) => job,
+            Err(e) => {
+                let _ = client
+                    .report_failure(pb::TaskFailure {
+                        job_id: job_id.to_string(),
+                        round: task.round,
+                        reason: "the site restarted and lost the job's approval; it must be offered again".to_string(),
+                    })
+                    .await;
+                return Err(e);
+            }
+        };
+        let round = task.round;
+        let fail = |reason: String| pb::TaskFailure {
+            job_id: job_id.to_string(),
+            round,
+            reason,
+        };
+        let cfg = match self.dataset_config(&job.spec.dataset) {
+            Some(c) => c.clone(),
+            None => {
+                client.report_failure(fail(format!("dataset \"{}\" is gone", job.spec.dataset))).await?;
+                return Ok(());
+            }
+        };
+        let outbox = self.outbox_path(job_id, round);
+        // A round already charged is resent as it was, never trained (and charged) again.
+        let (update, entry, metrics) = match self.ledger.entry(job_id, round).map_err(|e| tonic::Status::internal(e.to_string()))? {
+            Some(entry) if outbox.is_file() => {
+                info!("resending the update of a charged round");
+                let update = proto::checkpoint::read(&outbox).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                (update, entry, Default::default())
+            }
+            _ => {
+                let data = match self.load_data(&job.spec, &job.spec_hash).await {
+                    Ok(d) => d,
+                    Err(reason) => {
+                        client.report_failure(fail(reason)).await?;
+                        return Ok(());
+                    }
+                };
+                let global = self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params).await?;
+                let arch = models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                if arch.layout().hash() != task.layout_hash {
+                    client.report_failure(fail("the job's model layout differs from this site's".to_string())).await?;
+                    return Ok(());
+                }
+                // Held-out metrics of the model we received (round - 1).
+                let (arch2, device, global2, data2) = (arch.clone(), self.device.clone(), global.clone(), Arc::clone(&data));
+                if let Ok(Ok(m)) = tokio::task::spawn_blocking(move || train::evaluate(&arch2, &device, &global2, &data2)).await {
+                    let _ = client
+                        .report_evaluation(pb::EvaluationReport {
+                            job_id: job_id.to_string(),
+                            round: round - 1,
+                            num_examples: data.n_test() as u64,
+                            metrics: m.into_iter().collect(),
+                        })
+                        .await;
+                }
+                let (spec, device, cancel) = (job.spec.clone(), self.device.clone(), job.cancel.clone());
+                let (arch3, global3, data3) = (arch.clone(), global.clone(), Arc::clone(&data));
+                let outcome = tokio::task::spawn_blocking(move || train::train_round(&arch3, &device, &global3, &data3, &spec, &cancel))
+                    .await
+                    .map_err(|e| tonic::Status::internal(format!("training panicked: {e}")))?;
+                let outcome = match outcome {
+                    Ok(o) => o,
+                    Err(train::TrainError::Cancelled) => return Ok(()),
+                    Err(e) => {
+                        client.report_failure(fail(e.to_string())).await?;
+                        return Ok(());
+                    }
+                };
+                let update: Vec<f32> = outcome.params.iter().zip(&global).map(|(l, g)| l - g).collect();
+                // Outbox first, then the charge: a crash in between leaves an
+                // uncharged update that was never sent, which is discarded.
+                proto::checkpoint::write_atomic(&outbox, &update).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let charge = Charge {
+                    job_id: job_id.to_string(),
+                    spec_hash: job.spec_hash.clone(),
+                    round,
+                    noise_multiplier: job.spec.privacy.noise_multiplier,
+                    sample_rate: outcome.sample_rate,
+                    clip_norm: job.spec.privacy.clip_norm,
+                    steps: outcome.steps,
+                    delta: job.spec.privacy.delta,
+                };
+                let entry = match self.ledger.charge(&cfg, &charge) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&outbox);
+                        client.report_failure(fail(e.to_string())).await?;
+                        return Ok(());
+                    }
+                };
+                let mut metrics = outcome.metrics;
+                metrics.insert("epsilon_round".to_string(), entry.epsilon_round);
+                metrics.insert("epsilon_job".to_string(), entry.epsilon_job);
+                (update, entry, metrics)
+            }
+        };
+        let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
+        let header = pb::UpdateHeader {
+            job_id: job_id.to_string(),
+            round,
+            layout_hash: task.layout_hash.clone(),
+            num_params: update.len() as u64,
+            num_examples: data.n_train() as u64,
+            metrics: metrics.into_iter().collect(),
+            ledger_entry: Some(entry),
+        };
+        let mut messages = vec![pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Header(header)),
+        }];
+        messages.extend(encode_chunks(&update).map(|c| pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Data(c)),
+        }));
+        let reply = client.push_update(tokio_stream::iter(messages)).await?.into_inner();
+        if reply.accepted {
+            info!("update delivered");
+        } else {
+            warn!(reason = %reply.reason, "update refused by the coordinator");
+        }
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(job_id = %job_id, round = task.round))]
+    async fn handle_evaluate(
+        self: &Arc<Self>,
+        job_id: &str,
+        task: pb::EvaluateTask,
+        client: &mut WorkerServiceClient<Channel>,
+    ) -> Result<(), tonic::Status> {
+        let job = self.job(job_id)?;
+        let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
+        let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params).await?;
+        let arch = models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let device = self.device.clone();
+        let data2 = Arc::clone(&data);
+        let m = tokio::task::spawn_blocking(move || train::evaluate(&arch, &device, &params, &data2))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        client
+            .report_evaluation(pb::EvaluationReport {
+                job_id: job_id.to_string(),
+                round: task.round,
+                num_examples: data.n_test() as u64,
+                metrics: m.into_iter().collect(),
+            })
+            .await?;
+        // The job is over for this site: release its reservation.
+        self.ledger.finish_job(job_id).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        lock(&self.jobs).remove(job_id);
+        Ok(())
+    }
+}

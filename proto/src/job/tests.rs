@@ -69,6 +69,6 @@ fn unknown_key_is_refused() {
 fn duplicate_columns_are_refused() {
     check_err(
         &WDBC.replace("\"texture_mean\",", "\"radius_mean\","),
-        "job.toml: features.numeric[1]: column \"radius_mean\" is used twice or is the label",
+        "job.toml: features.numeric[1] repeats column \"radius_mean\" (already features.numeric[0])",
     );
 }

@@ -40,7 +40,7 @@ Age,Sex,Const,Race,HeartDisease,Unused
 70,Female,5,Black,No,y
 ";
 
-/// One row for a 0.2 test fraction: one test row and four training rows.
+/// A 0.2 test fraction: one test row and four training rows of [`PATIENTS`].
 fn split() -> SplitOptions {
     SplitOptions {
         test_fraction: 0.2,

@@ -60,7 +60,7 @@ const LN_GAMMA: [(f64, f64); 23] = [
     (1.5, -0.12078223763524522),
     (2.0, 0.0),
     (2.5, 0.2846828704729192),
-    (3.0, 0.6931471805599453),
+    (3.0, std::f64::consts::LN_2),
     (7.3, 7.147892523022248),
     (10.0, 12.801827480081469),
     (14.999, 25.18854687054693),
@@ -101,13 +101,23 @@ fn erfc_matches_mpmath_to_2e_minus_15() {
 #[test]
 fn erfcx_matches_erfc_times_exp_square() {
     // erfcx(x) = exp(x²) erfc(x); checked where both sides are representable.
-    for (x, want) in ERFC.iter().copied().filter(|&(x, _)| (0.0..=20.0).contains(&x)) {
+    for (x, want) in ERFC
+        .iter()
+        .copied()
+        .filter(|&(x, _)| (0.0..=20.0).contains(&x))
+    {
         let scaled = want * (x * x).exp();
         check_close("erfcx", x, erfcx(x), scaled, 4e-15);
     }
     // Asymptotically erfcx(x) ~ 1/(x sqrt(pi)).
     let x = 1e200;
-    check_close("erfcx", x, erfcx(x), 1.0 / (x * std::f64::consts::PI.sqrt()), 1e-15);
+    check_close(
+        "erfcx",
+        x,
+        erfcx(x),
+        1.0 / (x * std::f64::consts::PI.sqrt()),
+        1e-15,
+    );
 }
 
 #[test]
@@ -133,7 +143,11 @@ fn ln_gamma_matches_mpmath() {
         // Absolute error scaled by max(1, |ln Γ|): near the zeros at 1 and 2
         // only the absolute error is meaningful.
         let err = (ln_gamma(x) - want).abs() / want.abs().max(1.0);
-        assert!(err <= 4e-15, "ln_gamma({x}) = {}, want {want} (error {err:e})", ln_gamma(x));
+        assert!(
+            err <= 2e-15,
+            "ln_gamma({x}) = {}, want {want} (error {err:e})",
+            ln_gamma(x)
+        );
     }
 }
 

@@ -1,0 +1,313 @@
+//! The scientist's and reviewer's commands: talking to the coordinator over
+//! mutual TLS and rendering what comes back as tables or JSON.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::identity::IdentityFiles;
+use proto::job::JobSpec;
+use proto::pb;
+use proto::tensor::ChunkAssembler;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the coordinator is and who we are.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    /// `https://host:port`.
+    pub coordinator: String,
+    /// Directory with `ca.pem`, `cert.pem`, `key.pem`.
+    pub identity: PathBuf,
+}
+
+impl Connection {
+    /// Opens a channel with mutual TLS.
+    pub async fn channel(&self) -> Result<Channel> {
+        let identity = IdentityFiles::from_dir(&self.identity)
+            .with_context(|| format!("loading the identity in {}", self.identity.display()))?;
+        let channel = Endpoint::from_shared(self.coordinator.clone())
+            .with_context(|| format!("coordinator URL \"{}\"", self.coordinator))?
+            .tls_config(identity.client_tls())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.coordinator))?;
+        Ok(channel)
+    }
+
+    /// A job service client.
+    pub async fn jobs(&self) -> Result<pb::job_service_client::JobServiceClient<Channel>> {
+        Ok(pb::job_service_client::JobServiceClient::new(self.channel().await?).max_decoding_message_size(4 << 20))
+    }
+
+    /// A privacy service client.
+    pub async fn privacy(&self) -> Result<pb::privacy_service_client::PrivacyServiceClient<Channel>> {
+        Ok(pb::privacy_service_client::PrivacyServiceClient::new(self.channel().await?))
+    }
+}
+
+/// Turns a gRPC status into a one-line error.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// `meridian job submit`: validates locally, then submits; returns the job id.
+pub async fn submit(conn: &Connection, path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    JobSpec::from_toml(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?;
+    let reply = conn
+        .jobs()
+        .await?
+        .submit_job(pb::SubmitJobRequest { spec_toml: text })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", path.display(), s.message()))?;
+    Ok(reply.into_inner().job_id)
+}
+
+/// One job's status.
+pub async fn get(conn: &Connection, job_id: &str) -> Result<pb::JobStatus> {
+    Ok(conn
+        .jobs()
+        .await?
+        .get_job(pb::GetJobRequest { job_id: job_id.to_string() })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+fn metric(m: &std::collections::HashMap<String, f64>, key: &str) -> String {
+    m.get(key).map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
+}
+
+/// A job as a human-readable block.
+pub fn render_status(s: &pb::JobStatus) -> String {
+    let mut out = format!(
+        "job {} ({})\n  state      {}{}\n  model      {} on dataset {} ({} parameters)\n  round      {} of {}\n  submitted  by {}\n",
+        s.job_id,
+        s.name,
+        s.state,
+        if s.reason.is_empty() { String::new() } else { format!(": {}", s.reason) },
+        s.model,
+        s.dataset,
+        s.num_params,
+        s.current_round,
+        s.total_rounds,
+        s.submitted_by
+    );
+    out.push_str(&format!("  sites (ε at δ = {:e}):\n", s.delta));
+    for site in &s.sites {
+        out.push_str(&format!(
+            "    {:<14} {:<9} planned ε {:.3}  spent ε {:.3}  {} training rows{}\n",
+            site.site,
+            site.state,
+            site.planned_epsilon,
+            site.spent_epsilon,
+            site.train_examples,
+            if site.reason.is_empty() { String::new() } else { format!("  ({})", site.reason) }
+        ));
+    }
+    out.push_str(&render_rounds(s));
+    out
+}
+
+/// The per-round table: held-out metrics of each round's global model.
+pub fn render_rounds(s: &pb::JobStatus) -> String {
+    let mut out = String::from("  round  state       test AUC  test acc  test loss  train loss  updates\n");
+    for r in &s.rounds {
+        out.push_str(&format!(
+            "  {:>5}  {:<10}  {:>8}  {:>8}  {:>9}  {:>10}  {}\n",
+            r.round,
+            r.state,
+            metric(&r.eval_metrics, "auc"),
+            metric(&r.eval_metrics, "accuracy"),
+            metric(&r.eval_metrics, "loss"),
+            metric(&r.train_metrics, "train_loss"),
+            r.updated_sites.join(",")
+        ));
+    }
+    out
+}
+
+/// `meridian job watch`: a progress bar and a line per finished round,
+/// until the job ends. Returns the final status.
+pub async fn watch(conn: &Connection, job_id: &str, quiet: bool) -> Result<pb::JobStatus> {
+    let mut stream = conn
+        .jobs()
+        .await?
+        .watch_job(pb::GetJobRequest { job_id: job_id.to_string() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(1) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(job_id.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut printed = 0u32;
+    let mut last = None;
+    while let Some(status) = stream.next().await {
+        let status = status.map_err(status_error)?;
+        bar.set_length(u64::from(status.total_rounds.max(1)));
+        let aggregated = status.rounds.iter().filter(|r| r.state == "aggregated").count() as u64;
+        bar.set_position(aggregated);
+        let open = status.rounds.iter().find(|r| r.state == "open");
+        bar.set_message(match (status.state.as_str(), open) {
+            ("running", Some(r)) => format!("waiting for updates ({} in)", r.updated_sites.len()),
+            (state, _) => state.to_string(),
+        });
+        let fresh: Vec<&pb::RoundStatus> =
+            status.rounds.iter().filter(|r| r.state == "aggregated" && r.round > printed).collect();
+        for r in fresh {
+            bar.println(format!(
+                "round {:>3} aggregated: {} updates, train loss {}, clipped {}",
+                r.round,
+                r.updated_sites.len(),
+                metric(&r.train_metrics, "train_loss"),
+                metric(&r.train_metrics, "clipped_fraction")
+            ));
+            printed = r.round;
+        }
+        last = Some(status);
+    }
+    bar.finish_and_clear();
+    let last = last.context("the watch stream ended without a status")?;
+    // Evaluations of the last round can land after the final state change.
+    get(conn, &last.job_id).await
+}
+
+/// `meridian model pull`: the global model as safetensors.
+pub async fn pull_model(conn: &Connection, job_id: &str, round: Option<u32>, out: &Path) -> Result<(u32, usize)> {
+    let status = get(conn, job_id).await?;
+    let spec = JobSpec::from_canonical_json(&status.spec_json).map_err(anyhow::Error::msg)?;
+    let arch = models::Architecture::new(&spec.model, spec.features.input_dim())?;
+    let layout = arch.layout();
+    if layout.hash() != status.layout_hash {
+        bail!("the job's layout {} differs from this build's {}", status.layout_hash, layout.hash());
+    }
+    let mut stream = conn
+        .jobs()
+        .await?
+        .pull_job_model(pb::PullJobModelRequest { job_id: job_id.to_string(), round })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let header = match stream.next().await {
+        Some(Ok(pb::ModelChunk { part: Some(pb::model_chunk::Part::Header(h)) })) => h,
+        Some(Err(e)) => return Err(status_error(e)),
+        _ => bail!("the model stream did not start with a header"),
+    };
+    let mut asm = ChunkAssembler::new(layout.num_params());
+    while let Some(chunk) = stream.next().await {
+        if let Some(pb::model_chunk::Part::Data(d)) = chunk.map_err(status_error)?.part {
+            asm.push(&d)?;
+        }
+    }
+    let params = asm.finish()?;
+    let mut meta = BTreeMap::new();
+    meta.insert("job_id".to_string(), job_id.to_string());
+    meta.insert("round".to_string(), header.round.to_string());
+    meta.insert("layout_hash".to_string(), header.layout_hash.clone());
+    meta.insert("model".to_string(), spec.model.kind().to_string());
+    meta.insert("inputs".to_string(), spec.features.encoded_names().join(","));
+    crate::safetensors::write(out, &layout, &params, &meta)?;
+    Ok((header.round, params.len()))
+}
+
+/// Budget rows, per site and dataset then per job.
+pub async fn budgets(conn: &Connection) -> Result<Vec<pb::BudgetRow>> {
+    Ok(conn
+        .privacy()
+        .await?
+        .get_budgets(pb::GetBudgetsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .rows)
+}
+
+/// Budget rows as a table.
+pub fn render_budgets(rows: &[pb::BudgetRow]) -> String {
+    let mut out = String::from("site            dataset     job              ε spent   ε limit   ε left    δ        rounds\n");
+    for r in rows {
+        out.push_str(&format!(
+            "{:<15} {:<11} {:<16} {:>8.4}  {:>8.4}  {:>8.4}  {:<8e} {}\n",
+            r.site,
+            r.dataset,
+            if r.job_id.is_empty() { "(all jobs)" } else { &r.job_id },
+            r.epsilon_spent,
+            r.epsilon_total,
+            r.epsilon_remaining,
+            r.delta,
+            r.rounds
+        ));
+    }
+    out
+}
+
+/// Ledger entries, optionally filtered.
+pub async fn ledger(conn: &Connection, site: &str, dataset: &str) -> Result<Vec<pb::LedgerEntry>> {
+    Ok(conn
+        .privacy()
+        .await?
+        .list_ledger(pb::ListLedgerRequest { site: site.to_string(), dataset: dataset.to_string() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .entries)
+}
+
+/// A ledger entry as JSON (every field a reviewer needs to recompute ε).
+pub fn ledger_json(e: &pb::LedgerEntry) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq, "site": e.site, "dataset": e.dataset, "job_id": e.job_id, "round": e.round,
+        "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "clip_norm": e.clip_norm,
+        "steps": e.steps, "delta": e.delta, "epsilon_round": e.epsilon_round, "epsilon_job": e.epsilon_job,
+        "epsilon_dataset": e.epsilon_dataset, "accountant": e.accountant, "conversion": e.conversion,
+        "library_version": e.library_version, "recorded_at_unix_ms": e.recorded_at_unix_ms, "spec_hash": e.spec_hash,
+    })
+}
+
+/// A budget row as JSON.
+pub fn budget_json(r: &pb::BudgetRow) -> serde_json::Value {
+    serde_json::json!({
+        "site": r.site, "dataset": r.dataset, "job_id": if r.job_id.is_empty() { None } else { Some(&r.job_id) },
+        "epsilon_spent": r.epsilon_spent, "epsilon_limit": r.epsilon_total, "epsilon_remaining": r.epsilon_remaining,
+        "delta": r.delta, "rounds": r.rounds,
+    })
+}
+
+/// A job status as JSON.
+pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
+    let rounds: Vec<_> = s
+        .rounds
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "round": r.round, "state": r.state, "attempt": r.attempt, "updated_sites": r.updated_sites,
+                "train_metrics": r.train_metrics.iter().collect::<BTreeMap<_, _>>(),
+                "eval_metrics": r.eval_metrics.iter().collect::<BTreeMap<_, _>>(),
+            })
+        })
+        .collect();
+    let sites: Vec<_> = s
+        .sites
+        .iter()
+        .map(|x| {
+            serde_json::json!({
+                "site": x.site, "state": x.state, "reason": x.reason, "planned_epsilon": x.planned_epsilon,
+                "spent_epsilon": x.spent_epsilon, "train_examples": x.train_examples,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "job_id": s.job_id, "name": s.name, "state": s.state, "reason": s.reason, "submitted_by": s.submitted_by,
+        "current_round": s.current_round, "total_rounds": s.total_rounds, "model": s.model, "dataset": s.dataset,
+        "num_params": s.num_params, "layout_hash": s.layout_hash, "spec_hash": s.spec_hash, "delta": s.delta,
+        "sites": sites, "rounds": rounds,
+    })
+}

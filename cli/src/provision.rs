@@ -1,0 +1,127 @@
+//! `meridian provision`: a federation's certificates.
+//!
+//! One CA signs everything. The coordinator's certificate names
+//! `meridian-coordinator` (what clients verify) plus the given hosts; each
+//! site and user certificate carries its name as CN and its role as OU,
+//! which is all the coordinator needs to authorize a call. Each identity is
+//! written as a directory with `ca.pem`, `cert.pem` and `key.pem`; private
+//! keys are created with mode 0600 and never overwritten.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use proto::identity::{COORDINATOR_SERVER_NAME, Role, validate_name};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+
+/// What to provision.
+pub struct Plan {
+    /// Output directory (must not already hold a CA).
+    pub out: PathBuf,
+    /// Extra DNS names or IP addresses of the coordinator.
+    pub coordinator_hosts: Vec<String>,
+    /// Hospital sites.
+    pub sites: Vec<String>,
+    /// Users and their roles.
+    pub users: Vec<(String, Role)>,
+    /// Validity of every certificate in days.
+    pub valid_days: u32,
+}
+
+/// Where each identity directory was written.
+pub struct Provisioned {
+    /// The coordinator's identity.
+    pub coordinator: PathBuf,
+    /// Each site's identity, by name.
+    pub sites: Vec<(String, PathBuf)>,
+    /// Each user's identity, by name.
+    pub users: Vec<(String, PathBuf)>,
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<()> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    if private {
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
+/// Creates the CA and every identity of `plan`.
+pub fn provision(plan: &Plan) -> Result<Provisioned> {
+    if plan.out.join("ca").join("ca.key").exists() {
+        bail!("{} already holds a federation (ca/ca.key exists); choose an empty directory", plan.out.display());
+    }
+    for name in plan.sites.iter().chain(plan.users.iter().map(|(n, _)| n)) {
+        validate_name(name).map_err(anyhow::Error::msg)?;
+    }
+    let ca_key = KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, "Meridian federation CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity(&mut ca_params, plan.valid_days.max(1) * 5);
+    let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
+    let ca_dir = plan.out.join("ca");
+    fs::create_dir_all(&ca_dir).with_context(|| format!("cannot create {}", ca_dir.display()))?;
+    write_file(&ca_dir.join("ca.pem"), &ca_cert.pem(), false)?;
+    write_file(&ca_dir.join("ca.key"), &ca_key.serialize_pem(), true)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let issue = |dir: &Path, name: &str, role: Role, server_names: &[String]| -> Result<PathBuf> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+        params.distinguished_name.push(DnType::OrganizationName, "Meridian federation");
+        for host in server_names {
+            params.subject_alt_names.push(match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(host.clone().try_into()?),
+            });
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = if server_names.is_empty() {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        validity(&mut params, plan.valid_days);
+        let cert = params.signed_by(&key, &issuer).with_context(|| format!("signing the certificate of {name}"))?;
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_file(&dir.join("ca.pem"), &ca_cert.pem(), false)?;
+        write_file(&dir.join("cert.pem"), &cert.pem(), false)?;
+        write_file(&dir.join("key.pem"), &key.serialize_pem(), true)?;
+        Ok(dir.to_path_buf())
+    };
+
+    let mut server_names = vec![COORDINATOR_SERVER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
+    server_names.extend(plan.coordinator_hosts.iter().cloned());
+    let coordinator = issue(&plan.out.join("coordinator"), "coordinator", Role::Coordinator, &server_names)?;
+    let mut sites = Vec::new();
+    for s in &plan.sites {
+        sites.push((s.clone(), issue(&plan.out.join("sites").join(s), s, Role::Hospital, &[])?));
+    }
+    let mut users = Vec::new();
+    for (u, role) in &plan.users {
+        users.push((u.clone(), issue(&plan.out.join("users").join(u), u, *role, &[])?));
+    }
+    Ok(Provisioned {
+        coordinator,
+        sites,
+        users,
+    })
+}

@@ -1,0 +1,89 @@
+//! The reviewer's view: budgets and ledgers from the coordinator's mirror
+//! of every site's privacy ledger.
+//!
+//! Spent ε is recomputed here from each entry's mechanism parameters
+//! (σ, q, steps) by RDP composition, not copied from the sites' figures and
+//! not summed, so a reviewer reading these rows sees the accountant's
+//! answer for everything the site was charged.
+
+use std::collections::BTreeMap;
+
+use privacy::accountant::RdpAccountant;
+use proto::pb;
+use tonic::{Request, Response, Status};
+
+use crate::service::Services;
+
+const READERS: &[proto::identity::Role] = &[
+    proto::identity::Role::Scientist,
+    proto::identity::Role::Reviewer,
+    proto::identity::Role::Admin,
+];
+
+/// ε of a set of ledger entries composed by RDP at `delta`.
+fn composed_epsilon<'a>(entries: impl Iterator<Item = &'a pb::LedgerEntry>, delta: f64) -> Result<f64, Status> {
+    let mut acc = RdpAccountant::new();
+    let mut any = false;
+    for e in entries {
+        acc.compose_poisson_gaussian(e.sample_rate, e.noise_multiplier, e.steps)
+            .map_err(|err| Status::data_loss(format!("ledger entry {} of {}: {err}", e.seq, e.site)))?;
+        any = true;
+    }
+    if !any {
+        return Ok(0.0);
+    }
+    acc.epsilon(delta)
+        .map(|e| e.epsilon)
+        .map_err(|err| Status::internal(format!("accountant: {err}")))
+}
+
+#[tonic::async_trait]
+impl pb::privacy_service_server::PrivacyService for Services {
+    async fn get_budgets(&self, req: Request<pb::GetBudgetsRequest>) -> Result<Response<pb::GetBudgetsResponse>, Status> {
+        crate::service::authorize(&req, READERS, "PrivacyService/GetBudgets")?;
+        let store = &self.inner.store;
+        let ledger = store.ledger("", "")?;
+        let mut rows = Vec::new();
+        for d in store.datasets()? {
+            let info = &d.info;
+            let entries: Vec<&pb::LedgerEntry> = ledger.iter().filter(|e| e.site == d.site && e.dataset == info.name).collect();
+            let spent = composed_epsilon(entries.iter().copied(), info.budget_delta)?;
+            rows.push(pb::BudgetRow {
+                site: d.site.clone(),
+                dataset: info.name.clone(),
+                job_id: String::new(),
+                epsilon_spent: spent,
+                epsilon_total: info.budget_epsilon,
+                epsilon_remaining: (info.budget_epsilon - spent).max(0.0),
+                delta: info.budget_delta,
+                rounds: entries.len() as u32,
+            });
+            let mut by_job: BTreeMap<&str, Vec<&pb::LedgerEntry>> = BTreeMap::new();
+            for e in &entries {
+                by_job.entry(e.job_id.as_str()).or_default().push(e);
+            }
+            for (job_id, job_entries) in by_job {
+                let delta = job_entries.first().map_or(info.budget_delta, |e| e.delta);
+                let spent = composed_epsilon(job_entries.iter().copied(), delta)?;
+                rows.push(pb::BudgetRow {
+                    site: d.site.clone(),
+                    dataset: info.name.clone(),
+                    job_id: job_id.to_string(),
+                    epsilon_spent: spent,
+                    epsilon_total: info.job_epsilon_cap,
+                    epsilon_remaining: (info.job_epsilon_cap - spent).max(0.0),
+                    delta,
+                    rounds: job_entries.len() as u32,
+                });
+            }
+        }
+        Ok(Response::new(pb::GetBudgetsResponse { rows }))
+    }
+
+    async fn list_ledger(&self, req: Request<pb::ListLedgerRequest>) -> Result<Response<pb::ListLedgerResponse>, Status> {
+        crate::service::authorize(&req, READERS, "PrivacyService/ListLedger")?;
+        let r = req.get_ref();
+        let entries = self.inner.store.ledger(&r.site, &r.dataset)?;
+        Ok(Response::new(pb::ListLedgerResponse { entries }))
+    }
+}

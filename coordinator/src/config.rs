@@ -1,0 +1,143 @@
+//! The coordinator's configuration file: raw TOML shape, then one validated
+//! [`CoordinatorConfig`], every problem reported with the file and key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `coordinator.toml` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Address to listen on, e.g. `127.0.0.1:7443` (port 0 picks a free one).
+    listen: String,
+    /// Directory for the SQLite database, checkpoints and received updates.
+    data_dir: PathBuf,
+    tls: RawTls,
+    /// Seconds without a heartbeat after which a site counts as offline.
+    #[serde(default = "default_idle")]
+    idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// The federation CA certificate (PEM).
+    ca: PathBuf,
+    /// The coordinator's certificate (PEM).
+    cert: PathBuf,
+    /// The coordinator's private key (PEM).
+    key: PathBuf,
+}
+
+fn default_idle() -> u64 {
+    30
+}
+
+/// A validated coordinator configuration; relative paths are resolved
+/// against the config file's directory.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// CA certificate path.
+    pub tls_ca: PathBuf,
+    /// Server certificate path.
+    pub tls_cert: PathBuf,
+    /// Server key path.
+    pub tls_key: PathBuf,
+    /// Seconds of silence before a site is offline.
+    pub idle_timeout_secs: u64,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Values that are present but wrong.
+    #[error("{path}: {}", problems.join("; "))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem, naming its key.
+        problems: Vec<String>,
+    },
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let before = &text[..offset.min(text.len())];
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line: before.matches('\n').count() + 1,
+                column: before.rsplit('\n').next().map_or(0, str::len) + 1,
+                message: e.message().lines().next().unwrap_or("invalid TOML").to_string(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let mut problems = Vec::new();
+        let listen = raw.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
+            problems.push(format!("listen: \"{}\" is not an address like 127.0.0.1:7443 ({e})", raw.listen));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        if raw.idle_timeout_secs == 0 {
+            problems.push("idle_timeout_secs: must be at least 1".to_string());
+        }
+        let config = CoordinatorConfig {
+            listen,
+            data_dir: resolve(&raw.data_dir),
+            tls_ca: resolve(&raw.tls.ca),
+            tls_cert: resolve(&raw.tls.cert),
+            tls_key: resolve(&raw.tls.key),
+            idle_timeout_secs: raw.idle_timeout_secs,
+        };
+        for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
+            if !file.is_file() {
+                problems.push(format!("{key}: {} does not exist", file.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+}

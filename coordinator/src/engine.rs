@@ -1,0 +1,284 @@
+//! The job state machine: one driver task per live job moves it from offers
+//! to rounds to the final evaluation, reading its state from the store at
+//! every step, so a restarted coordinator carries every job on from its
+//! last committed state.
+//!
+//! The driver never waits on a peer directly: RPC handlers commit what peers
+//! send and bump [`Coordinator::changes`]; the driver wakes on a change or at
+//! the phase's deadline, whichever comes first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, instrument, warn};
+
+use crate::aggregate::FedAvg;
+use proto::checkpoint;
+use crate::store::{JobRow, JobState, Store, now_ms};
+
+/// Shared state of a running coordinator.
+pub struct Coordinator {
+    /// Durable state.
+    pub store: Store,
+    /// Where checkpoints and updates live.
+    pub data_dir: PathBuf,
+    /// Seconds of silence before a site counts as offline.
+    pub idle_timeout_secs: u64,
+    /// Bumped after every committed change; drivers and streams wait on it.
+    pub changes: watch::Sender<u64>,
+    /// Cancelled when the coordinator shuts down.
+    pub shutdown: CancellationToken,
+    /// Every spawned task, awaited on shutdown.
+    pub tasks: TaskTracker,
+}
+
+/// Why the coordinator could not carry out an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A parameter file failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// A model could not be built from its spec.
+    #[error(transparent)]
+    Layout(#[from] models::LayoutError),
+}
+
+impl Coordinator {
+    /// Signals every waiting driver and stream that state changed.
+    pub fn notify(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Directory of a job's files.
+    pub fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.data_dir.join("jobs").join(job_id)
+    }
+
+    /// Path of the global model after `round` (0 = initial).
+    pub fn model_path(&self, job_id: &str, round: u32) -> PathBuf {
+        self.job_dir(job_id).join(format!("model-r{round:04}.bin"))
+    }
+
+    /// Starts a driver for every job that is not finished (after a restart).
+    pub fn resume_jobs(self: &Arc<Self>) -> Result<(), EngineError> {
+        for job in self.store.jobs()? {
+            if !job.state.is_terminal() {
+                info!(job_id = %job.id, state = job.state.as_str(), round = job.current_round, "resuming job");
+                self.spawn_driver(job.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the driver task of a job.
+    pub fn spawn_driver(self: &Arc<Self>, job_id: String) {
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move {
+            if let Err(e) = this.drive(&job_id).await {
+                warn!(job_id, error = %e, "job driver stopped");
+                let reason = format!("coordinator error: {e}");
+                if let Ok(Some(job)) = this.store.job(&job_id) {
+                    let _ = this.store.update_job(&job_id, JobState::Failed, &reason, job.current_round, job.attempt, job.deadline_ms);
+                    this.notify();
+                }
+            }
+        });
+    }
+
+    #[instrument(skip_all, fields(job_id = %job_id))]
+    async fn drive(&self, job_id: &str) -> Result<(), EngineError> {
+        let mut changes = self.changes.subscribe();
+        loop {
+            let Some(job) = self.store.job(job_id)? else { return Ok(()) };
+            if job.state.is_terminal() {
+                return Ok(());
+            }
+            let progressed = match job.state {
+                JobState::Offering => self.step_offering(&job)?,
+                JobState::Running => self.step_round(&job)?,
+                JobState::Evaluating => self.step_evaluating(&job)?,
+                _ => false,
+            };
+            if progressed {
+                self.notify();
+                continue;
+            }
+            let wait_ms = (job.deadline_ms - now_ms()).clamp(0, 5_000) as u64;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms.max(10))) => {}
+            }
+        }
+    }
+
+    fn deadline(job: &JobRow) -> i64 {
+        now_ms() + (job.spec.policy.round_deadline_secs as i64) * 1000
+    }
+
+    fn fail(&self, job: &JobRow, reason: String) -> Result<bool, EngineError> {
+        warn!(job_id = %job.id, reason, "job failed");
+        self.store
+            .update_job(&job.id, JobState::Failed, &reason, job.current_round, job.attempt, job.deadline_ms)?;
+        Ok(true)
+    }
+
+    /// Waits for every offered site to answer; starts round 1 with the accepted ones.
+    fn step_offering(&self, job: &JobRow) -> Result<bool, EngineError> {
+        let sites = self.store.job_sites(&job.id)?;
+        let pending = sites.iter().filter(|s| s.state == "offered").count();
+        let accepted = sites.iter().filter(|s| s.state == "accepted").count() as u32;
+        let min = job.spec.policy.min_sites;
+        if pending > 0 && now_ms() < job.deadline_ms {
+            // Nothing more can change the outcome once too many refused.
+            if accepted + pending as u32 >= min {
+                return Ok(false);
+            }
+        }
+        if accepted >= min {
+            info!(job_id = %job.id, accepted, "sites accepted; starting round 1");
+            self.store.update_job(&job.id, JobState::Running, "", 1, 1, Self::deadline(job))?;
+            return Ok(true);
+        }
+        let mut why: Vec<String> = sites
+            .iter()
+            .filter(|s| s.state != "accepted")
+            .map(|s| {
+                if s.state == "offered" {
+                    format!("{} did not answer", s.site)
+                } else {
+                    format!("{} {}: {}", s.site, s.state, s.reason)
+                }
+            })
+            .collect();
+        why.sort();
+        self.fail(
+            job,
+            format!("only {accepted} of {} sites accepted (min_sites {min}): {}", sites.len(), why.join("; ")),
+        )
+    }
+
+    /// Closes the current round when every participant sent its update, or at
+    /// the deadline with at least `min_sites` updates; retries or fails otherwise.
+    fn step_round(&self, job: &JobRow) -> Result<bool, EngineError> {
+        let round = job.current_round;
+        let sites = self.store.job_sites(&job.id)?;
+        let participants: Vec<&str> = sites.iter().filter(|s| s.state == "accepted").map(|s| s.site.as_str()).collect();
+        let updates = self.store.updates(&job.id, round)?;
+        let min = job.spec.policy.min_sites as usize;
+        let all_in = participants.iter().all(|p| updates.iter().any(|u| u.site == *p));
+        let possible = participants.len().max(updates.len());
+        if possible < min {
+            let failed: Vec<String> = sites
+                .iter()
+                .filter(|s| s.state == "failed")
+                .map(|s| format!("{}: {}", s.site, s.reason))
+                .collect();
+            return self.fail(
+                job,
+                format!(
+                    "round {round}: only {} sites can still take part (min_sites {min}); failed: {}",
+                    participants.len(),
+                    failed.join("; ")
+                ),
+            );
+        }
+        if !all_in && now_ms() < job.deadline_ms {
+            return Ok(false);
+        }
+        if updates.len() < min {
+            if job.attempt < job.spec.policy.max_round_attempts {
+                warn!(job_id = %job.id, round, attempt = job.attempt, got = updates.len(), "round deadline passed with too few updates; retrying");
+                self.store
+                    .update_job(&job.id, JobState::Running, "", round, job.attempt + 1, Self::deadline(job))?;
+                return Ok(true);
+            }
+            return self.fail(
+                job,
+                format!(
+                    "round {round}: only {} of min_sites {min} updates arrived by the deadline after {} attempts",
+                    updates.len(),
+                    job.attempt
+                ),
+            );
+        }
+        // Aggregate: θ_r = θ_{r-1} + η Σ nᵢΔᵢ / Σ nᵢ, folding one update at a time.
+        let mut global = checkpoint::read(&self.model_path(&job.id, round - 1))?;
+        let mut avg = FedAvg::new(global.len());
+        let mut metrics = WeightedMean::default();
+        for u in &updates {
+            let delta = checkpoint::read(Path::new(&u.path))?;
+            if delta.len() != global.len() {
+                warn!(job_id = %job.id, site = %u.site, "stored update has the wrong length; skipped");
+                continue;
+            }
+            avg.fold(&delta, u.num_examples as f64);
+            metrics.add(&u.metrics, u.num_examples as f64);
+        }
+        avg.apply(&mut global, job.spec.training.server_learning_rate);
+        checkpoint::write_atomic(&self.model_path(&job.id, round), &global)?;
+        let (next_state, next_round) = if round >= job.spec.training.rounds {
+            (JobState::Evaluating, round)
+        } else {
+            (JobState::Running, round + 1)
+        };
+        info!(job_id = %job.id, round, updates = avg.count(), "round aggregated");
+        self.store
+            .advance_round(&job.id, round, job.attempt, &metrics.finish(), next_state, next_round, Self::deadline(job))?;
+        Ok(true)
+    }
+
+    /// Completes the job once every participant evaluated the final model, or at the deadline.
+    fn step_evaluating(&self, job: &JobRow) -> Result<bool, EngineError> {
+        let round = job.current_round;
+        let sites = self.store.job_sites(&job.id)?;
+        let evals = self.store.evaluations(&job.id)?;
+        let all_in = sites
+            .iter()
+            .filter(|s| s.state == "accepted")
+            .all(|s| evals.iter().any(|e| e.round == round && e.site == s.site));
+        if !all_in && now_ms() < job.deadline_ms {
+            return Ok(false);
+        }
+        info!(job_id = %job.id, "job completed");
+        self.store
+            .update_job(&job.id, JobState::Completed, "", round, job.attempt, job.deadline_ms)?;
+        Ok(true)
+    }
+}
+
+/// Sample-weighted mean of metric maps.
+#[derive(Default)]
+pub struct WeightedMean {
+    sums: BTreeMap<String, (f64, f64)>,
+}
+
+impl WeightedMean {
+    /// Adds one party's metrics with `weight`.
+    pub fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
+        for (k, v) in metrics {
+            if v.is_finite() {
+                let e = self.sums.entry(k.clone()).or_insert((0.0, 0.0));
+                e.0 += weight * v;
+                e.1 += weight;
+            }
+        }
+    }
+
+    /// The means.
+    pub fn finish(&self) -> BTreeMap<String, f64> {
+        self.sums
+            .iter()
+            .filter(|(_, (_, w))| *w > 0.0)
+            .map(|(k, (s, w))| (k.clone(), s / w))
+            .collect()
+    }
+}

@@ -1,0 +1,705 @@
+//! The gRPC services: authorization by certificate role, request
+//! validation, and the mapping of every error to a `tonic::Status` (this is
+//! the one place that happens).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use proto::identity::{Principal, Role, principal_from_der};
+use proto::job::JobSpec;
+use proto::pb;
+use proto::tensor::{ChunkAssembler, encode_chunks};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use proto::checkpoint;
+use crate::engine::{Coordinator, EngineError, WeightedMean};
+use crate::store::{EvaluationRow, JobRow, JobState, StoreError, UpdateRow, now_ms};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The three services over one shared [`Coordinator`].
+#[derive(Clone)]
+pub struct Services {
+    pub(crate) inner: Arc<Coordinator>,
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        warn!(error = %e, "store error");
+        Status::internal(e.to_string())
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Status {
+        warn!(error = %e, "engine error");
+        Status::internal(e.to_string())
+    }
+}
+
+/// Who is calling, from the verified client certificate, if their role may call `rpc`.
+pub(crate) fn authorize<T>(req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let der = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let principal = principal_from_der(der.as_ref()).map_err(Status::unauthenticated)?;
+    if !allowed.contains(&principal.role) {
+        return Err(Status::permission_denied(format!(
+            "{} (role {}) may not call {rpc}",
+            principal.name, principal.role
+        )));
+    }
+    Ok(principal)
+}
+
+const HOSPITAL: &[Role] = &[Role::Hospital];
+const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
+const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin];
+
+fn stream_model(values: Vec<f32>, header: pb::ModelHeader) -> BoxStream<pb::ModelChunk> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        if tx
+            .send(Ok(pb::ModelChunk {
+                part: Some(pb::model_chunk::Part::Header(header)),
+            }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for chunk in encode_chunks(&values) {
+            if tx
+                .send(Ok(pb::ModelChunk {
+                    part: Some(pb::model_chunk::Part::Data(chunk)),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+impl Services {
+    fn job_or_not_found(&self, job_id: &str) -> Result<JobRow, Status> {
+        self.inner
+            .store
+            .job(job_id)?
+            .ok_or_else(|| Status::not_found(format!("no job \"{job_id}\"")))
+    }
+
+    /// The job's status as the scientist sees it.
+    pub(crate) fn job_status(&self, job: &JobRow) -> Result<pb::JobStatus, Status> {
+        let store = &self.inner.store;
+        let sites = store.job_sites(&job.id)?;
+        let ledger = store.ledger("", &job.spec.dataset)?;
+        let evals = store.evaluations(&job.id)?;
+        let mut rounds = Vec::new();
+        let eval_for = |round: u32| {
+            let mut m = WeightedMean::default();
+            for e in evals.iter().filter(|e| e.round == round) {
+                m.add(&e.metrics, e.num_examples as f64);
+            }
+            m.finish().into_iter().collect::<std::collections::HashMap<_, _>>()
+        };
+        if evals.iter().any(|e| e.round == 0) {
+            rounds.push(pb::RoundStatus {
+                round: 0,
+                state: "initial".to_string(),
+                attempt: 0,
+                updated_sites: Vec::new(),
+                train_metrics: Default::default(),
+                eval_metrics: eval_for(0),
+            });
+        }
+        for (round, attempt, metrics) in store.closed_rounds(&job.id)? {
+            rounds.push(pb::RoundStatus {
+                round,
+                state: "aggregated".to_string(),
+                attempt,
+                updated_sites: store.updates(&job.id, round)?.into_iter().map(|u| u.site).collect(),
+                train_metrics: metrics.into_iter().collect(),
+                eval_metrics: eval_for(round),
+            });
+        }
+        if job.state == JobState::Running {
+            rounds.push(pb::RoundStatus {
+                round: job.current_round,
+                state: "open".to_string(),
+                attempt: job.attempt,
+                updated_sites: store.updates(&job.id, job.current_round)?.into_iter().map(|u| u.site).collect(),
+                train_metrics: Default::default(),
+                eval_metrics: Default::default(),
+            });
+        }
+        Ok(pb::JobStatus {
+            job_id: job.id.clone(),
+            name: job.spec.name.clone(),
+            state: job.state.as_str().to_string(),
+            reason: job.reason.clone(),
+            submitted_by: job.submitted_by.clone(),
+            current_round: job.current_round,
+            total_rounds: job.spec.training.rounds,
+            model: job.spec.model.kind().to_string(),
+            dataset: job.spec.dataset.clone(),
+            num_params: job.num_params,
+            layout_hash: job.layout_hash.clone(),
+            sites: sites
+                .into_iter()
+                .map(|s| pb::SiteStatus {
+                    spent_epsilon: ledger
+                        .iter()
+                        .filter(|e| e.job_id == job.id && e.site == s.site)
+                        .map(|e| e.epsilon_job)
+                        .fold(0.0, f64::max),
+                    site: s.site,
+                    state: s.state,
+                    reason: s.reason,
+                    planned_epsilon: s.planned_epsilon,
+                    train_examples: s.train_examples,
+                })
+                .collect(),
+            rounds,
+            submitted_at_unix_ms: job.submitted_at_ms,
+            updated_at_unix_ms: job.updated_at_ms,
+            spec_hash: job.spec_hash.clone(),
+            delta: job.spec.privacy.delta,
+            spec_json: job.spec.canonical_json(),
+        })
+    }
+
+    /// Validates a spec against the registered sites and returns those that can serve it.
+    fn eligible_sites(&self, spec: &JobSpec) -> Result<Vec<String>, Status> {
+        let datasets = self.inner.store.datasets()?;
+        let holders: Vec<_> = datasets.iter().filter(|d| d.info.name == spec.dataset).collect();
+        if holders.is_empty() {
+            let known: BTreeSet<&str> = datasets.iter().map(|d| d.info.name.as_str()).collect();
+            return Err(Status::invalid_argument(format!(
+                "dataset: no registered site holds dataset \"{}\" (known: {})",
+                spec.dataset,
+                known.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut eligible = Vec::new();
+        let mut problems = BTreeSet::new();
+        for d in &holders {
+            let info = &d.info;
+            let mut ok = true;
+            let mut missing = |field: String, col: &str, list: &[String], kind: &str| {
+                if !list.iter().any(|c| c == col) {
+                    ok = false;
+                    problems.insert(format!(
+                        "{field}: column \"{col}\" is not a {kind} column of dataset \"{}\" (site {})",
+                        info.name, d.site
+                    ));
+                }
+            };
+            missing("features.label".to_string(), &spec.features.label, &info.columns, "known");
+            for (i, c) in spec.features.numeric.iter().enumerate() {
+                missing(format!("features.numeric[{i}]"), c, &info.numeric, "numeric");
+            }
+            for (i, c) in spec.features.categorical.iter().enumerate() {
+                missing(format!("features.categorical[{i}].column"), &c.column, &info.categorical, "categorical");
+            }
+            if ok {
+                eligible.push(d.site.clone());
+            }
+        }
+        if (eligible.len() as u32) < spec.policy.min_sites {
+            let detail = if problems.is_empty() {
+                format!(
+                    "policy.min_sites: {} sites hold dataset \"{}\", the job needs {}",
+                    eligible.len(),
+                    spec.dataset,
+                    spec.policy.min_sites
+                )
+            } else {
+                problems.into_iter().next().unwrap_or_default()
+            };
+            return Err(Status::invalid_argument(detail));
+        }
+        Ok(eligible)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for Services {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = authorize(&req, SUBMITTERS, "JobService/SubmitJob")?;
+        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec")
+            .map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string()))?;
+        let sites = self.eligible_sites(&spec)?;
+        let arch = models::Architecture::new(&spec.model, spec.features.input_dim())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let layout = arch.layout();
+        let job_id = format!("job-{:08x}", rand::random::<u32>());
+        let seed = u64::from_le_bytes(
+            <sha2::Sha256 as sha2::Digest>::digest(job_id.as_bytes())[..8].try_into().unwrap_or([0; 8]),
+        );
+        checkpoint::write_atomic(&self.inner.model_path(&job_id, 0), &arch.init_params(seed))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let now = now_ms();
+        let job = JobRow {
+            id: job_id.clone(),
+            spec_hash: spec.hash(),
+            submitted_by: who.name.clone(),
+            state: JobState::Offering,
+            reason: String::new(),
+            current_round: 0,
+            attempt: 1,
+            deadline_ms: now + spec.policy.round_deadline_secs as i64 * 1000,
+            num_params: layout.num_params() as u64,
+            layout_hash: layout.hash(),
+            submitted_at_ms: now,
+            updated_at_ms: now,
+            spec,
+        };
+        self.inner.store.insert_job(&job, &sites)?;
+        info!(job_id, submitted_by = %who.name, sites = ?sites, "job submitted");
+        self.inner.spawn_driver(job_id.clone());
+        self.inner.notify();
+        Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        authorize(&req, READERS, "JobService/ListJobs")?;
+        let jobs = self
+            .inner
+            .store
+            .jobs()?
+            .iter()
+            .map(|j| self.job_status(j))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        authorize(&req, READERS, "JobService/GetJob")?;
+        let job = self.job_or_not_found(&req.get_ref().job_id)?;
+        Ok(Response::new(self.job_status(&job)?))
+    }
+
+    type WatchJobStream = BoxStream<pb::JobStatus>;
+
+    async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        authorize(&req, READERS, "JobService/WatchJob")?;
+        let job_id = req.get_ref().job_id.clone();
+        self.job_or_not_found(&job_id)?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let mut changes = self.inner.changes.subscribe();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let mut last: Option<pb::JobStatus> = None;
+            loop {
+                let status = match this.inner.store.job(&job_id).map_err(Status::from).and_then(|j| {
+                    j.ok_or_else(|| Status::not_found("job vanished")).and_then(|j| this.job_status(&j))
+                }) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let terminal = matches!(status.state.as_str(), "completed" | "failed" | "cancelled");
+                let mut comparable = status.clone();
+                comparable.updated_at_unix_ms = 0;
+                let changed = last.as_ref() != Some(&comparable);
+                if changed {
+                    if tx.send(Ok(status)).await.is_err() {
+                        return;
+                    }
+                    last = Some(comparable);
+                }
+                if terminal {
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        let who = authorize(&req, SUBMITTERS, "JobService/CancelJob")?;
+        let job = self.job_or_not_found(&req.get_ref().job_id)?;
+        if who.role != Role::Admin && who.name != job.submitted_by {
+            return Err(Status::permission_denied(format!(
+                "{} may not cancel {}: only its submitter {} or an admin may",
+                who.name, job.id, job.submitted_by
+            )));
+        }
+        if job.state.is_terminal() {
+            return Err(Status::failed_precondition(format!("job {} is already {}", job.id, job.state.as_str())));
+        }
+        let reason = match req.get_ref().reason.trim() {
+            "" => format!("cancelled by {}", who.name),
+            r => format!("cancelled by {}: {r}", who.name),
+        };
+        self.inner
+            .store
+            .update_job(&job.id, JobState::Cancelled, &reason, job.current_round, job.attempt, job.deadline_ms)?;
+        self.inner.notify();
+        let job = self.job_or_not_found(&job.id)?;
+        Ok(Response::new(self.job_status(&job)?))
+    }
+
+    type PullJobModelStream = BoxStream<pb::ModelChunk>;
+
+    async fn pull_job_model(&self, req: Request<pb::PullJobModelRequest>) -> Result<Response<Self::PullJobModelStream>, Status> {
+        authorize(&req, SUBMITTERS, "JobService/PullJobModel")?;
+        let job = self.job_or_not_found(&req.get_ref().job_id)?;
+        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
+        let round = req.get_ref().round.unwrap_or(latest);
+        if round > latest {
+            return Err(Status::failed_precondition(format!(
+                "job {} has no model for round {round} yet (latest: {latest})",
+                job.id
+            )));
+        }
+        let values = checkpoint::read(&self.inner.model_path(&job.id, round)).map_err(|e| Status::internal(e.to_string()))?;
+        let header = pb::ModelHeader {
+            job_id: job.id.clone(),
+            round,
+            layout_hash: job.layout_hash.clone(),
+            num_params: values.len() as u64,
+        };
+        Ok(Response::new(stream_model(values, header)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for Services {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/Register")?;
+        let r = req.get_ref();
+        let mut names = BTreeSet::new();
+        for d in &r.datasets {
+            if !names.insert(d.name.as_str()) {
+                return Err(Status::invalid_argument(format!("datasets: \"{}\" is announced twice", d.name)));
+            }
+        }
+        for e in &r.ledger {
+            if e.site != who.name {
+                return Err(Status::invalid_argument(format!(
+                    "ledger: entry {} names site \"{}\", the certificate says \"{}\"",
+                    e.seq, e.site, who.name
+                )));
+            }
+        }
+        self.inner.store.register_site(&who.name, &r.software_version, &r.datasets)?;
+        self.inner.store.mirror_ledger(&who.name, &r.ledger)?;
+        info!(site = %who.name, datasets = r.datasets.len(), ledger_entries = r.ledger.len(), "site registered");
+        self.inner.notify();
+        Ok(Response::new(pb::RegisterResponse {
+            site: who.name,
+            idle_timeout_secs: self.inner.idle_timeout_secs,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/Heartbeat")?;
+        self.inner.store.touch_site(&who.name)?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    type ReceiveTasksStream = BoxStream<pb::Task>;
+
+    async fn receive_tasks(&self, req: Request<pb::ReceiveTasksRequest>) -> Result<Response<Self::ReceiveTasksStream>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/ReceiveTasks")?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let mut changes = self.inner.changes.subscribe();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let mut sent: BTreeMap<String, String> = BTreeMap::new(); // task key -> job id
+            loop {
+                let tasks = match this.outstanding_tasks(&who.name) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let live: BTreeSet<String> = tasks.iter().map(|(k, _)| k.clone()).collect();
+                for (key, task) in tasks {
+                    if !sent.contains_key(&key) {
+                        sent.insert(key, task.job_id.clone());
+                        if tx.send(Ok(task)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // Tasks of jobs that ended while this site was working on them: tell it to stop.
+                let finished: Vec<(String, String)> = sent
+                    .iter()
+                    .filter(|(k, _)| !live.contains(*k))
+                    .map(|(k, j)| (k.clone(), j.clone()))
+                    .collect();
+                for (key, job_id) in finished {
+                    sent.remove(&key);
+                    if let Ok(Some(job)) = this.inner.store.job(&job_id) {
+                        if matches!(job.state, JobState::Cancelled | JobState::Failed) {
+                            let cancel = pb::Task {
+                                job_id,
+                                kind: Some(pb::task::Kind::Cancel(pb::CancelJob { reason: job.reason })),
+                            };
+                            if tx.send(Ok(cancel)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn answer_offer(&self, req: Request<pb::OfferAnswer>) -> Result<Response<pb::Ack>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/AnswerOffer")?;
+        let a = req.get_ref();
+        let job = self.job_or_not_found(&a.job_id)?;
+        if a.spec_hash != job.spec_hash {
+            return Err(Status::failed_precondition(format!(
+                "answer binds to spec {}, job {} has spec {}",
+                a.spec_hash, job.id, job.spec_hash
+            )));
+        }
+        if job.state != JobState::Offering {
+            return Err(Status::failed_precondition(format!("job {} is {}, not taking answers", job.id, job.state.as_str())));
+        }
+        let state = if a.accept { "accepted" } else { "refused" };
+        if !self.inner.store.set_job_site(&job.id, &who.name, state, &a.reason, Some(a.planned_epsilon), Some(a.train_examples))? {
+            return Err(Status::permission_denied(format!("job {} was not offered to {}", job.id, who.name)));
+        }
+        info!(job_id = %job.id, site = %who.name, state, reason = %a.reason, "offer answered");
+        self.inner.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    type PullModelStream = BoxStream<pb::ModelChunk>;
+
+    async fn pull_model(&self, req: Request<pb::PullModelRequest>) -> Result<Response<Self::PullModelStream>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/PullModel")?;
+        let r = req.get_ref();
+        let job = self.job_or_not_found(&r.job_id)?;
+        self.require_participant(&job, &who.name)?;
+        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
+        if r.round > latest {
+            return Err(Status::failed_precondition(format!("job {} has no model for round {} yet", job.id, r.round)));
+        }
+        let values = checkpoint::read(&self.inner.model_path(&job.id, r.round)).map_err(|e| Status::internal(e.to_string()))?;
+        let header = pb::ModelHeader {
+            job_id: job.id.clone(),
+            round: r.round,
+            layout_hash: job.layout_hash.clone(),
+            num_params: values.len() as u64,
+        };
+        Ok(Response::new(stream_model(values, header)))
+    }
+
+    async fn push_update(&self, req: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::PushUpdateResponse>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty update stream"))??;
+        let Some(pb::update_chunk::Part::Header(header)) = first.part else {
+            return Err(Status::invalid_argument("an update stream must start with its header"));
+        };
+        let job = self.job_or_not_found(&header.job_id)?;
+        self.require_participant(&job, &who.name)?;
+        let reject = |reason: String| {
+            warn!(job_id = %job.id, site = %who.name, round = header.round, reason, "update rejected");
+            Ok(Response::new(pb::PushUpdateResponse { accepted: false, reason }))
+        };
+        if job.state != JobState::Running || header.round != job.current_round {
+            return reject(format!(
+                "job {} is {} at round {}, not accepting updates for round {}",
+                job.id,
+                job.state.as_str(),
+                job.current_round,
+                header.round
+            ));
+        }
+        if header.layout_hash != job.layout_hash || header.num_params != job.num_params {
+            return reject(format!(
+                "update layout {} with {} values does not match the job's layout {} with {}",
+                header.layout_hash, header.num_params, job.layout_hash, job.num_params
+            ));
+        }
+        let Some(entry) = header.ledger_entry.clone() else {
+            return reject("update carries no ledger entry: the site must commit its privacy charge first".to_string());
+        };
+        if entry.job_id != job.id || entry.round != header.round || entry.site != who.name || entry.spec_hash != job.spec_hash {
+            return reject("the ledger entry does not belong to this job, round and site".to_string());
+        }
+        if header.num_examples == 0 {
+            return reject("num_examples must be at least 1".to_string());
+        }
+        let mut assembler = ChunkAssembler::new(job.num_params as usize);
+        while let Some(chunk) = stream.next().await {
+            match chunk?.part {
+                Some(pb::update_chunk::Part::Data(data)) => {
+                    if let Err(e) = assembler.push(&data) {
+                        return reject(format!("malformed update: {e}"));
+                    }
+                }
+                _ => return reject("a second header inside the update stream".to_string()),
+            }
+        }
+        let values = match assembler.finish() {
+            Ok(v) => v,
+            Err(e) => return reject(format!("malformed update: {e}")),
+        };
+        let path = self
+            .inner
+            .job_dir(&job.id)
+            .join("updates")
+            .join(format!("r{:04}-{}-{:08x}.bin", header.round, who.name, rand::random::<u32>()));
+        checkpoint::write_atomic(&path, &values).map_err(|e| Status::internal(e.to_string()))?;
+        // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
+        self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(&entry))?;
+        let row = UpdateRow {
+            site: who.name.clone(),
+            num_examples: header.num_examples,
+            metrics: header.metrics.clone().into_iter().collect(),
+            path: path.to_string_lossy().into_owned(),
+        };
+        if !self.inner.store.insert_update(&job.id, header.round, &row)? {
+            let _ = std::fs::remove_file(&path);
+            return reject(format!("{} already sent its update for round {}", who.name, header.round));
+        }
+        info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, "update accepted");
+        self.inner.notify();
+        Ok(Response::new(pb::PushUpdateResponse { accepted: true, reason: String::new() }))
+    }
+
+    async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/ReportEvaluation")?;
+        let r = req.get_ref();
+        let job = self.job_or_not_found(&r.job_id)?;
+        self.require_participant(&job, &who.name)?;
+        if let Some((k, v)) = r.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Status::invalid_argument(format!("metrics.{k}: not finite ({v})")));
+        }
+        self.inner.store.insert_evaluation(
+            &job.id,
+            &EvaluationRow {
+                round: r.round,
+                site: who.name.clone(),
+                num_examples: r.num_examples,
+                metrics: r.metrics.clone().into_iter().collect(),
+            },
+        )?;
+        self.inner.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn report_failure(&self, req: Request<pb::TaskFailure>) -> Result<Response<pb::Ack>, Status> {
+        let who = authorize(&req, HOSPITAL, "WorkerService/ReportFailure")?;
+        let r = req.get_ref();
+        let job = self.job_or_not_found(&r.job_id)?;
+        warn!(job_id = %job.id, site = %who.name, round = r.round, reason = %r.reason, "site reported a failure");
+        self.inner.store.set_job_site(&job.id, &who.name, "failed", &r.reason, None, None)?;
+        self.inner.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+impl Services {
+    fn require_participant(&self, job: &JobRow, site: &str) -> Result<(), Status> {
+        let sites = self.inner.store.job_sites(&job.id)?;
+        match sites.iter().find(|s| s.site == site) {
+            Some(s) if s.state == "accepted" => Ok(()),
+            _ => Err(Status::permission_denied(format!("{site} does not take part in job {}", job.id))),
+        }
+    }
+
+    /// Tasks a site still owes, keyed so a stream sends each once.
+    fn outstanding_tasks(&self, site: &str) -> Result<Vec<(String, pb::Task)>, Status> {
+        let store = &self.inner.store;
+        let mut out = Vec::new();
+        for job in store.jobs()? {
+            if job.state.is_terminal() {
+                continue;
+            }
+            let Some(me) = store.job_sites(&job.id)?.into_iter().find(|s| s.site == site) else { continue };
+            match job.state {
+                JobState::Offering if me.state == "offered" => out.push((
+                    format!("{}/offer", job.id),
+                    pb::Task {
+                        job_id: job.id.clone(),
+                        kind: Some(pb::task::Kind::Offer(pb::JobOffer {
+                            spec_json: job.spec.canonical_json(),
+                            spec_hash: job.spec_hash.clone(),
+                        })),
+                    },
+                )),
+                JobState::Running if me.state == "accepted" => {
+                    let done = store.updates(&job.id, job.current_round)?.iter().any(|u| u.site == site);
+                    if !done {
+                        out.push((
+                            format!("{}/train/{}", job.id, job.current_round),
+                            pb::Task {
+                                job_id: job.id.clone(),
+                                kind: Some(pb::task::Kind::Train(pb::TrainTask {
+                                    round: job.current_round,
+                                    layout_hash: job.layout_hash.clone(),
+                                    num_params: job.num_params,
+                                    deadline_secs: ((job.deadline_ms - now_ms()).max(0) / 1000) as u64,
+                                })),
+                            },
+                        ));
+                    }
+                }
+                JobState::Evaluating if me.state == "accepted" => {
+                    let done = store
+                        .evaluations(&job.id)?
+                        .iter()
+                        .any(|e| e.site == site && e.round == job.current_round);
+                    if !done {
+                        out.push((
+                            format!("{}/evaluate/{}", job.id, job.current_round),
+                            pb::Task {
+                                job_id: job.id.clone(),
+                                kind: Some(pb::task::Kind::Evaluate(pb::EvaluateTask {
+                                    round: job.current_round,
+                                    layout_hash: job.layout_hash.clone(),
+                                    num_params: job.num_params,
+                                })),
+                            },
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}

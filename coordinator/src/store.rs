@@ -1,0 +1,717 @@
+//! The coordinator's durable state in SQLite: jobs and their sites, rounds,
+//! received updates, evaluations, registered sites and datasets, and the
+//! mirror of every site's privacy ledger.
+//!
+//! The database runs in WAL mode with `synchronous = FULL`, so a committed
+//! transaction survives `kill -9` and power loss. Every state change is one
+//! transaction; nothing is acknowledged to a peer before its commit.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use proto::job::JobSpec;
+use proto::pb;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored value that no longer parses (a corrupted row).
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What failed to parse.
+        detail: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Offered to sites, waiting for their answers.
+    Offering,
+    /// Training rounds in progress.
+    Running,
+    /// Collecting the final model's held-out metrics.
+    Evaluating,
+    /// Done; the final model is available.
+    Completed,
+    /// Stopped with a reason.
+    Failed,
+    /// Cancelled by a scientist.
+    Cancelled,
+}
+
+impl JobState {
+    /// Its name in the database and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Offering => "offering",
+            JobState::Running => "running",
+            JobState::Evaluating => "evaluating",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Result<JobState> {
+        Ok(match s {
+            "offering" => JobState::Offering,
+            "running" => JobState::Running,
+            "evaluating" => JobState::Evaluating,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            other => {
+                return Err(StoreError::Corrupt {
+                    table: "jobs",
+                    detail: format!("state \"{other}\""),
+                });
+            }
+        })
+    }
+
+    /// Whether the job will change no more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// A job as stored.
+#[derive(Clone, Debug)]
+pub struct JobRow {
+    /// Job id.
+    pub id: String,
+    /// The validated spec.
+    pub spec: JobSpec,
+    /// Hash of the spec's canonical JSON.
+    pub spec_hash: String,
+    /// Certificate name of the submitter.
+    pub submitted_by: String,
+    /// Current state.
+    pub state: JobState,
+    /// Why it failed or was cancelled.
+    pub reason: String,
+    /// The round in progress (0 before the first).
+    pub current_round: u32,
+    /// Attempt of the current round (1-based).
+    pub attempt: u32,
+    /// When the current phase stops waiting (unix ms).
+    pub deadline_ms: i64,
+    /// Parameters of the model.
+    pub num_params: u64,
+    /// Layout hash of the model.
+    pub layout_hash: String,
+    /// Submission time.
+    pub submitted_at_ms: i64,
+    /// Last change.
+    pub updated_at_ms: i64,
+}
+
+/// A site's standing in a job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSiteRow {
+    /// Site name.
+    pub site: String,
+    /// offered, accepted, refused or failed.
+    pub state: String,
+    /// Why it refused or failed.
+    pub reason: String,
+    /// ε the site planned for the whole job.
+    pub planned_epsilon: f64,
+    /// Training examples at the site.
+    pub train_examples: u64,
+}
+
+/// A received, durable update.
+#[derive(Clone, Debug)]
+pub struct UpdateRow {
+    /// Site that sent it.
+    pub site: String,
+    /// Examples it was trained on.
+    pub num_examples: u64,
+    /// Local training metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// File holding the update's values.
+    pub path: String,
+}
+
+/// Held-out metrics a site reported for a global model.
+#[derive(Clone, Debug)]
+pub struct EvaluationRow {
+    /// The global model's round.
+    pub round: u32,
+    /// Reporting site.
+    pub site: String,
+    /// Held-out examples.
+    pub num_examples: u64,
+    /// Metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A dataset a site announced.
+#[derive(Clone, Debug)]
+pub struct DatasetRow {
+    /// Site name.
+    pub site: String,
+    /// The announcement.
+    pub info: pb::DatasetInfo,
+}
+
+/// The coordinator's database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    spec_json TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    submitted_by TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    current_round INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    deadline_ms INTEGER NOT NULL,
+    num_params INTEGER NOT NULL,
+    layout_hash TEXT NOT NULL,
+    submitted_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_sites (
+    job_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    planned_epsilon REAL NOT NULL DEFAULT 0,
+    train_examples INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, site)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    path TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, round, site)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    train_metrics_json TEXT NOT NULL DEFAULT '{}',
+    closed_at_ms INTEGER,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, round, site)
+);
+CREATE TABLE IF NOT EXISTS sites (
+    name TEXT PRIMARY KEY,
+    software_version TEXT NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    site TEXT NOT NULL,
+    name TEXT NOT NULL,
+    info BLOB NOT NULL,
+    PRIMARY KEY (site, name)
+);
+CREATE TABLE IF NOT EXISTS ledger_mirror (
+    site TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    dataset TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    clip_norm REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    delta REAL NOT NULL,
+    epsilon_round REAL NOT NULL,
+    epsilon_job REAL NOT NULL,
+    epsilon_dataset REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    conversion TEXT NOT NULL,
+    library_version TEXT NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    spec_hash TEXT NOT NULL,
+    PRIMARY KEY (site, seq)
+);
+"#;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn metrics_json(m: &BTreeMap<String, f64>) -> String {
+    serde_json::to_string(m).unwrap_or_else(|_| "{}".to_string())
+}
+
+fn parse_metrics(s: &str, table: &'static str) -> Result<BTreeMap<String, f64>> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut conn)
+    }
+
+    /// Records a new job and offers it to `sites`, in one transaction.
+    pub fn insert_job(&self, job: &JobRow, sites: &[String]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO jobs (id, spec_json, spec_hash, submitted_by, state, reason, current_round, attempt, deadline_ms, num_params, layout_hash, submitted_at_ms, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    job.id,
+                    job.spec.canonical_json(),
+                    job.spec_hash,
+                    job.submitted_by,
+                    job.state.as_str(),
+                    job.reason,
+                    job.current_round,
+                    job.attempt,
+                    job.deadline_ms,
+                    job.num_params as i64,
+                    job.layout_hash,
+                    job.submitted_at_ms,
+                    job.updated_at_ms
+                ],
+            )?;
+            for site in sites {
+                tx.execute(
+                    "INSERT INTO job_sites (job_id, site, state) VALUES (?1, ?2, 'offered')",
+                    params![job.id, site],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
+        Ok(RawJobRow {
+            id: row.get(0)?,
+            spec_json: row.get(1)?,
+            spec_hash: row.get(2)?,
+            submitted_by: row.get(3)?,
+            state: row.get(4)?,
+            reason: row.get(5)?,
+            current_round: row.get(6)?,
+            attempt: row.get(7)?,
+            deadline_ms: row.get(8)?,
+            num_params: row.get::<_, i64>(9)? as u64,
+            layout_hash: row.get(10)?,
+            submitted_at_ms: row.get(11)?,
+            updated_at_ms: row.get(12)?,
+        })
+    }
+
+    fn finish_job(raw: RawJobRow) -> Result<JobRow> {
+        let spec = JobSpec::from_canonical_json(&raw.spec_json).map_err(|e| StoreError::Corrupt {
+            table: "jobs",
+            detail: e.to_string(),
+        })?;
+        Ok(JobRow {
+            id: raw.id,
+            spec,
+            spec_hash: raw.spec_hash,
+            submitted_by: raw.submitted_by,
+            state: JobState::parse(&raw.state)?,
+            reason: raw.reason,
+            current_round: raw.current_round,
+            attempt: raw.attempt,
+            deadline_ms: raw.deadline_ms,
+            num_params: raw.num_params,
+            layout_hash: raw.layout_hash,
+            submitted_at_ms: raw.submitted_at_ms,
+            updated_at_ms: raw.updated_at_ms,
+        })
+    }
+
+    const JOB_COLUMNS: &'static str = "id, spec_json, spec_hash, submitted_by, state, reason, current_round, attempt, deadline_ms, num_params, layout_hash, submitted_at_ms, updated_at_ms";
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<JobRow>> {
+        let raw = self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {} FROM jobs WHERE id = ?1", Self::JOB_COLUMNS),
+                params![id],
+                Self::job_from_row,
+            )
+            .optional()?)
+        })?;
+        raw.map(Self::finish_job).transpose()
+    }
+
+    /// Every job, newest first.
+    pub fn jobs(&self) -> Result<Vec<JobRow>> {
+        let raws = self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {} FROM jobs ORDER BY submitted_at_ms DESC, id",
+                Self::JOB_COLUMNS
+            ))?;
+            let rows = stmt.query_map([], Self::job_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        raws.into_iter().map(Self::finish_job).collect()
+    }
+
+    /// Moves a job to a new state and phase.
+    pub fn update_job(
+        &self,
+        id: &str,
+        state: JobState,
+        reason: &str,
+        current_round: u32,
+        attempt: u32,
+        deadline_ms: i64,
+    ) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = ?2, reason = ?3, current_round = ?4, attempt = ?5, deadline_ms = ?6, updated_at_ms = ?7 WHERE id = ?1",
+                params![id, state.as_str(), reason, current_round, attempt, deadline_ms, now_ms()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The sites of a job.
+    pub fn job_sites(&self, job_id: &str) -> Result<Vec<JobSiteRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT site, state, reason, planned_epsilon, train_examples FROM job_sites WHERE job_id = ?1 ORDER BY site",
+            )?;
+            let rows = stmt
+                .query_map(params![job_id], |r| {
+                    Ok(JobSiteRow {
+                        site: r.get(0)?,
+                        state: r.get(1)?,
+                        reason: r.get(2)?,
+                        planned_epsilon: r.get(3)?,
+                        train_examples: r.get::<_, i64>(4)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Records a site's answer or failure; returns false if the site was not offered the job.
+    pub fn set_job_site(
+        &self,
+        job_id: &str,
+        site: &str,
+        state: &str,
+        reason: &str,
+        planned_epsilon: Option<f64>,
+        train_examples: Option<u64>,
+    ) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE job_sites SET state = ?3, reason = ?4,
+                    planned_epsilon = COALESCE(?5, planned_epsilon),
+                    train_examples = COALESCE(?6, train_examples)
+                 WHERE job_id = ?1 AND site = ?2",
+                params![job_id, site, state, reason, planned_epsilon, train_examples.map(|n| n as i64)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Records a durable update; false if this site already sent one for the round.
+    pub fn insert_update(&self, job_id: &str, round: u32, row: &UpdateRow) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO updates (job_id, round, site, num_examples, metrics_json, path, received_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![job_id, round, row.site, row.num_examples as i64, metrics_json(&row.metrics), row.path, now_ms()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The updates received for a round.
+    pub fn updates(&self, job_id: &str, round: u32) -> Result<Vec<UpdateRow>> {
+        let rows = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT site, num_examples, metrics_json, path FROM updates WHERE job_id = ?1 AND round = ?2 ORDER BY site",
+            )?;
+            let rows = stmt
+                .query_map(params![job_id, round], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(site, n, m, path)| {
+                Ok(UpdateRow {
+                    site,
+                    num_examples: n as u64,
+                    metrics: parse_metrics(&m, "updates")?,
+                    path,
+                })
+            })
+            .collect()
+    }
+
+    /// Closes round `round` (aggregated, with its training metrics) and moves
+    /// the job to its next phase, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn advance_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: u32,
+        metrics: &BTreeMap<String, f64>,
+        next_state: JobState,
+        next_round: u32,
+        deadline_ms: i64,
+    ) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT OR REPLACE INTO rounds (job_id, round, state, attempt, train_metrics_json, closed_at_ms)
+                 VALUES (?1, ?2, 'aggregated', ?3, ?4, ?5)",
+                params![job_id, round, attempt, metrics_json(metrics), now_ms()],
+            )?;
+            tx.execute(
+                "UPDATE jobs SET state = ?2, current_round = ?3, attempt = 1, deadline_ms = ?4, updated_at_ms = ?5 WHERE id = ?1",
+                params![job_id, next_state.as_str(), next_round, deadline_ms, now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Aggregated rounds of a job: (round, attempt, train metrics).
+    pub fn closed_rounds(&self, job_id: &str) -> Result<Vec<(u32, u32, BTreeMap<String, f64>)>> {
+        let rows = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT round, attempt, train_metrics_json FROM rounds WHERE job_id = ?1 ORDER BY round",
+            )?;
+            let rows = stmt
+                .query_map(params![job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?
+                .collect::<rusqlite::Result<Vec<(u32, u32, String)>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(r, a, m)| Ok((r, a, parse_metrics(&m, "rounds")?)))
+            .collect()
+    }
+
+    /// Records held-out metrics; false if already reported.
+    pub fn insert_evaluation(&self, job_id: &str, row: &EvaluationRow) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO evaluations (job_id, round, site, num_examples, metrics_json) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job_id, row.round, row.site, row.num_examples as i64, metrics_json(&row.metrics)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Every evaluation of a job.
+    pub fn evaluations(&self, job_id: &str) -> Result<Vec<EvaluationRow>> {
+        let rows = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT round, site, num_examples, metrics_json FROM evaluations WHERE job_id = ?1 ORDER BY round, site",
+            )?;
+            let rows = stmt
+                .query_map(params![job_id], |r| {
+                    Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(round, site, n, m)| {
+                Ok(EvaluationRow {
+                    round,
+                    site,
+                    num_examples: n as u64,
+                    metrics: parse_metrics(&m, "evaluations")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a site's registration: its version and datasets (replacing earlier ones).
+    pub fn register_site(&self, site: &str, version: &str, datasets: &[pb::DatasetInfo]) -> Result<()> {
+        use prost::Message;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO sites (name, software_version, last_seen_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET software_version = ?2, last_seen_ms = ?3",
+                params![site, version, now_ms()],
+            )?;
+            tx.execute("DELETE FROM datasets WHERE site = ?1", params![site])?;
+            for d in datasets {
+                tx.execute(
+                    "INSERT INTO datasets (site, name, info) VALUES (?1, ?2, ?3)",
+                    params![site, d.name, d.encode_to_vec()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Updates a site's last-seen time.
+    pub fn touch_site(&self, site: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE sites SET last_seen_ms = ?2 WHERE name = ?1", params![site, now_ms()])?;
+            Ok(())
+        })
+    }
+
+    /// Every dataset announced by every site.
+    pub fn datasets(&self) -> Result<Vec<DatasetRow>> {
+        use prost::Message;
+        let rows = self.with(|c| {
+            let mut stmt = c.prepare("SELECT site, info FROM datasets ORDER BY site, name")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(site, blob)| {
+                let info = pb::DatasetInfo::decode(blob.as_slice()).map_err(|e| StoreError::Corrupt {
+                    table: "datasets",
+                    detail: e.to_string(),
+                })?;
+                Ok(DatasetRow { site, info })
+            })
+            .collect()
+    }
+
+    /// Mirrors ledger entries of `site` (idempotent by sequence number).
+    pub fn mirror_ledger(&self, site: &str, entries: &[pb::LedgerEntry]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for e in entries {
+                tx.execute(
+                    "INSERT OR IGNORE INTO ledger_mirror (site, seq, dataset, job_id, round, noise_multiplier, sample_rate, clip_norm, steps, delta,
+                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                    params![
+                        site,
+                        e.seq as i64,
+                        e.dataset,
+                        e.job_id,
+                        e.round,
+                        e.noise_multiplier,
+                        e.sample_rate,
+                        e.clip_norm,
+                        e.steps as i64,
+                        e.delta,
+                        e.epsilon_round,
+                        e.epsilon_job,
+                        e.epsilon_dataset,
+                        e.accountant,
+                        e.conversion,
+                        e.library_version,
+                        e.recorded_at_unix_ms,
+                        e.spec_hash
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Mirrored ledger entries, filtered by site and dataset when non-empty.
+    pub fn ledger(&self, site: &str, dataset: &str) -> Result<Vec<pb::LedgerEntry>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT seq, site, dataset, job_id, round, noise_multiplier, sample_rate, clip_norm, steps, delta,
+                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash
+                 FROM ledger_mirror WHERE (?1 = '' OR site = ?1) AND (?2 = '' OR dataset = ?2) ORDER BY site, seq",
+            )?;
+            let rows = stmt
+                .query_map(params![site, dataset], |r| {
+                    Ok(pb::LedgerEntry {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        site: r.get(1)?,
+                        dataset: r.get(2)?,
+                        job_id: r.get(3)?,
+                        round: r.get(4)?,
+                        noise_multiplier: r.get(5)?,
+                        sample_rate: r.get(6)?,
+                        clip_norm: r.get(7)?,
+                        steps: r.get::<_, i64>(8)? as u64,
+                        delta: r.get(9)?,
+                        epsilon_round: r.get(10)?,
+                        epsilon_job: r.get(11)?,
+                        epsilon_dataset: r.get(12)?,
+                        accountant: r.get(13)?,
+                        conversion: r.get(14)?,
+                        library_version: r.get(15)?,
+                        recorded_at_unix_ms: r.get(16)?,
+                        spec_hash: r.get(17)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+}
+
+/// A job row as SQLite returns it, before its spec and state are parsed.
+struct RawJobRow {
+    id: String,
+    spec_json: String,
+    spec_hash: String,
+    submitted_by: String,
+    state: String,
+    reason: String,
+    current_round: u32,
+    attempt: u32,
+    deadline_ms: i64,
+    num_params: u64,
+    layout_hash: String,
+    submitted_at_ms: i64,
+    updated_at_ms: i64,
+}

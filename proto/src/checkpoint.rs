@@ -1,0 +1,119 @@
+//! Parameter vectors on disk: the coordinator's global models and received
+//! updates, a worker's outbox of sent updates.
+//!
+//! A file is written to a temporary name, fsynced, renamed into place and
+//! its directory fsynced, so after a crash a file either exists whole or not
+//! at all. Files start with a magic tag and the value count, so a truncated
+//! or foreign file is refused rather than misread.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"MRDNv1\0\0";
+
+/// A parameter file that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// I/O failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Not a Meridian parameter file, or truncated.
+    #[error("{path}: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `values` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(MAGIC).map_err(io_err(&tmp))?;
+        w.write_all(&(values.len() as u64).to_le_bytes()).map_err(io_err(&tmp))?;
+        for chunk in values.chunks(1 << 16) {
+            let mut buf = Vec::with_capacity(chunk.len() * 4);
+            for v in chunk {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&buf).map_err(io_err(&tmp))?;
+        }
+        let file = w.into_inner().map_err(|e| CheckpointError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    Ok(())
+}
+
+/// Reads a file written by [`write_atomic`], checking its length.
+pub fn read(path: &Path) -> Result<Vec<f32>, CheckpointError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; 16];
+    r.read_exact(&mut header).map_err(|_| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        detail: "shorter than its header".to_string(),
+    })?;
+    if &header[..8] != MAGIC {
+        return Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "not a Meridian parameter file".to_string(),
+        });
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&header[8..]);
+    let len = u64::from_le_bytes(len_bytes) as usize;
+    let mut bytes = Vec::new();
+    r.read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() != len * 4 {
+        return Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("holds {} bytes of values, its header announces {}", bytes.len(), len * 4),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bin");
+        write_atomic(&path, &[1.0, -2.5, 3.25]).unwrap();
+        assert_eq!(read(&path).unwrap(), vec![1.0, -2.5, 3.25]);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.pop();
+        fs::write(&path, &bytes).unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(err.ends_with("holds 11 bytes of values, its header announces 12"), "{err}");
+    }
+}

@@ -1,0 +1,273 @@
+//! The worker's configuration: where the coordinator is, the site's TLS
+//! identity, and the dataset registry with each dataset's schema and
+//! privacy budget. Parsed once into [`WorkerConfig`]; every problem is
+//! reported with the file and key that causes it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `worker.toml` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Coordinator URL, `https://host:port`.
+    coordinator: String,
+    /// Directory for the ledger database and the outbox of sent updates.
+    data_dir: PathBuf,
+    /// `cpu` (Burn's flex backend) or `gpu` (needs a build with the `wgpu` feature).
+    #[serde(default = "default_device")]
+    device: String,
+    tls: RawTls,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    datasets: Vec<RawDataset>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    /// Model kinds a job may use; empty allows all.
+    #[serde(default)]
+    allowed_models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    name: String,
+    path: PathBuf,
+    label: String,
+    #[serde(default)]
+    numeric: Vec<String>,
+    #[serde(default)]
+    categorical: Vec<String>,
+    budget_epsilon: f64,
+    #[serde(default = "default_delta")]
+    budget_delta: f64,
+    job_epsilon_cap: f64,
+    #[serde(default = "default_test_fraction")]
+    test_fraction: f64,
+    #[serde(default)]
+    split_seed: u64,
+}
+
+fn default_device() -> String {
+    "cpu".to_string()
+}
+fn default_delta() -> f64 {
+    1e-5
+}
+fn default_test_fraction() -> f64 {
+    0.2
+}
+
+/// Where training runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainingDevice {
+    /// Burn's `flex` CPU backend.
+    Cpu,
+    /// The first discrete GPU through `wgpu`.
+    Gpu,
+}
+
+/// One dataset the site serves, with its schema and budget.
+#[derive(Clone, Debug)]
+pub struct DatasetConfig {
+    /// Name jobs refer to.
+    pub name: String,
+    /// CSV or gzip-compressed CSV file.
+    pub path: PathBuf,
+    /// Label column.
+    pub label: String,
+    /// Columns that hold numbers.
+    pub numeric: Vec<String>,
+    /// Columns that hold categories.
+    pub categorical: Vec<String>,
+    /// Total ε this dataset may ever spend, at `budget_delta`.
+    pub budget_epsilon: f64,
+    /// δ of the budget.
+    pub budget_delta: f64,
+    /// Most ε one job may spend.
+    pub job_epsilon_cap: f64,
+    /// Share of rows held out for evaluation.
+    pub test_fraction: f64,
+    /// Seed of the train/test split.
+    pub split_seed: u64,
+}
+
+/// A validated worker configuration; relative paths resolve against the file's directory.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Coordinator URL.
+    pub coordinator: String,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Training device.
+    pub device: TrainingDevice,
+    /// CA certificate.
+    pub tls_ca: PathBuf,
+    /// Site certificate.
+    pub tls_cert: PathBuf,
+    /// Site key.
+    pub tls_key: PathBuf,
+    /// Model kinds jobs may use (empty: all).
+    pub allowed_models: Vec<String>,
+    /// Datasets served.
+    pub datasets: Vec<DatasetConfig>,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Malformed TOML or an unknown key.
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Present but wrong values.
+    #[error("{path}: {}", problems.join("; "))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem, naming its key.
+        problems: Vec<String>,
+    },
+}
+
+impl WorkerConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names it and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<WorkerConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let before = &text[..offset.min(text.len())];
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line: before.matches('\n').count() + 1,
+                column: before.rsplit('\n').next().map_or(0, str::len) + 1,
+                message: e.message().lines().next().unwrap_or("invalid TOML").to_string(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let mut problems = Vec::new();
+        if !raw.coordinator.starts_with("https://") {
+            problems.push(format!(
+                "coordinator: \"{}\" must be an https:// URL (Meridian has no plaintext mode)",
+                raw.coordinator
+            ));
+        }
+        let device = match raw.device.as_str() {
+            "cpu" => TrainingDevice::Cpu,
+            "gpu" => {
+                if !cfg!(feature = "wgpu") {
+                    problems.push("device: \"gpu\" needs a meridian built with --features wgpu".to_string());
+                }
+                TrainingDevice::Gpu
+            }
+            other => {
+                problems.push(format!("device: \"{other}\" is not cpu or gpu"));
+                TrainingDevice::Cpu
+            }
+        };
+        for (i, m) in raw.policy.allowed_models.iter().enumerate() {
+            if !["logistic_regression", "mlp", "cnn"].contains(&m.as_str()) {
+                problems.push(format!("policy.allowed_models[{i}]: unknown model \"{m}\""));
+            }
+        }
+        let mut datasets = Vec::new();
+        for (i, d) in raw.datasets.into_iter().enumerate() {
+            let key = |field: &str| format!("datasets[{i}].{field}");
+            if let Err(e) = proto::identity::validate_name(&d.name) {
+                problems.push(format!("{}: {e}", key("name")));
+            }
+            if datasets.iter().any(|other: &DatasetConfig| other.name == d.name) {
+                problems.push(format!("{}: dataset \"{}\" is defined twice", key("name"), d.name));
+            }
+            let file = resolve(&d.path);
+            if !file.is_file() {
+                problems.push(format!("{}: {} does not exist", key("path"), file.display()));
+            }
+            if !(d.budget_epsilon.is_finite() && d.budget_epsilon > 0.0) {
+                problems.push(format!("{}: must be finite and > 0, got {}", key("budget_epsilon"), d.budget_epsilon));
+            }
+            if !(d.budget_delta > 0.0 && d.budget_delta < 1e-2) {
+                problems.push(format!("{}: must be in (0, 0.01), got {}", key("budget_delta"), d.budget_delta));
+            }
+            if !(d.job_epsilon_cap.is_finite() && d.job_epsilon_cap > 0.0) {
+                problems.push(format!("{}: must be finite and > 0, got {}", key("job_epsilon_cap"), d.job_epsilon_cap));
+            }
+            if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
+                problems.push(format!("{}: must be in (0, 1), got {}", key("test_fraction"), d.test_fraction));
+            }
+            datasets.push(DatasetConfig {
+                name: d.name,
+                path: file,
+                label: d.label,
+                numeric: d.numeric,
+                categorical: d.categorical,
+                budget_epsilon: d.budget_epsilon,
+                budget_delta: d.budget_delta,
+                job_epsilon_cap: d.job_epsilon_cap,
+                test_fraction: d.test_fraction,
+                split_seed: d.split_seed,
+            });
+        }
+        let config = WorkerConfig {
+            coordinator: raw.coordinator,
+            data_dir: resolve(&raw.data_dir),
+            device,
+            tls_ca: resolve(&raw.tls.ca),
+            tls_cert: resolve(&raw.tls.cert),
+            tls_key: resolve(&raw.tls.key),
+            allowed_models: raw.policy.allowed_models,
+            datasets,
+        };
+        for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
+            if !file.is_file() {
+                problems.push(format!("{key}: {} does not exist", file.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+}

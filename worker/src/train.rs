@@ -1,0 +1,208 @@
+//! Local DP-SGD and held-out evaluation, run off the async threads.
+//!
+//! One round at a site: `steps = ceil(local_epochs / q)` steps with
+//! `q = batch_size / N`; each step Poisson-samples every training row with
+//! probability `q` (so batch sizes vary, as the accountant assumes), clips
+//! each example's gradient to norm C (exactly, see `models`), adds
+//! N(0, σ²C²) to the sum, divides by the expected batch size `qN`
+//! (Opacus' semantics) and takes an SGD step. Only the noised result ever
+//! leaves the site.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Device;
+use models::{Architecture, Network};
+use privacy::noise::NoiseSource;
+use proto::job::JobSpec;
+use rand::rngs::SysRng;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::dataset::EncodedDataset;
+
+/// Why local training stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The job was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The pulled model does not fit the job's architecture.
+    #[error("model: {0}")]
+    Layout(#[from] models::LayoutError),
+    /// No secure randomness.
+    #[error("randomness: {0}")]
+    Random(String),
+    /// Training produced a non-finite parameter (diverged).
+    #[error("training diverged at step {step}: a parameter became {value}")]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// The bad value.
+        value: f32,
+    },
+}
+
+/// Sampling rate and steps of one round for a site with `n_train` rows.
+pub fn round_plan(spec: &JobSpec, n_train: usize) -> (f64, u64) {
+    let q = (spec.training.batch_size as f64 / n_train.max(1) as f64).min(1.0);
+    let steps = (spec.training.local_epochs / q).ceil().max(1.0) as u64;
+    (q, steps)
+}
+
+/// The result of one local round.
+pub struct RoundOutcome {
+    /// Local parameters after training.
+    pub params: Vec<f32>,
+    /// Steps taken.
+    pub steps: u64,
+    /// Sampling rate used.
+    pub sample_rate: f64,
+    /// Aggregate training metrics (never per-example values).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Runs one round of DP-SGD from `global`.
+pub fn train_round(
+    arch: &Architecture,
+    device: &Device,
+    global: &[f32],
+    data: &EncodedDataset,
+    spec: &JobSpec,
+    cancel: &CancellationToken,
+) -> Result<RoundOutcome, TrainError> {
+    arch.layout().check(global)?;
+    let n = data.n_train();
+    let d = data.dim;
+    let (q, steps) = round_plan(spec, n);
+    let clip = spec.privacy.clip_norm;
+    let noise_std = spec.privacy.noise_multiplier * clip;
+    let expected_batch = q * n as f64;
+    let lr = spec.training.learning_rate;
+    let mut noise = NoiseSource::new().map_err(|e| TrainError::Random(e.to_string()))?;
+    let mut sampler = ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|e| TrainError::Random(e.to_string()))?;
+    let mut params = global.to_vec();
+    let (mut loss_sum, mut seen, mut correct, mut clipped) = (0.0f64, 0usize, 0usize, 0usize);
+    let mut bx = Vec::new();
+    let mut by = Vec::new();
+    let ln_keep = (1.0 - q).ln();
+    for step in 0..steps {
+        if cancel.is_cancelled() {
+            return Err(TrainError::Cancelled);
+        }
+        // Poisson sampling by geometric gaps: row i is taken with probability q, independently.
+        bx.clear();
+        by.clear();
+        let mut i = 0usize;
+        loop {
+            let gap = if q >= 1.0 {
+                0
+            } else {
+                let u: f64 = 1.0 - sampler.random::<f64>(); // (0, 1]
+                (u.ln() / ln_keep).floor() as usize
+            };
+            i = i.saturating_add(gap);
+            if i >= n {
+                break;
+            }
+            bx.extend_from_slice(&data.train_x[i * d..(i + 1) * d]);
+            by.push(data.train_y[i]);
+            i += 1;
+        }
+        let net = Network::new(arch, &params, device)?;
+        let mut grads = net.clipped_gradient_sum(&bx, &by, clip);
+        loss_sum += grads.loss_sum;
+        seen += by.len();
+        correct += grads.correct;
+        clipped += grads.clipped;
+        noise
+            .add_gaussian_noise(&mut grads.sum, noise_std)
+            .map_err(|e| TrainError::Random(e.to_string()))?;
+        let scale = (lr / expected_batch) as f32;
+        for (p, g) in params.iter_mut().zip(&grads.sum) {
+            *p -= scale * g;
+        }
+        if let Some(bad) = params.iter().find(|v| !v.is_finite()) {
+            return Err(TrainError::Diverged { step, value: *bad });
+        }
+    }
+    let mut metrics = BTreeMap::new();
+    let seen_f = seen.max(1) as f64;
+    metrics.insert("train_loss".to_string(), loss_sum / seen_f);
+    metrics.insert("train_accuracy".to_string(), correct as f64 / seen_f);
+    metrics.insert("clipped_fraction".to_string(), clipped as f64 / seen_f);
+    metrics.insert("steps".to_string(), steps as f64);
+    Ok(RoundOutcome {
+        params,
+        steps,
+        sample_rate: q,
+        metrics,
+    })
+}
+
+/// Loss, accuracy and ROC AUC of `params` on the held-out split.
+pub fn evaluate(arch: &Architecture, device: &Device, params: &[f32], data: &EncodedDataset) -> Result<BTreeMap<String, f64>, TrainError> {
+    let net = Network::new(arch, params, device)?;
+    let probs = net.predict(&data.test_x);
+    Ok(metrics(&probs, &data.test_y))
+}
+
+/// Binary classification metrics from probabilities of class 1.
+pub fn metrics(probs: &[f32], labels: &[u8]) -> BTreeMap<String, f64> {
+    let n = labels.len().max(1) as f64;
+    let mut loss = 0.0;
+    let mut correct = 0usize;
+    for (&p, &y) in probs.iter().zip(labels) {
+        let p = f64::from(p).clamp(1e-7, 1.0 - 1e-7);
+        loss -= if y == 1 { p.ln() } else { (1.0 - p).ln() };
+        if (p >= 0.5) == (y == 1) {
+            correct += 1;
+        }
+    }
+    let mut m = BTreeMap::new();
+    m.insert("loss".to_string(), loss / n);
+    m.insert("accuracy".to_string(), correct as f64 / n);
+    if let Some(auc) = roc_auc(probs, labels) {
+        m.insert("auc".to_string(), auc);
+    }
+    m
+}
+
+/// ROC AUC by the rank-sum (Mann–Whitney) formula, ties counted half;
+/// `None` when one class is absent.
+pub fn roc_auc(scores: &[f32], labels: &[u8]) -> Option<f64> {
+    let mut order: Vec<usize> = (0..scores.len().min(labels.len())).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let positives = order.iter().filter(|&&i| labels[i] == 1).count() as f64;
+    let negatives = order.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return None;
+    }
+    let mut rank_sum = 0.0;
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len() && scores[order[end]] == scores[order[start]] {
+            end += 1;
+        }
+        let mean_rank = (start + end + 1) as f64 / 2.0; // ranks are 1-based
+        rank_sum += mean_rank * order[start..end].iter().filter(|&&i| labels[i] == 1).count() as f64;
+        start = end;
+    }
+    Some((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_of_known_rankings() {
+        assert_eq!(roc_auc(&[0.1, 0.2, 0.8, 0.9], &[0, 0, 1, 1]), Some(1.0));
+        assert_eq!(roc_auc(&[0.9, 0.8, 0.2, 0.1], &[0, 0, 1, 1]), Some(0.0));
+        assert_eq!(roc_auc(&[0.5, 0.5, 0.5, 0.5], &[0, 1, 0, 1]), Some(0.5));
+        // one inversion out of 4 pairs
+        assert_eq!(roc_auc(&[0.1, 0.6, 0.5, 0.9], &[0, 0, 1, 1]), Some(0.75));
+        assert_eq!(roc_auc(&[0.1, 0.2], &[1, 1]), None);
+    }
+}
