@@ -1,0 +1,65 @@
+//! The whole loop: `meridian demo --dataset wdbc` runs a coordinator and
+//! three workers as processes; afterwards the state they left is checked.
+
+use rusqlite::Connection;
+use serde_json::Value;
+
+use crate::util::run;
+
+#[test]
+fn demo_federation_trains_and_ledgers_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("demo");
+    let out = run(&["demo", "--dataset", "wdbc", "--quiet", "--work-dir", work.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(work.join("summary.json")).unwrap()).unwrap();
+    let job = &summary["job"];
+    assert_eq!(job["state"], "completed");
+    let job_id = job["job_id"].as_str().unwrap();
+    let rounds = job["rounds"].as_array().unwrap();
+    let eval = |r: &Value, k: &str| r["eval_metrics"][k].as_f64().unwrap();
+    let initial = rounds.iter().find(|r| r["round"] == 0).expect("initial model evaluated");
+    let last = rounds.last().unwrap();
+    assert_eq!(last["round"], 5);
+    assert!(eval(last, "auc") > eval(initial, "auc") + 0.1, "final {last} vs initial {initial}");
+    assert!(eval(last, "loss") < eval(initial, "loss"), "final {last} vs initial {initial}");
+
+    // Each worker's ledger: exactly one entry per round it served, for this job.
+    let coordinator = Connection::open(summary["coordinator_db"].as_str().unwrap()).unwrap();
+    for (site, path) in summary["ledgers"].as_object().unwrap() {
+        let ledger = Connection::open(path.as_str().unwrap()).unwrap();
+        let read = |conn: &Connection, table: &str, filter: &str| -> Vec<(i64, u32, u64, f64, f64, f64, f64)> {
+            let sql = format!(
+                "SELECT seq, round, steps, noise_multiplier, sample_rate, epsilon_round, epsilon_job FROM {table} WHERE job_id = ?1 {filter} ORDER BY seq"
+            );
+            let mut stmt = conn.prepare(&sql).unwrap();
+            let args: Vec<&dyn rusqlite::ToSql> = if filter.is_empty() { vec![&job_id] } else { vec![&job_id, site] };
+            stmt.query_map(args.as_slice(), |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let local = read(&ledger, "ledger", "");
+        assert_eq!(local.iter().map(|e| e.1).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "{site}");
+        // The coordinator's mirror holds the same entries, field for field.
+        let mirror = read(&coordinator, "ledger_mirror", "AND site = ?2");
+        assert_eq!(mirror, local, "{site}: mirror differs from the site's ledger");
+        // ε of the job grows with every round and stays under the per-job cap.
+        assert!(local.windows(2).all(|w| w[1].6 > w[0].6), "{site}");
+        assert!(local.last().unwrap().6 <= 15.0);
+        // The ledger refuses edits.
+        let err = ledger.execute("UPDATE ledger SET epsilon_round = 0", []).unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+    // The model came back as safetensors with PyTorch names.
+    let model = std::fs::read(work.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&model[8..8 + header_len]).unwrap();
+    assert_eq!(header["0.weight"]["shape"], serde_json::json!([2, 30]));
+    assert_eq!(model.len(), 8 + header_len + 62 * 4);
+}

@@ -1,0 +1,96 @@
+//! Bad input gets a one-line error naming the field, file or line, and the
+//! daemons keep running.
+
+use std::time::Duration;
+
+use crate::util::{Federation, example, wait_for};
+
+const WDBC_NUMERIC: &[&str] = &["radius_mean", "texture_mean"];
+
+fn job(fed: &Federation, name: &str, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let base = std::fs::read_to_string(example("jobs/wdbc.toml")).unwrap();
+    let path = fed.dir.join(name);
+    std::fs::write(&path, edit(base)).unwrap();
+    path
+}
+
+fn small_spec(text: String) -> String {
+    // Only two features, one site.
+    let start = text.find("numeric = [").unwrap();
+    let end = text[start..].find(']').unwrap() + start + 1;
+    let mut t = text.clone();
+    t.replace_range(start..end, "numeric = [\"radius_mean\", \"texture_mean\"]");
+    t.replace("min_sites = 3", "min_sites = 1").replace("round_deadline_secs = 60", "round_deadline_secs = 20")
+}
+
+#[test]
+fn bad_job_specs_and_bad_rows_get_clear_errors() {
+    let mut fed = Federation::start(&["hospital-a", "hospital-b"]);
+    let data = example("data/wdbc_breast_cancer.csv");
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", WDBC_NUMERIC);
+    // hospital-b serves a copy with one unparseable row (line 3).
+    let bad = fed.dir.join("bad.csv");
+    let csv = std::fs::read_to_string(&data).unwrap().replacen("842517,M,20.57", "842517,M,twenty", 1);
+    std::fs::write(&bad, csv).unwrap();
+    fed.start_worker("hospital-b", "wdbc-bad", &bad, "diagnosis", WDBC_NUMERIC);
+
+    let submit = |path: &std::path::Path| {
+        let out = fed.client("alice", &["job", "submit", path.to_str().unwrap()]);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+    };
+    // Wait until the worker registered: a valid job is then accepted.
+    let good = job(&fed, "good.toml", small_spec);
+    let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
+        let (ok, out, _) = submit(&good);
+        ok.then_some(out)
+    });
+
+    let unknown_model = job(&fed, "model.toml", |t| small_spec(t).replace("\"logistic_regression\"", "\"resnet\""));
+    let (ok, _, err) = submit(&unknown_model);
+    assert!(!ok);
+    assert_eq!(
+        err,
+        format!(
+            "error: {}: model.kind: unknown model \"resnet\" (expected logistic_regression, mlp or cnn)",
+            unknown_model.display()
+        )
+    );
+
+    let missing = job(&fed, "column.toml", |t| small_spec(t).replace("\"texture_mean\"", "\"texture_avg\""));
+    let (ok, _, err) = submit(&missing);
+    assert!(!ok);
+    assert_eq!(
+        err,
+        format!(
+            "error: {}: features.numeric[1]: column \"texture_avg\" is not a numeric column of dataset \"wdbc\" (site hospital-a)",
+            missing.display()
+        )
+    );
+
+    let invalid = job(&fed, "value.toml", |t| small_spec(t).replace("learning_rate = 0.5", "learning_rate = -1.0"));
+    let (ok, _, err) = submit(&invalid);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.ends_with("training.learning_rate: must be finite and > 0, got -1"), "{err}");
+
+    // The coordinator still serves, and the valid job completes.
+    let out = fed.client("alice", &["job", "watch", &job_id]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), fed.coordinator_log());
+
+    // The unparseable row: hospital-b refuses the job, naming file and line; the job fails with that reason.
+    let bad_job = job(&fed, "bad.toml", |t| small_spec(t).replace("dataset = \"wdbc\"", "dataset = \"wdbc-bad\""));
+    let (ok, bad_id, err) = wait_for(Duration::from_secs(30), "hospital-b to register", || {
+        let r = submit(&bad_job);
+        (r.0 || !r.2.contains("no registered site")).then_some(r)
+    });
+    assert!(ok, "{err}");
+    let out = fed.client("alice", &["job", "watch", &bad_id]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expected = format!("{}:3: column \"radius_mean\": cannot parse \"twenty\" as a number", bad.display());
+    assert!(stdout.contains(&expected), "{stdout}");
+    // Both workers are still running.
+    for d in fed.daemons.iter_mut() {
+        assert!(d.0.try_wait().unwrap().is_none(), "a daemon exited");
+    }
+}

@@ -1,0 +1,150 @@
+//! Starting real coordinators and workers for tests, and waiting on them
+//! without sleeping blindly: every wait polls a condition with a deadline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn meridian() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
+    cmd.env("MERIDIAN_LOG", "info");
+    cmd
+}
+
+/// Runs a meridian command to completion.
+pub fn run(args: &[&str]) -> Output {
+    meridian().args(args).stdin(Stdio::null()).output().expect("meridian runs")
+}
+
+/// Polls `f` until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A provisioned federation with a running coordinator.
+pub struct Federation {
+    pub dir: PathBuf,
+    pub url: String,
+    pub daemons: Vec<Daemon>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Federation {
+    /// Provisions sites and users (alice scientist, rita reviewer, adam admin) and starts the coordinator.
+    pub fn start(sites: &[&str]) -> Federation {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let fed = dir.join("fed");
+        let mut args = vec!["provision", "--out", fed.to_str().unwrap()];
+        for s in sites {
+            args.extend(["--site", s]);
+        }
+        args.extend(["--user", "alice:scientist", "--user", "rita:reviewer", "--user", "adam:admin"]);
+        let out = run(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let id = fed.join("coordinator");
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"coord-state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                id.join("ca.pem"),
+                id.join("cert.pem"),
+                id.join("key.pem")
+            ),
+        )
+        .unwrap();
+        let ready = dir.join("coordinator.addr");
+        let log = std::fs::File::create(dir.join("coordinator.log")).unwrap();
+        let child = meridian()
+            .args(["coordinator", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr = wait_for(Duration::from_secs(30), "the coordinator", || {
+            std::fs::read_to_string(&ready).ok().filter(|s| !s.is_empty())
+        });
+        Federation {
+            url: format!("https://{addr}"),
+            dir,
+            daemons: vec![Daemon(child)],
+            _tmp: tmp,
+        }
+    }
+
+    /// The identity directory of a site or user.
+    pub fn identity(&self, name: &str) -> PathBuf {
+        let fed = self.dir.join("fed");
+        if fed.join("sites").join(name).exists() {
+            fed.join("sites").join(name)
+        } else {
+            fed.join("users").join(name)
+        }
+    }
+
+    /// Starts a worker for `site` serving `data` (a CSV) as dataset `name` with the given columns.
+    pub fn start_worker(&mut self, site: &str, name: &str, data: &Path, label: &str, numeric: &[&str]) -> PathBuf {
+        let home = self.dir.join(site);
+        std::fs::create_dir_all(&home).unwrap();
+        let id = self.identity(site);
+        let config = home.join("worker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "coordinator = {:?}\ndata_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nname = {name:?}\npath = {:?}\nlabel = {label:?}\nnumeric = {numeric:?}\nbudget_epsilon = 40.0\njob_epsilon_cap = 20.0\n",
+                self.url,
+                id.join("ca.pem"),
+                id.join("cert.pem"),
+                id.join("key.pem"),
+                data
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(home.join("worker.log")).unwrap();
+        let child = meridian()
+            .args(["worker", "--config", config.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemons.push(Daemon(child));
+        home
+    }
+
+    /// Runs a client command as `user`.
+    pub fn client(&self, user: &str, args: &[&str]) -> Output {
+        let id = self.identity(user);
+        let mut all = args.to_vec();
+        all.extend(["--coordinator", &self.url, "--identity", id.to_str().unwrap()]);
+        run(&all)
+    }
+
+    /// The coordinator's log so far (for assertion messages).
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+    }
+}
+
+/// Path of a file shipped in the repository's examples.
+pub fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("examples").join(path)
+}
