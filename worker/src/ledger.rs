@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     dataset TEXT NOT NULL,
     spec_hash TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
     accepted INTEGER NOT NULL,
     reason TEXT NOT NULL,
     noise_multiplier REAL NOT NULL,
@@ -245,6 +246,7 @@ impl Ledger {
         dataset: &DatasetConfig,
         job_id: &str,
         spec_hash: &str,
+        spec_json: &str,
         sample_rate: f64,
         noise_multiplier: f64,
         planned_steps: u64,
@@ -301,8 +303,8 @@ impl Ledger {
             }
         };
         tx.execute(
-            "INSERT INTO jobs (job_id, dataset, spec_hash, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11)",
+            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms)
+             VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11)",
             params![
                 job_id,
                 dataset.name,
@@ -314,11 +316,25 @@ impl Ledger {
                 planned_steps as i64,
                 delta,
                 decision.planned_epsilon,
-                now_ms()
+                now_ms(),
+                spec_json
             ],
         )?;
         tx.commit()?;
         Ok(decision)
+    }
+
+    /// The spec (canonical JSON) and its hash of an accepted job that has not
+    /// ended: what a restarted worker needs to carry on with it.
+    pub fn accepted_job(&self, job_id: &str) -> Result<Option<(String, String)>, LedgerError> {
+        let conn = self.lock();
+        Ok(conn
+            .query_row(
+                "SELECT spec_json, spec_hash FROM jobs WHERE job_id = ?1 AND accepted = 1 AND active = 1",
+                params![job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     /// Releases a job's reservation (it completed, failed or was cancelled).
@@ -421,3 +437,6 @@ impl Ledger {
         Ok(entry)
     }
 }
+
+#[cfg(test)]
+mod tests;

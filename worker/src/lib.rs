@@ -339,7 +339,16 @@ impl Worker {
         let planned_steps = steps * u64::from(spec.training.rounds);
         let decision = self
             .ledger
-            .decide(&cfg, job_id, &offer.spec_hash, q, spec.privacy.noise_multiplier, planned_steps, spec.privacy.delta)
+            .decide(
+                &cfg,
+                job_id,
+                &offer.spec_hash,
+                &offer.spec_json,
+                q,
+                spec.privacy.noise_multiplier,
+                planned_steps,
+                spec.privacy.delta,
+            )
             .map_err(|e| e.to_string())?;
         if decision.accept {
             lock(&self.jobs).insert(
@@ -361,12 +370,25 @@ impl Worker {
         })
     }
 
-    /// The context of an accepted job; rebuilt from the offer after a restart.
+    /// The context of an accepted job; after a restart it is rebuilt from
+    /// the decision the ledger recorded.
     fn job(&self, job_id: &str) -> Result<Arc<JobContext>, tonic::Status> {
-        lock(&self.jobs)
-            .get(job_id)
-            .cloned()
-            .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} is not known here")))
+        if let Some(job) = lock(&self.jobs).get(job_id) {
+            return Ok(Arc::clone(job));
+        }
+        let (spec_json, spec_hash) = self
+            .ledger
+            .accepted_job(job_id)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} was not accepted here")))?;
+        let spec = JobSpec::from_canonical_json(&spec_json).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let job = Arc::new(JobContext {
+            spec,
+            spec_hash,
+            cancel: self.shutdown.child_token(),
+        });
+        lock(&self.jobs).insert(job_id.to_string(), Arc::clone(&job));
+        Ok(job)
     }
 
     async fn pull_model(
@@ -427,7 +449,7 @@ impl Worker {
                     .report_failure(pb::TaskFailure {
                         job_id: job_id.to_string(),
                         round: task.round,
-                        reason: "the site restarted and lost the job's approval; it must be offered again".to_string(),
+                        reason: format!("{job_id} was not accepted at this site"),
                     })
                     .await;
                 return Err(e);
