@@ -367,22 +367,8 @@ impl pb::job_service_server::JobService for Services {
     async fn pull_job_model(&self, req: Request<pb::PullJobModelRequest>) -> Result<Response<Self::PullJobModelStream>, Status> {
         authorize(&req, SUBMITTERS, "JobService/PullJobModel")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
-        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
-        let round = req.get_ref().round.unwrap_or(latest);
-        if round > latest {
-            return Err(Status::failed_precondition(format!(
-                "job {} has no model for round {round} yet (latest: {latest})",
-                job.id
-            )));
-        }
-        let values = checkpoint::read(&self.inner.model_path(&job.id, round)).map_err(|e| Status::internal(e.to_string()))?;
-        let header = pb::ModelHeader {
-            job_id: job.id.clone(),
-            round,
-            layout_hash: job.layout_hash.clone(),
-            num_params: values.len() as u64,
-        };
-        Ok(Response::new(stream_model(values, header)))
+        let round = req.get_ref().round;
+        Ok(Response::new(self.model_stream(&job, round)?))
     }
 }
 
@@ -508,18 +494,7 @@ impl pb::worker_service_server::WorkerService for Services {
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         self.require_participant(&job, &who.name)?;
-        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
-        if r.round > latest {
-            return Err(Status::failed_precondition(format!("job {} has no model for round {} yet", job.id, r.round)));
-        }
-        let values = checkpoint::read(&self.inner.model_path(&job.id, r.round)).map_err(|e| Status::internal(e.to_string()))?;
-        let header = pb::ModelHeader {
-            job_id: job.id.clone(),
-            round: r.round,
-            layout_hash: job.layout_hash.clone(),
-            num_params: values.len() as u64,
-        };
-        Ok(Response::new(stream_model(values, header)))
+        Ok(Response::new(self.model_stream(&job, Some(r.round))?))
     }
 
     async fn push_update(&self, req: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::PushUpdateResponse>, Status> {
@@ -633,6 +608,26 @@ impl pb::worker_service_server::WorkerService for Services {
 }
 
 impl Services {
+    /// The global model of `round` (default: the latest aggregated) as a chunked stream.
+    fn model_stream(&self, job: &JobRow, round: Option<u32>) -> Result<BoxStream<pb::ModelChunk>, Status> {
+        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
+        let round = round.unwrap_or(latest);
+        if round > latest {
+            return Err(Status::failed_precondition(format!(
+                "job {} has no model for round {round} yet (latest: {latest})",
+                job.id
+            )));
+        }
+        let values = checkpoint::read(&self.inner.model_path(&job.id, round)).map_err(|e| Status::internal(e.to_string()))?;
+        let header = pb::ModelHeader {
+            job_id: job.id.clone(),
+            round,
+            layout_hash: job.layout_hash.clone(),
+            num_params: values.len() as u64,
+        };
+        Ok(stream_model(values, header))
+    }
+
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<(), Status> {
         let sites = self.inner.store.job_sites(&job.id)?;
         match sites.iter().find(|s| s.site == site) {

@@ -160,6 +160,23 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<pb::LedgerEntry> {
 
 const ENTRY_COLUMNS: &str = "seq, site, dataset, job_id, round, spec_hash, noise_multiplier, sample_rate, clip_norm, steps, delta, epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms";
 
+/// The recorded decision on a job, if any.
+fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, LedgerError> {
+    Ok(conn
+        .query_row(
+            "SELECT accepted, reason, planned_epsilon FROM jobs WHERE job_id = ?1",
+            params![job_id],
+            |r| {
+                Ok(Decision {
+                    accept: r.get::<_, i64>(0)? == 1,
+                    reason: r.get(1)?,
+                    planned_epsilon: r.get(2)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
 /// ε of `(q, σ, steps)` triples composed by RDP at `delta` (0 when empty).
 fn compose(items: impl IntoIterator<Item = (f64, f64, u64)>, delta: f64) -> Result<f64, LedgerError> {
     let mut acc = RdpAccountant::new();
@@ -221,20 +238,7 @@ impl Ledger {
 
     /// The recorded decision on a job, if any.
     pub fn decision(&self, job_id: &str) -> Result<Option<Decision>, LedgerError> {
-        let conn = self.lock();
-        Ok(conn
-            .query_row(
-                "SELECT accepted, reason, planned_epsilon FROM jobs WHERE job_id = ?1",
-                params![job_id],
-                |r| {
-                    Ok(Decision {
-                        accept: r.get::<_, i64>(0)? == 1,
-                        reason: r.get(1)?,
-                        planned_epsilon: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?)
+        read_decision(&self.lock(), job_id)
     }
 
     /// Decides a job offer against the dataset's budget and records the
@@ -254,19 +258,7 @@ impl Ledger {
     ) -> Result<Decision, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing = tx
-            .query_row(
-                "SELECT accepted, reason, planned_epsilon FROM jobs WHERE job_id = ?1",
-                params![job_id],
-                |r| {
-                    Ok(Decision {
-                        accept: r.get::<_, i64>(0)? == 1,
-                        reason: r.get(1)?,
-                        planned_epsilon: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?;
+        let existing = read_decision(&tx, job_id)?;
         if let Some(d) = existing {
             return Ok(d);
         }

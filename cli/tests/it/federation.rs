@@ -26,8 +26,11 @@ fn demo_federation_trains_and_ledgers_agree() {
     let initial = rounds.iter().find(|r| r["round"] == 0).expect("initial model evaluated");
     let last = rounds.last().unwrap();
     assert_eq!(last["round"], 5);
-    assert!(eval(last, "auc") > eval(initial, "auc") + 0.1, "final {last} vs initial {initial}");
-    assert!(eval(last, "loss") < eval(initial, "loss"), "final {last} vs initial {initial}");
+    // The initial model is random (its AUC on this easy task can already be high):
+    // the trained one must have a much lower held-out loss and no lower AUC.
+    assert!(eval(last, "loss") < 0.5 * eval(initial, "loss"), "final {last} vs initial {initial}");
+    assert!(eval(last, "auc") >= eval(initial, "auc"), "final {last} vs initial {initial}");
+    assert!(eval(last, "auc") > 0.9, "final {last}");
 
     // Each worker's ledger: exactly one entry per round it served, for this job.
     let coordinator = Connection::open(summary["coordinator_db"].as_str().unwrap()).unwrap();
