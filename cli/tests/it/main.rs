@@ -1,6 +1,7 @@
 //! End-to-end tests: real `meridian` processes on 127.0.0.1 with fresh
 //! certificates, talking mutual TLS, with their own SQLite state.
 
+mod crash;
 mod federation;
 mod security;
 mod specs;

@@ -103,6 +103,21 @@ impl Federation {
 
     /// Starts a worker for `site` serving `data` (a CSV) as dataset `name` with the given columns.
     pub fn start_worker(&mut self, site: &str, name: &str, data: &Path, label: &str, numeric: &[&str]) -> PathBuf {
+        self.start_worker_with_budget(site, name, data, label, numeric, 40.0, 20.0)
+    }
+
+    /// Like [`Federation::start_worker`], with the dataset's total budget and per-job cap.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_worker_with_budget(
+        &mut self,
+        site: &str,
+        name: &str,
+        data: &Path,
+        label: &str,
+        numeric: &[&str],
+        budget: f64,
+        cap: f64,
+    ) -> PathBuf {
         let home = self.dir.join(site);
         std::fs::create_dir_all(&home).unwrap();
         let id = self.identity(site);
@@ -110,7 +125,7 @@ impl Federation {
         std::fs::write(
             &config,
             format!(
-                "coordinator = {:?}\ndata_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nname = {name:?}\npath = {:?}\nlabel = {label:?}\nnumeric = {numeric:?}\nbudget_epsilon = 40.0\njob_epsilon_cap = 20.0\n",
+                "coordinator = {:?}\ndata_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nname = {name:?}\npath = {:?}\nlabel = {label:?}\nnumeric = {numeric:?}\nbudget_epsilon = {budget:?}\njob_epsilon_cap = {cap:?}\n",
                 self.url,
                 id.join("ca.pem"),
                 id.join("cert.pem"),
@@ -119,15 +134,16 @@ impl Federation {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(home.join("worker.log")).unwrap();
-        let child = meridian()
-            .args(["worker", "--config", config.to_str().unwrap()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemons.push(Daemon(child));
+        self.daemons.push(Daemon(spawn_worker(&home)));
         home
+    }
+
+    /// Kills daemon `index` with SIGKILL and starts the worker of `home` again in its place.
+    pub fn kill_and_restart_worker(&mut self, index: usize, home: &Path) {
+        let daemon = &mut self.daemons[index];
+        daemon.0.kill().unwrap();
+        daemon.0.wait().unwrap();
+        daemon.0 = spawn_worker(home);
     }
 
     /// Runs a client command as `user`.
@@ -142,6 +158,17 @@ impl Federation {
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
     }
+}
+
+/// Starts the worker whose `worker.toml` is in `home`, appending to its log.
+fn spawn_worker(home: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("worker.log")).unwrap();
+    meridian()
+        .args(["worker", "--config", home.join("worker.toml").to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// Path of a file shipped in the repository's examples.

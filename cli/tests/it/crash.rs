@@ -1,0 +1,124 @@
+//! Faults at a site: a worker killed with SIGKILL at arbitrary moments of
+//! its rounds, and two jobs racing for the last of a budget. Privacy spent is
+//! never exceeded nor refunded, and the job still completes.
+
+use std::time::{Duration, SystemTime};
+
+use rusqlite::Connection;
+
+use crate::util::{Federation, example, wait_for};
+
+const NUMERIC: &[&str] = &["radius_mean", "texture_mean", "perimeter_mean", "area_mean", "smoothness_mean"];
+
+fn job_spec(fed: &Federation, file: &str, rounds: u32, local_epochs: f64, hidden: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"name = "{file}"
+dataset = "wdbc"
+[model]
+kind = "mlp"
+hidden = {hidden}
+[features]
+label = "diagnosis"
+positive_label = "M"
+negative_labels = ["B"]
+numeric = {NUMERIC:?}
+[training]
+rounds = {rounds}
+local_epochs = {local_epochs}
+batch_size = 32
+learning_rate = 0.2
+[privacy]
+noise_multiplier = 1.5
+clip_norm = 1.0
+delta = 1e-5
+[policy]
+min_sites = 1
+round_deadline_secs = 30
+max_round_attempts = 5
+"#
+    );
+    let path = fed.dir.join(file);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
+    let mut fed = Federation::start(&["hospital-a"]);
+    let home = fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC);
+    let spec = job_spec(&fed, "long.toml", 6, 40.0, "[128, 128]");
+    let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| stdout(&out))
+    });
+    // Kill the worker at pseudo-random moments (10 to 400 ms apart), restarting it each time.
+    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut kills = 0;
+    for _ in 0..12 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(10 + seed % 390));
+        let status = fed.client("alice", &["job", "status", &job_id, "--json"]);
+        let state: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+        if state["state"] != "offering" && state["state"] != "running" {
+            break;
+        }
+        fed.kill_and_restart_worker(1, &home);
+        kills += 1;
+    }
+    eprintln!("killed the worker {kills} times");
+    assert!(kills >= 3, "the job ended before the worker could be killed 3 times");
+    let out = fed.client("alice", &["job", "watch", &job_id]);
+    assert!(
+        out.status.success(),
+        "after {kills} kills: {}\n{}",
+        stdout(&out),
+        std::fs::read_to_string(home.join("worker.log")).unwrap_or_default()
+    );
+
+    let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
+    let rounds: Vec<u32> = ledger
+        .prepare("SELECT round FROM ledger WHERE job_id = ?1 ORDER BY round")
+        .unwrap()
+        .query_map([&job_id], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    // One charge per round, every round charged, none twice.
+    assert_eq!(rounds, vec![1, 2, 3, 4, 5, 6], "after {kills} kills");
+    let max_dataset_eps: f64 = ledger.query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0)).unwrap();
+    assert!(max_dataset_eps <= 40.0);
+    // The coordinator's mirror has every charge.
+    let coordinator = Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
+    let mirrored: i64 = coordinator
+        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1", [&job_id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mirrored, 6);
+}
+
+#[test]
+fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
+    let mut fed = Federation::start(&["hospital-a"]);
+    // One job of this shape plans ε ≈ 1.62 at this site, two together ≈ 2.14: a budget of 1.8 fits one.
+    fed.start_worker_with_budget("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC, 1.8, 1.8);
+    let one = job_spec(&fed, "one.toml", 2, 1.0, "[8]");
+    let two = job_spec(&fed, "two.toml", 2, 1.0, "[8]");
+    wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = fed.client("rita", &["budget", "--json"]);
+        stdout(&out).contains("hospital-a").then_some(())
+    });
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let a = s.spawn(|| stdout(&fed.client("alice", &["job", "submit", one.to_str().unwrap()])));
+        let b = s.spawn(|| stdout(&fed.client("alice", &["job", "submit", two.to_str().unwrap()])));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    let outcomes: Vec<String> = ids.iter().map(|id| stdout(&fed.client("alice", &["job", "watch", id]))).collect();
+    let completed = outcomes.iter().filter(|o| o.contains("state      completed")).count();
+    let refused = outcomes.iter().filter(|o| o.contains("exceeds the remaining budget")).count();
+    assert_eq!((completed, refused), (1, 1), "{outcomes:#?}");
+}
