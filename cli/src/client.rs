@@ -97,6 +97,9 @@ pub fn render_status(s: &pb::JobStatus) -> String {
         s.total_rounds,
         s.submitted_by
     );
+    if s.client_epsilon > 0.0 {
+        out.push_str(&format!("  client-level DP: ε = {:.3} per hospital at δ = {:e}\n", s.client_epsilon, s.delta));
+    }
     out.push_str(&format!("  sites (ε at δ = {:e}):\n", s.delta));
     for site in &s.sites {
         out.push_str(&format!(
@@ -308,6 +311,7 @@ pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "job_id": s.job_id, "name": s.name, "state": s.state, "reason": s.reason, "submitted_by": s.submitted_by,
         "current_round": s.current_round, "total_rounds": s.total_rounds, "model": s.model, "dataset": s.dataset,
         "num_params": s.num_params, "layout_hash": s.layout_hash, "spec_hash": s.spec_hash, "delta": s.delta,
+        "client_epsilon": s.client_epsilon,
         "sites": sites, "rounds": rounds,
     })
 }

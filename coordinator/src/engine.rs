@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, instrument, warn};
 
-use crate::aggregate::FedAvg;
+use crate::aggregate::{ClientDpRound, FedAvg};
+use privacy::noise::NoiseSource;
 use proto::checkpoint;
 use crate::store::{JobRow, JobState, Store, now_ms};
 
@@ -49,6 +50,9 @@ pub enum EngineError {
     /// A model could not be built from its spec.
     #[error(transparent)]
     Layout(#[from] models::LayoutError),
+    /// No secure randomness for client-level noise.
+    #[error("noise: {0}")]
+    Noise(String),
 }
 
 impl Coordinator {
@@ -210,9 +214,21 @@ impl Coordinator {
                 ),
             );
         }
-        // Aggregate: θ_r = θ_{r-1} + η Σ nᵢΔᵢ / Σ nᵢ, folding one update at a time.
         let mut global = checkpoint::read(&self.model_path(&job.id, round - 1))?;
-        let mut avg = FedAvg::new(global.len());
+        // Client-level DP clips each site's update and weighs sites equally; FedAvg weighs by
+        // examples. Either way updates are folded one at a time, so memory stays O(d).
+        let client_clip = match &job.spec.client_dp {
+            Some(cdp) => Some(
+                self.store
+                    .closed_rounds(&job.id)?
+                    .last()
+                    .and_then(|(_, _, m)| m.get("client_clip_next").copied())
+                    .unwrap_or(cdp.clip),
+            ),
+            None => None,
+        };
+        let mut fedavg = FedAvg::new(global.len());
+        let mut client_dp = client_clip.map(|clip| ClientDpRound::new(global.len(), clip));
         let mut metrics = WeightedMean::default();
         for u in &updates {
             let delta = checkpoint::read(Path::new(&u.path))?;
@@ -220,19 +236,39 @@ impl Coordinator {
                 warn!(job_id = %job.id, site = %u.site, "stored update has the wrong length; skipped");
                 continue;
             }
-            avg.fold(&delta, u.num_examples as f64);
             metrics.add(&u.metrics, u.num_examples as f64);
+            match client_dp.as_mut() {
+                Some(dp) => dp.fold(&delta),
+                None => fedavg.fold(&delta, u.num_examples as f64),
+            }
         }
-        avg.apply(&mut global, job.spec.training.server_learning_rate);
+        let mut metrics = metrics.finish();
+        let eta = job.spec.training.server_learning_rate;
+        let folded = match (client_dp, &job.spec.client_dp, client_clip) {
+            (Some(dp), Some(cdp), Some(clip)) => {
+                let mut noise = NoiseSource::new().map_err(|e| EngineError::Noise(e.to_string()))?;
+                let out = dp
+                    .apply(&mut global, eta, cdp, &mut noise)
+                    .map_err(|e| EngineError::Noise(e.to_string()))?;
+                metrics.insert("client_clip".to_string(), clip);
+                metrics.insert("client_clip_next".to_string(), out.next_clip);
+                metrics.insert("unclipped_fraction".to_string(), out.unclipped as f64 / out.count.max(1) as f64);
+                out.count
+            }
+            _ => {
+                fedavg.apply(&mut global, eta);
+                fedavg.count()
+            }
+        };
         checkpoint::write_atomic(&self.model_path(&job.id, round), &global)?;
         let (next_state, next_round) = if round >= job.spec.training.rounds {
             (JobState::Evaluating, round)
         } else {
             (JobState::Running, round + 1)
         };
-        info!(job_id = %job.id, round, updates = avg.count(), "round aggregated");
+        info!(job_id = %job.id, round, updates = folded, "round aggregated");
         self.store
-            .advance_round(&job.id, round, job.attempt, &metrics.finish(), next_state, next_round, Self::deadline(job))?;
+            .advance_round(&job.id, round, job.attempt, &metrics, next_state, next_round, Self::deadline(job))?;
         Ok(true)
     }
 

@@ -44,6 +44,21 @@ impl From<EngineError> for Status {
     }
 }
 
+/// ε of client-level DP after `rounds` aggregated rounds: every accepted
+/// site takes part in every round (sampling rate 1), each round a Gaussian
+/// mechanism with the effective noise multiplier, composed by RDP.
+fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
+    let Some(cdp) = &job.spec.client_dp else { return Ok(0.0) };
+    if rounds == 0 {
+        return Ok(0.0);
+    }
+    let mut acc = privacy::accountant::RdpAccountant::new();
+    acc.compose_poisson_gaussian(1.0, cdp.update_noise_multiplier(), rounds)
+        .and_then(|()| acc.epsilon(job.spec.privacy.delta))
+        .map(|e| e.epsilon)
+        .map_err(|e| Status::internal(format!("client-level accountant: {e}")))
+}
+
 /// Who is calling, from the verified client certificate, if their role may call `rpc`.
 pub(crate) fn authorize<T>(req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
     let certs = req
@@ -178,6 +193,7 @@ impl Services {
             spec_hash: job.spec_hash.clone(),
             delta: job.spec.privacy.delta,
             spec_json: job.spec.canonical_json(),
+            client_epsilon: client_epsilon(job, store.closed_rounds(&job.id)?.len() as u64)?,
         })
     }
 

@@ -27,6 +27,54 @@ pub struct JobSpec {
     pub privacy: PrivacySpec,
     /// When a round may close and what happens when sites are missing.
     pub policy: RoundPolicy,
+    /// Client-level DP at the coordinator (DP-FedAvg), on top of each site's DP-SGD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_dp: Option<ClientDpSpec>,
+}
+
+/// Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): the
+/// coordinator clips each site's update to L2 norm `clip`, adds
+/// N(0, (noise_multiplier · clip)²) to their sum and averages with equal
+/// weights, so one whole hospital's contribution is protected.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientDpSpec {
+    /// L2 bound on each site's update (the initial bound when adaptive).
+    pub clip: f64,
+    /// Noise standard deviation on the sum, in units of the clip.
+    pub noise_multiplier: f64,
+    /// Adaptive clipping (Andrew et al. 2021); absent: a fixed clip.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveClipSpec>,
+}
+
+/// Geometric update of the clip towards a quantile of the update norms,
+/// from a noised count of unclipped updates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipSpec {
+    /// Target fraction of updates left unclipped (γ).
+    pub target_quantile: f64,
+    /// Step size of the geometric update (η_C).
+    pub learning_rate: f64,
+    /// Noise multiplier of the unclipped count (σ_b); the update's noise
+    /// multiplier is raised so the pair costs what `noise_multiplier` alone would.
+    pub count_noise_multiplier: f64,
+}
+
+impl ClientDpSpec {
+    /// The noise multiplier applied to the sum of clipped updates. With
+    /// adaptive clipping the count release takes part of the budget:
+    /// z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Thm. 1).
+    pub fn update_noise_multiplier(&self) -> f64 {
+        match &self.adaptive {
+            None => self.noise_multiplier,
+            Some(a) => {
+                let inner = self.noise_multiplier.powi(-2) - (2.0 * a.count_noise_multiplier).powi(-2);
+                if inner > 0.0 { inner.powf(-0.5) } else { f64::INFINITY }
+            }
+        }
+    }
 }
 
 /// The network to train, chosen by name (`model.kind`).
@@ -374,6 +422,34 @@ impl JobSpec {
         if !(d.delta.is_finite() && d.delta > 0.0 && d.delta < 1e-2) {
             p.push(format!("privacy.delta: must be in (0, 0.01), got {}", d.delta));
         }
+        if let Some(c) = &self.client_dp {
+            if !(c.clip.is_finite() && c.clip > 0.0) {
+                p.push(format!("client_dp.clip: must be finite and > 0, got {}", c.clip));
+            }
+            if !(c.noise_multiplier.is_finite() && c.noise_multiplier > 0.0) {
+                p.push(format!("client_dp.noise_multiplier: must be finite and > 0, got {}", c.noise_multiplier));
+            }
+            if let Some(a) = &c.adaptive {
+                if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                    p.push(format!("client_dp.adaptive.target_quantile: must be in (0, 1), got {}", a.target_quantile));
+                }
+                if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                    p.push(format!("client_dp.adaptive.learning_rate: must be finite and > 0, got {}", a.learning_rate));
+                }
+                if !(a.count_noise_multiplier.is_finite() && a.count_noise_multiplier > 0.0) {
+                    p.push(format!(
+                        "client_dp.adaptive.count_noise_multiplier: must be finite and > 0, got {}",
+                        a.count_noise_multiplier
+                    ));
+                } else if 2.0 * a.count_noise_multiplier <= c.noise_multiplier {
+                    p.push(format!(
+                        "client_dp.adaptive.count_noise_multiplier: must exceed noise_multiplier / 2 = {} so the update keeps some budget, got {}",
+                        c.noise_multiplier / 2.0,
+                        a.count_noise_multiplier
+                    ));
+                }
+            }
+        }
         let r = &self.policy;
         if r.min_sites == 0 {
             p.push("policy.min_sites: must be at least 1".to_string());
@@ -477,6 +553,8 @@ struct RawJobSpec {
     privacy: PrivacySpec,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    client_dp: Option<ClientDpSpec>,
 }
 
 #[derive(Deserialize)]
@@ -626,6 +704,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
                 round_deadline_secs: raw.policy.round_deadline_secs,
                 max_round_attempts: raw.policy.max_round_attempts,
             },
+            client_dp: raw.client_dp,
         };
         if let Err(mut more) = spec.validate() {
             problems.append(&mut more);

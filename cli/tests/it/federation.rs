@@ -66,3 +66,74 @@ fn demo_federation_trains_and_ledgers_agree() {
     assert_eq!(header["0.weight"]["shape"], serde_json::json!([2, 30]));
     assert_eq!(model.len(), 8 + header_len + 62 * 4);
 }
+
+#[test]
+fn client_level_dp_clips_noises_and_adapts_the_clip() {
+    use crate::util::{Federation, example, wait_for};
+    use std::time::Duration;
+    let mut fed = Federation::start(&["hospital-a", "hospital-b"]);
+    let data = example("data/wdbc_breast_cancer.csv");
+    let numeric = ["radius_mean", "texture_mean", "perimeter_mean"];
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", &numeric);
+    fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", &numeric);
+    let spec = fed.dir.join("cdp.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "client-dp"
+dataset = "wdbc"
+[model]
+kind = "logistic_regression"
+[features]
+label = "diagnosis"
+positive_label = "M"
+negative_labels = ["B"]
+numeric = {numeric:?}
+[training]
+rounds = 4
+batch_size = 32
+learning_rate = 0.5
+[privacy]
+noise_multiplier = 1.0
+clip_norm = 1.0
+delta = 1e-5
+[policy]
+min_sites = 2
+round_deadline_secs = 30
+[client_dp]
+clip = 0.01
+noise_multiplier = 0.5
+[client_dp.adaptive]
+target_quantile = 0.5
+learning_rate = 0.5
+count_noise_multiplier = 2.0
+"#
+        ),
+    )
+    .unwrap();
+    let job_id = wait_for(Duration::from_secs(30), "both workers to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    let out = fed.client("alice", &["job", "watch", &job_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 4 rounds of a Gaussian with z_Δ = (0.5⁻² − 4⁻²)^(−1/2) at sampling rate 1.
+    let z = (0.5f64.powi(-2) - 4.0f64.powi(-2)).powf(-0.5);
+    let mut acc = privacy::accountant::RdpAccountant::new();
+    acc.compose_poisson_gaussian(1.0, z, 4).unwrap();
+    let expected = acc.epsilon(1e-5).unwrap().epsilon;
+    assert!((status["client_epsilon"].as_f64().unwrap() - expected).abs() < 1e-9, "{status}");
+    let clips: Vec<f64> = status["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "aggregated")
+        .map(|r| r["train_metrics"]["client_clip"].as_f64().unwrap())
+        .collect();
+    assert_eq!(clips.len(), 4);
+    assert_eq!(clips[0], 0.01);
+    // Each round uses the clip the previous round computed.
+    assert!(clips.windows(2).all(|w| w[0] != w[1]), "{clips:?}");
+}

@@ -72,3 +72,19 @@ fn duplicate_columns_are_refused() {
         "job.toml: features.numeric[1] repeats column \"radius_mean\" (already features.numeric[0])",
     );
 }
+
+#[test]
+fn client_dp_is_optional_and_validated() {
+    let with = format!(
+        "{WDBC}\n[client_dp]\nclip = 0.5\nnoise_multiplier = 1.0\n[client_dp.adaptive]\ntarget_quantile = 0.5\nlearning_rate = 0.2\ncount_noise_multiplier = 5.0\n"
+    );
+    let spec = JobSpec::from_toml(&with, "job.toml").unwrap();
+    let c = spec.client_dp.clone().unwrap();
+    // z_Δ = (1 - 1/100)^(-1/2)
+    assert!((c.update_noise_multiplier() - (1.0f64 - 0.01).powf(-0.5)).abs() < 1e-12);
+    assert_ne!(spec.hash(), JobSpec::from_toml(WDBC, "job.toml").unwrap().hash());
+    check_err(
+        &with.replace("count_noise_multiplier = 5.0", "count_noise_multiplier = 0.4"),
+        "job.toml: client_dp.adaptive.count_noise_multiplier: must exceed noise_multiplier / 2 = 0.5 so the update keeps some budget, got 0.4",
+    );
+}
