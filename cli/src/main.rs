@@ -209,6 +209,9 @@ enum PrivacyCommand {
         /// Use the old conversion ε = rdp + ln(1/δ)/(α−1) on TF Privacy's orders (reproduces published tables).
         #[arg(long)]
         legacy_conversion: bool,
+        /// Print JSON with full precision.
+        #[arg(long)]
+        json: bool,
     },
     /// The smallest noise multiplier σ that meets a target ε.
     Noise {
@@ -224,6 +227,9 @@ enum PrivacyCommand {
         /// δ.
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
+        /// Print JSON with full precision.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -391,15 +397,29 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Privacy { command } => {
             match command {
-                PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, legacy_conversion } => {
+                PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, legacy_conversion, json } => {
                     let mut acc = if legacy_conversion { privacy::accountant::RdpAccountant::legacy() } else { privacy::accountant::RdpAccountant::new() };
                     acc.compose_poisson_gaussian(sample_rate, noise, steps)?;
                     let e = if legacy_conversion { acc.epsilon_legacy(delta)? } else { acc.epsilon(delta)? };
-                    println!("ε = {:.6} at δ = {delta:e} (RDP, optimal order {}, {} conversion)", e.epsilon, e.order, if legacy_conversion { "legacy" } else { "improved" });
+                    let conversion = if legacy_conversion { "legacy" } else { "improved" };
+                    if json {
+                        println!("{}", serde_json::json!({
+                            "epsilon": e.epsilon, "delta": delta, "order": e.order, "accountant": "rdp", "conversion": conversion,
+                            "sample_rate": sample_rate, "noise_multiplier": noise, "steps": steps,
+                        }));
+                    } else {
+                        println!("ε = {:.6} at δ = {delta:e} (RDP, optimal order {}, {conversion} conversion)", e.epsilon, e.order);
+                    }
                 }
-                PrivacyCommand::Noise { target_epsilon, sample_rate, steps, delta } => {
+                PrivacyCommand::Noise { target_epsilon, sample_rate, steps, delta, json } => {
                     let sigma = privacy::accountant::noise_multiplier_for_epsilon(target_epsilon, sample_rate, steps, delta)?;
-                    println!("σ = {sigma:.6} gives ε ≤ {target_epsilon} at δ = {delta:e} over {steps} steps at q = {sample_rate}");
+                    if json {
+                        println!("{}", serde_json::json!({
+                            "noise_multiplier": sigma, "target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate, "steps": steps,
+                        }));
+                    } else {
+                        println!("σ = {sigma:.6} gives ε ≤ {target_epsilon} at δ = {delta:e} over {steps} steps at q = {sample_rate}");
+                    }
                 }
             }
             Ok(())

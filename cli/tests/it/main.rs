@@ -3,6 +3,7 @@
 
 mod crash;
 mod federation;
+mod privacy_cli;
 mod security;
 mod specs;
 mod tidy;
