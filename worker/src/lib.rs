@@ -124,17 +124,22 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         shutdown: shutdown.clone(),
     });
     info!(site = %worker.site, coordinator = %worker.config.coordinator, "worker starting");
+    // Reconnect with exponential backoff (250 ms doubling to 10 s), reset
+    // whenever a session got as far as registering.
     let mut backoff = Duration::from_millis(250);
     while !shutdown.is_cancelled() {
-        match worker.clone().session(&endpoint).await {
-            Ok(()) => backoff = Duration::from_millis(250),
-            Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "connection to coordinator lost"),
+        let mut registered = false;
+        if let Err(e) = worker.clone().session(&endpoint, &mut registered).await {
+            if registered {
+                backoff = Duration::from_millis(250);
+            }
+            warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "connection to coordinator lost");
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
     worker.tasks.close();
     for job in worker.jobs_snapshot() {
@@ -159,7 +164,7 @@ impl Worker {
     }
 
     /// One connection: register, then serve the task stream until it ends.
-    async fn session(self: Arc<Self>, endpoint: &Endpoint) -> Result<(), tonic::Status> {
+    async fn session(self: Arc<Self>, endpoint: &Endpoint, registered: &mut bool) -> Result<(), tonic::Status> {
         let channel = endpoint
             .connect()
             .await
@@ -195,6 +200,7 @@ impl Worker {
             .await?
             .into_inner();
         info!(site = %reply.site, "registered with the coordinator");
+        *registered = true;
         let heartbeat_every = Duration::from_secs((reply.idle_timeout_secs / 3).max(1));
         let session_done = self.shutdown.child_token();
         {

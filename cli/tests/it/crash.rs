@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::Connection;
 
-use crate::util::{Federation, example, wait_for};
+use crate::util::{Federation, example, free_port, wait_for};
 
 const NUMERIC: &[&str] = &["radius_mean", "texture_mean", "perimeter_mean", "area_mean", "smoothness_mean"];
 
@@ -121,4 +121,66 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
     let completed = outcomes.iter().filter(|o| o.contains("state      completed")).count();
     let refused = outcomes.iter().filter(|o| o.contains("exceeds the remaining budget")).count();
     assert_eq!((completed, refused), (1, 1), "{outcomes:#?}");
+}
+
+#[test]
+fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
+    let mut fed = Federation::start_on(&["hospital-a", "hospital-b"], free_port());
+    let data = example("data/wdbc_breast_cancer.csv");
+    let homes = [
+        fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", NUMERIC),
+        fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC),
+    ];
+    let spec = job_spec(&fed, "ten.toml", 10, 20.0, "[256, 256]");
+    let spec_text = std::fs::read_to_string(&spec).unwrap().replace("min_sites = 1", "min_sites = 2");
+    std::fs::write(&spec, spec_text).unwrap();
+    let job_id = wait_for(Duration::from_secs(30), "both workers to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| stdout(&out))
+    });
+    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    // Kill it at pseudo-random moments (10 to 160 ms apart) until the job ends, at most 30 times.
+    let mut kills = 0;
+    for _ in 0..30 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(10 + seed % 150));
+        let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+        let state: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        eprintln!("after {kills} kills: job {} at round {}", state["state"], state["current_round"]);
+        if !matches!(state["state"].as_str(), Some("offering" | "running" | "evaluating")) {
+            break;
+        }
+        fed.kill_and_restart_coordinator();
+        kills += 1;
+    }
+    assert!(kills >= 20, "the job ended after only {kills} kills");
+    let out = fed.client("alice", &["job", "watch", &job_id]);
+    assert!(out.status.success(), "after {kills} kills: {}\n{}", stdout(&out), fed.coordinator_log());
+    let coordinator = Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
+    let rounds: i64 = coordinator
+        .query_row("SELECT COUNT(*) FROM rounds WHERE job_id = ?1 AND state = 'aggregated'", [&job_id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rounds, 10);
+    for home in &homes {
+        let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
+        let charged: Vec<u32> = ledger
+            .prepare("SELECT round FROM ledger WHERE job_id = ?1 ORDER BY round")
+            .unwrap()
+            .query_map([&job_id], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(charged, (1..=10).collect::<Vec<u32>>(), "{}", home.display());
+    }
+    // Every accepted update was counted once: one update row per site and round.
+    let updates: i64 = coordinator
+        .query_row("SELECT COUNT(*) FROM updates WHERE job_id = ?1", [&job_id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(updates, 20);
+    let mirrored: i64 = coordinator
+        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1", [&job_id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mirrored, 20);
 }

@@ -50,6 +50,11 @@ pub struct Federation {
 impl Federation {
     /// Provisions sites and users (alice scientist, rita reviewer, adam admin) and starts the coordinator.
     pub fn start(sites: &[&str]) -> Federation {
+        Self::start_on(sites, 0)
+    }
+
+    /// Like [`Federation::start`] on a fixed port (0: any), so a restarted coordinator keeps its address.
+    pub fn start_on(sites: &[&str], port: u16) -> Federation {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let fed = dir.join("fed");
@@ -65,24 +70,14 @@ impl Federation {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"coord-state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"coord-state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
                 id.join("ca.pem"),
                 id.join("cert.pem"),
                 id.join("key.pem")
             ),
         )
         .unwrap();
-        let ready = dir.join("coordinator.addr");
-        let log = std::fs::File::create(dir.join("coordinator.log")).unwrap();
-        let child = meridian()
-            .args(["coordinator", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let addr = wait_for(Duration::from_secs(30), "the coordinator", || {
-            std::fs::read_to_string(&ready).ok().filter(|s| !s.is_empty())
-        });
+        let (child, addr) = spawn_coordinator(&dir);
         Federation {
             url: format!("https://{addr}"),
             dir,
@@ -138,6 +133,16 @@ impl Federation {
         home
     }
 
+    /// Kills the coordinator with SIGKILL and starts it again on the same state and port.
+    pub fn kill_and_restart_coordinator(&mut self) {
+        let daemon = &mut self.daemons[0];
+        daemon.0.kill().unwrap();
+        daemon.0.wait().unwrap();
+        let (child, addr) = spawn_coordinator(&self.dir);
+        assert_eq!(format!("https://{addr}"), self.url);
+        self.daemons[0].0 = child;
+    }
+
     /// Kills daemon `index` with SIGKILL and starts the worker of `home` again in its place.
     pub fn kill_and_restart_worker(&mut self, index: usize, home: &Path) {
         let daemon = &mut self.daemons[index];
@@ -158,6 +163,29 @@ impl Federation {
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
     }
+}
+
+/// Starts the coordinator of `dir` and waits until it listens; returns it and its address.
+fn spawn_coordinator(dir: &Path) -> (Child, String) {
+    let ready = dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&ready);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("coordinator.log")).unwrap();
+    let config = dir.join("coordinator.toml");
+    let child = meridian()
+        .args(["coordinator", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr = wait_for(Duration::from_secs(30), "the coordinator", || {
+        std::fs::read_to_string(&ready).ok().filter(|s| !s.is_empty())
+    });
+    (child, addr)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Starts the worker whose `worker.toml` is in `home`, appending to its log.
