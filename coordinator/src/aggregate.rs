@@ -166,7 +166,7 @@ mod client_dp_tests {
         // Every update is clipped (fraction 0 < target 0.5): the clip grows, by exp(0.2 * 0.5) without noise.
         let adaptive = ClientDpSpec {
             clip: 1.0,
-            noise_multiplier: 1.0,
+            noise_multiplier: 1e-9,
             adaptive: Some(AdaptiveClipSpec {
                 target_quantile: 0.5,
                 learning_rate: 0.2,
@@ -179,5 +179,146 @@ mod client_dp_tests {
         let mut global = vec![0.0f32];
         let out = round.apply(&mut global, 1.0, &adaptive, &mut noise).unwrap();
         assert!((out.next_clip - (0.1f64).exp()).abs() < 1e-6, "{}", out.next_clip);
+    }
+}
+
+/// The robust rules: every update of the round is held at once (n × d
+/// values, bounded by the caller), then combined coordinate-wise (median,
+/// trimmed mean) or by selection (Krum, Multi-Krum).
+pub fn robust(updates: &[Vec<f32>], rule: &proto::job::Aggregation) -> Vec<f32> {
+    use proto::job::Aggregation;
+    let n = updates.len();
+    let d = updates.first().map_or(0, Vec::len);
+    if n == 0 {
+        return vec![0.0; d];
+    }
+    match rule {
+        Aggregation::Fedavg => {
+            let mut avg = FedAvg::new(d);
+            for u in updates {
+                avg.fold(u, 1.0);
+            }
+            let mut out = vec![0.0; d];
+            avg.apply(&mut out, 1.0);
+            out
+        }
+        Aggregation::Median => coordinate_wise(updates, |column| {
+            let m = column.len();
+            if m % 2 == 1 {
+                column[m / 2]
+            } else {
+                (column[m / 2 - 1] + column[m / 2]) / 2.0
+            }
+        }),
+        Aggregation::TrimmedMean { trim_fraction } => {
+            let k = ((n as f64) * trim_fraction).floor() as usize;
+            coordinate_wise(updates, |column| {
+                let kept = &column[k..column.len() - k];
+                kept.iter().sum::<f64>() / kept.len() as f64
+            })
+        }
+        Aggregation::Krum { byzantine } => {
+            let scores = krum_scores(updates, *byzantine);
+            let best = (0..n).min_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap_or(0);
+            updates[best].clone()
+        }
+        Aggregation::MultiKrum { byzantine, select } => {
+            let scores = krum_scores(updates, *byzantine);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let chosen: Vec<Vec<f32>> = order.iter().take((*select).clamp(1, n)).map(|&i| updates[i].clone()).collect();
+            robust(&chosen, &Aggregation::Fedavg)
+        }
+    }
+}
+
+/// Applies `f` to each coordinate's values across updates, sorted ascending.
+fn coordinate_wise(updates: &[Vec<f32>], f: impl Fn(&[f64]) -> f64) -> Vec<f32> {
+    let n = updates.len();
+    let d = updates[0].len();
+    let matrix = ndarray::Array2::from_shape_fn((n, d), |(i, j)| f64::from(updates[i][j]));
+    let mut column = vec![0.0; n];
+    matrix
+        .axis_iter(ndarray::Axis(1))
+        .map(|values| {
+            column.clear();
+            column.extend(values.iter().copied());
+            column.sort_by(f64::total_cmp);
+            f(&column) as f32
+        })
+        .collect()
+}
+
+/// Krum's score of each update: the sum of squared distances to its
+/// n − f − 2 nearest other updates.
+fn krum_scores(updates: &[Vec<f32>], byzantine: usize) -> Vec<f64> {
+    let n = updates.len();
+    let neighbours = n.saturating_sub(byzantine + 2).max(1);
+    let mut dist = vec![vec![0.0f64; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let d2: f64 = updates[i]
+                .iter()
+                .zip(&updates[j])
+                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                .sum();
+            dist[i][j] = d2;
+            dist[j][i] = d2;
+        }
+    }
+    (0..n)
+        .map(|i| {
+            let mut others: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| dist[i][j]).collect();
+            others.sort_by(f64::total_cmp);
+            others.iter().take(neighbours).sum()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod robust_tests {
+    use super::*;
+    use proto::job::Aggregation;
+
+    /// Four honest sites near (1, -1, 0.5) and one attacker.
+    fn round_with(attacker: Vec<f32>) -> Vec<Vec<f32>> {
+        vec![
+            vec![1.0, -1.0, 0.5],
+            vec![1.1, -0.9, 0.45],
+            vec![0.9, -1.1, 0.55],
+            vec![1.05, -1.0, 0.5],
+            attacker,
+        ]
+    }
+
+    fn distance_to_honest(agg: &[f32]) -> f32 {
+        let honest = [1.0125f32, -1.0, 0.5];
+        agg.iter().zip(honest).map(|(a, h)| (a - h).powi(2)).sum::<f32>().sqrt()
+    }
+
+    #[test]
+    fn one_poisoned_site_corrupts_fedavg_but_not_the_robust_rules() {
+        for attacker in [vec![-100.0, 100.0, -50.0], vec![1000.0, 1000.0, 1000.0]] {
+            let updates = round_with(attacker.clone());
+            let fedavg = robust(&updates, &Aggregation::Fedavg);
+            assert!(distance_to_honest(&fedavg) > 10.0, "fedavg {fedavg:?} with attacker {attacker:?}");
+            for rule in [
+                Aggregation::Median,
+                Aggregation::TrimmedMean { trim_fraction: 0.2 },
+                Aggregation::Krum { byzantine: 1 },
+                Aggregation::MultiKrum { byzantine: 1, select: 3 },
+            ] {
+                let agg = robust(&updates, &rule);
+                assert!(distance_to_honest(&agg) < 0.2, "{} gave {agg:?} with attacker {attacker:?}", rule.name());
+            }
+        }
+    }
+
+    #[test]
+    fn rules_on_known_values() {
+        let updates = vec![vec![1.0, 10.0], vec![2.0, 20.0], vec![3.0, 30.0], vec![4.0, 40.0]];
+        assert_eq!(robust(&updates, &Aggregation::Median), vec![2.5, 25.0]);
+        assert_eq!(robust(&updates, &Aggregation::TrimmedMean { trim_fraction: 0.25 }), vec![2.5, 25.0]);
+        assert_eq!(robust(&updates, &Aggregation::Fedavg), vec![2.5, 25.0]);
     }
 }

@@ -229,6 +229,21 @@ impl Coordinator {
         };
         let mut fedavg = FedAvg::new(global.len());
         let mut client_dp = client_clip.map(|clip| ClientDpRound::new(global.len(), clip));
+        let robust_rule = (!job.spec.aggregation.is_fedavg()).then_some(&job.spec.aggregation);
+        if robust_rule.is_some() {
+            let bytes = updates.len() as u64 * global.len() as u64 * 4;
+            if bytes > proto::job::Aggregation::MAX_ROBUST_BYTES {
+                return self.fail(
+                    job,
+                    format!(
+                        "round {round}: aggregation {} would hold {bytes} bytes of updates, above its bound of {}",
+                        job.spec.aggregation.name(),
+                        proto::job::Aggregation::MAX_ROBUST_BYTES
+                    ),
+                );
+            }
+        }
+        let mut held = Vec::new();
         let mut metrics = WeightedMean::default();
         for u in &updates {
             let delta = checkpoint::read(Path::new(&u.path))?;
@@ -237,9 +252,10 @@ impl Coordinator {
                 continue;
             }
             metrics.add(&u.metrics, u.num_examples as f64);
-            match client_dp.as_mut() {
-                Some(dp) => dp.fold(&delta),
-                None => fedavg.fold(&delta, u.num_examples as f64),
+            match (client_dp.as_mut(), robust_rule) {
+                (Some(dp), _) => dp.fold(&delta),
+                (None, Some(_)) => held.push(delta),
+                (None, None) => fedavg.fold(&delta, u.num_examples as f64),
             }
         }
         let mut metrics = metrics.finish();
@@ -255,10 +271,19 @@ impl Coordinator {
                 metrics.insert("unclipped_fraction".to_string(), out.unclipped as f64 / out.count.max(1) as f64);
                 out.count
             }
-            _ => {
-                fedavg.apply(&mut global, eta);
-                fedavg.count()
-            }
+            _ => match robust_rule {
+                Some(rule) => {
+                    let combined = crate::aggregate::robust(&held, rule);
+                    for (g, c) in global.iter_mut().zip(&combined) {
+                        *g = (f64::from(*g) + eta * f64::from(*c)) as f32;
+                    }
+                    held.len()
+                }
+                None => {
+                    fedavg.apply(&mut global, eta);
+                    fedavg.count()
+                }
+            },
         };
         checkpoint::write_atomic(&self.model_path(&job.id, round), &global)?;
         let (next_state, next_round) = if round >= job.spec.training.rounds {

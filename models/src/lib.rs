@@ -2,13 +2,17 @@
 //! DP-SGD needs, on Burn.
 //!
 //! # Brief overview
-//! - [`Architecture`]: the layer stack a [`proto::job::ModelSpec`] names, and
-//!   its [`ParamLayout`]: every parameter tensor's PyTorch-style name and
-//!   shape, in the order of the flat `f32` vector that travels on the wire.
-//!   Both ends check the layout's hash before they touch a vector.
-//! - [`Network`]: parameters placed on a Burn device, with
-//!   [`Network::clipped_gradient_sum`] (the DP-SGD step's gradient: each
-//!   example's gradient clipped to norm C, summed) and [`Network::predict`].
+//! - [`Architecture`]: the layer stack a [`proto::job::ModelSpec`] names (or
+//!   an explicit, checked list of [`Layer`]s: linear, convolution, ReLU,
+//!   pooling, flatten, LayerNorm, GroupNorm; BatchNorm is refused because it
+//!   mixes examples), and its [`ParamLayout`]: every parameter tensor's
+//!   PyTorch-style name and shape, in the order of the flat `f32` vector that
+//!   travels on the wire. Both ends check the layout's hash before they touch
+//!   a vector.
+//! - [`Network`]: parameters placed on a Burn device, in `f32` or (for
+//!   reference checks) `f64`, with [`Network::clipped_gradient_sum`] (the
+//!   DP-SGD step's gradient: each example's exact gradient clipped to norm C,
+//!   summed, from one batched backward pass) and [`Network::predict`].
 //!
 //! Parameters are stored the PyTorch way (a linear weight is `[out, in]`, a
 //! convolution weight `[out, in, kh, kw]`) so that a pulled model loads into
@@ -21,5 +25,5 @@
 mod architecture;
 mod network;
 
-pub use architecture::{Architecture, Layer, LayoutError, ParamLayout, ParamTensor};
+pub use architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON, ParamLayout, ParamTensor};
 pub use network::{ClippedGradients, Network, default_device};

@@ -3,22 +3,50 @@
 //! predictions.
 //!
 //! # Why probes
-//! Burn computes gradients of a scalar, so it never sees one example's
-//! gradient on its own. For a linear layer `z = a Wᵀ + b`, example `i`'s
-//! weight gradient is the outer product `dzᵢ aᵢᵀ`, whose squared norm is
-//! `‖aᵢ‖²‖dzᵢ‖²` (plus `‖dzᵢ‖²` for the bias). So we add a zero "probe" tensor
-//! to each layer's pre-activation; one backward pass of the summed loss gives
-//! every `dzᵢ` as the probe's gradient; with the saved inputs `aᵢ` this yields
-//! every example's exact gradient norm, and the clipped sum is one matmul per
-//! layer: `(dz ⊙ f)ᵀ a`. Convolutional networks fall back to one backward pass
-//! per example (exact, slower).
+//! Burn computes gradients of a scalar and has no backward hooks, so it never
+//! sees one example's gradient on its own. But every trainable layer's
+//! per-example parameter gradient is a simple function of two things: the
+//! layer's input (or normalised input), saved during the forward pass, and
+//! the gradient of the loss with respect to the layer's output. To get the
+//! latter we add a zero "probe" tensor, which requires a gradient, to every
+//! trainable layer's output; one backward pass of the summed loss gives every
+//! example's output gradient as the probe's gradient, since example `i`'s
+//! loss depends only on row `i` of each probe. Then, per layer:
+//!
+//! - Linear `z = a Wᵀ + b`: example `i`'s weight gradient is the outer
+//!   product `dzᵢ aᵢᵀ`, whose squared norm is `‖aᵢ‖²‖dzᵢ‖²`, plus `‖dzᵢ‖²` for
+//!   the bias, so it is never built ("ghost norm"); the clipped sum is one
+//!   matmul, `(dz ⊙ f)ᵀ a`, with `fᵢ` each example's clip factor.
+//! - Conv2d: with the input unfolded into patches `Uᵢ` `[C_in·k·k, L]` (the
+//!   PyTorch weight order `[in, kh, kw]`) and `dzᵢ` `[C_out, L]`, the weight
+//!   gradient is `Gᵢ = dzᵢ Uᵢᵀ`, one batched matmul for the whole batch, and
+//!   the bias gradient `Σ_L dzᵢ`. `Gᵢ` is built explicitly rather than its norm
+//!   taken through the Gram form `Σ (UᵢᵀUᵢ) ⊙ (dzᵢᵀdzᵢ)`, which costs
+//!   `L²·(C_in·k·k + C_out)` per example against `C_out·C_in·k·k·L`, so only
+//!   pays when `L < C_out·C_in·k·k / (C_in·k·k + C_out)`; no Meridian CNN
+//!   comes close (benchmark CNN: L = 576 against 10, and 64 against 30), and
+//!   `G` is small (`B·C_out·C_in·k·k` values). With `G` at hand the clipped
+//!   sum is the weighted reduction `Σᵢ fᵢ Gᵢ`, `L` times cheaper than a second
+//!   matmul over the patches.
+//! - LayerNorm and GroupNorm `y = x̂ γ + β` (per feature or channel): the
+//!   probe sits on `y`; example `i`'s gradients are `Σ dyᵢ ⊙ x̂ᵢ` for `γ` and
+//!   `Σ dyᵢ` for `β`, summed over the pixels of each channel.
+//!
+//! ReLU, pooling and flatten have no parameters; the backward pass carries
+//! gradients through them to the probes. BatchNorm is refused when the
+//! architecture is built: it makes one example's output depend on the others.
+//!
+//! # Precision
+//! [`Network::new`] computes in `f32`, as training does; [`Network::new_f64`]
+//! computes in `f64`, which reference tests use to match PyTorch's `float64`
+//! values to 1e-6 relative. Results come back as `f32` either way.
 
-use burn::tensor::activation::{log_softmax, relu};
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::activation::{log_softmax, relu, softmax};
+use burn::tensor::module::{conv2d, max_pool2d, unfold4d};
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions, UnfoldOptions};
+use burn::tensor::{DType, Device, Element, Tensor, TensorData};
 
-use crate::architecture::{Architecture, Layer, LayoutError};
+use crate::architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON};
 
 /// The device training runs on: the `flex` CPU backend, or with the `wgpu`
 /// feature and `gpu = true`, the first discrete GPU.
@@ -36,6 +64,8 @@ pub fn default_device(gpu: bool) -> Device {
 enum LayerParams {
     Linear { weight: Tensor<2>, bias: Tensor<1> },
     Conv { weight: Tensor<4>, bias: Tensor<1> },
+    /// LayerNorm or GroupNorm: scale and shift per feature or channel.
+    Norm { weight: Tensor<1>, bias: Tensor<1> },
     None,
 }
 
@@ -43,6 +73,8 @@ enum LayerParams {
 pub struct Network {
     arch: Architecture,
     device: Device,
+    /// `F32` or `F64`: every tensor of this network is created in it.
+    dtype: DType,
     params: Vec<LayerParams>,
 }
 
@@ -61,44 +93,94 @@ pub struct ClippedGradients {
     pub clipped: usize,
 }
 
+/// One example's activation between two layers, batched.
+enum Activation {
+    /// `[B, features]`.
+    Flat(Tensor<2>),
+    /// `[B, channels, height, width]`.
+    Image(Tensor<4>),
+}
+
+/// What a trainable layer saved during a probed forward pass: its zero probe,
+/// whose gradient is each example's output gradient, and the values its
+/// parameter gradients multiply that with (inner tensors).
+enum Probe {
+    /// Probe on `z = a Wᵀ + b` `[B, out]`; the input `a` `[B, in]`.
+    Linear { probe: Tensor<2>, input: Tensor<2> },
+    /// Probe on the pre-activation `[B, C_out, H', W']`; the input
+    /// `[B, C_in, H, W]` and the kernel side.
+    Conv {
+        probe: Tensor<4>,
+        input: Tensor<4>,
+        kernel: usize,
+    },
+    /// Probe on `y = x̂ γ + β` as `[B, C, S]`; `x̂` `[B, C, S]` (S pixels per
+    /// channel, 1 for a flat input).
+    Norm { probe: Tensor<3>, normalized: Tensor<3> },
+}
+
+/// A layer's per-example gradients, as the clipping needs them.
+enum PerExample {
+    /// Linear: example `i`'s weight gradient is `dzᵢ aᵢᵀ`, never built.
+    Outer { dz: Tensor<2>, input: Tensor<2> },
+    /// Every example's weight and bias gradient, `[B, n]` each, flat in the
+    /// layout's order.
+    Explicit { weight: Tensor<2>, bias: Tensor<2> },
+}
+
 impl Network {
-    /// Places a flat parameter vector (PyTorch layout) on `device`.
+    /// Places a flat parameter vector (PyTorch layout) on `device`; the
+    /// network computes in `f32`.
     pub fn new(arch: &Architecture, params: &[f32], device: &Device) -> Result<Network, LayoutError> {
-        let layout = arch.layout();
-        layout.check(params)?;
-        let mut offset = 0;
-        let mut take = |n: usize| {
-            let slice = params[offset..offset + n].to_vec();
-            offset += n;
-            slice
+        Network::place(arch, params, DType::F32, device)
+    }
+
+    /// Places a flat `f64` parameter vector (PyTorch layout) on `device`; the
+    /// network computes in `f64` (slower; for reference checks).
+    pub fn new_f64(arch: &Architecture, params: &[f64], device: &Device) -> Result<Network, LayoutError> {
+        Network::place(arch, params, DType::F64, device)
+    }
+
+    fn place<E: Element + Copy + Into<f64>>(
+        arch: &Architecture,
+        params: &[E],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Network, LayoutError> {
+        arch.layout().check_values(params)?;
+        let mut rest = params;
+        let mut take = |shape: &[usize]| {
+            let (head, tail) = rest.split_at(shape.iter().product());
+            rest = tail;
+            TensorData::new(head.to_vec(), shape.to_vec())
         };
+        let options = (device, dtype);
         let mut layer_params = Vec::with_capacity(arch.layers().len());
         for layer in arch.layers() {
             layer_params.push(match *layer {
                 Layer::Linear { inputs, outputs } => LayerParams::Linear {
-                    weight: Tensor::from_data(TensorData::new(take(inputs * outputs), [outputs, inputs]), device),
-                    bias: Tensor::from_data(TensorData::new(take(outputs), [outputs]), device),
+                    weight: Tensor::from_data(take(&[outputs, inputs]), options),
+                    bias: Tensor::from_data(take(&[outputs]), options),
                 },
                 Layer::Conv2d {
                     in_channels,
                     out_channels,
                     kernel,
                 } => LayerParams::Conv {
-                    weight: Tensor::from_data(
-                        TensorData::new(
-                            take(out_channels * in_channels * kernel * kernel),
-                            [out_channels, in_channels, kernel, kernel],
-                        ),
-                        device,
-                    ),
-                    bias: Tensor::from_data(TensorData::new(take(out_channels), [out_channels]), device),
+                    weight: Tensor::from_data(take(&[out_channels, in_channels, kernel, kernel]), options),
+                    bias: Tensor::from_data(take(&[out_channels]), options),
                 },
-                _ => LayerParams::None,
+                Layer::LayerNorm { features: channels } | Layer::GroupNorm { channels, .. } => LayerParams::Norm {
+                    weight: Tensor::from_data(take(&[channels]), options),
+                    bias: Tensor::from_data(take(&[channels]), options),
+                },
+                Layer::Relu | Layer::MaxPool2 | Layer::Flatten | Layer::BatchNorm { .. } => LayerParams::None,
             });
         }
         Ok(Network {
             arch: arch.clone(),
             device: device.clone(),
+            dtype,
             params: layer_params,
         })
     }
@@ -106,10 +188,6 @@ impl Network {
     /// The architecture.
     pub fn architecture(&self) -> &Architecture {
         &self.arch
-    }
-
-    fn has_conv(&self) -> bool {
-        self.params.iter().any(|p| matches!(p, LayerParams::Conv { .. }))
     }
 
     /// Probability of class 1 for each of the `x.len() / input_dim` rows.
@@ -121,99 +199,129 @@ impl Network {
             let n = (rows - start).min(4096);
             let input = Tensor::<2>::from_data(
                 TensorData::new(x[start * d..(start + n) * d].to_vec(), [n, d]),
-                &self.device,
+                (&self.device, self.dtype),
             );
             let logits = self.forward(input, &self.params, None);
-            let probs = burn::tensor::activation::softmax(logits, 1);
-            let values = to_vec(probs);
-            out.extend(values.chunks_exact(2).map(|p| p[1]));
+            let values = to_f32(softmax(logits, 1));
+            out.extend(values.chunks_exact(CLASSES).map(|p| p[1]));
         }
         out
     }
 
-    /// Runs the layers; with `probes`, adds a zero probe (on the autodiff
-    /// device) to every linear pre-activation and records each linear
-    /// layer's input.
+    /// A zero tensor on the autodiff device that requires a gradient.
+    fn probe<const D: usize>(&self, shape: [usize; D]) -> Tensor<D> {
+        Tensor::zeros(shape, (&self.device.clone().autodiff(), self.dtype)).require_grad()
+    }
+
+    /// Runs the layers on `input` `[B, input_dim]`, giving the logits
+    /// `[B, CLASSES]`. With `probes`, adds a zero probe to every trainable
+    /// layer's output and records what [`Probe`] says.
     fn forward(
         &self,
         input: Tensor<2>,
         params: &[LayerParams],
-        mut probes: Option<&mut Vec<(Tensor<2>, Tensor<2>)>>,
+        mut probes: Option<&mut Vec<Probe>>,
     ) -> Tensor<2> {
-        let mut flat: Option<Tensor<2>> = None;
-        let mut image: Option<Tensor<4>> = None;
-        if let Some(side) = self.arch.image_side() {
-            let [b, _] = input.dims();
-            image = Some(input.reshape([b, 1, side, side]));
-        } else {
-            flat = Some(input);
-        }
+        let mut act = match self.arch.image_side() {
+            Some(side) => {
+                let [b, _] = input.dims();
+                Activation::Image(input.reshape([b, 1, side, side]))
+            }
+            None => Activation::Flat(input),
+        };
+        // `Architecture::from_layers` checked that each layer fits the shape
+        // before it, so the arms not listed never occur.
         for (layer, p) in self.arch.layers().iter().zip(params) {
-            match (layer, p) {
-                (Layer::Linear { .. }, LayerParams::Linear { weight, bias }) => {
-                    let Some(a) = flat.take() else { continue };
+            act = match (layer, p, act) {
+                (Layer::Linear { .. }, LayerParams::Linear { weight, bias }, Activation::Flat(a)) => {
                     let mut z = a.clone().matmul(weight.clone().transpose()) + bias.clone().unsqueeze::<2>();
                     if let Some(probes) = probes.as_deref_mut() {
-                        let probe = Tensor::<2>::zeros(z.dims(), &self.device.clone().autodiff()).require_grad();
+                        let probe = self.probe(z.dims());
                         z = z + probe.clone();
-                        probes.push((probe, a.inner()));
+                        probes.push(Probe::Linear { probe, input: a.inner() });
                     }
-                    flat = Some(z);
+                    Activation::Flat(z)
                 }
-                (Layer::Conv2d { .. }, LayerParams::Conv { weight, bias }) => {
-                    if let Some(x) = image.take() {
-                        image = Some(conv2d(
-                            x,
-                            weight.clone(),
-                            Some(bias.clone()),
-                            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
-                        ));
+                (Layer::Conv2d { kernel, .. }, LayerParams::Conv { weight, bias }, Activation::Image(x)) => {
+                    let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+                    let mut z = conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
+                    if let Some(probes) = probes.as_deref_mut() {
+                        let probe = self.probe(z.dims());
+                        z = z + probe.clone();
+                        probes.push(Probe::Conv {
+                            probe,
+                            input: x.inner(),
+                            kernel: *kernel,
+                        });
                     }
+                    Activation::Image(z)
                 }
-                (Layer::Relu, _) => {
-                    flat = flat.map(relu);
-                    image = image.map(relu);
+                (Layer::Relu, _, Activation::Flat(x)) => Activation::Flat(relu(x)),
+                (Layer::Relu, _, Activation::Image(x)) => Activation::Image(relu(x)),
+                (Layer::MaxPool2, _, Activation::Image(x)) => {
+                    Activation::Image(max_pool2d(x, MaxPoolOptions::new([2, 2])))
                 }
-                (Layer::MaxPool2, _) => {
-                    image = image.map(|x| max_pool2d(x, MaxPoolOptions::new([2, 2])));
+                (Layer::Flatten, _, Activation::Image(x)) => {
+                    let [b, c, h, w] = x.dims();
+                    Activation::Flat(x.reshape([b, c * h * w]))
                 }
-                (Layer::Flatten, _) => {
-                    if let Some(x) = image.take() {
-                        let [b, c, h, w] = x.dims();
-                        flat = Some(x.reshape([b, c * h * w]));
-                    }
+                (Layer::LayerNorm { .. }, LayerParams::Norm { weight, bias }, Activation::Flat(x)) => {
+                    let [b, f] = x.dims();
+                    let normalized = normalize(x, 1).reshape([b, f, 1]);
+                    Activation::Flat(self.affine(normalized, weight, bias, probes.as_deref_mut()).reshape([b, f]))
                 }
-                _ => {}
+                (Layer::GroupNorm { groups, .. }, LayerParams::Norm { weight, bias }, Activation::Flat(x)) => {
+                    let [b, c] = x.dims();
+                    let normalized = normalize(x.reshape([b, *groups, c / groups]), 2).reshape([b, c, 1]);
+                    Activation::Flat(self.affine(normalized, weight, bias, probes.as_deref_mut()).reshape([b, c]))
+                }
+                (Layer::GroupNorm { groups, .. }, LayerParams::Norm { weight, bias }, Activation::Image(x)) => {
+                    let [b, c, h, w] = x.dims();
+                    let grouped = x.reshape([b, *groups, c / groups * h * w]);
+                    let normalized = normalize(grouped, 2).reshape([b, c, h * w]);
+                    let y = self.affine(normalized, weight, bias, probes.as_deref_mut());
+                    Activation::Image(y.reshape([b, c, h, w]))
+                }
+                (_, _, act) => act,
+            };
+        }
+        match act {
+            Activation::Flat(logits) => logits,
+            Activation::Image(x) => {
+                let [b, c, h, w] = x.dims();
+                x.reshape([b, c * h * w])
             }
         }
-        // A valid architecture always ends in a linear layer.
-        flat.unwrap_or_else(|| Tensor::zeros([0, 2], &self.device))
+    }
+
+    /// `x̂ γ + β` per channel of `normalized` `[B, C, S]`, with a probe.
+    fn affine(
+        &self,
+        normalized: Tensor<3>,
+        weight: &Tensor<1>,
+        bias: &Tensor<1>,
+        probes: Option<&mut Vec<Probe>>,
+    ) -> Tensor<3> {
+        let [_, c, _] = normalized.dims();
+        let mut y = normalized.clone() * weight.clone().reshape([1, c, 1]) + bias.clone().reshape([1, c, 1]);
+        if let Some(probes) = probes {
+            let probe = self.probe(y.dims());
+            y = y + probe.clone();
+            probes.push(Probe::Norm {
+                probe,
+                normalized: normalized.inner(),
+            });
+        }
+        y
     }
 
     /// The DP-SGD gradient of a batch: each example's gradient of its
     /// cross-entropy loss, scaled by `min(1, clip / (‖gᵢ‖ + 1e-6))` (Opacus'
     /// rule), summed. `x` holds `y.len()` rows. No noise is added here.
+    ///
+    /// One forward and one backward pass over the whole batch, with probes
+    /// (see the module documentation); exact, not an approximation.
     pub fn clipped_gradient_sum(&self, x: &[f32], y: &[u8], clip: f64) -> ClippedGradients {
-        if self.has_conv() {
-            self.clipped_sum_per_example(x, y, clip)
-        } else {
-            self.clipped_sum_probes(x, y, clip)
-        }
-    }
-
-    fn batch(&self, x: &[f32], y: &[u8], device: &Device) -> (Tensor<2>, Tensor<2>) {
-        let b = y.len();
-        let d = self.arch.input_dim();
-        let input = Tensor::<2>::from_data(TensorData::new(x[..b * d].to_vec(), [b, d]), device);
-        let mut onehot = vec![0f32; b * 2];
-        for (i, &label) in y.iter().enumerate() {
-            onehot[i * 2 + usize::from(label.min(1))] = 1.0;
-        }
-        let onehot = Tensor::<2>::from_data(TensorData::new(onehot, [b, 2]), device);
-        (input, onehot)
-    }
-
-    fn clipped_sum_probes(&self, x: &[f32], y: &[u8], clip: f64) -> ClippedGradients {
         let b = y.len();
         let num_params = self.arch.layout().num_params();
         if b == 0 {
@@ -230,124 +338,135 @@ impl Network {
         let logits = self.forward(input, &self.params, Some(&mut probes));
         let log_probs = log_softmax(logits, 1);
         let per_example = (log_probs.clone() * onehot).sum_dim(1).neg();
-        let loss = per_example.clone().sum();
-        let grads = loss.backward();
-        let (loss_sum, correct) = loss_and_correct(&to_vec(per_example.inner()), &to_vec(log_probs.inner()), y);
+        let grads = per_example.clone().sum().backward();
+        let (loss_sum, correct) = loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
 
-        // Per-example squared norms over all layers.
-        let mut dz = Vec::with_capacity(probes.len());
-        let mut norm2: Option<Tensor<2>> = None;
-        for (probe, a) in &probes {
-            let Some(g) = probe.grad(&grads) else { continue };
-            let g2 = g.clone().powi_scalar(2).sum_dim(1);
-            let a2 = a.clone().powi_scalar(2).sum_dim(1).add_scalar(1.0);
-            let term = g2 * a2;
-            norm2 = Some(match norm2 {
-                Some(n) => n + term,
-                None => term,
-            });
-            dz.push((g, a.clone()));
-        }
-        let Some(norm2) = norm2 else {
-            return ClippedGradients {
-                sum: vec![0.0; num_params],
-                norms: vec![0.0; b],
-                loss_sum,
-                correct,
-                clipped: 0,
-            };
+        let layers: Vec<PerExample> = probes
+            .into_iter()
+            .map(|probe| per_example_gradients(probe, &grads))
+            .collect();
+        let norm2 = layers
+            .iter()
+            .map(PerExample::norm2)
+            .reduce(|a, b| a + b)
+            .map(to_f64)
+            .unwrap_or_else(|| vec![0.0; b]);
+        let norms: Vec<f64> = norm2.iter().map(|n| n.max(0.0).sqrt()).collect();
+        let factors: Vec<f64> = norms.iter().map(|n| clip_factor(*n, clip)).collect();
+        let clipped = factors.iter().filter(|&&f| f < 1.0).count();
+        let factors = Tensor::<2>::from_data(TensorData::new(factors, [b, 1]), (&self.device, self.dtype));
+        let parts: Vec<Tensor<1>> = layers
+            .into_iter()
+            .flat_map(|layer| layer.clipped_sum(&factors))
+            .collect();
+        let sum = if parts.is_empty() {
+            vec![0.0; num_params]
+        } else {
+            to_f32(Tensor::cat(parts, 0))
         };
-        let norms = norm2.sqrt();
-        let factor = norms.clone().add_scalar(1e-6).recip().mul_scalar(clip).clamp_max(1.0);
-        let norms = to_vec(norms);
-        let clipped = norms.iter().filter(|&&n| f64::from(n) + 1e-6 > clip).count();
-        let mut sum = Vec::with_capacity(num_params);
-        for (g, a) in dz {
-            let scaled = g * factor.clone();
-            let weight = scaled.clone().transpose().matmul(a);
-            sum.extend(to_vec(weight));
-            sum.extend(to_vec(scaled.sum_dim(0)));
-        }
         ClippedGradients {
             sum,
-            norms,
+            norms: norms.into_iter().map(|n| n as f32).collect(),
             loss_sum,
             correct,
             clipped,
         }
     }
 
-    /// Exact but slow: one backward pass per example.
-    fn clipped_sum_per_example(&self, x: &[f32], y: &[u8], clip: f64) -> ClippedGradients {
+    /// The first `y.len()` rows of `x` and one-hot labels, on `device`.
+    fn batch(&self, x: &[f32], y: &[u8], device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let b = y.len();
         let d = self.arch.input_dim();
-        let num_params = self.arch.layout().num_params();
-        let autodiff = self.device.clone().autodiff();
-        let mut sum = vec![0f64; num_params];
-        let mut norms = Vec::with_capacity(y.len());
-        let (mut loss_sum, mut correct, mut clipped) = (0.0, 0, 0);
+        let options = (device, self.dtype);
+        let input = Tensor::<2>::from_data(TensorData::new(x[..b * d].to_vec(), [b, d]), options);
+        let mut onehot = vec![0f32; b * CLASSES];
         for (i, &label) in y.iter().enumerate() {
-            let tracked: Vec<LayerParams> = self
-                .params
-                .iter()
-                .map(|p| match p {
-                    LayerParams::Linear { weight, bias } => LayerParams::Linear {
-                        weight: weight.clone().autodiff().require_grad(),
-                        bias: bias.clone().autodiff().require_grad(),
-                    },
-                    LayerParams::Conv { weight, bias } => LayerParams::Conv {
-                        weight: weight.clone().autodiff().require_grad(),
-                        bias: bias.clone().autodiff().require_grad(),
-                    },
-                    LayerParams::None => LayerParams::None,
-                })
-                .collect();
-            let (input, onehot) = self.batch(&x[i * d..(i + 1) * d], &[label], &autodiff);
-            let logits = self.forward(input, &tracked, None);
-            let log_probs = log_softmax(logits, 1);
-            let loss = (log_probs.clone() * onehot).sum().neg();
-            let grads = loss.backward();
-            let (l, c) = loss_and_correct(&to_vec(loss.inner()), &to_vec(log_probs.inner()), &[label]);
-            loss_sum += l;
-            correct += c;
-            let mut g = Vec::with_capacity(num_params);
-            for p in &tracked {
-                match p {
-                    LayerParams::Linear { weight, bias } => {
-                        g.extend(weight.grad(&grads).map(to_vec).unwrap_or_default());
-                        g.extend(bias.grad(&grads).map(to_vec).unwrap_or_default());
-                    }
-                    LayerParams::Conv { weight, bias } => {
-                        g.extend(weight.grad(&grads).map(to_vec).unwrap_or_default());
-                        g.extend(bias.grad(&grads).map(to_vec).unwrap_or_default());
-                    }
-                    LayerParams::None => {}
-                }
-            }
-            g.resize(num_params, 0.0);
-            let norm = g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-            let factor = (clip / (norm + 1e-6)).min(1.0);
-            if factor < 1.0 {
-                clipped += 1;
-            }
-            for (s, v) in sum.iter_mut().zip(&g) {
-                *s += factor * f64::from(*v);
-            }
-            norms.push(norm as f32);
+            onehot[i * CLASSES + usize::from(label.min(1))] = 1.0;
         }
-        ClippedGradients {
-            sum: sum.into_iter().map(|v| v as f32).collect(),
-            norms,
-            loss_sum,
-            correct,
-            clipped,
+        let onehot = Tensor::<2>::from_data(TensorData::new(onehot, [b, CLASSES]), options);
+        (input, onehot)
+    }
+}
+
+/// Opacus' clip factor `min(1, clip / (norm + 1e-6))`.
+fn clip_factor(norm: f64, clip: f64) -> f64 {
+    (clip / (norm + 1e-6)).min(1.0)
+}
+
+/// `(x - mean) / √(var + ε)` over `dim`, with the biased variance.
+fn normalize<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
+    let centered = x.clone() - x.mean_dim(dim);
+    let var = centered.clone().square().mean_dim(dim);
+    centered / var.add_scalar(NORM_EPSILON).sqrt()
+}
+
+/// A layer's per-example gradients from its probe's gradient. A probe
+/// without a gradient (the loss does not depend on it) counts as zero.
+fn per_example_gradients(probe: Probe, grads: &burn::tensor::Gradients) -> PerExample {
+    match probe {
+        Probe::Linear { probe, input } => PerExample::Outer {
+            dz: probe.grad(grads).unwrap_or_else(|| probe.inner()),
+            input,
+        },
+        Probe::Conv { probe, input, kernel } => {
+            let dz = probe.grad(grads).unwrap_or_else(|| probe.inner());
+            let [b, c_out, h, w] = dz.dims();
+            let dz = dz.reshape([b, c_out, h * w]);
+            // [B, C_in·k·k, L], rows in PyTorch's weight order (c, kh, kw).
+            let patches = unfold4d(input, [kernel, kernel], UnfoldOptions::new([1, 1], [0, 0], [1, 1]));
+            let [_, patch, _] = patches.dims();
+            let weight = dz.clone().matmul(patches.swap_dims(1, 2));
+            PerExample::Explicit {
+                weight: weight.reshape([b, c_out * patch]),
+                bias: dz.sum_dim(2).reshape([b, c_out]),
+            }
+        }
+        Probe::Norm { probe, normalized } => {
+            let dy = probe.grad(grads).unwrap_or_else(|| probe.inner());
+            let [b, c, _] = dy.dims();
+            PerExample::Explicit {
+                weight: (dy.clone() * normalized).sum_dim(2).reshape([b, c]),
+                bias: dy.sum_dim(2).reshape([b, c]),
+            }
         }
     }
 }
 
-fn loss_and_correct(per_example_loss: &[f32], log_probs: &[f32], y: &[u8]) -> (f64, usize) {
-    let loss = per_example_loss.iter().map(|&l| f64::from(l)).sum();
+impl PerExample {
+    /// Each example's squared gradient norm over this layer, `[B]`.
+    fn norm2(&self) -> Tensor<1> {
+        let per_row = |t: &Tensor<2>| t.clone().square().sum_dim(1);
+        let norm2 = match self {
+            PerExample::Outer { dz, input } => per_row(dz) * per_row(input).add_scalar(1.0),
+            PerExample::Explicit { weight, bias } => per_row(weight) + per_row(bias),
+        };
+        let [b, _] = norm2.dims();
+        norm2.reshape([b])
+    }
+
+    /// `Σᵢ fᵢ gᵢ` for the weight and then the bias, flat, with `factors` `[B, 1]`.
+    fn clipped_sum(self, factors: &Tensor<2>) -> [Tensor<1>; 2] {
+        let flat = |t: Tensor<2>| {
+            let n = t.dims().iter().product::<usize>();
+            t.reshape([n])
+        };
+        match self {
+            PerExample::Outer { dz, input } => {
+                let scaled = dz * factors.clone();
+                [flat(scaled.clone().transpose().matmul(input)), flat(scaled.sum_dim(0))]
+            }
+            PerExample::Explicit { weight, bias } => [
+                flat((weight * factors.clone()).sum_dim(0)),
+                flat((bias * factors.clone()).sum_dim(0)),
+            ],
+        }
+    }
+}
+
+fn loss_and_correct(per_example_loss: &[f64], log_probs: &[f64], y: &[u8]) -> (f64, usize) {
+    let loss = per_example_loss.iter().sum();
     let correct = log_probs
-        .chunks_exact(2)
+        .chunks_exact(CLASSES)
         .zip(y)
         .filter(|(lp, label)| u8::from(lp[1] > lp[0]) == **label)
         .count();
@@ -355,8 +474,13 @@ fn loss_and_correct(per_example_loss: &[f32], log_probs: &[f32], y: &[u8]) -> (f
 }
 
 /// Copies a tensor's values to the host as `f32`.
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+fn to_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec().unwrap_or_default()
+}
+
+/// Copies a tensor's values to the host as `f64`.
+fn to_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().try_into_vec().unwrap_or_default()
 }
 
 #[cfg(test)]

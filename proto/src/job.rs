@@ -30,6 +30,62 @@ pub struct JobSpec {
     /// Client-level DP at the coordinator (DP-FedAvg), on top of each site's DP-SGD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_dp: Option<ClientDpSpec>,
+    /// How the coordinator combines the sites' updates.
+    #[serde(default, skip_serializing_if = "Aggregation::is_fedavg")]
+    pub aggregation: Aggregation,
+}
+
+/// How updates are combined. FedAvg streams updates into a running sum
+/// (memory O(d)); the robust rules need every update of the round at once
+/// (memory O(n·d), refused above [`Aggregation::MAX_ROBUST_BYTES`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Aggregation {
+    /// Mean weighted by training examples.
+    #[default]
+    Fedavg,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise mean after dropping the `trim_fraction` largest and
+    /// smallest values of each coordinate.
+    TrimmedMean {
+        /// Share trimmed at each end, in [0, 0.5).
+        trim_fraction: f64,
+    },
+    /// Krum (Blanchard et al. 2017): the update closest to its n − f − 2
+    /// nearest neighbours, tolerating `byzantine` bad sites.
+    Krum {
+        /// Bad sites to tolerate (f); needs n > 2f + 2.
+        byzantine: usize,
+    },
+    /// Multi-Krum: the mean of the `select` best-scored updates.
+    MultiKrum {
+        /// Bad sites to tolerate (f).
+        byzantine: usize,
+        /// Updates averaged (m).
+        select: usize,
+    },
+}
+
+impl Aggregation {
+    /// Most memory a robust rule may hold for one round's updates: 2 GiB.
+    pub const MAX_ROBUST_BYTES: u64 = 2 << 30;
+
+    /// Whether this is plain FedAvg.
+    pub fn is_fedavg(&self) -> bool {
+        matches!(self, Aggregation::Fedavg)
+    }
+
+    /// The rule's name in `aggregation.rule`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Aggregation::Fedavg => "fedavg",
+            Aggregation::Median => "median",
+            Aggregation::TrimmedMean { .. } => "trimmed_mean",
+            Aggregation::Krum { .. } => "krum",
+            Aggregation::MultiKrum { .. } => "multi_krum",
+        }
+    }
 }
 
 /// Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): the
@@ -450,6 +506,35 @@ impl JobSpec {
                 }
             }
         }
+        match &self.aggregation {
+            Aggregation::TrimmedMean { trim_fraction } if !(0.0..0.5).contains(trim_fraction) => {
+                p.push(format!("aggregation.trim_fraction: must be in [0, 0.5), got {trim_fraction}"));
+            }
+            Aggregation::Krum { byzantine } | Aggregation::MultiKrum { byzantine, .. }
+                if (self.policy.min_sites as usize) < 2 * byzantine + 3 =>
+            {
+                p.push(format!(
+                    "aggregation.byzantine: Krum tolerating {byzantine} bad sites needs min_sites >= {}, got {}",
+                    2 * byzantine + 3,
+                    self.policy.min_sites
+                ));
+            }
+            _ => {}
+        }
+        if let Aggregation::MultiKrum { select, .. } = &self.aggregation {
+            if *select == 0 || *select > self.policy.min_sites as usize {
+                p.push(format!(
+                    "aggregation.select: must be in 1..=min_sites ({}), got {select}",
+                    self.policy.min_sites
+                ));
+            }
+        }
+        if self.client_dp.is_some() && !self.aggregation.is_fedavg() {
+            p.push(format!(
+                "aggregation.rule: client-level DP needs fedavg (its noise is calibrated to a clipped sum), got {}",
+                self.aggregation.name()
+            ));
+        }
         let r = &self.policy;
         if r.min_sites == 0 {
             p.push("policy.min_sites: must be at least 1".to_string());
@@ -555,6 +640,8 @@ struct RawJobSpec {
     policy: RawPolicy,
     #[serde(default)]
     client_dp: Option<ClientDpSpec>,
+    #[serde(default)]
+    aggregation: Aggregation,
 }
 
 #[derive(Deserialize)]
@@ -705,6 +792,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
                 max_round_attempts: raw.policy.max_round_attempts,
             },
             client_dp: raw.client_dp,
+            aggregation: raw.aggregation,
         };
         if let Err(mut more) = spec.validate() {
             problems.append(&mut more);

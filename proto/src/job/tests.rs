@@ -88,3 +88,16 @@ fn client_dp_is_optional_and_validated() {
         "job.toml: client_dp.adaptive.count_noise_multiplier: must exceed noise_multiplier / 2 = 0.5 so the update keeps some budget, got 0.4",
     );
 }
+
+#[test]
+fn robust_aggregation_is_chosen_by_name_and_validated() {
+    let median = JobSpec::from_toml(&format!("{WDBC}\n[aggregation]\nrule = \"median\"\n"), "job.toml").unwrap();
+    assert_eq!(median.aggregation, Aggregation::Median);
+    assert_eq!(JobSpec::from_toml(WDBC, "job.toml").unwrap().aggregation, Aggregation::Fedavg);
+    check_err(
+        &format!("{WDBC}\n[aggregation]\nrule = \"krum\"\nbyzantine = 1\n"),
+        "job.toml: aggregation.byzantine: Krum tolerating 1 bad sites needs min_sites >= 5, got 3",
+    );
+    let err = JobSpec::from_toml(&format!("{WDBC}\n[aggregation]\nrule = \"mode\"\n"), "job.toml").unwrap_err();
+    assert!(err.to_string().contains("unknown variant `mode`"), "{err}");
+}
