@@ -282,7 +282,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("  final test AUC (held-out, sample-weighted over hospitals): {}", final_auc.map_or("-".to_string(), |a| format!("{a:.4}")));
         println!("  privacy spent per hospital at δ = {:e} (RDP accountant, recomputed from the ledgers):", status.delta);
         for r in budgets.iter().filter(|r| r.job_id == job_id) {
-            println!("    {:<12} ε = {:.4} over {} rounds (per-job cap {:.1})", r.site, r.epsilon_spent, r.rounds, r.epsilon_total);
+            println!("    {:<12} ε = {:.4} over {} ledger entries (per-job cap {:.1})", r.site, r.epsilon_spent, r.rounds, r.epsilon_total);
         }
         println!("  model (round {round}, {n} parameters): {}", model.display());
         for dir in &site_dirs {

@@ -494,6 +494,12 @@ impl pb::worker_service_server::WorkerService for Services {
         if job.state != JobState::Offering {
             return Err(Status::failed_precondition(format!("job {} is {}, not taking answers", job.id, job.state.as_str())));
         }
+        if let Some(entry) = &a.ledger_entry {
+            if entry.site != who.name || entry.job_id != job.id {
+                return Err(Status::invalid_argument("the answer's ledger entry belongs to another site or job"));
+            }
+            self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(entry))?;
+        }
         let state = if a.accept { "accepted" } else { "refused" };
         if !self.inner.store.set_job_site(&job.id, &who.name, state, &a.reason, Some(a.planned_epsilon), Some(a.train_examples))? {
             return Err(Status::permission_denied(format!("job {} was not offered to {}", job.id, who.name)));

@@ -363,6 +363,14 @@ pub struct PrivacySpec {
     pub clip_norm: f64,
     /// The δ at which ε is reported and budgets are charged.
     pub delta: f64,
+    /// Standard deviation of the discrete Gaussian noise on each site's
+    /// training-set size (the FedAvg weight), released once per job.
+    #[serde(default = "default_count_noise_scale")]
+    pub count_noise_scale: f64,
+}
+
+fn default_count_noise_scale() -> f64 {
+    10.0
 }
 
 /// When a round closes and what happens when sites are missing.
@@ -477,6 +485,9 @@ impl JobSpec {
         }
         if !(d.delta.is_finite() && d.delta > 0.0 && d.delta < 1e-2) {
             p.push(format!("privacy.delta: must be in (0, 0.01), got {}", d.delta));
+        }
+        if !(d.count_noise_scale.is_finite() && d.count_noise_scale >= 1.0) {
+            p.push(format!("privacy.count_noise_scale: must be finite and >= 1, got {}", d.count_noise_scale));
         }
         if let Some(c) = &self.client_dp {
             if !(c.clip.is_finite() && c.clip > 0.0) {

@@ -71,8 +71,20 @@ pub struct Decision {
     pub accept: bool,
     /// Why not.
     pub reason: String,
-    /// ε the job would spend at the job's δ.
+    /// ε the job would spend at the job's δ (DP-SGD and the count release).
     pub planned_epsilon: f64,
+    /// The training-set size released with noise (0 when refused).
+    pub train_examples: u64,
+}
+
+/// The count release that goes with an offer: the true training-set size
+/// and the noise scale the job asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct CountRelease {
+    /// Training rows at the site.
+    pub examples: u64,
+    /// Standard deviation of the discrete Gaussian noise.
+    pub noise_scale: f64,
 }
 
 /// The site's ledger database.
@@ -119,6 +131,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     planned_steps INTEGER NOT NULL,
     delta REAL NOT NULL,
     planned_epsilon REAL NOT NULL,
+    noisy_examples INTEGER NOT NULL DEFAULT 0,
     active INTEGER NOT NULL,
     decided_at_ms INTEGER NOT NULL
 );
@@ -164,13 +177,14 @@ const ENTRY_COLUMNS: &str = "seq, site, dataset, job_id, round, spec_hash, noise
 fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, LedgerError> {
     Ok(conn
         .query_row(
-            "SELECT accepted, reason, planned_epsilon FROM jobs WHERE job_id = ?1",
+            "SELECT accepted, reason, planned_epsilon, noisy_examples FROM jobs WHERE job_id = ?1",
             params![job_id],
             |r| {
                 Ok(Decision {
                     accept: r.get::<_, i64>(0)? == 1,
                     reason: r.get(1)?,
                     planned_epsilon: r.get(2)?,
+                    train_examples: r.get::<_, i64>(3)? as u64,
                 })
             },
         )
@@ -225,7 +239,7 @@ impl Ledger {
     fn reserved(tx: &Connection, dataset: &str, except_job: &str) -> Result<Vec<(f64, f64, u64)>, LedgerError> {
         let mut stmt = tx.prepare(
             "SELECT j.sample_rate, j.noise_multiplier,
-                    j.planned_steps - COALESCE((SELECT SUM(l.steps) FROM ledger l WHERE l.job_id = j.job_id), 0)
+                    j.planned_steps - COALESCE((SELECT SUM(l.steps) FROM ledger l WHERE l.job_id = j.job_id AND l.round > 0), 0)
              FROM jobs j WHERE j.dataset = ?1 AND j.accepted = 1 AND j.active = 1 AND j.job_id != ?2",
         )?;
         let rows = stmt
@@ -255,6 +269,7 @@ impl Ledger {
         noise_multiplier: f64,
         planned_steps: u64,
         delta: f64,
+        count: CountRelease,
     ) -> Result<Decision, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -262,11 +277,13 @@ impl Ledger {
         if let Some(d) = existing {
             return Ok(d);
         }
-        let planned = compose([(sample_rate, noise_multiplier, planned_steps)], delta)?;
+        // The job is its DP-SGD steps plus one Gaussian release of the training-set size.
+        let job_items = [(sample_rate, noise_multiplier, planned_steps), (1.0, count.noise_scale, 1)];
+        let planned = compose(job_items, delta)?;
         let mut committed = Self::charged(&tx, &dataset.name)?;
         committed.extend(Self::reserved(&tx, &dataset.name, job_id)?);
         let spent = compose(committed.iter().copied(), dataset.budget_delta)?;
-        committed.push((sample_rate, noise_multiplier, planned_steps));
+        committed.extend(job_items);
         let after = compose(committed, dataset.budget_delta)?;
         let remaining = (dataset.budget_epsilon - spent).max(0.0);
         let decision = if planned > dataset.job_epsilon_cap {
@@ -277,6 +294,7 @@ impl Ledger {
                     dataset.name, dataset.job_epsilon_cap
                 ),
                 planned_epsilon: planned,
+                train_examples: 0,
             }
         } else if after > dataset.budget_epsilon {
             Decision {
@@ -286,17 +304,21 @@ impl Ledger {
                     dataset.name, dataset.budget_epsilon, dataset.budget_delta
                 ),
                 planned_epsilon: planned,
+                train_examples: 0,
             }
         } else {
+            let released = privacy::release::release_count(count.examples, count.noise_scale)
+                .map_err(|e| LedgerError::Accountant(e.to_string()))?;
             Decision {
                 accept: true,
                 reason: String::new(),
                 planned_epsilon: planned,
+                train_examples: released.value,
             }
         };
         tx.execute(
-            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms)
-             VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11)",
+            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples)
+             VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11, ?13)",
             params![
                 job_id,
                 dataset.name,
@@ -309,9 +331,24 @@ impl Ledger {
                 delta,
                 decision.planned_epsilon,
                 now_ms(),
-                spec_json
+                spec_json,
+                decision.train_examples as i64
             ],
         )?;
+        if decision.accept {
+            // Round 0 of the job: the count release, charged before the answer leaves.
+            let release = Charge {
+                job_id: job_id.to_string(),
+                spec_hash: spec_hash.to_string(),
+                round: 0,
+                noise_multiplier: count.noise_scale,
+                sample_rate: 1.0,
+                clip_norm: 1.0,
+                steps: 1,
+                delta,
+            };
+            self.insert_charge(&tx, dataset, &release)?;
+        }
         tx.commit()?;
         Ok(decision)
     }
@@ -362,10 +399,18 @@ impl Ledger {
     }
 
     /// Commits one round's charge durably and returns the entry. Refuses a
-    /// charge that would take the dataset over its budget.
+    /// charge that would take the dataset over its budget; charging a round
+    /// again returns the entry already committed.
     pub fn charge(&self, dataset: &DatasetConfig, c: &Charge) -> Result<pb::LedgerEntry, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let entry = self.insert_charge(&tx, dataset, c)?;
+        tx.commit()?;
+        Ok(entry)
+    }
+
+    /// Inserts a charge inside `tx` (or returns the one already there).
+    fn insert_charge(&self, tx: &Connection, dataset: &DatasetConfig, c: &Charge) -> Result<pb::LedgerEntry, LedgerError> {
         if let Some(existing) = tx
             .query_row(
                 &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE job_id = ?1 AND round = ?2"),
@@ -384,7 +429,7 @@ impl Ledger {
         };
         job_items.push((c.sample_rate, c.noise_multiplier, c.steps));
         let epsilon_job = compose(job_items, c.delta)?;
-        let mut dataset_items = Self::charged(&tx, &dataset.name)?;
+        let mut dataset_items = Self::charged(tx, &dataset.name)?;
         dataset_items.push((c.sample_rate, c.noise_multiplier, c.steps));
         let epsilon_dataset = compose(dataset_items, dataset.budget_delta)?;
         if epsilon_dataset > dataset.budget_epsilon {
@@ -420,13 +465,11 @@ impl Ledger {
                 now_ms()
             ],
         )?;
-        let entry = tx.query_row(
+        Ok(tx.query_row(
             &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE seq = last_insert_rowid()"),
             [],
             entry_from_row,
-        )?;
-        tx.commit()?;
-        Ok(entry)
+        )?)
     }
 }
 

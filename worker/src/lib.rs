@@ -314,6 +314,7 @@ impl Worker {
             reason,
             planned_epsilon: 0.0,
             train_examples: 0,
+            ledger_entry: None,
         };
         let answer = match self.decide_offer(job_id, &offer).await {
             Ok(answer) => answer,
@@ -354,8 +355,17 @@ impl Worker {
                 spec.privacy.noise_multiplier,
                 planned_steps,
                 spec.privacy.delta,
+                ledger::CountRelease {
+                    examples: data.n_train() as u64,
+                    noise_scale: spec.privacy.count_noise_scale,
+                },
             )
             .map_err(|e| e.to_string())?;
+        let ledger_entry = if decision.accept {
+            self.ledger.entry(job_id, 0).map_err(|e| e.to_string())?
+        } else {
+            None
+        };
         if decision.accept {
             lock(&self.jobs).insert(
                 job_id.to_string(),
@@ -372,7 +382,8 @@ impl Worker {
             accept: decision.accept,
             reason: decision.reason,
             planned_epsilon: decision.planned_epsilon,
-            train_examples: data.n_train() as u64,
+            train_examples: decision.train_examples,
+            ledger_entry,
         })
     }
 
@@ -549,13 +560,18 @@ impl Worker {
                 (update, entry, metrics)
             }
         };
-        let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
+        // The FedAvg weight is the training-set size released (with noise) at acceptance.
+        let weight = self
+            .ledger
+            .decision(job_id)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map_or(1, |d| d.train_examples.max(1));
         let header = pb::UpdateHeader {
             job_id: job_id.to_string(),
             round,
             layout_hash: task.layout_hash.clone(),
             num_params: update.len() as u64,
-            num_examples: data.n_train() as u64,
+            num_examples: weight,
             metrics: metrics.into_iter().collect(),
             ledger_entry: Some(entry),
         };

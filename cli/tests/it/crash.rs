@@ -83,7 +83,7 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
 
     let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
     let rounds: Vec<u32> = ledger
-        .prepare("SELECT round FROM ledger WHERE job_id = ?1 ORDER BY round")
+        .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND round > 0 ORDER BY round")
         .unwrap()
         .query_map([&job_id], |r| r.get(0))
         .unwrap()
@@ -96,7 +96,7 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
     // The coordinator's mirror has every charge.
     let coordinator = Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
     let mirrored: i64 = coordinator
-        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1", [&job_id], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0", [&job_id], |r| r.get(0))
         .unwrap();
     assert_eq!(mirrored, 6);
 }
@@ -166,7 +166,7 @@ fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
     for home in &homes {
         let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
         let charged: Vec<u32> = ledger
-            .prepare("SELECT round FROM ledger WHERE job_id = ?1 ORDER BY round")
+            .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND round > 0 ORDER BY round")
             .unwrap()
             .query_map([&job_id], |r| r.get(0))
             .unwrap()
@@ -180,7 +180,7 @@ fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
         .unwrap();
     assert_eq!(updates, 20);
     let mirrored: i64 = coordinator
-        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1", [&job_id], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0", [&job_id], |r| r.get(0))
         .unwrap();
     assert_eq!(mirrored, 20);
 }

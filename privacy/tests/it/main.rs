@@ -2,4 +2,5 @@
 //! reference fixtures, and the crate's own tidiness rules.
 
 mod accountant;
+mod pld;
 mod tidy;

@@ -1,5 +1,7 @@
 use super::*;
 
+const COUNT: CountRelease = CountRelease { examples: 1000, noise_scale: 100.0 };
+
 fn dataset(budget: f64, cap: f64) -> DatasetConfig {
     DatasetConfig {
         name: "heart".to_string(),
@@ -34,18 +36,23 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     let ledger = Ledger::open(&dir.path().join("l.sqlite"), "site-a").unwrap();
     let d = dataset(0.9, 0.8);
     // One job of 1,000 steps at q = 0.01, σ = 2 costs ε ≈ 0.69 alone.
-    let first = ledger.decide(&d, "job-1", "h1", "{}", 0.01, 2.0, 1000, 1e-5).unwrap();
+    let first = ledger.decide(&d, "job-1", "h1", "{}", 0.01, 2.0, 1000, 1e-5, COUNT).unwrap();
     assert!(first.accept, "{first:?}");
-    assert!((first.planned_epsilon - privacy::accountant::dpsgd_epsilon(0.01, 2.0, 1000, 1e-5).unwrap().epsilon).abs() < 1e-12);
+    // Planned: 1,000 DP-SGD steps and one release of the training-set size (σ = 100), composed by RDP.
+    let mut acc = privacy::accountant::RdpAccountant::new();
+    acc.compose_poisson_gaussian(0.01, 2.0, 1000).unwrap();
+    acc.compose_poisson_gaussian(1.0, 100.0, 1).unwrap();
+    assert!((first.planned_epsilon - acc.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
+    assert!(first.train_examples.abs_diff(1000) < 1000, "{}", first.train_examples);
     // A second identical job would take the dataset past 0.9 once the first's reservation counts.
-    let second = ledger.decide(&d, "job-2", "h2", "{}", 0.01, 2.0, 1000, 1e-5).unwrap();
+    let second = ledger.decide(&d, "job-2", "h2", "{}", 0.01, 2.0, 1000, 1e-5, COUNT).unwrap();
     assert!(!second.accept);
     assert!(second.reason.starts_with("dataset \"heart\": planned ε"), "{}", second.reason);
     assert!(second.reason.contains("exceeds the remaining budget"), "{}", second.reason);
     // Decisions are recorded once: asking again returns the same answer.
-    assert_eq!(ledger.decide(&d, "job-2", "h2", "{}", 0.01, 2.0, 10, 1e-5).unwrap(), second);
+    assert_eq!(ledger.decide(&d, "job-2", "h2", "{}", 0.01, 2.0, 10, 1e-5, COUNT).unwrap(), second);
     // Over the per-job cap.
-    let big = ledger.decide(&d, "job-3", "h3", "{}", 0.01, 2.0, 5000, 1e-5).unwrap();
+    let big = ledger.decide(&d, "job-3", "h3", "{}", 0.01, 2.0, 5000, 1e-5, COUNT).unwrap();
     assert!(big.reason.contains("exceeds the per-job cap ε 0.800"), "{}", big.reason);
 }
 
@@ -56,12 +63,18 @@ fn charges_compose_are_durable_and_never_overspend() {
     let d = dataset(1.0, 1.0);
     {
         let ledger = Ledger::open(&path, "site-a").unwrap();
-        ledger.decide(&d, "job-1", "h", "{\"spec\":1}", 0.01, 2.0, 1000, 1e-5).unwrap();
+        ledger.decide(&d, "job-1", "h", "{\"spec\":1}", 0.01, 2.0, 1000, 1e-5, COUNT).unwrap();
+        // The acceptance charged the count release as round 0.
+        let release = ledger.entry("job-1", 0).unwrap().unwrap();
+        assert_eq!((release.seq, release.sample_rate, release.noise_multiplier, release.steps), (1, 1.0, 100.0, 1));
         let e1 = ledger.charge(&d, &charge("job-1", 1, 300)).unwrap();
         let e2 = ledger.charge(&d, &charge("job-1", 2, 300)).unwrap();
-        assert_eq!((e1.seq, e2.seq), (1, 2));
+        assert_eq!((e1.seq, e2.seq), (2, 3));
         // Composition by RDP, not by summing ε.
-        let composed = privacy::accountant::dpsgd_epsilon(0.01, 2.0, 600, 1e-5).unwrap().epsilon;
+        let mut acc = privacy::accountant::RdpAccountant::new();
+        acc.compose_poisson_gaussian(0.01, 2.0, 600).unwrap();
+        acc.compose_poisson_gaussian(1.0, 100.0, 1).unwrap();
+        let composed = acc.epsilon(1e-5).unwrap().epsilon;
         assert!((e2.epsilon_job - composed).abs() < 1e-12);
         assert!(e2.epsilon_job < e1.epsilon_round + e2.epsilon_round);
         // Charging the same round again returns the committed entry, charging nothing more.
@@ -69,12 +82,12 @@ fn charges_compose_are_durable_and_never_overspend() {
     }
     // After a restart everything is still there, and the accepted job can be resumed.
     let ledger = Ledger::open(&path, "site-a").unwrap();
-    assert_eq!(ledger.entries().unwrap().len(), 2);
+    assert_eq!(ledger.entries().unwrap().len(), 3);
     assert_eq!(ledger.accepted_job("job-1").unwrap(), Some(("{\"spec\":1}".to_string(), "h".to_string())));
     // A charge past the budget is refused and not recorded.
     let err = ledger.charge(&d, &charge("job-1", 3, 5000)).unwrap_err();
     assert!(matches!(err, LedgerError::OverBudget { round: 3, .. }), "{err}");
-    assert_eq!(ledger.entries().unwrap().len(), 2);
+    assert_eq!(ledger.entries().unwrap().len(), 3);
     assert!(ledger.spent("heart", 1e-5).unwrap() <= 1.0);
     // The ledger is append-only.
     let conn = ledger.lock();

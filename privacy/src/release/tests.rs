@@ -1,0 +1,29 @@
+use super::*;
+
+#[test]
+fn count_release_is_noisy_unbiased_and_accounted() {
+    let scale = 10.0;
+    let draws: Vec<f64> = (0..2000).map(|_| release_count(10_000, scale).unwrap().value as f64).collect();
+    let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+    let var = draws.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (draws.len() - 1) as f64;
+    // Mean within 5 standard errors of the truth; variance near scale².
+    assert!((mean - 10_000.0).abs() < 5.0 * scale / (draws.len() as f64).sqrt(), "{mean}");
+    assert!((var / (scale * scale) - 1.0).abs() < 0.15, "{var}");
+    assert!(draws.iter().any(|&d| d != 10_000.0));
+    // ρ = Δ²/(2s²) for the Gaussian mechanism.
+    let r = release_count(5, scale).unwrap();
+    assert!((r.rho - 1.0 / (2.0 * scale * scale)).abs() < 1e-12, "{}", r.rho);
+    // Post-processing keeps the weight positive.
+    assert!(release_count(0, 1000.0).unwrap().value >= 1);
+}
+
+#[test]
+fn opendp_conversion_agrees_with_the_accountant_and_rejects_bad_scales() {
+    // OpenDP's zCDP conversion and the RDP accountant (q = 1, σ = s, 1 step) bound the same release.
+    let eps_opendp = count_release_epsilon(10.0, 1e-5).unwrap();
+    let eps_rdp = crate::accountant::dpsgd_epsilon(1.0, 10.0, 1, 1e-5).unwrap().epsilon;
+    assert!(eps_opendp > 0.0 && eps_opendp < 1.0, "{eps_opendp}");
+    assert!((eps_opendp - eps_rdp).abs() / eps_rdp < 0.25, "opendp {eps_opendp} vs rdp {eps_rdp}");
+    assert!(matches!(release_count(3, 0.0), Err(ReleaseError::Scale(_))));
+    assert!(matches!(release_count(u64::MAX, 1.0), Err(ReleaseError::TooLarge(_))));
+}
