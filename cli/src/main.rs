@@ -190,6 +190,15 @@ enum BudgetCommand {
     },
 }
 
+/// Which accountant computes ε.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum AccountantKind {
+    /// Rényi DP (Mironov et al.), dp_accounting's default orders and improved conversion.
+    Rdp,
+    /// Privacy loss distribution (dp_accounting's PLD, discretization 1e-4): tighter.
+    Pld,
+}
+
 #[derive(Subcommand)]
 enum PrivacyCommand {
     /// ε of DP-SGD (Poisson-subsampled Gaussian) by the RDP accountant.
@@ -206,7 +215,10 @@ enum PrivacyCommand {
         /// δ.
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
-        /// Use the old conversion ε = rdp + ln(1/δ)/(α−1) on TF Privacy's orders (reproduces published tables).
+        /// rdp (Rényi DP, dp_accounting's orders and conversion) or pld (privacy loss distribution, tighter).
+        #[arg(long, value_enum, default_value = "rdp")]
+        accountant: AccountantKind,
+        /// Use the old conversion ε = rdp + ln(1/δ)/(α−1) on TF Privacy's orders (reproduces published tables; rdp only).
         #[arg(long)]
         legacy_conversion: bool,
         /// Print JSON with full precision.
@@ -397,7 +409,21 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Privacy { command } => {
             match command {
-                PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, legacy_conversion, json } => {
+                PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, accountant: AccountantKind::Pld, legacy_conversion, json } => {
+                    if legacy_conversion {
+                        bail!("--legacy-conversion applies to the rdp accountant only");
+                    }
+                    let epsilon = privacy::accountant::dpsgd_epsilon_pld(sample_rate, noise, steps, delta)?;
+                    if json {
+                        println!("{}", serde_json::json!({
+                            "epsilon": epsilon, "delta": delta, "accountant": "pld", "discretization": 1e-4,
+                            "sample_rate": sample_rate, "noise_multiplier": noise, "steps": steps,
+                        }));
+                    } else {
+                        println!("ε = {epsilon:.6} at δ = {delta:e} (PLD, discretization 1e-4)");
+                    }
+                }
+                PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, accountant: AccountantKind::Rdp, legacy_conversion, json } => {
                     let mut acc = if legacy_conversion { privacy::accountant::RdpAccountant::legacy() } else { privacy::accountant::RdpAccountant::new() };
                     acc.compose_poisson_gaussian(sample_rate, noise, steps)?;
                     let e = if legacy_conversion { acc.epsilon_legacy(delta)? } else { acc.epsilon(delta)? };

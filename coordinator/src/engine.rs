@@ -36,6 +36,8 @@ pub struct Coordinator {
     pub shutdown: CancellationToken,
     /// Every spawned task, awaited on shutdown.
     pub tasks: TaskTracker,
+    /// The tamper-evident record of submissions, answers, updates and rounds.
+    pub audit: proto::audit::AuditLog,
 }
 
 /// Why the coordinator could not carry out an operation.
@@ -56,6 +58,13 @@ pub enum EngineError {
 }
 
 impl Coordinator {
+    /// Appends to the audit log; a failure is logged, never fatal to the caller.
+    pub fn audit(&self, kind: &str, subject: &str, detail: serde_json::Value) {
+        if let Err(e) = self.audit.record(kind, subject, detail) {
+            warn!(error = %e, kind, "cannot write the audit log");
+        }
+    }
+
     /// Signals every waiting driver and stream that state changed.
     pub fn notify(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
@@ -130,6 +139,7 @@ impl Coordinator {
 
     fn fail(&self, job: &JobRow, reason: String) -> Result<bool, EngineError> {
         warn!(job_id = %job.id, reason, "job failed");
+        self.audit("job.failed", &job.id, serde_json::json!({ "reason": reason }));
         self.store
             .update_job(&job.id, JobState::Failed, &reason, job.current_round, job.attempt, job.deadline_ms)?;
         Ok(true)
@@ -292,6 +302,17 @@ impl Coordinator {
             (JobState::Running, round + 1)
         };
         info!(job_id = %job.id, round, updates = folded, "round aggregated");
+        self.audit(
+            "round.aggregated",
+            &job.id,
+            serde_json::json!({
+                "round": round,
+                "attempt": job.attempt,
+                "sites": updates.iter().map(|u| u.site.as_str()).collect::<Vec<_>>(),
+                "rule": job.spec.aggregation.name(),
+                "client_dp": job.spec.client_dp.is_some(),
+            }),
+        );
         self.store
             .advance_round(&job.id, round, job.attempt, &metrics, next_state, next_round, Self::deadline(job))?;
         Ok(true)
@@ -310,6 +331,7 @@ impl Coordinator {
             return Ok(false);
         }
         info!(job_id = %job.id, "job completed");
+        self.audit("job.completed", &job.id, serde_json::json!({ "rounds": round }));
         self.store
             .update_job(&job.id, JobState::Completed, "", round, job.attempt, job.deadline_ms)?;
         Ok(true)

@@ -65,6 +65,7 @@ pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: Can
     std::fs::create_dir_all(&config.data_dir).map_err(|e| state_err(e.to_string()))?;
     let store = store::Store::open(&config.data_dir.join("coordinator.sqlite")).map_err(|e| state_err(e.to_string()))?;
     let identity = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
+    let audit = proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
     let (changes, _) = tokio::sync::watch::channel(0u64);
     let coordinator = Arc::new(engine::Coordinator {
         store,
@@ -73,6 +74,7 @@ pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: Can
         changes,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
+        audit,
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {

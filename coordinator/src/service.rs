@@ -285,6 +285,11 @@ impl pb::job_service_server::JobService for Services {
         };
         self.inner.store.insert_job(&job, &sites)?;
         info!(job_id, submitted_by = %who.name, sites = ?sites, "job submitted");
+        self.inner.audit(
+            "job.submitted",
+            &job_id,
+            serde_json::json!({ "by": who.name, "spec_hash": job.spec_hash, "offered_to": sites }),
+        );
         self.inner.spawn_driver(job_id.clone());
         self.inner.notify();
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
@@ -373,6 +378,7 @@ impl pb::job_service_server::JobService for Services {
         self.inner
             .store
             .update_job(&job.id, JobState::Cancelled, &reason, job.current_round, job.attempt, job.deadline_ms)?;
+        self.inner.audit("job.cancelled", &job.id, serde_json::json!({ "by": who.name, "reason": reason }));
         self.inner.notify();
         let job = self.job_or_not_found(&job.id)?;
         Ok(Response::new(self.job_status(&job)?))
@@ -505,6 +511,11 @@ impl pb::worker_service_server::WorkerService for Services {
             return Err(Status::permission_denied(format!("job {} was not offered to {}", job.id, who.name)));
         }
         info!(job_id = %job.id, site = %who.name, state, reason = %a.reason, "offer answered");
+        self.inner.audit(
+            if a.accept { "offer.accepted" } else { "offer.refused" },
+            &job.id,
+            serde_json::json!({ "site": who.name, "spec_hash": a.spec_hash, "reason": a.reason, "planned_epsilon": a.planned_epsilon }),
+        );
         self.inner.notify();
         Ok(Response::new(pb::Ack {}))
     }
@@ -533,6 +544,11 @@ impl pb::worker_service_server::WorkerService for Services {
         self.require_participant(&job, &who.name)?;
         let reject = |reason: String| {
             warn!(job_id = %job.id, site = %who.name, round = header.round, reason, "update rejected");
+            self.inner.audit(
+                "update.rejected",
+                &job.id,
+                serde_json::json!({ "site": who.name, "round": header.round, "reason": reason }),
+            );
             Ok(Response::new(pb::PushUpdateResponse { accepted: false, reason }))
         };
         if job.state != JobState::Running || header.round != job.current_round {
@@ -593,6 +609,18 @@ impl pb::worker_service_server::WorkerService for Services {
             return reject(format!("{} already sent its update for round {}", who.name, header.round));
         }
         info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, "update accepted");
+        self.inner.audit(
+            "update.accepted",
+            &job.id,
+            serde_json::json!({
+                "site": who.name,
+                "round": header.round,
+                "examples": header.num_examples,
+                "epsilon_round": entry.epsilon_round,
+                "epsilon_job": entry.epsilon_job,
+                "ledger_seq": entry.seq,
+            }),
+        );
         self.inner.notify();
         Ok(Response::new(pb::PushUpdateResponse { accepted: true, reason: String::new() }))
     }

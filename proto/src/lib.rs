@@ -10,6 +10,7 @@
 //! - [`tensor`]: splitting a flat `f32` parameter vector into ≤ 1 MiB chunks
 //!   and reassembling it with length checks.
 //! - [`checkpoint`]: parameter vectors on disk, written atomically.
+//! - [`audit`]: the hash-chained, append-only audit log of every daemon.
 //! - [`identity::Role`]: the role a certificate carries in its subject's
 //!   organizational unit; the coordinator authorizes every RPC by it.
 //!
@@ -18,6 +19,7 @@
 #![deny(clippy::unwrap_used)]
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod checkpoint;
 pub mod identity;
 pub mod job;

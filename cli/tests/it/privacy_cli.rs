@@ -32,6 +32,10 @@ fn epsilon_matches_dp_accounting_and_published_values() {
         let name = case["name"].as_str().unwrap();
         let got = epsilon(&args);
         assert_rel(got["epsilon"].as_f64().unwrap(), case["rdp_dpacc"]["eps"].as_f64().unwrap(), 1e-6, name);
+        let mut pld = args.to_vec();
+        pld.extend(["--accountant", "pld"]);
+        let got = epsilon(&pld);
+        assert_rel(got["epsilon"].as_f64().unwrap(), case["pld_dpacc"].as_f64().unwrap(), 0.01, name);
         let mut legacy = args.to_vec();
         legacy.push("--legacy-conversion");
         let got = epsilon(&legacy);
@@ -43,6 +47,9 @@ fn epsilon_matches_dp_accounting_and_published_values() {
             let (q, s, t) = (case["q"].to_string(), case["sigma"].to_string(), case["steps"].to_string());
             let got = epsilon(&["--sample-rate", &q, "--noise", &s, "--steps", &t, "--delta", delta]);
             assert_rel(got["epsilon"].as_f64().unwrap(), want["eps"].as_f64().unwrap(), 1e-6, &format!("q={q} σ={s} T={t} δ={delta}"));
+            let got = epsilon(&["--sample-rate", &q, "--noise", &s, "--steps", &t, "--delta", delta, "--accountant", "pld"]);
+            let want = case["pld_dpacc"][delta].as_f64().unwrap();
+            assert_rel(got["epsilon"].as_f64().unwrap(), want, 0.01, &format!("pld q={q} σ={s} T={t} δ={delta}"));
         }
     }
     // Abadi et al. 2016, Sec. 3.1: q = 0.01, σ = 4, T = 10,000, δ = 1e-5 -> 1.26 with the moments accountant.

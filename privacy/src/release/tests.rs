@@ -1,3 +1,6 @@
+//! Unit tests of the OpenDP releases: the count release's noise and ρ,
+//! and the zCDP conversion against the RDP accountant.
+
 use super::*;
 
 #[test]

@@ -1,0 +1,57 @@
+use super::*;
+
+fn log_with(n: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path).unwrap();
+    for i in 0..n {
+        log.record("round.aggregated", "job-1", serde_json::json!({ "round": i + 1 })).unwrap();
+    }
+    (dir, path)
+}
+
+#[test]
+fn an_untouched_log_verifies_and_reopens() {
+    let (_dir, path) = log_with(5);
+    assert_eq!(verify(&path).unwrap().0, 5);
+    let log = AuditLog::open(&path).unwrap();
+    log.record("job.completed", "job-1", serde_json::json!({})).unwrap();
+    assert_eq!(verify(&path).unwrap().0, 6);
+}
+
+#[test]
+fn every_changed_byte_is_reported_at_its_entry() {
+    let (_dir, path) = log_with(6);
+    let original = std::fs::read(&path).unwrap();
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(original.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1))
+        .collect();
+    for offset in (0..original.len()).step_by(7) {
+        if original[offset] == b'\n' {
+            continue;
+        }
+        let mut bytes = original.clone();
+        bytes[offset] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let entry = line_starts.iter().filter(|&&s| s <= offset).count() as u64;
+        match verify(&path) {
+            Err(AuditError::Broken { seq, .. }) => assert_eq!(seq, entry, "byte {offset}"),
+            other => panic!("byte {offset} changed but verify said {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn deleted_entries_are_reported() {
+    let (_dir, path) = log_with(4);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Remove entry 2.
+    std::fs::write(&path, format!("{}\n{}\n{}\n", lines[0], lines[2], lines[3])).unwrap();
+    let err = verify(&path).unwrap_err().to_string();
+    assert!(err.ends_with("entry 2 (line 2): found entry 3 where entry 2 belongs: entries were deleted or reordered"), "{err}");
+    // Remove the last entry.
+    std::fs::write(&path, format!("{}\n{}\n{}\n", lines[0], lines[1], lines[2])).unwrap();
+    let err = verify(&path).unwrap_err().to_string();
+    assert!(err.ends_with("entry 4 (line 4): the head records 4 entries but the log holds 3: entries were removed from the end"), "{err}");
+}
