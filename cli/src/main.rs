@@ -99,6 +99,52 @@ enum Command {
         #[command(subcommand)]
         command: PrivacyCommand,
     },
+    /// Hospital IT on the worker host: job offers waiting for approval (policy approval = "manual").
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+        /// The worker's worker.toml.
+        #[arg(long, global = true, default_value = "worker.toml")]
+        config: PathBuf,
+    },
+    /// Check a coordinator's or worker's tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// List offers waiting for a decision.
+    Pending,
+    /// Approve a pending offer (binds to the exact spec the site was offered).
+    Approve {
+        /// Job id.
+        job: String,
+    },
+    /// Reject a pending offer; the reason is shown to the scientist.
+    Reject {
+        /// Job id.
+        job: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain of an audit log (its data_dir/audit.log); names the first entry that fails.
+    Verify {
+        /// The audit.log file.
+        path: PathBuf,
+    },
+    /// Print the entries of an audit log, verified first.
+    Show {
+        /// The audit.log file.
+        path: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -404,6 +450,48 @@ async fn run(cli: Cli) -> Result<()> {
                         }
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Site { command, config } => {
+            let config = worker::WorkerConfig::load(&config)?;
+            let approvals = worker::approvals::Approvals::open(&config.data_dir.join("ledger.sqlite"))
+                .with_context(|| format!("opening the site database in {}", config.data_dir.display()))?;
+            match command {
+                SiteCommand::Pending => {
+                    let pending = approvals.pending()?;
+                    if pending.is_empty() {
+                        println!("no offers waiting for approval");
+                    }
+                    for a in pending {
+                        println!(
+                            "{}  {:<24} dataset {:<10} model {:<20} planned ε {:.3}  spec {}",
+                            a.job_id, a.name, a.dataset, a.model, a.planned_epsilon, &a.spec_hash[..12.min(a.spec_hash.len())]
+                        );
+                    }
+                }
+                SiteCommand::Approve { job } => {
+                    let a = approvals.decide(&job, None)?;
+                    println!("approved {} (spec {})", a.job_id, a.spec_hash);
+                }
+                SiteCommand::Reject { job, reason } => {
+                    let a = approvals.decide(&job, Some(&reason))?;
+                    println!("rejected {}: {}", a.job_id, a.reason);
+                }
+            }
+            Ok(())
+        }
+        Command::Audit { command: AuditCommand::Verify { path } } => {
+            let (entries, head) = proto::audit::verify(&path)?;
+            println!("{}: {entries} entries, hash chain intact (head {head})", path.display());
+            Ok(())
+        }
+        Command::Audit { command: AuditCommand::Show { path } } => {
+            proto::audit::verify(&path)?;
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            for line in text.lines() {
+                let e: proto::audit::AuditEntry = serde_json::from_str(line)?;
+                println!("{:>5}  {}  {:<18} {:<14} {}", e.seq, e.at_unix_ms, e.kind, e.subject, e.detail);
             }
             Ok(())
         }

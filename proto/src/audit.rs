@@ -30,8 +30,9 @@ pub struct AuditEntry {
     pub kind: String,
     /// Who or what it concerns, e.g. a job id or a site.
     pub subject: String,
-    /// Event details.
-    pub detail: serde_json::Value,
+    /// Event details as JSON text, hashed exactly as written (re-serializing
+    /// parsed JSON would not reproduce every float to the bit).
+    pub detail: String,
     /// Hash of the previous entry (64 zeros for the first).
     pub prev_hash: String,
     /// SHA-256 over `prev_hash`, `seq`, `at_unix_ms`, `kind`, `subject` and `detail`.
@@ -40,12 +41,12 @@ pub struct AuditEntry {
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-fn entry_hash(prev_hash: &str, seq: u64, at: i64, kind: &str, subject: &str, detail: &serde_json::Value) -> String {
+fn entry_hash(prev_hash: &str, seq: u64, at: i64, kind: &str, subject: &str, detail: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(seq.to_le_bytes());
     h.update(at.to_le_bytes());
-    for part in [kind, subject, &detail.to_string()] {
+    for part in [kind, subject, detail] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -122,6 +123,7 @@ impl AuditLog {
         let (file, count, last) = &mut *state;
         let seq = *count + 1;
         let at = now_ms();
+        let detail = detail.to_string();
         let hash = entry_hash(last, seq, at, kind, subject, &detail);
         let entry = AuditEntry {
             seq,

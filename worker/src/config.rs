@@ -33,12 +33,20 @@ struct RawTls {
     key: PathBuf,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     /// Model kinds a job may use; empty allows all.
     #[serde(default)]
     allowed_models: Vec<String>,
+    /// `auto`: accept every offer within policy and budget; `manual`: also
+    /// wait for `meridian site approve`.
+    #[serde(default = "default_approval")]
+    approval: String,
+}
+
+fn default_approval() -> String {
+    "auto".to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +67,15 @@ struct RawDataset {
     test_fraction: f64,
     #[serde(default)]
     split_seed: u64,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            allowed_models: Vec::new(),
+            approval: default_approval(),
+        }
+    }
 }
 
 fn default_device() -> String {
@@ -122,6 +139,8 @@ pub struct WorkerConfig {
     pub tls_key: PathBuf,
     /// Model kinds jobs may use (empty: all).
     pub allowed_models: Vec<String>,
+    /// Whether offers also need a person's approval.
+    pub manual_approval: bool,
     /// Datasets served.
     pub datasets: Vec<DatasetConfig>,
 }
@@ -203,6 +222,14 @@ impl WorkerConfig {
                 TrainingDevice::Cpu
             }
         };
+        let manual_approval = match raw.policy.approval.as_str() {
+            "auto" => false,
+            "manual" => true,
+            other => {
+                problems.push(format!("policy.approval: \"{other}\" is not auto or manual"));
+                false
+            }
+        };
         for (i, m) in raw.policy.allowed_models.iter().enumerate() {
             if !["logistic_regression", "mlp", "cnn"].contains(&m.as_str()) {
                 problems.push(format!("policy.allowed_models[{i}]: unknown model \"{m}\""));
@@ -254,6 +281,7 @@ impl WorkerConfig {
             tls_cert: resolve(&raw.tls.cert),
             tls_key: resolve(&raw.tls.key),
             allowed_models: raw.policy.allowed_models,
+            manual_approval,
             datasets,
         };
         for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {

@@ -191,6 +191,11 @@ fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, Le
         .optional()?)
 }
 
+/// ε a job plans at `delta`: its DP-SGD steps and one count release.
+pub fn planned_epsilon(sample_rate: f64, noise_multiplier: f64, steps: u64, count_noise_scale: f64, delta: f64) -> Result<f64, LedgerError> {
+    compose([(sample_rate, noise_multiplier, steps), (1.0, count_noise_scale, 1)], delta)
+}
+
 /// ε of `(q, σ, steps)` triples composed by RDP at `delta` (0 when empty).
 fn compose(items: impl IntoIterator<Item = (f64, f64, u64)>, delta: f64) -> Result<f64, LedgerError> {
     let mut acc = RdpAccountant::new();

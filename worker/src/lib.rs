@@ -13,6 +13,7 @@
 #![deny(clippy::unwrap_used)]
 #![deny(missing_docs)]
 
+pub mod approvals;
 pub mod config;
 pub mod dataset;
 pub mod ledger;
@@ -84,6 +85,12 @@ struct Worker {
     inflight: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// The site's tamper-evident record of decisions, charges and sent updates.
+    audit: proto::audit::AuditLog,
+    /// Offers waiting for (or decided by) the hospital's IT in manual mode.
+    approvals: approvals::Approvals,
+    /// Jobs the coordinator stopped, so a pending offer stops waiting.
+    stopped: Mutex<HashSet<String>>,
 }
 
 /// Runs the worker until `shutdown` is cancelled.
@@ -105,6 +112,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     };
     std::fs::create_dir_all(config.data_dir.join("outbox")).map_err(|e| state_err(e.to_string()))?;
     let ledger = Ledger::open(&config.data_dir.join("ledger.sqlite"), &principal.name).map_err(|e| state_err(e.to_string()))?;
+    let audit = proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
+    let approvals = approvals::Approvals::open(&config.data_dir.join("ledger.sqlite")).map_err(|e| state_err(e.to_string()))?;
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| RunError::Endpoint(e.to_string()))?
         .tls_config(identity.client_tls())
@@ -122,6 +131,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         inflight: Mutex::new(HashSet::new()),
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        audit,
+        approvals,
+        stopped: Mutex::new(HashSet::new()),
     });
     info!(site = %worker.site, coordinator = %worker.config.coordinator, "worker starting");
     // Reconnect with exponential backoff (250 ms doubling to 10 s), reset
@@ -155,6 +167,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Worker {
+    /// Appends to the site's audit log; a failure is logged, never fatal.
+    fn audit(&self, kind: &str, subject: &str, detail: serde_json::Value) {
+        if let Err(e) = self.audit.record(kind, subject, detail) {
+            warn!(error = %e, kind, "cannot write the audit log");
+        }
+    }
+
     fn jobs_snapshot(&self) -> Vec<Arc<JobContext>> {
         lock(&self.jobs).values().cloned().collect()
     }
@@ -242,6 +261,7 @@ impl Worker {
             pb::task::Kind::Evaluate(t) => format!("{}/evaluate/{}", task.job_id, t.round),
             pb::task::Kind::Cancel(c) => {
                 info!(job_id = %task.job_id, reason = %c.reason, "job stopped by the coordinator");
+                lock(&self.stopped).insert(task.job_id.clone());
                 if let Some(job) = lock(&self.jobs).remove(&task.job_id) {
                     job.cancel.cancel();
                 }
@@ -321,6 +341,16 @@ impl Worker {
             Err(reason) => refuse(reason, offer.spec_hash.clone()),
         };
         info!(accept = answer.accept, reason = %answer.reason, planned_epsilon = answer.planned_epsilon, "answering offer");
+        self.audit(
+            if answer.accept { "offer.accepted" } else { "offer.refused" },
+            job_id,
+            serde_json::json!({
+                "spec_hash": answer.spec_hash,
+                "reason": answer.reason,
+                "planned_epsilon": answer.planned_epsilon,
+                "released_examples": answer.train_examples,
+            }),
+        );
         client.answer_offer(answer).await?;
         Ok(())
     }
@@ -344,6 +374,11 @@ impl Worker {
         let data = self.load_data(&spec, &offer.spec_hash).await?;
         let (q, steps) = train::round_plan(&spec, data.n_train());
         let planned_steps = steps * u64::from(spec.training.rounds);
+        if self.config.manual_approval {
+            let planned = ledger::planned_epsilon(q, spec.privacy.noise_multiplier, planned_steps, spec.privacy.count_noise_scale, spec.privacy.delta)
+                .map_err(|e| e.to_string())?;
+            self.await_approval(job_id, &offer.spec_hash, &spec, planned).await?;
+        }
         let decision = self
             .ledger
             .decide(
@@ -385,6 +420,46 @@ impl Worker {
             train_examples: decision.train_examples,
             ledger_entry,
         })
+    }
+
+    /// Waits until the hospital's IT approves (Ok) or rejects (Err with the
+    /// reason) this exact spec, the job is stopped, or the daemon shuts down.
+    async fn await_approval(&self, job_id: &str, spec_hash: &str, spec: &JobSpec, planned: f64) -> Result<(), String> {
+        let request = approvals::Approval {
+            job_id: job_id.to_string(),
+            spec_hash: spec_hash.to_string(),
+            name: spec.name.clone(),
+            dataset: spec.dataset.clone(),
+            model: spec.model.kind().to_string(),
+            planned_epsilon: planned,
+            state: "pending".to_string(),
+            reason: String::new(),
+        };
+        let mut current = self.approvals.request(&request).map_err(|e| e.to_string())?;
+        if current.state == "pending" {
+            info!(job_id, spec_hash, "offer waits for approval: meridian site approve {job_id}");
+        }
+        // Bounded: a pending offer waits at most a day.
+        for _ in 0..86_400 {
+            match current.state.as_str() {
+                "approved" => return Ok(()),
+                "rejected" => return Err(format!("rejected by the site: {}", current.reason)),
+                _ => {}
+            }
+            if lock(&self.stopped).contains(job_id) {
+                return Err("the job was stopped before it was approved".to_string());
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err("the site is shutting down".to_string()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            current = self
+                .approvals
+                .state(job_id, spec_hash)
+                .map_err(|e| e.to_string())?
+                .ok_or("the approval request vanished")?;
+        }
+        Err("no decision within a day".to_string())
     }
 
     /// The context of an accepted job; after a restart it is rebuilt from
@@ -554,6 +629,17 @@ impl Worker {
                         return Ok(());
                     }
                 };
+                self.audit(
+                    "epsilon.charged",
+                    job_id,
+                    serde_json::json!({
+                        "round": round,
+                        "ledger_seq": entry.seq,
+                        "epsilon_round": entry.epsilon_round,
+                        "epsilon_job": entry.epsilon_job,
+                        "epsilon_dataset": entry.epsilon_dataset,
+                    }),
+                );
                 let mut metrics = outcome.metrics;
                 metrics.insert("epsilon_round".to_string(), entry.epsilon_round);
                 metrics.insert("epsilon_job".to_string(), entry.epsilon_job);
@@ -582,6 +668,11 @@ impl Worker {
             part: Some(pb::update_chunk::Part::Data(c)),
         }));
         let reply = client.push_update(tokio_stream::iter(messages)).await?.into_inner();
+        self.audit(
+            "update.sent",
+            job_id,
+            serde_json::json!({ "round": round, "accepted": reply.accepted, "reason": reply.reason }),
+        );
         if reply.accepted {
             info!("update delivered");
         } else {

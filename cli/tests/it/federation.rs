@@ -60,6 +60,26 @@ fn demo_federation_trains_and_ledgers_agree() {
         let err = ledger.execute("UPDATE ledger SET epsilon_round = 0", []).unwrap_err();
         assert!(err.to_string().contains("append-only"), "{err}");
     }
+    // Every daemon's audit log verifies; one changed byte is reported at its entry.
+    let coordinator_audit = work.join("coordinator").join("state").join("audit.log");
+    for log in [coordinator_audit.clone(), work.join("hospital-a").join("state").join("audit.log")] {
+        let out = crate::util::run(&["audit", "verify", log.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("hash chain intact"));
+    }
+    let text = std::fs::read_to_string(&coordinator_audit).unwrap();
+    assert!(text.contains("\"kind\":\"job.submitted\""), "{text}");
+    assert!(text.contains("\"kind\":\"update.accepted\""), "{text}");
+    let third_line = text.lines().take(2).map(|l| l.len() + 1).sum::<usize>();
+    let mut bytes = text.into_bytes();
+    let at = third_line + 40;
+    bytes[at] = if bytes[at] == b'7' { b'8' } else { b'7' };
+    std::fs::write(&coordinator_audit, bytes).unwrap();
+    let out = crate::util::run(&["audit", "verify", coordinator_audit.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("entry 3 (line 3)"), "{err}");
+
     // The model came back as safetensors with PyTorch names.
     let model = std::fs::read(work.join("model.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;

@@ -3,6 +3,7 @@
 
 mod crash;
 mod federation;
+mod governance;
 mod privacy_cli;
 mod security;
 mod specs;

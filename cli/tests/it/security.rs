@@ -111,3 +111,60 @@ fn private_keys_are_owner_only() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a federation"));
 }
+
+/// Every RPC of every service, called with every role's certificate: the
+/// roles allowed get past authorization (whatever else they get), the others
+/// get PermissionDenied.
+#[test]
+fn every_rpc_checks_the_callers_role() {
+    use pb::job_service_client::JobServiceClient as Jobs;
+    use pb::privacy_service_client::PrivacyServiceClient as Privacy;
+    use pb::worker_service_client::WorkerServiceClient as Workers;
+    use tonic::Code;
+
+    let fed = Federation::start(&["hospital-a"]);
+    let rt = runtime();
+    let roles = [
+        ("hospital-a", "hospital"),
+        ("alice", "scientist"),
+        ("rita", "reviewer"),
+        ("adam", "admin"),
+        ("coordinator", "coordinator"),
+    ];
+    type Call = fn(tonic::transport::Channel) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>>>>;
+    let calls: Vec<(&str, &[&str], Call)> = vec![
+        ("WorkerService/Register", &["hospital"], |c| Box::pin(async move { Workers::new(c).register(pb::RegisterRequest::default()).await.map(|_| ()) })),
+        ("WorkerService/Heartbeat", &["hospital"], |c| Box::pin(async move { Workers::new(c).heartbeat(pb::HeartbeatRequest {}).await.map(|_| ()) })),
+        ("WorkerService/ReceiveTasks", &["hospital"], |c| Box::pin(async move { Workers::new(c).receive_tasks(pb::ReceiveTasksRequest {}).await.map(|_| ()) })),
+        ("WorkerService/AnswerOffer", &["hospital"], |c| Box::pin(async move { Workers::new(c).answer_offer(pb::OfferAnswer::default()).await.map(|_| ()) })),
+        ("WorkerService/PullModel", &["hospital"], |c| Box::pin(async move { Workers::new(c).pull_model(pb::PullModelRequest::default()).await.map(|_| ()) })),
+        ("WorkerService/PushUpdate", &["hospital"], |c| Box::pin(async move { Workers::new(c).push_update(tokio_stream::iter(Vec::<pb::UpdateChunk>::new())).await.map(|_| ()) })),
+        ("WorkerService/ReportEvaluation", &["hospital"], |c| Box::pin(async move { Workers::new(c).report_evaluation(pb::EvaluationReport::default()).await.map(|_| ()) })),
+        ("WorkerService/ReportFailure", &["hospital"], |c| Box::pin(async move { Workers::new(c).report_failure(pb::TaskFailure::default()).await.map(|_| ()) })),
+        ("JobService/SubmitJob", &["scientist", "admin"], |c| Box::pin(async move { Jobs::new(c).submit_job(pb::SubmitJobRequest::default()).await.map(|_| ()) })),
+        ("JobService/ListJobs", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Jobs::new(c).list_jobs(pb::ListJobsRequest {}).await.map(|_| ()) })),
+        ("JobService/GetJob", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Jobs::new(c).get_job(pb::GetJobRequest::default()).await.map(|_| ()) })),
+        ("JobService/WatchJob", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Jobs::new(c).watch_job(pb::GetJobRequest::default()).await.map(|_| ()) })),
+        ("JobService/CancelJob", &["scientist", "admin"], |c| Box::pin(async move { Jobs::new(c).cancel_job(pb::CancelJobRequest::default()).await.map(|_| ()) })),
+        ("JobService/PullJobModel", &["scientist", "admin"], |c| Box::pin(async move { Jobs::new(c).pull_job_model(pb::PullJobModelRequest::default()).await.map(|_| ()) })),
+        ("PrivacyService/GetBudgets", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Privacy::new(c).get_budgets(pb::GetBudgetsRequest {}).await.map(|_| ()) })),
+        ("PrivacyService/ListLedger", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Privacy::new(c).list_ledger(pb::ListLedgerRequest::default()).await.map(|_| ()) })),
+    ];
+    let mut checked = 0;
+    for (name, role) in roles {
+        let dir = if role == "coordinator" { fed.dir.join("fed").join("coordinator") } else { fed.identity(name) };
+        let identity = IdentityFiles::from_dir(&dir).unwrap();
+        let channel = rt.block_on(channel(&fed.url, identity.client_tls())).unwrap();
+        for (rpc, allowed, call) in &calls {
+            let result = rt.block_on(call(channel.clone()));
+            let denied = matches!(&result, Err(s) if s.code() == Code::PermissionDenied && s.message().contains("may not call"));
+            assert_eq!(denied, !allowed.contains(&role), "{rpc} as {role}: {result:?}");
+            if denied {
+                let message = result.unwrap_err().message().to_string();
+                assert_eq!(message, format!("{name} (role {role}) may not call {rpc}"));
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 5 * 16);
+}

@@ -113,6 +113,22 @@ impl Federation {
         budget: f64,
         cap: f64,
     ) -> PathBuf {
+        self.start_worker_with_toml(site, name, data, label, numeric, budget, cap, "")
+    }
+
+    /// Like [`Federation::start_worker_with_budget`], appending `extra` TOML to the worker's config.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_worker_with_toml(
+        &mut self,
+        site: &str,
+        name: &str,
+        data: &Path,
+        label: &str,
+        numeric: &[&str],
+        budget: f64,
+        cap: f64,
+        extra: &str,
+    ) -> PathBuf {
         let home = self.dir.join(site);
         std::fs::create_dir_all(&home).unwrap();
         let id = self.identity(site);
@@ -120,7 +136,7 @@ impl Federation {
         std::fs::write(
             &config,
             format!(
-                "coordinator = {:?}\ndata_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nname = {name:?}\npath = {:?}\nlabel = {label:?}\nnumeric = {numeric:?}\nbudget_epsilon = {budget:?}\njob_epsilon_cap = {cap:?}\n",
+                "coordinator = {:?}\ndata_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nname = {name:?}\npath = {:?}\nlabel = {label:?}\nnumeric = {numeric:?}\nbudget_epsilon = {budget:?}\njob_epsilon_cap = {cap:?}\n{extra}",
                 self.url,
                 id.join("ca.pem"),
                 id.join("cert.pem"),
