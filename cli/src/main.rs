@@ -68,8 +68,14 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Create a federation's CA and certificates for the coordinator, sites and users.
-    Provision(ProvisionArgs),
+    /// Create a federation's CA and certificates, or add and renew identities with its CA.
+    #[command(args_conflicts_with_subcommands = true)]
+    Provision {
+        #[command(subcommand)]
+        command: Option<ProvisionCommand>,
+        #[command(flatten)]
+        args: ProvisionArgs,
+    },
     /// Submit, list, inspect, watch and cancel training jobs.
     Job {
         #[command(subcommand)]
@@ -164,6 +170,46 @@ struct ProvisionArgs {
     /// Validity of each certificate in days.
     #[arg(long, default_value_t = 365)]
     valid_days: u32,
+}
+
+#[derive(Subcommand)]
+enum ProvisionCommand {
+    /// Sign a certificate for one more hospital with the existing CA; no other certificate changes.
+    AddSite {
+        /// Site name.
+        name: String,
+        /// The federation directory (holding ca/ca.pem and ca/ca.key).
+        #[arg(long, default_value = "federation")]
+        federation: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
+    /// Sign a certificate for one more user with a role, with the existing CA.
+    AddUser {
+        /// User name.
+        name: String,
+        /// scientist, reviewer or admin.
+        #[arg(long)]
+        role: String,
+        /// The federation directory.
+        #[arg(long, default_value = "federation")]
+        federation: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
+    /// Replace an identity's key and certificate (before it expires); the coordinator needs no restart.
+    Renew {
+        /// Site or user name (or "coordinator").
+        name: String,
+        /// The federation directory.
+        #[arg(long, default_value = "federation")]
+        federation: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,7 +395,35 @@ async fn run(cli: Cli) -> Result<()> {
             worker::run(config, shutdown_on_signals()).await?;
             Ok(())
         }
-        Command::Provision(args) => {
+        Command::Provision { command: Some(command), .. } => {
+            let (name, role, federation, days, renew) = match command {
+                ProvisionCommand::AddSite { name, federation, valid_days } => (name, Role::Hospital, federation, valid_days, false),
+                ProvisionCommand::AddUser { name, role, federation, valid_days } => {
+                    let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+                    if matches!(role, Role::Hospital | Role::Coordinator) {
+                        bail!("--role {role}: users are scientist, reviewer or admin; hospitals use add-site");
+                    }
+                    (name, role, federation, valid_days, false)
+                }
+                ProvisionCommand::Renew { name, federation, valid_days } => {
+                    let role = if name == "coordinator" {
+                        Role::Coordinator
+                    } else if federation.join("sites").join(&name).exists() {
+                        Role::Hospital
+                    } else {
+                        let cert = std::fs::read(federation.join("users").join(&name).join("cert.pem"))
+                            .with_context(|| format!("{name} is neither a site nor a user of {}", federation.display()))?;
+                        proto::identity::principal_from_pem(&cert).map_err(anyhow::Error::msg)?.role
+                    };
+                    (name, role, federation, valid_days, true)
+                }
+            };
+            let (dir, fingerprint) = provision::add(&federation, &name, role, days, renew)?;
+            println!("{} {name} ({role}) in {}", if renew { "renewed" } else { "added" }, dir.display());
+            println!("certificate sha256 {fingerprint}");
+            Ok(())
+        }
+        Command::Provision { command: None, args } => {
             let mut users = Vec::new();
             for u in &args.users {
                 let (name, role) = u.split_once(':').with_context(|| format!("--user \"{u}\": expected NAME:ROLE"))?;

@@ -30,6 +30,99 @@ pub struct Plan {
     pub valid_days: u32,
 }
 
+/// Signs a certificate for `name` with `role` and writes the identity
+/// directory `dir` (`ca.pem`, `cert.pem`, `key.pem` with mode 0600). With
+/// `replace`, an existing identity is renewed in place (new key, new
+/// certificate); otherwise existing files are never overwritten.
+#[allow(clippy::too_many_arguments)]
+fn issue(
+    issuer: &Issuer<'_, KeyPair>,
+    ca_pem: &str,
+    dir: &Path,
+    name: &str,
+    role: Role,
+    server_names: &[String],
+    valid_days: u32,
+    replace: bool,
+) -> Result<PathBuf> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+    params.distinguished_name.push(DnType::OrganizationName, "Meridian federation");
+    for host in server_names {
+        params.subject_alt_names.push(match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(host.clone().try_into()?),
+        });
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = if server_names.is_empty() {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    validity(&mut params, valid_days);
+    let cert = params.signed_by(&key, issuer).with_context(|| format!("signing the certificate of {name}"))?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if replace {
+        replace_file(&dir.join("key.pem"), &key.serialize_pem(), true)?;
+        replace_file(&dir.join("cert.pem"), &cert.pem(), false)?;
+        replace_file(&dir.join("ca.pem"), ca_pem, false)?;
+    } else {
+        write_file(&dir.join("ca.pem"), ca_pem, false)?;
+        write_file(&dir.join("cert.pem"), &cert.pem(), false)?;
+        write_file(&dir.join("key.pem"), &key.serialize_pem(), true)?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Writes `path` through a temporary file and a rename (0600 when private).
+fn replace_file(path: &Path, contents: &str, private: bool) -> Result<()> {
+    let tmp = path.with_extension("new");
+    let _ = fs::remove_file(&tmp);
+    write_file(&tmp, contents, private)?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+/// Signs one more identity with an existing federation's CA, touching no
+/// other certificate; with `renew`, replaces an existing identity's key and
+/// certificate. Returns the identity directory and the certificate's
+/// SHA-256 fingerprint (for revocation lists).
+pub fn add(federation: &Path, name: &str, role: Role, valid_days: u32, renew: bool) -> Result<(PathBuf, String)> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let ca_dir = federation.join("ca");
+    let ca_pem = fs::read_to_string(ca_dir.join("ca.pem")).with_context(|| format!("cannot read {}", ca_dir.join("ca.pem").display()))?;
+    let ca_key = fs::read_to_string(ca_dir.join("ca.key")).with_context(|| format!("cannot read {}", ca_dir.join("ca.key").display()))?;
+    let key = KeyPair::from_pem(&ca_key).context("the CA key does not parse")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).context("the CA certificate does not parse")?;
+    let dir = match role {
+        Role::Hospital => federation.join("sites").join(name),
+        Role::Coordinator => federation.join("coordinator"),
+        _ => federation.join("users").join(name),
+    };
+    if dir.join("cert.pem").exists() && !renew {
+        bail!("{} already has a certificate in {}; use renew to replace it", name, dir.display());
+    }
+    if !dir.join("cert.pem").exists() && renew {
+        bail!("{} has no certificate in {} to renew", name, dir.display());
+    }
+    let server_names: Vec<String> = if role == Role::Coordinator {
+        vec![COORDINATOR_SERVER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()]
+    } else {
+        Vec::new()
+    };
+    let dir = issue(&issuer, &ca_pem, &dir, name, role, &server_names, valid_days, renew)?;
+    let cert = fs::read(dir.join("cert.pem"))?;
+    Ok((dir, fingerprint(&cert)?))
+}
+
+/// SHA-256 of a PEM certificate's DER, lowercase hex.
+pub fn fingerprint(cert_pem: &[u8]) -> Result<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
+    Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&pem.contents)))
+}
+
 /// Where each identity directory was written.
 pub struct Provisioned {
     /// The coordinator's identity.
@@ -81,31 +174,9 @@ pub fn provision(plan: &Plan) -> Result<Provisioned> {
     write_file(&ca_dir.join("ca.key"), &ca_key.serialize_pem(), true)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let issue = |dir: &Path, name: &str, role: Role, server_names: &[String]| -> Result<PathBuf> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
-        params.distinguished_name.push(DnType::OrganizationName, "Meridian federation");
-        for host in server_names {
-            params.subject_alt_names.push(match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(host.clone().try_into()?),
-            });
-        }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = if server_names.is_empty() {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        } else {
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
-        };
-        validity(&mut params, plan.valid_days);
-        let cert = params.signed_by(&key, &issuer).with_context(|| format!("signing the certificate of {name}"))?;
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_file(&dir.join("ca.pem"), &ca_cert.pem(), false)?;
-        write_file(&dir.join("cert.pem"), &cert.pem(), false)?;
-        write_file(&dir.join("key.pem"), &key.serialize_pem(), true)?;
-        Ok(dir.to_path_buf())
+    let ca_pem = ca_cert.pem();
+    let issue = |dir: &Path, name: &str, role: Role, server_names: &[String]| {
+        issue(&issuer, &ca_pem, dir, name, role, server_names, plan.valid_days, false)
     };
 
     let mut server_names = vec![COORDINATOR_SERVER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];

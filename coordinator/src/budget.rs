@@ -40,7 +40,7 @@ fn composed_epsilon<'a>(entries: impl Iterator<Item = &'a pb::LedgerEntry>, delt
 #[tonic::async_trait]
 impl pb::privacy_service_server::PrivacyService for Services {
     async fn get_budgets(&self, req: Request<pb::GetBudgetsRequest>) -> Result<Response<pb::GetBudgetsResponse>, Status> {
-        crate::service::authorize(&req, READERS, "PrivacyService/GetBudgets")?;
+        self.authorize(&req, READERS, "PrivacyService/GetBudgets")?;
         let store = &self.inner.store;
         let ledger = store.ledger("", "")?;
         let mut rows = Vec::new();
@@ -81,7 +81,7 @@ impl pb::privacy_service_server::PrivacyService for Services {
     }
 
     async fn list_ledger(&self, req: Request<pb::ListLedgerRequest>) -> Result<Response<pb::ListLedgerResponse>, Status> {
-        crate::service::authorize(&req, READERS, "PrivacyService/ListLedger")?;
+        self.authorize(&req, READERS, "PrivacyService/ListLedger")?;
         let r = req.get_ref();
         let entries = self.inner.store.ledger(&r.site, &r.dataset)?;
         Ok(Response::new(pb::ListLedgerResponse { entries }))

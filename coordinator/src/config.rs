@@ -18,6 +18,21 @@ struct RawConfig {
     /// Seconds without a heartbeat after which a site counts as offline.
     #[serde(default = "default_idle")]
     idle_timeout_secs: u64,
+    #[serde(default)]
+    revocation: RawRevocation,
+}
+
+/// Certificates refused even though the CA signed them. The coordinator
+/// re-reads this table when the file changes, without a restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    /// Site or user names whose every certificate is refused.
+    #[serde(default)]
+    names: Vec<String>,
+    /// SHA-256 fingerprints (hex, of the DER certificate) refused.
+    #[serde(default)]
+    fingerprints: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +66,12 @@ pub struct CoordinatorConfig {
     pub tls_key: PathBuf,
     /// Seconds of silence before a site is offline.
     pub idle_timeout_secs: u64,
+    /// Names whose certificates are refused.
+    pub revoked_names: Vec<String>,
+    /// Certificate fingerprints (lowercase hex SHA-256 of the DER) refused.
+    pub revoked_fingerprints: Vec<String>,
+    /// The file this configuration was read from (re-read for revocations).
+    pub source: PathBuf,
 }
 
 /// A config file that cannot be used.
@@ -125,6 +146,9 @@ impl CoordinatorConfig {
             tls_cert: resolve(&raw.tls.cert),
             tls_key: resolve(&raw.tls.key),
             idle_timeout_secs: raw.idle_timeout_secs,
+            revoked_names: raw.revocation.names,
+            revoked_fingerprints: raw.revocation.fingerprints.iter().map(|f| f.to_lowercase().replace(':', "")).collect(),
+            source: path.to_path_buf(),
         };
         for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
             if !file.is_file() {

@@ -19,6 +19,7 @@ mod aggregate;
 mod budget;
 mod config;
 mod engine;
+mod revocation;
 mod service;
 mod store;
 
@@ -79,6 +80,7 @@ pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: Can
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {
         inner: Arc::clone(&coordinator),
+        revocations: Arc::new(revocation::Revocations::new(&config)),
     };
     info!(addr = ?listener.local_addr().ok(), "coordinator listening");
     tonic::transport::Server::builder()

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use proto::checkpoint;
 use crate::engine::{Coordinator, EngineError, WeightedMean};
+use crate::revocation::Revocations;
 use crate::store::{EvaluationRow, JobRow, JobState, StoreError, UpdateRow, now_ms};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -28,6 +29,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Clone)]
 pub struct Services {
     pub(crate) inner: Arc<Coordinator>,
+    pub(crate) revocations: Arc<Revocations>,
 }
 
 impl From<StoreError> for Status {
@@ -60,7 +62,7 @@ fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
 }
 
 /// Who is calling, from the verified client certificate, if their role may call `rpc`.
-pub(crate) fn authorize<T>(req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
+fn authorize<T>(revocations: &Revocations, req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -68,6 +70,7 @@ pub(crate) fn authorize<T>(req: &Request<T>, allowed: &[Role], rpc: &str) -> Res
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let principal = principal_from_der(der.as_ref()).map_err(Status::unauthenticated)?;
+    revocations.check(&principal.name, der.as_ref()).map_err(Status::unauthenticated)?;
     if !allowed.contains(&principal.role) {
         return Err(Status::permission_denied(format!(
             "{} (role {}) may not call {rpc}",
@@ -109,6 +112,11 @@ fn stream_model(values: Vec<f32>, header: pb::ModelHeader) -> BoxStream<pb::Mode
 }
 
 impl Services {
+    /// Who is calling, if their certificate is not revoked and their role may call `rpc`.
+    pub(crate) fn authorize<T>(&self, req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
+        authorize(&self.revocations, req, allowed, rpc)
+    }
+
     fn job_or_not_found(&self, job_id: &str) -> Result<JobRow, Status> {
         self.inner
             .store
@@ -254,7 +262,7 @@ impl Services {
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for Services {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let who = authorize(&req, SUBMITTERS, "JobService/SubmitJob")?;
+        let who = self.authorize(&req, SUBMITTERS, "JobService/SubmitJob")?;
         let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec")
             .map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string()))?;
         let sites = self.eligible_sites(&spec)?;
@@ -296,7 +304,7 @@ impl pb::job_service_server::JobService for Services {
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        authorize(&req, READERS, "JobService/ListJobs")?;
+        self.authorize(&req, READERS, "JobService/ListJobs")?;
         let jobs = self
             .inner
             .store
@@ -308,7 +316,7 @@ impl pb::job_service_server::JobService for Services {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
-        authorize(&req, READERS, "JobService/GetJob")?;
+        self.authorize(&req, READERS, "JobService/GetJob")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         Ok(Response::new(self.job_status(&job)?))
     }
@@ -316,7 +324,7 @@ impl pb::job_service_server::JobService for Services {
     type WatchJobStream = BoxStream<pb::JobStatus>;
 
     async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        authorize(&req, READERS, "JobService/WatchJob")?;
+        self.authorize(&req, READERS, "JobService/WatchJob")?;
         let job_id = req.get_ref().job_id.clone();
         self.job_or_not_found(&job_id)?;
         let (tx, rx) = mpsc::channel(16);
@@ -360,7 +368,7 @@ impl pb::job_service_server::JobService for Services {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
-        let who = authorize(&req, SUBMITTERS, "JobService/CancelJob")?;
+        let who = self.authorize(&req, SUBMITTERS, "JobService/CancelJob")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         if who.role != Role::Admin && who.name != job.submitted_by {
             return Err(Status::permission_denied(format!(
@@ -387,7 +395,7 @@ impl pb::job_service_server::JobService for Services {
     type PullJobModelStream = BoxStream<pb::ModelChunk>;
 
     async fn pull_job_model(&self, req: Request<pb::PullJobModelRequest>) -> Result<Response<Self::PullJobModelStream>, Status> {
-        authorize(&req, SUBMITTERS, "JobService/PullJobModel")?;
+        self.authorize(&req, SUBMITTERS, "JobService/PullJobModel")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         let round = req.get_ref().round;
         Ok(Response::new(self.model_stream(&job, round)?))
@@ -397,7 +405,7 @@ impl pb::job_service_server::JobService for Services {
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for Services {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/Register")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/Register")?;
         let r = req.get_ref();
         let mut names = BTreeSet::new();
         for d in &r.datasets {
@@ -424,7 +432,7 @@ impl pb::worker_service_server::WorkerService for Services {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/Heartbeat")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/Heartbeat")?;
         self.inner.store.touch_site(&who.name)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -432,7 +440,7 @@ impl pb::worker_service_server::WorkerService for Services {
     type ReceiveTasksStream = BoxStream<pb::Task>;
 
     async fn receive_tasks(&self, req: Request<pb::ReceiveTasksRequest>) -> Result<Response<Self::ReceiveTasksStream>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/ReceiveTasks")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/ReceiveTasks")?;
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
         let mut changes = self.inner.changes.subscribe();
@@ -488,7 +496,7 @@ impl pb::worker_service_server::WorkerService for Services {
     }
 
     async fn answer_offer(&self, req: Request<pb::OfferAnswer>) -> Result<Response<pb::Ack>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/AnswerOffer")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/AnswerOffer")?;
         let a = req.get_ref();
         let job = self.job_or_not_found(&a.job_id)?;
         if a.spec_hash != job.spec_hash {
@@ -523,7 +531,7 @@ impl pb::worker_service_server::WorkerService for Services {
     type PullModelStream = BoxStream<pb::ModelChunk>;
 
     async fn pull_model(&self, req: Request<pb::PullModelRequest>) -> Result<Response<Self::PullModelStream>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/PullModel")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/PullModel")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         self.require_participant(&job, &who.name)?;
@@ -531,7 +539,7 @@ impl pb::worker_service_server::WorkerService for Services {
     }
 
     async fn push_update(&self, req: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::PushUpdateResponse>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
         let mut stream = req.into_inner();
         let first = stream
             .next()
@@ -626,7 +634,7 @@ impl pb::worker_service_server::WorkerService for Services {
     }
 
     async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/ReportEvaluation")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportEvaluation")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         self.require_participant(&job, &who.name)?;
@@ -647,7 +655,7 @@ impl pb::worker_service_server::WorkerService for Services {
     }
 
     async fn report_failure(&self, req: Request<pb::TaskFailure>) -> Result<Response<pb::Ack>, Status> {
-        let who = authorize(&req, HOSPITAL, "WorkerService/ReportFailure")?;
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportFailure")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         warn!(job_id = %job.id, site = %who.name, round = r.round, reason = %r.reason, "site reported a failure");

@@ -5,7 +5,9 @@ use proto::identity::IdentityFiles;
 use proto::pb;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::util::{Federation, run};
+use std::time::Duration;
+
+use crate::util::{Federation, run, wait_for};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -167,4 +169,70 @@ fn every_rpc_checks_the_callers_role() {
         }
     }
     assert_eq!(checked, 5 * 16);
+}
+
+/// Adding, renewing, expiring and revoking certificates against a running
+/// coordinator, and a hospital trying to speak for another.
+#[test]
+fn certificates_added_renewed_expired_and_revoked_take_effect_live() {
+    let fed = Federation::start(&["hospital-a"]);
+    let rt = runtime();
+    let fed_dir = fed.dir.join("fed");
+    let fed_arg = fed_dir.to_str().unwrap();
+    let register = |dir: &std::path::Path| {
+        let identity = IdentityFiles::from_dir(dir).unwrap();
+        rt.block_on(async {
+            let ch = channel(&fed.url, identity.client_tls()).await?;
+            pb::worker_service_client::WorkerServiceClient::new(ch)
+                .register(pb::RegisterRequest::default())
+                .await
+                .map(|r| r.into_inner().site)
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        })
+    };
+    let a_cert = std::fs::read(fed_dir.join("sites/hospital-a/cert.pem")).unwrap();
+
+    // A new site signed by the existing CA works at once; no other certificate changed.
+    let out = run(&["provision", "add-site", "hospital-b", "--federation", fed_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(register(&fed_dir.join("sites/hospital-b")), Ok("hospital-b".to_string()));
+    assert_eq!(std::fs::read(fed_dir.join("sites/hospital-a/cert.pem")).unwrap(), a_cert);
+    let again = run(&["provision", "add-site", "hospital-b", "--federation", fed_arg]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already has a certificate"));
+
+    // A hospital cannot file ledger entries in another hospital's name.
+    let identity = IdentityFiles::from_dir(&fed_dir.join("sites/hospital-a")).unwrap();
+    let err = rt.block_on(async {
+        let ch = channel(&fed.url, identity.client_tls()).await.unwrap();
+        let entry = pb::LedgerEntry { seq: 1, site: "hospital-b".to_string(), ..Default::default() };
+        pb::worker_service_client::WorkerServiceClient::new(ch)
+            .register(pb::RegisterRequest { ledger: vec![entry], ..Default::default() })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(err.message(), "ledger: entry 1 names site \"hospital-b\", the certificate says \"hospital-a\"");
+
+    // An expired certificate is refused by the TLS handshake.
+    let out = run(&["provision", "add-user", "temp", "--role", "reviewer", "--valid-days", "0", "--federation", fed_arg]);
+    assert!(out.status.success());
+    wait_for(Duration::from_secs(10), "the certificate to expire", || {
+        let out = fed.client("temp", &["budget"]);
+        (!out.status.success()).then_some(())
+    });
+
+    // Renewal replaces the key and certificate; the coordinator accepts the new one without a restart.
+    let out = run(&["provision", "renew", "temp", "--valid-days", "30", "--federation", fed_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(fed.client("temp", &["budget"]).status.success());
+
+    // Revoking by name in coordinator.toml takes effect without a restart.
+    let config = fed.dir.join("coordinator.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[revocation]\nnames = [\"hospital-b\"]\n");
+    std::fs::write(&config, text).unwrap();
+    let refused = wait_for(Duration::from_secs(10), "the revocation to take effect", || {
+        register(&fed_dir.join("sites/hospital-b")).err()
+    });
+    assert_eq!(refused, "Unauthenticated: the certificates of hospital-b are revoked");
+    assert_eq!(register(&fed_dir.join("sites/hospital-a")), Ok("hospital-a".to_string()));
 }
