@@ -4,6 +4,7 @@
 mod crash;
 mod federation;
 mod governance;
+mod hostile;
 mod privacy_cli;
 mod security;
 mod specs;
