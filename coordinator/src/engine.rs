@@ -188,7 +188,32 @@ impl Coordinator {
         let participants: Vec<&str> = sites.iter().filter(|s| s.state == "accepted").map(|s| s.site.as_str()).collect();
         let updates = self.store.updates(&job.id, round)?;
         let min = job.spec.policy.min_sites as usize;
-        let all_in = participants.iter().all(|p| updates.iter().any(|u| u.site == *p));
+        // A participant silent for longer than the idle timeout (no heartbeat, no
+        // call) is not waited for; one that is still training keeps heartbeating.
+        let last_seen = self.store.last_seen()?;
+        let idle_ms = self.idle_timeout_secs as i64 * 1000;
+        let silent: Vec<&str> = participants
+            .iter()
+            .copied()
+            .filter(|p| !updates.iter().any(|u| u.site == *p))
+            .filter(|p| last_seen.get(*p).is_none_or(|seen| now_ms() - seen > idle_ms))
+            .collect();
+        let all_in = participants
+            .iter()
+            .all(|p| silent.contains(p) || updates.iter().any(|u| u.site == *p))
+            && updates.len() >= min;
+        if !silent.is_empty() && all_in {
+            info!(job_id = %job.id, round, silent = ?silent, "closing the round without sites silent for longer than the idle timeout");
+            self.audit(
+                "round.sites_silent",
+                &job.id,
+                serde_json::json!({
+                    "round": round,
+                    "sites": silent,
+                    "reason": format!("no heartbeat for more than the idle timeout of {} s", self.idle_timeout_secs),
+                }),
+            );
+        }
         let possible = participants.len().max(updates.len());
         if possible < min {
             let failed: Vec<String> = sites
@@ -323,10 +348,12 @@ impl Coordinator {
         let round = job.current_round;
         let sites = self.store.job_sites(&job.id)?;
         let evals = self.store.evaluations(&job.id)?;
-        let all_in = sites
-            .iter()
-            .filter(|s| s.state == "accepted")
-            .all(|s| evals.iter().any(|e| e.round == round && e.site == s.site));
+        let last_seen = self.store.last_seen()?;
+        let idle_ms = self.idle_timeout_secs as i64 * 1000;
+        let all_in = sites.iter().filter(|s| s.state == "accepted").all(|s| {
+            evals.iter().any(|e| e.round == round && e.site == s.site)
+                || last_seen.get(&s.site).is_none_or(|seen| now_ms() - seen > idle_ms)
+        }) && evals.iter().any(|e| e.round == round);
         if !all_in && now_ms() < job.deadline_ms {
             return Ok(false);
         }

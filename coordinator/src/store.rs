@@ -605,6 +605,17 @@ impl Store {
         })
     }
 
+    /// When each registered site was last heard from (unix ms).
+    pub fn last_seen(&self) -> Result<std::collections::HashMap<String, i64>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT name, last_seen_ms FROM sites")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<rusqlite::Result<std::collections::HashMap<_, _>>>()?;
+            Ok(rows)
+        })
+    }
+
     /// Every dataset announced by every site.
     pub fn datasets(&self) -> Result<Vec<DatasetRow>> {
         use prost::Message;

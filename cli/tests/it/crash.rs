@@ -184,3 +184,43 @@ fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
         .unwrap();
     assert_eq!(mirrored, 20);
 }
+
+/// Workers cut off (frozen with SIGSTOP) for longer than the idle timeout:
+/// the job does not hang on them. It completes with the sites that remain,
+/// and the frozen site rejoins when it thaws.
+#[test]
+fn a_partitioned_site_does_not_hang_the_job() {
+    let mut fed = Federation::start_with(&["hospital-a", "hospital-b"], 0, "idle_timeout_secs = 2");
+    let data = example("data/wdbc_breast_cancer.csv");
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", NUMERIC);
+    fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC);
+    let spec = job_spec(&fed, "partition.toml", 6, 10.0, "[64, 64]");
+    // A deadline far beyond the test's patience: only the idle timeout can end the wait.
+    let text = std::fs::read_to_string(&spec).unwrap().replace("round_deadline_secs = 30", "round_deadline_secs = 600");
+    std::fs::write(&spec, text).unwrap();
+    wait_for(Duration::from_secs(30), "both workers to register", || {
+        let out = fed.client("rita", &["budget", "--json"]);
+        let text = stdout(&out);
+        (text.contains("hospital-a") && text.contains("hospital-b")).then_some(())
+    });
+    let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job_id = stdout(&out);
+    wait_for(Duration::from_secs(30), "round 2", || {
+        let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+        let state: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+        (state["current_round"].as_u64()? >= 2).then_some(())
+    });
+    let frozen = fed.daemons[2].0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &frozen]).status().unwrap().success());
+    let finished = wait_for(Duration::from_secs(120), "the job to end without the frozen site", || {
+        let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+        let state: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+        matches!(state["state"].as_str(), Some("completed" | "failed")).then_some(state)
+    });
+    assert!(std::process::Command::new("kill").args(["-CONT", &frozen]).status().unwrap().success());
+    assert_eq!(finished["state"], "completed", "{finished}");
+    let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
+    assert!(audit.contains("round.sites_silent") && audit.contains("hospital-b"), "{audit}");
+    assert!(audit.contains("no heartbeat for more than the idle timeout of 2 s"), "{audit}");
+}

@@ -55,6 +55,11 @@ impl Federation {
 
     /// Like [`Federation::start`] on a fixed port (0: any), so a restarted coordinator keeps its address.
     pub fn start_on(sites: &[&str], port: u16) -> Federation {
+        Self::start_with(sites, port, "")
+    }
+
+    /// Like [`Federation::start_on`], with extra top-level keys for coordinator.toml.
+    pub fn start_with(sites: &[&str], port: u16, extra: &str) -> Federation {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let fed = dir.join("fed");
@@ -70,7 +75,7 @@ impl Federation {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"coord-state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"coord-state\"\n{extra}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
                 id.join("ca.pem"),
                 id.join("cert.pem"),
                 id.join("key.pem")
