@@ -322,3 +322,64 @@ mod robust_tests {
         assert_eq!(robust(&updates, &Aggregation::Fedavg), vec![2.5, 25.0]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use proto::job::Aggregation;
+
+    fn updates() -> impl Strategy<Value = Vec<Vec<f32>>> {
+        (1usize..7, 1usize..12).prop_flat_map(|(n, d)| prop::collection::vec(prop::collection::vec(-100f32..100.0, d), n))
+    }
+
+    proptest! {
+        /// Every rule's result lies, coordinate by coordinate, between the smallest and largest update.
+        #[test]
+        fn every_rule_stays_within_the_updates(updates in updates(), weights in prop::collection::vec(0.1f64..10.0, 7)) {
+            let d = updates[0].len();
+            let lo: Vec<f32> = (0..d).map(|j| updates.iter().map(|u| u[j]).fold(f32::INFINITY, f32::min)).collect();
+            let hi: Vec<f32> = (0..d).map(|j| updates.iter().map(|u| u[j]).fold(f32::NEG_INFINITY, f32::max)).collect();
+            let mut avg = FedAvg::new(d);
+            for (u, w) in updates.iter().zip(&weights) {
+                avg.fold(u, *w);
+            }
+            let mut fedavg = vec![0.0; d];
+            avg.apply(&mut fedavg, 1.0);
+            let n = updates.len();
+            let mut rules = vec![Aggregation::Median, Aggregation::TrimmedMean { trim_fraction: 0.2 }];
+            if n >= 3 {
+                rules.push(Aggregation::Krum { byzantine: (n - 3) / 2 });
+                rules.push(Aggregation::MultiKrum { byzantine: (n - 3) / 2, select: n.div_ceil(2) });
+            }
+            let mut results = vec![fedavg];
+            results.extend(rules.iter().map(|r| robust(&updates, r)));
+            for r in results {
+                for j in 0..d {
+                    prop_assert!(r[j] >= lo[j] - 1e-3 && r[j] <= hi[j] + 1e-3, "{r:?} outside [{lo:?}, {hi:?}]");
+                }
+            }
+        }
+
+        /// Identical updates aggregate to themselves under every rule; Krum returns one of its inputs.
+        #[test]
+        fn agreement_is_preserved(update in prop::collection::vec(-10f32..10.0, 1..10), n in 3usize..7) {
+            let updates = vec![update.clone(); n];
+            for rule in [Aggregation::Fedavg, Aggregation::Median, Aggregation::TrimmedMean { trim_fraction: 0.25 }, Aggregation::Krum { byzantine: 0 }] {
+                let r = robust(&updates, &rule);
+                for (a, b) in r.iter().zip(&update) {
+                    prop_assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0));
+                }
+            }
+        }
+
+        /// Clipped client-level sums never exceed the clip per site.
+        #[test]
+        fn client_clip_bounds_each_contribution(update in prop::collection::vec(-1000f32..1000.0, 1..20), clip in 0.01f64..10.0) {
+            let mut round = ClientDpRound::new(update.len(), clip);
+            round.fold(&update);
+            let norm = round.sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+            prop_assert!(norm <= clip * (1.0 + 1e-9));
+        }
+    }
+}

@@ -52,6 +52,8 @@ mod pld;
 mod special;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod properties;
 
 pub use pld::{DEFAULT_DISCRETIZATION, MAX_PLD_POINTS, PldAccountant, dpsgd_epsilon_pld};
 

@@ -1,0 +1,515 @@
+//! `bench-table`: trains each workload for whole epochs with Meridian's
+//! DP-SGD and with plain SGD, times ε queries of both accountants, and
+//! prints the markdown tables for `BENCHMARKS.md`, next to the Opacus
+//! reference figures.
+//!
+//! Run with `cargo run --release -p benches --bin bench-table -- [--quick]
+//! [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all]`. Progress goes to
+//! stderr, the tables to stdout.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use benches::workload::{
+    ACCOUNTANT_DELTA, ACCOUNTANT_NOISE_MULTIPLIER, ACCOUNTANT_SAMPLE_RATE, ACCOUNTANT_STEPS,
+};
+use benches::{DpSgd, PlainSgd, StepError, WorkerRound, Workload};
+use burn::tensor::Device;
+
+const USAGE: &str =
+    "usage: bench-table [--quick] [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all]";
+
+/// Fewest measured epochs after the warm-up epoch, in a full run...
+const MEASURED_EPOCHS: usize = 5;
+/// ...and more, whole ones, until this much time is measured (MLP-A's
+/// epochs take milliseconds)...
+const MEASURED_SECS: f64 = 3.0;
+/// ...but no more than this many.
+const MAX_EPOCHS: usize = 2_000;
+/// Steps of MLP-B's one measured "epoch" with `--quick` (a tenth of one).
+const QUICK_MLP_B_STEPS: usize = 125;
+/// Warm-up steps with `--quick`.
+const QUICK_WARMUP_STEPS: usize = 3;
+/// Progress label of the `worker::train::train_round` cross-check.
+const WORKER_LABEL: &str = "worker round";
+
+/// Where the networks compute.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DeviceChoice {
+    Cpu,
+    Gpu,
+}
+
+/// The command line, validated.
+#[derive(Debug)]
+struct Options {
+    quick: bool,
+    device: DeviceChoice,
+    workloads: Vec<Workload>,
+}
+
+fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+    let mut options = Options {
+        quick: false,
+        device: DeviceChoice::Cpu,
+        workloads: Workload::ALL.to_vec(),
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (arg, None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or(format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--quick" => options.quick = true,
+            "--device" => {
+                options.device = match value("--device")?.as_str() {
+                    "cpu" => DeviceChoice::Cpu,
+                    "gpu" => DeviceChoice::Gpu,
+                    other => return Err(format!("--device: expected cpu or gpu, got '{other}'")),
+                }
+            }
+            "--workload" => {
+                let key = value("--workload")?;
+                options.workloads = match key.as_str() {
+                    "all" => Workload::ALL.to_vec(),
+                    _ => vec![Workload::from_key(&key).ok_or(format!(
+                        "--workload: expected mlp-a, mlp-b, cnn or all, got '{key}'"
+                    ))?],
+                };
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument '{other}'")),
+        }
+    }
+    Ok(options)
+}
+
+fn device(choice: DeviceChoice) -> Result<Device, String> {
+    match choice {
+        DeviceChoice::Cpu => Ok(models::default_device(false)),
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Gpu => Ok(models::default_device(true)),
+        #[cfg(not(feature = "wgpu"))]
+        DeviceChoice::Gpu => Err("--device gpu needs the `wgpu` feature: cargo run --release -p benches --features wgpu --bin bench-table".into()),
+    }
+}
+
+/// How many steps to warm up with and to time, for one workload.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    warmup_steps: usize,
+    /// At least this many epochs...
+    epochs: usize,
+    /// ...and as many more (up to [`MAX_EPOCHS`]) as fit in this time.
+    secs: f64,
+    steps_per_epoch: usize,
+}
+
+impl Plan {
+    fn new(quick: bool, workload: Workload, steps_per_epoch: usize) -> Plan {
+        match (quick, workload) {
+            (false, _) => Plan {
+                warmup_steps: steps_per_epoch,
+                epochs: MEASURED_EPOCHS,
+                secs: MEASURED_SECS,
+                steps_per_epoch,
+            },
+            (true, Workload::MlpB) => Plan {
+                warmup_steps: QUICK_WARMUP_STEPS,
+                epochs: 1,
+                secs: 0.0,
+                steps_per_epoch: QUICK_MLP_B_STEPS.min(steps_per_epoch),
+            },
+            (true, _) => Plan {
+                warmup_steps: QUICK_WARMUP_STEPS,
+                epochs: 1,
+                secs: 0.0,
+                steps_per_epoch,
+            },
+        }
+    }
+}
+
+/// Throughput of each measured epoch, examples per second.
+#[derive(Clone, Debug)]
+struct Epochs {
+    rates: Vec<f64>,
+    examples: Vec<usize>,
+}
+
+impl Epochs {
+    fn median(&self) -> f64 {
+        median(&self.rates)
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Warms up, then times epochs of `run(steps) -> examples` as `plan` says.
+fn measure(
+    label: &str,
+    plan: Plan,
+    mut run: impl FnMut(usize) -> Result<usize, StepError>,
+) -> Result<Epochs, StepError> {
+    // The worker's plan counts rounds, one local epoch each.
+    let unit = if label == WORKER_LABEL {
+        "rounds"
+    } else {
+        "steps"
+    };
+    let start = Instant::now();
+    run(plan.warmup_steps)?;
+    eprintln!(
+        "  {label}: warm-up {} {unit}, {:.1} s",
+        plan.warmup_steps,
+        start.elapsed().as_secs_f64()
+    );
+    let mut epochs = Epochs {
+        rates: Vec::new(),
+        examples: Vec::new(),
+    };
+    let mut measured = 0.0;
+    while epochs.rates.len() < plan.epochs
+        || (measured < plan.secs && epochs.rates.len() < MAX_EPOCHS)
+    {
+        let start = Instant::now();
+        let examples = run(plan.steps_per_epoch)?;
+        let secs = start.elapsed().as_secs_f64();
+        measured += secs;
+        epochs.rates.push(examples as f64 / secs);
+        epochs.examples.push(examples);
+    }
+    eprintln!(
+        "  {label}: {} epochs of {} {unit}, {:.1} s, median {:.0} ex/s",
+        epochs.rates.len(),
+        plan.steps_per_epoch,
+        measured,
+        epochs.median()
+    );
+    Ok(epochs)
+}
+
+/// A workload's results.
+struct Row {
+    workload: Workload,
+    params: usize,
+    dp: Epochs,
+    dp_plan: Plan,
+    plain: Epochs,
+    plain_plan: Plan,
+    /// `worker::train::train_round`, one round per epoch (examples expected).
+    worker: Epochs,
+    worker_plan: Plan,
+}
+
+fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Row, StepError> {
+    eprintln!("{}: generating {} rows", workload.name(), workload.rows());
+    let data = workload.dataset();
+    let params = workload.architecture()?.layout().num_params();
+
+    let dp_plan = Plan::new(quick, workload, workload.steps_per_epoch());
+    let mut dp = DpSgd::new(workload, device)?;
+    let dp_epochs = measure("DP-SGD", dp_plan, |steps| dp.run(&data, steps))?;
+
+    let plain_plan = Plan::new(quick, workload, workload.plain_steps_per_epoch());
+    let mut plain = PlainSgd::new(workload, device)?;
+    let plain_epochs = measure("plain", plain_plan, |steps| Ok(plain.run(&data, steps)))?;
+
+    // One "step" of this plan is one round, i.e. one local epoch.
+    let mut round = WorkerRound::new(workload, &data, device)?;
+    let (round_steps, round_examples) = round.plan();
+    let worker_plan = Plan {
+        warmup_steps: usize::from(!quick),
+        steps_per_epoch: 1,
+        ..Plan::new(quick, workload, 1)
+    };
+    let worker_epochs = measure(WORKER_LABEL, worker_plan, |rounds| {
+        for _ in 0..rounds {
+            round.run()?;
+        }
+        Ok((rounds as f64 * round_examples).round() as usize)
+    })?;
+    Ok(Row {
+        workload,
+        params,
+        dp: dp_epochs,
+        dp_plan,
+        plain: plain_epochs,
+        plain_plan,
+        worker: worker_epochs,
+        worker_plan: Plan {
+            steps_per_epoch: round_steps as usize,
+            ..worker_plan
+        },
+    })
+}
+
+/// One accountant's ε and the median time of `runs` queries.
+struct AccountantTiming {
+    epsilon: f64,
+    median: Duration,
+    runs: usize,
+}
+
+fn time_accountant(
+    label: &str,
+    runs: usize,
+    query: impl Fn() -> Result<f64, privacy::AccountantError>,
+) -> Result<AccountantTiming, privacy::AccountantError> {
+    let mut times = Vec::with_capacity(runs);
+    let mut epsilon = f64::NAN;
+    for _ in 0..runs {
+        let start = Instant::now();
+        epsilon = std::hint::black_box(query()?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let median = Duration::from_secs_f64(median(&times));
+    eprintln!("{label}: ε = {epsilon:.4}, median {median:?} over {runs} runs");
+    Ok(AccountantTiming {
+        epsilon,
+        median,
+        runs,
+    })
+}
+
+/// `12345.6` as `12,346`; under 100 with three significant figures.
+fn grouped(x: f64) -> String {
+    if !x.is_finite() {
+        return "—".into();
+    }
+    if x < 100.0 {
+        return format!("{x:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string();
+    }
+    let digits = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn ratio(x: f64) -> String {
+    if x >= 10.0 {
+        format!("{x:.0}×")
+    } else {
+        format!("{x:.2}×")
+    }
+}
+
+fn duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
+fn model_label(w: Workload) -> String {
+    match w {
+        Workload::MlpA => "MLP-A 30-64-64-2, B = 64".into(),
+        Workload::MlpB => "MLP-B 17-128-128-2, B = 256".into(),
+        Workload::Cnn => "CNN (conv5 16, conv5 32, fc 128), B = 64".into(),
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn print_tables(options: &Options, rows: &[Row], rdp: &AccountantTiming, pld: &AccountantTiming) {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let device = match (options.device, cfg!(feature = "rayon")) {
+        (DeviceChoice::Cpu, false) => {
+            "cpu (Burn flex, one thread: Meridian's burn features leave `rayon` off)"
+        }
+        (DeviceChoice::Cpu, true) => "cpu (Burn flex with the `rayon` feature: all cores)",
+        (DeviceChoice::Gpu, _) => "gpu (Burn wgpu)",
+    };
+    let mode = if options.quick {
+        format!(
+            "QUICK smoke run ({QUICK_WARMUP_STEPS} warm-up steps, 1 measured epoch, MLP-B {QUICK_MLP_B_STEPS} steps): not for publication"
+        )
+    } else {
+        format!(
+            "1 warm-up epoch, then median throughput of at least {MEASURED_EPOCHS} whole epochs (more until {MEASURED_SECS} s are measured)"
+        )
+    };
+    println!("## Meridian training throughput\n");
+    println!(
+        "Machine: {} ({threads} threads available); device: {device}; {mode}.\n",
+        cpu_model()
+    );
+    println!(
+        "| workload | params | Meridian DP-SGD ex/s | Meridian plain ex/s | DP cost | Opacus DP-SGD ex/s † | Meridian ÷ Opacus (DP) | Opacus DP cost † |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let reference = row.workload.opacus_reference();
+        let dp = row.dp.median();
+        let plain = row.plain.median();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            model_label(row.workload),
+            grouped(row.params as f64),
+            grouped(dp),
+            grouped(plain),
+            ratio(plain / dp),
+            grouped(reference.dp_examples_per_sec),
+            ratio(dp / reference.dp_examples_per_sec),
+            ratio(reference.plain_examples_per_sec / reference.dp_examples_per_sec),
+        );
+    }
+    println!(
+        "\n† reference, measured on this machine class, not in this run: shared/fixtures/reference-throughput.md \
+         (Opacus 1.6.0 + PyTorch 2.15.0, 2 vCPU AMD EPYC Zen 3, 2 threads, medians). Figures drift between \
+         machines and sessions; ratios against them are indicative only.\n"
+    );
+    println!(
+        "DP-SGD: σ = 1.0, C = 1.0, Poisson sampling q = 1/ceil(N/B), ceil(N/B) steps per epoch, examples = sum of \
+         sampled batch sizes; plain: floor(N/B) shuffled batches of exactly B, mean cross-entropy gradient; SGD lr 0.05.\n"
+    );
+    println!(
+        "| workload | run | steps/epoch | measured epochs | mean examples/epoch | ex/s min / median / max |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for row in rows {
+        let runs = [
+            ("DP-SGD", &row.dp, row.dp_plan),
+            ("plain", &row.plain, row.plain_plan),
+            ("DP-SGD, worker round ‡", &row.worker, row.worker_plan),
+        ];
+        for (run, epochs, plan) in runs {
+            let n = epochs.rates.len();
+            let mean_examples = epochs.examples.iter().sum::<usize>() as f64 / n.max(1) as f64;
+            let min = epochs.rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = epochs.rates.iter().copied().fold(0.0, f64::max);
+            println!(
+                "| {} | {run} | {} | {} | {} | {} / {} / {} |",
+                row.workload.name(),
+                grouped(plan.steps_per_epoch as f64),
+                grouped(n as f64),
+                grouped(mean_examples),
+                grouped(min),
+                grouped(epochs.median()),
+                grouped(max)
+            );
+        }
+    }
+    println!(
+        "\n‡ `worker::train::train_round`, one local epoch per round (q = B/N, ceil(N/B) steps), examples counted as \
+         the expected steps · B; a check that the DP-SGD row times what a site runs.\n"
+    );
+    println!("## Accountants\n");
+    println!(
+        "ε of {} DP-SGD steps, q = {ACCOUNTANT_SAMPLE_RATE}, σ = {ACCOUNTANT_NOISE_MULTIPLIER}, δ = {ACCOUNTANT_DELTA:e}.\n",
+        grouped(ACCOUNTANT_STEPS as f64)
+    );
+    println!("| accountant | ε | time per query (median of runs) | Python reference † |");
+    println!("|---|---|---|---|");
+    println!(
+        "| RDP `privacy::dpsgd_epsilon` | {:.4} | {} ({}) | dp_accounting RDP ≈ 0.1 s |",
+        rdp.epsilon,
+        duration(rdp.median),
+        rdp.runs
+    );
+    println!(
+        "| PLD `privacy::dpsgd_epsilon_pld` | {:.4} | {} ({}) | dp_accounting PLD ≈ 8 s; prv_accountant ≈ 0.8 s |",
+        pld.epsilon,
+        duration(pld.median),
+        pld.runs
+    );
+    println!(
+        "\nFedAvg aggregation: not measured; the coordinator's `FedAvg` (coordinator/src/aggregate.rs) is private to the coordinator crate."
+    );
+}
+
+fn run(options: &Options) -> Result<(), String> {
+    let device = device(options.device)?;
+    let mut rows = Vec::new();
+    for &workload in &options.workloads {
+        let row = bench_workload(workload, &device, options.quick)
+            .map_err(|e| format!("{}: {e}", workload.name()))?;
+        rows.push(row);
+    }
+    let (rdp_runs, pld_runs) = if options.quick { (1, 1) } else { (5, 3) };
+    let rdp = time_accountant("RDP", rdp_runs, || {
+        privacy::dpsgd_epsilon(
+            ACCOUNTANT_SAMPLE_RATE,
+            ACCOUNTANT_NOISE_MULTIPLIER,
+            ACCOUNTANT_STEPS,
+            ACCOUNTANT_DELTA,
+        )
+        .map(|e| e.epsilon)
+    })
+    .map_err(|e| format!("RDP accountant: {e}"))?;
+    let pld = time_accountant("PLD", pld_runs, || {
+        privacy::dpsgd_epsilon_pld(
+            ACCOUNTANT_SAMPLE_RATE,
+            ACCOUNTANT_NOISE_MULTIPLIER,
+            ACCOUNTANT_STEPS,
+            ACCOUNTANT_DELTA,
+        )
+    })
+    .map_err(|e| format!("PLD accountant: {e}"))?;
+    print_tables(options, &rows, &rdp, &pld);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let options = match parse(std::env::args().skip(1)) {
+        Ok(options) => options,
+        Err(message) if message.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("bench-table: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("bench-table: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "bench-table/tests.rs"]
+mod tests;

@@ -1,0 +1,83 @@
+//! The command line and the table's number formats.
+
+use super::*;
+
+fn args(line: &str) -> Result<Options, String> {
+    parse(line.split_whitespace().map(String::from))
+}
+
+#[test]
+fn defaults_are_a_full_cpu_run_of_every_workload() {
+    let options = args("").unwrap();
+    assert!(!options.quick);
+    assert_eq!(options.device, DeviceChoice::Cpu);
+    assert_eq!(options.workloads, Workload::ALL);
+}
+
+#[test]
+fn flags_parse_with_spaces_or_equals() {
+    let options = args("--quick --workload cnn --device=gpu").unwrap();
+    assert!(options.quick);
+    assert_eq!(options.device, DeviceChoice::Gpu);
+    assert_eq!(options.workloads, [Workload::Cnn]);
+    assert_eq!(
+        args("--workload=mlp-b").unwrap().workloads,
+        [Workload::MlpB]
+    );
+    assert_eq!(args("--workload all").unwrap().workloads, Workload::ALL);
+}
+
+#[test]
+fn bad_flags_say_what_is_wrong() {
+    assert_eq!(
+        args("--workload mlp-c").unwrap_err(),
+        "--workload: expected mlp-a, mlp-b, cnn or all, got 'mlp-c'"
+    );
+    assert_eq!(
+        args("--device tpu").unwrap_err(),
+        "--device: expected cpu or gpu, got 'tpu'"
+    );
+    assert_eq!(args("--device").unwrap_err(), "--device needs a value");
+    assert_eq!(args("--fast").unwrap_err(), "unknown argument '--fast'");
+    assert_eq!(args("--help").unwrap_err(), "");
+}
+
+#[test]
+fn quick_plans_are_short_and_full_plans_are_whole_epochs() {
+    let full = Plan::new(false, Workload::MlpB, 1_250);
+    assert_eq!(
+        (full.warmup_steps, full.epochs, full.steps_per_epoch),
+        (1_250, MEASURED_EPOCHS, 1_250)
+    );
+    let quick = Plan::new(true, Workload::MlpB, 1_250);
+    assert_eq!(
+        (quick.epochs, quick.steps_per_epoch),
+        (1, QUICK_MLP_B_STEPS)
+    );
+    let quick_cnn = Plan::new(true, Workload::Cnn, 157);
+    assert_eq!(
+        (quick_cnn.epochs, quick_cnn.steps_per_epoch, quick_cnn.secs),
+        (1, 157, 0.0)
+    );
+}
+
+#[test]
+fn medians() {
+    assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    assert!(median(&[]).is_nan());
+}
+
+#[test]
+fn numbers_are_grouped_and_ratios_rounded() {
+    assert_eq!(grouped(1_234_567.4), "1,234,567");
+    assert_eq!(grouped(11_600.0), "11,600");
+    assert_eq!(grouped(999.6), "1,000");
+    assert_eq!(grouped(12.5), "12.5");
+    assert_eq!(grouped(f64::NAN), "—");
+    assert_eq!(ratio(5.4712), "5.47×");
+    assert_eq!(ratio(13.19), "13×");
+    assert_eq!(duration(Duration::from_micros(250)), "250.0 µs");
+    assert_eq!(duration(Duration::from_millis(29)), "29.00 ms");
+    assert_eq!(duration(Duration::from_millis(8_000)), "8.00 s");
+}
