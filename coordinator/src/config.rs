@@ -74,61 +74,18 @@ pub struct CoordinatorConfig {
     pub source: PathBuf,
 }
 
-/// A config file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has unknown keys.
-    #[error("{path}:{line}:{column}: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// Values that are present but wrong.
-    #[error("{path}: {}", problems.join("; "))]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// Every problem, naming its key.
-        problems: Vec<String>,
-    },
-}
+pub use proto::config_file::ConfigError;
 
 impl CoordinatorConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = proto::config_file::read(path)?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` names it in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            let before = &text[..offset.min(text.len())];
-            ConfigError::Syntax {
-                path: path.to_path_buf(),
-                line: before.matches('\n').count() + 1,
-                column: before.rsplit('\n').next().map_or(0, str::len) + 1,
-                message: e.message().lines().next().unwrap_or("invalid TOML").to_string(),
-            }
-        })?;
+        let raw: RawConfig = proto::config_file::parse(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let mut problems = Vec::new();
@@ -155,13 +112,7 @@ impl CoordinatorConfig {
                 problems.push(format!("{key}: {} does not exist", file.display()));
             }
         }
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
-            })
-        }
+        proto::config_file::check(path, problems)?;
+        Ok(config)
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod checkpoint;
+pub mod config_file;
 pub mod identity;
 pub mod job;
 pub mod tensor;

@@ -94,3 +94,33 @@ fn bad_job_specs_and_bad_rows_get_clear_errors() {
         assert!(d.0.try_wait().unwrap().is_none(), "a daemon exited");
     }
 }
+
+#[test]
+fn malformed_daemon_configs_name_file_line_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let worker = tmp.path().join("worker.toml");
+    std::fs::write(&worker, "coordinator = \"https://127.0.0.1:1\"\ndata_dir = \"state\"\ndevise = \"cpu\"\n").unwrap();
+    let out = crate::util::run(&["worker", "--check", "--config", worker.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with(&format!("error: {}:3:1: unknown field `devise`", worker.display())), "{err}");
+
+    std::fs::write(
+        &worker,
+        "coordinator = \"http://plain\"\ndata_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[datasets]]\nname = \"d\"\npath = \"d.csv\"\nlabel = \"y\"\nbudget_epsilon = -1.0\njob_epsilon_cap = 1.0\n",
+    )
+    .unwrap();
+    let out = crate::util::run(&["worker", "--check", "--config", worker.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("coordinator: \"http://plain\" must be an https:// URL (Meridian has no plaintext mode)"), "{err}");
+    assert!(err.contains("datasets[0].budget_epsilon: must be finite and > 0, got -1"), "{err}");
+    assert!(err.contains(&format!("datasets[0].path: {} does not exist", tmp.path().join("d.csv").display())), "{err}");
+
+    let coordinator = tmp.path().join("coordinator.toml");
+    std::fs::write(&coordinator, "listen = \"localhost:port\"\ndata_dir = \"s\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
+    let out = crate::util::run(&["coordinator", "--config", coordinator.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen: \"localhost:port\" is not an address like 127.0.0.1:7443"), "{err}");
+}
