@@ -15,7 +15,7 @@
 #![deny(clippy::unwrap_used)]
 #![deny(missing_docs)]
 
-mod aggregate;
+pub mod aggregate;
 mod budget;
 mod config;
 mod engine;
