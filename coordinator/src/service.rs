@@ -598,6 +598,12 @@ impl pb::worker_service_server::WorkerService for Services {
             Ok(v) => v,
             Err(e) => return reject(format!("malformed update: {e}")),
         };
+        if let Some(bound) = job.spec.policy.max_update_norm {
+            let norm = values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+            if norm > bound {
+                return reject(format!("update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"));
+            }
+        }
         let path = self
             .inner
             .job_dir(&job.id)

@@ -382,6 +382,10 @@ pub struct RoundPolicy {
     pub round_deadline_secs: u64,
     /// Times a round is tried before the job fails.
     pub max_round_attempts: u32,
+    /// Largest L2 norm of a site's update the coordinator accepts; a larger
+    /// one (a scaled or poisoned update) is rejected. Absent: no bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_update_norm: Option<f64>,
 }
 
 impl JobSpec {
@@ -556,6 +560,11 @@ impl JobSpec {
                 r.round_deadline_secs
             ));
         }
+        if let Some(bound) = r.max_update_norm {
+            if !(bound.is_finite() && bound > 0.0) {
+                p.push(format!("policy.max_update_norm: must be finite and > 0, got {bound}"));
+            }
+        }
         if r.max_round_attempts == 0 {
             p.push("policy.max_round_attempts: must be at least 1".to_string());
         }
@@ -713,11 +722,14 @@ struct RawPolicy {
     round_deadline_secs: u64,
     #[serde(default = "default_attempts")]
     max_round_attempts: u32,
+    #[serde(default)]
+    max_update_norm: Option<f64>,
 }
 
 impl Default for RawPolicy {
     fn default() -> Self {
         RawPolicy {
+            max_update_norm: None,
             min_sites: default_min_sites(),
             round_deadline_secs: default_deadline(),
             max_round_attempts: default_attempts(),
@@ -801,6 +813,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
                 min_sites: raw.policy.min_sites,
                 round_deadline_secs: raw.policy.round_deadline_secs,
                 max_round_attempts: raw.policy.max_round_attempts,
+                max_update_norm: raw.policy.max_update_norm,
             },
             client_dp: raw.client_dp,
             aggregation: raw.aggregation,

@@ -50,7 +50,7 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     let text = text
         .replace("rounds = 5", "rounds = 1")
         .replace("min_sites = 3", "min_sites = 1")
-        .replace("round_deadline_secs = 60", "round_deadline_secs = 4");
+        .replace("round_deadline_secs = 60", "round_deadline_secs = 4\nmax_update_norm = 50.0");
     std::fs::write(&spec, text).unwrap();
     wait_for(Duration::from_secs(30), "hospital-a to register", || {
         let out = fed.client("rita", &["budget", "--json"]);
@@ -119,6 +119,7 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
         ("wrong layout", vec![header(1, "f00d", n as u64, Some(entry(1))), data(vec![0.1; n])], "does not match the job's layout"),
         ("replayed round", vec![header(0, &layout, n as u64, Some(entry(0))), data(vec![0.1; n])], "not accepting updates for round 0"),
         ("no ledger entry", vec![header(1, &layout, n as u64, None), data(vec![0.1; n])], "update carries no ledger entry"),
+        ("scaled", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![100.0; n])], "exceeds the job's bound policy.max_update_norm = 50"),
         ("oversized chunk", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![0.1; (1 << 18) + 1])], "malformed update: chunk 0 has 1048580 bytes, more than the limit of 1048576"),
     ];
     for (what, messages, expected) in attempts {
@@ -133,6 +134,6 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     assert!(out.status.success(), "{stdout}");
     let audit = fed.dir.join("coord-state").join("audit.log");
     let text = std::fs::read_to_string(&audit).unwrap();
-    assert_eq!(text.matches("update.rejected").count(), 8, "{text}");
+    assert_eq!(text.matches("update.rejected").count(), 9, "{text}");
     assert!(run(&["audit", "verify", audit.to_str().unwrap()]).status.success());
 }
