@@ -25,7 +25,7 @@ fn visit(dir: &Path, bad: &mut Vec<String>) {
 fn every_module_starts_with_a_doc_comment() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut bad = Vec::new();
-    for krate in ["proto", "models", "privacy", "coordinator", "worker", "cli"] {
+    for krate in ["proto", "models", "privacy", "coordinator", "worker", "cli", "benches"] {
         visit(&root.join(krate), &mut bad);
     }
     assert!(bad.is_empty(), "files without a //! module doc: {bad:#?}");
