@@ -457,8 +457,8 @@ impl pb::worker_service_server::WorkerService for Services {
                 };
                 let live: BTreeSet<String> = tasks.iter().map(|(k, _)| k.clone()).collect();
                 for (key, task) in tasks {
-                    if !sent.contains_key(&key) {
-                        sent.insert(key, task.job_id.clone());
+                    if let std::collections::btree_map::Entry::Vacant(e) = sent.entry(key) {
+                        e.insert(task.job_id.clone());
                         if tx.send(Ok(task)).await.is_err() {
                             return;
                         }
@@ -472,8 +472,8 @@ impl pb::worker_service_server::WorkerService for Services {
                     .collect();
                 for (key, job_id) in finished {
                     sent.remove(&key);
-                    if let Ok(Some(job)) = this.inner.store.job(&job_id) {
-                        if matches!(job.state, JobState::Cancelled | JobState::Failed) {
+                    if let Ok(Some(job)) = this.inner.store.job(&job_id)
+                        && matches!(job.state, JobState::Cancelled | JobState::Failed) {
                             let cancel = pb::Task {
                                 job_id,
                                 kind: Some(pb::task::Kind::Cancel(pb::CancelJob { reason: job.reason })),
@@ -482,7 +482,6 @@ impl pb::worker_service_server::WorkerService for Services {
                                 return;
                             }
                         }
-                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -536,14 +536,13 @@ impl JobSpec {
             }
             _ => {}
         }
-        if let Aggregation::MultiKrum { select, .. } = &self.aggregation {
-            if *select == 0 || *select > self.policy.min_sites as usize {
+        if let Aggregation::MultiKrum { select, .. } = &self.aggregation
+            && (*select == 0 || *select > self.policy.min_sites as usize) {
                 p.push(format!(
                     "aggregation.select: must be in 1..=min_sites ({}), got {select}",
                     self.policy.min_sites
                 ));
             }
-        }
         if self.client_dp.is_some() && !self.aggregation.is_fedavg() {
             p.push(format!(
                 "aggregation.rule: client-level DP needs fedavg (its noise is calibrated to a clipped sum), got {}",
@@ -560,11 +559,10 @@ impl JobSpec {
                 r.round_deadline_secs
             ));
         }
-        if let Some(bound) = r.max_update_norm {
-            if !(bound.is_finite() && bound > 0.0) {
+        if let Some(bound) = r.max_update_norm
+            && !(bound.is_finite() && bound > 0.0) {
                 p.push(format!("policy.max_update_norm: must be finite and > 0, got {bound}"));
             }
-        }
         if r.max_round_attempts == 0 {
             p.push("policy.max_round_attempts: must be at least 1".to_string());
         }

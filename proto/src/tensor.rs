@@ -97,7 +97,7 @@ impl ChunkAssembler {
                 bytes: chunk.len(),
             });
         }
-        if chunk.len() % 4 != 0 {
+        if !chunk.len().is_multiple_of(4) {
             return Err(ChunkError::Misaligned {
                 index,
                 bytes: chunk.len(),
