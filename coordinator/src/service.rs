@@ -18,10 +18,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use proto::checkpoint;
 use crate::engine::{Coordinator, EngineError, WeightedMean};
 use crate::revocation::Revocations;
 use crate::store::{EvaluationRow, JobRow, JobState, StoreError, UpdateRow, now_ms};
+use proto::checkpoint;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -50,7 +50,9 @@ impl From<EngineError> for Status {
 /// site takes part in every round (sampling rate 1), each round a Gaussian
 /// mechanism with the effective noise multiplier, composed by RDP.
 fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
-    let Some(cdp) = &job.spec.client_dp else { return Ok(0.0) };
+    let Some(cdp) = &job.spec.client_dp else {
+        return Ok(0.0);
+    };
     if rounds == 0 {
         return Ok(0.0);
     }
@@ -62,7 +64,12 @@ fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
 }
 
 /// Who is calling, from the verified client certificate, if their role may call `rpc`.
-fn authorize<T>(revocations: &Revocations, req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
+fn authorize<T>(
+    revocations: &Revocations,
+    req: &Request<T>,
+    allowed: &[Role],
+    rpc: &str,
+) -> Result<Principal, Status> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -70,7 +77,9 @@ fn authorize<T>(revocations: &Revocations, req: &Request<T>, allowed: &[Role], r
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let principal = principal_from_der(der.as_ref()).map_err(Status::unauthenticated)?;
-    revocations.check(&principal.name, der.as_ref()).map_err(Status::unauthenticated)?;
+    revocations
+        .check(&principal.name, der.as_ref())
+        .map_err(Status::unauthenticated)?;
     if !allowed.contains(&principal.role) {
         return Err(Status::permission_denied(format!(
             "{} (role {}) may not call {rpc}",
@@ -113,7 +122,12 @@ fn stream_model(values: Vec<f32>, header: pb::ModelHeader) -> BoxStream<pb::Mode
 
 impl Services {
     /// Who is calling, if their certificate is not revoked and their role may call `rpc`.
-    pub(crate) fn authorize<T>(&self, req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
+    pub(crate) fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        allowed: &[Role],
+        rpc: &str,
+    ) -> Result<Principal, Status> {
         authorize(&self.revocations, req, allowed, rpc)
     }
 
@@ -136,7 +150,9 @@ impl Services {
             for e in evals.iter().filter(|e| e.round == round) {
                 m.add(&e.metrics, e.num_examples as f64);
             }
-            m.finish().into_iter().collect::<std::collections::HashMap<_, _>>()
+            m.finish()
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>()
         };
         if evals.iter().any(|e| e.round == 0) {
             rounds.push(pb::RoundStatus {
@@ -153,7 +169,11 @@ impl Services {
                 round,
                 state: "aggregated".to_string(),
                 attempt,
-                updated_sites: store.updates(&job.id, round)?.into_iter().map(|u| u.site).collect(),
+                updated_sites: store
+                    .updates(&job.id, round)?
+                    .into_iter()
+                    .map(|u| u.site)
+                    .collect(),
                 train_metrics: metrics.into_iter().collect(),
                 eval_metrics: eval_for(round),
             });
@@ -163,7 +183,11 @@ impl Services {
                 round: job.current_round,
                 state: "open".to_string(),
                 attempt: job.attempt,
-                updated_sites: store.updates(&job.id, job.current_round)?.into_iter().map(|u| u.site).collect(),
+                updated_sites: store
+                    .updates(&job.id, job.current_round)?
+                    .into_iter()
+                    .map(|u| u.site)
+                    .collect(),
                 train_metrics: Default::default(),
                 eval_metrics: Default::default(),
             });
@@ -208,7 +232,10 @@ impl Services {
     /// Validates a spec against the registered sites and returns those that can serve it.
     fn eligible_sites(&self, spec: &JobSpec) -> Result<Vec<String>, Status> {
         let datasets = self.inner.store.datasets()?;
-        let holders: Vec<_> = datasets.iter().filter(|d| d.info.name == spec.dataset).collect();
+        let holders: Vec<_> = datasets
+            .iter()
+            .filter(|d| d.info.name == spec.dataset)
+            .collect();
         if holders.is_empty() {
             let known: BTreeSet<&str> = datasets.iter().map(|d| d.info.name.as_str()).collect();
             return Err(Status::invalid_argument(format!(
@@ -231,12 +258,27 @@ impl Services {
                     ));
                 }
             };
-            missing("features.label".to_string(), &spec.features.label, &info.columns, "known");
+            missing(
+                "features.label".to_string(),
+                &spec.features.label,
+                &info.columns,
+                "known",
+            );
             for (i, c) in spec.features.numeric.iter().enumerate() {
-                missing(format!("features.numeric[{i}]"), c, &info.numeric, "numeric");
+                missing(
+                    format!("features.numeric[{i}]"),
+                    c,
+                    &info.numeric,
+                    "numeric",
+                );
             }
             for (i, c) in spec.features.categorical.iter().enumerate() {
-                missing(format!("features.categorical[{i}].column"), &c.column, &info.categorical, "categorical");
+                missing(
+                    format!("features.categorical[{i}].column"),
+                    &c.column,
+                    &info.categorical,
+                    "categorical",
+                );
             }
             if ok {
                 eligible.push(d.site.clone());
@@ -261,17 +303,23 @@ impl Services {
 
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for Services {
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let who = self.authorize(&req, SUBMITTERS, "JobService/SubmitJob")?;
-        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec")
-            .map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string()))?;
+        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec").map_err(|e| {
+            Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string())
+        })?;
         let sites = self.eligible_sites(&spec)?;
         let arch = models::Architecture::new(&spec.model, spec.features.input_dim())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let layout = arch.layout();
         let job_id = format!("job-{:08x}", rand::random::<u32>());
         let seed = u64::from_le_bytes(
-            <sha2::Sha256 as sha2::Digest>::digest(job_id.as_bytes())[..8].try_into().unwrap_or([0; 8]),
+            <sha2::Sha256 as sha2::Digest>::digest(job_id.as_bytes())[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
         );
         checkpoint::write_atomic(&self.inner.model_path(&job_id, 0), &arch.init_params(seed))
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -303,7 +351,10 @@ impl pb::job_service_server::JobService for Services {
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.authorize(&req, READERS, "JobService/ListJobs")?;
         let jobs = self
             .inner
@@ -315,7 +366,10 @@ impl pb::job_service_server::JobService for Services {
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         self.authorize(&req, READERS, "JobService/GetJob")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         Ok(Response::new(self.job_status(&job)?))
@@ -323,7 +377,10 @@ impl pb::job_service_server::JobService for Services {
 
     type WatchJobStream = BoxStream<pb::JobStatus>;
 
-    async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
         self.authorize(&req, READERS, "JobService/WatchJob")?;
         let job_id = req.get_ref().job_id.clone();
         self.job_or_not_found(&job_id)?;
@@ -334,16 +391,23 @@ impl pb::job_service_server::JobService for Services {
         self.inner.tasks.spawn(async move {
             let mut last: Option<pb::JobStatus> = None;
             loop {
-                let status = match this.inner.store.job(&job_id).map_err(Status::from).and_then(|j| {
-                    j.ok_or_else(|| Status::not_found("job vanished")).and_then(|j| this.job_status(&j))
-                }) {
+                let status = match this
+                    .inner
+                    .store
+                    .job(&job_id)
+                    .map_err(Status::from)
+                    .and_then(|j| {
+                        j.ok_or_else(|| Status::not_found("job vanished"))
+                            .and_then(|j| this.job_status(&j))
+                    }) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
-                let terminal = matches!(status.state.as_str(), "completed" | "failed" | "cancelled");
+                let terminal =
+                    matches!(status.state.as_str(), "completed" | "failed" | "cancelled");
                 let mut comparable = status.clone();
                 comparable.updated_at_unix_ms = 0;
                 let changed = last.as_ref() != Some(&comparable);
@@ -367,7 +431,10 @@ impl pb::job_service_server::JobService for Services {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         let who = self.authorize(&req, SUBMITTERS, "JobService/CancelJob")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         if who.role != Role::Admin && who.name != job.submitted_by {
@@ -377,16 +444,29 @@ impl pb::job_service_server::JobService for Services {
             )));
         }
         if job.state.is_terminal() {
-            return Err(Status::failed_precondition(format!("job {} is already {}", job.id, job.state.as_str())));
+            return Err(Status::failed_precondition(format!(
+                "job {} is already {}",
+                job.id,
+                job.state.as_str()
+            )));
         }
         let reason = match req.get_ref().reason.trim() {
             "" => format!("cancelled by {}", who.name),
             r => format!("cancelled by {}: {r}", who.name),
         };
-        self.inner
-            .store
-            .update_job(&job.id, JobState::Cancelled, &reason, job.current_round, job.attempt, job.deadline_ms)?;
-        self.inner.audit("job.cancelled", &job.id, serde_json::json!({ "by": who.name, "reason": reason }));
+        self.inner.store.update_job(
+            &job.id,
+            JobState::Cancelled,
+            &reason,
+            job.current_round,
+            job.attempt,
+            job.deadline_ms,
+        )?;
+        self.inner.audit(
+            "job.cancelled",
+            &job.id,
+            serde_json::json!({ "by": who.name, "reason": reason }),
+        );
         self.inner.notify();
         let job = self.job_or_not_found(&job.id)?;
         Ok(Response::new(self.job_status(&job)?))
@@ -394,7 +474,10 @@ impl pb::job_service_server::JobService for Services {
 
     type PullJobModelStream = BoxStream<pb::ModelChunk>;
 
-    async fn pull_job_model(&self, req: Request<pb::PullJobModelRequest>) -> Result<Response<Self::PullJobModelStream>, Status> {
+    async fn pull_job_model(
+        &self,
+        req: Request<pb::PullJobModelRequest>,
+    ) -> Result<Response<Self::PullJobModelStream>, Status> {
         self.authorize(&req, SUBMITTERS, "JobService/PullJobModel")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         let round = req.get_ref().round;
@@ -404,13 +487,19 @@ impl pb::job_service_server::JobService for Services {
 
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for Services {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/Register")?;
         let r = req.get_ref();
         let mut names = BTreeSet::new();
         for d in &r.datasets {
             if !names.insert(d.name.as_str()) {
-                return Err(Status::invalid_argument(format!("datasets: \"{}\" is announced twice", d.name)));
+                return Err(Status::invalid_argument(format!(
+                    "datasets: \"{}\" is announced twice",
+                    d.name
+                )));
             }
         }
         for e in &r.ledger {
@@ -421,7 +510,9 @@ impl pb::worker_service_server::WorkerService for Services {
                 )));
             }
         }
-        self.inner.store.register_site(&who.name, &r.software_version, &r.datasets)?;
+        self.inner
+            .store
+            .register_site(&who.name, &r.software_version, &r.datasets)?;
         self.inner.store.mirror_ledger(&who.name, &r.ledger)?;
         info!(site = %who.name, datasets = r.datasets.len(), ledger_entries = r.ledger.len(), "site registered");
         self.inner.notify();
@@ -431,7 +522,10 @@ impl pb::worker_service_server::WorkerService for Services {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/Heartbeat")?;
         self.inner.store.touch_site(&who.name)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
@@ -439,7 +533,10 @@ impl pb::worker_service_server::WorkerService for Services {
 
     type ReceiveTasksStream = BoxStream<pb::Task>;
 
-    async fn receive_tasks(&self, req: Request<pb::ReceiveTasksRequest>) -> Result<Response<Self::ReceiveTasksStream>, Status> {
+    async fn receive_tasks(
+        &self,
+        req: Request<pb::ReceiveTasksRequest>,
+    ) -> Result<Response<Self::ReceiveTasksStream>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReceiveTasks")?;
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
@@ -473,15 +570,18 @@ impl pb::worker_service_server::WorkerService for Services {
                 for (key, job_id) in finished {
                     sent.remove(&key);
                     if let Ok(Some(job)) = this.inner.store.job(&job_id)
-                        && matches!(job.state, JobState::Cancelled | JobState::Failed) {
-                            let cancel = pb::Task {
-                                job_id,
-                                kind: Some(pb::task::Kind::Cancel(pb::CancelJob { reason: job.reason })),
-                            };
-                            if tx.send(Ok(cancel)).await.is_err() {
-                                return;
-                            }
+                        && matches!(job.state, JobState::Cancelled | JobState::Failed)
+                    {
+                        let cancel = pb::Task {
+                            job_id,
+                            kind: Some(pb::task::Kind::Cancel(pb::CancelJob {
+                                reason: job.reason,
+                            })),
+                        };
+                        if tx.send(Ok(cancel)).await.is_err() {
+                            return;
                         }
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -494,7 +594,10 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn answer_offer(&self, req: Request<pb::OfferAnswer>) -> Result<Response<pb::Ack>, Status> {
+    async fn answer_offer(
+        &self,
+        req: Request<pb::OfferAnswer>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/AnswerOffer")?;
         let a = req.get_ref();
         let job = self.job_or_not_found(&a.job_id)?;
@@ -505,17 +608,35 @@ impl pb::worker_service_server::WorkerService for Services {
             )));
         }
         if job.state != JobState::Offering {
-            return Err(Status::failed_precondition(format!("job {} is {}, not taking answers", job.id, job.state.as_str())));
+            return Err(Status::failed_precondition(format!(
+                "job {} is {}, not taking answers",
+                job.id,
+                job.state.as_str()
+            )));
         }
         if let Some(entry) = &a.ledger_entry {
             if entry.site != who.name || entry.job_id != job.id {
-                return Err(Status::invalid_argument("the answer's ledger entry belongs to another site or job"));
+                return Err(Status::invalid_argument(
+                    "the answer's ledger entry belongs to another site or job",
+                ));
             }
-            self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(entry))?;
+            self.inner
+                .store
+                .mirror_ledger(&who.name, std::slice::from_ref(entry))?;
         }
         let state = if a.accept { "accepted" } else { "refused" };
-        if !self.inner.store.set_job_site(&job.id, &who.name, state, &a.reason, Some(a.planned_epsilon), Some(a.train_examples))? {
-            return Err(Status::permission_denied(format!("job {} was not offered to {}", job.id, who.name)));
+        if !self.inner.store.set_job_site(
+            &job.id,
+            &who.name,
+            state,
+            &a.reason,
+            Some(a.planned_epsilon),
+            Some(a.train_examples),
+        )? {
+            return Err(Status::permission_denied(format!(
+                "job {} was not offered to {}",
+                job.id, who.name
+            )));
         }
         info!(job_id = %job.id, site = %who.name, state, reason = %a.reason, "offer answered");
         self.inner.audit(
@@ -529,7 +650,10 @@ impl pb::worker_service_server::WorkerService for Services {
 
     type PullModelStream = BoxStream<pb::ModelChunk>;
 
-    async fn pull_model(&self, req: Request<pb::PullModelRequest>) -> Result<Response<Self::PullModelStream>, Status> {
+    async fn pull_model(
+        &self,
+        req: Request<pb::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/PullModel")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
@@ -537,7 +661,10 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(self.model_stream(&job, Some(r.round))?))
     }
 
-    async fn push_update(&self, req: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::PushUpdateResponse>, Status> {
+    async fn push_update(
+        &self,
+        req: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
         let mut stream = req.into_inner();
         let first = stream
@@ -545,7 +672,9 @@ impl pb::worker_service_server::WorkerService for Services {
             .await
             .ok_or_else(|| Status::invalid_argument("empty update stream"))??;
         let Some(pb::update_chunk::Part::Header(header)) = first.part else {
-            return Err(Status::invalid_argument("an update stream must start with its header"));
+            return Err(Status::invalid_argument(
+                "an update stream must start with its header",
+            ));
         };
         let job = self.job_or_not_found(&header.job_id)?;
         self.require_participant(&job, &who.name)?;
@@ -556,7 +685,10 @@ impl pb::worker_service_server::WorkerService for Services {
                 &job.id,
                 serde_json::json!({ "site": who.name, "round": header.round, "reason": reason }),
             );
-            Ok(Response::new(pb::PushUpdateResponse { accepted: false, reason }))
+            Ok(Response::new(pb::PushUpdateResponse {
+                accepted: false,
+                reason,
+            }))
         };
         if job.state != JobState::Running || header.round != job.current_round {
             return reject(format!(
@@ -574,10 +706,19 @@ impl pb::worker_service_server::WorkerService for Services {
             ));
         }
         let Some(entry) = header.ledger_entry.clone() else {
-            return reject("update carries no ledger entry: the site must commit its privacy charge first".to_string());
+            return reject(
+                "update carries no ledger entry: the site must commit its privacy charge first"
+                    .to_string(),
+            );
         };
-        if entry.job_id != job.id || entry.round != header.round || entry.site != who.name || entry.spec_hash != job.spec_hash {
-            return reject("the ledger entry does not belong to this job, round and site".to_string());
+        if entry.job_id != job.id
+            || entry.round != header.round
+            || entry.site != who.name
+            || entry.spec_hash != job.spec_hash
+        {
+            return reject(
+                "the ledger entry does not belong to this job, round and site".to_string(),
+            );
         }
         if header.num_examples == 0 {
             return reject("num_examples must be at least 1".to_string());
@@ -598,28 +739,44 @@ impl pb::worker_service_server::WorkerService for Services {
             Err(e) => return reject(format!("malformed update: {e}")),
         };
         if let Some(bound) = job.spec.policy.max_update_norm {
-            let norm = values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+            let norm = values
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+                .sqrt();
             if norm > bound {
-                return reject(format!("update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"));
+                return reject(format!(
+                    "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
+                ));
             }
         }
-        let path = self
-            .inner
-            .job_dir(&job.id)
-            .join("updates")
-            .join(format!("r{:04}-{}-{:08x}.bin", header.round, who.name, rand::random::<u32>()));
+        let path = self.inner.job_dir(&job.id).join("updates").join(format!(
+            "r{:04}-{}-{:08x}.bin",
+            header.round,
+            who.name,
+            rand::random::<u32>()
+        ));
         checkpoint::write_atomic(&path, &values).map_err(|e| Status::internal(e.to_string()))?;
         // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
-        self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(&entry))?;
+        self.inner
+            .store
+            .mirror_ledger(&who.name, std::slice::from_ref(&entry))?;
         let row = UpdateRow {
             site: who.name.clone(),
             num_examples: header.num_examples,
             metrics: header.metrics.clone().into_iter().collect(),
             path: path.to_string_lossy().into_owned(),
         };
-        if !self.inner.store.insert_update(&job.id, header.round, &row)? {
+        if !self
+            .inner
+            .store
+            .insert_update(&job.id, header.round, &row)?
+        {
             let _ = std::fs::remove_file(&path);
-            return reject(format!("{} already sent its update for round {}", who.name, header.round));
+            return reject(format!(
+                "{} already sent its update for round {}",
+                who.name, header.round
+            ));
         }
         info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, "update accepted");
         self.inner.audit(
@@ -635,16 +792,24 @@ impl pb::worker_service_server::WorkerService for Services {
             }),
         );
         self.inner.notify();
-        Ok(Response::new(pb::PushUpdateResponse { accepted: true, reason: String::new() }))
+        Ok(Response::new(pb::PushUpdateResponse {
+            accepted: true,
+            reason: String::new(),
+        }))
     }
 
-    async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
+    async fn report_evaluation(
+        &self,
+        req: Request<pb::EvaluationReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportEvaluation")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         self.require_participant(&job, &who.name)?;
         if let Some((k, v)) = r.metrics.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Status::invalid_argument(format!("metrics.{k}: not finite ({v})")));
+            return Err(Status::invalid_argument(format!(
+                "metrics.{k}: not finite ({v})"
+            )));
         }
         self.inner.store.insert_evaluation(
             &job.id,
@@ -659,12 +824,17 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn report_failure(&self, req: Request<pb::TaskFailure>) -> Result<Response<pb::Ack>, Status> {
+    async fn report_failure(
+        &self,
+        req: Request<pb::TaskFailure>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportFailure")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         warn!(job_id = %job.id, site = %who.name, round = r.round, reason = %r.reason, "site reported a failure");
-        self.inner.store.set_job_site(&job.id, &who.name, "failed", &r.reason, None, None)?;
+        self.inner
+            .store
+            .set_job_site(&job.id, &who.name, "failed", &r.reason, None, None)?;
         self.inner.notify();
         Ok(Response::new(pb::Ack {}))
     }
@@ -672,8 +842,17 @@ impl pb::worker_service_server::WorkerService for Services {
 
 impl Services {
     /// The global model of `round` (default: the latest aggregated) as a chunked stream.
-    fn model_stream(&self, job: &JobRow, round: Option<u32>) -> Result<BoxStream<pb::ModelChunk>, Status> {
-        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
+    fn model_stream(
+        &self,
+        job: &JobRow,
+        round: Option<u32>,
+    ) -> Result<BoxStream<pb::ModelChunk>, Status> {
+        let latest = self
+            .inner
+            .store
+            .closed_rounds(&job.id)?
+            .last()
+            .map_or(0, |r| r.0);
         let round = round.unwrap_or(latest);
         if round > latest {
             return Err(Status::failed_precondition(format!(
@@ -681,7 +860,8 @@ impl Services {
                 job.id
             )));
         }
-        let values = checkpoint::read(&self.inner.model_path(&job.id, round)).map_err(|e| Status::internal(e.to_string()))?;
+        let values = checkpoint::read(&self.inner.model_path(&job.id, round))
+            .map_err(|e| Status::internal(e.to_string()))?;
         let header = pb::ModelHeader {
             job_id: job.id.clone(),
             round,
@@ -695,7 +875,10 @@ impl Services {
         let sites = self.inner.store.job_sites(&job.id)?;
         match sites.iter().find(|s| s.site == site) {
             Some(s) if s.state == "accepted" => Ok(()),
-            _ => Err(Status::permission_denied(format!("{site} does not take part in job {}", job.id))),
+            _ => Err(Status::permission_denied(format!(
+                "{site} does not take part in job {}",
+                job.id
+            ))),
         }
     }
 
@@ -707,7 +890,13 @@ impl Services {
             if job.state.is_terminal() {
                 continue;
             }
-            let Some(me) = store.job_sites(&job.id)?.into_iter().find(|s| s.site == site) else { continue };
+            let Some(me) = store
+                .job_sites(&job.id)?
+                .into_iter()
+                .find(|s| s.site == site)
+            else {
+                continue;
+            };
             match job.state {
                 JobState::Offering if me.state == "offered" => out.push((
                     format!("{}/offer", job.id),
@@ -720,7 +909,10 @@ impl Services {
                     },
                 )),
                 JobState::Running if me.state == "accepted" => {
-                    let done = store.updates(&job.id, job.current_round)?.iter().any(|u| u.site == site);
+                    let done = store
+                        .updates(&job.id, job.current_round)?
+                        .iter()
+                        .any(|u| u.site == site);
                     if !done {
                         out.push((
                             format!("{}/train/{}", job.id, job.current_round),
@@ -730,7 +922,8 @@ impl Services {
                                     round: job.current_round,
                                     layout_hash: job.layout_hash.clone(),
                                     num_params: job.num_params,
-                                    deadline_secs: ((job.deadline_ms - now_ms()).max(0) / 1000) as u64,
+                                    deadline_secs: ((job.deadline_ms - now_ms()).max(0) / 1000)
+                                        as u64,
                                 })),
                             },
                         ));
