@@ -133,6 +133,15 @@ impl Coordinator {
         }
     }
 
+    /// Whether a site has been silent (no registration or heartbeat) for
+    /// longer than the idle timeout, as of now.
+    fn silence(&self) -> Result<impl Fn(&str) -> bool, EngineError> {
+        let last_seen = self.store.last_seen()?;
+        let idle_ms = self.idle_timeout_secs as i64 * 1000;
+        let now = now_ms();
+        Ok(move |site: &str| last_seen.get(site).is_none_or(|seen| now - seen > idle_ms))
+    }
+
     fn deadline(job: &JobRow) -> i64 {
         now_ms() + (job.spec.policy.round_deadline_secs as i64) * 1000
     }
@@ -190,13 +199,12 @@ impl Coordinator {
         let min = job.spec.policy.min_sites as usize;
         // A participant silent for longer than the idle timeout (no heartbeat, no
         // call) is not waited for; one that is still training keeps heartbeating.
-        let last_seen = self.store.last_seen()?;
-        let idle_ms = self.idle_timeout_secs as i64 * 1000;
+        let is_silent = self.silence()?;
         let silent: Vec<&str> = participants
             .iter()
             .copied()
             .filter(|p| !updates.iter().any(|u| u.site == *p))
-            .filter(|p| last_seen.get(*p).is_none_or(|seen| now_ms() - seen > idle_ms))
+            .filter(|p| is_silent(p))
             .collect();
         let all_in = participants
             .iter()
@@ -348,11 +356,9 @@ impl Coordinator {
         let round = job.current_round;
         let sites = self.store.job_sites(&job.id)?;
         let evals = self.store.evaluations(&job.id)?;
-        let last_seen = self.store.last_seen()?;
-        let idle_ms = self.idle_timeout_secs as i64 * 1000;
+        let is_silent = self.silence()?;
         let all_in = sites.iter().filter(|s| s.state == "accepted").all(|s| {
-            evals.iter().any(|e| e.round == round && e.site == s.site)
-                || last_seen.get(&s.site).is_none_or(|seen| now_ms() - seen > idle_ms)
+            evals.iter().any(|e| e.round == round && e.site == s.site) || is_silent(&s.site)
         }) && evals.iter().any(|e| e.round == round);
         if !all_in && now_ms() < job.deadline_ms {
             return Ok(false);

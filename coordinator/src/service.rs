@@ -63,6 +63,21 @@ fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
         .map_err(|e| Status::internal(format!("client-level accountant: {e}")))
 }
 
+/// Waits for the next committed change, or 5 s so deadlines are re-read;
+/// false when the coordinator shuts down or the client went away.
+async fn next_change<T>(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    shutdown: &tokio_util::sync::CancellationToken,
+    tx: &mpsc::Sender<T>,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tx.closed() => false,
+        _ = changes.changed() => true,
+        _ = tokio::time::sleep(Duration::from_secs(5)) => true,
+    }
+}
+
 /// Who is calling, from the verified client certificate, if their role may call `rpc`.
 fn authorize<T>(
     revocations: &Revocations,
@@ -420,11 +435,8 @@ impl pb::job_service_server::JobService for Services {
                 if terminal {
                     return;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = changes.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                if !next_change(&mut changes, &shutdown, &tx).await {
+                    return;
                 }
             }
         });
@@ -583,11 +595,8 @@ impl pb::worker_service_server::WorkerService for Services {
                         }
                     }
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = changes.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                if !next_change(&mut changes, &shutdown, &tx).await {
+                    return;
                 }
             }
         });
