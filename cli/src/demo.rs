@@ -321,10 +321,10 @@ fn path_str(p: &Path) -> Result<&str> {
 async fn wait_for_file(path: &Path, limit: Duration, children: &mut Children) -> Result<String> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return Ok(s.trim().to_string());
-            }
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty()
+        {
+            return Ok(s.trim().to_string());
         }
         for (name, child) in &mut children.0 {
             if let Some(status) = child.try_wait()? {

@@ -15,12 +15,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::aggregate::{ClientDpRound, FedAvg};
-use privacy::noise::NoiseSource;
-use proto::checkpoint;
 use crate::store::{JobRow, JobState, Store, now_ms};
+use privacy::noise::NoiseSource;
+use proto::{checkpoint, failpoint};
 
 /// Shared state of a running coordinator.
 pub struct Coordinator {
@@ -38,6 +38,8 @@ pub struct Coordinator {
     pub tasks: TaskTracker,
     /// The tamper-evident record of submissions, answers, updates and rounds.
     pub audit: proto::audit::AuditLog,
+    /// Update streams in progress, so a round waits for uploads still moving.
+    pub transfers: crate::transfers::Transfers,
 }
 
 /// Why the coordinator could not carry out an operation.
@@ -99,7 +101,14 @@ impl Coordinator {
                 warn!(job_id, error = %e, "job driver stopped");
                 let reason = format!("coordinator error: {e}");
                 if let Ok(Some(job)) = this.store.job(&job_id) {
-                    let _ = this.store.update_job(&job_id, JobState::Failed, &reason, job.current_round, job.attempt, job.deadline_ms);
+                    let _ = this.store.update_job(
+                        &job_id,
+                        JobState::Failed,
+                        &reason,
+                        job.current_round,
+                        job.attempt,
+                        job.deadline_ms,
+                    );
                     this.notify();
                 }
             }
@@ -110,7 +119,9 @@ impl Coordinator {
     async fn drive(&self, job_id: &str) -> Result<(), EngineError> {
         let mut changes = self.changes.subscribe();
         loop {
-            let Some(job) = self.store.job(job_id)? else { return Ok(()) };
+            let Some(job) = self.store.job(job_id)? else {
+                return Ok(());
+            };
             if job.state.is_terminal() {
                 return Ok(());
             }
@@ -124,11 +135,16 @@ impl Coordinator {
                 self.notify();
                 continue;
             }
-            let wait_ms = (job.deadline_ms - now_ms()).clamp(0, 5_000) as u64;
+            // Past the deadline the driver is only waiting for transfers still
+            // making progress; an arriving update wakes it sooner.
+            let wait_ms = match job.deadline_ms - now_ms() {
+                left if left <= 0 => 250,
+                left => left.clamp(10, 5_000) as u64,
+            };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = changes.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(wait_ms.max(10))) => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
             }
         }
     }
@@ -148,9 +164,19 @@ impl Coordinator {
 
     fn fail(&self, job: &JobRow, reason: String) -> Result<bool, EngineError> {
         warn!(job_id = %job.id, reason, "job failed");
-        self.audit("job.failed", &job.id, serde_json::json!({ "reason": reason }));
-        self.store
-            .update_job(&job.id, JobState::Failed, &reason, job.current_round, job.attempt, job.deadline_ms)?;
+        self.audit(
+            "job.failed",
+            &job.id,
+            serde_json::json!({ "reason": reason }),
+        );
+        self.store.update_job(
+            &job.id,
+            JobState::Failed,
+            &reason,
+            job.current_round,
+            job.attempt,
+            job.deadline_ms,
+        )?;
         Ok(true)
     }
 
@@ -168,7 +194,8 @@ impl Coordinator {
         }
         if accepted >= min {
             info!(job_id = %job.id, accepted, "sites accepted; starting round 1");
-            self.store.update_job(&job.id, JobState::Running, "", 1, 1, Self::deadline(job))?;
+            self.store
+                .update_job(&job.id, JobState::Running, "", 1, 1, Self::deadline(job))?;
             return Ok(true);
         }
         let mut why: Vec<String> = sites
@@ -185,7 +212,11 @@ impl Coordinator {
         why.sort();
         self.fail(
             job,
-            format!("only {accepted} of {} sites accepted (min_sites {min}): {}", sites.len(), why.join("; ")),
+            format!(
+                "only {accepted} of {} sites accepted (min_sites {min}): {}",
+                sites.len(),
+                why.join("; ")
+            ),
         )
     }
 
@@ -194,17 +225,25 @@ impl Coordinator {
     fn step_round(&self, job: &JobRow) -> Result<bool, EngineError> {
         let round = job.current_round;
         let sites = self.store.job_sites(&job.id)?;
-        let participants: Vec<&str> = sites.iter().filter(|s| s.state == "accepted").map(|s| s.site.as_str()).collect();
+        let participants: Vec<&str> = sites
+            .iter()
+            .filter(|s| s.state == "accepted")
+            .map(|s| s.site.as_str())
+            .collect();
         let updates = self.store.updates(&job.id, round)?;
         let min = job.spec.policy.min_sites as usize;
         // A participant silent for longer than the idle timeout (no heartbeat, no
-        // call) is not waited for; one that is still training keeps heartbeating.
+        // call, no chunk) is not waited for; one that is still training keeps
+        // heartbeating, and one still uploading keeps sending chunks.
         let is_silent = self.silence()?;
+        let moving = self
+            .transfers
+            .moving(&job.id, now_ms() - self.idle_timeout_secs as i64 * 1000);
         let silent: Vec<&str> = participants
             .iter()
             .copied()
             .filter(|p| !updates.iter().any(|u| u.site == *p))
-            .filter(|p| is_silent(p))
+            .filter(|p| is_silent(p) && !moving.iter().any(|m| m == p))
             .collect();
         let all_in = participants
             .iter()
@@ -241,11 +280,28 @@ impl Coordinator {
         if !all_in && now_ms() < job.deadline_ms {
             return Ok(false);
         }
+        // The deadline bounds computation, not bandwidth: an update whose chunks
+        // are still arriving is waited for, for as long as they keep arriving.
+        let uploading: Vec<&str> = participants
+            .iter()
+            .copied()
+            .filter(|p| !updates.iter().any(|u| u.site == *p) && moving.iter().any(|m| m == p))
+            .collect();
+        if !all_in && !uploading.is_empty() {
+            debug!(job_id = %job.id, round, sites = ?uploading, "deadline passed; waiting for updates still arriving");
+            return Ok(false);
+        }
         if updates.len() < min {
             if job.attempt < job.spec.policy.max_round_attempts {
                 warn!(job_id = %job.id, round, attempt = job.attempt, got = updates.len(), "round deadline passed with too few updates; retrying");
-                self.store
-                    .update_job(&job.id, JobState::Running, "", round, job.attempt + 1, Self::deadline(job))?;
+                self.store.update_job(
+                    &job.id,
+                    JobState::Running,
+                    "",
+                    round,
+                    job.attempt + 1,
+                    Self::deadline(job),
+                )?;
                 return Ok(true);
             }
             return self.fail(
@@ -305,13 +361,17 @@ impl Coordinator {
         let eta = job.spec.training.server_learning_rate;
         let folded = match (client_dp, &job.spec.client_dp, client_clip) {
             (Some(dp), Some(cdp), Some(clip)) => {
-                let mut noise = NoiseSource::new().map_err(|e| EngineError::Noise(e.to_string()))?;
+                let mut noise =
+                    NoiseSource::new().map_err(|e| EngineError::Noise(e.to_string()))?;
                 let out = dp
                     .apply(&mut global, eta, cdp, &mut noise)
                     .map_err(|e| EngineError::Noise(e.to_string()))?;
                 metrics.insert("client_clip".to_string(), clip);
                 metrics.insert("client_clip_next".to_string(), out.next_clip);
-                metrics.insert("unclipped_fraction".to_string(), out.unclipped as f64 / out.count.max(1) as f64);
+                metrics.insert(
+                    "unclipped_fraction".to_string(),
+                    out.unclipped as f64 / out.count.max(1) as f64,
+                );
                 out.count
             }
             _ => match robust_rule {
@@ -328,7 +388,9 @@ impl Coordinator {
                 }
             },
         };
-        checkpoint::write_atomic(&self.model_path(&job.id, round), &global)?;
+        failpoint::hit("round.aggregate");
+        checkpoint::write_atomic_marked(&self.model_path(&job.id, round), &global, "model.rename")?;
+        failpoint::hit("round.commit");
         let (next_state, next_round) = if round >= job.spec.training.rounds {
             (JobState::Evaluating, round)
         } else {
@@ -346,8 +408,15 @@ impl Coordinator {
                 "client_dp": job.spec.client_dp.is_some(),
             }),
         );
-        self.store
-            .advance_round(&job.id, round, job.attempt, &metrics, next_state, next_round, Self::deadline(job))?;
+        self.store.advance_round(
+            &job.id,
+            round,
+            job.attempt,
+            &metrics,
+            next_state,
+            next_round,
+            Self::deadline(job),
+        )?;
         Ok(true)
     }
 
@@ -364,9 +433,19 @@ impl Coordinator {
             return Ok(false);
         }
         info!(job_id = %job.id, "job completed");
-        self.audit("job.completed", &job.id, serde_json::json!({ "rounds": round }));
-        self.store
-            .update_job(&job.id, JobState::Completed, "", round, job.attempt, job.deadline_ms)?;
+        self.audit(
+            "job.completed",
+            &job.id,
+            serde_json::json!({ "rounds": round }),
+        );
+        self.store.update_job(
+            &job.id,
+            JobState::Completed,
+            "",
+            round,
+            job.attempt,
+            job.deadline_ms,
+        )?;
         Ok(true)
     }
 }

@@ -9,12 +9,16 @@
 //! - [`CoordinatorConfig`]: the validated `coordinator.toml`.
 //! - `engine`: the per-job state machine (offers → rounds → evaluation).
 //! - `service`: the RPCs, authorized by the role in the caller's certificate.
+//! - [`admission`]: the checks every update passes before it is counted.
+//! - `transfers`: updates in flight, so a round waits for a slow upload
+//!   that is still making progress and drops a silent one.
 //! - `store`: SQLite state; models and updates are files written by
 //!   `proto::checkpoint`.
 
 #![deny(clippy::unwrap_used)]
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod aggregate;
 mod budget;
 mod config;
@@ -22,6 +26,7 @@ mod engine;
 mod revocation;
 mod service;
 mod store;
+mod transfers;
 
 use std::sync::Arc;
 
@@ -58,15 +63,18 @@ const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled, then
 /// drains in-flight work.
-pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    let state_err = |detail: String| RunError::State {
-        path: config.data_dir.clone(),
-        detail,
-    };
+pub async fn run(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let state_err = |detail: String| RunError::State { path: config.data_dir.clone(), detail };
     std::fs::create_dir_all(&config.data_dir).map_err(|e| state_err(e.to_string()))?;
-    let store = store::Store::open(&config.data_dir.join("coordinator.sqlite")).map_err(|e| state_err(e.to_string()))?;
+    let store =
+        store::Store::open(&config.data_dir.join("coordinator.sqlite")).map_err(|e| state_err(e.to_string()))?;
     let identity = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
-    let audit = proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
+    let audit =
+        proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
     let (changes, _) = tokio::sync::watch::channel(0u64);
     let coordinator = Arc::new(engine::Coordinator {
         store,
@@ -76,6 +84,7 @@ pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: Can
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
         audit,
+        transfers: transfers::Transfers::default(),
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {
@@ -90,7 +99,8 @@ pub async fn run(listener: TcpListener, config: CoordinatorConfig, shutdown: Can
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::job_service_server::JobServiceServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            pb::job_service_server::JobServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(pb::privacy_service_server::PrivacyServiceServer::new(services))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

@@ -8,19 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
 use proto::pb;
-use proto::tensor::{ChunkAssembler, encode_chunks};
+use proto::tensor::encode_chunks;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::admission::{self, Expected, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError, WeightedMean};
 use crate::revocation::Revocations;
-use crate::store::{EvaluationRow, JobRow, JobState, StoreError, UpdateRow, now_ms};
+use crate::store::{EvaluationRow, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -568,6 +570,9 @@ impl pb::worker_service_server::WorkerService for Services {
                 for (key, task) in tasks {
                     if let std::collections::btree_map::Entry::Vacant(e) = sent.entry(key) {
                         e.insert(task.job_id.clone());
+                        if matches!(task.kind, Some(pb::task::Kind::Train(_))) {
+                            failpoint::hit("round.assign");
+                        }
                         if tx.send(Ok(task)).await.is_err() {
                             return;
                         }
@@ -686,7 +691,7 @@ impl pb::worker_service_server::WorkerService for Services {
             ));
         };
         let job = self.job_or_not_found(&header.job_id)?;
-        self.require_participant(&job, &who.name)?;
+        let participant = self.require_participant(&job, &who.name)?;
         let reject = |reason: String| {
             warn!(job_id = %job.id, site = %who.name, round = header.round, reason, "update rejected");
             self.inner.audit(
@@ -699,73 +704,62 @@ impl pb::worker_service_server::WorkerService for Services {
                 reason,
             }))
         };
-        if job.state != JobState::Running || header.round != job.current_round {
-            return reject(format!(
-                "job {} is {} at round {}, not accepting updates for round {}",
-                job.id,
-                job.state.as_str(),
-                job.current_round,
-                header.round
-            ));
-        }
-        if header.layout_hash != job.layout_hash || header.num_params != job.num_params {
-            return reject(format!(
-                "update layout {} with {} values does not match the job's layout {} with {}",
-                header.layout_hash, header.num_params, job.layout_hash, job.num_params
-            ));
+        let expected = Expected {
+            job_id: &job.id,
+            state: job.state.as_str(),
+            running: job.state == JobState::Running,
+            current_round: job.current_round,
+            layout_hash: &job.layout_hash,
+            num_params: job.num_params,
+            spec_hash: &job.spec_hash,
+            max_update_norm: job.spec.policy.max_update_norm,
+            declared_examples: participant.train_examples,
+        };
+        if let Err(reason) = admission::check_header(&expected, &who.name, &header) {
+            return reject(reason);
         }
         let Some(entry) = header.ledger_entry.clone() else {
-            return reject(
-                "update carries no ledger entry: the site must commit its privacy charge first"
-                    .to_string(),
-            );
+            return reject("update carries no ledger entry".to_string());
         };
-        if entry.job_id != job.id
-            || entry.round != header.round
-            || entry.site != who.name
-            || entry.spec_hash != job.spec_hash
-        {
-            return reject(
-                "the ledger entry does not belong to this job, round and site".to_string(),
-            );
-        }
-        if header.num_examples == 0 {
-            return reject("num_examples must be at least 1".to_string());
-        }
-        let mut assembler = ChunkAssembler::new(job.num_params as usize);
-        while let Some(chunk) = stream.next().await {
-            match chunk?.part {
+        // A transfer that keeps making progress is waited for past the round's
+        // deadline; one silent for the idle timeout is dropped.
+        let _transfer = self.inner.transfers.start(&job.id, &who.name);
+        let idle = Duration::from_secs(self.inner.idle_timeout_secs);
+        let mut receiver = UpdateReceiver::new(&expected);
+        loop {
+            let chunk = match tokio::time::timeout(idle, stream.next()).await {
+                Ok(Some(chunk)) => chunk?,
+                Ok(None) => break,
+                Err(_) => {
+                    return reject(format!(
+                        "the update stream was silent for more than the idle timeout of {} s; the transfer was dropped",
+                        self.inner.idle_timeout_secs
+                    ));
+                }
+            };
+            match chunk.part {
                 Some(pb::update_chunk::Part::Data(data)) => {
-                    if let Err(e) = assembler.push(&data) {
-                        return reject(format!("malformed update: {e}"));
+                    if let Err(reason) = receiver.push(&data) {
+                        return reject(reason);
                     }
+                    self.inner.transfers.progress(&job.id, &who.name);
+                    failpoint::hit("update.receive");
                 }
                 _ => return reject("a second header inside the update stream".to_string()),
             }
         }
-        let values = match assembler.finish() {
+        let values = match receiver.finish() {
             Ok(v) => v,
-            Err(e) => return reject(format!("malformed update: {e}")),
+            Err(reason) => return reject(reason),
         };
-        if let Some(bound) = job.spec.policy.max_update_norm {
-            let norm = values
-                .iter()
-                .map(|v| f64::from(*v).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            if norm > bound {
-                return reject(format!(
-                    "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
-                ));
-            }
-        }
         let path = self.inner.job_dir(&job.id).join("updates").join(format!(
             "r{:04}-{}-{:08x}.bin",
             header.round,
             who.name,
             rand::random::<u32>()
         ));
-        checkpoint::write_atomic(&path, &values).map_err(|e| Status::internal(e.to_string()))?;
+        checkpoint::write_atomic_marked(&path, &values, "update.rename")
+            .map_err(|e| Status::internal(e.to_string()))?;
         // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
         self.inner
             .store
@@ -787,6 +781,7 @@ impl pb::worker_service_server::WorkerService for Services {
                 who.name, header.round
             ));
         }
+        failpoint::hit("update.persisted");
         info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, "update accepted");
         self.inner.audit(
             "update.accepted",
@@ -880,10 +875,10 @@ impl Services {
         Ok(stream_model(values, header))
     }
 
-    fn require_participant(&self, job: &JobRow, site: &str) -> Result<(), Status> {
+    fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {
         let sites = self.inner.store.job_sites(&job.id)?;
-        match sites.iter().find(|s| s.site == site) {
-            Some(s) if s.state == "accepted" => Ok(()),
+        match sites.into_iter().find(|s| s.site == site) {
+            Some(s) if s.state == "accepted" => Ok(s),
             _ => Err(Status::permission_denied(format!(
                 "{site} does not take part in job {}",
                 job.id

@@ -116,6 +116,10 @@ pub struct JobRow {
     pub updated_at_ms: i64,
 }
 
+/// An aggregated round: its number, the attempt that closed it, and the
+/// example-weighted mean of the sites' training metrics.
+pub type ClosedRound = (u32, u32, BTreeMap<String, f64>);
+
 /// A site's standing in a job.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSiteRow {
@@ -524,7 +528,7 @@ impl Store {
     }
 
     /// Aggregated rounds of a job: (round, attempt, train metrics).
-    pub fn closed_rounds(&self, job_id: &str) -> Result<Vec<(u32, u32, BTreeMap<String, f64>)>> {
+    pub fn closed_rounds(&self, job_id: &str) -> Result<Vec<ClosedRound>> {
         let rows = self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT round, attempt, train_metrics_json FROM rounds WHERE job_id = ?1 ORDER BY round",

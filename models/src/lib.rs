@@ -26,4 +26,4 @@ mod architecture;
 mod network;
 
 pub use architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON, ParamLayout, ParamTensor};
-pub use network::{ClippedGradients, Network, default_device};
+pub use network::{ClippedGradients, DeviceError, Network, default_device};

@@ -50,22 +50,68 @@ use crate::architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILO
 
 /// The device training runs on: the `flex` CPU backend, or with the `wgpu`
 /// feature and `gpu = true`, the first discrete GPU.
-pub fn default_device(gpu: bool) -> Device {
+///
+/// A GPU is probed with one small tensor round trip, because Burn panics on
+/// first use (not on creation) when no adapter exists; that panic is caught
+/// here and returned as an error naming what was missing.
+pub fn default_device(gpu: bool) -> Result<Device, DeviceError> {
     #[cfg(feature = "wgpu")]
     if gpu {
-        return Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(0));
+        let device = Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(0));
+        let probe = device.clone();
+        let probe = std::panic::AssertUnwindSafe(move || {
+            let sum = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &probe).sum();
+            sum.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default()
+        });
+        return match std::panic::catch_unwind(probe) {
+            Ok(sum) if sum == [3.0] => Ok(device),
+            Ok(sum) => Err(DeviceError::NoGpu(format!(
+                "the GPU computed 1 + 2 = {sum:?}"
+            ))),
+            Err(panic) => Err(DeviceError::NoGpu(
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the wgpu runtime failed to start".to_string()),
+            )),
+        };
     }
-    let _ = gpu;
-    Device::flex()
+    if gpu {
+        return Err(DeviceError::NoGpu(
+            "this build has no GPU support (build with --features wgpu)".to_string(),
+        ));
+    }
+    Ok(Device::flex())
+}
+
+/// Why no training device is available.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A GPU was asked for and none works.
+    #[error("no usable GPU: {0}")]
+    NoGpu(String),
 }
 
 /// Parameters of one layer on the device (inner tensors, no autodiff).
 #[derive(Clone)]
 enum LayerParams {
-    Linear { weight: Tensor<2>, bias: Tensor<1> },
-    Conv { weight: Tensor<4>, bias: Tensor<1> },
+    Linear {
+        weight: Tensor<2>,
+        bias: Tensor<1>,
+    },
+    Conv {
+        weight: Tensor<4>,
+        bias: Tensor<1>,
+    },
     /// LayerNorm or GroupNorm: scale and shift per feature or channel.
-    Norm { weight: Tensor<1>, bias: Tensor<1> },
+    Norm {
+        weight: Tensor<1>,
+        bias: Tensor<1>,
+    },
     None,
 }
 
@@ -116,7 +162,10 @@ enum Probe {
     },
     /// Probe on `y = x̂ γ + β` as `[B, C, S]`; `x̂` `[B, C, S]` (S pixels per
     /// channel, 1 for a flat input).
-    Norm { probe: Tensor<3>, normalized: Tensor<3> },
+    Norm {
+        probe: Tensor<3>,
+        normalized: Tensor<3>,
+    },
 }
 
 /// A layer's per-example gradients, as the clipping needs them.
@@ -131,13 +180,21 @@ enum PerExample {
 impl Network {
     /// Places a flat parameter vector (PyTorch layout) on `device`; the
     /// network computes in `f32`.
-    pub fn new(arch: &Architecture, params: &[f32], device: &Device) -> Result<Network, LayoutError> {
+    pub fn new(
+        arch: &Architecture,
+        params: &[f32],
+        device: &Device,
+    ) -> Result<Network, LayoutError> {
         Network::place(arch, params, DType::F32, device)
     }
 
     /// Places a flat `f64` parameter vector (PyTorch layout) on `device`; the
     /// network computes in `f64` (slower; for reference checks).
-    pub fn new_f64(arch: &Architecture, params: &[f64], device: &Device) -> Result<Network, LayoutError> {
+    pub fn new_f64(
+        arch: &Architecture,
+        params: &[f64],
+        device: &Device,
+    ) -> Result<Network, LayoutError> {
         Network::place(arch, params, DType::F64, device)
     }
 
@@ -167,14 +224,21 @@ impl Network {
                     out_channels,
                     kernel,
                 } => LayerParams::Conv {
-                    weight: Tensor::from_data(take(&[out_channels, in_channels, kernel, kernel]), options),
+                    weight: Tensor::from_data(
+                        take(&[out_channels, in_channels, kernel, kernel]),
+                        options,
+                    ),
                     bias: Tensor::from_data(take(&[out_channels]), options),
                 },
-                Layer::LayerNorm { features: channels } | Layer::GroupNorm { channels, .. } => LayerParams::Norm {
-                    weight: Tensor::from_data(take(&[channels]), options),
-                    bias: Tensor::from_data(take(&[channels]), options),
-                },
-                Layer::Relu | Layer::MaxPool2 | Layer::Flatten | Layer::BatchNorm { .. } => LayerParams::None,
+                Layer::LayerNorm { features: channels } | Layer::GroupNorm { channels, .. } => {
+                    LayerParams::Norm {
+                        weight: Tensor::from_data(take(&[channels]), options),
+                        bias: Tensor::from_data(take(&[channels]), options),
+                    }
+                }
+                Layer::Relu | Layer::MaxPool2 | Layer::Flatten | Layer::BatchNorm { .. } => {
+                    LayerParams::None
+                }
             });
         }
         Ok(Network {
@@ -233,16 +297,28 @@ impl Network {
         // before it, so the arms not listed never occur.
         for (layer, p) in self.arch.layers().iter().zip(params) {
             act = match (layer, p, act) {
-                (Layer::Linear { .. }, LayerParams::Linear { weight, bias }, Activation::Flat(a)) => {
-                    let mut z = a.clone().matmul(weight.clone().transpose()) + bias.clone().unsqueeze::<2>();
+                (
+                    Layer::Linear { .. },
+                    LayerParams::Linear { weight, bias },
+                    Activation::Flat(a),
+                ) => {
+                    let mut z = a.clone().matmul(weight.clone().transpose())
+                        + bias.clone().unsqueeze::<2>();
                     if let Some(probes) = probes.as_deref_mut() {
                         let probe = self.probe(z.dims());
                         z = z + probe.clone();
-                        probes.push(Probe::Linear { probe, input: a.inner() });
+                        probes.push(Probe::Linear {
+                            probe,
+                            input: a.inner(),
+                        });
                     }
                     Activation::Flat(z)
                 }
-                (Layer::Conv2d { kernel, .. }, LayerParams::Conv { weight, bias }, Activation::Image(x)) => {
+                (
+                    Layer::Conv2d { kernel, .. },
+                    LayerParams::Conv { weight, bias },
+                    Activation::Image(x),
+                ) => {
                     let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
                     let mut z = conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
                     if let Some(probes) = probes.as_deref_mut() {
@@ -265,17 +341,36 @@ impl Network {
                     let [b, c, h, w] = x.dims();
                     Activation::Flat(x.reshape([b, c * h * w]))
                 }
-                (Layer::LayerNorm { .. }, LayerParams::Norm { weight, bias }, Activation::Flat(x)) => {
+                (
+                    Layer::LayerNorm { .. },
+                    LayerParams::Norm { weight, bias },
+                    Activation::Flat(x),
+                ) => {
                     let [b, f] = x.dims();
                     let normalized = normalize(x, 1).reshape([b, f, 1]);
-                    Activation::Flat(self.affine(normalized, weight, bias, probes.as_deref_mut()).reshape([b, f]))
+                    Activation::Flat(
+                        self.affine(normalized, weight, bias, probes.as_deref_mut())
+                            .reshape([b, f]),
+                    )
                 }
-                (Layer::GroupNorm { groups, .. }, LayerParams::Norm { weight, bias }, Activation::Flat(x)) => {
+                (
+                    Layer::GroupNorm { groups, .. },
+                    LayerParams::Norm { weight, bias },
+                    Activation::Flat(x),
+                ) => {
                     let [b, c] = x.dims();
-                    let normalized = normalize(x.reshape([b, *groups, c / groups]), 2).reshape([b, c, 1]);
-                    Activation::Flat(self.affine(normalized, weight, bias, probes.as_deref_mut()).reshape([b, c]))
+                    let normalized =
+                        normalize(x.reshape([b, *groups, c / groups]), 2).reshape([b, c, 1]);
+                    Activation::Flat(
+                        self.affine(normalized, weight, bias, probes.as_deref_mut())
+                            .reshape([b, c]),
+                    )
                 }
-                (Layer::GroupNorm { groups, .. }, LayerParams::Norm { weight, bias }, Activation::Image(x)) => {
+                (
+                    Layer::GroupNorm { groups, .. },
+                    LayerParams::Norm { weight, bias },
+                    Activation::Image(x),
+                ) => {
                     let [b, c, h, w] = x.dims();
                     let grouped = x.reshape([b, *groups, c / groups * h * w]);
                     let normalized = normalize(grouped, 2).reshape([b, c, h * w]);
@@ -303,7 +398,8 @@ impl Network {
         probes: Option<&mut Vec<Probe>>,
     ) -> Tensor<3> {
         let [_, c, _] = normalized.dims();
-        let mut y = normalized.clone() * weight.clone().reshape([1, c, 1]) + bias.clone().reshape([1, c, 1]);
+        let mut y = normalized.clone() * weight.clone().reshape([1, c, 1])
+            + bias.clone().reshape([1, c, 1]);
         if let Some(probes) = probes {
             let probe = self.probe(y.dims());
             y = y + probe.clone();
@@ -339,7 +435,8 @@ impl Network {
         let log_probs = log_softmax(logits, 1);
         let per_example = (log_probs.clone() * onehot).sum_dim(1).neg();
         let grads = per_example.clone().sum().backward();
-        let (loss_sum, correct) = loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
+        let (loss_sum, correct) =
+            loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
 
         let layers: Vec<PerExample> = probes
             .into_iter()
@@ -354,7 +451,8 @@ impl Network {
         let norms: Vec<f64> = norm2.iter().map(|n| n.max(0.0).sqrt()).collect();
         let factors: Vec<f64> = norms.iter().map(|n| clip_factor(*n, clip)).collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
-        let factors = Tensor::<2>::from_data(TensorData::new(factors, [b, 1]), (&self.device, self.dtype));
+        let factors =
+            Tensor::<2>::from_data(TensorData::new(factors, [b, 1]), (&self.device, self.dtype));
         let parts: Vec<Tensor<1>> = layers
             .into_iter()
             .flat_map(|layer| layer.clipped_sum(&factors))
@@ -408,12 +506,20 @@ fn per_example_gradients(probe: Probe, grads: &burn::tensor::Gradients) -> PerEx
             dz: probe.grad(grads).unwrap_or_else(|| probe.inner()),
             input,
         },
-        Probe::Conv { probe, input, kernel } => {
+        Probe::Conv {
+            probe,
+            input,
+            kernel,
+        } => {
             let dz = probe.grad(grads).unwrap_or_else(|| probe.inner());
             let [b, c_out, h, w] = dz.dims();
             let dz = dz.reshape([b, c_out, h * w]);
             // [B, C_in·k·k, L], rows in PyTorch's weight order (c, kh, kw).
-            let patches = unfold4d(input, [kernel, kernel], UnfoldOptions::new([1, 1], [0, 0], [1, 1]));
+            let patches = unfold4d(
+                input,
+                [kernel, kernel],
+                UnfoldOptions::new([1, 1], [0, 0], [1, 1]),
+            );
             let [_, patch, _] = patches.dims();
             let weight = dz.clone().matmul(patches.swap_dims(1, 2));
             PerExample::Explicit {
@@ -453,7 +559,10 @@ impl PerExample {
         match self {
             PerExample::Outer { dz, input } => {
                 let scaled = dz * factors.clone();
-                [flat(scaled.clone().transpose().matmul(input)), flat(scaled.sum_dim(0))]
+                [
+                    flat(scaled.clone().transpose().matmul(input)),
+                    flat(scaled.sum_dim(0)),
+                ]
             }
             PerExample::Explicit { weight, bias } => [
                 flat((weight * factors.clone()).sum_dim(0)),
@@ -475,12 +584,18 @@ fn loss_and_correct(per_example_loss: &[f64], log_probs: &[f64], y: &[u8]) -> (f
 
 /// Copies a tensor's values to the host as `f32`.
 fn to_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec().unwrap_or_default()
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap_or_default()
 }
 
 /// Copies a tensor's values to the host as `f64`.
 fn to_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().try_into_vec().unwrap_or_default()
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

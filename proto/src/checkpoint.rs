@@ -42,6 +42,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
 
 /// Writes `values` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> {
+    write_atomic_marked(path, values, "checkpoint.rename")
+}
+
+/// [`write_atomic`], naming the [`crate::failpoint`] between the write and
+/// the rename `failpoint`, so a fault-injection test can crash the process
+/// while one kind of file (a model, an update) is half written.
+pub fn write_atomic_marked(
+    path: &Path,
+    values: &[f32],
+    failpoint: &str,
+) -> Result<(), CheckpointError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tmp = path.with_extension("tmp");
@@ -49,7 +60,8 @@ pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> 
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(MAGIC).map_err(io_err(&tmp))?;
-        w.write_all(&(values.len() as u64).to_le_bytes()).map_err(io_err(&tmp))?;
+        w.write_all(&(values.len() as u64).to_le_bytes())
+            .map_err(io_err(&tmp))?;
         for chunk in values.chunks(1 << 16) {
             let mut buf = Vec::with_capacity(chunk.len() * 4);
             for v in chunk {
@@ -63,8 +75,11 @@ pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> 
         })?;
         file.sync_all().map_err(io_err(&tmp))?;
     }
+    crate::failpoint::hit(failpoint);
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
     Ok(())
 }
 
@@ -73,10 +88,11 @@ pub fn read(path: &Path) -> Result<Vec<f32>, CheckpointError> {
     let file = File::open(path).map_err(io_err(path))?;
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; 16];
-    r.read_exact(&mut header).map_err(|_| CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        detail: "shorter than its header".to_string(),
-    })?;
+    r.read_exact(&mut header)
+        .map_err(|_| CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "shorter than its header".to_string(),
+        })?;
     if &header[..8] != MAGIC {
         return Err(CheckpointError::Corrupt {
             path: path.to_path_buf(),
@@ -91,7 +107,11 @@ pub fn read(path: &Path) -> Result<Vec<f32>, CheckpointError> {
     if bytes.len() != len * 4 {
         return Err(CheckpointError::Corrupt {
             path: path.to_path_buf(),
-            detail: format!("holds {} bytes of values, its header announces {}", bytes.len(), len * 4),
+            detail: format!(
+                "holds {} bytes of values, its header announces {}",
+                bytes.len(),
+                len * 4
+            ),
         });
     }
     Ok(bytes
@@ -114,6 +134,9 @@ mod tests {
         bytes.pop();
         fs::write(&path, &bytes).unwrap();
         let err = read(&path).unwrap_err().to_string();
-        assert!(err.ends_with("holds 11 bytes of values, its header announces 12"), "{err}");
+        assert!(
+            err.ends_with("holds 11 bytes of values, its header announces 12"),
+            "{err}"
+        );
     }
 }

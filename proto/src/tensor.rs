@@ -16,13 +16,17 @@ pub const CHUNK_VALUES: usize = MAX_CHUNK_BYTES / 4;
 
 /// Splits `values` into little-endian chunks of at most [`MAX_CHUNK_BYTES`].
 pub fn encode_chunks(values: &[f32]) -> impl Iterator<Item = Bytes> + '_ {
-    values.chunks(CHUNK_VALUES).map(|chunk| {
-        let mut buf = Vec::with_capacity(chunk.len() * 4);
-        for v in chunk {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
-        Bytes::from(buf)
-    })
+    values.chunks(CHUNK_VALUES).map(encode_chunk)
+}
+
+/// One chunk: `values` little-endian. The caller keeps it within
+/// [`CHUNK_VALUES`] values; a smaller chunk is how a sender paces itself.
+pub fn encode_chunk(values: &[f32]) -> Bytes {
+    let mut buf = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(buf)
 }
 
 /// What can go wrong while reassembling a chunked tensor.

@@ -20,6 +20,8 @@ struct RawConfig {
     device: String,
     tls: RawTls,
     #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
     policy: RawPolicy,
     #[serde(default)]
     datasets: Vec<RawDataset>,
@@ -31,6 +33,13 @@ struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    /// Most megabytes per second the worker's uploads may use; unset is unlimited.
+    upload_limit_mb_per_sec: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +140,8 @@ pub struct WorkerConfig {
     pub data_dir: PathBuf,
     /// Training device.
     pub device: TrainingDevice,
+    /// Cap on the upload rate, in bytes per second (`network.upload_limit_mb_per_sec`).
+    pub upload_limit_bytes_per_sec: Option<f64>,
     /// CA certificate.
     pub tls_ca: PathBuf,
     /// Site certificate.
@@ -158,7 +169,13 @@ impl WorkerConfig {
     pub fn parse(text: &str, path: &Path) -> Result<WorkerConfig, ConfigError> {
         let raw: RawConfig = proto::config_file::parse(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         let mut problems = Vec::new();
         if !raw.coordinator.starts_with("https://") {
             problems.push(format!(
@@ -170,7 +187,9 @@ impl WorkerConfig {
             "cpu" => TrainingDevice::Cpu,
             "gpu" => {
                 if !cfg!(feature = "wgpu") {
-                    problems.push("device: \"gpu\" needs a meridian built with --features wgpu".to_string());
+                    problems.push(
+                        "device: \"gpu\" needs a meridian built with --features wgpu".to_string(),
+                    );
                 }
                 TrainingDevice::Gpu
             }
@@ -179,11 +198,20 @@ impl WorkerConfig {
                 TrainingDevice::Cpu
             }
         };
+        if let Some(limit) = raw.network.upload_limit_mb_per_sec
+            && !(limit.is_finite() && limit >= 0.001)
+        {
+            problems.push(format!(
+                "network.upload_limit_mb_per_sec: must be finite and >= 0.001, got {limit}"
+            ));
+        }
         let manual_approval = match raw.policy.approval.as_str() {
             "auto" => false,
             "manual" => true,
             other => {
-                problems.push(format!("policy.approval: \"{other}\" is not auto or manual"));
+                problems.push(format!(
+                    "policy.approval: \"{other}\" is not auto or manual"
+                ));
                 false
             }
         };
@@ -198,24 +226,51 @@ impl WorkerConfig {
             if let Err(e) = proto::identity::validate_name(&d.name) {
                 problems.push(format!("{}: {e}", key("name")));
             }
-            if datasets.iter().any(|other: &DatasetConfig| other.name == d.name) {
-                problems.push(format!("{}: dataset \"{}\" is defined twice", key("name"), d.name));
+            if datasets
+                .iter()
+                .any(|other: &DatasetConfig| other.name == d.name)
+            {
+                problems.push(format!(
+                    "{}: dataset \"{}\" is defined twice",
+                    key("name"),
+                    d.name
+                ));
             }
             let file = resolve(&d.path);
             if !file.is_file() {
-                problems.push(format!("{}: {} does not exist", key("path"), file.display()));
+                problems.push(format!(
+                    "{}: {} does not exist",
+                    key("path"),
+                    file.display()
+                ));
             }
             if !(d.budget_epsilon.is_finite() && d.budget_epsilon > 0.0) {
-                problems.push(format!("{}: must be finite and > 0, got {}", key("budget_epsilon"), d.budget_epsilon));
+                problems.push(format!(
+                    "{}: must be finite and > 0, got {}",
+                    key("budget_epsilon"),
+                    d.budget_epsilon
+                ));
             }
             if !(d.budget_delta > 0.0 && d.budget_delta < 1e-2) {
-                problems.push(format!("{}: must be in (0, 0.01), got {}", key("budget_delta"), d.budget_delta));
+                problems.push(format!(
+                    "{}: must be in (0, 0.01), got {}",
+                    key("budget_delta"),
+                    d.budget_delta
+                ));
             }
             if !(d.job_epsilon_cap.is_finite() && d.job_epsilon_cap > 0.0) {
-                problems.push(format!("{}: must be finite and > 0, got {}", key("job_epsilon_cap"), d.job_epsilon_cap));
+                problems.push(format!(
+                    "{}: must be finite and > 0, got {}",
+                    key("job_epsilon_cap"),
+                    d.job_epsilon_cap
+                ));
             }
             if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
-                problems.push(format!("{}: must be in (0, 1), got {}", key("test_fraction"), d.test_fraction));
+                problems.push(format!(
+                    "{}: must be in (0, 1), got {}",
+                    key("test_fraction"),
+                    d.test_fraction
+                ));
             }
             datasets.push(DatasetConfig {
                 name: d.name,
@@ -234,6 +289,7 @@ impl WorkerConfig {
             coordinator: raw.coordinator,
             data_dir: resolve(&raw.data_dir),
             device,
+            upload_limit_bytes_per_sec: raw.network.upload_limit_mb_per_sec.map(|mb| mb * 1e6),
             tls_ca: resolve(&raw.tls.ca),
             tls_cert: resolve(&raw.tls.cert),
             tls_key: resolve(&raw.tls.key),
@@ -241,7 +297,11 @@ impl WorkerConfig {
             manual_approval,
             datasets,
         };
-        for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
+        for (key, file) in [
+            ("tls.ca", &config.tls_ca),
+            ("tls.cert", &config.tls_cert),
+            ("tls.key", &config.tls_key),
+        ] {
             if !file.is_file() {
                 problems.push(format!("{key}: {} does not exist", file.display()));
             }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod dataset;
 pub mod ledger;
 pub mod train;
+pub mod upload;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ use proto::identity::IdentityFiles;
 use proto::job::JobSpec;
 use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::{ChunkAssembler, encode_chunks};
+use proto::tensor::ChunkAssembler;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,6 +65,9 @@ pub enum RunError {
     /// The coordinator URL is unusable.
     #[error("coordinator: {0}")]
     Endpoint(String),
+    /// The configured training device is not available.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// A job this site has accepted.
@@ -91,29 +95,33 @@ struct Worker {
     approvals: approvals::Approvals,
     /// Jobs the coordinator stopped, so a pending offer stops waiting.
     stopped: Mutex<HashSet<String>>,
+    /// The coordinator's idle timeout, learnt at registration: a model
+    /// stream silent for this long is abandoned (and the task retried).
+    idle_timeout_secs: std::sync::atomic::AtomicU64,
 }
 
 /// Runs the worker until `shutdown` is cancelled.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let identity = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
-    let principal = proto::identity::principal_from_pem(&identity.cert_pem).map_err(|detail| RunError::Certificate {
-        path: config.tls_cert.clone(),
-        detail,
-    })?;
+    let principal = proto::identity::principal_from_pem(&identity.cert_pem)
+        .map_err(|detail| RunError::Certificate { path: config.tls_cert.clone(), detail })?;
     if principal.role != proto::identity::Role::Hospital {
         return Err(RunError::Certificate {
             path: config.tls_cert.clone(),
-            detail: format!("certificate of {} has role {}, a worker needs role hospital", principal.name, principal.role),
+            detail: format!(
+                "certificate of {} has role {}, a worker needs role hospital",
+                principal.name, principal.role
+            ),
         });
     }
-    let state_err = |detail: String| RunError::State {
-        path: config.data_dir.clone(),
-        detail,
-    };
+    let state_err = |detail: String| RunError::State { path: config.data_dir.clone(), detail };
     std::fs::create_dir_all(config.data_dir.join("outbox")).map_err(|e| state_err(e.to_string()))?;
-    let ledger = Ledger::open(&config.data_dir.join("ledger.sqlite"), &principal.name).map_err(|e| state_err(e.to_string()))?;
-    let audit = proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
-    let approvals = approvals::Approvals::open(&config.data_dir.join("ledger.sqlite")).map_err(|e| state_err(e.to_string()))?;
+    let ledger =
+        Ledger::open(&config.data_dir.join("ledger.sqlite"), &principal.name).map_err(|e| state_err(e.to_string()))?;
+    let audit =
+        proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
+    let approvals =
+        approvals::Approvals::open(&config.data_dir.join("ledger.sqlite")).map_err(|e| state_err(e.to_string()))?;
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| RunError::Endpoint(e.to_string()))?
         .tls_config(identity.client_tls())
@@ -121,8 +129,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
+    let device =
+        models::default_device(config.device == TrainingDevice::Gpu).map_err(|e| RunError::Device(e.to_string()))?;
     let worker = Arc::new(Worker {
-        device: models::default_device(config.device == TrainingDevice::Gpu),
+        device,
         config,
         site: principal.name,
         ledger,
@@ -134,6 +144,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         audit,
         approvals,
         stopped: Mutex::new(HashSet::new()),
+        idle_timeout_secs: std::sync::atomic::AtomicU64::new(60),
     });
     info!(site = %worker.site, coordinator = %worker.config.coordinator, "worker starting");
     // Reconnect with exponential backoff (250 ms doubling to 10 s), reset
@@ -184,12 +195,9 @@ impl Worker {
 
     /// One connection: register, then serve the task stream until it ends.
     async fn session(self: Arc<Self>, endpoint: &Endpoint, registered: &mut bool) -> Result<(), tonic::Status> {
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
-        let mut client = WorkerServiceClient::new(channel.clone())
-            .max_decoding_message_size(4 << 20);
+        let channel =
+            endpoint.connect().await.map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(4 << 20);
         let datasets = self
             .config
             .datasets
@@ -211,15 +219,12 @@ impl Worker {
             .collect();
         let ledger = self.ledger.entries().map_err(|e| tonic::Status::internal(e.to_string()))?;
         let reply = client
-            .register(pb::RegisterRequest {
-                datasets,
-                software_version: env!("CARGO_PKG_VERSION").to_string(),
-                ledger,
-            })
+            .register(pb::RegisterRequest { datasets, software_version: env!("CARGO_PKG_VERSION").to_string(), ledger })
             .await?
             .into_inner();
         info!(site = %reply.site, "registered with the coordinator");
         *registered = true;
+        self.idle_timeout_secs.store(reply.idle_timeout_secs.max(1), std::sync::atomic::Ordering::Relaxed);
         let heartbeat_every = Duration::from_secs((reply.idle_timeout_secs / 3).max(1));
         let session_done = self.shutdown.child_token();
         {
@@ -306,10 +311,7 @@ impl Worker {
             dataset::load(
                 &cfg.path,
                 &features,
-                &SplitOptions {
-                    test_fraction: cfg.test_fraction,
-                    seed: cfg.split_seed,
-                },
+                &SplitOptions { test_fraction: cfg.test_fraction, seed: cfg.split_seed },
             )
         })
         .await
@@ -360,7 +362,8 @@ impl Worker {
         if spec.hash() != offer.spec_hash {
             return Err("the offered spec does not match its hash".to_string());
         }
-        if !self.config.allowed_models.is_empty() && !self.config.allowed_models.iter().any(|m| m == spec.model.kind()) {
+        if !self.config.allowed_models.is_empty() && !self.config.allowed_models.iter().any(|m| m == spec.model.kind())
+        {
             return Err(format!(
                 "site policy does not allow model \"{}\" (allowed: {})",
                 spec.model.kind(),
@@ -375,8 +378,14 @@ impl Worker {
         let (q, steps) = train::round_plan(&spec, data.n_train());
         let planned_steps = steps * u64::from(spec.training.rounds);
         if self.config.manual_approval {
-            let planned = ledger::planned_epsilon(q, spec.privacy.noise_multiplier, planned_steps, spec.privacy.count_noise_scale, spec.privacy.delta)
-                .map_err(|e| e.to_string())?;
+            let planned = ledger::planned_epsilon(
+                q,
+                spec.privacy.noise_multiplier,
+                planned_steps,
+                spec.privacy.count_noise_scale,
+                spec.privacy.delta,
+            )
+            .map_err(|e| e.to_string())?;
             self.await_approval(job_id, &offer.spec_hash, &spec, planned).await?;
         }
         let decision = self
@@ -390,25 +399,15 @@ impl Worker {
                 spec.privacy.noise_multiplier,
                 planned_steps,
                 spec.privacy.delta,
-                ledger::CountRelease {
-                    examples: data.n_train() as u64,
-                    noise_scale: spec.privacy.count_noise_scale,
-                },
+                ledger::CountRelease { examples: data.n_train() as u64, noise_scale: spec.privacy.count_noise_scale },
             )
             .map_err(|e| e.to_string())?;
-        let ledger_entry = if decision.accept {
-            self.ledger.entry(job_id, 0).map_err(|e| e.to_string())?
-        } else {
-            None
-        };
+        let ledger_entry =
+            if decision.accept { self.ledger.entry(job_id, 0).map_err(|e| e.to_string())? } else { None };
         if decision.accept {
             lock(&self.jobs).insert(
                 job_id.to_string(),
-                Arc::new(JobContext {
-                    spec_hash: offer.spec_hash.clone(),
-                    spec,
-                    cancel: self.shutdown.child_token(),
-                }),
+                Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
             );
         }
         Ok(pb::OfferAnswer {
@@ -474,11 +473,7 @@ impl Worker {
             .map_err(|e| tonic::Status::internal(e.to_string()))?
             .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} was not accepted here")))?;
         let spec = JobSpec::from_canonical_json(&spec_json).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let job = Arc::new(JobContext {
-            spec,
-            spec_hash,
-            cancel: self.shutdown.child_token(),
-        });
+        let job = Arc::new(JobContext { spec, spec_hash, cancel: self.shutdown.child_token() });
         lock(&self.jobs).insert(job_id.to_string(), Arc::clone(&job));
         Ok(job)
     }
@@ -491,19 +486,21 @@ impl Worker {
         layout_hash: &str,
         num_params: u64,
     ) -> Result<Vec<f32>, tonic::Status> {
-        let mut stream = client
-            .pull_model(pb::PullModelRequest {
-                job_id: job_id.to_string(),
-                round,
-            })
-            .await?
-            .into_inner();
-        let header = match stream.next().await {
-            Some(Ok(pb::ModelChunk {
-                part: Some(pb::model_chunk::Part::Header(h)),
-            })) => h,
+        let mut stream =
+            client.pull_model(pb::PullModelRequest { job_id: job_id.to_string(), round }).await?.into_inner();
+        let idle = Duration::from_secs(self.idle_timeout_secs.load(std::sync::atomic::Ordering::Relaxed));
+        let silent = || {
+            tonic::Status::deadline_exceeded(format!(
+                "the model stream was silent for more than the idle timeout of {} s",
+                idle.as_secs()
+            ))
+        };
+        let header = match tokio::time::timeout(idle, stream.next()).await.map_err(|_| silent())? {
+            Some(Ok(pb::ModelChunk { part: Some(pb::model_chunk::Part::Header(h)) })) => h,
             Some(Err(e)) => return Err(e),
-            _ => return Err(tonic::Status::data_loss("model stream did not start with a header")),
+            _ => {
+                return Err(tonic::Status::data_loss("model stream did not start with a header"));
+            }
         };
         if header.layout_hash != layout_hash || header.num_params != num_params {
             return Err(tonic::Status::data_loss(format!(
@@ -512,12 +509,14 @@ impl Worker {
             )));
         }
         let mut assembler = ChunkAssembler::new(num_params as usize);
-        while let Some(chunk) = stream.next().await {
+        while let Some(chunk) = tokio::time::timeout(idle, stream.next()).await.map_err(|_| silent())? {
             match chunk?.part {
                 Some(pb::model_chunk::Part::Data(d)) => {
                     assembler.push(&d).map_err(|e| tonic::Status::data_loss(e.to_string()))?
                 }
-                _ => return Err(tonic::Status::data_loss("a second header in the model stream")),
+                _ => {
+                    return Err(tonic::Status::data_loss("a second header in the model stream"));
+                }
             }
         }
         assembler.finish().map_err(|e| tonic::Status::data_loss(e.to_string()))
@@ -548,11 +547,7 @@ impl Worker {
             }
         };
         let round = task.round;
-        let fail = |reason: String| pb::TaskFailure {
-            job_id: job_id.to_string(),
-            round,
-            reason,
-        };
+        let fail = |reason: String| pb::TaskFailure { job_id: job_id.to_string(), round, reason };
         let cfg = match self.dataset_config(&job.spec.dataset) {
             Some(c) => c.clone(),
             None => {
@@ -562,7 +557,11 @@ impl Worker {
         };
         let outbox = self.outbox_path(job_id, round);
         // A round already charged is resent as it was, never trained (and charged) again.
-        let (update, entry, metrics) = match self.ledger.entry(job_id, round).map_err(|e| tonic::Status::internal(e.to_string()))? {
+        let (update, entry, metrics) = match self
+            .ledger
+            .entry(job_id, round)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+        {
             Some(entry) if outbox.is_file() => {
                 info!("resending the update of a charged round");
                 let update = proto::checkpoint::read(&outbox).map_err(|e| tonic::Status::internal(e.to_string()))?;
@@ -577,14 +576,18 @@ impl Worker {
                     }
                 };
                 let global = self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params).await?;
-                let arch = models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let arch = models::Architecture::new(&job.spec.model, data.dim)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 if arch.layout().hash() != task.layout_hash {
                     client.report_failure(fail("the job's model layout differs from this site's".to_string())).await?;
                     return Ok(());
                 }
                 // Held-out metrics of the model we received (round - 1).
-                let (arch2, device, global2, data2) = (arch.clone(), self.device.clone(), global.clone(), Arc::clone(&data));
-                if let Ok(Ok(m)) = tokio::task::spawn_blocking(move || train::evaluate(&arch2, &device, &global2, &data2)).await {
+                let (arch2, device, global2, data2) =
+                    (arch.clone(), self.device.clone(), global.clone(), Arc::clone(&data));
+                if let Ok(Ok(m)) =
+                    tokio::task::spawn_blocking(move || train::evaluate(&arch2, &device, &global2, &data2)).await
+                {
                     let _ = client
                         .report_evaluation(pb::EvaluationReport {
                             job_id: job_id.to_string(),
@@ -594,14 +597,21 @@ impl Worker {
                         })
                         .await;
                 }
+                info!(epochs = job.spec.training.local_epochs, "local training started");
                 let (spec, device, cancel) = (job.spec.clone(), self.device.clone(), job.cancel.clone());
                 let (arch3, global3, data3) = (arch.clone(), global.clone(), Arc::clone(&data));
-                let outcome = tokio::task::spawn_blocking(move || train::train_round(&arch3, &device, &global3, &data3, &spec, &cancel))
-                    .await
-                    .map_err(|e| tonic::Status::internal(format!("training panicked: {e}")))?;
+                let outcome = tokio::task::spawn_blocking(move || {
+                    train::train_round(&arch3, &device, &global3, &data3, &spec, &cancel)
+                })
+                .await
+                .map_err(|e| tonic::Status::internal(format!("training panicked: {e}")))?;
                 let outcome = match outcome {
                     Ok(o) => o,
-                    Err(train::TrainError::Cancelled) => return Ok(()),
+                    Err(train::TrainError::Cancelled) => {
+                        info!("local training stopped: the job was cancelled");
+                        self.audit("training.cancelled", job_id, serde_json::json!({ "round": round }));
+                        return Ok(());
+                    }
                     Err(e) => {
                         client.report_failure(fail(e.to_string())).await?;
                         return Ok(());
@@ -610,7 +620,8 @@ impl Worker {
                 let update: Vec<f32> = outcome.params.iter().zip(&global).map(|(l, g)| l - g).collect();
                 // Outbox first, then the charge: a crash in between leaves an
                 // uncharged update that was never sent, which is discarded.
-                proto::checkpoint::write_atomic(&outbox, &update).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                proto::checkpoint::write_atomic(&outbox, &update)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 let charge = Charge {
                     job_id: job_id.to_string(),
                     spec_hash: job.spec_hash.clone(),
@@ -661,13 +672,8 @@ impl Worker {
             metrics: metrics.into_iter().collect(),
             ledger_entry: Some(entry),
         };
-        let mut messages = vec![pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Header(header)),
-        }];
-        messages.extend(encode_chunks(&update).map(|c| pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Data(c)),
-        }));
-        let reply = client.push_update(tokio_stream::iter(messages)).await?.into_inner();
+        let messages = upload::update_messages(header, Arc::new(update), self.config.upload_limit_bytes_per_sec);
+        let reply = client.push_update(messages).await?.into_inner();
         self.audit(
             "update.sent",
             job_id,
@@ -691,7 +697,8 @@ impl Worker {
         let job = self.job(job_id)?;
         let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
         let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params).await?;
-        let arch = models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let arch =
+            models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
         let device = self.device.clone();
         let data2 = Arc::clone(&data);
         let m = tokio::task::spawn_blocking(move || train::evaluate(&arch, &device, &params, &data2))

@@ -93,11 +93,14 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
 
 fn device(choice: DeviceChoice) -> Result<Device, String> {
     match choice {
-        DeviceChoice::Cpu => Ok(models::default_device(false)),
+        DeviceChoice::Cpu => models::default_device(false).map_err(|e| e.to_string()),
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Gpu => Ok(models::default_device(true)),
+        DeviceChoice::Gpu => models::default_device(true).map_err(|e| e.to_string()),
         #[cfg(not(feature = "wgpu"))]
-        DeviceChoice::Gpu => Err("--device gpu needs the `wgpu` feature: cargo run --release -p benches --features wgpu --bin bench-table".into()),
+        DeviceChoice::Gpu => Err(
+            "--device gpu needs the `wgpu` feature: cargo run --release -p benches --features wgpu --bin bench-table"
+                .into(),
+        ),
     }
 }
 
@@ -354,7 +357,11 @@ fn time_fedavg(runs: usize) -> f64 {
     const D: usize = 1_000_000;
     const UPDATES: usize = 10;
     let updates: Vec<Vec<f32>> = (0..UPDATES)
-        .map(|k| (0..D).map(|i| ((i * 31 + k * 7) % 1000) as f32 * 1e-3).collect())
+        .map(|k| {
+            (0..D)
+                .map(|i| ((i * 31 + k * 7) % 1000) as f32 * 1e-3)
+                .collect()
+        })
         .collect();
     let mut rates = Vec::with_capacity(runs);
     for _ in 0..runs {

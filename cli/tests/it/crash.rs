@@ -1,16 +1,33 @@
 //! Faults at a site: a worker killed with SIGKILL at arbitrary moments of
 //! its rounds, and two jobs racing for the last of a budget. Privacy spent is
-//! never exceeded nor refunded, and the job still completes.
+//! never exceeded nor refunded, and the job still completes. Faults at the
+//! coordinator: SIGKILL at each phase of a round, three times over, and a
+//! partition longer than the idle timeout.
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, SystemTime};
+
+use proto::checkpoint;
 
 use rusqlite::Connection;
 
 use crate::util::{Federation, example, free_port, wait_for};
 
-const NUMERIC: &[&str] = &["radius_mean", "texture_mean", "perimeter_mean", "area_mean", "smoothness_mean"];
+const NUMERIC: &[&str] = &[
+    "radius_mean",
+    "texture_mean",
+    "perimeter_mean",
+    "area_mean",
+    "smoothness_mean",
+];
 
-fn job_spec(fed: &Federation, file: &str, rounds: u32, local_epochs: f64, hidden: &str) -> std::path::PathBuf {
+fn job_spec(
+    fed: &Federation,
+    file: &str,
+    rounds: u32,
+    local_epochs: f64,
+    hidden: &str,
+) -> std::path::PathBuf {
     let text = format!(
         r#"name = "{file}"
 dataset = "wdbc"
@@ -49,14 +66,24 @@ fn stdout(out: &std::process::Output) -> String {
 #[test]
 fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
     let mut fed = Federation::start(&["hospital-a"]);
-    let home = fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC);
+    let home = fed.start_worker(
+        "hospital-a",
+        "wdbc",
+        &example("data/wdbc_breast_cancer.csv"),
+        "diagnosis",
+        NUMERIC,
+    );
     let spec = job_spec(&fed, "long.toml", 6, 40.0, "[128, 128]");
     let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| stdout(&out))
     });
     // Kill the worker at pseudo-random moments (10 to 400 ms apart), restarting it each time.
-    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     let mut kills = 0;
     for _ in 0..12 {
         seed ^= seed << 13;
@@ -72,7 +99,10 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
         kills += 1;
     }
     eprintln!("killed the worker {kills} times");
-    assert!(kills >= 3, "the job ended before the worker could be killed 3 times");
+    assert!(
+        kills >= 3,
+        "the job ended before the worker could be killed 3 times"
+    );
     let out = fed.client("alice", &["job", "watch", &job_id]);
     assert!(
         out.status.success(),
@@ -91,12 +121,19 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
         .unwrap();
     // One charge per round, every round charged, none twice.
     assert_eq!(rounds, vec![1, 2, 3, 4, 5, 6], "after {kills} kills");
-    let max_dataset_eps: f64 = ledger.query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0)).unwrap();
+    let max_dataset_eps: f64 = ledger
+        .query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0))
+        .unwrap();
     assert!(max_dataset_eps <= 40.0);
     // The coordinator's mirror has every charge.
-    let coordinator = Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
+    let coordinator =
+        Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
     let mirrored: i64 = coordinator
-        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0", [&job_id], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0",
+            [&job_id],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(mirrored, 6);
 }
@@ -105,7 +142,15 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
 fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
     let mut fed = Federation::start(&["hospital-a"]);
     // One job of this shape plans ε ≈ 1.62 at this site, two together ≈ 2.14: a budget of 1.8 fits one.
-    fed.start_worker_with_budget("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC, 1.8, 1.8);
+    fed.start_worker_with_budget(
+        "hospital-a",
+        "wdbc",
+        &example("data/wdbc_breast_cancer.csv"),
+        "diagnosis",
+        NUMERIC,
+        1.8,
+        1.8,
+    );
     let one = job_spec(&fed, "one.toml", 2, 1.0, "[8]");
     let two = job_spec(&fed, "two.toml", 2, 1.0, "[8]");
     wait_for(Duration::from_secs(30), "the worker to register", || {
@@ -117,14 +162,35 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
         let b = s.spawn(|| stdout(&fed.client("alice", &["job", "submit", two.to_str().unwrap()])));
         vec![a.join().unwrap(), b.join().unwrap()]
     });
-    let outcomes: Vec<String> = ids.iter().map(|id| stdout(&fed.client("alice", &["job", "watch", id]))).collect();
-    let completed = outcomes.iter().filter(|o| o.contains("state      completed")).count();
-    let refused = outcomes.iter().filter(|o| o.contains("exceeds the remaining budget")).count();
+    let outcomes: Vec<String> = ids
+        .iter()
+        .map(|id| stdout(&fed.client("alice", &["job", "watch", id])))
+        .collect();
+    let completed = outcomes
+        .iter()
+        .filter(|o| o.contains("state      completed"))
+        .count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| o.contains("exceeds the remaining budget"))
+        .count();
     assert_eq!((completed, refused), (1, 1), "{outcomes:#?}");
 }
 
+/// The moments of a round where a coordinator crash matters, as named by
+/// `proto::failpoint` calls in the coordinator.
+const PHASES: [&str; 7] = [
+    "round.assign",     // a training task is being handed to a site
+    "update.receive",   // an update's chunks are streaming in
+    "update.rename",    // the update is written to a temporary file, not yet in place
+    "update.persisted", // the update is committed, not yet acknowledged to the site
+    "round.aggregate",  // the updates are folded, the new model not yet written
+    "model.rename",     // the new model is half written (temporary file, not renamed)
+    "round.commit",     // the new model is in place, the round not yet committed
+];
+
 #[test]
-fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
+fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() {
     let mut fed = Federation::start_on(&["hospital-a", "hospital-b"], free_port());
     let data = example("data/wdbc_breast_cancer.csv");
     let homes = [
@@ -132,35 +198,58 @@ fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
         fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC),
     ];
     let spec = job_spec(&fed, "ten.toml", 10, 20.0, "[256, 256]");
-    let spec_text = std::fs::read_to_string(&spec).unwrap().replace("min_sites = 1", "min_sites = 2");
+    let spec_text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("min_sites = 1", "min_sites = 2");
     std::fs::write(&spec, spec_text).unwrap();
     let job_id = wait_for(Duration::from_secs(30), "both workers to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| stdout(&out))
     });
-    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    // Kill it at pseudo-random moments (10 to 160 ms apart) until the job ends, at most 30 times.
+    // Three times through every phase: each restart arms the next phase, and
+    // the coordinator must reach it and die there (SIGKILL, by its own hand).
     let mut kills = 0;
-    for _ in 0..30 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(10 + seed % 150));
-        let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
-        let state: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-        eprintln!("after {kills} kills: job {} at round {}", state["state"], state["current_round"]);
-        if !matches!(state["state"].as_str(), Some("offering" | "running" | "evaluating")) {
-            break;
+    for cycle in 0..3 {
+        for phase in PHASES {
+            fed.restart_coordinator_armed(phase);
+            let Some(status) = fed.wait_for_coordinator_exit(Duration::from_secs(90)) else {
+                panic!(
+                    "cycle {cycle}: the coordinator never reached {phase}\n{}",
+                    fed.coordinator_log()
+                );
+            };
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "cycle {cycle}, {phase}: {status}\n{}",
+                fed.coordinator_log()
+            );
+            kills += 1;
         }
-        fed.kill_and_restart_coordinator();
-        kills += 1;
     }
-    assert!(kills >= 20, "the job ended after only {kills} kills");
+    assert_eq!(kills, 21);
+    fed.kill_and_restart_coordinator();
     let out = fed.client("alice", &["job", "watch", &job_id]);
-    assert!(out.status.success(), "after {kills} kills: {}\n{}", stdout(&out), fed.coordinator_log());
-    let coordinator = Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
+    assert!(
+        out.status.success(),
+        "after {kills} kills: {}\n{}",
+        stdout(&out),
+        fed.coordinator_log()
+    );
+    let log = fed.coordinator_log();
+    for phase in PHASES {
+        let at = format!("killing this process at {phase} ");
+        assert_eq!(log.matches(&at).count(), 3, "{phase}");
+    }
+
+    let coordinator =
+        Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
     let rounds: i64 = coordinator
-        .query_row("SELECT COUNT(*) FROM rounds WHERE job_id = ?1 AND state = 'aggregated'", [&job_id], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM rounds WHERE job_id = ?1 AND state = 'aggregated'",
+            [&job_id],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(rounds, 10);
     for home in &homes {
@@ -172,17 +261,66 @@ fn coordinator_killed_twenty_times_carries_the_job_to_completion() {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(charged, (1..=10).collect::<Vec<u32>>(), "{}", home.display());
+        assert_eq!(
+            charged,
+            (1..=10).collect::<Vec<u32>>(),
+            "{}",
+            home.display()
+        );
     }
-    // Every accepted update was counted once: one update row per site and round.
+    // Every acknowledged update was counted once: one update row per site and round.
     let updates: i64 = coordinator
-        .query_row("SELECT COUNT(*) FROM updates WHERE job_id = ?1", [&job_id], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM updates WHERE job_id = ?1",
+            [&job_id],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(updates, 20);
     let mirrored: i64 = coordinator
-        .query_row("SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0", [&job_id], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0",
+            [&job_id],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(mirrored, 20);
+
+    // Each round's model is exactly the previous one plus the weighted mean
+    // of that round's stored updates: what an uninterrupted run with the
+    // same updates computes, up to the order of summation.
+    let job_dir = fed.dir.join("coord-state").join("jobs").join(&job_id);
+    let mut model = checkpoint::read(&job_dir.join("model-r0000.bin")).unwrap();
+    for round in 1..=10u32 {
+        let rows: Vec<(String, f64)> = coordinator
+            .prepare("SELECT path, num_examples FROM updates WHERE job_id = ?1 AND round = ?2")
+            .unwrap()
+            .query_map(rusqlite::params![job_id, round], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows.len(), 2, "round {round}");
+        let mut sum = vec![0.0f64; model.len()];
+        let total: f64 = rows.iter().map(|(_, w)| w).sum();
+        for (path, weight) in &rows {
+            let update = checkpoint::read(std::path::Path::new(path)).unwrap();
+            assert_eq!(update.len(), model.len());
+            for (s, u) in sum.iter_mut().zip(&update) {
+                *s += weight * f64::from(*u);
+            }
+        }
+        let next = checkpoint::read(&job_dir.join(format!("model-r{round:04}.bin"))).unwrap();
+        for (i, ((m, s), n)) in model.iter().zip(&sum).zip(&next).enumerate() {
+            let expected = (f64::from(*m) + s / total) as f32;
+            assert!(
+                (expected - n).abs() <= 1e-5 * expected.abs().max(1.0),
+                "round {round}, parameter {i}: {n} != {expected}"
+            );
+        }
+        model = next;
+    }
 }
 
 /// Workers cut off (frozen with SIGSTOP) for longer than the idle timeout:
@@ -196,7 +334,9 @@ fn a_partitioned_site_does_not_hang_the_job() {
     fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC);
     let spec = job_spec(&fed, "partition.toml", 6, 10.0, "[64, 64]");
     // A deadline far beyond the test's patience: only the idle timeout can end the wait.
-    let text = std::fs::read_to_string(&spec).unwrap().replace("round_deadline_secs = 30", "round_deadline_secs = 600");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("round_deadline_secs = 30", "round_deadline_secs = 600");
     std::fs::write(&spec, text).unwrap();
     wait_for(Duration::from_secs(30), "both workers to register", || {
         let out = fed.client("rita", &["budget", "--json"]);
@@ -204,7 +344,11 @@ fn a_partitioned_site_does_not_hang_the_job() {
         (text.contains("hospital-a") && text.contains("hospital-b")).then_some(())
     });
     let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let job_id = stdout(&out);
     wait_for(Duration::from_secs(30), "round 2", || {
         let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
@@ -212,15 +356,37 @@ fn a_partitioned_site_does_not_hang_the_job() {
         (state["current_round"].as_u64()? >= 2).then_some(())
     });
     let frozen = fed.daemons[2].0.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &frozen]).status().unwrap().success());
-    let finished = wait_for(Duration::from_secs(120), "the job to end without the frozen site", || {
-        let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
-        let state: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
-        matches!(state["state"].as_str(), Some("completed" | "failed")).then_some(state)
-    });
-    assert!(std::process::Command::new("kill").args(["-CONT", &frozen]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &frozen])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let finished = wait_for(
+        Duration::from_secs(120),
+        "the job to end without the frozen site",
+        || {
+            let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+            let state: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+            matches!(state["state"].as_str(), Some("completed" | "failed")).then_some(state)
+        },
+    );
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &frozen])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert_eq!(finished["state"], "completed", "{finished}");
     let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
-    assert!(audit.contains("round.sites_silent") && audit.contains("hospital-b"), "{audit}");
-    assert!(audit.contains("no heartbeat for more than the idle timeout of 2 s"), "{audit}");
+    assert!(
+        audit.contains("round.sites_silent") && audit.contains("hospital-b"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("no heartbeat for more than the idle timeout of 2 s"),
+        "{audit}"
+    );
 }

@@ -4,42 +4,23 @@
 
 use std::time::Duration;
 
-use proto::identity::IdentityFiles;
 use proto::pb;
-use proto::pb::worker_service_client::WorkerServiceClient;
-use tokio_stream::StreamExt;
 
-use crate::util::{Federation, example, run, wait_for};
+use crate::util::{Federation, RawSite, example, run, wait_for};
 
 const NUMERIC: &[&str] = &["radius_mean", "texture_mean"];
 
 #[test]
 fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     let mut fed = Federation::start(&["hospital-a", "hospital-x"]);
-    fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let identity = IdentityFiles::from_dir(&fed.identity("hospital-x")).unwrap();
-    let url = fed.url.clone();
-    let mut evil = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(url).unwrap().tls_config(identity.client_tls()).unwrap().connect().await.unwrap();
-        WorkerServiceClient::new(ch)
-    });
-    let columns: Vec<String> = ["id", "diagnosis", "radius_mean", "texture_mean"].iter().map(|s| s.to_string()).collect();
-    rt.block_on(evil.register(pb::RegisterRequest {
-        datasets: vec![pb::DatasetInfo {
-            name: "wdbc".to_string(),
-            columns,
-            label: "diagnosis".to_string(),
-            numeric: NUMERIC.iter().map(|s| s.to_string()).collect(),
-            budget_epsilon: 100.0,
-            budget_delta: 1e-5,
-            job_epsilon_cap: 100.0,
-            ..Default::default()
-        }],
-        ..Default::default()
-    }))
-    .unwrap();
-    let mut tasks = rt.block_on(evil.receive_tasks(pb::ReceiveTasksRequest {})).unwrap().into_inner();
+    fed.start_worker(
+        "hospital-a",
+        "wdbc",
+        &example("data/wdbc_breast_cancer.csv"),
+        "diagnosis",
+        NUMERIC,
+    );
+    let mut evil = RawSite::join(&fed, "hospital-x", "wdbc", "diagnosis", NUMERIC);
 
     let spec = fed.dir.join("job.toml");
     let text = std::fs::read_to_string(example("jobs/wdbc.toml")).unwrap();
@@ -50,39 +31,38 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     let text = text
         .replace("rounds = 5", "rounds = 1")
         .replace("min_sites = 3", "min_sites = 1")
-        .replace("round_deadline_secs = 60", "round_deadline_secs = 4\nmax_update_norm = 50.0");
+        .replace(
+            "round_deadline_secs = 60",
+            "round_deadline_secs = 4\nmax_update_norm = 50.0",
+        );
     std::fs::write(&spec, text).unwrap();
     wait_for(Duration::from_secs(30), "hospital-a to register", || {
         let out = fed.client("rita", &["budget", "--json"]);
-        String::from_utf8_lossy(&out.stdout).contains("hospital-a").then_some(())
+        String::from_utf8_lossy(&out.stdout)
+            .contains("hospital-a")
+            .then_some(())
     });
     let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let job_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
     // The hostile site accepts the offer, then waits for round 1.
-    let (spec_hash, train) = rt.block_on(async {
-        let mut spec_hash = String::new();
-        loop {
-            let task = tokio::time::timeout(Duration::from_secs(30), tasks.next()).await.unwrap().unwrap().unwrap();
-            match task.kind.unwrap() {
-                pb::task::Kind::Offer(offer) => {
-                    spec_hash = offer.spec_hash.clone();
-                    evil.answer_offer(pb::OfferAnswer {
-                        job_id: task.job_id.clone(),
-                        spec_hash: offer.spec_hash,
-                        accept: true,
-                        train_examples: 100,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
-                }
-                pb::task::Kind::Train(t) => return (spec_hash, t),
-                _ => {}
+    let mut spec_hash = String::new();
+    let train = loop {
+        let task = evil.next_task(Duration::from_secs(30));
+        match task.kind.unwrap() {
+            pb::task::Kind::Offer(offer) => {
+                spec_hash = offer.spec_hash.clone();
+                evil.accept(&task.job_id, &offer, 100);
             }
+            pb::task::Kind::Train(t) => break t,
+            _ => {}
         }
-    });
+    };
     let entry = |round: u32| pb::LedgerEntry {
         seq: 1,
         site: "hospital-x".to_string(),
@@ -91,39 +71,111 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
         spec_hash: spec_hash.clone(),
         ..Default::default()
     };
-    let header = |round: u32, layout: &str, n: u64, ledger: Option<pb::LedgerEntry>| pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
-            job_id: job_id.clone(),
-            round,
-            layout_hash: layout.to_string(),
-            num_params: n,
-            num_examples: 100,
-            metrics: Default::default(),
-            ledger_entry: ledger,
-        })),
-    };
+    let header =
+        |round: u32, layout: &str, n: u64, ledger: Option<pb::LedgerEntry>| pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+                job_id: job_id.clone(),
+                round,
+                layout_hash: layout.to_string(),
+                num_params: n,
+                num_examples: 100,
+                metrics: Default::default(),
+                ledger_entry: ledger,
+            })),
+        };
     let data = |values: Vec<f32>| pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Data(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into())),
+        part: Some(pb::update_chunk::Part::Data(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        )),
     };
     let n = train.num_params as usize;
     let layout = train.layout_hash.clone();
     let mut nan = vec![0.5f32; n];
     nan[3] = f32::NAN;
-    let too_short = format!("malformed update: stream ended after {} of {n} values", n - 1);
-    let too_long = format!("malformed update: received more than the {n} values the header announced");
+    let too_short = format!(
+        "malformed update: stream ended after {} of {n} values",
+        n - 1
+    );
+    let too_long =
+        format!("malformed update: received more than the {n} values the header announced");
     let attempts: Vec<(&str, Vec<pb::UpdateChunk>, &str)> = vec![
-        ("NaN", vec![header(1, &layout, n as u64, Some(entry(1))), data(nan)], "malformed update: value 3 is not finite (NaN)"),
-        ("infinite", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![f32::INFINITY; n])], "malformed update: value 0 is not finite (inf)"),
-        ("too short", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![0.1; n - 1])], &too_short),
-        ("too long", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![0.1; n + 1])], &too_long),
-        ("wrong layout", vec![header(1, "f00d", n as u64, Some(entry(1))), data(vec![0.1; n])], "does not match the job's layout"),
-        ("replayed round", vec![header(0, &layout, n as u64, Some(entry(0))), data(vec![0.1; n])], "not accepting updates for round 0"),
-        ("no ledger entry", vec![header(1, &layout, n as u64, None), data(vec![0.1; n])], "update carries no ledger entry"),
-        ("scaled", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![100.0; n])], "exceeds the job's bound policy.max_update_norm = 50"),
-        ("oversized chunk", vec![header(1, &layout, n as u64, Some(entry(1))), data(vec![0.1; (1 << 18) + 1])], "malformed update: chunk 0 has 1048580 bytes, more than the limit of 1048576"),
+        (
+            "NaN",
+            vec![header(1, &layout, n as u64, Some(entry(1))), data(nan)],
+            "malformed update: value 3 is not finite (NaN)",
+        ),
+        (
+            "infinite",
+            vec![
+                header(1, &layout, n as u64, Some(entry(1))),
+                data(vec![f32::INFINITY; n]),
+            ],
+            "malformed update: value 0 is not finite (inf)",
+        ),
+        (
+            "too short",
+            vec![
+                header(1, &layout, n as u64, Some(entry(1))),
+                data(vec![0.1; n - 1]),
+            ],
+            &too_short,
+        ),
+        (
+            "too long",
+            vec![
+                header(1, &layout, n as u64, Some(entry(1))),
+                data(vec![0.1; n + 1]),
+            ],
+            &too_long,
+        ),
+        (
+            "wrong layout",
+            vec![
+                header(1, "f00d", n as u64, Some(entry(1))),
+                data(vec![0.1; n]),
+            ],
+            "does not match the job's layout",
+        ),
+        (
+            "replayed round",
+            vec![
+                header(0, &layout, n as u64, Some(entry(0))),
+                data(vec![0.1; n]),
+            ],
+            "not accepting updates for round 0",
+        ),
+        (
+            "no ledger entry",
+            vec![header(1, &layout, n as u64, None), data(vec![0.1; n])],
+            "update carries no ledger entry",
+        ),
+        (
+            "scaled",
+            vec![
+                header(1, &layout, n as u64, Some(entry(1))),
+                data(vec![100.0; n]),
+            ],
+            "exceeds the job's bound policy.max_update_norm = 50",
+        ),
+        (
+            "oversized chunk",
+            vec![
+                header(1, &layout, n as u64, Some(entry(1))),
+                data(vec![0.1; (1 << 18) + 1]),
+            ],
+            "malformed update: chunk 0 has 1048580 bytes, more than the limit of 1048576",
+        ),
     ];
     for (what, messages, expected) in attempts {
-        let reply = rt.block_on(evil.push_update(tokio_stream::iter(messages))).unwrap().into_inner();
+        let reply = evil
+            .rt
+            .block_on(evil.client.push_update(tokio_stream::iter(messages)))
+            .unwrap()
+            .into_inner();
         assert!(!reply.accepted, "{what} was accepted");
         assert!(reply.reason.contains(expected), "{what}: {}", reply.reason);
     }
@@ -135,5 +187,9 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     let audit = fed.dir.join("coord-state").join("audit.log");
     let text = std::fs::read_to_string(&audit).unwrap();
     assert_eq!(text.matches("update.rejected").count(), 9, "{text}");
-    assert!(run(&["audit", "verify", audit.to_str().unwrap()]).status.success());
+    assert!(
+        run(&["audit", "verify", audit.to_str().unwrap()])
+            .status
+            .success()
+    );
 }

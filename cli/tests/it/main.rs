@@ -2,10 +2,12 @@
 //! certificates, talking mutual TLS, with their own SQLite state.
 
 mod crash;
+mod deadlines;
 mod federation;
 mod governance;
 mod hostile;
 mod privacy_cli;
+mod robust;
 mod security;
 mod specs;
 mod tidy;

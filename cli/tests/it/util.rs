@@ -14,7 +14,11 @@ pub fn meridian() -> Command {
 
 /// Runs a meridian command to completion.
 pub fn run(args: &[&str]) -> Output {
-    meridian().args(args).stdin(Stdio::null()).output().expect("meridian runs")
+    meridian()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("meridian runs")
 }
 
 /// Polls `f` until it returns `Some`, at most `limit`.
@@ -67,9 +71,20 @@ impl Federation {
         for s in sites {
             args.extend(["--site", s]);
         }
-        args.extend(["--user", "alice:scientist", "--user", "rita:reviewer", "--user", "adam:admin"]);
+        args.extend([
+            "--user",
+            "alice:scientist",
+            "--user",
+            "rita:reviewer",
+            "--user",
+            "adam:admin",
+        ]);
         let out = run(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let id = fed.join("coordinator");
         let config = dir.join("coordinator.toml");
         std::fs::write(
@@ -102,7 +117,14 @@ impl Federation {
     }
 
     /// Starts a worker for `site` serving `data` (a CSV) as dataset `name` with the given columns.
-    pub fn start_worker(&mut self, site: &str, name: &str, data: &Path, label: &str, numeric: &[&str]) -> PathBuf {
+    pub fn start_worker(
+        &mut self,
+        site: &str,
+        name: &str,
+        data: &Path,
+        label: &str,
+        numeric: &[&str],
+    ) -> PathBuf {
         self.start_worker_with_budget(site, name, data, label, numeric, 40.0, 20.0)
     }
 
@@ -164,6 +186,33 @@ impl Federation {
         self.daemons[0].0 = child;
     }
 
+    /// Kills the coordinator with SIGKILL (if it still runs) and starts it
+    /// again with `failpoint` armed (`proto::failpoint`), without waiting for
+    /// it to listen: it may reach the point and kill itself first.
+    pub fn restart_coordinator_armed(&mut self, failpoint: &str) {
+        let daemon = &mut self.daemons[0];
+        let _ = daemon.0.kill();
+        let _ = daemon.0.wait();
+        let mut command = coordinator_command(&self.dir);
+        command.env("MERIDIAN_FAILPOINT", failpoint);
+        self.daemons[0].0 = command.spawn().unwrap();
+    }
+
+    /// Waits at most `limit` for the coordinator to exit by itself; its exit status, if it did.
+    pub fn wait_for_coordinator_exit(
+        &mut self,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.daemons[0].0.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Kills daemon `index` with SIGKILL and starts the worker of `home` again in its place.
     pub fn kill_and_restart_worker(&mut self, index: usize, home: &Path) {
         let daemon = &mut self.daemons[index];
@@ -176,7 +225,12 @@ impl Federation {
     pub fn client(&self, user: &str, args: &[&str]) -> Output {
         let id = self.identity(user);
         let mut all = args.to_vec();
-        all.extend(["--coordinator", &self.url, "--identity", id.to_str().unwrap()]);
+        all.extend([
+            "--coordinator",
+            &self.url,
+            "--identity",
+            id.to_str().unwrap(),
+        ]);
         run(&all)
     }
 
@@ -190,30 +244,61 @@ impl Federation {
 fn spawn_coordinator(dir: &Path) -> (Child, String) {
     let ready = dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&ready);
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("coordinator.log")).unwrap();
-    let config = dir.join("coordinator.toml");
-    let child = meridian()
-        .args(["coordinator", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = coordinator_command(dir).spawn().unwrap();
     let addr = wait_for(Duration::from_secs(30), "the coordinator", || {
-        std::fs::read_to_string(&ready).ok().filter(|s| !s.is_empty())
+        std::fs::read_to_string(&ready)
+            .ok()
+            .filter(|s| !s.is_empty())
     });
     (child, addr)
 }
 
+/// The command that starts the coordinator of `dir`, logging to its
+/// `coordinator.log` and writing its address to `coordinator.addr`.
+fn coordinator_command(dir: &Path) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("coordinator.log"))
+        .unwrap();
+    let config = dir.join("coordinator.toml");
+    let ready = dir.join("coordinator.addr");
+    let mut command = meridian();
+    command
+        .args([
+            "coordinator",
+            "--config",
+            config.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    command
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts the worker whose `worker.toml` is in `home`, appending to its log.
 fn spawn_worker(home: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("worker.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("worker.log"))
+        .unwrap();
     meridian()
-        .args(["worker", "--config", home.join("worker.toml").to_str().unwrap()])
+        .args([
+            "worker",
+            "--config",
+            home.join("worker.toml").to_str().unwrap(),
+        ])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -222,5 +307,139 @@ fn spawn_worker(home: &Path) -> Child {
 
 /// Path of a file shipped in the repository's examples.
 pub fn example(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("examples").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("examples")
+        .join(path)
+}
+
+/// A hospital that speaks the worker protocol by hand, for behaviour a real
+/// worker never shows: hostile updates, stalled streams.
+pub struct RawSite {
+    pub rt: tokio::runtime::Runtime,
+    pub client: proto::pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    tasks: tonic::Streaming<proto::pb::Task>,
+}
+
+impl RawSite {
+    /// Connects as `site` with its certificate, registers dataset `dataset`
+    /// (columns `id`, `label`, then `numeric`) and opens its task stream.
+    pub fn join(
+        fed: &Federation,
+        site: &str,
+        dataset: &str,
+        label: &str,
+        numeric: &[&str],
+    ) -> RawSite {
+        use proto::pb;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let identity = proto::identity::IdentityFiles::from_dir(&fed.identity(site)).unwrap();
+        let url = fed.url.clone();
+        let mut client = rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(identity.client_tls())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            pb::worker_service_client::WorkerServiceClient::new(channel)
+        });
+        let columns = ["id", label]
+            .iter()
+            .chain(numeric)
+            .map(|s| s.to_string())
+            .collect();
+        rt.block_on(client.register(pb::RegisterRequest {
+            datasets: vec![pb::DatasetInfo {
+                name: dataset.to_string(),
+                columns,
+                label: label.to_string(),
+                numeric: numeric.iter().map(|s| s.to_string()).collect(),
+                budget_epsilon: 100.0,
+                budget_delta: 1e-5,
+                job_epsilon_cap: 100.0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+        .unwrap();
+        let tasks = rt
+            .block_on(client.receive_tasks(pb::ReceiveTasksRequest {}))
+            .unwrap()
+            .into_inner();
+        RawSite { rt, client, tasks }
+    }
+
+    /// The next task, waiting at most `limit`.
+    pub fn next_task(&mut self, limit: Duration) -> proto::pb::Task {
+        use tokio_stream::StreamExt;
+        let tasks = &mut self.tasks;
+        self.rt
+            .block_on(async { tokio::time::timeout(limit, tasks.next()).await })
+            .expect("a task in time")
+            .expect("the task stream is open")
+            .expect("a task, not an error")
+    }
+
+    /// Accepts an offer, claiming `train_examples` rows.
+    pub fn accept(&mut self, job_id: &str, offer: &proto::pb::JobOffer, train_examples: u64) {
+        self.rt
+            .block_on(self.client.answer_offer(proto::pb::OfferAnswer {
+                job_id: job_id.to_string(),
+                spec_hash: offer.spec_hash.clone(),
+                accept: true,
+                train_examples,
+                ..Default::default()
+            }))
+            .unwrap();
+    }
+
+    /// Sends an update of `values` for `round` of `job_id`, weighted as
+    /// `num_examples`, with a ledger entry that matches it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(
+        &mut self,
+        site: &str,
+        job_id: &str,
+        spec_hash: &str,
+        round: u32,
+        layout: &str,
+        num_examples: u64,
+        values: &[f32],
+    ) -> proto::pb::PushUpdateResponse {
+        use proto::pb;
+        let header = pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+                job_id: job_id.to_string(),
+                round,
+                layout_hash: layout.to_string(),
+                num_params: values.len() as u64,
+                num_examples,
+                metrics: Default::default(),
+                ledger_entry: Some(pb::LedgerEntry {
+                    seq: u64::from(round),
+                    site: site.to_string(),
+                    job_id: job_id.to_string(),
+                    round,
+                    spec_hash: spec_hash.to_string(),
+                    ..Default::default()
+                }),
+            })),
+        };
+        let mut messages = vec![header];
+        messages.extend(
+            proto::tensor::encode_chunks(values).map(|c| pb::UpdateChunk {
+                part: Some(pb::update_chunk::Part::Data(c)),
+            }),
+        );
+        self.rt
+            .block_on(self.client.push_update(tokio_stream::iter(messages)))
+            .unwrap()
+            .into_inner()
+    }
 }

@@ -1,0 +1,68 @@
+//! Update validation as the coordinator runs it (`coordinator::admission`),
+//! fed arbitrary bytes decoded as length-delimited `UpdateChunk` protobuf
+//! messages: malformed protobuf, headers and data in any order, any values.
+//! An admitted update always has the job's length, only finite values and a
+//! norm within the job's bound.
+
+#![no_main]
+
+use coordinator::admission::{Expected, UpdateReceiver, check_header};
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use proto::pb;
+
+const BOUND: f64 = 10.0;
+
+fuzz_target!(|data: &[u8]| {
+    let expected = Expected {
+        job_id: "job-1",
+        state: "running",
+        running: true,
+        current_round: 2,
+        layout_hash: "ab",
+        num_params: 6,
+        spec_hash: "s",
+        max_update_norm: Some(BOUND),
+        declared_examples: 40,
+    };
+    let mut buf = data;
+    let mut messages = Vec::new();
+    while !buf.is_empty() {
+        match pb::UpdateChunk::decode_length_delimited(&mut buf) {
+            Ok(m) => messages.push(m),
+            // Malformed protobuf: tonic refuses the call before admission sees it.
+            Err(_) => return,
+        }
+    }
+    let mut messages = messages.into_iter();
+    let Some(pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(header)),
+    }) = messages.next()
+    else {
+        return;
+    };
+    if check_header(&expected, "hospital-a", &header).is_err() {
+        return;
+    }
+    assert_eq!(header.round, 2);
+    assert_eq!(header.num_params, 6);
+    assert_eq!(header.num_examples, 40);
+    assert!(header.ledger_entry.as_ref().is_some_and(|e| e.site == "hospital-a"));
+    let mut receiver = UpdateReceiver::new(&expected);
+    for message in messages {
+        match message.part {
+            Some(pb::update_chunk::Part::Data(d)) => {
+                if receiver.push(&d).is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+    if let Ok(values) = receiver.finish() {
+        assert_eq!(values.len(), 6);
+        assert!(values.iter().all(|v| v.is_finite()));
+        let norm = values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        assert!(norm <= BOUND, "admitted an update of norm {norm}");
+    }
+});
