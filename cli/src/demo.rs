@@ -61,10 +61,10 @@ struct Dataset {
 }
 
 /// Keeps the child processes and stops them when dropped.
-struct Children(Vec<(String, Child)>);
+pub(crate) struct Children(pub(crate) Vec<(String, Child)>);
 
 impl Children {
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         for (_, child) in &mut self.0 {
             if let Some(pid) = child.id() {
                 // SIGTERM first: the daemons drain and exit.
@@ -81,7 +81,7 @@ impl Children {
     }
 }
 
-fn spawn(exe: &Path, args: &[&str], log: &Path, name: &str) -> Result<Child> {
+pub(crate) fn spawn(exe: &Path, args: &[&str], log: &Path, name: &str) -> Result<Child> {
     let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
@@ -314,11 +314,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     outcome
 }
 
-fn path_str(p: &Path) -> Result<&str> {
+pub(crate) fn path_str(p: &Path) -> Result<&str> {
     p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
-async fn wait_for_file(path: &Path, limit: Duration, children: &mut Children) -> Result<String> {
+pub(crate) async fn wait_for_file(path: &Path, limit: Duration, children: &mut Children) -> Result<String> {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(s) = std::fs::read_to_string(path)

@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod provision;
 mod safetensors;
+mod sim;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,8 @@ impl ClientArgs {
 enum Command {
     /// Run a coordinator and three hospital workers on this machine with a real dataset and DP training.
     Demo(demo::DemoArgs),
+    /// Run a job through a real coordinator with many simulated hospitals (no training) and report round times and memory.
+    Sim(sim::SimArgs),
     /// Run the coordinator daemon.
     Coordinator {
         /// Path of coordinator.toml.
@@ -361,6 +364,7 @@ fn shutdown_on_signals() -> CancellationToken {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Sim(args) => sim::run(args).await,
         Command::Coordinator { config, ready_file } => {
             init_logging();
             let config = coordinator::CoordinatorConfig::load(&config)?;

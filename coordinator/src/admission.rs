@@ -10,7 +10,7 @@
 //! service records it in the audit log and the round goes on.
 
 use proto::pb;
-use proto::tensor::ChunkAssembler;
+use proto::tensor::ChunkValidator;
 
 /// What the job expects of an update arriving now.
 #[derive(Clone, Debug)]
@@ -81,11 +81,12 @@ pub fn check_header(
     Ok(())
 }
 
-/// Reassembles an update's values chunk by chunk, then checks the whole
-/// vector against the job's norm bound.
+/// Checks an update's values chunk by chunk as they stream past (the
+/// service writes each accepted chunk straight to disk), then the whole
+/// vector's length and norm bound.
 #[derive(Debug)]
 pub struct UpdateReceiver {
-    assembler: ChunkAssembler,
+    validator: ChunkValidator,
     max_update_norm: Option<f64>,
 }
 
@@ -94,38 +95,33 @@ impl UpdateReceiver {
     pub fn new(expected: &Expected<'_>) -> Self {
         UpdateReceiver {
             // The header was checked against the job, so this is the job's own size.
-            assembler: ChunkAssembler::new(expected.num_params as usize),
+            validator: ChunkValidator::new(expected.num_params as usize),
             max_update_norm: expected.max_update_norm,
         }
     }
 
-    /// Takes the next chunk of data.
+    /// Checks the next chunk of data.
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
-        self.assembler
-            .push(chunk)
+        self.validator
+            .check(chunk)
             .map_err(|e| format!("malformed update: {e}"))
     }
 
-    /// The complete update: every value present and finite, and within the
-    /// norm bound.
-    pub fn finish(self) -> Result<Vec<f32>, String> {
-        let values = self
-            .assembler
+    /// Confirms the update is complete (every value present; each was
+    /// finite) and within the norm bound.
+    pub fn finish(self) -> Result<(), String> {
+        self.validator
             .finish()
             .map_err(|e| format!("malformed update: {e}"))?;
         if let Some(bound) = self.max_update_norm {
-            let norm = values
-                .iter()
-                .map(|v| f64::from(*v).powi(2))
-                .sum::<f64>()
-                .sqrt();
+            let norm = self.validator.norm();
             if norm > bound {
                 return Err(format!(
                     "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
                 ));
             }
         }
-        Ok(values)
+        Ok(())
     }
 }
 
@@ -175,11 +171,15 @@ mod tests {
         let mut receiver = UpdateReceiver::new(&expected());
         receiver.push(&bytes(&[0.5, -0.5])).unwrap();
         receiver.push(&bytes(&[0.5, 1.0])).unwrap();
-        assert_eq!(receiver.finish(), Ok(vec![0.5, -0.5, 0.5, 1.0]));
+        assert_eq!(receiver.finish(), Ok(()));
     }
 
     /// A named way to spoil a header, and the reason it must be refused with.
-    type Spoiled = (&'static str, Box<dyn Fn(&mut pb::UpdateHeader)>, &'static str);
+    type Spoiled = (
+        &'static str,
+        Box<dyn Fn(&mut pb::UpdateHeader)>,
+        &'static str,
+    );
 
     #[test]
     fn each_header_fault_has_its_reason() {

@@ -18,8 +18,16 @@ struct RawConfig {
     /// Seconds without a heartbeat after which a site counts as offline.
     #[serde(default = "default_idle")]
     idle_timeout_secs: u64,
+    /// HTTP/2 receive window per update stream, in KiB: what one site may
+    /// have in flight to the coordinator before it is read.
+    #[serde(default = "default_window")]
+    receive_window_kib: u32,
     #[serde(default)]
     revocation: RawRevocation,
+}
+
+fn default_window() -> u32 {
+    1024
 }
 
 /// Certificates refused even though the CA signed them. The coordinator
@@ -66,6 +74,10 @@ pub struct CoordinatorConfig {
     pub tls_key: PathBuf,
     /// Seconds of silence before a site is offline.
     pub idle_timeout_secs: u64,
+    /// HTTP/2 receive window per stream and connection, in bytes. Larger
+    /// windows move updates faster over long links; smaller ones bound the
+    /// memory a burst of many sites' uploads can occupy.
+    pub receive_window_bytes: u32,
     /// Names whose certificates are refused.
     pub revoked_names: Vec<String>,
     /// Certificate fingerprints (lowercase hex SHA-256 of the DER) refused.
@@ -96,6 +108,9 @@ impl CoordinatorConfig {
         if raw.idle_timeout_secs == 0 {
             problems.push("idle_timeout_secs: must be at least 1".to_string());
         }
+        if !(16..=65_536).contains(&raw.receive_window_kib) {
+            problems.push(format!("receive_window_kib: must be in 16..=65536, got {}", raw.receive_window_kib));
+        }
         let config = CoordinatorConfig {
             listen,
             data_dir: resolve(&raw.data_dir),
@@ -103,6 +118,7 @@ impl CoordinatorConfig {
             tls_cert: resolve(&raw.tls.cert),
             tls_key: resolve(&raw.tls.key),
             idle_timeout_secs: raw.idle_timeout_secs,
+            receive_window_bytes: raw.receive_window_kib.clamp(16, 65_536) * 1024,
             revoked_names: raw.revocation.names,
             revoked_fingerprints: raw.revocation.fingerprints.iter().map(|f| f.to_lowercase().replace(':', "")).collect(),
             source: path.to_path_buf(),

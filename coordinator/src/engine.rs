@@ -40,7 +40,13 @@ pub struct Coordinator {
     pub audit: proto::audit::AuditLog,
     /// Update streams in progress, so a round waits for uploads still moving.
     pub transfers: crate::transfers::Transfers,
+    /// Slots for reading updates: [`RECEIVING_AT_ONCE`] at a time.
+    pub receiving: tokio::sync::Semaphore,
 }
+
+/// Updates read at once; the rest wait in HTTP/2 flow control. Each holds
+/// one chunk (≤ 1 MiB) in memory while it streams to disk.
+pub const RECEIVING_AT_ONCE: usize = 16;
 
 /// Why the coordinator could not carry out an operation.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +149,12 @@ impl Coordinator {
             };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                _ = changes.changed() => {}
+                _ = changes.changed() => {
+                    // Let a burst of changes (many sites' updates) settle: one
+                    // step after it, not one per change.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    changes.borrow_and_update();
+                }
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
             }
         }

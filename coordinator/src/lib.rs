@@ -85,14 +85,19 @@ pub async fn run(
         tasks: TaskTracker::new(),
         audit,
         transfers: transfers::Transfers::default(),
+        receiving: tokio::sync::Semaphore::new(engine::RECEIVING_AT_ONCE),
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {
         inner: Arc::clone(&coordinator),
         revocations: Arc::new(revocation::Revocations::new(&config)),
+        board: Arc::default(),
+        models: Arc::default(),
     };
     info!(addr = ?listener.local_addr().ok(), "coordinator listening");
     tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(config.receive_window_bytes))
+        .initial_connection_window_size(Some(config.receive_window_bytes))
         .tls_config(identity.server_tls())?
         .add_service(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())

@@ -2,11 +2,12 @@
 //! validation, and the mapping of every error to a `tonic::Status` (this is
 //! the one place that happens).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::Stream;
 use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
@@ -32,7 +33,20 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct Services {
     pub(crate) inner: Arc<Coordinator>,
     pub(crate) revocations: Arc<Revocations>,
+    pub(crate) board: Arc<TaskBoard>,
+    pub(crate) models: Arc<ModelCache>,
 }
+
+/// Every site's outstanding tasks as of one change: built by the first task
+/// stream that wakes after the change and read by all the others, so a
+/// change costs one pass over the jobs however many sites are connected.
+#[derive(Default)]
+pub struct TaskBoard {
+    built: std::sync::Mutex<Option<(u64, Arc<SiteTasks>)>>,
+}
+
+/// Site → (task key, task) it still owes.
+type SiteTasks = HashMap<String, Vec<(String, pb::Task)>>;
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
@@ -65,20 +79,36 @@ fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
         .map_err(|e| Status::internal(format!("client-level accountant: {e}")))
 }
 
-/// Waits for the next committed change, or 5 s so deadlines are re-read;
-/// false when the coordinator shuts down or the client went away.
+/// Waits for the next committed change (and [`COALESCE`] more), or 5 s so
+/// deadlines are re-read; false when the coordinator shuts down or the
+/// client went away.
 async fn next_change<T>(
     changes: &mut tokio::sync::watch::Receiver<u64>,
     shutdown: &tokio_util::sync::CancellationToken,
     tx: &mpsc::Sender<T>,
 ) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tx.closed() => false,
-        _ = changes.changed() => true,
+    let changed = tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tx.closed() => return false,
+        r = changes.changed() => {
+            if r.is_err() {
+                return false;
+            }
+            true
+        }
         _ = tokio::time::sleep(Duration::from_secs(5)) => true,
+    };
+    if changed {
+        // Changes come in bursts (a thousand sites' updates); one look after
+        // the burst settles costs a stream far less than one per change.
+        tokio::time::sleep(COALESCE).await;
+        changes.borrow_and_update();
     }
+    true
 }
+
+/// How long a stream lets further changes gather before it looks.
+const COALESCE: Duration = Duration::from_millis(20);
 
 /// Who is calling, from the verified client certificate, if their role may call `rpc`.
 fn authorize<T>(
@@ -110,9 +140,16 @@ const HOSPITAL: &[Role] = &[Role::Hospital];
 const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
 const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin];
 
-fn stream_model(values: Vec<f32>, header: pb::ModelHeader) -> BoxStream<pb::ModelChunk> {
-    let (tx, rx) = mpsc::channel(4);
+fn stream_model(
+    chunks: Arc<Vec<Bytes>>,
+    header: pb::ModelHeader,
+    slots: Arc<tokio::sync::Semaphore>,
+) -> BoxStream<pb::ModelChunk> {
+    let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
+        // gRPC encodes each message into a buffer of its own: bounding the
+        // transfers served at once bounds those copies (the rest queue).
+        let Ok(_slot) = slots.acquire_owned().await else { return };
         if tx
             .send(Ok(pb::ModelChunk {
                 part: Some(pb::model_chunk::Part::Header(header)),
@@ -122,10 +159,12 @@ fn stream_model(values: Vec<f32>, header: pb::ModelHeader) -> BoxStream<pb::Mode
         {
             return;
         }
-        for chunk in encode_chunks(&values) {
+        // Each chunk is a reference-counted view of the cached model: a
+        // thousand sites pulling at once share one copy.
+        for chunk in chunks.iter() {
             if tx
                 .send(Ok(pb::ModelChunk {
-                    part: Some(pb::model_chunk::Part::Data(chunk)),
+                    part: Some(pb::model_chunk::Part::Data(chunk.clone())),
                 }))
                 .await
                 .is_err()
@@ -135,6 +174,47 @@ fn stream_model(values: Vec<f32>, header: pb::ModelHeader) -> BoxStream<pb::Mode
         }
     });
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// The model most recently pulled, encoded as chunks, so that every site
+/// pulling it in a round shares one copy: memory O(d), not O(sites · d);
+/// and the slots bounding how many model transfers are served at once.
+pub struct ModelCache {
+    latest: std::sync::Mutex<Option<CachedModel>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A job's id, a round, and its model as chunks ready to send.
+type CachedModel = (String, u32, Arc<Vec<Bytes>>);
+
+/// Model transfers served at once; each holds about one encoded chunk.
+const SERVING_AT_ONCE: usize = 32;
+
+impl Default for ModelCache {
+    fn default() -> Self {
+        ModelCache {
+            latest: std::sync::Mutex::new(None),
+            slots: Arc::new(tokio::sync::Semaphore::new(SERVING_AT_ONCE)),
+        }
+    }
+}
+
+impl ModelCache {
+    /// The chunks of `job_id`'s model after `round`, read from `path` on a miss.
+    fn get(&self, job_id: &str, round: u32, path: &std::path::Path) -> Result<Arc<Vec<Bytes>>, Status> {
+        // Held while reading, so concurrent pulls of a new model read it once.
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((job, r, chunks)) = &*latest
+            && job == job_id
+            && *r == round
+        {
+            return Ok(Arc::clone(chunks));
+        }
+        let values = checkpoint::read(path).map_err(|e| Status::internal(e.to_string()))?;
+        let chunks: Arc<Vec<Bytes>> = Arc::new(encode_chunks(&values).collect());
+        *latest = Some((job_id.to_string(), round, Arc::clone(&chunks)));
+        Ok(chunks)
+    }
 }
 
 impl Services {
@@ -159,7 +239,12 @@ impl Services {
     pub(crate) fn job_status(&self, job: &JobRow) -> Result<pb::JobStatus, Status> {
         let store = &self.inner.store;
         let sites = store.job_sites(&job.id)?;
-        let ledger = store.ledger("", &job.spec.dataset)?;
+        // ε spent by each site on this job: the largest cumulative ε of its entries.
+        let mut spent: HashMap<String, f64> = HashMap::new();
+        for e in store.ledger("", &job.spec.dataset)?.into_iter().filter(|e| e.job_id == job.id) {
+            let max = spent.entry(e.site).or_insert(0.0);
+            *max = max.max(e.epsilon_job);
+        }
         let evals = store.evaluations(&job.id)?;
         let mut rounds = Vec::new();
         let eval_for = |round: u32| {
@@ -224,11 +309,7 @@ impl Services {
             sites: sites
                 .into_iter()
                 .map(|s| pb::SiteStatus {
-                    spent_epsilon: ledger
-                        .iter()
-                        .filter(|e| e.job_id == job.id && e.site == s.site)
-                        .map(|e| e.epsilon_job)
-                        .fold(0.0, f64::max),
+                    spent_epsilon: spent.get(&s.site).copied().unwrap_or(0.0),
                     site: s.site,
                     state: s.state,
                     reason: s.reason,
@@ -680,6 +761,18 @@ impl pb::worker_service_server::WorkerService for Services {
         req: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
+        // At most RECEIVING_AT_ONCE updates are read at a time; the others are
+        // not read at all until a slot frees, so HTTP/2 flow control holds
+        // each to one window, however many sites send at once. A site queued
+        // here counts as a transfer in progress for every job.
+        let queued = self.inner.transfers.start("", &who.name);
+        let _slot = self
+            .inner
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        drop(queued);
         let mut stream = req.into_inner();
         let first = stream
             .next()
@@ -724,42 +817,52 @@ impl pb::worker_service_server::WorkerService for Services {
         // A transfer that keeps making progress is waited for past the round's
         // deadline; one silent for the idle timeout is dropped.
         let _transfer = self.inner.transfers.start(&job.id, &who.name);
-        let idle = Duration::from_secs(self.inner.idle_timeout_secs);
-        let mut receiver = UpdateReceiver::new(&expected);
-        loop {
-            let chunk = match tokio::time::timeout(idle, stream.next()).await {
-                Ok(Some(chunk)) => chunk?,
-                Ok(None) => break,
-                Err(_) => {
-                    return reject(format!(
-                        "the update stream was silent for more than the idle timeout of {} s; the transfer was dropped",
-                        self.inner.idle_timeout_secs
-                    ));
-                }
-            };
-            match chunk.part {
-                Some(pb::update_chunk::Part::Data(data)) => {
-                    if let Err(reason) = receiver.push(&data) {
-                        return reject(reason);
-                    }
-                    self.inner.transfers.progress(&job.id, &who.name);
-                    failpoint::hit("update.receive");
-                }
-                _ => return reject("a second header inside the update stream".to_string()),
-            }
-        }
-        let values = match receiver.finish() {
-            Ok(v) => v,
-            Err(reason) => return reject(reason),
-        };
         let path = self.inner.job_dir(&job.id).join("updates").join(format!(
             "r{:04}-{}-{:08x}.bin",
             header.round,
             who.name,
             rand::random::<u32>()
         ));
-        checkpoint::write_atomic_marked(&path, &values, "update.rename")
+        // Chunks go straight to disk as they are checked: one chunk in memory per transfer.
+        let mut file = checkpoint::CheckpointWriter::create(&path, job.num_params)
             .map_err(|e| Status::internal(e.to_string()))?;
+        let idle = Duration::from_secs(self.inner.idle_timeout_secs);
+        let mut receiver = UpdateReceiver::new(&expected);
+        let received: Result<Result<(), String>, Status> = async {
+            loop {
+                let chunk = match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(Some(chunk)) => chunk?,
+                    Ok(None) => return Ok(receiver.finish()),
+                    Err(_) => {
+                        return Ok(Err(format!(
+                            "the update stream was silent for more than the idle timeout of {} s; the transfer was dropped",
+                            self.inner.idle_timeout_secs
+                        )));
+                    }
+                };
+                let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
+                    return Ok(Err("a second header inside the update stream".to_string()));
+                };
+                if let Err(reason) = receiver.push(&data) {
+                    return Ok(Err(reason));
+                }
+                file.write_le_bytes(&data).map_err(|e| Status::internal(e.to_string()))?;
+                self.inner.transfers.progress(&job.id, &who.name);
+                failpoint::hit("update.receive");
+            }
+        }
+        .await;
+        match received {
+            Ok(Ok(())) => file.commit("update.rename").map_err(|e| Status::internal(e.to_string()))?,
+            Ok(Err(reason)) => {
+                file.abandon();
+                return reject(reason);
+            }
+            Err(status) => {
+                file.abandon();
+                return Err(status);
+            }
+        }
         // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
         self.inner
             .store
@@ -864,15 +967,14 @@ impl Services {
                 job.id
             )));
         }
-        let values = checkpoint::read(&self.inner.model_path(&job.id, round))
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let chunks = self.models.get(&job.id, round, &self.inner.model_path(&job.id, round))?;
         let header = pb::ModelHeader {
             job_id: job.id.clone(),
             round,
             layout_hash: job.layout_hash.clone(),
-            num_params: values.len() as u64,
+            num_params: chunks.iter().map(|c| c.len() as u64 / 4).sum(),
         };
-        Ok(stream_model(values, header))
+        Ok(stream_model(chunks, header, Arc::clone(&self.models.slots)))
     }
 
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {
@@ -886,75 +988,86 @@ impl Services {
         }
     }
 
-    /// Tasks a site still owes, keyed so a stream sends each once.
+    /// Tasks a site still owes, keyed so a stream sends each once, read from
+    /// the board of the current change (built here if no stream has yet).
     fn outstanding_tasks(&self, site: &str) -> Result<Vec<(String, pb::Task)>, Status> {
+        let version = *self.inner.changes.borrow();
+        // Held while building, so the other streams wait for this board rather than build their own.
+        let mut built = self.board.built.lock().unwrap_or_else(|e| e.into_inner());
+        let board = match &*built {
+            Some((v, board)) if *v == version => Arc::clone(board),
+            _ => {
+                let board = Arc::new(self.build_task_board()?);
+                *built = Some((version, Arc::clone(&board)));
+                board
+            }
+        };
+        Ok(board.get(site).cloned().unwrap_or_default())
+    }
+
+    /// Every site's outstanding tasks: one pass over the live jobs, reading
+    /// each job's sites, updates and evaluations once.
+    fn build_task_board(&self) -> Result<SiteTasks, Status> {
         let store = &self.inner.store;
-        let mut out = Vec::new();
+        let mut board = SiteTasks::new();
         for job in store.jobs()? {
             if job.state.is_terminal() {
                 continue;
             }
-            let Some(me) = store
-                .job_sites(&job.id)?
-                .into_iter()
-                .find(|s| s.site == site)
-            else {
-                continue;
-            };
+            let sites = store.job_sites(&job.id)?;
             match job.state {
-                JobState::Offering if me.state == "offered" => out.push((
-                    format!("{}/offer", job.id),
-                    pb::Task {
+                JobState::Offering => {
+                    let offer = pb::Task {
                         job_id: job.id.clone(),
                         kind: Some(pb::task::Kind::Offer(pb::JobOffer {
                             spec_json: job.spec.canonical_json(),
                             spec_hash: job.spec_hash.clone(),
                         })),
-                    },
-                )),
-                JobState::Running if me.state == "accepted" => {
-                    let done = store
-                        .updates(&job.id, job.current_round)?
-                        .iter()
-                        .any(|u| u.site == site);
-                    if !done {
-                        out.push((
-                            format!("{}/train/{}", job.id, job.current_round),
-                            pb::Task {
-                                job_id: job.id.clone(),
-                                kind: Some(pb::task::Kind::Train(pb::TrainTask {
-                                    round: job.current_round,
-                                    layout_hash: job.layout_hash.clone(),
-                                    num_params: job.num_params,
-                                    deadline_secs: ((job.deadline_ms - now_ms()).max(0) / 1000)
-                                        as u64,
-                                })),
-                            },
-                        ));
+                    };
+                    for s in sites.iter().filter(|s| s.state == "offered") {
+                        board.entry(s.site.clone()).or_default().push((format!("{}/offer", job.id), offer.clone()));
                     }
                 }
-                JobState::Evaluating if me.state == "accepted" => {
-                    let done = store
+                JobState::Running => {
+                    let done: HashSet<String> =
+                        store.updates(&job.id, job.current_round)?.into_iter().map(|u| u.site).collect();
+                    let train = pb::Task {
+                        job_id: job.id.clone(),
+                        kind: Some(pb::task::Kind::Train(pb::TrainTask {
+                            round: job.current_round,
+                            layout_hash: job.layout_hash.clone(),
+                            num_params: job.num_params,
+                            deadline_secs: ((job.deadline_ms - now_ms()).max(0) / 1000) as u64,
+                        })),
+                    };
+                    let key = format!("{}/train/{}", job.id, job.current_round);
+                    for s in sites.iter().filter(|s| s.state == "accepted" && !done.contains(&s.site)) {
+                        board.entry(s.site.clone()).or_default().push((key.clone(), train.clone()));
+                    }
+                }
+                JobState::Evaluating => {
+                    let done: HashSet<String> = store
                         .evaluations(&job.id)?
-                        .iter()
-                        .any(|e| e.site == site && e.round == job.current_round);
-                    if !done {
-                        out.push((
-                            format!("{}/evaluate/{}", job.id, job.current_round),
-                            pb::Task {
-                                job_id: job.id.clone(),
-                                kind: Some(pb::task::Kind::Evaluate(pb::EvaluateTask {
-                                    round: job.current_round,
-                                    layout_hash: job.layout_hash.clone(),
-                                    num_params: job.num_params,
-                                })),
-                            },
-                        ));
+                        .into_iter()
+                        .filter(|e| e.round == job.current_round)
+                        .map(|e| e.site)
+                        .collect();
+                    let evaluate = pb::Task {
+                        job_id: job.id.clone(),
+                        kind: Some(pb::task::Kind::Evaluate(pb::EvaluateTask {
+                            round: job.current_round,
+                            layout_hash: job.layout_hash.clone(),
+                            num_params: job.num_params,
+                        })),
+                    };
+                    let key = format!("{}/evaluate/{}", job.id, job.current_round);
+                    for s in sites.iter().filter(|s| s.state == "accepted" && !done.contains(&s.site)) {
+                        board.entry(s.site.clone()).or_default().push((key.clone(), evaluate.clone()));
                     }
                 }
                 _ => {}
             }
         }
-        Ok(out)
+        Ok(board)
     }
 }

@@ -47,11 +47,13 @@ impl Transfers {
         }
     }
 
-    /// The sites sending an update for `job_id` that made progress at or after `since_ms`.
+    /// The sites sending an update for `job_id` that made progress at or
+    /// after `since_ms`; a transfer started for job `""` (queued before its
+    /// header was read) counts for every job.
     pub fn moving(&self, job_id: &str, since_ms: i64) -> Vec<String> {
         self.map()
             .iter()
-            .filter(|((job, _), at)| job == job_id && **at >= since_ms)
+            .filter(|((job, _), at)| (job == job_id || job.is_empty()) && **at >= since_ms)
             .map(|((_, site), _)| site.clone())
             .collect()
     }

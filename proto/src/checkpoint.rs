@@ -48,39 +48,81 @@ pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> 
 /// [`write_atomic`], naming the [`crate::failpoint`] between the write and
 /// the rename `failpoint`, so a fault-injection test can crash the process
 /// while one kind of file (a model, an update) is half written.
-pub fn write_atomic_marked(
-    path: &Path,
-    values: &[f32],
-    failpoint: &str,
-) -> Result<(), CheckpointError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = path.with_extension("tmp");
-    {
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        w.write_all(MAGIC).map_err(io_err(&tmp))?;
-        w.write_all(&(values.len() as u64).to_le_bytes())
-            .map_err(io_err(&tmp))?;
-        for chunk in values.chunks(1 << 16) {
-            let mut buf = Vec::with_capacity(chunk.len() * 4);
-            for v in chunk {
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-            w.write_all(&buf).map_err(io_err(&tmp))?;
+pub fn write_atomic_marked(path: &Path, values: &[f32], failpoint: &str) -> Result<(), CheckpointError> {
+    let mut writer = CheckpointWriter::create(path, values.len() as u64)?;
+    for chunk in values.chunks(1 << 16) {
+        let mut buf = Vec::with_capacity(chunk.len() * 4);
+        for v in chunk {
+            buf.extend_from_slice(&v.to_le_bytes());
         }
-        let file = w.into_inner().map_err(|e| CheckpointError::Io {
+        writer.write_le_bytes(&buf)?;
+    }
+    writer.commit(failpoint)
+}
+
+/// A parameter file written piece by piece as its values arrive (an update
+/// streaming in), then committed atomically: until [`CheckpointWriter::commit`]
+/// the data sits in a temporary file that a crash leaves behind unreferenced.
+pub struct CheckpointWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    announced: u64,
+    written: u64,
+}
+
+impl CheckpointWriter {
+    /// Starts the file for `path` (in a temporary file beside it), announcing `len` values.
+    pub fn create(path: &Path, len: u64) -> Result<CheckpointWriter, CheckpointError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = path.with_extension("tmp");
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(MAGIC).map_err(io_err(&tmp))?;
+        out.write_all(&len.to_le_bytes()).map_err(io_err(&tmp))?;
+        Ok(CheckpointWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out,
+            announced: len,
+            written: 0,
+        })
+    }
+
+    /// Appends values given as little-endian `f32` bytes (a whole number of values).
+    pub fn write_le_bytes(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        self.written += bytes.len() as u64 / 4;
+        self.out.write_all(bytes).map_err(io_err(&self.tmp))
+    }
+
+    /// Fsyncs the file, renames it into place and fsyncs the directory;
+    /// refuses a file whose value count differs from the one announced.
+    pub fn commit(self, failpoint: &str) -> Result<(), CheckpointError> {
+        if self.written != self.announced {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(CheckpointError::Corrupt {
+                path: self.path,
+                detail: format!("{} values written, {} announced", self.written, self.announced),
+            });
+        }
+        let tmp = self.tmp;
+        let file = self.out.into_inner().map_err(|e| CheckpointError::Io {
             path: tmp.clone(),
             source: e.into_error(),
         })?;
         file.sync_all().map_err(io_err(&tmp))?;
+        crate::failpoint::hit(failpoint);
+        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        Ok(())
     }
-    crate::failpoint::hit(failpoint);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    Ok(())
+
+    /// Abandons the file: the temporary file is removed.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
 }
 
 /// Reads a file written by [`write_atomic`], checking its length.
@@ -138,5 +180,29 @@ mod tests {
             err.ends_with("holds 11 bytes of values, its header announces 12"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_streamed_file_commits_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.bin");
+        let bytes = |values: &[f32]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let mut w = CheckpointWriter::create(&path, 3).unwrap();
+        w.write_le_bytes(&bytes(&[1.0, 2.0])).unwrap();
+        w.write_le_bytes(&bytes(&[3.0])).unwrap();
+        w.commit("test").unwrap();
+        assert_eq!(read(&path).unwrap(), vec![1.0, 2.0, 3.0]);
+        // Fewer values than announced: refused, nothing left behind.
+        let short = dir.path().join("short.bin");
+        let mut w = CheckpointWriter::create(&short, 3).unwrap();
+        w.write_le_bytes(&bytes(&[1.0])).unwrap();
+        assert!(w.commit("test").unwrap_err().to_string().ends_with("1 values written, 3 announced"));
+        assert!(!short.exists() && !short.with_extension("tmp").exists());
+        // Abandoned: the temporary file is gone and the target never appears.
+        let dropped = dir.path().join("dropped.bin");
+        let w = CheckpointWriter::create(&dropped, 1).unwrap();
+        assert!(dropped.with_extension("tmp").exists());
+        w.abandon();
+        assert!(!dropped.exists() && !dropped.with_extension("tmp").exists());
     }
 }

@@ -72,27 +72,32 @@ pub enum ChunkError {
     },
 }
 
-/// Reassembles a vector of a known length from chunks, checking each one.
+/// Checks a chunked vector of a known length as it streams past, without
+/// keeping it: sizes, alignment, the announced length and finiteness, plus
+/// the running sum of squares (for norm bounds). A receiver that writes
+/// chunks straight to disk holds one chunk at a time, not the vector.
 #[derive(Debug)]
-pub struct ChunkAssembler {
-    values: Vec<f32>,
+pub struct ChunkValidator {
     expected: usize,
+    received: usize,
     chunks: usize,
+    sum_of_squares: f64,
 }
 
-impl ChunkAssembler {
-    /// Prepares to receive `expected` values.
+impl ChunkValidator {
+    /// Prepares to check `expected` values.
     pub fn new(expected: usize) -> Self {
-        ChunkAssembler {
-            values: Vec::with_capacity(expected),
+        ChunkValidator {
             expected,
+            received: 0,
             chunks: 0,
+            sum_of_squares: 0.0,
         }
     }
 
-    /// Appends one chunk; rejects oversized, misaligned, surplus and
+    /// Checks one chunk; rejects oversized, misaligned, surplus and
     /// non-finite data.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<(), ChunkError> {
+    pub fn check(&mut self, chunk: &[u8]) -> Result<(), ChunkError> {
         let index = self.chunks;
         self.chunks += 1;
         if chunk.len() > MAX_CHUNK_BYTES {
@@ -107,32 +112,77 @@ impl ChunkAssembler {
                 bytes: chunk.len(),
             });
         }
-        if self.values.len() + chunk.len() / 4 > self.expected {
+        if self.received + chunk.len() / 4 > self.expected {
             return Err(ChunkError::TooLong {
                 expected: self.expected,
             });
         }
-        for word in chunk.chunks_exact(4) {
+        let mut sum = 0.0f64;
+        for (i, word) in chunk.chunks_exact(4).enumerate() {
             let value = f32::from_le_bytes([word[0], word[1], word[2], word[3]]);
             if !value.is_finite() {
                 return Err(ChunkError::NotFinite {
-                    index: self.values.len(),
+                    index: self.received + i,
                     value,
                 });
             }
-            self.values.push(value);
+            sum += f64::from(value) * f64::from(value);
         }
+        self.received += chunk.len() / 4;
+        self.sum_of_squares += sum;
+        Ok(())
+    }
+
+    /// The L2 norm of the values checked so far.
+    pub fn norm(&self) -> f64 {
+        self.sum_of_squares.sqrt()
+    }
+
+    /// Confirms every announced value arrived.
+    pub fn finish(&self) -> Result<(), ChunkError> {
+        if self.received != self.expected {
+            return Err(ChunkError::Truncated {
+                received: self.received,
+                expected: self.expected,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reassembles a vector of a known length from chunks, checking each one
+/// with a [`ChunkValidator`].
+#[derive(Debug)]
+pub struct ChunkAssembler {
+    values: Vec<f32>,
+    validator: ChunkValidator,
+}
+
+impl ChunkAssembler {
+    /// Prepares to receive `expected` values.
+    pub fn new(expected: usize) -> Self {
+        ChunkAssembler {
+            // Capped: a hostile header must not make us reserve gigabytes up front.
+            values: Vec::with_capacity(expected.min(1 << 26)),
+            validator: ChunkValidator::new(expected),
+        }
+    }
+
+    /// Appends one chunk; rejects oversized, misaligned, surplus and
+    /// non-finite data.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), ChunkError> {
+        self.validator.check(chunk)?;
+        self.values.extend(
+            chunk
+                .chunks_exact(4)
+                .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+        );
         Ok(())
     }
 
     /// The complete vector, or an error if values are missing.
     pub fn finish(self) -> Result<Vec<f32>, ChunkError> {
-        if self.values.len() != self.expected {
-            return Err(ChunkError::Truncated {
-                received: self.values.len(),
-                expected: self.expected,
-            });
-        }
+        self.validator.finish()?;
         Ok(self.values)
     }
 }

@@ -9,6 +9,7 @@ mod hostile;
 mod privacy_cli;
 mod robust;
 mod security;
+mod sim;
 mod specs;
 mod tidy;
 mod util;

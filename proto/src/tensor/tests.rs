@@ -43,3 +43,18 @@ fn rejects_bad_streams() {
         })
     );
 }
+
+#[test]
+fn the_validator_keeps_nothing_but_the_norm() {
+    let mut v = ChunkValidator::new(3);
+    v.check(&[3.0f32, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    assert!(v.finish().is_err());
+    v.check(&4.0f32.to_le_bytes()).unwrap();
+    assert_eq!(v.finish(), Ok(()));
+    assert_eq!(v.norm(), 5.0);
+    // A value past a NaN is never counted: the error names the NaN's index in the vector.
+    let mut v = ChunkValidator::new(4);
+    v.check(&1.0f32.to_le_bytes()).unwrap();
+    let err = v.check(&[2.0f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap_err();
+    assert!(matches!(err, ChunkError::NotFinite { index: 2, .. }), "{err:?}");
+}

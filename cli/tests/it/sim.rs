@@ -1,0 +1,40 @@
+//! `meridian sim`: a job through the real coordinator daemon with simulated
+//! hospitals completes, every update accepted, and reports its measurements.
+
+use crate::util::run;
+
+#[test]
+fn a_simulated_federation_completes_and_reports_its_rounds_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("sim");
+    let out = run(&[
+        "sim",
+        "--sites",
+        "12",
+        "--rounds",
+        "3",
+        "--params",
+        "5000",
+        "--json",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sites"], 12);
+    assert_eq!(report["refused_updates"], 0);
+    assert_eq!(report["errors"].as_array().unwrap().len(), 0, "{report}");
+    // An MLP 100-h-2 of about 5,000 parameters: h = 48, 103 · 48 + 2 = 4,946.
+    assert_eq!(report["params"], 4946);
+    // Every site pulled the model and sent an update in every round.
+    let bytes_per_round = 12.0 * 4946.0 * 4.0 / 1e6;
+    let pushed = report["pushed_mb"].as_f64().unwrap();
+    assert!((pushed - 3.0 * bytes_per_round).abs() < 1e-6, "{report}");
+    assert!(report["coordinator_rss_peak_mb"].as_f64().unwrap() > 0.0);
+    assert!(report["first_round_s"].as_f64().unwrap() > 0.0);
+}
