@@ -8,7 +8,7 @@
 //! the examples each step sampled, which the round does not report.
 //! [`DpSgd::step`] therefore repeats the round's step — place the
 //! parameters with `models::Network::new`, `clipped_gradient_sum`, noise
-//! from `privacy::NoiseSource`, `params -= lr · sum / (qN)`, the
+//! from `privacy::noise::PrefetchedNoise`, `params -= lr · sum / (qN)`, the
 //! divergence check — with the same calls in the same order.
 //!
 //! # Why a second forward pass
@@ -25,7 +25,8 @@ use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 use models::{Architecture, CLASSES, Layer, LayoutError, Network};
-use privacy::{NoiseError, NoiseSource};
+use privacy::NoiseError;
+use privacy::noise::PrefetchedNoise;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -122,7 +123,7 @@ pub struct DpSgd {
     noise_std: f64,
     /// `lr / (qN)`: the noised sum is divided by the expected batch size.
     scale: f32,
-    noise: NoiseSource,
+    noise: PrefetchedNoise,
     sampler: ChaCha20Rng,
     batch: Batch,
     steps_taken: u64,
@@ -130,11 +131,13 @@ pub struct DpSgd {
 
 impl DpSgd {
     /// A trainer at the workload's initial parameters, computing on `device`.
-    /// Noise comes from an OS-seeded [`NoiseSource`], as in the worker; the
+    /// Noise comes from an OS-seeded [`PrefetchedNoise`] (drawn ahead on a
+    /// second thread), as in the worker; the
     /// Poisson sampler is seeded from the workload.
     pub fn new(workload: Workload, device: &Device) -> Result<DpSgd, StepError> {
         let arch = workload.architecture()?;
         let params = arch.init_params(workload.seed());
+        let noise = PrefetchedNoise::new(params.len())?;
         let sample_rate = workload.sample_rate();
         let expected_batch = sample_rate * workload.rows() as f64;
         Ok(DpSgd {
@@ -145,7 +148,7 @@ impl DpSgd {
             clip: CLIP_NORM,
             noise_std: NOISE_MULTIPLIER * CLIP_NORM,
             scale: (LEARNING_RATE / expected_batch) as f32,
-            noise: NoiseSource::new()?,
+            noise,
             sampler: ChaCha20Rng::seed_from_u64(workload.seed()),
             batch: Batch::default(),
             steps_taken: 0,

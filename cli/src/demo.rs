@@ -95,6 +95,22 @@ pub(crate) fn spawn(exe: &Path, args: &[&str], log: &Path, name: &str) -> Result
     cmd.spawn().with_context(|| format!("cannot start the {name}"))
 }
 
+/// Writes a `coordinator.toml` listening on a free loopback port, with its
+/// state in `state/` beside it, the identity in `identity`, and `settings`
+/// (top-level keys) added.
+pub(crate) fn write_coordinator_config(path: &Path, identity: &Path, settings: &str) -> Result<()> {
+    std::fs::write(
+        path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\n{settings}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            identity.join("ca.pem"),
+            identity.join("cert.pem"),
+            identity.join("key.pem")
+        ),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Children get SIGKILL if the demo itself dies (even by `kill -9`).
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut Command) {
@@ -213,15 +229,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let coord_dir = work.join("coordinator");
     std::fs::create_dir_all(&coord_dir)?;
     let coord_config = coord_dir.join("coordinator.toml");
-    std::fs::write(
-        &coord_config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\nidle_timeout_secs = 30\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            ids.coordinator.join("ca.pem"),
-            ids.coordinator.join("cert.pem"),
-            ids.coordinator.join("key.pem")
-        ),
-    )?;
+    write_coordinator_config(&coord_config, &ids.coordinator, "idle_timeout_secs = 30")?;
     let ready = coord_dir.join("address");
     let mut children = Children(Vec::new());
     let result = async {

@@ -25,7 +25,7 @@ use proto::pb::worker_service_client::WorkerServiceClient;
 use proto::tensor::{ChunkAssembler, encode_chunks};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::demo::{Children, path_str, spawn, wait_for_file};
+use crate::demo::{Children, path_str, spawn, wait_for_file, write_coordinator_config};
 use crate::provision;
 
 /// Inputs of the simulated sites' MLP (`x000` … `x099`).
@@ -187,16 +187,11 @@ pub async fn run(args: SimArgs) -> Result<()> {
     let coord_dir = work.join("coordinator");
     std::fs::create_dir_all(&coord_dir)?;
     let config = coord_dir.join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\nidle_timeout_secs = 60\nreceive_window_kib = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            args.receive_window_kib,
-            ids.coordinator.join("ca.pem"),
-            ids.coordinator.join("cert.pem"),
-            ids.coordinator.join("key.pem")
-        ),
-    )?;
+    let settings = format!(
+        "idle_timeout_secs = 60\nreceive_window_kib = {}",
+        args.receive_window_kib
+    );
+    write_coordinator_config(&config, &ids.coordinator, &settings)?;
     let ready = coord_dir.join("address");
     let mut children = Children(Vec::new());
     let result = async {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::Device;
 use models::{Architecture, Network};
-use privacy::noise::NoiseSource;
+use privacy::noise::PrefetchedNoise;
 use proto::job::JobSpec;
 use rand::rngs::SysRng;
 use rand::{RngExt, SeedableRng};
@@ -79,7 +79,8 @@ pub fn train_round(
     let noise_std = spec.privacy.noise_multiplier * clip;
     let expected_batch = q * n as f64;
     let lr = spec.training.learning_rate;
-    let mut noise = NoiseSource::new().map_err(|e| TrainError::Random(e.to_string()))?;
+    // Each step's noise is drawn on a second thread while the step before computes.
+    let mut noise = PrefetchedNoise::new(global.len()).map_err(|e| TrainError::Random(e.to_string()))?;
     let mut sampler = ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|e| TrainError::Random(e.to_string()))?;
     let mut params = global.to_vec();
     let (mut loss_sum, mut seen, mut correct, mut clipped) = (0.0f64, 0usize, 0usize, 0usize);

@@ -11,15 +11,9 @@ use proto::checkpoint;
 
 use rusqlite::Connection;
 
-use crate::util::{Federation, example, free_port, wait_for};
+use crate::util::{Federation, WDBC_NUMERIC, WdbcJob, example, free_port, wait_for};
 
-const NUMERIC: &[&str] = &[
-    "radius_mean",
-    "texture_mean",
-    "perimeter_mean",
-    "area_mean",
-    "smoothness_mean",
-];
+const NUMERIC: &[&str] = WDBC_NUMERIC;
 
 fn job_spec(
     fed: &Federation,
@@ -28,35 +22,13 @@ fn job_spec(
     local_epochs: f64,
     hidden: &str,
 ) -> std::path::PathBuf {
-    let text = format!(
-        r#"name = "{file}"
-dataset = "wdbc"
-[model]
-kind = "mlp"
-hidden = {hidden}
-[features]
-label = "diagnosis"
-positive_label = "M"
-negative_labels = ["B"]
-numeric = {NUMERIC:?}
-[training]
-rounds = {rounds}
-local_epochs = {local_epochs}
-batch_size = 32
-learning_rate = 0.2
-[privacy]
-noise_multiplier = 1.5
-clip_norm = 1.0
-delta = 1e-5
-[policy]
-min_sites = 1
-round_deadline_secs = 30
-max_round_attempts = 5
-"#
-    );
-    let path = fed.dir.join(file);
-    std::fs::write(&path, text).unwrap();
-    path
+    WdbcJob {
+        rounds,
+        local_epochs,
+        hidden,
+        ..WdbcJob::default()
+    }
+    .write(fed, file)
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -197,11 +169,14 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
         fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", NUMERIC),
         fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC),
     ];
-    let spec = job_spec(&fed, "ten.toml", 10, 20.0, "[256, 256]");
-    let spec_text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("min_sites = 1", "min_sites = 2");
-    std::fs::write(&spec, spec_text).unwrap();
+    let spec = WdbcJob {
+        rounds: 10,
+        local_epochs: 20.0,
+        hidden: "[256, 256]",
+        min_sites: 2,
+        ..WdbcJob::default()
+    }
+    .write(&fed, "ten.toml");
     let job_id = wait_for(Duration::from_secs(30), "both workers to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| stdout(&out))
@@ -332,12 +307,15 @@ fn a_partitioned_site_does_not_hang_the_job() {
     let data = example("data/wdbc_breast_cancer.csv");
     fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", NUMERIC);
     fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC);
-    let spec = job_spec(&fed, "partition.toml", 6, 10.0, "[64, 64]");
     // A deadline far beyond the test's patience: only the idle timeout can end the wait.
-    let text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("round_deadline_secs = 30", "round_deadline_secs = 600");
-    std::fs::write(&spec, text).unwrap();
+    let spec = WdbcJob {
+        rounds: 6,
+        local_epochs: 10.0,
+        hidden: "[64, 64]",
+        deadline_secs: 600,
+        ..WdbcJob::default()
+    }
+    .write(&fed, "partition.toml");
     wait_for(Duration::from_secs(30), "both workers to register", || {
         let out = fed.client("rita", &["budget", "--json"]);
         let text = stdout(&out);

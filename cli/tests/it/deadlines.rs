@@ -8,15 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use proto::pb;
 use rusqlite::Connection;
 
-use crate::util::{Federation, RawSite, example, wait_for};
+use crate::util::{Federation, RawSite, WDBC_NUMERIC, WdbcJob, example, wait_for};
 
-const NUMERIC: &[&str] = &[
-    "radius_mean",
-    "texture_mean",
-    "perimeter_mean",
-    "area_mean",
-    "smoothness_mean",
-];
+const NUMERIC: &[&str] = WDBC_NUMERIC;
 
 fn spec(
     fed: &Federation,
@@ -26,35 +20,15 @@ fn spec(
     hidden: &str,
     deadline_secs: u32,
 ) -> std::path::PathBuf {
-    let text = format!(
-        r#"name = "{file}"
-dataset = "wdbc"
-[model]
-kind = "mlp"
-hidden = {hidden}
-[features]
-label = "diagnosis"
-positive_label = "M"
-negative_labels = ["B"]
-numeric = {NUMERIC:?}
-[training]
-rounds = {rounds}
-local_epochs = {local_epochs}
-batch_size = 32
-learning_rate = 0.2
-[privacy]
-noise_multiplier = 1.5
-clip_norm = 1.0
-delta = 1e-5
-[policy]
-min_sites = 1
-round_deadline_secs = {deadline_secs}
-max_round_attempts = 2
-"#
-    );
-    let path = fed.dir.join(file);
-    std::fs::write(&path, text).unwrap();
-    path
+    WdbcJob {
+        rounds,
+        local_epochs,
+        hidden,
+        deadline_secs,
+        max_round_attempts: 2,
+        ..WdbcJob::default()
+    }
+    .write(fed, file)
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -89,13 +63,7 @@ fn an_upload_still_making_progress_is_waited_for_past_the_deadline() {
     );
     wait_for_sites(&fed, &["hospital-a", "hospital-b"]);
     let spec = spec(&fed, "slow.toml", 2, 1.0, "[256, 256]", 4);
-    let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job_id = stdout(&out);
+    let job_id = fed.submit(&spec);
     let out = fed.client("alice", &["job", "watch", &job_id]);
     assert!(
         out.status.success(),
@@ -142,25 +110,8 @@ fn an_update_stream_silent_for_the_idle_timeout_is_dropped_with_its_reason() {
     let mut stalled = RawSite::join(&fed, "hospital-x", "wdbc", "diagnosis", NUMERIC);
     wait_for_sites(&fed, &["hospital-a"]);
     let spec = spec(&fed, "stall.toml", 1, 1.0, "[16]", 30);
-    let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job_id = stdout(&out);
-    let mut spec_hash = String::new();
-    let train = loop {
-        let task = stalled.next_task(Duration::from_secs(30));
-        match task.kind.unwrap() {
-            pb::task::Kind::Offer(offer) => {
-                spec_hash = offer.spec_hash.clone();
-                stalled.accept(&task.job_id, &offer, 100);
-            }
-            pb::task::Kind::Train(t) => break t,
-            _ => {}
-        }
-    };
+    let job_id = fed.submit(&spec);
+    let (spec_hash, train) = stalled.accept_until_training(100);
     // A header and half the values, then nothing, with the connection open.
     let n = train.num_params as usize;
     let header = pb::UpdateChunk {
@@ -221,13 +172,7 @@ fn a_cancelled_job_stops_local_training_within_a_second() {
     wait_for_sites(&fed, &["hospital-a"]);
     // One round of 50 local epochs of a 1M-parameter MLP: many seconds of training.
     let spec = spec(&fed, "long.toml", 1, 50.0, "[1024, 1024]", 3600);
-    let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job_id = stdout(&out);
+    let job_id = fed.submit(&spec);
     let log = home.join("worker.log");
     wait_for(Duration::from_secs(60), "local training to start", || {
         std::fs::read_to_string(&log)

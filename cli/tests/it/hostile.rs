@@ -51,18 +51,7 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     let job_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
     // The hostile site accepts the offer, then waits for round 1.
-    let mut spec_hash = String::new();
-    let train = loop {
-        let task = evil.next_task(Duration::from_secs(30));
-        match task.kind.unwrap() {
-            pb::task::Kind::Offer(offer) => {
-                spec_hash = offer.spec_hash.clone();
-                evil.accept(&task.job_id, &offer, 100);
-            }
-            pb::task::Kind::Train(t) => break t,
-            _ => {}
-        }
-    };
+    let (spec_hash, train) = evil.accept_until_training(100);
     let entry = |round: u32| pb::LedgerEntry {
         seq: 1,
         site: "hospital-x".to_string(),

@@ -11,51 +11,23 @@ use std::time::Duration;
 use proto::checkpoint;
 use proto::pb;
 
-use crate::util::{Federation, RawSite, example, wait_for};
+use crate::util::{Federation, RawSite, WDBC_NUMERIC, WdbcJob, example, wait_for};
 
-const NUMERIC: &[&str] = &[
-    "radius_mean",
-    "texture_mean",
-    "perimeter_mean",
-    "area_mean",
-    "smoothness_mean",
-];
+const NUMERIC: &[&str] = WDBC_NUMERIC;
 const HONEST: [&str; 4] = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"];
 const ROUNDS: u32 = 3;
 
 fn spec(fed: &Federation, rule: &str, options: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"name = "robust-{rule}"
-dataset = "wdbc"
-[model]
-kind = "mlp"
-hidden = [16]
-[features]
-label = "diagnosis"
-positive_label = "M"
-negative_labels = ["B"]
-numeric = {NUMERIC:?}
-[training]
-rounds = {ROUNDS}
-local_epochs = 1.0
-batch_size = 32
-learning_rate = 0.2
-[privacy]
-noise_multiplier = 1.5
-clip_norm = 1.0
-delta = 1e-5
-[policy]
-min_sites = 5
-round_deadline_secs = 120
-max_round_attempts = 1
-[aggregation]
-rule = "{rule}"
-{options}
-"#
-    );
-    let path = fed.dir.join(format!("{rule}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    let aggregation = format!("[aggregation]\nrule = \"{rule}\"\n{options}");
+    WdbcJob {
+        rounds: ROUNDS,
+        min_sites: 5,
+        deadline_secs: 120,
+        max_round_attempts: 1,
+        extra: &aggregation,
+        ..WdbcJob::default()
+    }
+    .write(fed, &format!("{rule}.toml"))
 }
 
 fn norm_of_difference(a: &[f32], b: &[f32]) -> f64 {

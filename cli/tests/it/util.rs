@@ -234,6 +234,18 @@ impl Federation {
         run(&all)
     }
 
+    /// Submits the job spec at `spec` as alice; panics with the CLI's error if
+    /// it is refused. Returns the job's id.
+    pub fn submit(&self, spec: &Path) -> String {
+        let out = self.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// The coordinator's log so far (for assertion messages).
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
@@ -399,6 +411,23 @@ impl RawSite {
             .unwrap();
     }
 
+    /// Accepts every offer (claiming `train_examples` rows) until the first
+    /// training task arrives; returns the accepted spec's hash and that task.
+    pub fn accept_until_training(&mut self, train_examples: u64) -> (String, proto::pb::TrainTask) {
+        let mut spec_hash = String::new();
+        loop {
+            let task = self.next_task(Duration::from_secs(30));
+            match task.kind.unwrap() {
+                proto::pb::task::Kind::Offer(offer) => {
+                    spec_hash = offer.spec_hash.clone();
+                    self.accept(&task.job_id, &offer, train_examples);
+                }
+                proto::pb::task::Kind::Train(t) => return (spec_hash, t),
+                _ => {}
+            }
+        }
+    }
+
     /// Sends an update of `values` for `round` of `job_id`, weighted as
     /// `num_examples`, with a ledger entry that matches it.
     #[allow(clippy::too_many_arguments)]
@@ -441,5 +470,85 @@ impl RawSite {
             .block_on(self.client.push_update(tokio_stream::iter(messages)))
             .unwrap()
             .into_inner()
+    }
+}
+
+/// The five WDBC columns the fault tests train on.
+pub const WDBC_NUMERIC: &[&str] = &[
+    "radius_mean",
+    "texture_mean",
+    "perimeter_mean",
+    "area_mean",
+    "smoothness_mean",
+];
+
+/// A WDBC job spec for the fault tests: an MLP on [`WDBC_NUMERIC`] with σ = 1.5,
+/// C = 1, batches of 32; the fields below vary from test to test.
+pub struct WdbcJob<'a> {
+    pub rounds: u32,
+    pub local_epochs: f64,
+    pub hidden: &'a str,
+    pub min_sites: u32,
+    pub deadline_secs: u32,
+    pub max_round_attempts: u32,
+    /// TOML appended at the end (e.g. an `[aggregation]` table).
+    pub extra: &'a str,
+}
+
+impl Default for WdbcJob<'_> {
+    fn default() -> Self {
+        WdbcJob {
+            rounds: 1,
+            local_epochs: 1.0,
+            hidden: "[16]",
+            min_sites: 1,
+            deadline_secs: 30,
+            max_round_attempts: 5,
+            extra: "",
+        }
+    }
+}
+
+impl WdbcJob<'_> {
+    /// Writes the spec as `file` in the federation's directory; returns its path.
+    pub fn write(&self, fed: &Federation, file: &str) -> PathBuf {
+        let text = format!(
+            r#"name = "{file}"
+dataset = "wdbc"
+[model]
+kind = "mlp"
+hidden = {hidden}
+[features]
+label = "diagnosis"
+positive_label = "M"
+negative_labels = ["B"]
+numeric = {numeric:?}
+[training]
+rounds = {rounds}
+local_epochs = {epochs}
+batch_size = 32
+learning_rate = 0.2
+[privacy]
+noise_multiplier = 1.5
+clip_norm = 1.0
+delta = 1e-5
+[policy]
+min_sites = {min_sites}
+round_deadline_secs = {deadline}
+max_round_attempts = {attempts}
+{extra}
+"#,
+            hidden = self.hidden,
+            numeric = WDBC_NUMERIC,
+            rounds = self.rounds,
+            epochs = self.local_epochs,
+            min_sites = self.min_sites,
+            deadline = self.deadline_secs,
+            attempts = self.max_round_attempts,
+            extra = self.extra,
+        );
+        let path = fed.dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        path
     }
 }

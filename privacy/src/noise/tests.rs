@@ -155,14 +155,43 @@ fn debug_shows_no_state() {
 }
 
 #[test]
-fn uniforms_are_in_open_closed_unit_interval() {
-    let mut noise = NoiseSource::from_seed_for_tests(9);
-    for _ in 0..100_000 {
-        let u = noise.uniform_open_closed();
-        assert!(u > 0.0 && u <= 1.0, "{u}");
+fn prefetched_noise_is_the_same_stream_drawn_ahead() {
+    // One thread: exactly the source's draws, in order.
+    let mut direct = NoiseSource::from_seed_for_tests(9);
+    let mut prefetched = PrefetchedNoise::from_seed_for_tests(9, 1000, 1).unwrap();
+    for step in 0..5 {
+        let mut a = vec![0.25f32; 1000];
+        let mut b = a.clone();
+        direct.add_gaussian_noise(&mut a, 1.5).unwrap();
+        prefetched.add_gaussian_noise(&mut b, 1.5).unwrap();
+        assert_eq!(a, b, "step {step}");
     }
-    // The extremes of the mapping.
-    assert_eq!(uniform_from_bits(0), TWO_POW_MINUS_53);
-    assert_eq!(uniform_from_bits(u64::MAX), 1.0);
-    assert_eq!(uniform_from_bits(1 << 63), 0.5 + TWO_POW_MINUS_53);
+    let err = prefetched
+        .add_gaussian_noise(&mut [0.0; 3], 1.0)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "noise prefetched for 1000 values, asked for 3"
+    );
+    assert!(
+        prefetched
+            .add_gaussian_noise(&mut [0.0; 1000], f64::NAN)
+            .is_err()
+    );
+    // Two threads: each half is its own seeded stream, step after step.
+    let (mut first, mut second) = (
+        NoiseSource::from_seed_for_tests(20),
+        NoiseSource::from_seed_for_tests(21),
+    );
+    let mut split = PrefetchedNoise::from_seed_for_tests(20, 1001, 2).unwrap();
+    for step in 0..3 {
+        let mut expected = vec![0.0f32; 1001];
+        first.add_gaussian_noise(&mut expected[..501], 2.0).unwrap();
+        second
+            .add_gaussian_noise(&mut expected[501..], 2.0)
+            .unwrap();
+        let mut got = vec![0.0f32; 1001];
+        split.add_gaussian_noise(&mut got, 2.0).unwrap();
+        assert_eq!(got, expected, "step {step}");
+    }
 }
