@@ -165,7 +165,7 @@ pub enum DatasetError {
     #[error(
         "{}: column {column:?} required by {field} is not in the header (columns: {})",
         path.display(),
-        columns.join(", ")
+        printable_list(columns)
     )]
     MissingColumn {
         /// The file.
@@ -282,6 +282,13 @@ pub enum RowError {
         /// The negative labels.
         negatives: Vec<String>,
     },
+}
+
+/// Column names joined for an error message, control characters and
+/// other unprintable ones escaped (`\n`, `\u{12}`), so a malformed header
+/// cannot turn a one-line error into several lines or garbage.
+fn printable_list(columns: &[String]) -> String {
+    columns.iter().map(|c| c.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Reads the column names in the header of a CSV or gzip-compressed CSV

@@ -563,6 +563,20 @@ fn error_missing_column() {
 }
 
 #[test]
+fn a_header_with_control_characters_gives_a_one_line_error() {
+    // Found by the csv_schema fuzz target: a quoted column name holding a
+    // line break and a control byte used to be printed as it was.
+    let mut spec = patients_spec();
+    spec.label = "Target".into();
+    check_error(
+        "Age,\"Se\nx\",\u{12}Race\n30,Female,White\n",
+        &spec,
+        "{path}: column \"Target\" required by features.label is not in the header \
+         (columns: Age, Se\\nx, \\u{12}Race)",
+    );
+}
+
+#[test]
 fn error_duplicate_column() {
     check_error(
         "Age,Sex,Const,Race,HeartDisease,Sex\n30,Female,5,White,Yes,Male\n",
