@@ -161,6 +161,23 @@ pub enum DatasetError {
         /// The file.
         path: PathBuf,
     },
+    /// A value that standardisation takes beyond `f32`'s range.
+    #[error(
+        "{}: column {column:?}: a {split} value is too far from the training split's mean ({mean:e}) for its standard deviation ({std:e}) to be standardised in 32-bit floats",
+        path.display()
+    )]
+    Unstandardisable {
+        /// The file.
+        path: PathBuf,
+        /// The (encoded) column.
+        column: String,
+        /// `training` or `test`.
+        split: &'static str,
+        /// The training split's mean of the column.
+        mean: f64,
+        /// The training split's standard deviation of the column.
+        std: f64,
+    },
     /// A column named by the spec is not in the header.
     #[error(
         "{}: column {column:?} required by {field} is not in the header (columns: {})",
@@ -257,6 +274,14 @@ pub enum RowError {
         /// The value, trimmed.
         value: String,
     },
+    /// A numeric value beyond what training in `f32` can represent.
+    #[error("column {column:?}: {value:?} is outside the range of 32-bit floats (±3.4e38) that training uses")]
+    OutOfRange {
+        /// The column.
+        column: String,
+        /// The value, trimmed.
+        value: String,
+    },
     /// A categorical column holds a value that is not one of its levels.
     #[error("column {column:?}: value {value:?} is not one of the levels {levels:?}")]
     UnknownLevel {
@@ -283,6 +308,9 @@ pub enum RowError {
         negatives: Vec<String>,
     },
 }
+
+/// The largest magnitude a numeric value may have: `f32::MAX`.
+const MAX_NUMERIC: f64 = f32::MAX as f64;
 
 /// Column names joined for an error message, control characters and
 /// other unprintable ones escaped (`\n`, `\u{12}`), so a malformed header
@@ -347,6 +375,22 @@ pub fn load(
     let standardisation = rows.standardisation(spec.numeric.len(), train);
     let (train_x, train_y) = rows.encode(spec, &standardisation, train);
     let (test_x, test_y) = rows.encode(spec, &standardisation, test);
+    // A test value far from a nearly constant training column can still
+    // leave f32's range once standardised: refuse rather than train on ∞.
+    let dim = spec.input_dim().max(1);
+    for (split, x) in [("training", &train_x), ("test", &test_x)] {
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            let j = i % dim;
+            let (mean, std) = standardisation.get(j).copied().unwrap_or((0.0, 1.0));
+            return Err(DatasetError::Unstandardisable {
+                path: path.to_path_buf(),
+                column: spec.encoded_names().get(j).cloned().unwrap_or_default(),
+                split,
+                mean,
+                std,
+            });
+        }
+    }
     Ok(EncodedDataset {
         dim: spec.input_dim(),
         train_x,
@@ -617,6 +661,13 @@ impl Rows {
                 })?;
             if !number.is_finite() {
                 return Err(RowError::NotFinite {
+                    column: column.clone(),
+                    value: text(value),
+                });
+            }
+            // Training runs in f32: a value beyond its range would become infinite.
+            if number.abs() > MAX_NUMERIC {
+                return Err(RowError::OutOfRange {
                     column: column.clone(),
                     value: text(value),
                 });

@@ -577,6 +577,16 @@ fn a_header_with_control_characters_gives_a_one_line_error() {
 }
 
 #[test]
+fn values_beyond_f32_are_refused_with_their_line() {
+    // Found by the csv_schema fuzz target: 4e38 is a finite f64 but not an f32.
+    check_error(
+        "Age,Sex,Const,Race,HeartDisease,Unused\n30,Female,5,White,Yes,x\n4e38,Male,5,White,No,x\n",
+        &patients_spec(),
+        "{path}:3: column \"Age\": \"4e38\" is outside the range of 32-bit floats (±3.4e38) that training uses",
+    );
+}
+
+#[test]
 fn error_duplicate_column() {
     check_error(
         "Age,Sex,Const,Race,HeartDisease,Sex\n30,Female,5,White,Yes,Male\n",
