@@ -241,15 +241,17 @@ impl Coordinator {
             .filter(|s| s.state == "accepted")
             .map(|s| s.site.as_str())
             .collect();
+        // Transfers are read before the updates: one that completes in between
+        // is then seen as moving or as stored, never as neither.
+        let moving = self
+            .transfers
+            .moving(&job.id, now_ms() - self.idle_timeout_secs as i64 * 1000);
         let updates = self.store.updates(&job.id, round)?;
         let min = job.spec.policy.min_sites as usize;
         // A participant silent for longer than the idle timeout (no heartbeat, no
         // call, no chunk) is not waited for; one that is still training keeps
         // heartbeating, and one still uploading keeps sending chunks.
         let is_silent = self.silence()?;
-        let moving = self
-            .transfers
-            .moving(&job.id, now_ms() - self.idle_timeout_secs as i64 * 1000);
         let silent: Vec<&str> = participants
             .iter()
             .copied()

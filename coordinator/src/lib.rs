@@ -97,7 +97,9 @@ pub async fn run(
     info!(addr = ?listener.local_addr().ok(), "coordinator listening");
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(config.receive_window_bytes))
-        .initial_connection_window_size(Some(config.receive_window_bytes))
+        // Four streams' worth per connection: an upload queued unread must not
+        // stall the same site's heartbeats and answers on that connection.
+        .initial_connection_window_size(Some(config.receive_window_bytes.saturating_mul(4)))
         .tls_config(identity.server_tls())?
         .add_service(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::admission::{self, Expected, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError, WeightedMean};
 use crate::revocation::Revocations;
-use crate::store::{EvaluationRow, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
+use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -144,32 +144,26 @@ fn stream_model(
     chunks: Arc<Vec<Bytes>>,
     header: pb::ModelHeader,
     slots: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
 ) -> BoxStream<pb::ModelChunk> {
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
+        // The header goes out at once, so a queued puller is not mistaken for a silent peer.
+        let header = pb::ModelChunk { part: Some(pb::model_chunk::Part::Header(header)) };
+        if tx.send(Ok(header)).await.is_err() {
+            return;
+        }
         // gRPC encodes each message into a buffer of its own: bounding the
         // transfers served at once bounds those copies (the rest queue).
         let Ok(_slot) = slots.acquire_owned().await else { return };
-        if tx
-            .send(Ok(pb::ModelChunk {
-                part: Some(pb::model_chunk::Part::Header(header)),
-            }))
-            .await
-            .is_err()
-        {
-            return;
-        }
         // Each chunk is a reference-counted view of the cached model: a
-        // thousand sites pulling at once share one copy.
+        // thousand sites pulling at once share one copy. A puller that stops
+        // reading for the idle timeout gives its slot up.
         for chunk in chunks.iter() {
-            if tx
-                .send(Ok(pb::ModelChunk {
-                    part: Some(pb::model_chunk::Part::Data(chunk.clone())),
-                }))
-                .await
-                .is_err()
-            {
-                return;
+            let data = pb::ModelChunk { part: Some(pb::model_chunk::Part::Data(chunk.clone())) };
+            match tokio::time::timeout(idle, tx.send(Ok(data))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
             }
         }
     });
@@ -766,17 +760,20 @@ impl pb::worker_service_server::WorkerService for Services {
         // each to one window, however many sites send at once. A site queued
         // here counts as a transfer in progress for every job.
         let queued = self.inner.transfers.start("", &who.name);
-        let _slot = self
-            .inner
-            .receiving
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let _slot = loop {
+            // Still queued is still progress: refresh it while waiting.
+            match tokio::time::timeout(Duration::from_secs(1), self.inner.receiving.acquire()).await {
+                Ok(slot) => break slot.map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
+                Err(_) => queued.progress(),
+            }
+        };
         drop(queued);
         let mut stream = req.into_inner();
-        let first = stream
-            .next()
+        let idle = Duration::from_secs(self.inner.idle_timeout_secs);
+        // A stream that never sends its header must not keep its slot.
+        let first = tokio::time::timeout(idle, stream.next())
             .await
+            .map_err(|_| Status::deadline_exceeded("no update header within the idle timeout"))?
             .ok_or_else(|| Status::invalid_argument("empty update stream"))??;
         let Some(pb::update_chunk::Part::Header(header)) = first.part else {
             return Err(Status::invalid_argument(
@@ -816,7 +813,7 @@ impl pb::worker_service_server::WorkerService for Services {
         };
         // A transfer that keeps making progress is waited for past the round's
         // deadline; one silent for the idle timeout is dropped.
-        let _transfer = self.inner.transfers.start(&job.id, &who.name);
+        let transfer = self.inner.transfers.start(&job.id, &who.name);
         let path = self.inner.job_dir(&job.id).join("updates").join(format!(
             "r{:04}-{}-{:08x}.bin",
             header.round,
@@ -826,7 +823,6 @@ impl pb::worker_service_server::WorkerService for Services {
         // Chunks go straight to disk as they are checked: one chunk in memory per transfer.
         let mut file = checkpoint::CheckpointWriter::create(&path, job.num_params)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let idle = Duration::from_secs(self.inner.idle_timeout_secs);
         let mut receiver = UpdateReceiver::new(&expected);
         let received: Result<Result<(), String>, Status> = async {
             loop {
@@ -847,7 +843,7 @@ impl pb::worker_service_server::WorkerService for Services {
                     return Ok(Err(reason));
                 }
                 file.write_le_bytes(&data).map_err(|e| Status::internal(e.to_string()))?;
-                self.inner.transfers.progress(&job.id, &who.name);
+                transfer.progress();
                 failpoint::hit("update.receive");
             }
         }
@@ -873,16 +869,19 @@ impl pb::worker_service_server::WorkerService for Services {
             metrics: header.metrics.clone().into_iter().collect(),
             path: path.to_string_lossy().into_owned(),
         };
-        if !self
-            .inner
-            .store
-            .insert_update(&job.id, header.round, &row)?
-        {
-            let _ = std::fs::remove_file(&path);
-            return reject(format!(
-                "{} already sent its update for round {}",
-                who.name, header.round
-            ));
+        match self.inner.store.insert_update(&job.id, header.round, &row)? {
+            Insert::Inserted => {}
+            Insert::Duplicate => {
+                let _ = std::fs::remove_file(&path);
+                return reject(format!("{} already sent its update for round {}", who.name, header.round));
+            }
+            Insert::RoundClosed => {
+                let _ = std::fs::remove_file(&path);
+                return reject(format!(
+                    "round {} closed while the update was arriving; it was not counted",
+                    header.round
+                ));
+            }
         }
         failpoint::hit("update.persisted");
         info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, "update accepted");
@@ -974,7 +973,12 @@ impl Services {
             layout_hash: job.layout_hash.clone(),
             num_params: chunks.iter().map(|c| c.len() as u64 / 4).sum(),
         };
-        Ok(stream_model(chunks, header, Arc::clone(&self.models.slots)))
+        Ok(stream_model(
+            chunks,
+            header,
+            Arc::clone(&self.models.slots),
+            Duration::from_secs(self.inner.idle_timeout_secs),
+        ))
     }
 
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {

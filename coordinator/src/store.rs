@@ -116,6 +116,17 @@ pub struct JobRow {
     pub updated_at_ms: i64,
 }
 
+/// What became of an update offered to [`Store::insert_update`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    /// Stored: it counts in its round.
+    Inserted,
+    /// The site already sent its update for this round.
+    Duplicate,
+    /// The round closed (or the job ended) while the update was arriving.
+    RoundClosed,
+}
+
 /// An aggregated round: its number, the attempt that closed it, and the
 /// example-weighted mean of the sites' training metrics.
 pub type ClosedRound = (u32, u32, BTreeMap<String, f64>);
@@ -462,14 +473,26 @@ impl Store {
     }
 
     /// Records a durable update; false if this site already sent one for the round.
-    pub fn insert_update(&self, job_id: &str, round: u32, row: &UpdateRow) -> Result<bool> {
+    pub fn insert_update(&self, job_id: &str, round: u32, row: &UpdateRow) -> Result<Insert> {
         self.with(|c| {
+            // Only while the round is still open: an update that finished
+            // arriving after its round closed is refused, never acknowledged
+            // and left uncounted.
             let n = c.execute(
                 "INSERT OR IGNORE INTO updates (job_id, round, site, num_examples, metrics_json, path, received_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+                 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running' AND current_round = ?2)",
                 params![job_id, round, row.site, row.num_examples as i64, metrics_json(&row.metrics), row.path, now_ms()],
             )?;
-            Ok(n == 1)
+            if n == 1 {
+                return Ok(Insert::Inserted);
+            }
+            let duplicate: bool = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM updates WHERE job_id = ?1 AND round = ?2 AND site = ?3)",
+                params![job_id, round, row.site],
+                |r| r.get(0),
+            )?;
+            Ok(if duplicate { Insert::Duplicate } else { Insert::RoundClosed })
         })
     }
 

@@ -116,13 +116,15 @@ impl AuditLog {
         };
         let (count, last) = if path.exists() {
             let scan = scan(path)?;
+            // The head is checked first: a log that fails it keeps every byte as evidence.
+            let head = check_head(path, &scan)?;
             if let Some(valid_len) = scan.torn_at {
                 let file = OpenOptions::new().write(true).open(path).map_err(io)?;
                 file.set_len(valid_len)
                     .and_then(|()| file.sync_all())
                     .map_err(io)?;
             }
-            if check_head(path, &scan)? == HeadState::OneBehind {
+            if head == HeadState::OneBehind {
                 write_head(path, scan.count, &scan.last)?;
             }
             (scan.count, scan.last)
@@ -174,10 +176,11 @@ impl AuditLog {
         file.write_all(line.as_bytes())
             .and_then(|()| file.sync_data())
             .map_err(io)?;
-        write_head(&self.path, seq, &hash)?;
+        // The entry is durable: it is part of the chain whether or not the head
+        // update below succeeds (a head one behind is repaired at the next open).
         *count = seq;
-        *last = hash;
-        Ok(())
+        *last = hash.clone();
+        write_head(&self.path, seq, &hash)
     }
 }
 

@@ -69,6 +69,7 @@ pub struct CheckpointWriter {
     out: BufWriter<File>,
     announced: u64,
     written: u64,
+    committed: bool,
 }
 
 impl CheckpointWriter {
@@ -87,6 +88,7 @@ impl CheckpointWriter {
             out,
             announced: len,
             written: 0,
+            committed: false,
         })
     }
 
@@ -98,30 +100,33 @@ impl CheckpointWriter {
 
     /// Fsyncs the file, renames it into place and fsyncs the directory;
     /// refuses a file whose value count differs from the one announced.
-    pub fn commit(self, failpoint: &str) -> Result<(), CheckpointError> {
+    pub fn commit(mut self, failpoint: &str) -> Result<(), CheckpointError> {
         if self.written != self.announced {
-            let _ = fs::remove_file(&self.tmp);
             return Err(CheckpointError::Corrupt {
-                path: self.path,
+                path: self.path.clone(),
                 detail: format!("{} values written, {} announced", self.written, self.announced),
             });
         }
-        let tmp = self.tmp;
-        let file = self.out.into_inner().map_err(|e| CheckpointError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io_err(&tmp))?;
+        self.out.flush().map_err(io_err(&self.tmp))?;
+        self.out.get_ref().sync_all().map_err(io_err(&self.tmp))?;
         crate::failpoint::hit(failpoint);
-        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
+        fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        self.committed = true;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
         Ok(())
     }
 
-    /// Abandons the file: the temporary file is removed.
-    pub fn abandon(self) {
-        let _ = fs::remove_file(&self.tmp);
+    /// Abandons the file: the temporary file is removed (as when dropped uncommitted).
+    pub fn abandon(self) {}
+}
+
+impl Drop for CheckpointWriter {
+    /// An uncommitted file (its stream broke, its writer was dropped) leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -40,8 +40,8 @@ pub enum ChunkError {
         /// Its size.
         bytes: usize,
     },
-    /// A chunk whose size is not a multiple of 4 bytes.
-    #[error("chunk {index} has {bytes} bytes, not a whole number of f32 values")]
+    /// A chunk that is empty or whose size is not a multiple of 4 bytes.
+    #[error("chunk {index} has {bytes} bytes, not a whole number (at least one) of f32 values")]
     Misaligned {
         /// 0-based index of the chunk.
         index: usize,
@@ -106,7 +106,8 @@ impl ChunkValidator {
                 bytes: chunk.len(),
             });
         }
-        if !chunk.len().is_multiple_of(4) {
+        // An empty chunk carries nothing; a peer could send them only to look busy.
+        if chunk.is_empty() || !chunk.len().is_multiple_of(4) {
             return Err(ChunkError::Misaligned {
                 index,
                 bytes: chunk.len(),

@@ -95,6 +95,18 @@ fn an_upload_still_making_progress_is_waited_for_past_the_deadline() {
     assert_eq!(sites, expected);
     let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
     assert!(!audit.contains("update.rejected"), "{audit}");
+    // Each round was closed with both sites' updates in it.
+    let aggregated: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"round.aggregated\""))
+        .collect();
+    assert_eq!(aggregated.len(), 2, "{audit}");
+    for line in aggregated {
+        assert!(
+            line.contains("hospital-a") && line.contains("hospital-b"),
+            "{line}"
+        );
+    }
 }
 
 #[test]
