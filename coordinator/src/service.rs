@@ -764,7 +764,7 @@ impl pb::worker_service_server::WorkerService for Services {
             // Still queued is still progress: refresh it while waiting.
             match tokio::time::timeout(Duration::from_secs(1), self.inner.receiving.acquire()).await {
                 Ok(slot) => break slot.map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
-                Err(_) => queued.progress(),
+                Err(_) => queued.progress(0),
             }
         };
         drop(queued);
@@ -843,7 +843,7 @@ impl pb::worker_service_server::WorkerService for Services {
                     return Ok(Err(reason));
                 }
                 file.write_le_bytes(&data).map_err(|e| Status::internal(e.to_string()))?;
-                transfer.progress();
+                transfer.progress(data.len());
                 failpoint::hit("update.receive");
             }
         }
