@@ -22,8 +22,9 @@ use futures::StreamExt;
 use proto::identity::IdentityFiles;
 use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::{ChunkAssembler, encode_chunks};
+use proto::tensor::ChunkAssembler;
 use tonic::transport::{Channel, Endpoint};
+use worker::upload::update_messages;
 
 use crate::demo::{Children, path_str, spawn, wait_for_file, write_coordinator_config};
 use crate::provision;
@@ -390,7 +391,7 @@ async fn simulated_site(
                 observed
                     .pulled_bytes
                     .fetch_add(model.len() as u64 * 4, Ordering::Relaxed);
-                let update = vec![UPDATE_VALUE; model.len()];
+                let update = Arc::new(vec![UPDATE_VALUE; model.len()]);
                 let header = pb::UpdateHeader {
                     job_id: task.job_id.clone(),
                     round: t.round,
@@ -408,18 +409,8 @@ async fn simulated_site(
                     }),
                 };
                 let pushed = Instant::now();
-                let messages = futures::stream::iter(
-                    std::iter::once(pb::UpdateChunk {
-                        part: Some(pb::update_chunk::Part::Header(header)),
-                    })
-                    .chain(
-                        encode_chunks(&update)
-                            .map(|c| pb::UpdateChunk {
-                                part: Some(pb::update_chunk::Part::Data(c)),
-                            })
-                            .collect::<Vec<_>>(),
-                    ),
-                );
+                // The worker's own encoder: chunks made as they are sent.
+                let messages = update_messages(header, Arc::clone(&update), None);
                 let reply = client.push_update(messages).await?.into_inner();
                 observed
                     .push_micros

@@ -38,12 +38,12 @@ pub struct Expected<'a> {
 
 /// Checks an update's header, sent by `site`: the round, the layout, the
 /// ledger entry (the charge must be committed before an update is sent) and
-/// the weight.
-pub fn check_header(
+/// the weight. Returns the ledger entry it checked.
+pub fn check_header<'h>(
     expected: &Expected<'_>,
     site: &str,
-    header: &pb::UpdateHeader,
-) -> Result<(), String> {
+    header: &'h pb::UpdateHeader,
+) -> Result<&'h pb::LedgerEntry, String> {
     if !expected.running || header.round != expected.current_round {
         return Err(format!(
             "job {} is {} at round {}, not accepting updates for round {}",
@@ -78,7 +78,7 @@ pub fn check_header(
             expected.declared_examples.max(1)
         ));
     }
-    Ok(())
+    Ok(entry)
 }
 
 /// Checks an update's values chunk by chunk as they stream past (the
@@ -167,7 +167,11 @@ mod tests {
 
     #[test]
     fn a_well_formed_update_is_admitted() {
-        assert_eq!(check_header(&expected(), "hospital-a", &header()), Ok(()));
+        let h = header();
+        assert_eq!(
+            check_header(&expected(), "hospital-a", &h),
+            Ok(h.ledger_entry.as_ref().unwrap())
+        );
         let mut receiver = UpdateReceiver::new(&expected());
         receiver.push(&bytes(&[0.5, -0.5])).unwrap();
         receiver.push(&bytes(&[0.5, 1.0])).unwrap();

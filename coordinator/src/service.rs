@@ -805,11 +805,9 @@ impl pb::worker_service_server::WorkerService for Services {
             max_update_norm: job.spec.policy.max_update_norm,
             declared_examples: participant.train_examples,
         };
-        if let Err(reason) = admission::check_header(&expected, &who.name, &header) {
-            return reject(reason);
-        }
-        let Some(entry) = header.ledger_entry.clone() else {
-            return reject("update carries no ledger entry".to_string());
+        let entry = match admission::check_header(&expected, &who.name, &header) {
+            Ok(entry) => entry.clone(),
+            Err(reason) => return reject(reason),
         };
         // A transfer that keeps making progress is waited for past the round's
         // deadline; one silent for the idle timeout is dropped.

@@ -31,6 +31,29 @@ fn job_spec(
     .write(fed, file)
 }
 
+/// The rounds of `job_id` charged in the ledger of the worker at `home`, in order.
+fn charged_rounds(home: &std::path::Path, job_id: &str) -> Vec<u32> {
+    Connection::open(home.join("state").join("ledger.sqlite"))
+        .unwrap()
+        .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND round > 0 ORDER BY round")
+        .unwrap()
+        .query_map([job_id], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The coordinator's database in the federation `fed`.
+fn coordinator_db(fed: &Federation) -> Connection {
+    Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap()
+}
+
+/// `SELECT COUNT(*) FROM {table} WHERE job_id = ?1 AND {condition}` on `db`.
+fn count(db: &Connection, table: &str, condition: &str, job_id: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {table} WHERE job_id = ?1 AND {condition}");
+    db.query_row(&sql, [job_id], |r| r.get(0)).unwrap()
+}
+
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -83,30 +106,16 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
         std::fs::read_to_string(home.join("worker.log")).unwrap_or_default()
     );
 
-    let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
-    let rounds: Vec<u32> = ledger
-        .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND round > 0 ORDER BY round")
-        .unwrap()
-        .query_map([&job_id], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let rounds = charged_rounds(&home, &job_id);
     // One charge per round, every round charged, none twice.
     assert_eq!(rounds, vec![1, 2, 3, 4, 5, 6], "after {kills} kills");
+    let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
     let max_dataset_eps: f64 = ledger
         .query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0))
         .unwrap();
     assert!(max_dataset_eps <= 40.0);
     // The coordinator's mirror has every charge.
-    let coordinator =
-        Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
-    let mirrored: i64 = coordinator
-        .query_row(
-            "SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0",
-            [&job_id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let mirrored = count(&coordinator_db(&fed), "ledger_mirror", "round > 0", &job_id);
     assert_eq!(mirrored, 6);
 }
 
@@ -217,48 +226,22 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
         assert_eq!(log.matches(&at).count(), 3, "{phase}");
     }
 
-    let coordinator =
-        Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
-    let rounds: i64 = coordinator
-        .query_row(
-            "SELECT COUNT(*) FROM rounds WHERE job_id = ?1 AND state = 'aggregated'",
-            [&job_id],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(rounds, 10);
+    let coordinator = coordinator_db(&fed);
+    assert_eq!(
+        count(&coordinator, "rounds", "state = 'aggregated'", &job_id),
+        10
+    );
     for home in &homes {
-        let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
-        let charged: Vec<u32> = ledger
-            .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND round > 0 ORDER BY round")
-            .unwrap()
-            .query_map([&job_id], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
         assert_eq!(
-            charged,
+            charged_rounds(home, &job_id),
             (1..=10).collect::<Vec<u32>>(),
             "{}",
             home.display()
         );
     }
     // Every acknowledged update was counted once: one update row per site and round.
-    let updates: i64 = coordinator
-        .query_row(
-            "SELECT COUNT(*) FROM updates WHERE job_id = ?1",
-            [&job_id],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(updates, 20);
-    let mirrored: i64 = coordinator
-        .query_row(
-            "SELECT COUNT(*) FROM ledger_mirror WHERE job_id = ?1 AND round > 0",
-            [&job_id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    assert_eq!(count(&coordinator, "updates", "1", &job_id), 20);
+    let mirrored = count(&coordinator, "ledger_mirror", "round > 0", &job_id);
     assert_eq!(mirrored, 20);
 
     // Each round's model is exactly the previous one plus the weighted mean

@@ -442,32 +442,26 @@ impl RawSite {
         values: &[f32],
     ) -> proto::pb::PushUpdateResponse {
         use proto::pb;
-        let header = pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+        let header = pb::UpdateHeader {
+            job_id: job_id.to_string(),
+            round,
+            layout_hash: layout.to_string(),
+            num_params: values.len() as u64,
+            num_examples,
+            metrics: Default::default(),
+            ledger_entry: Some(pb::LedgerEntry {
+                seq: u64::from(round),
+                site: site.to_string(),
                 job_id: job_id.to_string(),
                 round,
-                layout_hash: layout.to_string(),
-                num_params: values.len() as u64,
-                num_examples,
-                metrics: Default::default(),
-                ledger_entry: Some(pb::LedgerEntry {
-                    seq: u64::from(round),
-                    site: site.to_string(),
-                    job_id: job_id.to_string(),
-                    round,
-                    spec_hash: spec_hash.to_string(),
-                    ..Default::default()
-                }),
-            })),
-        };
-        let mut messages = vec![header];
-        messages.extend(
-            proto::tensor::encode_chunks(values).map(|c| pb::UpdateChunk {
-                part: Some(pb::update_chunk::Part::Data(c)),
+                spec_hash: spec_hash.to_string(),
+                ..Default::default()
             }),
-        );
+        };
+        let messages =
+            worker::upload::update_messages(header, std::sync::Arc::new(values.to_vec()), None);
         self.rt
-            .block_on(self.client.push_update(tokio_stream::iter(messages)))
+            .block_on(self.client.push_update(messages))
             .unwrap()
             .into_inner()
     }
