@@ -50,7 +50,7 @@ fn plain_step(c: &mut Criterion) {
         group.bench_function(w.key(), |b| {
             b.iter_batched(
                 || Batch::random(&data, w.batch_size(), &mut rng),
-                |batch| plain.step(&batch),
+                |batch| plain.step(&batch).unwrap(),
                 BatchSize::SmallInput,
             )
         });

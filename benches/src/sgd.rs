@@ -11,20 +11,15 @@
 //! from `privacy::noise::PrefetchedNoise`, `params -= lr · sum / (qN)`, the
 //! divergence check — with the same calls in the same order.
 //!
-//! # Why a second forward pass
-//! `models` exposes only the per-example clipped gradient, which always
-//! computes per-example norms. [`PlainSgd`] runs the same layers (linear
-//! `x Wᵀ + b`, `conv2d`, ReLU, `max_pool2d`, flatten) with Burn's autodiff
-//! on the parameters themselves, one backward pass of the mean
-//! cross-entropy, and updates the parameters on the device, as a
-//! PyTorch training loop does. A test checks its gradient against
-//! `clipped_gradient_sum` with no clipping.
+//! # The plain step
+//! [`PlainSgd`] takes the same path with `models::Network::gradient_sum`
+//! (one backward pass of the summed loss, no per-example work, no noise)
+//! and divides by B: the difference between the two is the cost of
+//! privacy, whichever kernels compute (Meridian's CPU kernels on the CPU,
+//! Burn's on a GPU).
 
-use burn::tensor::activation::{log_softmax, relu};
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
-use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
-use models::{Architecture, CLASSES, Layer, LayoutError, Network};
+use burn::tensor::Device;
+use models::{Architecture, LayoutError, Network};
 use privacy::NoiseError;
 use privacy::noise::PrefetchedNoise;
 use rand::seq::SliceRandom;
@@ -43,14 +38,6 @@ pub enum StepError {
     /// No noise could be drawn.
     #[error("noise: {0}")]
     Noise(#[from] NoiseError),
-    /// A layer [`PlainSgd`] does not implement (the workloads need none).
-    #[error("layer {index} ({layer:?}) is not implemented by the plain step")]
-    UnsupportedLayer {
-        /// Position of the layer.
-        index: usize,
-        /// The layer.
-        layer: Layer,
-    },
     /// The workload's job spec was refused (a bug in [`crate::round::job_spec`]).
     #[error("job spec: {0}")]
     Spec(String),
@@ -214,27 +201,14 @@ impl DpSgd {
     }
 }
 
-/// Parameters of one layer on the device.
-#[derive(Clone)]
-enum Params {
-    Linear { weight: Tensor<2>, bias: Tensor<1> },
-    Conv { weight: Tensor<4>, bias: Tensor<1> },
-    None,
-}
-
-/// Between two layers, batched.
-enum Activation {
-    Flat(Tensor<2>),
-    Image(Tensor<4>),
-}
-
-/// Plain minibatch SGD on a [`Workload`]'s network with Burn's autodiff:
-/// shuffled batches of exactly B, mean cross-entropy gradient, parameters
-/// kept and updated on the device.
+/// Plain minibatch SGD on a [`Workload`]'s network: shuffled batches of
+/// exactly B, the mean cross-entropy gradient from
+/// [`Network::gradient_sum`], parameters on the host between steps (as in
+/// [`DpSgd`], so the two differ only by clipping and noise).
 pub struct PlainSgd {
     arch: Architecture,
     device: Device,
-    layers: Vec<Params>,
+    params: Vec<f32>,
     lr: f64,
     batch_size: usize,
     shuffler: ChaCha20Rng,
@@ -249,41 +223,10 @@ impl PlainSgd {
     pub fn new(workload: Workload, device: &Device) -> Result<PlainSgd, StepError> {
         let arch = workload.architecture()?;
         let params = arch.init_params(workload.seed());
-        let mut rest = params.as_slice();
-        let mut take = |shape: Vec<usize>| {
-            let (head, tail) = rest.split_at(shape.iter().product());
-            rest = tail;
-            TensorData::new(head.to_vec(), shape)
-        };
-        let options = (device, DType::F32);
-        let mut layers = Vec::with_capacity(arch.layers().len());
-        for (index, &layer) in arch.layers().iter().enumerate() {
-            layers.push(match layer {
-                Layer::Linear { inputs, outputs } => Params::Linear {
-                    weight: Tensor::from_data(take(vec![outputs, inputs]), options),
-                    bias: Tensor::from_data(take(vec![outputs]), options),
-                },
-                Layer::Conv2d {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                } => Params::Conv {
-                    weight: Tensor::from_data(
-                        take(vec![out_channels, in_channels, kernel, kernel]),
-                        options,
-                    ),
-                    bias: Tensor::from_data(take(vec![out_channels]), options),
-                },
-                Layer::Relu | Layer::MaxPool2 | Layer::Flatten => Params::None,
-                Layer::LayerNorm { .. } | Layer::GroupNorm { .. } | Layer::BatchNorm { .. } => {
-                    return Err(StepError::UnsupportedLayer { index, layer });
-                }
-            });
-        }
         Ok(PlainSgd {
             arch,
             device: device.clone(),
-            layers,
+            params,
             lr: LEARNING_RATE,
             batch_size: workload.batch_size(),
             shuffler: ChaCha20Rng::seed_from_u64(workload.seed()),
@@ -293,145 +236,29 @@ impl PlainSgd {
         })
     }
 
-    /// The logits `[B, CLASSES]` of `input` `[B, D]` under `layers`.
-    fn forward(&self, layers: &[Params], input: Tensor<2>) -> Tensor<2> {
-        let mut act = match self.arch.image_side() {
-            Some(side) => {
-                let [b, _] = input.dims();
-                Activation::Image(input.reshape([b, 1, side, side]))
-            }
-            None => Activation::Flat(input),
-        };
-        // `Architecture` checked that each layer fits the shape before it
-        // and `new` refused the others, so the arms not listed never occur.
-        for (layer, p) in self.arch.layers().iter().zip(layers) {
-            act = match (layer, p, act) {
-                (Layer::Linear { .. }, Params::Linear { weight, bias }, Activation::Flat(a)) => {
-                    Activation::Flat(
-                        a.matmul(weight.clone().transpose()) + bias.clone().unsqueeze::<2>(),
-                    )
-                }
-                (Layer::Conv2d { .. }, Params::Conv { weight, bias }, Activation::Image(x)) => {
-                    let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
-                    Activation::Image(conv2d(x, weight.clone(), Some(bias.clone()), options))
-                }
-                (Layer::Relu, _, Activation::Flat(x)) => Activation::Flat(relu(x)),
-                (Layer::Relu, _, Activation::Image(x)) => Activation::Image(relu(x)),
-                (Layer::MaxPool2, _, Activation::Image(x)) => {
-                    Activation::Image(max_pool2d(x, MaxPoolOptions::new([2, 2])))
-                }
-                (Layer::Flatten, _, Activation::Image(x)) => {
-                    let [b, c, h, w] = x.dims();
-                    Activation::Flat(x.reshape([b, c * h * w]))
-                }
-                (_, _, act) => act,
-            };
-        }
-        match act {
-            Activation::Flat(logits) => logits,
-            Activation::Image(x) => {
-                let [b, c, h, w] = x.dims();
-                x.reshape([b, c * h * w])
-            }
-        }
+    /// The mean cross-entropy gradient of `batch`, flat in the layout's order.
+    pub fn gradient(&self, batch: &Batch) -> Result<Vec<f32>, StepError> {
+        let net = Network::new(&self.arch, &self.params, &self.device)?;
+        let mut grads = net.gradient_sum(&batch.x, &batch.y).sum;
+        let scale = 1.0 / batch.len().max(1) as f32;
+        grads.iter_mut().for_each(|g| *g *= scale);
+        Ok(grads)
     }
 
-    /// The parameters as autodiff leaves, and the gradients of the mean
-    /// cross-entropy of `batch` with respect to them.
-    fn backward(&self, batch: &Batch) -> (Vec<Params>, Gradients) {
-        let b = batch.len();
-        let d = self.arch.input_dim();
-        let autodiff = self.device.clone().autodiff();
-        let track2 = |t: &Tensor<2>| t.clone().autodiff().require_grad();
-        let track1 = |t: &Tensor<1>| t.clone().autodiff().require_grad();
-        let tracked: Vec<Params> = self
-            .layers
-            .iter()
-            .map(|p| match p {
-                Params::Linear { weight, bias } => Params::Linear {
-                    weight: track2(weight),
-                    bias: track1(bias),
-                },
-                Params::Conv { weight, bias } => Params::Conv {
-                    weight: weight.clone().autodiff().require_grad(),
-                    bias: track1(bias),
-                },
-                Params::None => Params::None,
-            })
-            .collect();
-        let options = (&autodiff, DType::F32);
-        let input = Tensor::<2>::from_data(TensorData::new(batch.x.clone(), [b, d]), options);
-        let mut onehot = vec![0f32; b * CLASSES];
-        for (i, &label) in batch.y.iter().enumerate() {
-            onehot[i * CLASSES + usize::from(label.min(1))] = 1.0;
+    /// One SGD step on `batch`: `θ -= lr · ∇ mean loss`.
+    pub fn step(&mut self, batch: &Batch) -> Result<(), StepError> {
+        let grads = self.gradient(batch)?;
+        let lr = self.lr as f32;
+        for (p, g) in self.params.iter_mut().zip(&grads) {
+            *p -= lr * g;
         }
-        let onehot = Tensor::<2>::from_data(TensorData::new(onehot, [b, CLASSES]), options);
-        let logits = self.forward(&tracked, input);
-        let loss = (log_softmax(logits, 1) * onehot)
-            .sum()
-            .neg()
-            .div_scalar(b.max(1) as f64);
-        let grads = loss.backward();
-        (tracked, grads)
-    }
-
-    /// The mean cross-entropy gradient of `batch`, flat in the layout's
-    /// order (for checks; [`PlainSgd::step`] never leaves the device).
-    pub fn gradient(&self, batch: &Batch) -> Vec<f32> {
-        let (tracked, grads) = self.backward(batch);
-        let mut flat = Vec::new();
-        for p in &tracked {
-            match p {
-                Params::Linear { weight, bias } => {
-                    flat.extend(host(weight.grad(&grads)));
-                    flat.extend(host(bias.grad(&grads)));
-                }
-                Params::Conv { weight, bias } => {
-                    flat.extend(host(weight.grad(&grads)));
-                    flat.extend(host(bias.grad(&grads)));
-                }
-                Params::None => {}
-            }
-        }
-        flat
-    }
-
-    /// One SGD step on `batch`: `θ -= lr · ∇ mean loss`, on the device.
-    pub fn step(&mut self, batch: &Batch) {
-        let (tracked, grads) = self.backward(batch);
-        let lr = self.lr;
-        for (p, t) in self.layers.iter_mut().zip(&tracked) {
-            match (p, t) {
-                (
-                    Params::Linear { weight, bias },
-                    Params::Linear {
-                        weight: tw,
-                        bias: tb,
-                    },
-                ) => {
-                    *weight = descend(weight, tw.grad(&grads), lr);
-                    *bias = descend(bias, tb.grad(&grads), lr);
-                }
-                (
-                    Params::Conv { weight, bias },
-                    Params::Conv {
-                        weight: tw,
-                        bias: tb,
-                    },
-                ) => {
-                    *weight = descend(weight, tw.grad(&grads), lr);
-                    *bias = descend(bias, tb.grad(&grads), lr);
-                }
-                _ => {}
-            }
-        }
+        Ok(())
     }
 
     /// `steps` steps over shuffled batches of exactly B, reshuffling after
     /// every `floor(N / B)` batches (an epoch); returns the examples
-    /// processed. Reads the parameters back at the end, so that all the work
-    /// is done when it returns, whatever the device.
-    pub fn run(&mut self, data: &Dataset, steps: usize) -> usize {
+    /// processed.
+    pub fn run(&mut self, data: &Dataset, steps: usize) -> Result<usize, StepError> {
         let b = self.batch_size;
         let mut batch = std::mem::take(&mut self.batch);
         let mut examples = 0;
@@ -446,50 +273,16 @@ impl PlainSgd {
             );
             self.cursor += b;
             examples += batch.len();
-            self.step(&batch);
+            self.step(&batch)?;
         }
         self.batch = batch;
-        let _ = self.params();
-        examples
+        Ok(examples)
     }
 
     /// The current parameters, flat in the layout's order.
-    pub fn params(&self) -> Vec<f32> {
-        let mut flat = Vec::new();
-        for p in &self.layers {
-            match p {
-                Params::Linear { weight, bias } => {
-                    flat.extend(host(Some(weight.clone())));
-                    flat.extend(host(Some(bias.clone())));
-                }
-                Params::Conv { weight, bias } => {
-                    flat.extend(host(Some(weight.clone())));
-                    flat.extend(host(Some(bias.clone())));
-                }
-                Params::None => {}
-            }
-        }
-        flat
+    pub fn params(&self) -> &[f32] {
+        &self.params
     }
-}
-
-/// `θ - lr · g` as a plain (non-autodiff) tensor; a missing gradient (the
-/// loss does not depend on θ) leaves θ unchanged.
-fn descend<const D: usize>(theta: &Tensor<D>, grad: Option<Tensor<D>>, lr: f64) -> Tensor<D> {
-    match grad {
-        Some(g) => theta.clone() - g.mul_scalar(lr),
-        None => theta.clone(),
-    }
-}
-
-/// A tensor's values on the host as `f32`; a missing tensor gives nothing.
-fn host<const D: usize>(t: Option<Tensor<D>>) -> Vec<f32> {
-    t.map(|t| {
-        t.into_data()
-            .try_into_vec_as::<f32>()
-            .expect("a float tensor reads back as f32")
-    })
-    .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! A network's parameters on a Burn device, and the two computations the
-//! worker needs from it: exact clipped per-example gradient sums (DP-SGD) and
-//! predictions.
+//! A network's parameters on a device, and the computations the worker needs
+//! from it: exact clipped per-example gradient sums (DP-SGD), plain gradient
+//! sums and predictions. On the `flex` CPU device the layers Meridian's own
+//! kernels implement run there (see `cpu`); this file is the Burn path, for
+//! GPUs, `f64` reference checks and norm layers.
 //!
 //! # Why probes
 //! Burn computes gradients of a scalar and has no backward hooks, so it never
@@ -47,6 +49,7 @@ use burn::tensor::ops::{ConvOptions, MaxPoolOptions, UnfoldOptions};
 use burn::tensor::{DType, Device, Element, Tensor, TensorData};
 
 use crate::architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON};
+use crate::cpu::CpuNet;
 
 /// The device training runs on: the `flex` CPU backend, or with the `wgpu`
 /// feature and `gpu = true`, the first discrete GPU.
@@ -121,7 +124,22 @@ pub struct Network {
     device: Device,
     /// `F32` or `F64`: every tensor of this network is created in it.
     dtype: DType,
+    /// Burn's copy of the parameters; empty when `cpu` computes instead.
     params: Vec<LayerParams>,
+    /// Meridian's own CPU kernels, used for `f32` on the `flex` device when
+    /// they implement every layer (see `cpu`).
+    cpu: Option<CpuNet>,
+}
+
+/// The plain (unclipped) gradient of a batch's summed loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradientSum {
+    /// Σᵢ gᵢ, flat, in the layout's order.
+    pub sum: Vec<f32>,
+    /// Σᵢ lossᵢ (cross-entropy).
+    pub loss_sum: f64,
+    /// Examples whose argmax matched the label.
+    pub correct: usize,
 }
 
 /// The result of one DP-SGD gradient computation over a batch.
@@ -179,8 +197,32 @@ enum PerExample {
 
 impl Network {
     /// Places a flat parameter vector (PyTorch layout) on `device`; the
-    /// network computes in `f32`.
+    /// network computes in `f32`. On the `flex` CPU device, networks made of
+    /// linear, convolution, ReLU, max-pooling and flatten layers run on
+    /// Meridian's own kernels (`cpu`), others on Burn.
     pub fn new(
+        arch: &Architecture,
+        params: &[f32],
+        device: &Device,
+    ) -> Result<Network, LayoutError> {
+        if *device == Device::flex() {
+            arch.layout().check(params)?;
+            if let Some(cpu) = CpuNet::new(arch, params) {
+                return Ok(Network {
+                    arch: arch.clone(),
+                    device: device.clone(),
+                    dtype: DType::F32,
+                    params: Vec::new(),
+                    cpu: Some(cpu),
+                });
+            }
+        }
+        Network::place(arch, params, DType::F32, device)
+    }
+
+    /// Like [`Network::new`], but always on Burn's kernels: for comparing the
+    /// two CPU paths, and the path every GPU takes.
+    pub fn with_burn(
         arch: &Architecture,
         params: &[f32],
         device: &Device,
@@ -246,7 +288,14 @@ impl Network {
             device: device.clone(),
             dtype,
             params: layer_params,
+            cpu: None,
         })
+    }
+
+    /// Whether Meridian's own CPU kernels compute for this network.
+    #[cfg(test)]
+    pub(crate) fn on_cpu_kernels(&self) -> bool {
+        self.cpu.is_some()
     }
 
     /// The architecture.
@@ -258,6 +307,13 @@ impl Network {
     pub fn predict(&self, x: &[f32]) -> Vec<f32> {
         let d = self.arch.input_dim();
         let rows = x.len() / d;
+        if let Some(cpu) = &self.cpu {
+            return cpu
+                .logits(&x[..rows * d])
+                .chunks_exact(CLASSES)
+                .map(|z| 1.0 / (1.0 + (z[0] - z[1]).exp()))
+                .collect();
+        }
         let mut out = Vec::with_capacity(rows);
         for start in (0..rows).step_by(4096) {
             let n = (rows - start).min(4096);
@@ -419,6 +475,16 @@ impl Network {
     /// (see the module documentation); exact, not an approximation.
     pub fn clipped_gradient_sum(&self, x: &[f32], y: &[u8], clip: f64) -> ClippedGradients {
         let b = y.len();
+        if let Some(cpu) = &self.cpu {
+            let outcome = cpu.gradient_sum(x, y, Some(clip));
+            return ClippedGradients {
+                sum: outcome.sum,
+                norms: outcome.norms,
+                loss_sum: outcome.loss_sum,
+                correct: outcome.correct,
+                clipped: outcome.clipped,
+            };
+        }
         let num_params = self.arch.layout().num_params();
         if b == 0 {
             return ClippedGradients {
@@ -471,6 +537,95 @@ impl Network {
         }
     }
 
+    /// The gradient of the summed cross-entropy of the `y.len()` rows of `x`,
+    /// with no clipping: what a non-private SGD step descends. One forward
+    /// and one backward pass, through the parameters themselves.
+    pub fn gradient_sum(&self, x: &[f32], y: &[u8]) -> GradientSum {
+        if let Some(cpu) = &self.cpu {
+            let outcome = cpu.gradient_sum(x, y, None);
+            return GradientSum {
+                sum: outcome.sum,
+                loss_sum: outcome.loss_sum,
+                correct: outcome.correct,
+            };
+        }
+        let (sum, loss_sum, correct) = self.burn_gradient_sum(x, y);
+        GradientSum {
+            sum: sum.into_iter().map(|v| v as f32).collect(),
+            loss_sum,
+            correct,
+        }
+    }
+
+    /// [`Network::gradient_sum`] on Burn's kernels, the sum in full
+    /// precision (`f64` networks keep it exact).
+    fn burn_gradient_sum(&self, x: &[f32], y: &[u8]) -> (Vec<f64>, f64, usize) {
+        let num_params = self.arch.layout().num_params();
+        if y.is_empty() {
+            return (vec![0.0; num_params], 0.0, 0);
+        }
+        let autodiff = self.device.clone().autodiff();
+        let track = |t: &Tensor<1>| t.clone().autodiff().require_grad();
+        let tracked: Vec<LayerParams> = self
+            .params
+            .iter()
+            .map(|p| match p {
+                LayerParams::Linear { weight, bias } => LayerParams::Linear {
+                    weight: weight.clone().autodiff().require_grad(),
+                    bias: track(bias),
+                },
+                LayerParams::Conv { weight, bias } => LayerParams::Conv {
+                    weight: weight.clone().autodiff().require_grad(),
+                    bias: track(bias),
+                },
+                LayerParams::Norm { weight, bias } => LayerParams::Norm {
+                    weight: track(weight),
+                    bias: track(bias),
+                },
+                LayerParams::None => LayerParams::None,
+            })
+            .collect();
+        let (input, onehot) = self.batch(x, y, &autodiff);
+        let log_probs = log_softmax(self.forward(input, &tracked, None), 1);
+        let per_example = (log_probs.clone() * onehot).sum_dim(1).neg();
+        let grads = per_example.clone().sum().backward();
+        let (loss_sum, correct) =
+            loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
+        let mut sum = Vec::with_capacity(num_params);
+        let mut extend = |values: Option<Vec<f64>>, len: usize| match values {
+            Some(values) => sum.extend(values),
+            // The loss does not depend on this tensor.
+            None => sum.extend(std::iter::repeat_n(0.0, len)),
+        };
+        for p in &tracked {
+            match p {
+                LayerParams::Linear { weight, bias } => {
+                    extend(
+                        weight.grad(&grads).map(to_f64),
+                        weight.shape().num_elements(),
+                    );
+                    extend(bias.grad(&grads).map(to_f64), bias.shape().num_elements());
+                }
+                LayerParams::Conv { weight, bias } => {
+                    extend(
+                        weight.grad(&grads).map(to_f64),
+                        weight.shape().num_elements(),
+                    );
+                    extend(bias.grad(&grads).map(to_f64), bias.shape().num_elements());
+                }
+                LayerParams::Norm { weight, bias } => {
+                    extend(
+                        weight.grad(&grads).map(to_f64),
+                        weight.shape().num_elements(),
+                    );
+                    extend(bias.grad(&grads).map(to_f64), bias.shape().num_elements());
+                }
+                LayerParams::None => {}
+            }
+        }
+        (sum, loss_sum, correct)
+    }
+
     /// The first `y.len()` rows of `x` and one-hot labels, on `device`.
     fn batch(&self, x: &[f32], y: &[u8], device: &Device) -> (Tensor<2>, Tensor<2>) {
         let b = y.len();
@@ -487,7 +642,7 @@ impl Network {
 }
 
 /// Opacus' clip factor `min(1, clip / (norm + 1e-6))`.
-fn clip_factor(norm: f64, clip: f64) -> f64 {
+pub(crate) fn clip_factor(norm: f64, clip: f64) -> f64 {
     (clip / (norm + 1e-6)).min(1.0)
 }
 

@@ -231,7 +231,7 @@ fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Ro
 
     let plain_plan = Plan::new(quick, workload, workload.plain_steps_per_epoch());
     let mut plain = PlainSgd::new(workload, device)?;
-    let plain_epochs = measure("plain", plain_plan, |steps| Ok(plain.run(&data, steps)))?;
+    let plain_epochs = measure("plain", plain_plan, |steps| plain.run(&data, steps))?;
 
     // One "step" of this plan is one round, i.e. one local epoch.
     let mut round = WorkerRound::new(workload, &data, device)?;
@@ -383,12 +383,11 @@ fn print_tables(options: &Options, rows: &[Row], rdp: &AccountantTiming, pld: &A
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let device = match (options.device, cfg!(feature = "rayon")) {
-        (DeviceChoice::Cpu, false) => {
-            "cpu (Burn flex, one thread: Meridian's burn features leave `rayon` off)"
+    let device = match options.device {
+        DeviceChoice::Cpu => {
+            "cpu (Meridian's CPU kernels, `models::cpu`: the batch split across every core; noise drawn ahead on one or two more threads)"
         }
-        (DeviceChoice::Cpu, true) => "cpu (Burn flex with the `rayon` feature: all cores)",
-        (DeviceChoice::Gpu, _) => "gpu (Burn wgpu)",
+        DeviceChoice::Gpu => "gpu (Burn wgpu)",
     };
     let mode = if options.quick {
         format!(

@@ -16,7 +16,10 @@ fn floats(v: &Value) -> Vec<f64> {
         .unwrap()
         .iter()
         .flat_map(|x| match x {
-            Value::Array(inner) => inner.iter().map(|y| y.as_f64().unwrap()).collect::<Vec<_>>(),
+            Value::Array(inner) => inner
+                .iter()
+                .map(|y| y.as_f64().unwrap())
+                .collect::<Vec<_>>(),
             other => vec![other.as_f64().unwrap()],
         })
         .collect()
@@ -60,69 +63,26 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= rel * scale.max(1e-6), "index {i}: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= rel * scale.max(1e-6),
+            "index {i}: got {g}, want {w}"
+        );
     }
 }
 
-/// The test oracle: one backward pass per example (batch size 1) with every
-/// parameter tracked, the textbook definition of clipped per-example
-/// gradients; exact and slow.
+/// The test oracle: one backward pass per example (batch size 1) through
+/// the parameters themselves (`Network::burn_gradient_sum`), the textbook
+/// definition of clipped per-example gradients; exact and slow. On Burn's
+/// kernels, so it checks the CPU kernels and the probes alike.
 fn clipped_sum_per_example(net: &Network, x: &[f32], y: &[u8], clip: f64) -> ClippedGradients {
     let d = net.arch.input_dim();
-    let num_params = net.arch.layout().num_params();
-    let autodiff = net.device.clone().autodiff();
-    let mut sum = vec![0f64; num_params];
+    let mut sum = vec![0f64; net.arch.layout().num_params()];
     let mut norms = Vec::with_capacity(y.len());
     let (mut loss_sum, mut correct, mut clipped) = (0.0, 0, 0);
     for (i, &label) in y.iter().enumerate() {
-        let track_1 = |t: &Tensor<1>| t.clone().autodiff().require_grad();
-        let tracked: Vec<LayerParams> = net
-            .params
-            .iter()
-            .map(|p| match p {
-                LayerParams::Linear { weight, bias } => LayerParams::Linear {
-                    weight: weight.clone().autodiff().require_grad(),
-                    bias: track_1(bias),
-                },
-                LayerParams::Conv { weight, bias } => LayerParams::Conv {
-                    weight: weight.clone().autodiff().require_grad(),
-                    bias: track_1(bias),
-                },
-                LayerParams::Norm { weight, bias } => LayerParams::Norm {
-                    weight: track_1(weight),
-                    bias: track_1(bias),
-                },
-                LayerParams::None => LayerParams::None,
-            })
-            .collect();
-        let (input, onehot) = net.batch(&x[i * d..(i + 1) * d], &[label], &autodiff);
-        let logits = net.forward(input, &tracked, None);
-        let log_probs = log_softmax(logits, 1);
-        let loss = (log_probs.clone() * onehot).sum().neg();
-        let grads = loss.backward();
-        let (l, c) = loss_and_correct(&to_f64(loss.inner()), &to_f64(log_probs.inner()), &[label]);
-        loss_sum += l;
-        correct += c;
-        let grad_1 = |t: &Tensor<1>| to_f64(t.grad(&grads).unwrap());
-        let mut g = Vec::with_capacity(num_params);
-        for p in &tracked {
-            match p {
-                LayerParams::Linear { weight, bias } => {
-                    g.extend(to_f64(weight.grad(&grads).unwrap()));
-                    g.extend(grad_1(bias));
-                }
-                LayerParams::Conv { weight, bias } => {
-                    g.extend(to_f64(weight.grad(&grads).unwrap()));
-                    g.extend(grad_1(bias));
-                }
-                LayerParams::Norm { weight, bias } => {
-                    g.extend(grad_1(weight));
-                    g.extend(grad_1(bias));
-                }
-                LayerParams::None => {}
-            }
-        }
-        assert_eq!(g.len(), num_params);
+        let (g, loss, right) = net.burn_gradient_sum(&x[i * d..(i + 1) * d], &[label]);
+        loss_sum += loss;
+        correct += right;
         let norm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
         let factor = clip_factor(norm, clip);
         if factor < 1.0 {
@@ -143,17 +103,31 @@ fn clipped_sum_per_example(net: &Network, x: &[f32], y: &[u8], clip: f64) -> Cli
 }
 
 fn labels(fix: &Value) -> Vec<u8> {
-    fix["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect()
+    fix["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect()
 }
 
 fn mlp_fixture_arch() -> Architecture {
     Architecture::from_layers(
         vec![
-            Layer::Linear { inputs: 30, outputs: 64 },
+            Layer::Linear {
+                inputs: 30,
+                outputs: 64,
+            },
             Layer::Relu,
-            Layer::Linear { inputs: 64, outputs: 64 },
+            Layer::Linear {
+                inputs: 64,
+                outputs: 64,
+            },
             Layer::Relu,
-            Layer::Linear { inputs: 64, outputs: 2 },
+            Layer::Linear {
+                inputs: 64,
+                outputs: 2,
+            },
         ],
         30,
         None,
@@ -164,13 +138,24 @@ fn mlp_fixture_arch() -> Architecture {
 fn cnn_fixture_arch() -> Architecture {
     Architecture::from_layers(
         vec![
-            Layer::Conv2d { in_channels: 1, out_channels: 4, kernel: 3 },
+            Layer::Conv2d {
+                in_channels: 1,
+                out_channels: 4,
+                kernel: 3,
+            },
             Layer::Relu,
             Layer::MaxPool2,
-            Layer::Conv2d { in_channels: 4, out_channels: 8, kernel: 3 },
+            Layer::Conv2d {
+                in_channels: 4,
+                out_channels: 8,
+                kernel: 3,
+            },
             Layer::Relu,
             Layer::Flatten,
-            Layer::Linear { inputs: 72, outputs: 2 },
+            Layer::Linear {
+                inputs: 72,
+                outputs: 2,
+            },
         ],
         144,
         Some(12),
@@ -194,11 +179,18 @@ fn check_fixture(name: &str, arch: &Architecture) {
     let fast = Network::new(arch, &weights_f32, &Device::flex()).unwrap();
 
     let losses: Vec<f64> = (0..y.len())
-        .map(|i| exact.clipped_gradient_sum(&x[i * d..(i + 1) * d], &y[i..=i], 1.0).loss_sum)
+        .map(|i| {
+            exact
+                .clipped_gradient_sum(&x[i * d..(i + 1) * d], &y[i..=i], 1.0)
+                .loss_sum
+        })
         .collect();
     let want_losses = floats(&fix["per_sample_loss"]);
     let err = max_relative_error(&losses, &want_losses);
-    assert!(err <= 1e-6, "per-example losses: max relative error {err:e}");
+    assert!(
+        err <= 1e-6,
+        "per-example losses: max relative error {err:e}"
+    );
     let want_norms = floats(&fix["per_sample_grad_norm"]);
     for (clip, case) in fix["clipped_sums"].as_object().unwrap() {
         let clip: f64 = clip.parse().unwrap();
@@ -207,14 +199,22 @@ fn check_fixture(name: &str, arch: &Architecture) {
         assert_relative("norms", &got.norms, &want_norms, 1e-6);
         assert_relative("clipped sum", &got.sum, &want_sum, 1e-6);
         let loss: f64 = want_losses.iter().sum();
-        assert!((got.loss_sum - loss).abs() <= 1e-6 * loss.abs(), "{} vs {loss}", got.loss_sum);
+        assert!(
+            (got.loss_sum - loss).abs() <= 1e-6 * loss.abs(),
+            "{} vs {loss}",
+            got.loss_sum
+        );
         assert_eq!(got.clipped as u64, case["num_clipped"].as_u64().unwrap());
 
         let got = fast.clipped_gradient_sum(&x, &y, clip);
         let narrow = |v: &[f64]| v.iter().map(|&w| w as f32).collect::<Vec<_>>();
         assert_close(&got.norms, &narrow(&want_norms), 1e-4);
         assert_close(&got.sum, &narrow(&want_sum), 1e-4);
-        assert!((got.loss_sum - loss).abs() <= 1e-4 * loss.abs(), "{} vs {loss}", got.loss_sum);
+        assert!(
+            (got.loss_sum - loss).abs() <= 1e-4 * loss.abs(),
+            "{} vs {loss}",
+            got.loss_sum
+        );
     }
 }
 
@@ -245,11 +245,14 @@ fn random_params(arch: &Architecture, seed: u64) -> Vec<f64> {
 fn check_against_oracle(arch: &Architecture, seed: u64, rows: usize, rel_f32: f32) {
     let d = arch.input_dim();
     let params = random_params(arch, seed);
-    let x: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.37 + seed as f32).sin() * 2.0).collect();
+    let x: Vec<f32> = (0..rows * d)
+        .map(|i| (i as f32 * 0.37 + seed as f32).sin() * 2.0)
+        .collect();
     let y: Vec<u8> = (0..rows).map(|i| ((i + seed as usize) % 2) as u8).collect();
     let exact = Network::new_f64(arch, &params, &Device::flex()).unwrap();
     let params_f32: Vec<f32> = params.iter().map(|&p| p as f32).collect();
     let fast = Network::new(arch, &params_f32, &Device::flex()).unwrap();
+    let fast_burn = Network::with_burn(arch, &params_f32, &Device::flex()).unwrap();
     let reference = clipped_sum_per_example(&exact, &x, &y, f64::INFINITY);
     let mut sorted = reference.norms.clone();
     sorted.sort_by(f32::total_cmp);
@@ -265,7 +268,7 @@ fn check_against_oracle(arch: &Architecture, seed: u64, rows: usize, rel_f32: f3
         assert_eq!(probes.correct, oracle.correct);
 
         let probes = fast.clipped_gradient_sum(&x, &y, clip);
-        let oracle = clipped_sum_per_example(&fast, &x, &y, clip);
+        let oracle = clipped_sum_per_example(&fast_burn, &x, &y, clip);
         assert_close(&probes.sum, &oracle.sum, rel_f32);
         assert_close(&probes.norms, &oracle.norms, rel_f32);
         assert_eq!(probes.correct, oracle.correct);
@@ -299,13 +302,25 @@ fn probes_equal_the_oracle_on_the_benchmark_cnn() {
 fn probes_equal_the_oracle_with_layer_and_group_norm() {
     let mlp = Architecture::from_layers(
         vec![
-            Layer::Linear { inputs: 6, outputs: 8 },
+            Layer::Linear {
+                inputs: 6,
+                outputs: 8,
+            },
             Layer::LayerNorm { features: 8 },
             Layer::Relu,
-            Layer::Linear { inputs: 8, outputs: 6 },
-            Layer::GroupNorm { groups: 3, channels: 6 },
+            Layer::Linear {
+                inputs: 8,
+                outputs: 6,
+            },
+            Layer::GroupNorm {
+                groups: 3,
+                channels: 6,
+            },
             Layer::Relu,
-            Layer::Linear { inputs: 6, outputs: 2 },
+            Layer::Linear {
+                inputs: 6,
+                outputs: 2,
+            },
         ],
         6,
         None,
@@ -314,16 +329,33 @@ fn probes_equal_the_oracle_with_layer_and_group_norm() {
     check_against_oracle(&mlp, 6, 9, 1e-5);
     let cnn = Architecture::from_layers(
         vec![
-            Layer::Conv2d { in_channels: 1, out_channels: 4, kernel: 3 },
-            Layer::GroupNorm { groups: 2, channels: 4 },
+            Layer::Conv2d {
+                in_channels: 1,
+                out_channels: 4,
+                kernel: 3,
+            },
+            Layer::GroupNorm {
+                groups: 2,
+                channels: 4,
+            },
             Layer::Relu,
             Layer::MaxPool2,
-            Layer::Conv2d { in_channels: 4, out_channels: 6, kernel: 3 },
-            Layer::GroupNorm { groups: 3, channels: 6 },
+            Layer::Conv2d {
+                in_channels: 4,
+                out_channels: 6,
+                kernel: 3,
+            },
+            Layer::GroupNorm {
+                groups: 3,
+                channels: 6,
+            },
             Layer::Relu,
             Layer::Flatten,
             Layer::LayerNorm { features: 24 },
-            Layer::Linear { inputs: 24, outputs: 2 },
+            Layer::Linear {
+                inputs: 24,
+                outputs: 2,
+            },
         ],
         100,
         Some(10),

@@ -1,0 +1,870 @@
+//! Meridian's own `f32` CPU kernels for the layer stacks most models are
+//! made of (linear, 2-D convolution, ReLU, 2×2 max pooling, flatten), used
+//! instead of Burn whenever a [`crate::Network`] computes in `f32` on the
+//! `flex` CPU device.
+//!
+//! # Why not Burn here
+//! Profiled on the benchmark CNN (2 vCPU Xeon), Burn's direct convolution
+//! and max pooling took about half of a plain training step, its probes add
+//! a second pass over the patches for the per-example gradients, and the
+//! workspace builds Burn single-threaded. These kernels compute the same
+//! values (the tests compare them with Burn in `f64` and with PyTorch's
+//! reference values) with less work:
+//!
+//! - **Convolution as GEMM.** Each example's input is unfolded into its
+//!   patches `U` `[C_in·k·k, L]` (im2col, rows in PyTorch's weight order, each
+//!   row a run of contiguous copies), so the forward pass is one matrix
+//!   product `W U` `[C_out, L]`, the weight gradient `dZ Uᵀ`, and the input
+//!   gradient `Wᵀ dZ` folded back (col2im). The products go to
+//!   `ndarray`'s blocked, packed GEMM (`matrixmultiply`, AVX2/FMA kernels
+//!   chosen at run time), so no `unsafe` code is needed here.
+//! - **Per-example gradients for free.** Summed over the batch, a
+//!   convolution's weight gradient is `Σᵢ dZᵢ Uᵢᵀ`; DP-SGD needs each term on
+//!   its own, which is the same arithmetic kept apart. So the DP step does
+//!   what the plain step does plus, per example, a squared norm and a
+//!   weighted add of `C_out·C_in·k·k` values. A linear layer never builds its
+//!   per-example gradients: their squared norms are `‖aᵢ‖²‖dzᵢ‖²` plus the
+//!   bias's `‖dzᵢ‖²` ("ghost norm"), and the clipped sum is one product
+//!   `(f ⊙ dZ)ᵀ A`.
+//! - **Chunks of examples across cores.** An example's clip factor depends on
+//!   that example alone, so the batch is cut into chunks (when it is big
+//!   enough to pay for threads), one thread per core claims chunk after
+//!   chunk, and each chunk runs forward, backward, clipping and its part of
+//!   the clipped sum with no synchronisation; the parts are added in chunk
+//!   order, so the result does not depend on which thread ran what.
+//!
+//! Layers it does not implement (LayerNorm, GroupNorm) leave the network on
+//! Burn, whose probes handle every layer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+
+use crate::architecture::{Architecture, CLASSES, Layer};
+
+/// Forward multiply-adds below which a batch is not split across threads:
+/// a thread costs tens of microseconds to start.
+const MACS_PER_THREAD: usize = 2_000_000;
+
+/// Chunks per thread when a batch is split, for balance...
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// ...but no chunk smaller than this many forward multiply-adds.
+const MACS_PER_CHUNK: usize = 500_000;
+
+/// The most a chunk may keep per thread (activations and per-example
+/// gradients), whatever the batch size: larger batches run as more chunks.
+const WORKSPACE_BYTES: usize = 64 << 20;
+
+/// One layer as these kernels run it, with its input shape resolved.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// `z = a Wᵀ + b`; weight at `offset` `[outputs, inputs]`, bias after it.
+    Linear {
+        inputs: usize,
+        outputs: usize,
+        offset: usize,
+    },
+    /// Stride 1, no padding; input `[in_channels, height, width]`, weight at
+    /// `offset` `[out_channels, in_channels, kernel, kernel]`, bias after it.
+    Conv {
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        height: usize,
+        width: usize,
+        offset: usize,
+    },
+    Relu,
+    /// 2×2, stride 2, rounding down; input `[channels, height, width]`.
+    MaxPool {
+        channels: usize,
+        height: usize,
+        width: usize,
+    },
+}
+
+impl Op {
+    /// Values per example of this op's output, given its input's.
+    fn output_len(&self, input_len: usize) -> usize {
+        match *self {
+            Op::Linear { outputs, .. } => outputs,
+            Op::Conv {
+                out_channels,
+                kernel,
+                height,
+                width,
+                ..
+            } => out_channels * (height + 1 - kernel) * (width + 1 - kernel),
+            Op::Relu => input_len,
+            Op::MaxPool {
+                channels,
+                height,
+                width,
+            } => channels * (height / 2) * (width / 2),
+        }
+    }
+
+    /// Forward multiply-adds per example.
+    fn macs(&self, output_len: usize) -> usize {
+        match *self {
+            Op::Linear {
+                inputs, outputs, ..
+            } => inputs * outputs,
+            Op::Conv {
+                in_channels,
+                kernel,
+                ..
+            } => output_len * in_channels * kernel * kernel,
+            Op::Relu | Op::MaxPool { .. } => 0,
+        }
+    }
+}
+
+/// A network's parameters on the host and the plan that runs them.
+#[derive(Clone, Debug)]
+pub(crate) struct CpuNet {
+    ops: Vec<Op>,
+    /// Values per example of each activation: `lens[0]` is the input,
+    /// `lens[j + 1]` op `j`'s output.
+    lens: Vec<usize>,
+    params: Vec<f32>,
+    /// The first op with parameters: no input gradient is needed below it.
+    first_trainable: usize,
+    macs_per_example: usize,
+    /// The most examples one chunk may hold within [`WORKSPACE_BYTES`].
+    max_chunk: usize,
+}
+
+/// What a batch (or one chunk of it) gives back.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Σᵢ clip(gᵢ), or Σᵢ gᵢ without clipping, in the layout's order.
+    pub sum: Vec<f32>,
+    /// Each example's gradient norm (with clipping only).
+    pub norms: Vec<f32>,
+    pub loss_sum: f64,
+    pub correct: usize,
+    pub clipped: usize,
+}
+
+/// Buffers one chunk's computation reuses from batch to batch. Allocating
+/// them afresh each step faulted in, and gave back, megabytes of pages per
+/// step: about a tenth of the CNN step, mostly TLB shootdowns between the
+/// two threads.
+#[derive(Default)]
+struct Workspace {
+    /// Activations: `tape[0]` the input, `tape[j + 1]` op `j`'s output.
+    tape: Vec<Vec<f32>>,
+    /// Max pooling's winners per op, as offsets into the example's input.
+    argmax: Vec<Vec<u32>>,
+    /// One example's patches, and their gradient.
+    patches: Vec<f32>,
+    patch_grad: Vec<f32>,
+    /// The gradient flowing down, at an op's output; `down` receives it at
+    /// the op's input, then the two swap.
+    delta: Vec<f32>,
+    down: Vec<f32>,
+    /// Per trainable op, what clipping needs once every norm is known: a
+    /// linear layer's output gradient `[n, outputs]` (its input is on the
+    /// tape), a convolution's per-example weight gradients `[n, weights]`...
+    kept: Vec<Vec<f32>>,
+    /// ...and its per-example bias gradients `[n, C_out]`.
+    kept_bias: Vec<Vec<f32>>,
+    /// Each example's squared gradient norm so far.
+    norm2: Vec<f64>,
+}
+
+/// Idle workspaces. The pool keeps at most [`KEPT_WORKSPACES`], each the size
+/// of one chunk's activations and per-example gradients.
+static WORKSPACES: Mutex<Vec<Workspace>> = Mutex::new(Vec::new());
+const KEPT_WORKSPACES: usize = 8;
+
+/// Runs `work` with an idle workspace (a new one when none is idle), then
+/// returns it to the pool.
+fn with_workspace<T>(work: impl FnOnce(&mut Workspace) -> T) -> T {
+    let idle = WORKSPACES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop();
+    let mut ws = idle.unwrap_or_default();
+    let result = work(&mut ws);
+    let mut pool = WORKSPACES.lock().unwrap_or_else(PoisonError::into_inner);
+    if pool.len() < KEPT_WORKSPACES {
+        pool.push(ws);
+    }
+    result
+}
+
+/// Makes `v` `len` zeros, keeping its allocation.
+fn zeroed(v: &mut Vec<f32>, len: usize) {
+    v.clear();
+    v.resize(len, 0.0);
+}
+
+impl CpuNet {
+    /// The plan for `arch` with `params` (checked against its layout by the
+    /// caller), or `None` when a layer is not one these kernels implement.
+    pub(crate) fn new(arch: &Architecture, params: &[f32]) -> Option<CpuNet> {
+        // (channels, height, width) of an image activation, None when flat.
+        let mut image = arch.image_side().map(|side| (1, side, side));
+        let mut lens = vec![arch.input_dim()];
+        let mut ops = Vec::new();
+        let mut offset = 0;
+        for layer in arch.layers() {
+            let op = match (*layer, image) {
+                (Layer::Linear { inputs, outputs }, None) => {
+                    let op = Op::Linear {
+                        inputs,
+                        outputs,
+                        offset,
+                    };
+                    offset += outputs * inputs + outputs;
+                    op
+                }
+                (
+                    Layer::Conv2d {
+                        in_channels,
+                        out_channels,
+                        kernel,
+                    },
+                    Some((_, height, width)),
+                ) => {
+                    let op = Op::Conv {
+                        in_channels,
+                        out_channels,
+                        kernel,
+                        height,
+                        width,
+                        offset,
+                    };
+                    offset += out_channels * in_channels * kernel * kernel + out_channels;
+                    image = Some((out_channels, height + 1 - kernel, width + 1 - kernel));
+                    op
+                }
+                (Layer::Relu, _) => Op::Relu,
+                (Layer::MaxPool2, Some((channels, height, width))) => {
+                    image = Some((channels, height / 2, width / 2));
+                    Op::MaxPool {
+                        channels,
+                        height,
+                        width,
+                    }
+                }
+                // Row-major [C, H, W] is already the flattened order.
+                (Layer::Flatten, _) => {
+                    image = None;
+                    continue;
+                }
+                _ => return None,
+            };
+            let input_len = lens[lens.len() - 1];
+            lens.push(op.output_len(input_len));
+            ops.push(op);
+        }
+        if offset != params.len() || lens[lens.len() - 1] != CLASSES {
+            return None;
+        }
+        let first_trainable = ops
+            .iter()
+            .position(|op| matches!(op, Op::Linear { .. } | Op::Conv { .. }))
+            .unwrap_or(ops.len());
+        let macs_per_example = ops
+            .iter()
+            .zip(&lens[1..])
+            .map(|(op, &len)| op.macs(len))
+            .sum();
+        // Activations, plus what clipping keeps per example.
+        let kept: usize = ops
+            .iter()
+            .map(|op| match *op {
+                Op::Linear { outputs, .. } => outputs,
+                Op::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    ..
+                } => out_channels * (in_channels * kernel * kernel + 1),
+                Op::Relu | Op::MaxPool { .. } => 0,
+            })
+            .sum();
+        let bytes_per_example = 4 * (lens.iter().sum::<usize>() + kept);
+        Some(CpuNet {
+            ops,
+            lens,
+            params: params.to_vec(),
+            first_trainable,
+            macs_per_example,
+            max_chunk: (WORKSPACE_BYTES / bytes_per_example.max(1)).max(1),
+        })
+    }
+
+    /// Logits `[n, CLASSES]` of the `n` rows of `x`.
+    pub(crate) fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / self.lens[0];
+        let mut out = Vec::with_capacity(n * CLASSES);
+        for part in self.split(x, n) {
+            out.extend(part);
+        }
+        out
+    }
+
+    /// `logits` per chunk, computed on one thread per chunk.
+    fn split(&self, x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let d = self.lens[0];
+        self.in_chunks(n, |start, end| {
+            with_workspace(|ws| {
+                self.forward(ws, &x[start * d..end * d], end - start);
+                ws.tape[self.ops.len()].clone()
+            })
+        })
+    }
+
+    /// The gradient of the summed cross-entropy of the `y.len()` rows of `x`,
+    /// each example's clipped to `clip` (Opacus' rule) when `clip` is given.
+    pub(crate) fn gradient_sum(&self, x: &[f32], y: &[u8], clip: Option<f64>) -> Outcome {
+        let d = self.lens[0];
+        let parts = self.in_chunks(y.len(), |start, end| {
+            with_workspace(|ws| {
+                self.chunk_gradient(ws, &x[start * d..end * d], &y[start..end], clip)
+            })
+        });
+        let mut total = Outcome {
+            sum: vec![0.0; self.params.len()],
+            ..Outcome::default()
+        };
+        for part in parts {
+            for (t, p) in total.sum.iter_mut().zip(&part.sum) {
+                *t += p;
+            }
+            total.norms.extend(part.norms);
+            total.loss_sum += part.loss_sum;
+            total.correct += part.correct;
+            total.clipped += part.clipped;
+        }
+        total
+    }
+
+    /// Runs `work(start, end)` over contiguous chunks of `0..n` and returns
+    /// the results in chunk order, so sums come out the same on every run.
+    ///
+    /// When the batch is big enough to pay for threads, one runs per core and
+    /// each claims the next chunk when it finishes one. Chunks are several
+    /// per thread: a core that loses time to another process (or to the
+    /// noise prefetcher) then takes fewer chunks instead of holding up the
+    /// step.
+    fn in_chunks<T: Send>(&self, n: usize, work: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = cores
+            .min((n * self.macs_per_example) / MACS_PER_THREAD)
+            .max(1);
+        let size = if threads == 1 {
+            n
+        } else {
+            let by_work = MACS_PER_CHUNK.div_ceil(self.macs_per_example.max(1));
+            n.div_ceil(threads * CHUNKS_PER_THREAD).max(by_work)
+        };
+        let size = size.min(self.max_chunk).max(1);
+        let chunks = n.div_ceil(size).max(1);
+        let bounds = |c: usize| (c * size, ((c + 1) * size).min(n));
+        if threads == 1 || chunks == 1 {
+            return (0..chunks)
+                .map(|c| work(bounds(c).0, bounds(c).1))
+                .collect();
+        }
+        let next = AtomicUsize::new(0);
+        let claim = || {
+            let mut done = Vec::new();
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    return done;
+                }
+                let (start, end) = bounds(c);
+                done.push((c, work(start, end)));
+            }
+        };
+        let mut results: Vec<(usize, T)> = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(claim)).collect();
+            let mut results = claim();
+            for helper in helpers {
+                match helper.join() {
+                    Ok(done) => results.extend(done),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            results
+        });
+        results.sort_by_key(|(c, _)| *c);
+        results.into_iter().map(|(_, result)| result).collect()
+    }
+
+    /// Fills `ws.tape` with every activation of the `n` rows of `x`, input
+    /// first, logits last, and `ws.argmax` with max pooling's winners.
+    fn forward(&self, ws: &mut Workspace, x: &[f32], n: usize) {
+        let Workspace {
+            tape,
+            argmax,
+            patches,
+            ..
+        } = ws;
+        tape.resize_with(self.ops.len() + 1, Vec::new);
+        argmax.resize_with(self.ops.len(), Vec::new);
+        tape[0].clear();
+        tape[0].extend_from_slice(x);
+        for (j, op) in self.ops.iter().enumerate() {
+            let (done, next) = tape.split_at_mut(j + 1);
+            let (input, out) = (&done[j], &mut next[0]);
+            let (in_len, out_len) = (self.lens[j], self.lens[j + 1]);
+            zeroed(out, n * out_len);
+            match *op {
+                Op::Linear {
+                    inputs,
+                    outputs,
+                    offset,
+                } => {
+                    let (weight, bias) = self.weight_and_bias(offset, outputs, inputs);
+                    let a = view(input, n, inputs);
+                    let w = view(weight, outputs, inputs);
+                    matmul(out, n, outputs, &a, &w.t(), false);
+                    for row in out.chunks_exact_mut(outputs) {
+                        for (z, b) in row.iter_mut().zip(bias) {
+                            *z += b;
+                        }
+                    }
+                }
+                Op::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    height,
+                    width,
+                    offset,
+                } => {
+                    let rows = in_channels * kernel * kernel;
+                    let (weight, bias) = self.weight_and_bias(offset, out_channels, rows);
+                    let w = view(weight, out_channels, rows);
+                    let positions = out_len / out_channels;
+                    for (xi, zi) in input
+                        .chunks_exact(in_len)
+                        .zip(out.chunks_exact_mut(out_len))
+                    {
+                        im2col(xi, in_channels, height, width, kernel, patches);
+                        let u = view(patches, rows, positions);
+                        matmul(zi, out_channels, positions, &w, &u, false);
+                        for (row, b) in zi.chunks_exact_mut(positions).zip(bias) {
+                            row.iter_mut().for_each(|z| *z += b);
+                        }
+                    }
+                }
+                Op::Relu => {
+                    for (o, &v) in out.iter_mut().zip(input) {
+                        *o = v.max(0.0);
+                    }
+                }
+                Op::MaxPool {
+                    channels,
+                    height,
+                    width,
+                } => {
+                    let winners = &mut argmax[j];
+                    winners.clear();
+                    winners.resize(n * out_len, 0);
+                    for ((xi, oi), wi) in input
+                        .chunks_exact(in_len)
+                        .zip(out.chunks_exact_mut(out_len))
+                        .zip(winners.chunks_exact_mut(out_len))
+                    {
+                        max_pool(xi, channels, height, width, oi, wi);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One chunk's part of [`CpuNet::gradient_sum`].
+    fn chunk_gradient(
+        &self,
+        ws: &mut Workspace,
+        x: &[f32],
+        y: &[u8],
+        clip: Option<f64>,
+    ) -> Outcome {
+        let n = y.len();
+        let mut sum = vec![0f32; self.params.len()];
+        if n == 0 {
+            return Outcome {
+                sum,
+                ..Outcome::default()
+            };
+        }
+        self.forward(ws, x, n);
+        let Workspace {
+            tape,
+            argmax,
+            patches,
+            patch_grad,
+            delta,
+            down,
+            kept,
+            kept_bias,
+            norm2,
+        } = ws;
+        let (loss_sum, correct) = cross_entropy(&tape[self.ops.len()], y, delta);
+        norm2.clear();
+        norm2.resize(n, 0.0);
+        kept.resize_with(self.ops.len(), Vec::new);
+        kept_bias.resize_with(self.ops.len(), Vec::new);
+
+        for j in (self.first_trainable..self.ops.len()).rev() {
+            let input = &tape[j];
+            let (in_len, out_len) = (self.lens[j], self.lens[j + 1]);
+            let needs_input_grad = j > self.first_trainable;
+            match self.ops[j] {
+                Op::Relu => {
+                    for (g, &o) in delta.iter_mut().zip(&tape[j + 1]) {
+                        if o <= 0.0 {
+                            *g = 0.0;
+                        }
+                    }
+                }
+                Op::MaxPool { .. } => {
+                    zeroed(down, n * in_len);
+                    for ((gi, di), wi) in delta
+                        .chunks_exact(out_len)
+                        .zip(down.chunks_exact_mut(in_len))
+                        .zip(argmax[j].chunks_exact(out_len))
+                    {
+                        for (&g, &w) in gi.iter().zip(wi) {
+                            di[w as usize] += g;
+                        }
+                    }
+                    std::mem::swap(delta, down);
+                }
+                Op::Linear {
+                    inputs,
+                    outputs,
+                    offset,
+                } => {
+                    if needs_input_grad {
+                        zeroed(down, n * inputs);
+                        let w = view(
+                            &self.params[offset..offset + outputs * inputs],
+                            outputs,
+                            inputs,
+                        );
+                        matmul(down, n, inputs, &view(delta, n, outputs), &w, false);
+                    }
+                    if clip.is_some() {
+                        for ((nn, dz), a) in norm2
+                            .iter_mut()
+                            .zip(delta.chunks_exact(outputs))
+                            .zip(input.chunks_exact(inputs))
+                        {
+                            *nn += squared_norm(dz) * (squared_norm(a) + 1.0);
+                        }
+                        kept[j].clear();
+                        kept[j].extend_from_slice(&delta[..n * outputs]);
+                    } else {
+                        self.add_linear(&mut sum, j, delta, input, n);
+                    }
+                    if needs_input_grad {
+                        std::mem::swap(delta, down);
+                    }
+                }
+                Op::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    height,
+                    width,
+                    offset,
+                } => {
+                    let rows = in_channels * kernel * kernel;
+                    let positions = out_len / out_channels;
+                    let weights = out_channels * rows;
+                    let w = view(&self.params[offset..offset + weights], out_channels, rows);
+                    if needs_input_grad {
+                        zeroed(down, n * in_len);
+                    }
+                    if clip.is_some() {
+                        zeroed(&mut kept[j], n * weights);
+                        zeroed(&mut kept_bias[j], n * out_channels);
+                    }
+                    for i in 0..n {
+                        let xi = &input[i * in_len..(i + 1) * in_len];
+                        let dzi = &delta[i * out_len..(i + 1) * out_len];
+                        im2col(xi, in_channels, height, width, kernel, patches);
+                        let u = view(patches, rows, positions);
+                        let dz = view(dzi, out_channels, positions);
+                        if clip.is_some() {
+                            let gw = &mut kept[j][i * weights..(i + 1) * weights];
+                            let gb = &mut kept_bias[j][i * out_channels..(i + 1) * out_channels];
+                            matmul(gw, out_channels, rows, &dz, &u.t(), false);
+                            for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
+                                *b = row.iter().sum();
+                            }
+                            norm2[i] += squared_norm(gw) + squared_norm(gb);
+                        } else {
+                            let (gw, gb) =
+                                sum[offset..offset + weights + out_channels].split_at_mut(weights);
+                            matmul(gw, out_channels, rows, &dz, &u.t(), true);
+                            for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
+                                *b += row.iter().sum::<f32>();
+                            }
+                        }
+                        if needs_input_grad {
+                            zeroed(patch_grad, rows * positions);
+                            matmul(patch_grad, rows, positions, &w.t(), &dz, false);
+                            col2im(
+                                patch_grad,
+                                in_channels,
+                                height,
+                                width,
+                                kernel,
+                                &mut down[i * in_len..(i + 1) * in_len],
+                            );
+                        }
+                    }
+                    if needs_input_grad {
+                        std::mem::swap(delta, down);
+                    }
+                }
+            }
+        }
+
+        let Some(clip) = clip else {
+            return Outcome {
+                sum,
+                norms: Vec::new(),
+                loss_sum,
+                correct,
+                clipped: 0,
+            };
+        };
+        let norms: Vec<f64> = norm2.iter().map(|v| v.max(0.0).sqrt()).collect();
+        let factors: Vec<f32> = norms
+            .iter()
+            .map(|&norm| crate::network::clip_factor(norm, clip) as f32)
+            .collect();
+        let clipped = factors.iter().filter(|&&f| f < 1.0).count();
+        for (j, op) in self.ops.iter().enumerate().skip(self.first_trainable) {
+            match *op {
+                Op::Linear { outputs, .. } => {
+                    for (row, &f) in kept[j].chunks_exact_mut(outputs).zip(&factors) {
+                        row.iter_mut().for_each(|g| *g *= f);
+                    }
+                    self.add_linear(&mut sum, j, &kept[j], &tape[j], n);
+                }
+                Op::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    offset,
+                    ..
+                } => {
+                    let weights = out_channels * in_channels * kernel * kernel;
+                    let (gw, gb) =
+                        sum[offset..offset + weights + out_channels].split_at_mut(weights);
+                    for ((w, b), &f) in kept[j]
+                        .chunks_exact(weights)
+                        .zip(kept_bias[j].chunks_exact(out_channels))
+                        .zip(&factors)
+                    {
+                        gw.iter_mut().zip(w).for_each(|(s, v)| *s += f * v);
+                        gb.iter_mut().zip(b).for_each(|(s, v)| *s += f * v);
+                    }
+                }
+                Op::Relu | Op::MaxPool { .. } => {}
+            }
+        }
+        Outcome {
+            sum,
+            norms: norms.into_iter().map(|v| v as f32).collect(),
+            loss_sum,
+            correct,
+            clipped,
+        }
+    }
+
+    /// Adds a linear layer's weight gradient `dZᵀ A` and bias gradient
+    /// `Σ dz` to `sum`.
+    fn add_linear(&self, sum: &mut [f32], op: usize, dz: &[f32], input: &[f32], n: usize) {
+        let Op::Linear {
+            inputs,
+            outputs,
+            offset,
+        } = self.ops[op]
+        else {
+            return;
+        };
+        let weights = outputs * inputs;
+        let (gw, gb) = sum[offset..offset + weights + outputs].split_at_mut(weights);
+        let dz_view = view(dz, n, outputs);
+        matmul(
+            gw,
+            outputs,
+            inputs,
+            &dz_view.t(),
+            &view(input, n, inputs),
+            true,
+        );
+        for row in dz.chunks_exact(outputs) {
+            gb.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+        }
+    }
+
+    fn weight_and_bias(&self, offset: usize, outputs: usize, fan_in: usize) -> (&[f32], &[f32]) {
+        let weights = outputs * fan_in;
+        self.params[offset..offset + weights + outputs].split_at(weights)
+    }
+}
+
+/// `Σ v²` in `f64`, over eight independent partial sums (one sequential
+/// sum is bound by the latency of each addition).
+fn squared_norm(values: &[f32]) -> f64 {
+    let mut partial = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    for chunk in chunks {
+        for (p, &v) in partial.iter_mut().zip(chunk) {
+            *p += f64::from(v) * f64::from(v);
+        }
+    }
+    partial.iter().sum::<f64>() + rest
+}
+
+/// Writes to `delta` the gradient of `Σᵢ −log softmax(zᵢ)[yᵢ]` with respect
+/// to the logits `[n, CLASSES]` (`softmax − onehot`); returns the loss sum and how many examples
+/// were classified right (class 1 when its logit is larger).
+fn cross_entropy(logits: &[f32], y: &[u8], delta: &mut Vec<f32>) -> (f64, usize) {
+    zeroed(delta, logits.len());
+    let mut loss_sum = 0.0;
+    let mut correct = 0;
+    for ((z, d), &label) in logits
+        .chunks_exact(CLASSES)
+        .zip(delta.chunks_exact_mut(CLASSES))
+        .zip(y)
+    {
+        let label = usize::from(label.min(1));
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f64> = z.iter().map(|&v| f64::from(v - max).exp()).collect();
+        let total: f64 = exp.iter().sum();
+        loss_sum += total.ln() - f64::from(z[label] - max);
+        for (k, (dk, e)) in d.iter_mut().zip(&exp).enumerate() {
+            *dk = (e / total) as f32 - f32::from(u8::from(k == label));
+        }
+        if usize::from(z[1] > z[0]) == label {
+            correct += 1;
+        }
+    }
+    (loss_sum, correct)
+}
+
+/// A row-major `[rows, cols]` view of `data`.
+fn view(data: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
+    ArrayView2::from_shape((rows, cols).strides((cols, 1)), &data[..rows * cols])
+        .expect("callers size the slice as rows · cols")
+}
+
+/// `dst` `[m, n]` (row-major) `= a · b`, or `+= a · b` with `accumulate`.
+fn matmul(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    accumulate: bool,
+) {
+    let mut c = ArrayViewMut2::from_shape((m, n), &mut dst[..m * n])
+        .expect("callers size the destination as m · n");
+    general_mat_mul(1.0, a, b, if accumulate { 1.0 } else { 0.0 }, &mut c);
+}
+
+/// Unfolds one example `[channels, height, width]` into its patches
+/// `[channels·k·k, L]`, row `(c, ki, kj)` holding the input values under
+/// kernel tap `(ki, kj)` of channel `c` at each of the `L` output positions.
+fn im2col(x: &[f32], channels: usize, height: usize, width: usize, k: usize, out: &mut Vec<f32>) {
+    let (oh, ow) = (height + 1 - k, width + 1 - k);
+    out.clear();
+    out.reserve(channels * k * k * oh * ow);
+    for c in 0..channels {
+        let plane = &x[c * height * width..(c + 1) * height * width];
+        for ki in 0..k {
+            for kj in 0..k {
+                for row in 0..oh {
+                    let start = (row + ki) * width + kj;
+                    out.extend_from_slice(&plane[start..start + ow]);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds each patch value back onto the input
+/// position it was copied from.
+fn col2im(patches: &[f32], channels: usize, height: usize, width: usize, k: usize, dx: &mut [f32]) {
+    let (oh, ow) = (height + 1 - k, width + 1 - k);
+    let mut rows = patches.chunks_exact(ow);
+    for c in 0..channels {
+        let plane = &mut dx[c * height * width..(c + 1) * height * width];
+        for ki in 0..k {
+            for kj in 0..k {
+                for row in 0..oh {
+                    let start = (row + ki) * width + kj;
+                    let Some(values) = rows.next() else { return };
+                    plane[start..start + ow]
+                        .iter_mut()
+                        .zip(values)
+                        .for_each(|(d, v)| *d += v);
+                }
+            }
+        }
+    }
+}
+
+/// 2×2 max pooling of one example; `winners` gets each maximum's offset in
+/// `x` (the first in scan order on ties, as PyTorch).
+fn max_pool(
+    x: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    out: &mut [f32],
+    winners: &mut [u32],
+) {
+    let (oh, ow) = (height / 2, width / 2);
+    let mut o = 0;
+    for c in 0..channels {
+        let base = c * height * width;
+        for row in 0..oh {
+            let top = base + 2 * row * width;
+            for col in 0..ow {
+                let candidates = [
+                    top + 2 * col,
+                    top + 2 * col + 1,
+                    top + width + 2 * col,
+                    top + width + 2 * col + 1,
+                ];
+                let mut best = candidates[0];
+                for &at in &candidates[1..] {
+                    if x[at] > x[best] {
+                        best = at;
+                    }
+                }
+                out[o] = x[best];
+                winners[o] = best as u32;
+                o += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
