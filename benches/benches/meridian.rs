@@ -59,7 +59,7 @@ fn plain_step(c: &mut Criterion) {
 }
 
 /// The noise a DP-SGD step adds, one value per parameter: Meridian's
-/// hardened sampler draws four Ziggurat normals from ChaCha20 per value
+/// hardened sampler draws four Ziggurat normals from ChaCha12 per value
 /// (measured here on one thread, without the prefetching DP-SGD uses).
 fn noise(c: &mut Criterion) {
     let mut group = c.benchmark_group("noise");

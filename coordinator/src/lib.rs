@@ -110,10 +110,25 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(pb::privacy_service_server::PrivacyServiceServer::new(services))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await?;
     coordinator.tasks.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), coordinator.tasks.wait()).await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off. With it on, the small
+/// frames the coordinator answers an upload with (HTTP/2 window updates) wait
+/// for the site's delayed ACK, up to 40 ms per chunk: measured, a 400 MB
+/// update crawled in at 0.03 GB/s over loopback.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::warn!(%error, "cannot turn Nagle's algorithm off for a connection; it will be slower");
+        }
+        Ok(stream)
+    })
 }

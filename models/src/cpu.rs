@@ -36,6 +36,7 @@
 //! Layers it does not implement (LayerNorm, GroupNorm) leave the network on
 //! Burn, whose probes handle every layer.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -48,14 +49,18 @@ use crate::architecture::{Architecture, CLASSES, Layer};
 /// a thread costs tens of microseconds to start.
 const MACS_PER_THREAD: usize = 2_000_000;
 
-/// Chunks per thread when a batch is split, for balance...
-const CHUNKS_PER_THREAD: usize = 4;
+/// Chunks a batch is cut into, whatever the number of cores, so that sums
+/// (added in chunk order) do not depend on it; several per thread so that a
+/// core that loses time to another process (or to the noise prefetcher)
+/// takes fewer chunks instead of holding up the step...
+const CHUNKS_PER_BATCH: usize = 8;
 
 /// ...but no chunk smaller than this many forward multiply-adds.
 const MACS_PER_CHUNK: usize = 500_000;
 
-/// The most a chunk may keep per thread (activations and per-example
-/// gradients), whatever the batch size: larger batches run as more chunks.
+/// The most a chunk may keep (activations, gradients flowing down and
+/// per-example gradients), whatever the batch size: larger batches run as
+/// more chunks.
 const WORKSPACE_BYTES: usize = 64 << 20;
 
 /// One layer as these kernels run it, with its input shape resolved.
@@ -150,6 +155,69 @@ pub(crate) struct Outcome {
     pub clipped: usize,
 }
 
+/// How a batch is cut: chunks of `size` examples (the last one shorter),
+/// run on up to `threads` threads.
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    threads: usize,
+    size: usize,
+}
+
+/// Runs `work(start, end)` over the chunks of `0..n` and hands each result
+/// to `fold` in chunk order, so that what `fold` sums does not depend on
+/// which thread ran what.
+///
+/// With several threads each claims the next chunk when it finishes one; a
+/// result that finishes early waits (at most about one per thread) until
+/// the chunks before it are folded. A thread the OS refuses to start is
+/// simply not there: the others claim its chunks.
+fn in_chunks<T: Send>(
+    n: usize,
+    split: Split,
+    work: impl Fn(usize, usize) -> T + Sync,
+    fold: impl FnMut(T) + Send,
+) {
+    let size = split.size.max(1);
+    let chunks = n.div_ceil(size).max(1);
+    let bounds = |c: usize| (c * size, ((c + 1) * size).min(n));
+    let threads = split.threads.min(chunks);
+    if threads <= 1 {
+        let mut fold = fold;
+        for c in 0..chunks {
+            let (start, end) = bounds(c);
+            fold(work(start, end));
+        }
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    // The next chunk to fold, the results waiting for it, and the fold.
+    let order = Mutex::new((0usize, BTreeMap::new(), fold));
+    let claim = || {
+        loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                return;
+            }
+            let (start, end) = bounds(c);
+            let result = work(start, end);
+            let mut guard = order.lock().unwrap_or_else(PoisonError::into_inner);
+            let (next_fold, waiting, fold) = &mut *guard;
+            waiting.insert(c, result);
+            while let Some(result) = waiting.remove(next_fold) {
+                fold(result);
+                *next_fold += 1;
+            }
+        }
+    };
+    // A panic in `work` on a helper thread propagates when the scope ends.
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            let _ = std::thread::Builder::new().spawn_scoped(scope, claim);
+        }
+        claim();
+    });
+}
+
 /// Buffers one chunk's computation reuses from batch to batch. Allocating
 /// them afresh each step faulted in, and gave back, megabytes of pages per
 /// step: about a tenth of the CNN step, mostly TLB shootdowns between the
@@ -177,10 +245,10 @@ struct Workspace {
     norm2: Vec<f64>,
 }
 
-/// Idle workspaces. The pool keeps at most [`KEPT_WORKSPACES`], each the size
-/// of one chunk's activations and per-example gradients.
+/// Idle workspaces, kept for the next batch: at most [`KEPT_WORKSPACES`],
+/// each within about [`WORKSPACE_BYTES`].
 static WORKSPACES: Mutex<Vec<Workspace>> = Mutex::new(Vec::new());
-const KEPT_WORKSPACES: usize = 8;
+const KEPT_WORKSPACES: usize = 4;
 
 /// Runs `work` with an idle workspace (a new one when none is idle), then
 /// returns it to the pool.
@@ -290,7 +358,10 @@ impl CpuNet {
                 Op::Relu | Op::MaxPool { .. } => 0,
             })
             .sum();
-        let bytes_per_example = 4 * (lens.iter().sum::<usize>() + kept);
+        // The tape, `delta` and `down` (each at most the widest activation)
+        // and what clipping keeps.
+        let widest = lens.iter().copied().max().unwrap_or(0);
+        let bytes_per_example = 4 * (lens.iter().sum::<usize>() + 2 * widest + kept);
         Some(CpuNet {
             ops,
             lens,
@@ -303,39 +374,38 @@ impl CpuNet {
 
     /// Logits `[n, CLASSES]` of the `n` rows of `x`.
     pub(crate) fn logits(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() / self.lens[0];
-        let mut out = Vec::with_capacity(n * CLASSES);
-        for part in self.split(x, n) {
-            out.extend(part);
-        }
-        out
-    }
-
-    /// `logits` per chunk, computed on one thread per chunk.
-    fn split(&self, x: &[f32], n: usize) -> Vec<Vec<f32>> {
         let d = self.lens[0];
-        self.in_chunks(n, |start, end| {
+        let n = x.len() / d;
+        let mut out = Vec::with_capacity(n * CLASSES);
+        let work = |start: usize, end: usize| {
             with_workspace(|ws| {
                 self.forward(ws, &x[start * d..end * d], end - start);
                 ws.tape[self.ops.len()].clone()
             })
-        })
+        };
+        in_chunks(n, self.split(n), work, |part: Vec<f32>| out.extend(part));
+        out
     }
 
     /// The gradient of the summed cross-entropy of the `y.len()` rows of `x`,
     /// each example's clipped to `clip` (Opacus' rule) when `clip` is given.
     pub(crate) fn gradient_sum(&self, x: &[f32], y: &[u8], clip: Option<f64>) -> Outcome {
+        self.gradient_sum_split(x, y, clip, self.split(y.len()))
+    }
+
+    /// [`CpuNet::gradient_sum`] with the batch cut as `split` says.
+    fn gradient_sum_split(&self, x: &[f32], y: &[u8], clip: Option<f64>, split: Split) -> Outcome {
         let d = self.lens[0];
-        let parts = self.in_chunks(y.len(), |start, end| {
-            with_workspace(|ws| {
-                self.chunk_gradient(ws, &x[start * d..end * d], &y[start..end], clip)
-            })
-        });
         let mut total = Outcome {
             sum: vec![0.0; self.params.len()],
             ..Outcome::default()
         };
-        for part in parts {
+        let work = |start: usize, end: usize| {
+            with_workspace(|ws| {
+                self.chunk_gradient(ws, &x[start * d..end * d], &y[start..end], clip)
+            })
+        };
+        in_chunks(y.len(), split, work, |part: Outcome| {
             for (t, p) in total.sum.iter_mut().zip(&part.sum) {
                 *t += p;
             }
@@ -343,62 +413,26 @@ impl CpuNet {
             total.loss_sum += part.loss_sum;
             total.correct += part.correct;
             total.clipped += part.clipped;
-        }
+        });
         total
     }
 
-    /// Runs `work(start, end)` over contiguous chunks of `0..n` and returns
-    /// the results in chunk order, so sums come out the same on every run.
-    ///
-    /// When the batch is big enough to pay for threads, one runs per core and
-    /// each claims the next chunk when it finishes one. Chunks are several
-    /// per thread: a core that loses time to another process (or to the
-    /// noise prefetcher) then takes fewer chunks instead of holding up the
-    /// step.
-    fn in_chunks<T: Send>(&self, n: usize, work: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
+    /// How to cut a batch of `n`: chunks of a size that depends on the model
+    /// and `n` only, on one thread per core when the batch is big enough to
+    /// pay for threads.
+    fn split(&self, n: usize) -> Split {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let threads = cores
-            .min((n * self.macs_per_example) / MACS_PER_THREAD)
-            .max(1);
-        let size = if threads == 1 {
-            n
-        } else {
-            let by_work = MACS_PER_CHUNK.div_ceil(self.macs_per_example.max(1));
-            n.div_ceil(threads * CHUNKS_PER_THREAD).max(by_work)
-        };
-        let size = size.min(self.max_chunk).max(1);
-        let chunks = n.div_ceil(size).max(1);
-        let bounds = |c: usize| (c * size, ((c + 1) * size).min(n));
-        if threads == 1 || chunks == 1 {
-            return (0..chunks)
-                .map(|c| work(bounds(c).0, bounds(c).1))
-                .collect();
+        let by_work = MACS_PER_CHUNK.div_ceil(self.macs_per_example.max(1));
+        Split {
+            threads: cores
+                .min(n.saturating_mul(self.macs_per_example) / MACS_PER_THREAD)
+                .max(1),
+            size: n
+                .div_ceil(CHUNKS_PER_BATCH)
+                .max(by_work)
+                .min(self.max_chunk)
+                .max(1),
         }
-        let next = AtomicUsize::new(0);
-        let claim = || {
-            let mut done = Vec::new();
-            loop {
-                let c = next.fetch_add(1, Ordering::Relaxed);
-                if c >= chunks {
-                    return done;
-                }
-                let (start, end) = bounds(c);
-                done.push((c, work(start, end)));
-            }
-        };
-        let mut results: Vec<(usize, T)> = std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(claim)).collect();
-            let mut results = claim();
-            for helper in helpers {
-                match helper.join() {
-                    Ok(done) => results.extend(done),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            results
-        });
-        results.sort_by_key(|(c, _)| *c);
-        results.into_iter().map(|(_, result)| result).collect()
     }
 
     /// Fills `ws.tape` with every activation of the `n` rows of `x`, input
@@ -460,8 +494,9 @@ impl CpuNet {
                     }
                 }
                 Op::Relu => {
+                    // NaN stays NaN (as in PyTorch), for the divergence check.
                     for (o, &v) in out.iter_mut().zip(input) {
-                        *o = v.max(0.0);
+                        *o = if v < 0.0 { 0.0 } else { v };
                     }
                 }
                 Op::MaxPool {
@@ -644,12 +679,17 @@ impl CpuNet {
                 clipped: 0,
             };
         };
-        let norms: Vec<f64> = norm2.iter().map(|v| v.max(0.0).sqrt()).collect();
-        let factors: Vec<f32> = norms
+        // A NaN norm stays NaN: it must not read as a zero gradient.
+        let norms: Vec<f64> = norm2
             .iter()
-            .map(|&norm| crate::network::clip_factor(norm, clip) as f32)
+            .map(|v| if v.is_nan() { *v } else { v.max(0.0).sqrt() })
+            .collect();
+        let factors: Vec<f64> = norms
+            .iter()
+            .map(|&norm| crate::network::clip_factor(norm, clip))
             .collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
+        let factors: Vec<f32> = factors.into_iter().map(|f| f as f32).collect();
         for (j, op) in self.ops.iter().enumerate().skip(self.first_trainable) {
             match *op {
                 Op::Linear { outputs, .. } => {
@@ -752,6 +792,7 @@ fn cross_entropy(logits: &[f32], y: &[u8], delta: &mut Vec<f32>) -> (f64, usize)
         .zip(delta.chunks_exact_mut(CLASSES))
         .zip(y)
     {
+        let raw = label;
         let label = usize::from(label.min(1));
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exp: Vec<f64> = z.iter().map(|&v| f64::from(v - max).exp()).collect();
@@ -760,7 +801,7 @@ fn cross_entropy(logits: &[f32], y: &[u8], delta: &mut Vec<f32>) -> (f64, usize)
         for (k, (dk, e)) in d.iter_mut().zip(&exp).enumerate() {
             *dk = (e / total) as f32 - f32::from(u8::from(k == label));
         }
-        if usize::from(z[1] > z[0]) == label {
+        if u8::from(z[1] > z[0]) == raw {
             correct += 1;
         }
     }
@@ -830,7 +871,7 @@ fn col2im(patches: &[f32], channels: usize, height: usize, width: usize, k: usiz
 }
 
 /// 2×2 max pooling of one example; `winners` gets each maximum's offset in
-/// `x` (the first in scan order on ties, as PyTorch).
+/// `x` (the first in scan order on ties, as PyTorch; a NaN wins, as there).
 fn max_pool(
     x: &[f32],
     channels: usize,
@@ -854,7 +895,7 @@ fn max_pool(
                 ];
                 let mut best = candidates[0];
                 for &at in &candidates[1..] {
-                    if x[at] > x[best] {
+                    if x[at] > x[best] || x[at].is_nan() {
                         best = at;
                     }
                 }

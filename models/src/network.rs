@@ -514,7 +514,11 @@ impl Network {
             .reduce(|a, b| a + b)
             .map(to_f64)
             .unwrap_or_else(|| vec![0.0; b]);
-        let norms: Vec<f64> = norm2.iter().map(|n| n.max(0.0).sqrt()).collect();
+        // A NaN norm stays NaN: it must not read as a zero gradient.
+        let norms: Vec<f64> = norm2
+            .iter()
+            .map(|n| if n.is_nan() { *n } else { n.max(0.0).sqrt() })
+            .collect();
         let factors: Vec<f64> = norms.iter().map(|n| clip_factor(*n, clip)).collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
         let factors =

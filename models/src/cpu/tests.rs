@@ -54,11 +54,15 @@ fn check(arch: &Architecture, rows: usize, seed: u64) {
     assert!((got.loss_sum - want.loss_sum).abs() <= 1e-5 * want.loss_sum.abs());
     assert_eq!(got.correct, want.correct);
 
-    let norms = burn.clipped_gradient_sum(&x, &y, f64::INFINITY).norms;
-    let mut sorted = norms.clone();
+    let mut sorted = burn.clipped_gradient_sum(&x, &y, f64::INFINITY).norms;
     sorted.sort_by(f32::total_cmp);
-    let median = f64::from(sorted[rows / 2]);
-    for clip in [median / 10.0, median, f64::INFINITY] {
+    // Halfway between two norms, so that f32 rounding cannot move an example
+    // across the clip norm.
+    let middle = match sorted.len() {
+        1 => f64::from(sorted[0]) / 2.0,
+        len => f64::from(sorted[len / 2 - 1] + sorted[len / 2]) / 2.0,
+    };
+    for clip in [f64::from(sorted[0]) / 10.0, middle, f64::INFINITY] {
         let (got, want) = (
             cpu.clipped_gradient_sum(&x, &y, clip),
             burn.clipped_gradient_sum(&x, &y, clip),
@@ -152,23 +156,60 @@ fn im2col_and_col2im_are_adjoint() {
 }
 
 #[test]
-fn a_batch_cut_into_many_chunks_sums_the_same() {
+fn every_cut_of_the_batch_gives_the_same_sums() {
     let cnn = Architecture::new(&ModelSpec::Cnn { image_side: 28 }, 784).unwrap();
     let params = cnn.init_params(6);
     let (x, y) = batch(784, 11, 6);
-    let whole = super::CpuNet::new(&cnn, &params).unwrap();
-    let mut cut = whole.clone();
-    // As if the workspace could hold 3 examples: chunks of 3, 3, 3 and 2.
-    cut.max_chunk = 3;
+    let net = super::CpuNet::new(&cnn, &params).unwrap();
+    let split = |threads, size| super::Split { threads, size };
     for clip in [Some(0.01), None] {
-        let (a, b) = (
-            whole.gradient_sum(&x, &y, clip),
-            cut.gradient_sum(&x, &y, clip),
-        );
-        assert_close("sum", &b.sum, &a.sum, 1e-6);
-        assert_eq!(b.norms, a.norms);
-        assert_eq!((b.correct, b.clipped), (a.correct, a.clipped));
-        assert!((a.loss_sum - b.loss_sum).abs() < 1e-9 * a.loss_sum);
+        let whole = net.gradient_sum_split(&x, &y, clip, split(1, 11));
+        // Chunks of 3, 3, 3 and 2 on one thread, then on three: the same
+        // chunks give the same bits, whatever thread ran them.
+        let one = net.gradient_sum_split(&x, &y, clip, split(1, 3));
+        let three = net.gradient_sum_split(&x, &y, clip, split(3, 3));
+        assert_eq!(one.sum, three.sum);
+        // One example per chunk, on two threads: another order of additions.
+        let single = net.gradient_sum_split(&x, &y, clip, split(2, 1));
+        for got in [&one, &single] {
+            assert_close("sum", &got.sum, &whole.sum, 1e-6);
+            assert_eq!(got.norms, whole.norms);
+            assert_eq!((got.correct, got.clipped), (whole.correct, whole.clipped));
+            assert!((got.loss_sum - whole.loss_sum).abs() < 1e-9 * whole.loss_sum);
+        }
+        if clip.is_some() {
+            assert_eq!(whole.clipped, 11, "clip 0.01 clips every example");
+        }
     }
-    assert_eq!(cut.logits(&x), whole.logits(&x));
+}
+
+#[test]
+fn pooling_last_and_a_relu_first_match_burn_down_to_one_example() {
+    let layers = vec![
+        Layer::Relu,
+        Layer::Conv2d {
+            in_channels: 1,
+            out_channels: 2,
+            kernel: 4,
+        },
+        Layer::MaxPool2,
+        Layer::Flatten,
+    ];
+    let arch = arch(layers, 25, Some(5));
+    check(&arch, 1, 7);
+    check(&arch, 4, 8);
+}
+
+#[test]
+fn a_nan_input_reaches_the_gradient() {
+    // ReLU and max pooling pass NaN on (as PyTorch does) instead of
+    // turning it into a finite value the divergence check cannot see.
+    let cnn = Architecture::new(&ModelSpec::Cnn { image_side: 28 }, 784).unwrap();
+    let net = Network::new(&cnn, &cnn.init_params(1), &Device::flex()).unwrap();
+    let (mut x, y) = batch(784, 2, 1);
+    x[300] = f32::NAN;
+    let grads = net.clipped_gradient_sum(&x, &y, 1.0);
+    assert!(grads.norms[0].is_nan(), "{:?}", grads.norms);
+    assert!(grads.sum.iter().any(|g| g.is_nan()));
+    assert!(net.predict(&x)[0].is_nan());
 }
