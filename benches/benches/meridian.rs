@@ -1,6 +1,10 @@
 //! Criterion benchmarks of single steps: Meridian's DP-SGD step and a plain
-//! SGD step for each workload, the noise within the DP step, and the
-//! accountants' ε for a long run.
+//! SGD step for each workload, the noise within the DP step, the
+//! accountants' ε for a long run, the coordinator's FedAvg fold, and the
+//! CPU side of a model transfer (encoding into ≤ 1 MiB chunks, checking and
+//! assembling them). Whole rounds and transfers over mTLS are measured by
+//! `meridian sim` (see `BENCHMARKS.md`): they need two processes and a
+//! socket, not a loop criterion can repeat in-process.
 //! `cargo bench -p benches`; whole-epoch throughput and the comparison with
 //! Opacus come from the `bench-table` binary instead.
 //!
@@ -107,6 +111,56 @@ fn accountant(c: &mut Criterion) {
     group.finish();
 }
 
+/// The coordinator's streaming FedAvg: one update of d = 1,000,000 folded
+/// into the `f64` running sum, in bytes of update data per second.
+fn fedavg_fold(c: &mut Criterion) {
+    const D: usize = 1_000_000;
+    let mut group = c.benchmark_group("aggregation");
+    let update: Vec<f32> = (0..D).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let mut avg = coordinator::aggregate::FedAvg::new(D);
+    group.throughput(Throughput::Bytes((D * 4) as u64));
+    group.bench_function("fedavg_fold_1m", |b| b.iter(|| avg.fold(black_box(&update), 3.0)));
+    group.finish();
+}
+
+/// A 10M-parameter (40 MB) model through the wire format, without the
+/// socket: encoded into chunks as the coordinator serves it, then each
+/// chunk checked and assembled as a site receives it.
+fn transfer_codec(c: &mut Criterion) {
+    const D: usize = 10_000_000;
+    let mut group = c.benchmark_group("transfer");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((D * 4) as u64));
+    let model: Vec<f32> = (0..D).map(|i| (i % 997) as f32 * 1e-3).collect();
+    group.bench_function("encode_40mb", |b| {
+        b.iter(|| proto::tensor::encode_chunks(black_box(&model)).map(|c| c.len()).sum::<usize>())
+    });
+    let chunks: Vec<_> = proto::tensor::encode_chunks(&model).collect();
+    // What the coordinator does with an update (checks, then writes each
+    // chunk out) and what a site does with a model (checks and assembles).
+    group.bench_function("check_40mb", |b| {
+        b.iter(|| {
+            let mut check = proto::tensor::ChunkValidator::new(D);
+            for chunk in &chunks {
+                check.check(chunk).unwrap();
+            }
+            check.finish().unwrap();
+            check.norm()
+        })
+    });
+    group.bench_function("assemble_40mb", |b| {
+        b.iter(|| {
+            let mut assemble = proto::tensor::ChunkAssembler::new(D);
+            for chunk in &chunks {
+                assemble.push(chunk).unwrap();
+            }
+            assemble.finish().unwrap()
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(steps, dpsgd_step, plain_step, noise);
 criterion_group!(accountants, accountant);
-criterion_main!(steps, accountants);
+criterion_group!(coordination, fedavg_fold, transfer_codec);
+criterion_main!(steps, accountants, coordination);

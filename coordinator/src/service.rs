@@ -13,7 +13,6 @@ use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
 use proto::pb;
-use proto::tensor::encode_chunks;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -204,8 +203,7 @@ impl ModelCache {
         {
             return Ok(Arc::clone(chunks));
         }
-        let values = checkpoint::read(path).map_err(|e| Status::internal(e.to_string()))?;
-        let chunks: Arc<Vec<Bytes>> = Arc::new(encode_chunks(&values).collect());
+        let chunks = Arc::new(checkpoint::read_chunks(path).map_err(|e| Status::internal(e.to_string()))?);
         *latest = Some((job_id.to_string(), round, Arc::clone(&chunks)));
         Ok(chunks)
     }
