@@ -153,7 +153,7 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&header[8..]);
     let len = u64::from_le_bytes(len_bytes);
-    let announced = len.checked_mul(4).unwrap_or(u64::MAX);
+    let announced = len.saturating_mul(4);
     let held = size.saturating_sub(16);
     if held != announced {
         return Err(corrupt(format!(
