@@ -58,6 +58,18 @@ const CHUNKS_PER_BATCH: usize = 8;
 /// ...but no chunk smaller than this many forward multiply-adds.
 const MACS_PER_CHUNK: usize = 500_000;
 
+/// Most threads one batch may use (the worker's `cpu_threads`); 0: one per
+/// core.
+static THREAD_LIMIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Caps the threads Meridian's CPU kernels use for one batch, for the whole
+/// process (a site that shares its machine sets the worker's `cpu_threads`);
+/// `None` lifts the cap. Results do not depend on it: a batch is cut the
+/// same way whatever the number of threads.
+pub fn limit_cpu_threads(limit: Option<std::num::NonZeroUsize>) {
+    THREAD_LIMIT.store(limit.map_or(0, usize::from), Ordering::Relaxed);
+}
+
 /// The most a chunk may keep (activations, gradients flowing down and
 /// per-example gradients), whatever the batch size: larger batches run as
 /// more chunks.
@@ -422,6 +434,10 @@ impl CpuNet {
     /// pay for threads.
     fn split(&self, n: usize) -> Split {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let cores = match THREAD_LIMIT.load(Ordering::Relaxed) {
+            0 => cores,
+            limit => cores.min(limit),
+        };
         let by_work = MACS_PER_CHUNK.div_ceil(self.macs_per_example.max(1));
         Split {
             threads: cores

@@ -31,4 +31,5 @@ mod cpu;
 mod network;
 
 pub use architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON, ParamLayout, ParamTensor};
+pub use cpu::limit_cpu_threads;
 pub use network::{ClippedGradients, DeviceError, GradientSum, Network, default_device};

@@ -18,6 +18,9 @@ struct RawConfig {
     /// `cpu` (Burn's flex backend) or `gpu` (needs a build with the `wgpu` feature).
     #[serde(default = "default_device")]
     device: String,
+    /// Most threads one training step computes gradients on (CPU only);
+    /// unset: one per core the process may run on.
+    cpu_threads: Option<usize>,
     tls: RawTls,
     #[serde(default)]
     network: RawNetwork,
@@ -140,6 +143,9 @@ pub struct WorkerConfig {
     pub data_dir: PathBuf,
     /// Training device.
     pub device: TrainingDevice,
+    /// Most threads a training step computes gradients on (`cpu_threads`);
+    /// `None`: one per core the process may run on.
+    pub cpu_threads: Option<std::num::NonZeroUsize>,
     /// Cap on the upload rate, in bytes per second (`network.upload_limit_mb_per_sec`).
     pub upload_limit_bytes_per_sec: Option<f64>,
     /// CA certificate.
@@ -196,6 +202,16 @@ impl WorkerConfig {
             other => {
                 problems.push(format!("device: \"{other}\" is not cpu or gpu"));
                 TrainingDevice::Cpu
+            }
+        };
+        let cpu_threads = match raw.cpu_threads {
+            None => None,
+            Some(n) => {
+                let threads = std::num::NonZeroUsize::new(n);
+                if threads.is_none() {
+                    problems.push("cpu_threads: must be at least 1, got 0 (leave it out for one per core)".to_string());
+                }
+                threads
             }
         };
         if let Some(limit) = raw.network.upload_limit_mb_per_sec
@@ -289,6 +305,7 @@ impl WorkerConfig {
             coordinator: raw.coordinator,
             data_dir: resolve(&raw.data_dir),
             device,
+            cpu_threads,
             upload_limit_bytes_per_sec: raw.network.upload_limit_mb_per_sec.map(|mb| mb * 1e6),
             tls_ca: resolve(&raw.tls.ca),
             tls_cert: resolve(&raw.tls.cert),

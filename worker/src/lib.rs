@@ -131,6 +131,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .keep_alive_timeout(Duration::from_secs(20));
     let device =
         models::default_device(config.device == TrainingDevice::Gpu).map_err(|e| RunError::Device(e.to_string()))?;
+    models::limit_cpu_threads(config.cpu_threads);
     let worker = Arc::new(Worker {
         device,
         config,

@@ -107,7 +107,7 @@ fn malformed_daemon_configs_name_file_line_and_key() {
 
     std::fs::write(
         &worker,
-        "coordinator = \"http://plain\"\ndata_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[datasets]]\nname = \"d\"\npath = \"d.csv\"\nlabel = \"y\"\nbudget_epsilon = -1.0\njob_epsilon_cap = 1.0\n",
+        "coordinator = \"http://plain\"\ndata_dir = \"state\"\ncpu_threads = 0\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[datasets]]\nname = \"d\"\npath = \"d.csv\"\nlabel = \"y\"\nbudget_epsilon = -1.0\njob_epsilon_cap = 1.0\n",
     )
     .unwrap();
     let out = crate::util::run(&["worker", "--check", "--config", worker.to_str().unwrap()]);
@@ -115,6 +115,7 @@ fn malformed_daemon_configs_name_file_line_and_key() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("coordinator: \"http://plain\" must be an https:// URL (Meridian has no plaintext mode)"), "{err}");
     assert!(err.contains("datasets[0].budget_epsilon: must be finite and > 0, got -1"), "{err}");
+    assert!(err.contains("cpu_threads: must be at least 1, got 0 (leave it out for one per core)"), "{err}");
     assert!(err.contains(&format!("datasets[0].path: {} does not exist", tmp.path().join("d.csv").display())), "{err}");
 
     let coordinator = tmp.path().join("coordinator.toml");
