@@ -25,8 +25,21 @@ impl FedAvg {
 
     /// Adds `weight · update`. The caller has checked the length.
     pub fn fold(&mut self, update: &[f32], weight: f64) {
-        let view = ArrayView1::from(update);
-        Zip::from(&mut self.sum).and(&view).for_each(|s, &u| *s += weight * f64::from(u));
+        self.fold_piece(0, update, weight);
+        self.count_update(weight);
+    }
+
+    /// Adds `weight · piece` to the sum's values from `offset` on: one piece
+    /// of an update read a piece at a time. Once every piece is in, the
+    /// caller calls [`FedAvg::count_update`] once.
+    pub fn fold_piece(&mut self, offset: usize, piece: &[f32], weight: f64) {
+        let view = ArrayView1::from(piece);
+        let mut sum = self.sum.slice_mut(ndarray::s![offset..offset + piece.len()]);
+        Zip::from(&mut sum).and(&view).for_each(|s, &u| *s += weight * f64::from(u));
+    }
+
+    /// Counts one whole update of `weight` folded by pieces.
+    pub fn count_update(&mut self, weight: f64) {
         self.total_weight += weight;
         self.count += 1;
     }
@@ -60,6 +73,18 @@ mod tests {
         avg.apply(&mut global, 1.0);
         assert_eq!(global, vec![10.25, 13.0]);
         assert_eq!(avg.count(), 2);
+
+        // The same updates folded a piece at a time give the same sum.
+        let mut pieces = FedAvg::new(2);
+        pieces.fold_piece(1, &[0.0], 1.0);
+        pieces.fold_piece(0, &[1.0], 1.0);
+        pieces.count_update(1.0);
+        pieces.fold_piece(0, &[0.0, 4.0], 3.0);
+        pieces.count_update(3.0);
+        let mut again = vec![10.0, 10.0];
+        pieces.apply(&mut again, 1.0);
+        assert_eq!(again, global);
+        assert_eq!(pieces.count(), 2);
     }
 }
 

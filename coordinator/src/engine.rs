@@ -358,16 +358,24 @@ impl Coordinator {
         let mut held = Vec::new();
         let mut metrics = WeightedMean::default();
         for u in &updates {
-            let delta = checkpoint::read(Path::new(&u.path))?;
-            if delta.len() != global.len() {
+            let pieces = checkpoint::Pieces::open(Path::new(&u.path))?;
+            if pieces.len() != global.len() {
                 warn!(job_id = %job.id, site = %u.site, "stored update has the wrong length; skipped");
                 continue;
             }
             metrics.add(&u.metrics, u.num_examples as f64);
             match (client_dp.as_mut(), robust_rule) {
-                (Some(dp), _) => dp.fold(&delta),
-                (None, Some(_)) => held.push(delta),
-                (None, None) => fedavg.fold(&delta, u.num_examples as f64),
+                (Some(dp), _) => dp.fold(&checkpoint::read(Path::new(&u.path))?),
+                (None, Some(_)) => held.push(checkpoint::read(Path::new(&u.path))?),
+                // FedAvg folds the update in as it is read, a piece at a time,
+                // so the round holds the running sum and one piece, never the
+                // update. A read that fails part way fails this attempt, whose
+                // sum is dropped.
+                (None, None) => {
+                    let weight = u.num_examples as f64;
+                    pieces.for_each(|offset, piece| fedavg.fold_piece(offset, piece, weight))?;
+                    fedavg.count_update(weight);
+                }
             }
         }
         let mut metrics = metrics.finish();

@@ -50,9 +50,10 @@ use crate::architecture::{Architecture, CLASSES, Layer};
 const MACS_PER_THREAD: usize = 2_000_000;
 
 /// Chunks a batch is cut into, whatever the number of cores, so that sums
-/// (added in chunk order) do not depend on it; several per thread so that a
-/// core that loses time to another process (or to the noise prefetcher)
-/// takes fewer chunks instead of holding up the step...
+/// (added in chunk order) do not depend on it; several per thread on the
+/// small machines hospitals train on, so that a core that loses time to
+/// another process (or to the noise prefetcher) takes fewer chunks instead
+/// of holding up the step. It also caps a batch at eight threads...
 const CHUNKS_PER_BATCH: usize = 8;
 
 /// ...but no chunk smaller than this many forward multiply-adds.
@@ -180,8 +181,7 @@ struct Split {
 /// which thread ran what.
 ///
 /// With several threads each claims the next chunk when it finishes one; a
-/// result that finishes early waits (at most about one per thread) until
-/// the chunks before it are folded. A thread the OS refuses to start is
+/// result that finishes early waits until the chunks before it are folded. A thread the OS refuses to start is
 /// simply not there: the others claim its chunks.
 fn in_chunks<T: Send>(
     n: usize,
@@ -205,10 +205,12 @@ fn in_chunks<T: Send>(
     // The next chunk to fold, the results waiting for it, and the fold.
     let order = Mutex::new((0usize, BTreeMap::new(), fold));
     let claim = || {
+        // If `work` or `fold` panics, the other threads stop claiming chunks.
+        let stop = StopOnPanic(&next, chunks);
         loop {
             let c = next.fetch_add(1, Ordering::Relaxed);
             if c >= chunks {
-                return;
+                break;
             }
             let (start, end) = bounds(c);
             let result = work(start, end);
@@ -220,14 +222,31 @@ fn in_chunks<T: Send>(
                 *next_fold += 1;
             }
         }
+        std::mem::forget(stop);
     };
-    // A panic in `work` on a helper thread propagates when the scope ends.
     std::thread::scope(|scope| {
-        for _ in 1..threads {
-            let _ = std::thread::Builder::new().spawn_scoped(scope, claim);
-        }
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, claim).ok())
+            .collect();
         claim();
+        // Joined here, not by the scope, so that a helper's panic reaches
+        // the caller with its own message.
+        for helper in helpers {
+            if let Err(panic) = helper.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     });
+}
+
+/// Ends the claiming of chunks when dropped, i.e. when the thread holding
+/// it unwinds from a panic (a finished thread forgets it).
+struct StopOnPanic<'a>(&'a AtomicUsize, usize);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        self.0.store(self.1, Ordering::Relaxed);
+    }
 }
 
 /// Buffers one chunk's computation reuses from batch to batch. Allocating
@@ -257,10 +276,11 @@ struct Workspace {
     norm2: Vec<f64>,
 }
 
-/// Idle workspaces, kept for the next batch: at most [`KEPT_WORKSPACES`],
-/// each within about [`WORKSPACE_BYTES`].
+/// Idle workspaces, kept for the next batch: at most [`KEPT_WORKSPACES`]
+/// (as many as threads one batch can use), each within about
+/// [`WORKSPACE_BYTES`].
 static WORKSPACES: Mutex<Vec<Workspace>> = Mutex::new(Vec::new());
-const KEPT_WORKSPACES: usize = 4;
+const KEPT_WORKSPACES: usize = CHUNKS_PER_BATCH;
 
 /// Runs `work` with an idle workspace (a new one when none is idle), then
 /// returns it to the pool.

@@ -160,9 +160,10 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
             "holds {held} bytes of values, its header announces {announced}"
         )));
     }
-    let len = usize::try_from(len)
+    // In bytes first: `len * 4` must not overflow where usize is 32 bits.
+    let bytes = usize::try_from(announced)
         .map_err(|_| corrupt(format!("announces {len} values, more than this machine can address")))?;
-    Ok((file, len))
+    Ok((file, bytes / 4))
 }
 
 /// Reads exactly `buf.len()` bytes of values; a file that shrank since its
@@ -182,21 +183,64 @@ fn read_values(file: &mut File, path: &Path, buf: &mut [u8]) -> Result<(), Check
 
 /// Reads a file written by [`write_atomic`], checking its length.
 pub fn read(path: &Path) -> Result<Vec<f32>, CheckpointError> {
-    let (mut file, len) = open_values(path)?;
-    let mut values = Vec::with_capacity(len);
-    let mut buf = vec![0u8; MAX_CHUNK_BYTES.min(len * 4)];
-    let mut remaining = len * 4;
-    while remaining > 0 {
-        let piece = &mut buf[..remaining.min(MAX_CHUNK_BYTES)];
-        read_values(&mut file, path, piece)?;
-        values.extend(
-            piece
-                .chunks_exact(4)
-                .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
-        );
-        remaining -= piece.len();
-    }
+    let pieces = Pieces::open(path)?;
+    let mut values = Vec::with_capacity(pieces.len());
+    pieces.for_each(|_, piece| values.extend_from_slice(piece))?;
     Ok(values)
+}
+
+/// A parameter file read a piece at a time, for a reader that folds values
+/// in as they come (the coordinator's FedAvg) and so never holds the whole
+/// vector. The header is checked against the file's size on opening, so the
+/// length is known before any value is read.
+pub struct Pieces {
+    file: File,
+    path: PathBuf,
+    len: usize,
+}
+
+impl Pieces {
+    /// Opens `path` and checks its header.
+    pub fn open(path: &Path) -> Result<Pieces, CheckpointError> {
+        let (file, len) = open_values(path)?;
+        Ok(Pieces {
+            file,
+            path: path.to_path_buf(),
+            len,
+        })
+    }
+
+    /// Values the file holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the file holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Calls `each(offset, values)` for consecutive pieces of at most
+    /// [`crate::tensor::CHUNK_VALUES`] values, in order. An error part way
+    /// (the file shrank, an I/O failure) comes after some pieces were seen.
+    pub fn for_each(mut self, mut each: impl FnMut(usize, &[f32])) -> Result<(), CheckpointError> {
+        let mut bytes = vec![0u8; MAX_CHUNK_BYTES.min(self.len * 4)];
+        let mut values = Vec::with_capacity(bytes.len() / 4);
+        let mut offset = 0;
+        while offset < self.len {
+            let piece = &mut bytes[..(self.len - offset).min(MAX_CHUNK_BYTES / 4) * 4];
+            read_values(&mut self.file, &self.path, piece)?;
+            values.clear();
+            values.extend(
+                piece
+                    .chunks_exact(4)
+                    .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+            );
+            each(offset, &values);
+            offset += values.len();
+        }
+        Ok(())
+    }
 }
 
 /// Reads a parameter file straight into wire chunks of at most

@@ -213,3 +213,26 @@ fn a_nan_input_reaches_the_gradient() {
     assert!(grads.sum.iter().any(|g| g.is_nan()));
     assert!(net.predict(&x)[0].is_nan());
 }
+
+#[test]
+fn a_panicking_chunk_reaches_the_caller_with_its_message() {
+    let mut folded = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let split = super::Split {
+            threads: 3,
+            size: 1,
+        };
+        let work = |start: usize, _end: usize| {
+            if start == 4 {
+                panic!("chunk four");
+            }
+            start
+        };
+        super::in_chunks(10, split, work, |c| folded.push(c));
+    }));
+    let panic = result.unwrap_err();
+    assert_eq!(panic.downcast_ref::<&str>(), Some(&"chunk four"));
+    // Chunks fold in order, so nothing after the failed chunk was folded.
+    assert_eq!(folded, (0..folded.len()).collect::<Vec<_>>());
+    assert!(folded.len() <= 4, "{folded:?}");
+}
