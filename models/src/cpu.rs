@@ -8,8 +8,9 @@
 //! and max pooling took about half of a plain training step, its probes add
 //! a second pass over the patches for the per-example gradients, and the
 //! workspace builds Burn single-threaded. These kernels compute the same
-//! values (the tests compare them with Burn in `f64` and with PyTorch's
-//! reference values) with less work:
+//! values (the tests compare them with Burn's kernels, with a one example at
+//! a time oracle in `f64` and with PyTorch's reference values) with less
+//! work:
 //!
 //! - **Convolution as GEMM.** Each example's input is unfolded into its
 //!   patches `U` `[C_in·k·k, L]` (im2col, rows in PyTorch's weight order, each
