@@ -24,7 +24,7 @@ use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
 use proto::tensor::ChunkAssembler;
 use tonic::transport::{Channel, Endpoint};
-use worker::upload::update_messages;
+use worker::upload::push_reserved;
 
 use crate::demo::{Children, path_str, spawn, wait_for_file, write_coordinator_config};
 use crate::provision;
@@ -409,9 +409,9 @@ async fn simulated_site(
                     }),
                 };
                 let pushed = Instant::now();
-                // The worker's own encoder: chunks made as they are sent.
-                let messages = update_messages(header, Arc::clone(&update), None);
-                let reply = client.push_update(messages).await?.into_inner();
+                // The worker's own upload: a reserved slot, then chunks made
+                // as they are sent.
+                let reply = push_reserved(&mut client, header, Arc::clone(&update), None).await?;
                 observed
                     .push_micros
                     .fetch_add(pushed.elapsed().as_micros() as u64, Ordering::Relaxed);

@@ -41,7 +41,9 @@ pub struct Coordinator {
     /// Update streams in progress, so a round waits for uploads still moving.
     pub transfers: crate::transfers::Transfers,
     /// Slots for reading updates: [`RECEIVING_AT_ONCE`] at a time.
-    pub receiving: tokio::sync::Semaphore,
+    pub receiving: Arc<tokio::sync::Semaphore>,
+    /// Slots reserved by sites for their next upload.
+    pub leases: crate::leases::Leases,
 }
 
 /// Updates read at once; the rest wait in HTTP/2 flow control. Each holds

@@ -23,6 +23,7 @@ pub mod aggregate;
 mod budget;
 mod config;
 mod engine;
+mod leases;
 mod revocation;
 mod service;
 mod store;
@@ -85,7 +86,8 @@ pub async fn run(
         tasks: TaskTracker::new(),
         audit,
         transfers: transfers::Transfers::default(),
-        receiving: tokio::sync::Semaphore::new(engine::RECEIVING_AT_ONCE),
+        receiving: Arc::new(tokio::sync::Semaphore::new(engine::RECEIVING_AT_ONCE)),
+        leases: leases::Leases::default(),
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {

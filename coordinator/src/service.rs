@@ -748,24 +748,39 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(self.model_stream(&job, Some(r.round))?))
     }
 
+    async fn reserve_upload(
+        &self,
+        req: Request<pb::ReserveUploadRequest>,
+    ) -> Result<Response<pb::ReserveUploadResponse>, Status> {
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/ReserveUpload")?;
+        let job = self.job_or_not_found(&req.get_ref().job_id)?;
+        self.require_participant(&job, &who.name)?;
+        let slot = self.wait_for_upload_slot(&who.name).await?;
+        let valid_secs = self.inner.idle_timeout_secs;
+        let lease = self.inner.leases.grant(&who.name, slot, Duration::from_secs(valid_secs));
+        Ok(Response::new(pb::ReserveUploadResponse {
+            lease,
+            valid_secs: u32::try_from(valid_secs).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn push_update(
         &self,
         req: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
-        // At most RECEIVING_AT_ONCE updates are read at a time; the others are
-        // not read at all until a slot frees, so HTTP/2 flow control holds
-        // each to one window, however many sites send at once. A site queued
-        // here counts as a transfer in progress for every job.
-        let queued = self.inner.transfers.start("", &who.name);
-        let _slot = loop {
-            // Still queued is still progress: refresh it while waiting.
-            match tokio::time::timeout(Duration::from_secs(1), self.inner.receiving.acquire()).await {
-                Ok(slot) => break slot.map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
-                Err(_) => queued.progress(0),
-            }
+        // At most RECEIVING_AT_ONCE updates are read at a time. A site that
+        // reserved a slot (ReserveUpload) brings it in its lease; any other
+        // waits here, unread, so HTTP/2 flow control holds it to one window.
+        let lease = req
+            .metadata()
+            .get(proto::UPLOAD_LEASE_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| self.inner.leases.claim(id, &who.name));
+        let _slot = match lease {
+            Some(slot) => slot,
+            None => self.wait_for_upload_slot(&who.name).await?,
         };
-        drop(queued);
         let mut stream = req.into_inner();
         let idle = Duration::from_secs(self.inner.idle_timeout_secs);
         // A stream that never sends its header must not keep its slot.
@@ -944,6 +959,28 @@ impl pb::worker_service_server::WorkerService for Services {
 
 impl Services {
     /// The global model of `round` (default: the latest aggregated) as a chunked stream.
+    /// One of the coordinator's upload slots, waited for in turn (the
+    /// semaphore is first come, first served). A site waiting here counts as
+    /// a transfer in progress for every job, so rounds wait for it; lapsed
+    /// leases are released while waiting.
+    async fn wait_for_upload_slot(&self, site: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let queued = self.inner.transfers.start("", site);
+        let acquire = Arc::clone(&self.inner.receiving).acquire_owned();
+        tokio::pin!(acquire);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                slot = &mut acquire => {
+                    return slot.map_err(|_| Status::unavailable("the coordinator is shutting down"));
+                }
+                _ = tick.tick() => {
+                    queued.progress(0);
+                    self.inner.leases.purge();
+                }
+            }
+        }
+    }
+
     fn model_stream(
         &self,
         job: &JobRow,

@@ -28,6 +28,10 @@ pub mod identity;
 pub mod job;
 pub mod tensor;
 
+/// The request metadata key that carries a `ReserveUpload` lease to
+/// `PushUpdate`.
+pub const UPLOAD_LEASE_METADATA: &str = "x-meridian-upload-lease";
+
 /// Generated protobuf messages and gRPC services of `meridian.v1`.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]
 pub mod pb {

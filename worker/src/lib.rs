@@ -673,8 +673,8 @@ impl Worker {
             metrics: metrics.into_iter().collect(),
             ledger_entry: Some(entry),
         };
-        let messages = upload::update_messages(header, Arc::new(update), self.config.upload_limit_bytes_per_sec);
-        let reply = client.push_update(messages).await?.into_inner();
+        let reply =
+            upload::push_reserved(client, header, Arc::new(update), self.config.upload_limit_bytes_per_sec).await?;
         self.audit(
             "update.sent",
             job_id,

@@ -6,13 +6,20 @@
 //! of bytes, so the coordinator sees steady progress: it waits past a
 //! round's deadline for an upload that keeps moving and drops one that is
 //! silent for its idle timeout (`coordinator::transfers`).
+//!
+//! [`push_reserved`] first waits for an upload slot (`ReserveUpload`), so
+//! that the update leaves only once the coordinator will read it: a
+//! thousand sites finishing at once then cost the coordinator memory for
+//! the sixteen it reads, not a flow-control window of each.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use proto::pb;
+use proto::pb::worker_service_client::WorkerServiceClient;
 use proto::tensor::{CHUNK_VALUES, encode_chunk};
+use tonic::transport::Channel;
 
 /// Values per chunk for an upload capped at `limit` bytes per second.
 fn chunk_values(limit: Option<f64>) -> usize {
@@ -20,6 +27,33 @@ fn chunk_values(limit: Option<f64>) -> usize {
         Some(bytes_per_sec) => ((bytes_per_sec / 10.0 / 4.0) as usize).clamp(1, CHUNK_VALUES),
         None => CHUNK_VALUES,
     }
+}
+
+/// Sends an update: reserves an upload slot, then pushes `header` and
+/// `values` with the lease. A coordinator that predates `ReserveUpload`
+/// gets the push without one.
+pub async fn push_reserved(
+    client: &mut WorkerServiceClient<Channel>,
+    header: pb::UpdateHeader,
+    values: Arc<Vec<f32>>,
+    limit: Option<f64>,
+) -> Result<pb::PushUpdateResponse, tonic::Status> {
+    let reserve = pb::ReserveUploadRequest {
+        job_id: header.job_id.clone(),
+        round: header.round,
+    };
+    let lease = match client.reserve_upload(reserve).await {
+        Ok(reply) => Some(reply.into_inner().lease),
+        Err(status) if status.code() == tonic::Code::Unimplemented => None,
+        Err(status) => return Err(status),
+    };
+    let mut request = tonic::Request::new(update_messages(header, values, limit));
+    if let Some(value) = lease.and_then(|lease| lease.parse().ok()) {
+        request
+            .metadata_mut()
+            .insert(proto::UPLOAD_LEASE_METADATA, value);
+    }
+    Ok(client.push_update(request).await?.into_inner())
 }
 
 /// The messages of one `PushUpdate` call: `header`, then `values`.

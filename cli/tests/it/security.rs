@@ -140,6 +140,7 @@ fn every_rpc_checks_the_callers_role() {
         ("WorkerService/ReceiveTasks", &["hospital"], |c| Box::pin(async move { Workers::new(c).receive_tasks(pb::ReceiveTasksRequest {}).await.map(|_| ()) })),
         ("WorkerService/AnswerOffer", &["hospital"], |c| Box::pin(async move { Workers::new(c).answer_offer(pb::OfferAnswer::default()).await.map(|_| ()) })),
         ("WorkerService/PullModel", &["hospital"], |c| Box::pin(async move { Workers::new(c).pull_model(pb::PullModelRequest::default()).await.map(|_| ()) })),
+        ("WorkerService/ReserveUpload", &["hospital"], |c| Box::pin(async move { Workers::new(c).reserve_upload(pb::ReserveUploadRequest::default()).await.map(|_| ()) })),
         ("WorkerService/PushUpdate", &["hospital"], |c| Box::pin(async move { Workers::new(c).push_update(tokio_stream::iter(Vec::<pb::UpdateChunk>::new())).await.map(|_| ()) })),
         ("WorkerService/ReportEvaluation", &["hospital"], |c| Box::pin(async move { Workers::new(c).report_evaluation(pb::EvaluationReport::default()).await.map(|_| ()) })),
         ("WorkerService/ReportFailure", &["hospital"], |c| Box::pin(async move { Workers::new(c).report_failure(pb::TaskFailure::default()).await.map(|_| ()) })),
@@ -168,7 +169,7 @@ fn every_rpc_checks_the_callers_role() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 5 * 16);
+    assert_eq!(checked, 5 * 17);
 }
 
 /// Adding, renewing, expiring and revoking certificates against a running
