@@ -29,7 +29,9 @@ struct Lease {
 }
 
 impl Leases {
-    /// Holds `slot` for `site` for `valid`; returns the lease's id.
+    /// Holds `slot` for `site` for `valid`; returns the lease's id. A site
+    /// holds one lease at a time: a new one releases its previous slot, so
+    /// no site can sit on several.
     pub fn grant(&self, site: &str, slot: OwnedSemaphorePermit, valid: Duration) -> String {
         let id = format!("{:032x}", rand::random::<u128>());
         let lease = Lease {
@@ -38,7 +40,8 @@ impl Leases {
             expires: Instant::now() + valid,
         };
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|_, lease| lease.expires > Instant::now());
+        let now = Instant::now();
+        held.retain(|_, lease| lease.expires > now && lease.site != site);
         held.insert(id.clone(), lease);
         id
     }
@@ -99,5 +102,12 @@ mod tests {
         assert!(leases.claim(&id2, "hospital-a").is_none());
         assert!(leases.claim(&id, "hospital-a").is_none());
         assert_eq!(slots.available_permits(), 2);
+
+        // One lease per site: a second reservation releases the first slot.
+        let first = leases.grant("hospital-a", take(), Duration::from_secs(60));
+        let second = leases.grant("hospital-a", take(), Duration::from_secs(60));
+        assert_eq!(slots.available_permits(), 1);
+        assert!(leases.claim(&first, "hospital-a").is_none());
+        assert!(leases.claim(&second, "hospital-a").is_some());
     }
 }

@@ -958,7 +958,6 @@ impl pb::worker_service_server::WorkerService for Services {
 }
 
 impl Services {
-    /// The global model of `round` (default: the latest aggregated) as a chunked stream.
     /// One of the coordinator's upload slots, waited for in turn (the
     /// semaphore is first come, first served). A site waiting here counts as
     /// a transfer in progress for every job, so rounds wait for it; lapsed
@@ -981,6 +980,7 @@ impl Services {
         }
     }
 
+    /// The global model of `round` (default: the latest aggregated) as a chunked stream.
     fn model_stream(
         &self,
         job: &JobRow,
