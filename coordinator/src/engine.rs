@@ -367,8 +367,8 @@ impl Coordinator {
             }
             metrics.add(&u.metrics, u.num_examples as f64);
             match (client_dp.as_mut(), robust_rule) {
-                (Some(dp), _) => dp.fold(&checkpoint::read(Path::new(&u.path))?),
-                (None, Some(_)) => held.push(checkpoint::read(Path::new(&u.path))?),
+                (Some(dp), _) => dp.fold(&pieces.read_all()?),
+                (None, Some(_)) => held.push(pieces.read_all()?),
                 // FedAvg folds the update in as it is read, a piece at a time,
                 // so the round holds the running sum and one piece, never the
                 // update. A read that fails part way fails this attempt, whose

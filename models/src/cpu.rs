@@ -45,6 +45,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 
 use crate::architecture::{Architecture, CLASSES, Layer};
+use crate::network::{clip_factor, norm_of_squared};
 
 /// Forward multiply-adds below which a batch is not split across threads:
 /// a thread costs tens of microseconds to start.
@@ -182,8 +183,9 @@ struct Split {
 /// which thread ran what.
 ///
 /// With several threads each claims the next chunk when it finishes one; a
-/// result that finishes early waits until the chunks before it are folded. A thread the OS refuses to start is
-/// simply not there: the others claim its chunks.
+/// result that finishes early waits until the chunks before it are folded.
+/// A thread the OS refuses to start is simply not there: the others claim
+/// its chunks.
 fn in_chunks<T: Send>(
     n: usize,
     split: Split,
@@ -716,15 +718,8 @@ impl CpuNet {
                 clipped: 0,
             };
         };
-        // A NaN norm stays NaN: it must not read as a zero gradient.
-        let norms: Vec<f64> = norm2
-            .iter()
-            .map(|v| if v.is_nan() { *v } else { v.max(0.0).sqrt() })
-            .collect();
-        let factors: Vec<f64> = norms
-            .iter()
-            .map(|&norm| crate::network::clip_factor(norm, clip))
-            .collect();
+        let norms: Vec<f64> = norm2.iter().copied().map(norm_of_squared).collect();
+        let factors: Vec<f64> = norms.iter().map(|&norm| clip_factor(norm, clip)).collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
         let factors: Vec<f32> = factors.into_iter().map(|f| f as f32).collect();
         for (j, op) in self.ops.iter().enumerate().skip(self.first_trainable) {
@@ -818,8 +813,9 @@ fn squared_norm(values: &[f32]) -> f64 {
 }
 
 /// Writes to `delta` the gradient of `Σᵢ −log softmax(zᵢ)[yᵢ]` with respect
-/// to the logits `[n, CLASSES]` (`softmax − onehot`); returns the loss sum and how many examples
-/// were classified right (class 1 when its logit is larger).
+/// to the logits `[n, CLASSES]` (`softmax − onehot`); returns the loss sum
+/// and how many examples were classified right (class 1 when its logit is
+/// larger).
 fn cross_entropy(logits: &[f32], y: &[u8], delta: &mut Vec<f32>) -> (f64, usize) {
     zeroed(delta, logits.len());
     let mut loss_sum = 0.0;
@@ -832,7 +828,7 @@ fn cross_entropy(logits: &[f32], y: &[u8], delta: &mut Vec<f32>) -> (f64, usize)
         let raw = label;
         let label = usize::from(label.min(1));
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f64> = z.iter().map(|&v| f64::from(v - max).exp()).collect();
+        let exp: [f64; CLASSES] = std::array::from_fn(|k| f64::from(z[k] - max).exp());
         let total: f64 = exp.iter().sum();
         loss_sum += total.ln() - f64::from(z[label] - max);
         for (k, (dk, e)) in d.iter_mut().zip(&exp).enumerate() {
@@ -865,46 +861,55 @@ fn matmul(
     general_mat_mul(1.0, a, b, if accumulate { 1.0 } else { 0.0 }, &mut c);
 }
 
-/// Unfolds one example `[channels, height, width]` into its patches
-/// `[channels·k·k, L]`, row `(c, ki, kj)` holding the input values under
-/// kernel tap `(ki, kj)` of channel `c` at each of the `L` output positions.
-fn im2col(x: &[f32], channels: usize, height: usize, width: usize, k: usize, out: &mut Vec<f32>) {
-    let (oh, ow) = (height + 1 - k, width + 1 - k);
-    out.clear();
-    out.reserve(channels * k * k * oh * ow);
+/// Calls `run(start)` for each run of an example's patches, in patch order:
+/// for row `(c, ki, kj)` of the patches and output row `r`, the
+/// `width + 1 - k` input values under kernel tap `(ki, kj)` of channel `c`
+/// start at `(c, r + ki, kj)` of the example `[channels, height, width]`.
+/// (Nested loops and a callback: an iterator of `flat_map`s made the CNN
+/// step 5% slower.)
+fn for_each_patch_run(
+    channels: usize,
+    height: usize,
+    width: usize,
+    k: usize,
+    mut run: impl FnMut(usize),
+) {
     for c in 0..channels {
-        let plane = &x[c * height * width..(c + 1) * height * width];
         for ki in 0..k {
             for kj in 0..k {
-                for row in 0..oh {
-                    let start = (row + ki) * width + kj;
-                    out.extend_from_slice(&plane[start..start + ow]);
+                for row in 0..height + 1 - k {
+                    run(c * height * width + (row + ki) * width + kj);
                 }
             }
         }
     }
 }
 
+/// Unfolds one example `[channels, height, width]` into its patches
+/// `[channels·k·k, L]`, row `(c, ki, kj)` holding the input values under
+/// kernel tap `(ki, kj)` of channel `c` at each of the `L` output positions.
+fn im2col(x: &[f32], channels: usize, height: usize, width: usize, k: usize, out: &mut Vec<f32>) {
+    let ow = width + 1 - k;
+    out.clear();
+    out.reserve(channels * k * k * (height + 1 - k) * ow);
+    for_each_patch_run(channels, height, width, k, |start| {
+        out.extend_from_slice(&x[start..start + ow]);
+    });
+}
+
 /// The adjoint of [`im2col`]: adds each patch value back onto the input
 /// position it was copied from.
 fn col2im(patches: &[f32], channels: usize, height: usize, width: usize, k: usize, dx: &mut [f32]) {
-    let (oh, ow) = (height + 1 - k, width + 1 - k);
+    let ow = width + 1 - k;
     let mut rows = patches.chunks_exact(ow);
-    for c in 0..channels {
-        let plane = &mut dx[c * height * width..(c + 1) * height * width];
-        for ki in 0..k {
-            for kj in 0..k {
-                for row in 0..oh {
-                    let start = (row + ki) * width + kj;
-                    let Some(values) = rows.next() else { return };
-                    plane[start..start + ow]
-                        .iter_mut()
-                        .zip(values)
-                        .for_each(|(d, v)| *d += v);
-                }
-            }
+    for_each_patch_run(channels, height, width, k, |start| {
+        if let Some(values) = rows.next() {
+            dx[start..start + ow]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(d, v)| *d += v);
         }
-    }
+    });
 }
 
 /// 2×2 max pooling of one example; `winners` gets each maximum's offset in

@@ -514,11 +514,7 @@ impl Network {
             .reduce(|a, b| a + b)
             .map(to_f64)
             .unwrap_or_else(|| vec![0.0; b]);
-        // A NaN norm stays NaN: it must not read as a zero gradient.
-        let norms: Vec<f64> = norm2
-            .iter()
-            .map(|n| if n.is_nan() { *n } else { n.max(0.0).sqrt() })
-            .collect();
+        let norms: Vec<f64> = norm2.iter().copied().map(norm_of_squared).collect();
         let factors: Vec<f64> = norms.iter().map(|n| clip_factor(*n, clip)).collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
         let factors =
@@ -596,33 +592,19 @@ impl Network {
         let (loss_sum, correct) =
             loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
         let mut sum = Vec::with_capacity(num_params);
-        let mut extend = |values: Option<Vec<f64>>, len: usize| match values {
-            Some(values) => sum.extend(values),
-            // The loss does not depend on this tensor.
-            None => sum.extend(std::iter::repeat_n(0.0, len)),
-        };
         for p in &tracked {
             match p {
                 LayerParams::Linear { weight, bias } => {
-                    extend(
-                        weight.grad(&grads).map(to_f64),
-                        weight.shape().num_elements(),
-                    );
-                    extend(bias.grad(&grads).map(to_f64), bias.shape().num_elements());
+                    sum.extend(gradient_of(weight, &grads));
+                    sum.extend(gradient_of(bias, &grads));
                 }
                 LayerParams::Conv { weight, bias } => {
-                    extend(
-                        weight.grad(&grads).map(to_f64),
-                        weight.shape().num_elements(),
-                    );
-                    extend(bias.grad(&grads).map(to_f64), bias.shape().num_elements());
+                    sum.extend(gradient_of(weight, &grads));
+                    sum.extend(gradient_of(bias, &grads));
                 }
                 LayerParams::Norm { weight, bias } => {
-                    extend(
-                        weight.grad(&grads).map(to_f64),
-                        weight.shape().num_elements(),
-                    );
-                    extend(bias.grad(&grads).map(to_f64), bias.shape().num_elements());
+                    sum.extend(gradient_of(weight, &grads));
+                    sum.extend(gradient_of(bias, &grads));
                 }
                 LayerParams::None => {}
             }
@@ -642,6 +624,16 @@ impl Network {
         }
         let onehot = Tensor::<2>::from_data(TensorData::new(onehot, [b, CLASSES]), options);
         (input, onehot)
+    }
+}
+
+/// The norm from a squared norm; a NaN stays NaN, so that a gradient gone
+/// NaN never reads as a zero one.
+pub(crate) fn norm_of_squared(norm2: f64) -> f64 {
+    if norm2.is_nan() {
+        norm2
+    } else {
+        norm2.max(0.0).sqrt()
     }
 }
 
@@ -739,6 +731,15 @@ fn loss_and_correct(per_example_loss: &[f64], log_probs: &[f64], y: &[u8]) -> (f
         .filter(|(lp, label)| u8::from(lp[1] > lp[0]) == **label)
         .count();
     (loss, correct)
+}
+
+/// A tracked tensor's gradient on the host; zeros when the loss does not
+/// depend on it.
+fn gradient_of<const D: usize>(tracked: &Tensor<D>, grads: &burn::tensor::Gradients) -> Vec<f64> {
+    match tracked.grad(grads) {
+        Some(grad) => to_f64(grad),
+        None => vec![0.0; tracked.shape().num_elements()],
+    }
 }
 
 /// Copies a tensor's values to the host as `f32`.

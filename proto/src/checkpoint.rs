@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use crate::tensor::MAX_CHUNK_BYTES;
+use crate::tensor::{MAX_CHUNK_BYTES, decode_le};
 
 const MAGIC: &[u8; 8] = b"MRDNv1\0\0";
 
@@ -52,7 +52,11 @@ pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> 
 /// [`write_atomic`], naming the [`crate::failpoint`] between the write and
 /// the rename `failpoint`, so a fault-injection test can crash the process
 /// while one kind of file (a model, an update) is half written.
-pub fn write_atomic_marked(path: &Path, values: &[f32], failpoint: &str) -> Result<(), CheckpointError> {
+pub fn write_atomic_marked(
+    path: &Path,
+    values: &[f32],
+    failpoint: &str,
+) -> Result<(), CheckpointError> {
     let mut writer = CheckpointWriter::create(path, values.len() as u64)?;
     for chunk in values.chunks(1 << 16) {
         let mut buf = Vec::with_capacity(chunk.len() * 4);
@@ -108,7 +112,10 @@ impl CheckpointWriter {
         if self.written != self.announced {
             return Err(CheckpointError::Corrupt {
                 path: self.path.clone(),
-                detail: format!("{} values written, {} announced", self.written, self.announced),
+                detail: format!(
+                    "{} values written, {} announced",
+                    self.written, self.announced
+                ),
             });
         }
         self.out.flush().map_err(io_err(&self.tmp))?;
@@ -117,7 +124,9 @@ impl CheckpointWriter {
         fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
         self.committed = true;
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
         Ok(())
     }
 
@@ -161,8 +170,11 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
         )));
     }
     // In bytes first: `len * 4` must not overflow where usize is 32 bits.
-    let bytes = usize::try_from(announced)
-        .map_err(|_| corrupt(format!("announces {len} values, more than this machine can address")))?;
+    let bytes = usize::try_from(announced).map_err(|_| {
+        corrupt(format!(
+            "announces {len} values, more than this machine can address"
+        ))
+    })?;
     Ok((file, bytes / 4))
 }
 
@@ -183,10 +195,7 @@ fn read_values(file: &mut File, path: &Path, buf: &mut [u8]) -> Result<(), Check
 
 /// Reads a file written by [`write_atomic`], checking its length.
 pub fn read(path: &Path) -> Result<Vec<f32>, CheckpointError> {
-    let pieces = Pieces::open(path)?;
-    let mut values = Vec::with_capacity(pieces.len());
-    pieces.for_each(|_, piece| values.extend_from_slice(piece))?;
-    Ok(values)
+    Pieces::open(path)?.read_all()
 }
 
 /// A parameter file read a piece at a time, for a reader that folds values
@@ -223,21 +232,34 @@ impl Pieces {
     /// Calls `each(offset, values)` for consecutive pieces of at most
     /// [`crate::tensor::CHUNK_VALUES`] values, in order. An error part way
     /// (the file shrank, an I/O failure) comes after some pieces were seen.
-    pub fn for_each(mut self, mut each: impl FnMut(usize, &[f32])) -> Result<(), CheckpointError> {
-        let mut bytes = vec![0u8; MAX_CHUNK_BYTES.min(self.len * 4)];
-        let mut values = Vec::with_capacity(bytes.len() / 4);
+    pub fn for_each(self, mut each: impl FnMut(usize, &[f32])) -> Result<(), CheckpointError> {
+        let mut values = Vec::new();
         let mut offset = 0;
-        while offset < self.len {
-            let piece = &mut bytes[..(self.len - offset).min(MAX_CHUNK_BYTES / 4) * 4];
-            read_values(&mut self.file, &self.path, piece)?;
+        self.for_each_bytes(|bytes| {
             values.clear();
-            values.extend(
-                piece
-                    .chunks_exact(4)
-                    .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
-            );
+            values.extend(decode_le(bytes));
             each(offset, &values);
             offset += values.len();
+        })
+    }
+
+    /// Every value, in one vector allocated once.
+    pub fn read_all(self) -> Result<Vec<f32>, CheckpointError> {
+        let mut values = Vec::with_capacity(self.len);
+        self.for_each_bytes(|bytes| values.extend(decode_le(bytes)))?;
+        Ok(values)
+    }
+
+    /// Calls `each` with consecutive pieces of the values' bytes, at most
+    /// [`MAX_CHUNK_BYTES`] each, read into one reused buffer.
+    fn for_each_bytes(mut self, mut each: impl FnMut(&[u8])) -> Result<(), CheckpointError> {
+        let mut remaining = self.len * 4;
+        let mut bytes = vec![0u8; MAX_CHUNK_BYTES.min(remaining)];
+        while remaining > 0 {
+            let piece = &mut bytes[..remaining.min(MAX_CHUNK_BYTES)];
+            read_values(&mut self.file, &self.path, piece)?;
+            each(piece);
+            remaining -= piece.len();
         }
         Ok(())
     }
@@ -279,7 +301,10 @@ mod tests {
             "{err}"
         );
         let err = read_chunks(&path).unwrap_err().to_string();
-        assert!(err.ends_with("holds 11 bytes of values, its header announces 12"), "{err}");
+        assert!(
+            err.ends_with("holds 11 bytes of values, its header announces 12"),
+            "{err}"
+        );
         // A header announcing more values than any file could hold.
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
@@ -293,7 +318,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.bin");
         // Two full chunks and a short one.
-        let values: Vec<f32> = (0..2 * crate::tensor::CHUNK_VALUES + 5).map(|i| i as f32 * 0.5).collect();
+        let values: Vec<f32> = (0..2 * crate::tensor::CHUNK_VALUES + 5)
+            .map(|i| i as f32 * 0.5)
+            .collect();
         write_atomic(&path, &values).unwrap();
         let chunks = read_chunks(&path).unwrap();
         let want: Vec<Bytes> = crate::tensor::encode_chunks(&values).collect();
@@ -308,7 +335,12 @@ mod tests {
     fn a_streamed_file_commits_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("u.bin");
-        let bytes = |values: &[f32]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let bytes = |values: &[f32]| {
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
         let mut w = CheckpointWriter::create(&path, 3).unwrap();
         w.write_le_bytes(&bytes(&[1.0, 2.0])).unwrap();
         w.write_le_bytes(&bytes(&[3.0])).unwrap();
@@ -318,7 +350,12 @@ mod tests {
         let short = dir.path().join("short.bin");
         let mut w = CheckpointWriter::create(&short, 3).unwrap();
         w.write_le_bytes(&bytes(&[1.0])).unwrap();
-        assert!(w.commit("test").unwrap_err().to_string().ends_with("1 values written, 3 announced"));
+        assert!(
+            w.commit("test")
+                .unwrap_err()
+                .to_string()
+                .ends_with("1 values written, 3 announced")
+        );
         assert!(!short.exists() && !short.with_extension("tmp").exists());
         // Abandoned: the temporary file is gone and the target never appears.
         let dropped = dir.path().join("dropped.bin");
