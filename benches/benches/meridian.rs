@@ -63,7 +63,7 @@ fn plain_step(c: &mut Criterion) {
 }
 
 /// The noise a DP-SGD step adds, one value per parameter: Meridian's
-/// hardened sampler draws four Ziggurat normals from ChaCha12 per value
+/// hardened sampler draws four Ziggurat normals from AES-256-CTR per value
 /// (measured here on one thread, without the prefetching DP-SGD uses).
 fn noise(c: &mut Criterion) {
     let mut group = c.benchmark_group("noise");

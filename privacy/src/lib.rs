@@ -19,8 +19,8 @@
 //!   tighter ε for the same run (8–12 % lower on long DP-SGD runs at
 //!   δ = 1e-5, more on short ones); [`dpsgd_epsilon_pld`] is the one-call
 //!   form.
-//! - [`NoiseSource`] draws Gaussian noise from an OS-seeded ChaCha12 CSPRNG
-//!   with Opacus' secure-mode sampler.
+//! - [`NoiseSource`] draws Gaussian noise from an OS-keyed AES-256-CTR
+//!   keystream with Opacus' secure-mode sampler.
 //! - [`DpSgdConfig`] holds validated DP-SGD parameters; [`clip_factor`] is
 //!   the per-example clipping rule.
 //! - [`LedgerEntry`] records one round of one job against a dataset;
