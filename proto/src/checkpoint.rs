@@ -87,7 +87,10 @@ impl CheckpointWriter {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = path.with_extension("tmp");
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        // Batches a slow sender's small chunks; a chunk of 64 KiB or more goes
+        // straight to the file. (A 1 MiB buffer per upload was 15 MB of the
+        // coordinator's peak with 1,000 sites, for no gain: chunks are large.)
+        let mut out = BufWriter::with_capacity(64 << 10, file);
         out.write_all(MAGIC).map_err(io_err(&tmp))?;
         out.write_all(&len.to_le_bytes()).map_err(io_err(&tmp))?;
         Ok(CheckpointWriter {

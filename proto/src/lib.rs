@@ -10,6 +10,7 @@
 //! - [`tensor`]: splitting a flat `f32` parameter vector into ≤ 1 MiB chunks
 //!   and reassembling it with length checks.
 //! - [`checkpoint`]: parameter vectors on disk, written atomically.
+//! - [`codec`]: the services' gRPC codec (prost, with small first buffers).
 //! - [`failpoint`]: named crash points that fault-injection tests arm.
 //! - [`audit`]: the hash-chained, append-only audit log of every daemon.
 //! - [`identity::Role`]: the role a certificate carries in its subject's
@@ -22,6 +23,7 @@
 
 pub mod audit;
 pub mod checkpoint;
+pub mod codec;
 pub mod config_file;
 pub mod failpoint;
 pub mod identity;
