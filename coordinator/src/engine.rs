@@ -44,6 +44,8 @@ pub struct Coordinator {
     pub receiving: Arc<tokio::sync::Semaphore>,
     /// Slots reserved by sites for their next upload.
     pub leases: crate::leases::Leases,
+    /// The latest model as chunks ready to send, and the serving slots.
+    pub models: crate::model_cache::ModelCache,
 }
 
 /// Updates read at once; the rest wait in HTTP/2 flow control. Each holds
@@ -412,7 +414,13 @@ impl Coordinator {
             },
         };
         failpoint::hit("round.aggregate");
-        checkpoint::write_atomic_marked(&self.model_path(&job.id, round), &global, "model.rename")?;
+        // The running sum (twice the model's size) is no longer needed.
+        drop(fedavg);
+        drop(held);
+        let chunks = checkpoint::write_chunks_atomic(&self.model_path(&job.id, round), &global, "model.rename")?;
+        drop(global);
+        // Served from memory to the next round's pullers (the file is the durable copy).
+        self.models.install(&job.id, round, chunks);
         failpoint::hit("round.commit");
         let (next_state, next_round) = if round >= job.spec.training.rounds {
             (JobState::Evaluating, round)

@@ -12,6 +12,7 @@
 //! - [`admission`]: the checks every update passes before it is counted.
 //! - `transfers`: updates in flight, so a round waits for a slow upload
 //!   that is still making progress and drops a silent one.
+//! - `model_cache`: the latest model as wire chunks, shared by its pullers.
 //! - `store`: SQLite state; models and updates are files written by
 //!   `proto::checkpoint`.
 
@@ -24,6 +25,7 @@ mod budget;
 mod config;
 mod engine;
 mod leases;
+mod model_cache;
 mod revocation;
 mod service;
 mod store;
@@ -88,13 +90,13 @@ pub async fn run(
         transfers: transfers::Transfers::default(),
         receiving: Arc::new(tokio::sync::Semaphore::new(engine::RECEIVING_AT_ONCE)),
         leases: leases::Leases::default(),
+        models: model_cache::ModelCache::default(),
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {
         inner: Arc::clone(&coordinator),
         revocations: Arc::new(revocation::Revocations::new(&config)),
         board: Arc::default(),
-        models: Arc::default(),
     };
     info!(addr = ?listener.local_addr().ok(), "coordinator listening");
     tonic::transport::Server::builder()

@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::Stream;
 use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
@@ -33,7 +32,6 @@ pub struct Services {
     pub(crate) inner: Arc<Coordinator>,
     pub(crate) revocations: Arc<Revocations>,
     pub(crate) board: Arc<TaskBoard>,
-    pub(crate) models: Arc<ModelCache>,
 }
 
 /// Every site's outstanding tasks as of one change: built by the first task
@@ -138,76 +136,6 @@ fn authorize<T>(
 const HOSPITAL: &[Role] = &[Role::Hospital];
 const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
 const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin];
-
-fn stream_model(
-    chunks: Arc<Vec<Bytes>>,
-    header: pb::ModelHeader,
-    slots: Arc<tokio::sync::Semaphore>,
-    idle: Duration,
-) -> BoxStream<pb::ModelChunk> {
-    let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(async move {
-        // The header goes out at once, so a queued puller is not mistaken for a silent peer.
-        let header = pb::ModelChunk { part: Some(pb::model_chunk::Part::Header(header)) };
-        if tx.send(Ok(header)).await.is_err() {
-            return;
-        }
-        // gRPC encodes each message into a buffer of its own: bounding the
-        // transfers served at once bounds those copies (the rest queue).
-        let Ok(_slot) = slots.acquire_owned().await else { return };
-        // Each chunk is a reference-counted view of the cached model: a
-        // thousand sites pulling at once share one copy. A puller that stops
-        // reading for the idle timeout gives its slot up.
-        for chunk in chunks.iter() {
-            let data = pb::ModelChunk { part: Some(pb::model_chunk::Part::Data(chunk.clone())) };
-            match tokio::time::timeout(idle, tx.send(Ok(data))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return,
-            }
-        }
-    });
-    Box::pin(ReceiverStream::new(rx))
-}
-
-/// The model most recently pulled, encoded as chunks, so that every site
-/// pulling it in a round shares one copy: memory O(d), not O(sites · d);
-/// and the slots bounding how many model transfers are served at once.
-pub struct ModelCache {
-    latest: std::sync::Mutex<Option<CachedModel>>,
-    slots: Arc<tokio::sync::Semaphore>,
-}
-
-/// A job's id, a round, and its model as chunks ready to send.
-type CachedModel = (String, u32, Arc<Vec<Bytes>>);
-
-/// Model transfers served at once; each holds about one encoded chunk.
-const SERVING_AT_ONCE: usize = 32;
-
-impl Default for ModelCache {
-    fn default() -> Self {
-        ModelCache {
-            latest: std::sync::Mutex::new(None),
-            slots: Arc::new(tokio::sync::Semaphore::new(SERVING_AT_ONCE)),
-        }
-    }
-}
-
-impl ModelCache {
-    /// The chunks of `job_id`'s model after `round`, read from `path` on a miss.
-    fn get(&self, job_id: &str, round: u32, path: &std::path::Path) -> Result<Arc<Vec<Bytes>>, Status> {
-        // Held while reading, so concurrent pulls of a new model read it once.
-        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((job, r, chunks)) = &*latest
-            && job == job_id
-            && *r == round
-        {
-            return Ok(Arc::clone(chunks));
-        }
-        let chunks = Arc::new(checkpoint::read_chunks(path).map_err(|e| Status::internal(e.to_string()))?);
-        *latest = Some((job_id.to_string(), round, Arc::clone(&chunks)));
-        Ok(chunks)
-    }
-}
 
 impl Services {
     /// Who is calling, if their certificate is not revoked and their role may call `rpc`.
@@ -411,8 +339,11 @@ impl pb::job_service_server::JobService for Services {
                 .try_into()
                 .unwrap_or([0; 8]),
         );
-        checkpoint::write_atomic(&self.inner.model_path(&job_id, 0), &arch.init_params(seed))
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let chunks =
+            checkpoint::write_chunks_atomic(&self.inner.model_path(&job_id, 0), &arch.init_params(seed), "checkpoint.rename")
+                .map_err(|e| Status::internal(e.to_string()))?;
+        // The first round's pullers are served from memory, as every later round's are.
+        self.inner.models.install(&job_id, 0, chunks);
         let now = now_ms();
         let job = JobRow {
             id: job_id.clone(),
@@ -999,19 +930,21 @@ impl Services {
                 job.id
             )));
         }
-        let chunks = self.models.get(&job.id, round, &self.inner.model_path(&job.id, round))?;
+        let chunks = self
+            .inner
+            .models
+            .get(&job.id, round, &self.inner.model_path(&job.id, round))
+            .map_err(|e| Status::internal(e.to_string()))?;
         let header = pb::ModelHeader {
             job_id: job.id.clone(),
             round,
             layout_hash: job.layout_hash.clone(),
             num_params: chunks.iter().map(|c| c.len() as u64 / 4).sum(),
         };
-        Ok(stream_model(
-            chunks,
-            header,
-            Arc::clone(&self.models.slots),
-            Duration::from_secs(self.inner.idle_timeout_secs),
-        ))
+        Ok(self
+            .inner
+            .models
+            .stream(chunks, header, Duration::from_secs(self.inner.idle_timeout_secs)))
     }
 
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {

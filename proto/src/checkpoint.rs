@@ -51,8 +51,9 @@ pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> 
 
 /// [`write_atomic`], naming the [`crate::failpoint`] between the write and
 /// the rename `failpoint`, so a fault-injection test can crash the process
-/// while one kind of file (a model, an update) is half written.
-pub fn write_atomic_marked(
+/// while one kind of file (a model, an update) is half written. Encodes a
+/// piece at a time: it holds no copy of `values`.
+fn write_atomic_marked(
     path: &Path,
     values: &[f32],
     failpoint: &str,
@@ -66,6 +67,24 @@ pub fn write_atomic_marked(
         writer.write_le_bytes(&buf)?;
     }
     writer.commit(failpoint)
+}
+
+/// [`write_atomic_marked`] from the wire chunks of `values`
+/// ([`crate::tensor::encode_chunks`]), which it returns: the file and what
+/// a sender serves are then encoded once, and the caller can serve the
+/// model without reading the file back.
+pub fn write_chunks_atomic(
+    path: &Path,
+    values: &[f32],
+    failpoint: &str,
+) -> Result<Vec<Bytes>, CheckpointError> {
+    let chunks: Vec<Bytes> = crate::tensor::encode_chunks(values).collect();
+    let mut writer = CheckpointWriter::create(path, values.len() as u64)?;
+    for chunk in &chunks {
+        writer.write_le_bytes(chunk)?;
+    }
+    writer.commit(failpoint)?;
+    Ok(chunks)
 }
 
 /// A parameter file written piece by piece as its values arrive (an update
@@ -288,6 +307,17 @@ pub fn read_chunks(path: &Path) -> Result<Vec<Bytes>, CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_chunks_are_the_file_and_what_read_chunks_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bin");
+        let values: Vec<f32> = (0..crate::tensor::CHUNK_VALUES + 7).map(|i| i as f32 * 0.5).collect();
+        let chunks = write_chunks_atomic(&path, &values, "test").unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(read(&path).unwrap(), values);
+        assert_eq!(read_chunks(&path).unwrap(), chunks);
+    }
 
     #[test]
     fn round_trip_and_corruption_detected() {

@@ -29,6 +29,38 @@ pub fn encode_chunk(values: &[f32]) -> Bytes {
     Bytes::from(buf)
 }
 
+/// The chunk of `values[range]`, without copying where the machine is
+/// little-endian (the wire's byte order): the chunk is a view that keeps
+/// `values` alive. An upload sends every value through gRPC's own encoding
+/// buffer anyway; this saves the sender a copy and a fresh allocation per
+/// chunk. Elsewhere it is [`encode_chunk`].
+pub fn chunk_view(values: &std::sync::Arc<Vec<f32>>, range: std::ops::Range<usize>) -> Bytes {
+    #[cfg(target_endian = "little")]
+    {
+        // Checked here, so that `as_ref` below cannot panic.
+        let _ = &values[range.clone()];
+        Bytes::from_owner(F32View { values: std::sync::Arc::clone(values), range })
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        encode_chunk(&values[range])
+    }
+}
+
+/// Shared `f32` values seen as their bytes (little-endian machines only).
+#[cfg(target_endian = "little")]
+struct F32View {
+    values: std::sync::Arc<Vec<f32>>,
+    range: std::ops::Range<usize>,
+}
+
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for F32View {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.values[self.range.clone()])
+    }
+}
+
 /// The values of little-endian `bytes` (whole words; a trailing partial
 /// word is ignored): the inverse of [`encode_chunk`].
 pub fn decode_le(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::{CHUNK_VALUES, encode_chunk};
+use proto::tensor::{CHUNK_VALUES, chunk_view};
 use tonic::transport::Channel;
 
 /// Values per chunk for an upload capped at `limit` bytes per second.
@@ -79,9 +79,7 @@ pub fn update_messages(
             }
             let end = (offset + per_chunk).min(values.len());
             let chunk = pb::UpdateChunk {
-                part: Some(pb::update_chunk::Part::Data(encode_chunk(
-                    &values[offset..end],
-                ))),
+                part: Some(pb::update_chunk::Part::Data(chunk_view(&values, offset..end))),
             };
             Some((chunk, end))
         }

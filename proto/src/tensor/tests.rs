@@ -58,3 +58,14 @@ fn the_validator_keeps_nothing_but_the_norm() {
     let err = v.check(&[2.0f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap_err();
     assert!(matches!(err, ChunkError::NotFinite { index: 2, .. }), "{err:?}");
 }
+
+#[test]
+fn a_chunk_view_is_the_encoded_chunk_and_keeps_its_values_alive() {
+    let values = std::sync::Arc::new(vec![1.5f32, -0.0, f32::MIN_POSITIVE, 3e38, -7.25]);
+    let view = chunk_view(&values, 1..4);
+    assert_eq!(view, encode_chunk(&values[1..4]));
+    assert_eq!(chunk_view(&values, 0..0).len(), 0);
+    drop(values);
+    // The view owns what it shows.
+    assert_eq!(decode_le(&view).collect::<Vec<_>>(), vec![-0.0, f32::MIN_POSITIVE, 3e38]);
+}
