@@ -419,8 +419,6 @@ impl Coordinator {
         drop(held);
         let chunks = checkpoint::write_chunks_atomic(&self.model_path(&job.id, round), &global, "model.rename")?;
         drop(global);
-        // Served from memory to the next round's pullers (the file is the durable copy).
-        self.models.install(&job.id, round, chunks);
         failpoint::hit("round.commit");
         let (next_state, next_round) = if round >= job.spec.training.rounds {
             (JobState::Evaluating, round)
@@ -448,6 +446,10 @@ impl Coordinator {
             next_round,
             Self::deadline(job),
         )?;
+        // Served from memory to the next round's pullers once the round is
+        // committed (the file is the durable copy; no one may pull a round
+        // before it is closed).
+        self.models.install(&job.id, round, chunks);
         Ok(true)
     }
 

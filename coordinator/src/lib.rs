@@ -31,6 +31,10 @@ mod service;
 mod store;
 mod transfers;
 
+/// A stream of messages or errors, as the services return it.
+pub(crate) type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
 use std::sync::Arc;
 
 pub use config::{ConfigError, CoordinatorConfig};

@@ -10,20 +10,17 @@
 //! ([`ModelCache::get`]).
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
 use proto::checkpoint::{self, CheckpointError};
 use proto::pb;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 
-/// A stream of model chunks, as the services return it.
-pub type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send + 'static>>;
+use crate::BoxStream;
+
 
 /// The model most recently written or pulled, encoded as chunks, so that
 /// every site pulling it in a round shares one copy: memory O(d), not
@@ -77,7 +74,7 @@ impl ModelCache {
     }
 
     /// Streams `header` and then `chunks`, once one of the serving slots is free.
-    pub fn stream(&self, chunks: Arc<Vec<Bytes>>, header: pb::ModelHeader, idle: Duration) -> ModelStream {
+    pub fn stream(&self, chunks: Arc<Vec<Bytes>>, header: pb::ModelHeader, idle: Duration) -> BoxStream<pb::ModelChunk> {
         let slots = Arc::clone(&self.slots);
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {

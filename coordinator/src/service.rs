@@ -3,11 +3,9 @@
 //! the one place that happens).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
 use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
@@ -18,13 +16,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::BoxStream;
 use crate::admission::{self, Expected, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError, WeightedMean};
 use crate::revocation::Revocations;
 use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The three services over one shared [`Coordinator`].
 #[derive(Clone)]
@@ -333,7 +331,11 @@ impl pb::job_service_server::JobService for Services {
         let arch = models::Architecture::new(&spec.model, spec.features.input_dim())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let layout = arch.layout();
-        let job_id = format!("job-{:08x}", rand::random::<u32>());
+        // A fresh id: a clash with an existing job must not overwrite its initial model.
+        let job_id = (0..8)
+            .map(|_| format!("job-{:08x}", rand::random::<u32>()))
+            .find(|id| !self.inner.model_path(id, 0).exists())
+            .ok_or_else(|| Status::internal("no unused job id after 8 draws"))?;
         let seed = u64::from_le_bytes(
             <sha2::Sha256 as sha2::Digest>::digest(job_id.as_bytes())[..8]
                 .try_into()
@@ -342,8 +344,6 @@ impl pb::job_service_server::JobService for Services {
         let chunks =
             checkpoint::write_chunks_atomic(&self.inner.model_path(&job_id, 0), &arch.init_params(seed), "checkpoint.rename")
                 .map_err(|e| Status::internal(e.to_string()))?;
-        // The first round's pullers are served from memory, as every later round's are.
-        self.inner.models.install(&job_id, 0, chunks);
         let now = now_ms();
         let job = JobRow {
             id: job_id.clone(),
@@ -361,6 +361,8 @@ impl pb::job_service_server::JobService for Services {
             spec,
         };
         self.inner.store.insert_job(&job, &sites)?;
+        // The first round's pullers are served from memory, as every later round's are.
+        self.inner.models.install(&job_id, 0, chunks);
         info!(job_id, submitted_by = %who.name, sites = ?sites, "job submitted");
         self.inner.audit(
             "job.submitted",

@@ -3,8 +3,8 @@
 //! # Randomness
 //!
 //! A [`NoiseSource`] reads an AES-256 counter-mode keystream (a CSPRNG; see
-//! [`keystream`]) under a 256-bit key from the operating system
-//! (`getrandom`). AES-CTR is NIST's `CTR_DRBG` construction; it is taken
+//! `noise/keystream.rs`) under a 256-bit key from the operating system
+//! (`getrandom`). AES-CTR is the core of NIST's `CTR_DRBG`; it is taken
 //! from `ring`'s AES-GCM, already in the build for TLS, which runs on the
 //! CPU's AES instructions at about 8 GB/s here. It replaced ChaCha12 (3.6 GB/s),
 //! which had replaced ChaCha20, each time because noise was the largest
@@ -32,7 +32,7 @@
 //! which is what the attacks exploit. Each base normal comes from the
 //! Ziggurat method (Doornik's ZIGNOR, exact in distribution up to the
 //! resolution of its uniforms) in `f64`: `rand_distr`'s `StandardNormal`,
-//! copied in [`ziggurat`] so that its common case inlines, and tested to
+//! copied in `noise/ziggurat.rs` so that its common case inlines, and tested to
 //! return the very same samples from the same bits. Ziggurat replaced
 //! Box–Muller here because it needs no logarithm, square root or sine for
 //! 98.8 % of draws. This is a mitigation, not a proof; an exact discrete
@@ -53,7 +53,6 @@
 use std::sync::mpsc;
 
 use keystream::Keystream;
-use ziggurat::{TABLES, Tables};
 
 mod keystream;
 #[cfg(test)]
@@ -89,7 +88,6 @@ pub enum NoiseError {
 /// the operating system. See the [module docs](self) for the sampler.
 pub struct NoiseSource {
     stream: Keystream,
-    tables: &'static Tables,
 }
 
 impl std::fmt::Debug for NoiseSource {
@@ -104,7 +102,6 @@ impl NoiseSource {
     pub fn new() -> Result<Self, NoiseError> {
         Ok(Self {
             stream: Keystream::from_os()?,
-            tables: &TABLES,
         })
     }
 
@@ -117,7 +114,6 @@ impl NoiseSource {
         key[..8].copy_from_slice(&seed.to_le_bytes());
         Self {
             stream: Keystream::with_key(&key),
-            tables: &TABLES,
         }
     }
 
@@ -125,10 +121,10 @@ impl NoiseSource {
     /// halved (Opacus' secure mode).
     #[inline]
     fn hardened_normal(&mut self) -> f64 {
-        let a = self.tables.standard_normal(&mut self.stream);
-        let b = self.tables.standard_normal(&mut self.stream);
-        let c = self.tables.standard_normal(&mut self.stream);
-        let d = self.tables.standard_normal(&mut self.stream);
+        let a = ziggurat::standard_normal(&mut self.stream);
+        let b = ziggurat::standard_normal(&mut self.stream);
+        let c = ziggurat::standard_normal(&mut self.stream);
+        let d = ziggurat::standard_normal(&mut self.stream);
         ((a + b) + (c + d)) * 0.5
     }
 
@@ -181,7 +177,7 @@ fn check_std_dev(std_dev: f64) -> Result<(), NoiseError> {
 }
 
 /// Standard normals for the next DP-SGD steps, drawn ahead on threads of
-/// their own, each with a [`NoiseSource`] of its own (seeded from the OS).
+/// their own, each with a [`NoiseSource`] of its own (keyed from the OS).
 ///
 /// The vector is cut into one contiguous part per thread. Each step takes
 /// one buffer per part, scales and adds it, and hands the buffers back to
@@ -215,7 +211,8 @@ const PREFETCH_DEPTH: usize = 2;
 /// Below this many values one thread draws everything: splitting costs more
 /// than it saves. At 9 ns per value, 16,384 values take about as long as a
 /// whole MLP-A step; with MLP-A's 6,274 parameters one thread measured
-/// 1.27–1.31× the plain step and two 1.34–1.36×.
+/// 1.27–1.31× the plain step and two 1.34–1.36× (one step's gradient and
+/// noise timed in a loop, outside `bench-table`).
 const SPLIT_ABOVE: usize = 16_384;
 
 impl PrefetchedNoise {

@@ -44,20 +44,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
     }
 }
 
-/// Writes `values` to `path` atomically and durably.
+/// Writes `values` to `path` atomically and durably, encoding a piece at a
+/// time (it holds no copy of `values`). A crash between the write and the
+/// rename stops at the [`crate::failpoint`] `checkpoint.rename`.
 pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> {
-    write_atomic_marked(path, values, "checkpoint.rename")
-}
-
-/// [`write_atomic`], naming the [`crate::failpoint`] between the write and
-/// the rename `failpoint`, so a fault-injection test can crash the process
-/// while one kind of file (a model, an update) is half written. Encodes a
-/// piece at a time: it holds no copy of `values`.
-fn write_atomic_marked(
-    path: &Path,
-    values: &[f32],
-    failpoint: &str,
-) -> Result<(), CheckpointError> {
     let mut writer = CheckpointWriter::create(path, values.len() as u64)?;
     for chunk in values.chunks(1 << 16) {
         let mut buf = Vec::with_capacity(chunk.len() * 4);
@@ -66,13 +56,16 @@ fn write_atomic_marked(
         }
         writer.write_le_bytes(&buf)?;
     }
-    writer.commit(failpoint)
+    writer.commit("checkpoint.rename")
 }
 
-/// [`write_atomic_marked`] from the wire chunks of `values`
-/// ([`crate::tensor::encode_chunks`]), which it returns: the file and what
-/// a sender serves are then encoded once, and the caller can serve the
-/// model without reading the file back.
+/// [`write_atomic`] from the wire chunks of `values`
+/// ([`crate::tensor::encode_chunks`]), which it returns, naming the
+/// [`crate::failpoint`] between the write and the rename `failpoint` (so a
+/// fault-injection test can crash the process while one kind of file is
+/// half written). The file and what a sender serves are then encoded once,
+/// and the caller can serve the model without reading the file back; the
+/// price is a copy of `values` for as long as the chunks live.
 pub fn write_chunks_atomic(
     path: &Path,
     values: &[f32],

@@ -18,12 +18,11 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 pub const INITIAL_BUFFER_BYTES: usize = 1024;
 
 /// Encoded bytes a server-streaming response gathers before it hands them
-/// to HTTP/2 (tonic's default).
+/// to HTTP/2: tonic's default (`DEFAULT_YIELD_THRESHOLD`, not exported).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// Prost encoding with [`INITIAL_BUFFER_BYTES`] buffers; the generated
 /// clients and servers use it through `build.rs`'s `codec_path`.
-#[derive(Debug, Clone, Copy)]
 pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
 
 impl<T, U> Default for LeanCodec<T, U> {

@@ -1,8 +1,11 @@
 //! The random bits behind every noise sample: an AES-256 counter-mode
 //! keystream.
 //!
-//! AES in counter mode is a standard CSPRNG (NIST SP 800-90A's `CTR_DRBG`
-//! is built on it). We take the keystream from `ring`'s AES-256-GCM, which
+//! AES in counter mode is a standard CSPRNG: it is the core of NIST SP
+//! 800-90A's `CTR_DRBG`, without that standard's re-keying after every
+//! request, so, as with the ChaCha generators before it, whoever reads the
+//! key out of the process's memory can recompute the noise this source drew
+//! (and could as well read the data it protects). We take the keystream from `ring`'s AES-256-GCM, which
 //! is already in the build for TLS and runs on the AES-NI and carry-less
 //! multiply instructions: sealing a buffer of zeros under a unique nonce
 //! leaves exactly the counter-mode keystream in it (GCM encrypts by XOR with
