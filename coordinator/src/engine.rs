@@ -109,6 +109,7 @@ impl Coordinator {
         self.tasks.spawn(async move {
             if let Err(e) = this.drive(&job_id).await {
                 warn!(job_id, error = %e, "job driver stopped");
+                this.models.forget(&job_id);
                 let reason = format!("coordinator error: {e}");
                 if let Ok(Some(job)) = this.store.job(&job_id) {
                     let _ = this.store.update_job(
@@ -130,9 +131,11 @@ impl Coordinator {
         let mut changes = self.changes.subscribe();
         loop {
             let Some(job) = self.store.job(job_id)? else {
+                self.models.forget(job_id);
                 return Ok(());
             };
             if job.state.is_terminal() {
+                self.models.forget(job_id);
                 return Ok(());
             }
             let progressed = match job.state {

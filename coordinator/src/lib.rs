@@ -12,7 +12,8 @@
 //! - [`admission`]: the checks every update passes before it is counted.
 //! - `transfers`: updates in flight, so a round waits for a slow upload
 //!   that is still making progress and drops a silent one.
-//! - `model_cache`: the latest model as wire chunks, shared by its pullers.
+//! - `model_cache`: each live job's latest model as wire chunks, shared by
+//!   its pullers.
 //! - `store`: SQLite state; models and updates are files written by
 //!   `proto::checkpoint`.
 

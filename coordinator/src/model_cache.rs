@@ -1,14 +1,17 @@
-//! Global models ready to send: the latest one as wire chunks, shared by
-//! every site that pulls it, and the slots that bound how many are served
-//! at once.
+//! Global models ready to send: each live job's latest model as wire
+//! chunks, shared by every site that pulls it, and the slots that bound how
+//! many are served at once.
 //!
-//! A round's new model goes into the cache when the engine writes it
-//! ([`ModelCache::install`]), from the very chunks it wrote to disk, so the
-//! first pull of a round does not read the file back (measured with a
-//! 400 MB model: a read into fresh memory was a quarter of the pull). After
-//! a restart, or for another job's model, a pull reads the file
-//! ([`ModelCache::get`]).
+//! A round's new model goes into the cache once the round is committed
+//! ([`ModelCache::install`]), from the very chunks the engine wrote to disk,
+//! so the first pull of a round does not read the file back (measured with
+//! a 400 MB model: a read into fresh memory was a quarter of the pull).
+//! Each job keeps its own entry, so jobs running side by side do not evict
+//! each other's models; a job's entry goes when the job ends
+//! ([`ModelCache::forget`]). After a restart, or for an older round, a pull
+//! reads the file ([`ModelCache::get`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,18 +24,17 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::BoxStream;
 
-
-/// The model most recently written or pulled, encoded as chunks, so that
-/// every site pulling it in a round shares one copy: memory O(d), not
-/// O(sites · d); and the slots bounding how many model transfers are served
-/// at once.
+/// The latest model of each live job, encoded as chunks, so that every
+/// site pulling it in a round shares one copy: memory O(d) per job, not
+/// O(sites · d); and the slots bounding how many model transfers are
+/// served at once.
 pub struct ModelCache {
-    latest: Mutex<Option<CachedModel>>,
+    latest: Mutex<HashMap<String, CachedModel>>,
     slots: Arc<Semaphore>,
 }
 
-/// A job's id, a round, and its model as chunks ready to send.
-type CachedModel = (String, u32, Arc<Vec<Bytes>>);
+/// A round, and the job's model after it as chunks ready to send.
+type CachedModel = (u32, Arc<Vec<Bytes>>);
 
 /// Model transfers served at once; each holds about one encoded chunk.
 const SERVING_AT_ONCE: usize = 32;
@@ -40,37 +42,47 @@ const SERVING_AT_ONCE: usize = 32;
 impl Default for ModelCache {
     fn default() -> Self {
         ModelCache {
-            latest: Mutex::new(None),
+            latest: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(SERVING_AT_ONCE)),
         }
     }
 }
 
 impl ModelCache {
-    fn latest(&self) -> std::sync::MutexGuard<'_, Option<CachedModel>> {
-        // Replacing the entry is one assignment: a panic cannot leave it half-written.
+    fn latest(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedModel>> {
+        // Each change is one insert or remove: a panic cannot leave an entry half-written.
         self.latest.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The chunks of `job_id`'s model after `round`, read from `path` on a miss.
-    pub fn get(&self, job_id: &str, round: u32, path: &Path) -> Result<Arc<Vec<Bytes>>, CheckpointError> {
+    /// The chunks of `job_id`'s model after `round`, read from `path` on a
+    /// miss. What is read is kept if `keep` (the job is live) and the job
+    /// has no newer model cached.
+    pub fn get(&self, job_id: &str, round: u32, path: &Path, keep: bool) -> Result<Arc<Vec<Bytes>>, CheckpointError> {
         // Held while reading, so concurrent pulls of a new model read it once.
         let mut latest = self.latest();
-        if let Some((job, r, chunks)) = &*latest
-            && job == job_id
+        let cached = latest.get(job_id);
+        if let Some((r, chunks)) = cached
             && *r == round
         {
             return Ok(Arc::clone(chunks));
         }
+        let newer_cached = cached.is_some_and(|(r, _)| *r > round);
         let chunks = Arc::new(checkpoint::read_chunks(path)?);
-        *latest = Some((job_id.to_string(), round, Arc::clone(&chunks)));
+        if keep && !newer_cached {
+            latest.insert(job_id.to_string(), (round, Arc::clone(&chunks)));
+        }
         Ok(chunks)
     }
 
-    /// Makes `chunks`, just written durably as `job_id`'s model after
-    /// `round`, the cached model.
+    /// Makes `chunks`, just written durably and committed as `job_id`'s
+    /// model after `round`, the job's cached model.
     pub fn install(&self, job_id: &str, round: u32, chunks: Vec<Bytes>) {
-        *self.latest() = Some((job_id.to_string(), round, Arc::new(chunks)));
+        self.latest().insert(job_id.to_string(), (round, Arc::new(chunks)));
+    }
+
+    /// Drops `job_id`'s cached model (the job ended; its files remain).
+    pub fn forget(&self, job_id: &str) {
+        self.latest().remove(job_id);
     }
 
     /// Streams `header` and then `chunks`, once one of the serving slots is free.
@@ -106,15 +118,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_installed_model_is_served_without_reading_its_file() {
+    fn installed_models_are_served_without_reading_their_files() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("model.bin");
-        let chunks = checkpoint::write_chunks_atomic(&path, &[1.0, 2.0, 3.0], "test").unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let a = checkpoint::write_chunks_atomic(&path("a4"), &[1.0, 2.0, 3.0], "test").unwrap();
+        let b = checkpoint::write_chunks_atomic(&path("b1"), &[4.0], "test").unwrap();
         let cache = ModelCache::default();
-        cache.install("job", 4, chunks.clone());
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(*cache.get("job", 4, &path).unwrap(), chunks);
+        cache.install("a", 4, a.clone());
+        cache.install("b", 1, b.clone());
+        std::fs::remove_file(path("a4")).unwrap();
+        std::fs::remove_file(path("b1")).unwrap();
+        // Two jobs side by side: neither evicts the other.
+        assert_eq!(*cache.get("a", 4, &path("a4"), true).unwrap(), a);
+        assert_eq!(*cache.get("b", 1, &path("b1"), true).unwrap(), b);
         // Another round is not the cached one: its file is read, and missing.
-        assert!(cache.get("job", 5, &path).is_err());
+        assert!(cache.get("a", 5, &path("a5"), true).is_err());
+        // A job that ended is forgotten.
+        cache.forget("b");
+        assert!(cache.get("b", 1, &path("b1"), true).is_err());
+    }
+
+    #[test]
+    fn pulling_an_older_round_keeps_the_latest_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("r1");
+        let new_path = dir.path().join("r2");
+        let old = checkpoint::write_chunks_atomic(&old_path, &[1.0], "test").unwrap();
+        let new = checkpoint::write_chunks_atomic(&new_path, &[2.0], "test").unwrap();
+        let cache = ModelCache::default();
+        cache.install("job", 2, new.clone());
+        assert_eq!(*cache.get("job", 1, &old_path, true).unwrap(), old);
+        std::fs::remove_file(&new_path).unwrap();
+        assert_eq!(*cache.get("job", 2, &new_path, true).unwrap(), new);
+        // A finished job's model is served, not kept.
+        let done = checkpoint::write_chunks_atomic(&dir.path().join("d"), &[3.0], "test").unwrap();
+        assert_eq!(*cache.get("done", 5, &dir.path().join("d"), false).unwrap(), done);
+        std::fs::remove_file(dir.path().join("d")).unwrap();
+        assert!(cache.get("done", 5, &dir.path().join("d"), false).is_err());
     }
 }

@@ -935,7 +935,7 @@ impl Services {
         let chunks = self
             .inner
             .models
-            .get(&job.id, round, &self.inner.model_path(&job.id, round))
+            .get(&job.id, round, &self.inner.model_path(&job.id, round), !job.state.is_terminal())
             .map_err(|e| Status::internal(e.to_string()))?;
         let header = pb::ModelHeader {
             job_id: job.id.clone(),
