@@ -107,9 +107,12 @@ impl Coordinator {
     pub fn spawn_driver(self: &Arc<Self>, job_id: String) {
         let this = Arc::clone(self);
         self.tasks.spawn(async move {
-            if let Err(e) = this.drive(&job_id).await {
+            let driven = this.drive(&job_id).await;
+            // The job ended, its driver failed, or the coordinator is
+            // stopping: either way its cached model is no longer served.
+            this.models.forget(&job_id);
+            if let Err(e) = driven {
                 warn!(job_id, error = %e, "job driver stopped");
-                this.models.forget(&job_id);
                 let reason = format!("coordinator error: {e}");
                 if let Ok(Some(job)) = this.store.job(&job_id) {
                     let _ = this.store.update_job(
@@ -131,11 +134,9 @@ impl Coordinator {
         let mut changes = self.changes.subscribe();
         loop {
             let Some(job) = self.store.job(job_id)? else {
-                self.models.forget(job_id);
                 return Ok(());
             };
             if job.state.is_terminal() {
-                self.models.forget(job_id);
                 return Ok(());
             }
             let progressed = match job.state {

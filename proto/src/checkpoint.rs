@@ -49,12 +49,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
 /// rename stops at the [`crate::failpoint`] `checkpoint.rename`.
 pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> {
     let mut writer = CheckpointWriter::create(path, values.len() as u64)?;
-    for chunk in values.chunks(1 << 16) {
-        let mut buf = Vec::with_capacity(chunk.len() * 4);
-        for v in chunk {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
-        writer.write_le_bytes(&buf)?;
+    for piece in values.chunks(1 << 16) {
+        writer.write_le_bytes(&crate::tensor::encode_chunk(piece))?;
     }
     writer.commit("checkpoint.rename")
 }
