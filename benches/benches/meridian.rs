@@ -140,12 +140,21 @@ fn transfer_codec(c: &mut Criterion) {
     // chunk out) and what a site does with a model (checks and assembles).
     group.bench_function("check_40mb", |b| {
         b.iter(|| {
-            let mut check = proto::tensor::ChunkValidator::new(D);
+            let mut check = proto::tensor::ChunkValidator::with_norm(D);
             for chunk in &chunks {
                 check.check(chunk).unwrap();
             }
             check.finish().unwrap();
             check.norm()
+        })
+    });
+    group.bench_function("check_finite_40mb", |b| {
+        b.iter(|| {
+            let mut check = proto::tensor::ChunkValidator::new(D);
+            for chunk in &chunks {
+                check.check(chunk).unwrap();
+            }
+            check.finish().unwrap()
         })
     });
     group.bench_function("assemble_40mb", |b| {

@@ -68,7 +68,13 @@ struct Observed {
     /// Time spent in model pulls and update pushes, summed over sites, in µs.
     pull_micros: AtomicU64,
     push_micros: AtomicU64,
+    /// Each transfer's rate in GB/s, in the order they ended.
+    pull_rates: Mutex<Vec<f64>>,
+    push_rates: Mutex<Vec<f64>>,
     refused: AtomicUsize,
+    /// Values of pulled models that were not last round's model plus the
+    /// sites' update (every site sends the same one).
+    model_mismatches: AtomicU64,
     errors: Mutex<Vec<String>>,
     /// When the first site received round r's training task: round r's start.
     /// The final evaluation task is recorded as round `rounds + 1`.
@@ -79,6 +85,11 @@ impl Observed {
     fn started(&self, round: u32) {
         let mut started = self.round_started.lock().unwrap_or_else(|e| e.into_inner());
         started.entry(round).or_insert_with(Instant::now);
+    }
+
+    fn transfer(&self, rates: &Mutex<Vec<f64>>, bytes: usize, took: Duration) {
+        let mut rates = rates.lock().unwrap_or_else(|e| e.into_inner());
+        rates.push(bytes as f64 / took.as_secs_f64().max(1e-9) / 1e9);
     }
 
     fn error(&self, e: String) {
@@ -136,6 +147,7 @@ rounds = {rounds}
 local_epochs = 1.0
 batch_size = 32
 learning_rate = 0.1
+server_learning_rate = 1.0
 [privacy]
 noise_multiplier = 1.0
 clip_norm = 1.0
@@ -280,6 +292,9 @@ pub async fn run(args: SimArgs) -> Result<()> {
         let (pull_rate, push_rate) = (rate(pulled, &observed.pull_micros), rate(pushed, &observed.push_micros));
         let growth_per_100 = (rss_peak.saturating_sub(rss_idle)) as f64 / args.sites as f64 * 100.0;
         let errors = observed.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let pull_rates = observed.pull_rates.lock().map(|r| r.clone()).unwrap_or_default();
+        let push_rates = observed.push_rates.lock().map(|r| r.clone()).unwrap_or_default();
+        let list = |rates: &[f64]| rates.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ");
         if args.json {
             println!(
                 "{}",
@@ -291,7 +306,9 @@ pub async fn run(args: SimArgs) -> Result<()> {
                     "coordinator_rss_idle_mb": mb(rss_idle), "coordinator_rss_connected_mb": mb(rss_connected),
                     "coordinator_rss_peak_mb": mb(rss_peak), "rss_growth_mb_per_100_sites": mb(growth_per_100 as u64),
                     "pulled_mb": mb(pulled), "pushed_mb": mb(pushed),
-                    "pull_gb_per_s_per_transfer": pull_rate / 1e9, "push_gb_per_s_per_transfer": push_rate / 1e9, "refused_updates": observed.refused.load(Ordering::Relaxed),
+                    "pull_gb_per_s_per_transfer": pull_rate / 1e9, "push_gb_per_s_per_transfer": push_rate / 1e9,
+                    "pull_gb_per_s_each": pull_rates, "push_gb_per_s_each": push_rates,
+                    "model_mismatches": observed.model_mismatches.load(Ordering::Relaxed), "refused_updates": observed.refused.load(Ordering::Relaxed),
                     "errors": errors,
                 })
             );
@@ -307,6 +324,7 @@ pub async fn run(args: SimArgs) -> Result<()> {
                     mb(pushed),
                     push_rate / 1e9
                 );
+                println!("  each pull, GB/s: {}; each push: {}", list(&pull_rates), list(&push_rates));
             } else {
                 println!("  moved {:.1} MB of models to sites and {:.1} MB of updates back", mb(pulled), mb(pushed));
             }
@@ -366,6 +384,10 @@ async fn simulated_site(
     observed.registered.fetch_add(1, Ordering::Relaxed);
     drop(permit);
     let mut spec_hash = String::new();
+    // The last model pulled, and the one before, whose memory the next pull
+    // lands in (see `ChunkAssembler::reusing`).
+    let mut previous: Option<(u32, Vec<f32>)> = None;
+    let mut spare = Vec::new();
     while let Some(task) = tasks.next().await {
         let task = task?;
         match task.kind {
@@ -384,14 +406,30 @@ async fn simulated_site(
             Some(pb::task::Kind::Train(t)) => {
                 observed.started(t.round);
                 let pulled = Instant::now();
-                let model = pull(&mut client, &task.job_id, t.round - 1, t.num_params).await?;
+                let model = pull(
+                    &mut client,
+                    &task.job_id,
+                    t.round - 1,
+                    t.num_params,
+                    std::mem::take(&mut spare),
+                )
+                .await?;
+                observed.transfer(&observed.pull_rates, model.len() * 4, pulled.elapsed());
                 observed
                     .pull_micros
                     .fetch_add(pulled.elapsed().as_micros() as u64, Ordering::Relaxed);
                 observed
                     .pulled_bytes
                     .fetch_add(model.len() as u64 * 4, Ordering::Relaxed);
+                if let Some((round, before)) = &previous
+                    && *round + 1 == t.round
+                {
+                    check_aggregate(before, &model, name, t.round - 1, observed);
+                }
                 let update = Arc::new(vec![UPDATE_VALUE; model.len()]);
+                if let Some((_, before)) = previous.replace((t.round, model)) {
+                    spare = before;
+                }
                 let header = pb::UpdateHeader {
                     job_id: task.job_id.clone(),
                     round: t.round,
@@ -416,6 +454,7 @@ async fn simulated_site(
                     .push_micros
                     .fetch_add(pushed.elapsed().as_micros() as u64, Ordering::Relaxed);
                 if reply.accepted {
+                    observed.transfer(&observed.push_rates, update.len() * 4, pushed.elapsed());
                     observed
                         .pushed_bytes
                         .fetch_add(update.len() as u64 * 4, Ordering::Relaxed);
@@ -441,12 +480,39 @@ async fn simulated_site(
     Ok(())
 }
 
-/// Pulls the global model of `round`, chunk by chunk.
+/// Checks that the model of `round` is the previous one plus the update
+/// every site sent (server learning rate 1): what the sites pulled, the
+/// coordinator wrote, read back and averaged, value for value. The sum runs
+/// in `f64` on the coordinator, so a value may differ by its last bit.
+fn check_aggregate(before: &[f32], after: &[f32], site: &str, round: u32, observed: &Observed) {
+    let wrong: Vec<usize> = before
+        .iter()
+        .zip(after)
+        .enumerate()
+        .filter(|(_, (b, a))| {
+            let want = (f64::from(**b) + f64::from(UPDATE_VALUE)) as f32;
+            a.to_bits().abs_diff(want.to_bits()) > 1
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if before.len() != after.len() || !wrong.is_empty() {
+        let count = wrong.len().max(usize::from(before.len() != after.len()));
+        observed.model_mismatches.fetch_add(count as u64, Ordering::Relaxed);
+        let first = wrong.first().map(|&i| format!("; value {i}: {} after {}", after[i], before[i]));
+        observed.error(format!(
+            "{site}: the model of round {round} is not the previous one plus the update in {count} values{}",
+            first.unwrap_or_default()
+        ));
+    }
+}
+
+/// Pulls the global model of `round`, chunk by chunk, into `buffer`'s memory.
 async fn pull(
     client: &mut WorkerServiceClient<Channel>,
     job_id: &str,
     round: u32,
     num_params: u64,
+    buffer: Vec<f32>,
 ) -> Result<Vec<f32>> {
     let mut stream = client
         .pull_model(pb::PullModelRequest {
@@ -455,7 +521,7 @@ async fn pull(
         })
         .await?
         .into_inner();
-    let mut assembler = ChunkAssembler::new(num_params as usize);
+    let mut assembler = ChunkAssembler::reusing(num_params as usize, buffer);
     while let Some(chunk) = stream.next().await {
         if let Some(pb::model_chunk::Part::Data(d)) = chunk?.part {
             assembler.push(&d)?;

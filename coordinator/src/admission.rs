@@ -93,9 +93,13 @@ pub struct UpdateReceiver {
 impl UpdateReceiver {
     /// Prepares to receive the values of an update whose header passed [`check_header`].
     pub fn new(expected: &Expected<'_>) -> Self {
+        // The header was checked against the job, so this is the job's own size.
+        let len = expected.num_params as usize;
         UpdateReceiver {
-            // The header was checked against the job, so this is the job's own size.
-            validator: ChunkValidator::new(expected.num_params as usize),
+            validator: match expected.max_update_norm {
+                Some(_) => ChunkValidator::with_norm(len),
+                None => ChunkValidator::new(len),
+            },
             max_update_norm: expected.max_update_norm,
         }
     }
@@ -113,13 +117,12 @@ impl UpdateReceiver {
         self.validator
             .finish()
             .map_err(|e| format!("malformed update: {e}"))?;
-        if let Some(bound) = self.max_update_norm {
-            let norm = self.validator.norm();
-            if norm > bound {
-                return Err(format!(
-                    "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
-                ));
-            }
+        if let (Some(bound), Some(norm)) = (self.max_update_norm, self.validator.norm())
+            && norm > bound
+        {
+            return Err(format!(
+                "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
+            ));
         }
         Ok(())
     }

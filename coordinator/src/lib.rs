@@ -10,6 +10,8 @@
 //! - `engine`: the per-job state machine (offers → rounds → evaluation).
 //! - `service`: the RPCs, authorized by the role in the caller's certificate.
 //! - [`admission`]: the checks every update passes before it is counted.
+//! - `incoming`: the file an arriving update is written to, from a thread
+//!   of its own when the update is large.
 //! - `transfers`: updates in flight, so a round waits for a slow upload
 //!   that is still making progress and drops a silent one.
 //! - `model_cache`: each live job's latest model as wire chunks, shared by
@@ -25,6 +27,7 @@ pub mod aggregate;
 mod budget;
 mod config;
 mod engine;
+mod incoming;
 mod leases;
 mod model_cache;
 mod revocation;

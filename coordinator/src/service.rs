@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::BoxStream;
 use crate::admission::{self, Expected, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError, WeightedMean};
+use crate::incoming::UpdateFile;
 use crate::revocation::Revocations;
 use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
@@ -765,9 +766,12 @@ impl pb::worker_service_server::WorkerService for Services {
             rand::random::<u32>()
         ));
         // Chunks go straight to disk as they are checked: one chunk in memory per transfer.
-        let mut file = checkpoint::CheckpointWriter::create(&path, job.num_params)
+        // Read back once, when the round is aggregated: kept out of the page cache.
+        let file = checkpoint::CheckpointWriter::create_uncached(&path, job.num_params)
             .map_err(|e| Status::internal(e.to_string()))?;
+        let mut file = UpdateFile::new(file);
         let mut receiver = UpdateReceiver::new(&expected);
+        let receiving = Instant::now();
         let received: Result<Result<(), String>, Status> = async {
             loop {
                 let chunk = match tokio::time::timeout(idle, stream.next()).await {
@@ -786,22 +790,24 @@ impl pb::worker_service_server::WorkerService for Services {
                 if let Err(reason) = receiver.push(&data) {
                     return Ok(Err(reason));
                 }
-                file.write_le_bytes(&data).map_err(|e| Status::internal(e.to_string()))?;
-                transfer.progress(data.len());
+                let len = data.len();
+                file.write(data).await.map_err(Status::internal)?;
+                transfer.progress(len);
                 failpoint::hit("update.receive");
             }
         }
         .await;
+        let received_in = receiving.elapsed();
         match received {
-            Ok(Ok(())) => file.commit("update.rename").map_err(|e| Status::internal(e.to_string()))?,
-            Ok(Err(reason)) => {
-                file.abandon();
-                return reject(reason);
-            }
-            Err(status) => {
-                file.abandon();
-                return Err(status);
-            }
+            Ok(Ok(())) => file
+                .finish()
+                .await
+                .map_err(Status::internal)?
+                .commit("update.rename")
+                .map_err(|e| Status::internal(e.to_string()))?,
+            // Dropping the file removes it.
+            Ok(Err(reason)) => return reject(reason),
+            Err(status) => return Err(status),
         }
         // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
         self.inner
@@ -828,7 +834,11 @@ impl pb::worker_service_server::WorkerService for Services {
             }
         }
         failpoint::hit("update.persisted");
-        info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, "update accepted");
+        // How long the values took to arrive, then to become durable: an
+        // operator's first look at a slow upload.
+        let receive_ms = received_in.as_millis() as u64;
+        let persist_ms = (receiving.elapsed() - received_in).as_millis() as u64;
+        info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, receive_ms, persist_ms, "update accepted");
         self.inner.audit(
             "update.accepted",
             &job.id,

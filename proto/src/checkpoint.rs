@@ -7,14 +7,21 @@
 //! or foreign file is refused rather than misread.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
 use crate::tensor::{MAX_CHUNK_BYTES, decode_le};
 
+mod sink;
+
+use sink::Sink;
+
 const MAGIC: &[u8; 8] = b"MRDNv1\0\0";
+
+/// The magic tag and the value count.
+const HEADER_BYTES: u64 = MAGIC.len() as u64 + 8;
 
 /// A parameter file that cannot be read back.
 #[derive(Debug, thiserror::Error)]
@@ -61,14 +68,16 @@ pub fn write_atomic(path: &Path, values: &[f32]) -> Result<(), CheckpointError> 
 /// fault-injection test can crash the process while one kind of file is
 /// half written). The file and what a sender serves are then encoded once,
 /// and the caller can serve the model without reading the file back; the
-/// price is a copy of `values` for as long as the chunks live.
+/// price is a copy of `values` for as long as the chunks live. Since the
+/// caller serves the chunks, the file is written
+/// [uncached](CheckpointWriter::create_uncached).
 pub fn write_chunks_atomic(
     path: &Path,
     values: &[f32],
     failpoint: &str,
 ) -> Result<Vec<Bytes>, CheckpointError> {
     let chunks: Vec<Bytes> = crate::tensor::encode_chunks(values).collect();
-    let mut writer = CheckpointWriter::create(path, values.len() as u64)?;
+    let mut writer = CheckpointWriter::create_uncached(path, values.len() as u64)?;
     for chunk in &chunks {
         writer.write_le_bytes(chunk)?;
     }
@@ -82,29 +91,52 @@ pub fn write_chunks_atomic(
 pub struct CheckpointWriter {
     path: PathBuf,
     tmp: PathBuf,
-    out: BufWriter<File>,
+    sink: Sink,
     announced: u64,
     written: u64,
     committed: bool,
 }
 
+/// Files written [uncached](CheckpointWriter::create_uncached) from this
+/// size on bypass the page cache, or leave it behind the writer.
+///
+/// The coordinator does not read such a file soon, or at all: a model is
+/// served from memory (`coordinator::model_cache`), and an update is read
+/// once, when its round is aggregated. Through the page cache, every large
+/// file took fresh memory, 400 MB per update and per model, and the copy
+/// into it was a third of the coordinator's time receiving a 400 MB update
+/// (on this project's KVM guests, where fresh memory is what the host has
+/// to back first, from 0.05 s to a whole second). The price is that the
+/// round reads the update back from the disk rather than from memory.
+pub const UNCACHED_FROM_BYTES: u64 = 16 << 20;
+
 impl CheckpointWriter {
     /// Starts the file for `path` (in a temporary file beside it), announcing `len` values.
     pub fn create(path: &Path, len: u64) -> Result<CheckpointWriter, CheckpointError> {
+        CheckpointWriter::start(path, len, false)
+    }
+
+    /// [`CheckpointWriter::create`] for a file that will not be read back
+    /// soon. From [`UNCACHED_FROM_BYTES`] on, it is written around the page
+    /// cache (`O_DIRECT`: each write then waits for the disk, so a caller
+    /// on an async thread writes from a blocking one), or, where the file
+    /// system refuses that, dropped from the page cache behind the writer.
+    pub fn create_uncached(path: &Path, len: u64) -> Result<CheckpointWriter, CheckpointError> {
+        CheckpointWriter::start(path, len, true)
+    }
+
+    fn start(path: &Path, len: u64, uncached: bool) -> Result<CheckpointWriter, CheckpointError> {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = path.with_extension("tmp");
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        // Batches a slow sender's small chunks; a chunk of 64 KiB or more goes
-        // straight to the file. (A 1 MiB buffer per upload was 15 MB of the
-        // coordinator's peak with 1,000 sites, for no gain: chunks are large.)
-        let mut out = BufWriter::with_capacity(64 << 10, file);
-        out.write_all(MAGIC).map_err(io_err(&tmp))?;
-        out.write_all(&len.to_le_bytes()).map_err(io_err(&tmp))?;
+        let large = HEADER_BYTES + len.saturating_mul(4) >= UNCACHED_FROM_BYTES;
+        let mut sink = Sink::create(&tmp, uncached && large).map_err(io_err(&tmp))?;
+        sink.write(MAGIC).map_err(io_err(&tmp))?;
+        sink.write(&len.to_le_bytes()).map_err(io_err(&tmp))?;
         Ok(CheckpointWriter {
             path: path.to_path_buf(),
             tmp,
-            out,
+            sink,
             announced: len,
             written: 0,
             committed: false,
@@ -114,7 +146,7 @@ impl CheckpointWriter {
     /// Appends values given as little-endian `f32` bytes (a whole number of values).
     pub fn write_le_bytes(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
         self.written += bytes.len() as u64 / 4;
-        self.out.write_all(bytes).map_err(io_err(&self.tmp))
+        self.sink.write(bytes).map_err(io_err(&self.tmp))
     }
 
     /// Fsyncs the file, renames it into place and fsyncs the directory;
@@ -129,8 +161,7 @@ impl CheckpointWriter {
                 ),
             });
         }
-        self.out.flush().map_err(io_err(&self.tmp))?;
-        self.out.get_ref().sync_all().map_err(io_err(&self.tmp))?;
+        self.sink.sync().map_err(io_err(&self.tmp))?;
         crate::failpoint::hit(failpoint);
         fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
         self.committed = true;
@@ -143,6 +174,11 @@ impl CheckpointWriter {
 
     /// Abandons the file: the temporary file is removed (as when dropped uncommitted).
     pub fn abandon(self) {}
+
+    /// Whether the file is written around the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.sink, Sink::Direct(_))
+    }
 }
 
 impl Drop for CheckpointWriter {
@@ -164,7 +200,7 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
     };
     let mut file = File::open(path).map_err(io_err(path))?;
     let size = file.metadata().map_err(io_err(path))?.len();
-    let mut header = [0u8; 16];
+    let mut header = [0u8; HEADER_BYTES as usize];
     file.read_exact(&mut header)
         .map_err(|_| corrupt("shorter than its header".to_string()))?;
     if &header[..8] != MAGIC {
@@ -174,7 +210,7 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
     len_bytes.copy_from_slice(&header[8..]);
     let len = u64::from_le_bytes(len_bytes);
     let announced = len.saturating_mul(4);
-    let held = size.saturating_sub(16);
+    let held = size.saturating_sub(HEADER_BYTES);
     if held != announced {
         return Err(corrupt(format!(
             "holds {held} bytes of values, its header announces {announced}"
@@ -351,6 +387,18 @@ mod tests {
         write_atomic(&path, &[]).unwrap();
         assert!(read_chunks(&path).unwrap().is_empty());
         assert!(read(&path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_large_uncached_file_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        let n = (UNCACHED_FROM_BYTES / 4) as usize + 1_001;
+        let values: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
+        let chunks = write_chunks_atomic(&path, &values, "test").unwrap();
+        assert_eq!(read(&path).unwrap(), values);
+        assert_eq!(read_chunks(&path).unwrap(), chunks);
+        assert!(!path.with_extension("tmp").exists());
     }
 
     #[test]

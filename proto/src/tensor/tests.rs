@@ -46,12 +46,15 @@ fn rejects_bad_streams() {
 
 #[test]
 fn the_validator_keeps_nothing_but_the_norm() {
-    let mut v = ChunkValidator::new(3);
+    let mut v = ChunkValidator::with_norm(3);
     v.check(&[3.0f32, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
     assert!(v.finish().is_err());
     v.check(&4.0f32.to_le_bytes()).unwrap();
     assert_eq!(v.finish(), Ok(()));
-    assert_eq!(v.norm(), 5.0);
+    assert_eq!(v.norm(), Some(5.0));
+    let mut plain = ChunkValidator::new(1);
+    plain.check(&4.0f32.to_le_bytes()).unwrap();
+    assert_eq!(plain.norm(), None);
     // A value past a NaN is never counted: the error names the NaN's index in the vector.
     let mut v = ChunkValidator::new(4);
     v.check(&1.0f32.to_le_bytes()).unwrap();
@@ -68,4 +71,24 @@ fn a_chunk_view_is_the_encoded_chunk_and_keeps_its_values_alive() {
     drop(values);
     // The view owns what it shows.
     assert_eq!(decode_le(&view).collect::<Vec<_>>(), vec![-0.0, f32::MIN_POSITIVE, 3e38]);
+}
+
+#[test]
+fn both_checks_find_every_kind_of_non_finite_value_wherever_it_sits() {
+    // Past the 64-byte blocks of the exponent test and inside them, at both ends.
+    let len = 16 * 5 + 3;
+    for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7f80_0001)] {
+        for at in [0, 1, 15, 16, 40, len - 4, len - 1] {
+            let mut values = vec![f32::MAX; len];
+            values[at] = bad;
+            let chunk = encode_chunk(&values);
+            for mut v in [ChunkValidator::new(len), ChunkValidator::with_norm(len)] {
+                let err = v.check(&chunk).unwrap_err();
+                assert!(matches!(err, ChunkError::NotFinite { index, .. } if index == at), "{bad} at {at}: {err:?}");
+            }
+        }
+    }
+    // The largest finite values, subnormals and both zeros pass.
+    let edge = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, f32::from_bits(1), 0.0, -0.0];
+    assert!(ChunkValidator::new(edge.len()).check(&encode_chunk(&edge)).is_ok());
 }

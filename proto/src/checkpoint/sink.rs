@@ -1,0 +1,327 @@
+//! Where a [`super::CheckpointWriter`]'s bytes go: through the page cache,
+//! moved to the disk in steps as they are written, or around it.
+//!
+//! - [`Cached`]: buffered writes. Each step's writeback starts as soon as
+//!   the step is written (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`
+//!   does not wait), so `commit`'s fsync waits for the tail only: without
+//!   it, a 400 MB update waited about 0.2 s on the disk after its last byte
+//!   arrived. An uncached file whose file system refuses `O_DIRECT` is also
+//!   dropped from the page cache behind the writer (`POSIX_FADV_DONTNEED`,
+//!   once an earlier step is on the disk), as PostgreSQL's `*_flush_after`
+//!   settings do.
+//! - [`Direct`]: `O_DIRECT` writes of whole 4 MiB blocks from an aligned
+//!   buffer, the last partial block through the page cache. No page cache
+//!   to fill, no copy into it; each write waits for the disk.
+//!
+//! Durability comes from the fsync in [`Sink::sync`] in both cases. Off
+//! Linux the page cache keeps everything and the fsync writes it out.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// A step of the page cache's writeback.
+const STEP_BYTES: u64 = 8 << 20;
+
+/// The alignment `O_DIRECT` needs of buffers, offsets and lengths (the
+/// largest logical block size in common use).
+const ALIGN: usize = 4096;
+
+/// Bytes an `O_DIRECT` write carries: 1.4 GB/s to this project's disk
+/// (`dd oflag=direct`), against 1.2 GB/s with 1 MiB writes.
+const DIRECT_BLOCK_BYTES: usize = 4 << 20;
+
+/// A checkpoint file's bytes on their way to the disk.
+pub(super) enum Sink {
+    Cached(Cached),
+    Direct(Direct),
+}
+
+impl Sink {
+    /// Creates `path`; `uncached` asks for `O_DIRECT`, or for dropping
+    /// the file from the page cache where `O_DIRECT` is refused.
+    pub(super) fn create(path: &Path, uncached: bool) -> io::Result<Sink> {
+        if uncached && let Some(direct) = Direct::create(path)? {
+            return Ok(Sink::Direct(direct));
+        }
+        Ok(Sink::Cached(Cached::create(path, uncached)?))
+    }
+
+    pub(super) fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Cached(c) => c.write(bytes),
+            Sink::Direct(d) => d.write(bytes),
+        }
+    }
+
+    /// Writes out what is buffered and fsyncs the file.
+    pub(super) fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Cached(c) => c.sync(),
+            Sink::Direct(d) => d.sync(),
+        }
+    }
+}
+
+/// Buffered writes, written back in steps.
+pub(super) struct Cached {
+    out: BufWriter<File>,
+    /// Bytes handed to the file so far (the buffer's excluded).
+    in_file: u64,
+    /// File offset up to which writeback has been started.
+    writeback_from: u64,
+    /// Where the last step whose writeback was started began.
+    previous_step_from: u64,
+    /// File offset up to which the file has left the page cache.
+    dropped_to: u64,
+    drop_behind: bool,
+}
+
+impl Cached {
+    fn create(path: &Path, drop_behind: bool) -> io::Result<Cached> {
+        Ok(Cached {
+            // Batches a slow sender's small chunks; a chunk of 64 KiB or more
+            // goes straight to the file. (A 1 MiB buffer per upload was 15 MB
+            // of the coordinator's peak with 1,000 sites, for no gain.)
+            out: BufWriter::with_capacity(64 << 10, File::create(path)?),
+            in_file: 0,
+            writeback_from: 0,
+            previous_step_from: 0,
+            dropped_to: 0,
+            drop_behind,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let buffered = self.out.buffer().len() as u64;
+        self.out.write_all(bytes)?;
+        self.in_file = self.in_file + buffered + bytes.len() as u64 - self.out.buffer().len() as u64;
+        if self.in_file - self.writeback_from >= STEP_BYTES {
+            let file = self.out.get_ref();
+            let step_from = self.writeback_from;
+            start_writeback(file, step_from, self.in_file);
+            // Everything before the previous step: its writeback started a step ago.
+            if self.drop_behind && self.previous_step_from > self.dropped_to {
+                wait_and_drop(file, self.dropped_to, self.previous_step_from)?;
+                self.dropped_to = self.previous_step_from;
+            }
+            self.previous_step_from = step_from;
+            self.writeback_from = self.in_file;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        if self.drop_behind {
+            drop_cached(self.out.get_ref());
+        }
+        Ok(())
+    }
+}
+
+/// `O_DIRECT` writes from an aligned buffer.
+pub(super) struct Direct {
+    file: File,
+    path: PathBuf,
+    /// [`DIRECT_BLOCK_BYTES`] from `start` on are aligned to [`ALIGN`].
+    buffer: Vec<u8>,
+    start: usize,
+    filled: usize,
+}
+
+impl Direct {
+    /// Creates `path` for `O_DIRECT` writes; `None` where the file system
+    /// or the platform refuses them.
+    fn create(path: &Path) -> io::Result<Option<Direct>> {
+        let Some(file) = open_direct(path)? else {
+            return Ok(None);
+        };
+        let buffer = vec![0u8; DIRECT_BLOCK_BYTES + ALIGN];
+        let start = buffer.as_ptr().align_offset(ALIGN);
+        if start > ALIGN {
+            return Ok(None);
+        }
+        Ok(Some(Direct {
+            file,
+            path: path.to_path_buf(),
+            buffer,
+            start,
+            filled: 0,
+        }))
+    }
+
+    fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let take = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
+            let at = self.start + self.filled;
+            self.buffer[at..at + take].copy_from_slice(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == DIRECT_BLOCK_BYTES {
+                self.file
+                    .write_all(&self.buffer[self.start..self.start + DIRECT_BLOCK_BYTES])?;
+                self.filled = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let whole = self.filled / ALIGN * ALIGN;
+        if whole > 0 {
+            self.file.write_all(&self.buffer[self.start..self.start + whole])?;
+        }
+        let tail = &self.buffer[self.start + whole..self.start + self.filled];
+        if !tail.is_empty() {
+            // `O_DIRECT` writes whole blocks only: the last partial one goes
+            // through the page cache, appended by a second descriptor.
+            let mut rest = OpenOptions::new().append(true).open(&self.path)?;
+            rest.write_all(tail)?;
+        }
+        self.filled = 0;
+        // An fsync writes out the file's data whichever descriptor wrote it.
+        self.file.sync_all()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(file) => Ok(Some(file)),
+        // The file system has no direct I/O (tmpfs before Linux 6.6, some FUSE file systems).
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> io::Result<Option<File>> {
+    Ok(None)
+}
+
+/// Starts writing `file`'s bytes `from..to` to the disk, without waiting.
+/// A failure only loses the overlap: the fsync writes them anyway.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open descriptor and plain integers; the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+/// Waits until `file`'s bytes `from..to` are on the disk, then drops them
+/// from the page cache. A write error the kernel reports here is returned:
+/// the file is then not committed.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn wait_and_drop(file: &File, from: u64, to: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let (offset, len) = (from as libc::off64_t, (to - from) as libc::off64_t);
+    // SAFETY: an open descriptor and plain integers; the calls read no memory of ours.
+    let synced = unsafe {
+        libc::sync_file_range(
+            fd,
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    };
+    if synced != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above. Advice only: a failure leaves the pages cached.
+    unsafe {
+        libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
+    }
+    Ok(())
+}
+
+/// Drops a whole file, already fsynced, from the page cache.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn drop_cached(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open descriptor and plain integers. Advice only.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _from: u64, _to: u64) {}
+
+#[cfg(not(target_os = "linux"))]
+fn wait_and_drop(_file: &File, _from: u64, _to: u64) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_cached(_file: &File) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `len` bytes that differ from block to block and within each.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect()
+    }
+
+    /// Writes `data` through `sink` in pieces of uneven sizes, then syncs.
+    fn write_unevenly(mut sink: Sink, data: &[u8]) {
+        let mut rest = data;
+        for size in [16, 1, 4095, 70_000].into_iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let take = size.min(rest.len());
+            sink.write(&rest[..take]).unwrap();
+            rest = &rest[take..];
+        }
+        sink.sync().unwrap();
+    }
+
+    #[test]
+    fn a_direct_file_holds_every_byte_including_the_partial_last_block() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 5, ALIGN, DIRECT_BLOCK_BYTES, 2 * DIRECT_BLOCK_BYTES + ALIGN + 13] {
+            let path = dir.path().join(format!("d{len}"));
+            let Some(direct) = Direct::create(&path).unwrap() else {
+                eprintln!("{}: no O_DIRECT on this file system; nothing to check", dir.path().display());
+                return;
+            };
+            let data = pattern(len);
+            write_unevenly(Sink::Direct(direct), &data);
+            assert!(std::fs::read(&path).unwrap() == data, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_file_dropped_behind_its_writer_holds_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        // Past three writeback steps, so that earlier ones are waited for and dropped.
+        let data = pattern(4 * STEP_BYTES as usize + 17);
+        write_unevenly(Sink::Cached(Cached::create(&path, true).unwrap()), &data);
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+}
