@@ -95,7 +95,8 @@ impl Cached {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         let buffered = self.out.buffer().len() as u64;
         self.out.write_all(bytes)?;
-        self.in_file = self.in_file + buffered + bytes.len() as u64 - self.out.buffer().len() as u64;
+        self.in_file =
+            self.in_file + buffered + bytes.len() as u64 - self.out.buffer().len() as u64;
         if self.in_file - self.writeback_from >= STEP_BYTES {
             let file = self.out.get_ref();
             let step_from = self.writeback_from;
@@ -171,7 +172,8 @@ impl Direct {
     fn sync(&mut self) -> io::Result<()> {
         let whole = self.filled / ALIGN * ALIGN;
         if whole > 0 {
-            self.file.write_all(&self.buffer[self.start..self.start + whole])?;
+            self.file
+                .write_all(&self.buffer[self.start..self.start + whole])?;
         }
         let tail = &self.buffer[self.start + whole..self.start + self.filled];
         if !tail.is_empty() {
@@ -283,7 +285,9 @@ mod tests {
 
     /// `len` bytes that differ from block to block and within each.
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect()
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .collect()
     }
 
     /// Writes `data` through `sink` in pieces of uneven sizes, then syncs.
@@ -303,10 +307,19 @@ mod tests {
     #[test]
     fn a_direct_file_holds_every_byte_including_the_partial_last_block() {
         let dir = tempfile::tempdir().unwrap();
-        for len in [0, 5, ALIGN, DIRECT_BLOCK_BYTES, 2 * DIRECT_BLOCK_BYTES + ALIGN + 13] {
+        for len in [
+            0,
+            5,
+            ALIGN,
+            DIRECT_BLOCK_BYTES,
+            2 * DIRECT_BLOCK_BYTES + ALIGN + 13,
+        ] {
             let path = dir.path().join(format!("d{len}"));
             let Some(direct) = Direct::create(&path).unwrap() else {
-                eprintln!("{}: no O_DIRECT on this file system; nothing to check", dir.path().display());
+                eprintln!(
+                    "{}: no O_DIRECT on this file system; nothing to check",
+                    dir.path().display()
+                );
                 return;
             };
             let data = pattern(len);
