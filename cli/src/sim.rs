@@ -485,20 +485,22 @@ async fn simulated_site(
 /// coordinator wrote, read back and averaged, value for value. The sum runs
 /// in `f64` on the coordinator, so a value may differ by its last bit.
 fn check_aggregate(before: &[f32], after: &[f32], site: &str, round: u32, observed: &Observed) {
-    let wrong: Vec<usize> = before
-        .iter()
-        .zip(after)
-        .enumerate()
-        .filter(|(_, (b, a))| {
-            let want = (f64::from(**b) + f64::from(UPDATE_VALUE)) as f32;
-            a.to_bits().abs_diff(want.to_bits()) > 1
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if before.len() != after.len() || !wrong.is_empty() {
-        let count = wrong.len().max(usize::from(before.len() != after.len()));
+    let off = |(b, a): (&f32, &f32)| {
+        let want = (f64::from(*b) + f64::from(UPDATE_VALUE)) as f32;
+        a.to_bits().abs_diff(want.to_bits()) > 1
+    };
+    let count = if before.len() == after.len() {
+        before.iter().zip(after).filter(|&pair| off(pair)).count()
+    } else {
+        1
+    };
+    if count > 0 {
         observed.model_mismatches.fetch_add(count as u64, Ordering::Relaxed);
-        let first = wrong.first().map(|&i| format!("; value {i}: {} after {}", after[i], before[i]));
+        let first = before
+            .iter()
+            .zip(after)
+            .position(off)
+            .map(|i| format!("; value {i}: {} after {}", after[i], before[i]));
         observed.error(format!(
             "{site}: the model of round {round} is not the previous one plus the update in {count} values{}",
             first.unwrap_or_default()

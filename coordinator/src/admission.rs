@@ -117,12 +117,17 @@ impl UpdateReceiver {
         self.validator
             .finish()
             .map_err(|e| format!("malformed update: {e}"))?;
-        if let (Some(bound), Some(norm)) = (self.max_update_norm, self.validator.norm())
-            && norm > bound
-        {
-            return Err(format!(
-                "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
-            ));
+        if let Some(bound) = self.max_update_norm {
+            // `new` sums the squares whenever the job has a bound.
+            let norm = self
+                .validator
+                .norm()
+                .ok_or("the update's norm was not measured")?;
+            if norm > bound {
+                return Err(format!(
+                    "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
+                ));
+            }
         }
         Ok(())
     }

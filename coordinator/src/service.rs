@@ -799,12 +799,7 @@ impl pb::worker_service_server::WorkerService for Services {
         .await;
         let received_in = receiving.elapsed();
         match received {
-            Ok(Ok(())) => file
-                .finish()
-                .await
-                .map_err(Status::internal)?
-                .commit("update.rename")
-                .map_err(|e| Status::internal(e.to_string()))?,
+            Ok(Ok(())) => file.commit("update.rename").await.map_err(Status::internal)?,
             // Dropping the file removes it.
             Ok(Err(reason)) => return reject(reason),
             Err(status) => return Err(status),

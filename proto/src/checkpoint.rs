@@ -100,9 +100,10 @@ pub struct CheckpointWriter {
 /// Files written [uncached](CheckpointWriter::create_uncached) from this
 /// size on bypass the page cache, or leave it behind the writer.
 ///
-/// The coordinator does not read such a file soon, or at all: a model is
-/// served from memory (`coordinator::model_cache`), and an update is read
-/// once, when its round is aggregated. Through the page cache, every large
+/// The coordinator does not read such a file soon, or at all: a live job's
+/// model is served from memory (`coordinator::model_cache`; the file is
+/// read after a restart, for an older round, or once the job has ended),
+/// and an update is read once, when its round is aggregated. Through the page cache, every large
 /// file took fresh memory, 400 MB per update and per model, and the copy
 /// into it was a third of the coordinator's time receiving a 400 MB update
 /// (on this project's KVM guests, where fresh memory is what the host has
@@ -118,9 +119,9 @@ impl CheckpointWriter {
 
     /// [`CheckpointWriter::create`] for a file that will not be read back
     /// soon. From [`UNCACHED_FROM_BYTES`] on, it is written around the page
-    /// cache (`O_DIRECT`: each write then waits for the disk, so a caller
-    /// on an async thread writes from a blocking one), or, where the file
-    /// system refuses that, dropped from the page cache behind the writer.
+    /// cache (`O_DIRECT`), or, where the file system refuses that, dropped
+    /// from the page cache behind the writer; either way its writes wait
+    /// for the disk ([`CheckpointWriter::waits_for_disk`]).
     pub fn create_uncached(path: &Path, len: u64) -> Result<CheckpointWriter, CheckpointError> {
         CheckpointWriter::start(path, len, true)
     }
@@ -129,7 +130,7 @@ impl CheckpointWriter {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = path.with_extension("tmp");
-        let large = HEADER_BYTES + len.saturating_mul(4) >= UNCACHED_FROM_BYTES;
+        let large = HEADER_BYTES.saturating_add(len.saturating_mul(4)) >= UNCACHED_FROM_BYTES;
         let mut sink = Sink::create(&tmp, uncached && large).map_err(io_err(&tmp))?;
         sink.write(MAGIC).map_err(io_err(&tmp))?;
         sink.write(&len.to_le_bytes()).map_err(io_err(&tmp))?;
@@ -175,9 +176,12 @@ impl CheckpointWriter {
     /// Abandons the file: the temporary file is removed (as when dropped uncommitted).
     pub fn abandon(self) {}
 
-    /// Whether the file is written around the page cache (`O_DIRECT`).
-    pub fn is_direct(&self) -> bool {
-        matches!(self.sink, Sink::Direct(_))
+    /// Whether writes wait for the disk: an uncached file of
+    /// [`UNCACHED_FROM_BYTES`] or more, written with `O_DIRECT` or dropped
+    /// behind the writer. An async caller writes and commits such a file
+    /// from a blocking thread.
+    pub fn waits_for_disk(&self) -> bool {
+        self.sink.waits_for_disk()
     }
 }
 

@@ -2,22 +2,25 @@
 //! moved to the disk in steps as they are written, or around it.
 //!
 //! - [`Cached`]: buffered writes. Each step's writeback starts as soon as
-//!   the step is written (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`
-//!   does not wait), so `commit`'s fsync waits for the tail only: without
-//!   it, a 400 MB update waited about 0.2 s on the disk after its last byte
-//!   arrived. An uncached file whose file system refuses `O_DIRECT` is also
-//!   dropped from the page cache behind the writer (`POSIX_FADV_DONTNEED`,
-//!   once an earlier step is on the disk), as PostgreSQL's `*_flush_after`
-//!   settings do.
-//! - [`Direct`]: `O_DIRECT` writes of whole 4 MiB blocks from an aligned
-//!   buffer, the last partial block through the page cache. No page cache
-//!   to fill, no copy into it; each write waits for the disk.
+//!   the step is written (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`,
+//!   which does not wait for the writes, though it may block while the
+//!   device's queue is full), as PostgreSQL's `*_flush_after` settings do,
+//!   so `commit`'s fsync waits for the tail only: without it, a 400 MB
+//!   update waited about 0.2 s on the disk after its last byte arrived. An
+//!   uncached file whose file system refuses `O_DIRECT` is also dropped
+//!   from the page cache behind the writer (`POSIX_FADV_DONTNEED`, once an
+//!   earlier step is on the disk).
+//! - [`Direct`]: `O_DIRECT` writes of whole 4 MiB blocks, copied into an
+//!   aligned buffer, the last partial block through the page cache. No
+//!   page cache to fill; each write waits for the disk. A file system that
+//!   accepts `O_DIRECT` at open but refuses a write (an alignment it needs
+//!   beyond 4 KiB) gets the rest of the file through the page cache.
 //!
 //! Durability comes from the fsync in [`Sink::sync`] in both cases. Off
 //! Linux the page cache keeps everything and the fsync writes it out.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// A step of the page cache's writeback.
@@ -51,6 +54,14 @@ impl Sink {
         match self {
             Sink::Cached(c) => c.write(bytes),
             Sink::Direct(d) => d.write(bytes),
+        }
+    }
+
+    /// Whether writes wait for the disk (see `CheckpointWriter::waits_for_disk`).
+    pub(super) fn waits_for_disk(&self) -> bool {
+        match self {
+            Sink::Cached(c) => c.drop_behind,
+            Sink::Direct(_) => true,
         }
     }
 
@@ -103,8 +114,14 @@ impl Cached {
             start_writeback(file, step_from, self.in_file);
             // Everything before the previous step: its writeback started a step ago.
             if self.drop_behind && self.previous_step_from > self.dropped_to {
-                wait_and_drop(file, self.dropped_to, self.previous_step_from)?;
-                self.dropped_to = self.previous_step_from;
+                match wait_and_drop(file, self.dropped_to, self.previous_step_from) {
+                    Ok(()) => self.dropped_to = self.previous_step_from,
+                    // A file system without `sync_file_range`: keep the pages;
+                    // the fsync still writes them. A write error is returned:
+                    // the wait consumed it, so the fsync would not report it.
+                    Err(e) if unsupported(&e) => self.drop_behind = false,
+                    Err(e) => return Err(e),
+                }
             }
             self.previous_step_from = step_from;
             self.writeback_from = self.in_file;
@@ -130,6 +147,10 @@ pub(super) struct Direct {
     buffer: Vec<u8>,
     start: usize,
     filled: usize,
+    /// Bytes in the file so far.
+    written: u64,
+    /// The file without `O_DIRECT`, once a direct write was refused.
+    buffered: Option<File>,
 }
 
 impl Direct {
@@ -150,6 +171,8 @@ impl Direct {
             buffer,
             start,
             filled: 0,
+            written: 0,
+            buffered: None,
         }))
     }
 
@@ -161,29 +184,55 @@ impl Direct {
             self.filled += take;
             bytes = &bytes[take..];
             if self.filled == DIRECT_BLOCK_BYTES {
-                self.file
-                    .write_all(&self.buffer[self.start..self.start + DIRECT_BLOCK_BYTES])?;
-                self.filled = 0;
+                self.flush_block(DIRECT_BLOCK_BYTES)?;
             }
         }
         Ok(())
     }
 
+    /// Writes the buffer's first `len` bytes (a multiple of [`ALIGN`]).
+    fn flush_block(&mut self, len: usize) -> io::Result<()> {
+        let block = &self.buffer[self.start..self.start + len];
+        if let Some(file) = &mut self.buffered {
+            file.write_all(block)?;
+        } else if let Err(e) = self.file.write_all(block) {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+            // Refused (or cut short) as misaligned: the whole block again,
+            // and the rest of the file, through the page cache.
+            let mut file = OpenOptions::new().write(true).open(&self.path)?;
+            file.set_len(self.written)?;
+            file.seek(SeekFrom::Start(self.written))?;
+            file.write_all(block)?;
+            self.buffered = Some(file);
+        }
+        self.written += len as u64;
+        self.filled -= len;
+        Ok(())
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         let whole = self.filled / ALIGN * ALIGN;
+        let tail_len = self.filled - whole;
         if whole > 0 {
-            self.file
-                .write_all(&self.buffer[self.start..self.start + whole])?;
+            self.flush_block(whole)?;
         }
-        let tail = &self.buffer[self.start + whole..self.start + self.filled];
+        let tail = &self.buffer[self.start + whole..self.start + whole + tail_len];
         if !tail.is_empty() {
-            // `O_DIRECT` writes whole blocks only: the last partial one goes
-            // through the page cache, appended by a second descriptor.
-            let mut rest = OpenOptions::new().append(true).open(&self.path)?;
-            rest.write_all(tail)?;
+            match &mut self.buffered {
+                Some(file) => file.write_all(tail)?,
+                // `O_DIRECT` writes whole blocks only: the last partial one goes
+                // through the page cache, appended by a second descriptor.
+                None => OpenOptions::new()
+                    .append(true)
+                    .open(&self.path)?
+                    .write_all(tail)?,
+            }
         }
         self.filled = 0;
-        // An fsync writes out the file's data whichever descriptor wrote it.
+        // An fsync writes out the file's data whichever descriptor wrote it,
+        // and reports errors since this descriptor was opened.
         self.file.sync_all()
     }
 }
@@ -208,6 +257,15 @@ fn open_direct(path: &Path) -> io::Result<Option<File>> {
 #[cfg(not(target_os = "linux"))]
 fn open_direct(_path: &Path) -> io::Result<Option<File>> {
     Ok(None)
+}
+
+/// Whether `e` says the file system cannot do what was asked (as opposed
+/// to a failed write).
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP)
+    )
 }
 
 /// Starts writing `file`'s bytes `from..to` to the disk, without waiting.
@@ -252,7 +310,12 @@ fn wait_and_drop(file: &File, from: u64, to: u64) -> io::Result<()> {
     }
     // SAFETY: as above. Advice only: a failure leaves the pages cached.
     unsafe {
-        libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(
+            fd,
+            from as libc::off_t,
+            (to - from) as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
     Ok(())
 }
