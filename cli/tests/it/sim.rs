@@ -3,18 +3,18 @@
 
 use crate::util::run;
 
-#[test]
-fn a_simulated_federation_completes_and_reports_its_rounds_and_memory() {
+/// Runs `meridian sim` with `sites`, `rounds` and `params` and returns its `--json` report.
+fn sim_report(sites: &str, rounds: &str, params: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("sim");
     let out = run(&[
         "sim",
         "--sites",
-        "12",
+        sites,
         "--rounds",
-        "3",
+        rounds,
         "--params",
-        "5000",
+        params,
         "--json",
         "--work-dir",
         work.to_str().unwrap(),
@@ -25,7 +25,14 @@ fn a_simulated_federation_completes_and_reports_its_rounds_and_memory() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_simulated_federation_completes_and_reports_its_rounds_and_memory() {
+    let report = sim_report("12", "3", "5000");
+    // Each site checked each model it pulled after the first.
+    assert_eq!(report["model_mismatches"], 0, "{report}");
     assert_eq!(report["sites"], 12);
     assert_eq!(report["refused_updates"], 0);
     assert_eq!(report["errors"].as_array().unwrap().len(), 0, "{report}");
@@ -45,27 +52,7 @@ fn a_model_past_the_page_cache_threshold_moves_and_aggregates_exactly() {
     // (`proto::checkpoint::UNCACHED_FROM_BYTES`), updates from a thread of
     // their own, and read back for aggregation; each site checks every
     // model it pulls against the last one plus the update all sites sent.
-    let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("sim");
-    let out = run(&[
-        "sim",
-        "--sites",
-        "2",
-        "--rounds",
-        "3",
-        "--params",
-        "4500000",
-        "--json",
-        "--work-dir",
-        work.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = sim_report("2", "3", "4500000");
     assert_eq!(report["errors"].as_array().unwrap().len(), 0, "{report}");
     assert_eq!(report["refused_updates"], 0, "{report}");
     assert_eq!(report["model_mismatches"], 0, "{report}");
