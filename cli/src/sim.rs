@@ -414,10 +414,11 @@ async fn simulated_site(
                     std::mem::take(&mut spare),
                 )
                 .await?;
-                observed.transfer(&observed.pull_rates, model.len() * 4, pulled.elapsed());
+                let pulled = pulled.elapsed();
+                observed.transfer(&observed.pull_rates, model.len() * 4, pulled);
                 observed
                     .pull_micros
-                    .fetch_add(pulled.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(pulled.as_micros() as u64, Ordering::Relaxed);
                 observed
                     .pulled_bytes
                     .fetch_add(model.len() as u64 * 4, Ordering::Relaxed);
@@ -450,11 +451,12 @@ async fn simulated_site(
                 // The worker's own upload: a reserved slot, then chunks made
                 // as they are sent.
                 let reply = push_reserved(&mut client, header, Arc::clone(&update), None).await?;
+                let pushed = pushed.elapsed();
                 observed
                     .push_micros
-                    .fetch_add(pushed.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(pushed.as_micros() as u64, Ordering::Relaxed);
                 if reply.accepted {
-                    observed.transfer(&observed.push_rates, update.len() * 4, pushed.elapsed());
+                    observed.transfer(&observed.push_rates, update.len() * 4, pushed);
                     observed
                         .pushed_bytes
                         .fetch_add(update.len() as u64 * 4, Ordering::Relaxed);

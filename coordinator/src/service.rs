@@ -24,7 +24,6 @@ use crate::revocation::Revocations;
 use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
-
 /// The three services over one shared [`Coordinator`].
 #[derive(Clone)]
 pub struct Services {

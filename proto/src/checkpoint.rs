@@ -103,12 +103,13 @@ pub struct CheckpointWriter {
 /// The coordinator does not read such a file soon, or at all: a live job's
 /// model is served from memory (`coordinator::model_cache`; the file is
 /// read after a restart, for an older round, or once the job has ended),
-/// and an update is read once, when its round is aggregated. Through the page cache, every large
-/// file took fresh memory, 400 MB per update and per model, and the copy
-/// into it was a third of the coordinator's time receiving a 400 MB update
-/// (on this project's KVM guests, where fresh memory is what the host has
-/// to back first, from 0.05 s to a whole second). The price is that the
-/// round reads the update back from the disk rather than from memory.
+/// and an update is read once, when its round is aggregated. Through the
+/// page cache, every large file took fresh memory, 400 MB per update and
+/// per model, and the copy into it was a third of the coordinator's time
+/// receiving a 400 MB update (on this project's KVM guests, where fresh
+/// memory is what the host has to back first, from 0.05 s to a whole
+/// second). The price is that the round reads the update back from the
+/// disk rather than from memory.
 pub const UNCACHED_FROM_BYTES: u64 = 16 << 20;
 
 impl CheckpointWriter {
@@ -173,9 +174,6 @@ impl CheckpointWriter {
         Ok(())
     }
 
-    /// Abandons the file: the temporary file is removed (as when dropped uncommitted).
-    pub fn abandon(self) {}
-
     /// Whether writes wait for the disk: an uncached file of
     /// [`UNCACHED_FROM_BYTES`] or more, written with `O_DIRECT` or dropped
     /// behind the writer. An async caller writes and commits such a file
@@ -207,11 +205,11 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
     let mut header = [0u8; HEADER_BYTES as usize];
     file.read_exact(&mut header)
         .map_err(|_| corrupt("shorter than its header".to_string()))?;
-    if &header[..8] != MAGIC {
+    if &header[..MAGIC.len()] != MAGIC {
         return Err(corrupt("not a Meridian parameter file".to_string()));
     }
     let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&header[8..]);
+    len_bytes.copy_from_slice(&header[MAGIC.len()..]);
     let len = u64::from_le_bytes(len_bytes);
     let announced = len.saturating_mul(4);
     let held = size.saturating_sub(HEADER_BYTES);
@@ -435,7 +433,7 @@ mod tests {
         let dropped = dir.path().join("dropped.bin");
         let w = CheckpointWriter::create(&dropped, 1).unwrap();
         assert!(dropped.with_extension("tmp").exists());
-        w.abandon();
+        drop(w);
         assert!(!dropped.exists() && !dropped.with_extension("tmp").exists());
     }
 }

@@ -215,18 +215,21 @@ impl ChunkValidator {
 /// vectorised; the rare bad chunk is scanned again for its index.
 fn all_finite(chunk: &[u8]) -> bool {
     const EXPONENT: u32 = 0x7f80_0000;
+    let special = |w: &[u8]| {
+        let bits = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        u32::from(bits & EXPONENT == EXPONENT)
+    };
     let mut any_special = 0u32;
     let blocks = chunk.chunks_exact(64);
     let rest = blocks.remainder();
+    // Two loops on purpose, as in `finite_and_sum_of_squares`.
     for block in blocks {
         for w in block.chunks_exact(4) {
-            let bits = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            any_special |= u32::from(bits & EXPONENT == EXPONENT);
+            any_special |= special(w);
         }
     }
     for w in rest.chunks_exact(4) {
-        let bits = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-        any_special |= u32::from(bits & EXPONENT == EXPONENT);
+        any_special |= special(w);
     }
     any_special == 0
 }
