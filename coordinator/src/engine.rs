@@ -44,7 +44,7 @@ pub struct Coordinator {
     pub receiving: Arc<tokio::sync::Semaphore>,
     /// Slots reserved by sites for their next upload.
     pub leases: crate::leases::Leases,
-    /// The latest model as chunks ready to send, and the serving slots.
+    /// Each live job's latest model as chunks ready to send, and the serving slots.
     pub models: crate::model_cache::ModelCache,
 }
 
