@@ -75,6 +75,16 @@ struct JobContext {
     spec: JobSpec,
     spec_hash: String,
     cancel: CancellationToken,
+    /// The memory of the last model pulled for this job, which the next
+    /// pull lands in (`ChunkAssembler::reusing`): a model of 100M
+    /// parameters would otherwise fault in 400 MB of fresh pages a round.
+    spare_model: Mutex<Vec<f32>>,
+}
+
+impl JobContext {
+    fn new(spec: JobSpec, spec_hash: String, cancel: CancellationToken) -> Self {
+        JobContext { spec, spec_hash, cancel, spare_model: Mutex::new(Vec::new()) }
+    }
 }
 
 struct Worker {
@@ -408,7 +418,7 @@ impl Worker {
         if decision.accept {
             lock(&self.jobs).insert(
                 job_id.to_string(),
-                Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
+                Arc::new(JobContext::new(spec, offer.spec_hash.clone(), self.shutdown.child_token())),
             );
         }
         Ok(pb::OfferAnswer {
@@ -474,11 +484,13 @@ impl Worker {
             .map_err(|e| tonic::Status::internal(e.to_string()))?
             .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} was not accepted here")))?;
         let spec = JobSpec::from_canonical_json(&spec_json).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let job = Arc::new(JobContext { spec, spec_hash, cancel: self.shutdown.child_token() });
+        let job = Arc::new(JobContext::new(spec, spec_hash, self.shutdown.child_token()));
         lock(&self.jobs).insert(job_id.to_string(), Arc::clone(&job));
         Ok(job)
     }
 
+    /// Pulls the global model of `round` into `memory` (its contents are
+    /// discarded, its allocation kept).
     async fn pull_model(
         &self,
         client: &mut WorkerServiceClient<Channel>,
@@ -486,6 +498,7 @@ impl Worker {
         round: u32,
         layout_hash: &str,
         num_params: u64,
+        memory: Vec<f32>,
     ) -> Result<Vec<f32>, tonic::Status> {
         let mut stream =
             client.pull_model(pb::PullModelRequest { job_id: job_id.to_string(), round }).await?.into_inner();
@@ -509,7 +522,7 @@ impl Worker {
                 header.layout_hash, header.num_params, layout_hash, num_params
             )));
         }
-        let mut assembler = ChunkAssembler::new(num_params as usize);
+        let mut assembler = ChunkAssembler::reusing(num_params as usize, memory);
         while let Some(chunk) = tokio::time::timeout(idle, stream.next()).await.map_err(|_| silent())? {
             match chunk?.part {
                 Some(pb::model_chunk::Part::Data(d)) => {
@@ -576,7 +589,9 @@ impl Worker {
                         return Ok(());
                     }
                 };
-                let global = self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params).await?;
+                let memory = std::mem::take(&mut *lock(&job.spare_model));
+                let global =
+                    Arc::new(self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params, memory).await?);
                 let arch = models::Architecture::new(&job.spec.model, data.dim)
                     .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 if arch.layout().hash() != task.layout_hash {
@@ -585,7 +600,7 @@ impl Worker {
                 }
                 // Held-out metrics of the model we received (round - 1).
                 let (arch2, device, global2, data2) =
-                    (arch.clone(), self.device.clone(), global.clone(), Arc::clone(&data));
+                    (arch.clone(), self.device.clone(), Arc::clone(&global), Arc::clone(&data));
                 if let Ok(Ok(m)) =
                     tokio::task::spawn_blocking(move || train::evaluate(&arch2, &device, &global2, &data2)).await
                 {
@@ -600,7 +615,7 @@ impl Worker {
                 }
                 info!(epochs = job.spec.training.local_epochs, "local training started");
                 let (spec, device, cancel) = (job.spec.clone(), self.device.clone(), job.cancel.clone());
-                let (arch3, global3, data3) = (arch.clone(), global.clone(), Arc::clone(&data));
+                let (arch3, global3, data3) = (arch.clone(), Arc::clone(&global), Arc::clone(&data));
                 let outcome = tokio::task::spawn_blocking(move || {
                     train::train_round(&arch3, &device, &global3, &data3, &spec, &cancel)
                 })
@@ -618,7 +633,11 @@ impl Worker {
                         return Ok(());
                     }
                 };
-                let update: Vec<f32> = outcome.params.iter().zip(&global).map(|(l, g)| l - g).collect();
+                let update: Vec<f32> = outcome.params.iter().zip(global.iter()).map(|(l, g)| l - g).collect();
+                // The evaluation and training threads are done with it.
+                if let Ok(memory) = Arc::try_unwrap(global) {
+                    *lock(&job.spare_model) = memory;
+                }
                 // Outbox first, then the charge: a crash in between leaves an
                 // uncharged update that was never sent, which is discarded.
                 proto::checkpoint::write_atomic(&outbox, &update)
@@ -697,7 +716,8 @@ impl Worker {
     ) -> Result<(), tonic::Status> {
         let job = self.job(job_id)?;
         let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
-        let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params).await?;
+        let memory = std::mem::take(&mut *lock(&job.spare_model));
+        let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params, memory).await?;
         let arch =
             models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
         let device = self.device.clone();

@@ -180,7 +180,8 @@ impl Direct {
         while !bytes.is_empty() {
             let take = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
             let at = self.start + self.filled;
-            self.buffer[at..at + take].copy_from_slice(&bytes[..take]);
+            // The block goes to the disk, not back through this core's cache.
+            crate::tensor::streaming::copy_around_cache(&mut self.buffer[at..at + take], &bytes[..take]);
             self.filled += take;
             bytes = &bytes[take..];
             if self.filled == DIRECT_BLOCK_BYTES {

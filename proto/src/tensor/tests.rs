@@ -92,3 +92,72 @@ fn both_checks_find_every_kind_of_non_finite_value_wherever_it_sits() {
     let edge = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, f32::from_bits(1), 0.0, -0.0];
     assert!(ChunkValidator::new(edge.len()).check(&encode_chunk(&edge)).is_ok());
 }
+
+#[test]
+fn the_streaming_copy_is_the_plain_one_at_every_alignment_and_finds_every_bad_value() {
+    let len = 16 * 5 + 3;
+    let source: Vec<f32> = (0..len).map(|i| i as f32 * -1.25 + f32::MIN_POSITIVE).collect();
+    let chunk = encode_chunk(&source);
+    // 0 to 4 values already in place shift the destination through every
+    // alignment of the 16-byte stores.
+    for already in 0..5 {
+        let mut values: Vec<f32> = vec![7.0; already];
+        assert!(streaming::append_finite(&mut values, &chunk));
+        assert_eq!(&values[..already], &vec![7.0; already][..]);
+        assert_eq!(&values[already..], &source[..], "after {already} values");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0xff80_0001)] {
+            for at in [0, 1, 2, 3, 15, 16, 40, len - 4, len - 1] {
+                let mut with_bad = source.clone();
+                with_bad[at] = bad;
+                let mut values: Vec<f32> = vec![7.0; already];
+                assert!(!streaming::append_finite(&mut values, &encode_chunk(&with_bad)), "{bad} at {at}");
+                assert_eq!(values, vec![7.0; already], "nothing is appended from a bad chunk");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_large_vector_is_assembled_with_streaming_stores_and_checked_the_same() {
+    let len = STREAMING_FROM_BYTES / 4 + 5;
+    let values: Vec<f32> = (0..len).map(|i| (i % 1009) as f32 - 500.5).collect();
+    // Fresh memory is written plainly; memory with room for all of it, as
+    // the last model pulled has, with streaming stores.
+    assert!(!ChunkAssembler::new(len).streaming);
+    assert!(!ChunkAssembler::reusing(len, Vec::with_capacity(len - 1)).streaming);
+    assert!(!ChunkAssembler::reusing(len / 2, Vec::with_capacity(len)).streaming);
+    let mut asm = ChunkAssembler::reusing(len, vec![1.0; len]);
+    assert!(asm.streaming);
+    // Odd-sized chunks, so later ones land at every alignment.
+    for piece in values.chunks(CHUNK_VALUES - 3) {
+        asm.push(&encode_chunk(piece)).unwrap();
+    }
+    assert_eq!(asm.finish().unwrap(), values);
+
+    let mut bad = values.clone();
+    bad[CHUNK_VALUES + 1] = f32::NAN;
+    let mut asm = ChunkAssembler::reusing(len, values);
+    assert!(asm.streaming);
+    let chunks: Vec<Bytes> = encode_chunks(&bad).collect();
+    asm.push(&chunks[0]).unwrap();
+    let err = asm.push(&chunks[1]).unwrap_err();
+    assert!(matches!(err, ChunkError::NotFinite { index, .. } if index == CHUNK_VALUES + 1), "{err:?}");
+    // The shape checks still come first.
+    assert_eq!(
+        asm.push(&[0u8; 6]),
+        Err(ChunkError::Misaligned { index: 2, bytes: 6 })
+    );
+}
+
+#[test]
+fn the_copy_around_the_cache_is_a_copy_at_every_offset_and_length() {
+    let src: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+    for offset in 0..17 {
+        for len in [0, 1, 15, 16, 63, 64, 65, 127, 128, 200, 983 - offset] {
+            let mut dst = vec![0xAAu8; 1000];
+            streaming::copy_around_cache(&mut dst[offset..offset + len], &src[..len]);
+            assert_eq!(&dst[offset..offset + len], &src[..len], "offset {offset}, length {len}");
+            assert!(dst[..offset].iter().chain(&dst[offset + len..]).all(|&b| b == 0xAA), "offset {offset}, length {len}");
+        }
+    }
+}
