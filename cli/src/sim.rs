@@ -223,7 +223,7 @@ pub async fn run(args: SimArgs) -> Result<()> {
         for (name, dir) in ids.sites.clone() {
             let (url, observed, gate) = (url.clone(), Arc::clone(&observed), Arc::clone(&gate));
             sites.spawn(async move {
-                if let Err(e) = simulated_site(&url, &name, &dir, &observed, &gate).await {
+                if let Err(e) = simulated_site(&url, &name, &dir, num_params, &observed, &gate).await {
                     observed.error(format!("{name}: {e:#}"));
                 }
             });
@@ -348,6 +348,7 @@ async fn simulated_site(
     url: &str,
     name: &str,
     dir: &Path,
+    num_params: u64,
     observed: &Observed,
     gate: &tokio::sync::Semaphore,
 ) -> Result<()> {
@@ -384,14 +385,25 @@ async fn simulated_site(
     observed.registered.fetch_add(1, Ordering::Relaxed);
     drop(permit);
     let mut spec_hash = String::new();
-    // The last model pulled, and the one before, whose memory the next pull
-    // lands in (see `ChunkAssembler::reusing`).
+    // The last model pulled, kept to check the next one against, and the
+    // memory the next pull lands in (see `ChunkAssembler::reusing`). The
+    // worker pulls each round into the last round's memory; this site
+    // keeps that model for its check, so it maps a second model's worth
+    // once the job is accepted (`proto::tensor::prefaulted`, large models
+    // only), ready for the second round. The first pull lands in fresh
+    // memory, as the worker's does: the first task follows the acceptance
+    // within milliseconds.
     let mut previous: Option<(u32, Vec<f32>)> = None;
-    let mut spare = Vec::new();
+    let mut memory: Vec<Vec<f32>> = Vec::new();
+    let mut mapping = None;
     while let Some(task) = tasks.next().await {
         let task = task?;
         match task.kind {
             Some(pb::task::Kind::Offer(offer)) => {
+                let n = num_params as usize;
+                if n.saturating_mul(4) >= proto::tensor::STREAMING_FROM_BYTES {
+                    mapping = Some(tokio::task::spawn_blocking(move || proto::tensor::prefaulted(n)));
+                }
                 spec_hash = offer.spec_hash.clone();
                 client
                     .answer_offer(pb::OfferAnswer {
@@ -405,13 +417,18 @@ async fn simulated_site(
             }
             Some(pb::task::Kind::Train(t)) => {
                 observed.started(t.round);
+                // Memory still being mapped is not waited for: the pull
+                // lands in fresh memory instead.
+                if let Some(done) = mapping.take_if(|m| m.is_finished()) {
+                    memory.push(done.await?);
+                }
                 let pulled = Instant::now();
                 let model = pull(
                     &mut client,
                     &task.job_id,
                     t.round - 1,
                     t.num_params,
-                    std::mem::take(&mut spare),
+                    memory.pop().unwrap_or_default(),
                 )
                 .await?;
                 let pulled = pulled.elapsed();
@@ -429,7 +446,7 @@ async fn simulated_site(
                 }
                 let update = Arc::new(vec![UPDATE_VALUE; model.len()]);
                 if let Some((_, before)) = previous.replace((t.round, model)) {
-                    spare = before;
+                    memory.push(before);
                 }
                 let header = pb::UpdateHeader {
                     job_id: task.job_id.clone(),

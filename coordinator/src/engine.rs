@@ -67,6 +67,9 @@ pub enum EngineError {
     /// No secure randomness for client-level noise.
     #[error("noise: {0}")]
     Noise(String),
+    /// A step's thread panicked.
+    #[error("a step of the job failed: {0}")]
+    Step(String),
 }
 
 impl Coordinator {
@@ -130,7 +133,7 @@ impl Coordinator {
     }
 
     #[instrument(skip_all, fields(job_id = %job_id))]
-    async fn drive(&self, job_id: &str) -> Result<(), EngineError> {
+    async fn drive(self: &Arc<Self>, job_id: &str) -> Result<(), EngineError> {
         let mut changes = self.changes.subscribe();
         loop {
             let Some(job) = self.store.job(job_id)? else {
@@ -139,11 +142,22 @@ impl Coordinator {
             if job.state.is_terminal() {
                 return Ok(());
             }
-            let progressed = match job.state {
-                JobState::Offering => self.step_offering(&job)?,
-                JobState::Running => self.step_round(&job)?,
-                JobState::Evaluating => self.step_evaluating(&job)?,
-                _ => false,
+            let deadline_ms = job.deadline_ms;
+            // A step may read every update back, fold them and write the
+            // next model: for a 400 MB model, seconds of disk and memory
+            // work, which must not hold one of the runtime's threads (two
+            // on a 2-core host) away from the sites' streams. A small
+            // model's step stays here: on a blocking thread, whose own
+            // allocator arena starts cold, a round of 10 sites × 1M
+            // parameters took 11 % longer and 26 MB more peak memory.
+            let progressed = if job.num_params.saturating_mul(4) >= checkpoint::UNCACHED_FROM_BYTES {
+                let this = Arc::clone(self);
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || span.in_scope(|| this.step(&job)))
+                    .await
+                    .map_err(|e| EngineError::Step(e.to_string()))??
+            } else {
+                self.step(&job)?
             };
             if progressed {
                 self.notify();
@@ -151,7 +165,7 @@ impl Coordinator {
             }
             // Past the deadline the driver is only waiting for transfers still
             // making progress; an arriving update wakes it sooner.
-            let wait_ms = match job.deadline_ms - now_ms() {
+            let wait_ms = match deadline_ms - now_ms() {
                 left if left <= 0 => 250,
                 left => left.clamp(10, 5_000) as u64,
             };
@@ -165,6 +179,16 @@ impl Coordinator {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
             }
+        }
+    }
+
+    /// Carries `job` one step on from its stored state; whether anything changed.
+    fn step(&self, job: &JobRow) -> Result<bool, EngineError> {
+        match job.state {
+            JobState::Offering => self.step_offering(job),
+            JobState::Running => self.step_round(job),
+            JobState::Evaluating => self.step_evaluating(job),
+            _ => Ok(false),
         }
     }
 

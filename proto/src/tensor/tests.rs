@@ -161,3 +161,12 @@ fn the_copy_around_the_cache_is_a_copy_at_every_offset_and_length() {
         }
     }
 }
+
+#[test]
+fn prefaulted_memory_is_only_for_large_vectors_and_makes_the_assembly_stream() {
+    assert_eq!(prefaulted(STREAMING_FROM_BYTES / 4 - 1).capacity(), 0);
+    let len = STREAMING_FROM_BYTES / 4;
+    let memory = prefaulted(len);
+    assert!(memory.capacity() >= len);
+    assert!(ChunkAssembler::reusing(len, memory).streaming);
+}
