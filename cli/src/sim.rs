@@ -389,10 +389,9 @@ async fn simulated_site(
     // memory the next pull lands in (see `ChunkAssembler::reusing`). The
     // worker pulls each round into the last round's memory; this site
     // keeps that model for its check, so it maps a second model's worth
-    // once the job is accepted (`proto::tensor::prefaulted`, large models
-    // only), ready for the second round. The first pull lands in fresh
-    // memory, as the worker's does: the first task follows the acceptance
-    // within milliseconds.
+    // once the job is accepted (`proto::tensor::fault_in`, large models
+    // only) for the second round. The first pull lands in fresh memory, as
+    // the worker's does.
     let mut previous: Option<(u32, Vec<f32>)> = None;
     let mut memory: Vec<Vec<f32>> = Vec::new();
     let mut mapping = None;
@@ -402,7 +401,7 @@ async fn simulated_site(
             Some(pb::task::Kind::Offer(offer)) => {
                 let n = num_params as usize;
                 if n.saturating_mul(4) >= proto::tensor::STREAMING_FROM_BYTES {
-                    mapping = Some(tokio::task::spawn_blocking(move || proto::tensor::prefaulted(n)));
+                    mapping = Some(tokio::task::spawn_blocking(move || proto::tensor::fault_in(n)));
                 }
                 spec_hash = offer.spec_hash.clone();
                 client
@@ -417,10 +416,12 @@ async fn simulated_site(
             }
             Some(pb::task::Kind::Train(t)) => {
                 observed.started(t.round);
-                // Memory still being mapped is not waited for: the pull
-                // lands in fresh memory instead.
-                if let Some(done) = mapping.take_if(|m| m.is_finished()) {
-                    memory.push(done.await?);
+                // From the second round on (a round of 16 MiB or more
+                // takes far longer than the mapping, begun at acceptance).
+                if previous.is_some()
+                    && let Some(mapped) = mapping.take()
+                {
+                    memory.push(mapped.await?);
                 }
                 let pulled = Instant::now();
                 let model = pull(

@@ -219,11 +219,13 @@ impl ChunkValidator {
     }
 }
 
+/// The exponent bits of an `f32`: all set means infinite or NaN.
+const EXPONENT: u32 = 0x7f80_0000;
+
 /// Whether every little-endian `f32` in `chunk` (whole words) is finite:
 /// its exponent bits are not all ones. No early exit, so the loop is
 /// vectorised; the rare bad chunk is scanned again for its index.
 fn all_finite(chunk: &[u8]) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
     let special = |w: &[u8]| {
         let bits = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
         u32::from(bits & EXPONENT == EXPONENT)
@@ -344,7 +346,7 @@ impl ChunkAssembler {
 /// memory in while it waits, and hand it to [`ChunkAssembler::reusing`]:
 /// faulting 400 MB in during a pull took it from 1.2–1.4 to 0.6–0.9 GB/s
 /// (`meridian sim`, BENCHMARKS.md).
-pub fn prefaulted(values: usize) -> Vec<f32> {
+pub fn fault_in(values: usize) -> Vec<f32> {
     if values.saturating_mul(4) < STREAMING_FROM_BYTES {
         return Vec::new();
     }
@@ -410,12 +412,16 @@ pub mod streaming {
             let head = dst.as_ptr().align_offset(16).min(dst.len());
             let body = (dst.len() - head) / 64 * 64;
             dst[..head].copy_from_slice(&src[..head]);
-            // SAFETY: `dst[head..head + body]` is writable, 16-byte aligned
-            // and does not overlap `src` (one is borrowed mutably).
-            #[allow(unsafe_code)]
-            unsafe {
-                x86::copy_streaming(&src[head..head + body], dst[head..].as_mut_ptr())
-            };
+            if body > 0 {
+                // SAFETY: `dst[head..head + body]` is writable, 16-byte
+                // aligned (`body > 0`, so `head` is the full distance to the
+                // boundary) and does not overlap `src` (one is borrowed
+                // mutably).
+                #[allow(unsafe_code)]
+                unsafe {
+                    x86::copy_streaming(&src[head..head + body], dst[head..].as_mut_ptr())
+                };
+            }
             dst[head + body..].copy_from_slice(&src[head + body..]);
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -430,8 +436,7 @@ pub mod streaming {
             _mm_set1_epi32, _mm_setzero_si128, _mm_sfence, _mm_stream_si128,
         };
 
-        /// The exponent bits of an `f32`: all set means infinite or NaN.
-        const EXPONENT: u32 = 0x7f80_0000;
+        use crate::tensor::EXPONENT;
 
         /// Copies `src` (a whole number of 4-byte words) to `dst` with
         /// non-temporal stores (SSE2, which every x86-64 has) and says

@@ -75,15 +75,11 @@ struct JobContext {
     spec: JobSpec,
     spec_hash: String,
     cancel: CancellationToken,
-    /// The memory of the last model pulled for this job, which the next
-    /// pull lands in (`ChunkAssembler::reusing`): a model of 100M
-    /// parameters would otherwise fault in 400 MB of fresh pages a round.
-    spare_model: Mutex<Vec<f32>>,
 }
 
 impl JobContext {
     fn new(spec: JobSpec, spec_hash: String, cancel: CancellationToken) -> Self {
-        JobContext { spec, spec_hash, cancel, spare_model: Mutex::new(Vec::new()) }
+        JobContext { spec, spec_hash, cancel }
     }
 }
 
@@ -108,6 +104,12 @@ struct Worker {
     /// The coordinator's idle timeout, learnt at registration: a model
     /// stream silent for this long is abandoned (and the task retried).
     idle_timeout_secs: std::sync::atomic::AtomicU64,
+    /// The memory of the last model pulled, which the next pull lands in
+    /// (`ChunkAssembler::reusing`): a model of 100M parameters would
+    /// otherwise fault in 400 MB of fresh pages every round. One for the
+    /// whole site, not one per job, so that a job that ends without word
+    /// from the coordinator keeps none.
+    spare_model: Mutex<Vec<f32>>,
 }
 
 /// Runs the worker until `shutdown` is cancelled.
@@ -149,6 +151,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         ledger,
         data: Mutex::new(HashMap::new()),
         jobs: Mutex::new(HashMap::new()),
+        spare_model: Mutex::new(Vec::new()),
         inflight: Mutex::new(HashSet::new()),
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
@@ -589,7 +592,7 @@ impl Worker {
                         return Ok(());
                     }
                 };
-                let memory = std::mem::take(&mut *lock(&job.spare_model));
+                let memory = std::mem::take(&mut *lock(&self.spare_model));
                 let global =
                     Arc::new(self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params, memory).await?);
                 let arch = models::Architecture::new(&job.spec.model, data.dim)
@@ -636,7 +639,7 @@ impl Worker {
                 let update: Vec<f32> = outcome.params.iter().zip(global.iter()).map(|(l, g)| l - g).collect();
                 // The evaluation and training threads are done with it.
                 if let Ok(memory) = Arc::try_unwrap(global) {
-                    *lock(&job.spare_model) = memory;
+                    *lock(&self.spare_model) = memory;
                 }
                 // Outbox first, then the charge: a crash in between leaves an
                 // uncharged update that was never sent, which is discarded.
@@ -716,7 +719,7 @@ impl Worker {
     ) -> Result<(), tonic::Status> {
         let job = self.job(job_id)?;
         let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
-        let memory = std::mem::take(&mut *lock(&job.spare_model));
+        let memory = std::mem::take(&mut *lock(&self.spare_model));
         let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params, memory).await?;
         let arch =
             models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;

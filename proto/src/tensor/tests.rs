@@ -163,10 +163,27 @@ fn the_copy_around_the_cache_is_a_copy_at_every_offset_and_length() {
 }
 
 #[test]
-fn prefaulted_memory_is_only_for_large_vectors_and_makes_the_assembly_stream() {
-    assert_eq!(prefaulted(STREAMING_FROM_BYTES / 4 - 1).capacity(), 0);
+fn faulted_in_memory_is_mapped_only_for_large_vectors_and_makes_the_assembly_stream() {
+    assert_eq!(fault_in(STREAMING_FROM_BYTES / 4 - 1).capacity(), 0);
     let len = STREAMING_FROM_BYTES / 4;
-    let memory = prefaulted(len);
+    let memory = fault_in(len);
     assert!(memory.capacity() >= len);
+    let (resident, pages) = resident_pages(&memory);
+    assert_eq!(resident, pages, "every page is mapped before the first pull");
     assert!(ChunkAssembler::reusing(len, memory).streaming);
+}
+
+/// How many of the whole pages inside `values` the kernel has mapped
+/// (`mincore`), and how many there are.
+#[allow(unsafe_code)]
+fn resident_pages(values: &[f32]) -> (usize, usize) {
+    const PAGE: usize = 4096;
+    let start = (values.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (values.as_ptr() as usize + values.len() * 4) / PAGE * PAGE;
+    let mut resident = vec![0u8; (end - start) / PAGE];
+    // SAFETY: `start..end` is page-aligned and inside `values`'
+    // allocation; `resident` has one byte per page of it.
+    let status = unsafe { libc::mincore(start as *mut libc::c_void, end - start, resident.as_mut_ptr()) };
+    assert_eq!(status, 0, "mincore: {}", std::io::Error::last_os_error());
+    (resident.iter().filter(|&&r| r & 1 == 1).count(), resident.len())
 }
