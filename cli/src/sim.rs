@@ -401,7 +401,9 @@ async fn simulated_site(
             Some(pb::task::Kind::Offer(offer)) => {
                 let n = num_params as usize;
                 if n.saturating_mul(4) >= proto::tensor::STREAMING_FROM_BYTES {
-                    mapping = Some(tokio::task::spawn_blocking(move || proto::tensor::fault_in(n)));
+                    mapping = Some(tokio::task::spawn_blocking(move || {
+                        proto::tensor::fault_in(n)
+                    }));
                 }
                 spec_hash = offer.spec_hash.clone();
                 client
@@ -515,7 +517,9 @@ fn check_aggregate(before: &[f32], after: &[f32], site: &str, round: u32, observ
         1
     };
     if count > 0 {
-        observed.model_mismatches.fetch_add(count as u64, Ordering::Relaxed);
+        observed
+            .model_mismatches
+            .fetch_add(count as u64, Ordering::Relaxed);
         let first = before
             .iter()
             .zip(after)

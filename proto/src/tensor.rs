@@ -39,7 +39,10 @@ pub fn chunk_view(values: &std::sync::Arc<Vec<f32>>, range: std::ops::Range<usiz
     {
         // Checked here, so that `as_ref` below cannot panic.
         let _ = &values[range.clone()];
-        Bytes::from_owner(F32View { values: std::sync::Arc::clone(values), range })
+        Bytes::from_owner(F32View {
+            values: std::sync::Arc::clone(values),
+            range,
+        })
     }
     #[cfg(not(target_endian = "little"))]
     {
@@ -305,7 +308,8 @@ impl ChunkAssembler {
     /// the cache, where ordinary stores find it (streaming made
     /// `assemble_40mb` 25 % slower).
     pub fn reusing(expected: usize, mut buffer: Vec<f32>) -> Self {
-        let streaming = buffer.capacity() >= expected && expected.saturating_mul(4) >= STREAMING_FROM_BYTES;
+        let streaming =
+            buffer.capacity() >= expected && expected.saturating_mul(4) >= STREAMING_FROM_BYTES;
         buffer.clear();
         // Capped: a hostile header must not make us reserve gigabytes up front.
         buffer.reserve(expected.min(1 << 26));
@@ -382,7 +386,8 @@ pub mod streaming {
             // `words.len()` writable bytes, 4-byte aligned and not
             // overlapping `words`. Any 4 bytes are a valid `f32`, so after
             // the copy the first `len + count` values are initialised.
-            let finite = unsafe { x86::copy_checking_finite(words, spare.as_mut_ptr().cast::<u8>()) };
+            let finite =
+                unsafe { x86::copy_checking_finite(words, spare.as_mut_ptr().cast::<u8>()) };
             if finite {
                 // SAFETY: as above, the `count` slots were all written.
                 unsafe { values.set_len(values.len() + count) };
@@ -406,7 +411,11 @@ pub mod streaming {
     /// # Panics
     /// If the lengths differ.
     pub fn copy_around_cache(dst: &mut [u8], src: &[u8]) {
-        assert_eq!(dst.len(), src.len(), "copy_around_cache needs equal lengths");
+        assert_eq!(
+            dst.len(),
+            src.len(),
+            "copy_around_cache needs equal lengths"
+        );
         #[cfg(target_arch = "x86_64")]
         {
             let head = dst.as_ptr().align_offset(16).min(dst.len());
@@ -432,8 +441,8 @@ pub mod streaming {
     #[allow(unsafe_code)]
     mod x86 {
         use std::arch::x86_64::{
-            __m128i, _mm_and_si128, _mm_cmpeq_epi32, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
-            _mm_set1_epi32, _mm_setzero_si128, _mm_sfence, _mm_stream_si128,
+            __m128i, _mm_and_si128, _mm_cmpeq_epi32, _mm_loadu_si128, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi32, _mm_setzero_si128, _mm_sfence, _mm_stream_si128,
         };
 
         use crate::tensor::EXPONENT;
@@ -472,7 +481,10 @@ pub mod streaming {
                     let to = dst.add(i).cast::<__m128i>();
                     for k in 0..4 {
                         let v = _mm_loadu_si128(from.add(k));
-                        any = _mm_or_si128(any, _mm_cmpeq_epi32(_mm_and_si128(v, exponent), exponent));
+                        any = _mm_or_si128(
+                            any,
+                            _mm_cmpeq_epi32(_mm_and_si128(v, exponent), exponent),
+                        );
                         _mm_stream_si128(to.add(k), v);
                     }
                     i += 64;

@@ -181,7 +181,10 @@ impl Direct {
             let take = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
             let at = self.start + self.filled;
             // The block goes to the disk, not back through this core's cache.
-            crate::tensor::streaming::copy_around_cache(&mut self.buffer[at..at + take], &bytes[..take]);
+            crate::tensor::streaming::copy_around_cache(
+                &mut self.buffer[at..at + take],
+                &bytes[..take],
+            );
             self.filled += take;
             bytes = &bytes[take..];
             if self.filled == DIRECT_BLOCK_BYTES {

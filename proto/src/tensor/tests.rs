@@ -21,7 +21,10 @@ fn rejects_bad_streams() {
         Err(ChunkError::Misaligned { index: 0, bytes: 3 })
     );
     let mut asm = ChunkAssembler::new(1);
-    assert_eq!(asm.push(&[0u8; 8]), Err(ChunkError::TooLong { expected: 1 }));
+    assert_eq!(
+        asm.push(&[0u8; 8]),
+        Err(ChunkError::TooLong { expected: 1 })
+    );
     let mut asm = ChunkAssembler::new(3);
     asm.push(&1.0f32.to_le_bytes()).unwrap();
     assert_eq!(
@@ -47,7 +50,13 @@ fn rejects_bad_streams() {
 #[test]
 fn the_validator_keeps_nothing_but_the_norm() {
     let mut v = ChunkValidator::with_norm(3);
-    v.check(&[3.0f32, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    v.check(
+        &[3.0f32, 0.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
     assert!(v.finish().is_err());
     v.check(&4.0f32.to_le_bytes()).unwrap();
     assert_eq!(v.finish(), Ok(()));
@@ -58,8 +67,18 @@ fn the_validator_keeps_nothing_but_the_norm() {
     // A value past a NaN is never counted: the error names the NaN's index in the vector.
     let mut v = ChunkValidator::new(4);
     v.check(&1.0f32.to_le_bytes()).unwrap();
-    let err = v.check(&[2.0f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap_err();
-    assert!(matches!(err, ChunkError::NotFinite { index: 2, .. }), "{err:?}");
+    let err = v
+        .check(
+            &[2.0f32, f32::NAN]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, ChunkError::NotFinite { index: 2, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -70,33 +89,58 @@ fn a_chunk_view_is_the_encoded_chunk_and_keeps_its_values_alive() {
     assert_eq!(chunk_view(&values, 0..0).len(), 0);
     drop(values);
     // The view owns what it shows.
-    assert_eq!(decode_le(&view).collect::<Vec<_>>(), vec![-0.0, f32::MIN_POSITIVE, 3e38]);
+    assert_eq!(
+        decode_le(&view).collect::<Vec<_>>(),
+        vec![-0.0, f32::MIN_POSITIVE, 3e38]
+    );
 }
 
 #[test]
 fn both_checks_find_every_kind_of_non_finite_value_wherever_it_sits() {
     // Past the 64-byte blocks of the exponent test and inside them, at both ends.
     let len = 16 * 5 + 3;
-    for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7f80_0001)] {
+    for bad in [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::from_bits(0x7f80_0001),
+    ] {
         for at in [0, 1, 15, 16, 40, len - 4, len - 1] {
             let mut values = vec![f32::MAX; len];
             values[at] = bad;
             let chunk = encode_chunk(&values);
             for mut v in [ChunkValidator::new(len), ChunkValidator::with_norm(len)] {
                 let err = v.check(&chunk).unwrap_err();
-                assert!(matches!(err, ChunkError::NotFinite { index, .. } if index == at), "{bad} at {at}: {err:?}");
+                assert!(
+                    matches!(err, ChunkError::NotFinite { index, .. } if index == at),
+                    "{bad} at {at}: {err:?}"
+                );
             }
         }
     }
     // The largest finite values, subnormals and both zeros pass.
-    let edge = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, f32::from_bits(1), 0.0, -0.0];
-    assert!(ChunkValidator::new(edge.len()).check(&encode_chunk(&edge)).is_ok());
+    let edge = [
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        0.0,
+        -0.0,
+    ];
+    assert!(
+        ChunkValidator::new(edge.len())
+            .check(&encode_chunk(&edge))
+            .is_ok()
+    );
 }
 
 #[test]
 fn the_streaming_copy_is_the_plain_one_at_every_alignment_and_finds_every_bad_value() {
     let len = 16 * 5 + 3;
-    let source: Vec<f32> = (0..len).map(|i| i as f32 * -1.25 + f32::MIN_POSITIVE).collect();
+    let source: Vec<f32> = (0..len)
+        .map(|i| i as f32 * -1.25 + f32::MIN_POSITIVE)
+        .collect();
     let chunk = encode_chunk(&source);
     // 0 to 4 values already in place shift the destination through every
     // alignment of the 16-byte stores.
@@ -105,13 +149,25 @@ fn the_streaming_copy_is_the_plain_one_at_every_alignment_and_finds_every_bad_va
         assert!(streaming::append_finite(&mut values, &chunk));
         assert_eq!(&values[..already], &vec![7.0; already][..]);
         assert_eq!(&values[already..], &source[..], "after {already} values");
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0xff80_0001)] {
+        for bad in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0xff80_0001),
+        ] {
             for at in [0, 1, 2, 3, 15, 16, 40, len - 4, len - 1] {
                 let mut with_bad = source.clone();
                 with_bad[at] = bad;
                 let mut values: Vec<f32> = vec![7.0; already];
-                assert!(!streaming::append_finite(&mut values, &encode_chunk(&with_bad)), "{bad} at {at}");
-                assert_eq!(values, vec![7.0; already], "nothing is appended from a bad chunk");
+                assert!(
+                    !streaming::append_finite(&mut values, &encode_chunk(&with_bad)),
+                    "{bad} at {at}"
+                );
+                assert_eq!(
+                    values,
+                    vec![7.0; already],
+                    "nothing is appended from a bad chunk"
+                );
             }
         }
     }
@@ -141,7 +197,10 @@ fn a_large_vector_is_assembled_with_streaming_stores_and_checked_the_same() {
     let chunks: Vec<Bytes> = encode_chunks(&bad).collect();
     asm.push(&chunks[0]).unwrap();
     let err = asm.push(&chunks[1]).unwrap_err();
-    assert!(matches!(err, ChunkError::NotFinite { index, .. } if index == CHUNK_VALUES + 1), "{err:?}");
+    assert!(
+        matches!(err, ChunkError::NotFinite { index, .. } if index == CHUNK_VALUES + 1),
+        "{err:?}"
+    );
     // The shape checks still come first.
     assert_eq!(
         asm.push(&[0u8; 6]),
@@ -156,8 +215,18 @@ fn the_copy_around_the_cache_is_a_copy_at_every_offset_and_length() {
         for len in [0, 1, 15, 16, 63, 64, 65, 127, 128, 200, 983 - offset] {
             let mut dst = vec![0xAAu8; 1000];
             streaming::copy_around_cache(&mut dst[offset..offset + len], &src[..len]);
-            assert_eq!(&dst[offset..offset + len], &src[..len], "offset {offset}, length {len}");
-            assert!(dst[..offset].iter().chain(&dst[offset + len..]).all(|&b| b == 0xAA), "offset {offset}, length {len}");
+            assert_eq!(
+                &dst[offset..offset + len],
+                &src[..len],
+                "offset {offset}, length {len}"
+            );
+            assert!(
+                dst[..offset]
+                    .iter()
+                    .chain(&dst[offset + len..])
+                    .all(|&b| b == 0xAA),
+                "offset {offset}, length {len}"
+            );
         }
     }
 }
@@ -169,7 +238,10 @@ fn faulted_in_memory_is_mapped_only_for_large_vectors_and_makes_the_assembly_str
     let memory = fault_in(len);
     assert!(memory.capacity() >= len);
     let (resident, pages) = resident_pages(&memory);
-    assert_eq!(resident, pages, "every page is mapped before the first pull");
+    assert_eq!(
+        resident, pages,
+        "every page is mapped before the first pull"
+    );
     assert!(ChunkAssembler::reusing(len, memory).streaming);
 }
 
@@ -183,7 +255,16 @@ fn resident_pages(values: &[f32]) -> (usize, usize) {
     let mut resident = vec![0u8; (end - start) / PAGE];
     // SAFETY: `start..end` is page-aligned and inside `values`'
     // allocation; `resident` has one byte per page of it.
-    let status = unsafe { libc::mincore(start as *mut libc::c_void, end - start, resident.as_mut_ptr()) };
+    let status = unsafe {
+        libc::mincore(
+            start as *mut libc::c_void,
+            end - start,
+            resident.as_mut_ptr(),
+        )
+    };
     assert_eq!(status, 0, "mincore: {}", std::io::Error::last_os_error());
-    (resident.iter().filter(|&&r| r & 1 == 1).count(), resident.len())
+    (
+        resident.iter().filter(|&&r| r & 1 == 1).count(),
+        resident.len(),
+    )
 }
