@@ -223,7 +223,7 @@ pub async fn run(args: SimArgs) -> Result<()> {
         for (name, dir) in ids.sites.clone() {
             let (url, observed, gate) = (url.clone(), Arc::clone(&observed), Arc::clone(&gate));
             sites.spawn(async move {
-                if let Err(e) = simulated_site(&url, &name, &dir, num_params, &observed, &gate).await {
+                if let Err(e) = simulated_site(&url, &name, &dir, &observed, &gate).await {
                     observed.error(format!("{name}: {e:#}"));
                 }
             });
@@ -348,7 +348,6 @@ async fn simulated_site(
     url: &str,
     name: &str,
     dir: &Path,
-    num_params: u64,
     observed: &Observed,
     gate: &tokio::sync::Semaphore,
 ) -> Result<()> {
@@ -385,26 +384,18 @@ async fn simulated_site(
     observed.registered.fetch_add(1, Ordering::Relaxed);
     drop(permit);
     let mut spec_hash = String::new();
-    // The last model pulled, kept to check the next one against, and the
-    // memory the next pull lands in (see `ChunkAssembler::reusing`). The
-    // worker pulls each round into the last round's memory; this site
-    // keeps that model for its check, so it maps a second model's worth
-    // once the job is accepted (`proto::tensor::fault_in`, large models
-    // only) for the second round. The first pull lands in fresh memory, as
-    // the worker's does.
+    // The last model pulled, kept to check the next one against, and up to
+    // two buffers the site has used before, which the next pull and the
+    // next update land in (see `ChunkAssembler::reusing`): the worker pulls
+    // each round into its last pull's memory, and this site needs its last
+    // model for the check, so its second pull lands in its first update's.
+    // Only the first pull lands in fresh memory, as the worker's does.
     let mut previous: Option<(u32, Vec<f32>)> = None;
-    let mut memory: Vec<Vec<f32>> = Vec::new();
-    let mut mapping = None;
+    let mut used: Vec<Vec<f32>> = Vec::new();
     while let Some(task) = tasks.next().await {
         let task = task?;
         match task.kind {
             Some(pb::task::Kind::Offer(offer)) => {
-                let n = num_params as usize;
-                if n.saturating_mul(4) >= proto::tensor::STREAMING_FROM_BYTES {
-                    mapping = Some(tokio::task::spawn_blocking(move || {
-                        proto::tensor::fault_in(n)
-                    }));
-                }
                 spec_hash = offer.spec_hash.clone();
                 client
                     .answer_offer(pb::OfferAnswer {
@@ -418,20 +409,13 @@ async fn simulated_site(
             }
             Some(pb::task::Kind::Train(t)) => {
                 observed.started(t.round);
-                // From the second round on (a round of 16 MiB or more
-                // takes far longer than the mapping, begun at acceptance).
-                if previous.is_some()
-                    && let Some(mapped) = mapping.take()
-                {
-                    memory.push(mapped.await?);
-                }
                 let pulled = Instant::now();
                 let model = pull(
                     &mut client,
                     &task.job_id,
                     t.round - 1,
                     t.num_params,
-                    memory.pop().unwrap_or_default(),
+                    used.pop().unwrap_or_default(),
                 )
                 .await?;
                 let pulled = pulled.elapsed();
@@ -447,9 +431,12 @@ async fn simulated_site(
                 {
                     check_aggregate(before, &model, name, t.round - 1, observed);
                 }
-                let update = Arc::new(vec![UPDATE_VALUE; model.len()]);
+                let mut update = used.pop().unwrap_or_default();
+                update.clear();
+                update.resize(model.len(), UPDATE_VALUE);
+                let update = Arc::new(update);
                 if let Some((_, before)) = previous.replace((t.round, model)) {
-                    memory.push(before);
+                    used.push(before);
                 }
                 let header = pb::UpdateHeader {
                     job_id: task.job_id.clone(),
@@ -483,6 +470,10 @@ async fn simulated_site(
                 } else {
                     observed.refused.fetch_add(1, Ordering::Relaxed);
                     observed.error(format!("{name}: update refused: {}", reply.reason));
+                }
+                // Every chunk of it has been sent: its memory is free again.
+                if let Ok(memory) = Arc::try_unwrap(update) {
+                    used.push(memory);
                 }
             }
             Some(pb::task::Kind::Evaluate(e)) => {

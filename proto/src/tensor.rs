@@ -343,24 +343,6 @@ impl ChunkAssembler {
     }
 }
 
-/// Memory for `values` values, written once so that every page is mapped,
-/// or nothing below [`STREAMING_FROM_BYTES`].
-///
-/// A receiver that knows a model's size before it pulls can fault the
-/// memory in while it waits, and hand it to [`ChunkAssembler::reusing`]:
-/// faulting 400 MB in during a pull took it from 1.2–1.4 to 0.6–0.9 GB/s
-/// (`meridian sim`, BENCHMARKS.md).
-pub fn fault_in(values: usize) -> Vec<f32> {
-    if values.saturating_mul(4) < STREAMING_FROM_BYTES {
-        return Vec::new();
-    }
-    let mut memory = Vec::with_capacity(values);
-    // `vec![0.0; n]` would be zeroed pages the kernel maps only on the first
-    // write; `resize` writes.
-    memory.resize(values, 0.0);
-    memory
-}
-
 /// Copying a large vector's values in and checking them in the same pass.
 ///
 /// A 400 MB model lands in memory no cache holds. An ordinary store first
