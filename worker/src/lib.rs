@@ -77,12 +77,6 @@ struct JobContext {
     cancel: CancellationToken,
 }
 
-impl JobContext {
-    fn new(spec: JobSpec, spec_hash: String, cancel: CancellationToken) -> Self {
-        JobContext { spec, spec_hash, cancel }
-    }
-}
-
 struct Worker {
     config: WorkerConfig,
     site: String,
@@ -421,7 +415,7 @@ impl Worker {
         if decision.accept {
             lock(&self.jobs).insert(
                 job_id.to_string(),
-                Arc::new(JobContext::new(spec, offer.spec_hash.clone(), self.shutdown.child_token())),
+                Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
             );
         }
         Ok(pb::OfferAnswer {
@@ -487,7 +481,7 @@ impl Worker {
             .map_err(|e| tonic::Status::internal(e.to_string()))?
             .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} was not accepted here")))?;
         let spec = JobSpec::from_canonical_json(&spec_json).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let job = Arc::new(JobContext::new(spec, spec_hash, self.shutdown.child_token()));
+        let job = Arc::new(JobContext { spec, spec_hash, cancel: self.shutdown.child_token() });
         lock(&self.jobs).insert(job_id.to_string(), Arc::clone(&job));
         Ok(job)
     }
