@@ -138,25 +138,17 @@ fn transfer_codec(c: &mut Criterion) {
     let chunks: Vec<_> = proto::tensor::encode_chunks(&model).collect();
     // What the coordinator does with an update (checks, then writes each
     // chunk out) and what a site does with a model (checks and assembles).
+    let check_all = |mut check: proto::tensor::ChunkValidator| {
+        for chunk in &chunks {
+            check.check(chunk).unwrap();
+        }
+        check.finish().unwrap();
+        check
+    };
     group.bench_function("check_40mb", |b| {
-        b.iter(|| {
-            let mut check = proto::tensor::ChunkValidator::with_norm(D);
-            for chunk in &chunks {
-                check.check(chunk).unwrap();
-            }
-            check.finish().unwrap();
-            check.norm()
-        })
+        b.iter(|| check_all(proto::tensor::ChunkValidator::with_norm(D)).norm())
     });
-    group.bench_function("check_finite_40mb", |b| {
-        b.iter(|| {
-            let mut check = proto::tensor::ChunkValidator::new(D);
-            for chunk in &chunks {
-                check.check(chunk).unwrap();
-            }
-            check.finish().unwrap()
-        })
-    });
+    group.bench_function("check_finite_40mb", |b| b.iter(|| check_all(proto::tensor::ChunkValidator::new(D))));
     group.bench_function("assemble_40mb", |b| {
         b.iter(|| {
             let mut assemble = proto::tensor::ChunkAssembler::new(D);

@@ -410,7 +410,7 @@ pub mod streaming {
                 // mutably).
                 #[allow(unsafe_code)]
                 unsafe {
-                    x86::copy_streaming(&src[head..head + body], dst[head..].as_mut_ptr())
+                    x86::stream::<false>(&src[head..head + body], dst[head..].as_mut_ptr())
                 };
             }
             dst[head + body..].copy_from_slice(&src[head + body..]);
@@ -452,29 +452,13 @@ pub mod streaming {
                 word(i, &mut special);
                 i += 4;
             }
-            // SAFETY: SSE2 is part of x86-64. Loads read `src[i..i + 64]`
-            // and stores write `dst[i..i + 64]`, both in bounds since
-            // `i + 64 <= n`; `dst + i` is 16-byte aligned from here on.
-            unsafe {
-                let exponent = _mm_set1_epi32(EXPONENT as i32);
-                let mut any = _mm_setzero_si128();
-                while i + 64 <= n {
-                    let from = src.as_ptr().add(i).cast::<__m128i>();
-                    let to = dst.add(i).cast::<__m128i>();
-                    for k in 0..4 {
-                        let v = _mm_loadu_si128(from.add(k));
-                        any = _mm_or_si128(
-                            any,
-                            _mm_cmpeq_epi32(_mm_and_si128(v, exponent), exponent),
-                        );
-                        _mm_stream_si128(to.add(k), v);
-                    }
-                    i += 64;
-                }
-                // Orders the streaming stores before whatever hands the
-                // values to another thread.
-                _mm_sfence();
-                special |= u32::from(_mm_movemask_epi8(any) != 0);
+            let body = (n - i) / 64 * 64;
+            if body > 0 {
+                // SAFETY: with a body left, the loop above stopped at the
+                // 16-byte boundary; `src[i..i + body]` and `dst[i..i + body]`
+                // are in bounds.
+                special |= u32::from(unsafe { stream::<true>(&src[i..i + body], dst.add(i)) });
+                i += body;
             }
             while i + 4 <= n {
                 word(i, &mut special);
@@ -484,26 +468,39 @@ pub mod streaming {
         }
 
         /// Copies `src` (a multiple of 64 bytes) to `dst` with
-        /// non-temporal stores.
+        /// non-temporal stores; with `CHECK`, says whether any 4-byte word
+        /// is not a finite `f32` (without, `false`).
         ///
         /// # Safety
         /// `dst` must be valid for `src.len()` bytes of writes, aligned to
         /// 16 bytes, and not overlap `src`.
-        pub(super) unsafe fn copy_streaming(src: &[u8], dst: *mut u8) {
+        pub(super) unsafe fn stream<const CHECK: bool>(src: &[u8], dst: *mut u8) -> bool {
             debug_assert!(src.len().is_multiple_of(64) && (dst as usize).is_multiple_of(16));
             // SAFETY: SSE2 is part of x86-64; every load and store is
             // within the first `src.len()` bytes of `src` and `dst`.
             unsafe {
+                let exponent = _mm_set1_epi32(EXPONENT as i32);
+                let mut any = _mm_setzero_si128();
                 let mut i = 0;
                 while i + 64 <= src.len() {
                     let from = src.as_ptr().add(i).cast::<__m128i>();
                     let to = dst.add(i).cast::<__m128i>();
                     for k in 0..4 {
-                        _mm_stream_si128(to.add(k), _mm_loadu_si128(from.add(k)));
+                        let v = _mm_loadu_si128(from.add(k));
+                        if CHECK {
+                            any = _mm_or_si128(
+                                any,
+                                _mm_cmpeq_epi32(_mm_and_si128(v, exponent), exponent),
+                            );
+                        }
+                        _mm_stream_si128(to.add(k), v);
                     }
                     i += 64;
                 }
+                // Orders the streaming stores before whatever hands the
+                // bytes to another thread.
                 _mm_sfence();
+                _mm_movemask_epi8(any) != 0
             }
         }
     }

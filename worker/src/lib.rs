@@ -486,8 +486,7 @@ impl Worker {
         Ok(job)
     }
 
-    /// Pulls the global model of `round` into `memory` (its contents are
-    /// discarded, its allocation kept).
+    /// Pulls the global model of `round` into the site's spare model memory.
     async fn pull_model(
         &self,
         client: &mut WorkerServiceClient<Channel>,
@@ -495,7 +494,6 @@ impl Worker {
         round: u32,
         layout_hash: &str,
         num_params: u64,
-        memory: Vec<f32>,
     ) -> Result<Vec<f32>, tonic::Status> {
         let mut stream =
             client.pull_model(pb::PullModelRequest { job_id: job_id.to_string(), round }).await?.into_inner();
@@ -519,6 +517,7 @@ impl Worker {
                 header.layout_hash, header.num_params, layout_hash, num_params
             )));
         }
+        let memory = std::mem::take(&mut *lock(&self.spare_model));
         let mut assembler = ChunkAssembler::reusing(num_params as usize, memory);
         while let Some(chunk) = tokio::time::timeout(idle, stream.next()).await.map_err(|_| silent())? {
             match chunk?.part {
@@ -586,9 +585,8 @@ impl Worker {
                         return Ok(());
                     }
                 };
-                let memory = std::mem::take(&mut *lock(&self.spare_model));
                 let global =
-                    Arc::new(self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params, memory).await?);
+                    Arc::new(self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params).await?);
                 let arch = models::Architecture::new(&job.spec.model, data.dim)
                     .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 if arch.layout().hash() != task.layout_hash {
@@ -713,8 +711,7 @@ impl Worker {
     ) -> Result<(), tonic::Status> {
         let job = self.job(job_id)?;
         let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
-        let memory = std::mem::take(&mut *lock(&self.spare_model));
-        let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params, memory).await?;
+        let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params).await?;
         let arch =
             models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
         let device = self.device.clone();
