@@ -620,6 +620,7 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    proto::memory::keep_transfer_buffers();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

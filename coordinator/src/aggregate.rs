@@ -16,8 +16,14 @@ pub struct FedAvg {
 impl FedAvg {
     /// An empty sum over vectors of length `d`.
     pub fn new(d: usize) -> FedAvg {
+        // Zeroed here, in huge pages: `zeros` maps the kernel's zero page,
+        // so the first fold took two faults per 4 KiB (a read, then a
+        // write): 1.6 GB of faults at about 0.5 GB/s for a model of 100M.
+        let mut sum = Vec::with_capacity(d);
+        proto::memory::advise_huge_pages(&mut sum);
+        sum.resize(d, 0.0);
         FedAvg {
-            sum: ndarray::Array1::zeros(d),
+            sum: ndarray::Array1::from_vec(sum),
             total_weight: 0.0,
             count: 0,
         }

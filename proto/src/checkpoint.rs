@@ -295,6 +295,7 @@ impl Pieces {
     /// Every value, in one vector allocated once.
     pub fn read_all(self) -> Result<Vec<f32>, CheckpointError> {
         let mut values = Vec::with_capacity(self.len);
+        crate::memory::advise_huge_pages(&mut values);
         self.for_each_bytes(|bytes| values.extend(decode_le(bytes)))?;
         Ok(values)
     }

@@ -10,6 +10,8 @@
 //! - [`tensor`]: splitting a flat `f32` parameter vector into ≤ 1 MiB chunks
 //!   and reassembling it with length checks.
 //! - [`checkpoint`]: parameter vectors on disk, written atomically.
+//! - [`memory`]: how a process moving large vectors asks for memory (huge
+//!   pages, allocator thresholds).
 //! - [`codec`]: the services' gRPC codec (prost, with small first buffers).
 //! - [`failpoint`]: named crash points that fault-injection tests arm.
 //! - [`audit`]: the hash-chained, append-only audit log of every daemon.
@@ -28,6 +30,7 @@ pub mod config_file;
 pub mod failpoint;
 pub mod identity;
 pub mod job;
+pub mod memory;
 pub mod tensor;
 
 /// The request metadata key that carries a `ReserveUpload` lease to

@@ -523,6 +523,8 @@ fn run(options: &Options) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // The allocator settings of the `meridian` binary, whose code this times.
+    proto::memory::keep_transfer_buffers();
     let options = match parse(std::env::args().skip(1)) {
         Ok(options) => options,
         Err(message) if message.is_empty() => {
