@@ -365,7 +365,12 @@ impl Coordinator {
                 ),
             );
         }
-        let mut global = checkpoint::read(&self.model_path(&job.id, round - 1))?;
+        // The model the sites trained on, from the chunks its pullers were
+        // served (the file is read only after a restart): reading the 400 MB
+        // file back took a fifth of a round's step.
+        let served = self.models.get(&job.id, round - 1, &self.model_path(&job.id, round - 1), true)?;
+        let mut global = proto::tensor::decode_chunks(&served);
+        drop(served);
         // Client-level DP clips each site's update and weighs sites equally; FedAvg weighs by
         // examples. Either way updates are folded one at a time, so memory stays O(d).
         let client_clip = match &job.spec.client_dp {

@@ -72,6 +72,17 @@ pub fn decode_le(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
 }
 
+/// The values of whole chunks (as [`encode_chunks`] cut them), in one
+/// vector allocated once.
+pub fn decode_chunks(chunks: &[Bytes]) -> Vec<f32> {
+    let mut values = Vec::with_capacity(chunks.iter().map(|c| c.len() / 4).sum());
+    crate::memory::advise_huge_pages(&mut values);
+    for chunk in chunks {
+        values.extend(decode_le(chunk));
+    }
+    values
+}
+
 /// What can go wrong while reassembling a chunked tensor.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChunkError {

@@ -11,6 +11,11 @@ fn round_trip_across_chunk_boundaries() {
         asm.push(c).unwrap();
     }
     assert_eq!(asm.finish().unwrap(), values);
+    // The coordinator's way back from the chunks it serves.
+    let decoded = decode_chunks(&chunks);
+    assert_eq!(decoded, values);
+    assert_eq!(decoded.capacity(), values.len());
+    assert!(decode_chunks(&[]).is_empty());
 }
 
 #[test]
