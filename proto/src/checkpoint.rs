@@ -7,13 +7,14 @@
 //! or foreign file is refused rather than misread.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
 use crate::tensor::{MAX_CHUNK_BYTES, decode_le};
 
+mod direct_read;
 mod sink;
 
 use sink::Sink;
@@ -230,16 +231,18 @@ fn open_values(path: &Path) -> Result<(File, usize), CheckpointError> {
 /// Reads exactly `buf.len()` bytes of values; a file that shrank since its
 /// size was checked is corrupt, not a short vector.
 fn read_values(file: &mut File, path: &Path, buf: &mut [u8]) -> Result<(), CheckpointError> {
-    file.read_exact(buf).map_err(|e| match e.kind() {
+    file.read_exact(buf).map_err(read_err(path))
+}
+
+/// [`io_err`] for reading values, where an early end means a corrupt file.
+fn read_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
+    move |e| match e.kind() {
         io::ErrorKind::UnexpectedEof => CheckpointError::Corrupt {
             path: path.to_path_buf(),
             detail: "ended before the values its header announces".to_string(),
         },
-        _ => CheckpointError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    })
+        _ => io_err(path)(e),
+    }
 }
 
 /// Reads a file written by [`write_atomic`], checking its length.
@@ -302,8 +305,29 @@ impl Pieces {
 
     /// Calls `each` with consecutive pieces of the values' bytes, at most
     /// [`MAX_CHUNK_BYTES`] each, read into one reused buffer.
+    ///
+    /// A file of [`UNCACHED_FROM_BYTES`] or more is read around the page
+    /// cache where the file system allows ([`direct_read`]): a round of a
+    /// 400 MB model 2.58–2.63 → 2.00–2.23 s (`meridian sim`, alternated).
     fn for_each_bytes(mut self, mut each: impl FnMut(&[u8])) -> Result<(), CheckpointError> {
         let mut remaining = self.len * 4;
+        if HEADER_BYTES + remaining as u64 >= UNCACHED_FROM_BYTES
+            && let Some(direct) = direct_read::DirectReader::open(&self.path).map_err(io_err(&self.path))?
+        {
+            let read = direct
+                .read(HEADER_BYTES, remaining as u64, MAX_CHUNK_BYTES, &mut each)
+                .map_err(read_err(&self.path))?;
+            match read {
+                direct_read::Read::Whole => return Ok(()),
+                // The rest through the page cache.
+                direct_read::Read::RefusedAfter(passed) => {
+                    remaining -= passed as usize;
+                    self.file
+                        .seek(SeekFrom::Start(HEADER_BYTES + passed))
+                        .map_err(io_err(&self.path))?;
+                }
+            }
+        }
         let mut bytes = vec![0u8; MAX_CHUNK_BYTES.min(remaining)];
         while remaining > 0 {
             let piece = &mut bytes[..remaining.min(MAX_CHUNK_BYTES)];
@@ -402,6 +426,35 @@ mod tests {
         assert_eq!(read(&path).unwrap(), values);
         assert_eq!(read_chunks(&path).unwrap(), chunks);
         assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn a_large_file_is_read_in_pieces_and_a_file_that_shrank_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        let n = (UNCACHED_FROM_BYTES / 4) as usize + 1_001;
+        let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        write_chunks_atomic(&path, &values, "test").unwrap();
+        let mut seen = Vec::new();
+        Pieces::open(&path)
+            .unwrap()
+            .for_each(|offset, piece| {
+                assert_eq!(offset, seen.len());
+                assert!(piece.len() <= crate::tensor::CHUNK_VALUES);
+                seen.extend_from_slice(piece);
+            })
+            .unwrap();
+        assert_eq!(seen, values);
+        // Opened whole, then cut short before it is read.
+        let pieces = Pieces::open(&path).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(HEADER_BYTES + 4 * (n as u64 / 2) + 2)
+            .unwrap();
+        let err = pieces.for_each(|_, _| {}).unwrap_err().to_string();
+        assert!(err.ends_with("ended before the values its header announces"), "{err}");
     }
 
     #[test]

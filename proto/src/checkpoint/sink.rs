@@ -28,11 +28,11 @@ const STEP_BYTES: u64 = 8 << 20;
 
 /// The alignment `O_DIRECT` needs of buffers, offsets and lengths (the
 /// largest logical block size in common use).
-const ALIGN: usize = 4096;
+pub(super) const ALIGN: usize = 4096;
 
 /// Bytes an `O_DIRECT` write carries: 1.4 GB/s to this project's disk
 /// (`dd oflag=direct`), against 1.2 GB/s with 1 MiB writes.
-const DIRECT_BLOCK_BYTES: usize = 4 << 20;
+pub(super) const DIRECT_BLOCK_BYTES: usize = 4 << 20;
 
 /// A checkpoint file's bytes on their way to the disk.
 pub(super) enum Sink {
