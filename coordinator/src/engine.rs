@@ -370,7 +370,12 @@ impl Coordinator {
         // model 3.5–4.2 → 2.6 s, the file's read into fresh memory gone.
         let served = self.models.get(&job.id, round - 1, &self.model_path(&job.id, round - 1), true)?;
         let mut global = proto::tensor::decode_chunks(&served);
+        // Out of the cache until the next model is installed, so the round
+        // does not hold both models' chunks (400 MB at d = 100M); a site
+        // pulling this model meanwhile reads the file, and one being served
+        // keeps its chunks alive itself.
         drop(served);
+        self.models.forget(&job.id);
         // Client-level DP clips each site's update and weighs sites equally; FedAvg weighs by
         // examples. Either way updates are folded one at a time, so memory stays O(d).
         let client_clip = match &job.spec.client_dp {

@@ -80,7 +80,8 @@ impl ModelCache {
         self.latest().insert(job_id.to_string(), (round, Arc::new(chunks)));
     }
 
-    /// Drops `job_id`'s cached model (the job ended; its files remain).
+    /// Drops `job_id`'s cached model (the job ended, or its next model is
+    /// being made; its files remain).
     pub fn forget(&self, job_id: &str) {
         self.latest().remove(job_id);
     }
