@@ -75,11 +75,10 @@ const RETURN_FREE_MEMORY_PAST_BYTES: i32 = 64 << 20;
 /// 160–320 MB of such buffers in again (`perf` page-fault counts: 41,000 to
 /// 78,000 faults in the site's copies into the gRPC buffers; about 1,500
 /// with these settings). These are the values glibc's own adjustment ends
-/// at, fixed from the start. They also let a running sum of a mid-sized
-/// model (8 MB at d = 1M) reuse the last one's memory: `bench-table`'s
-/// FedAvg row, which allocates its sum every run, went 2.4 → 4.5 GB/s. The
-/// coordinator's peak memory at 1,000 sites did not change (9.50 against
-/// 9.52 MB per 100 sites). Other allocators: nothing changes.
+/// at, fixed from the start. The coordinator's peak memory at 1,000 sites
+/// did not change (9.45–9.53 against 9.50–9.54 MB per 100 sites); for a
+/// 400 MB model it rose by 0.2–0.4 GB, which the engine took back by not
+/// holding two models' chunks at once. Other allocators: nothing changes.
 pub fn keep_transfer_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only changes two of the allocator's thresholds; it
