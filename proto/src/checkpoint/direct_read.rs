@@ -12,14 +12,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 
-use super::sink::{ALIGN, DIRECT_BLOCK_BYTES};
+use super::sink::{ALIGN, AlignedBlock, DIRECT_BLOCK_BYTES, open_direct};
 
 /// A file opened for `O_DIRECT` reads, with its aligned buffer.
 pub(super) struct DirectReader {
     file: File,
-    buffer: Vec<u8>,
-    /// [`DIRECT_BLOCK_BYTES`] from `start` on are aligned to [`ALIGN`].
-    start: usize,
+    block: AlignedBlock,
 }
 
 /// How far a direct read got.
@@ -36,18 +34,12 @@ impl DirectReader {
     /// Opens `path` for direct reads; `None` where the file system or the
     /// platform refuses them.
     pub(super) fn open(path: &Path) -> io::Result<Option<DirectReader>> {
-        let Some(file) = open_direct(path)? else {
+        let Some(file) = open_direct(path, OpenOptions::new().read(true))? else {
             return Ok(None);
         };
-        let buffer = vec![0u8; DIRECT_BLOCK_BYTES + ALIGN];
-        let start = buffer.as_ptr().align_offset(ALIGN);
-        if start > ALIGN {
-            return Ok(None);
-        }
         Ok(Some(DirectReader {
             file,
-            buffer,
-            start,
+            block: AlignedBlock::new(),
         }))
     }
 
@@ -80,7 +72,7 @@ impl DirectReader {
             if usable == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            let block = &self.buffer[self.start + skip..self.start + skip + usable];
+            let block = &self.block.bytes()[skip..skip + usable];
             for bytes in block.chunks(piece) {
                 each(bytes);
             }
@@ -97,7 +89,7 @@ impl DirectReader {
     /// aligned one) into the buffer; fewer only at the end of the file.
     fn read_block(&mut self, offset: u64, want: usize) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let buffer = &mut self.buffer[self.start..self.start + want];
+        let buffer = &mut self.block.bytes_mut()[..want];
         let mut got = 0;
         while got < want {
             match self.file.read_at(&mut buffer[got..], offset + got as u64) {
@@ -116,21 +108,6 @@ impl DirectReader {
         }
         Ok(got)
     }
-}
-
-#[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> io::Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => Ok(Some(file)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> io::Result<Option<File>> {
-    Ok(None)
 }
 
 #[cfg(test)]

@@ -143,9 +143,7 @@ impl Cached {
 pub(super) struct Direct {
     file: File,
     path: PathBuf,
-    /// [`DIRECT_BLOCK_BYTES`] from `start` on are aligned to [`ALIGN`].
-    buffer: Vec<u8>,
-    start: usize,
+    block: AlignedBlock,
     filled: usize,
     /// Bytes in the file so far.
     written: u64,
@@ -157,19 +155,15 @@ impl Direct {
     /// Creates `path` for `O_DIRECT` writes; `None` where the file system
     /// or the platform refuses them.
     fn create(path: &Path) -> io::Result<Option<Direct>> {
-        let Some(file) = open_direct(path)? else {
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        let Some(file) = open_direct(path, &options)? else {
             return Ok(None);
         };
-        let buffer = vec![0u8; DIRECT_BLOCK_BYTES + ALIGN];
-        let start = buffer.as_ptr().align_offset(ALIGN);
-        if start > ALIGN {
-            return Ok(None);
-        }
         Ok(Some(Direct {
             file,
             path: path.to_path_buf(),
-            buffer,
-            start,
+            block: AlignedBlock::new(),
             filled: 0,
             written: 0,
             buffered: None,
@@ -179,10 +173,10 @@ impl Direct {
     fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             let take = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
-            let at = self.start + self.filled;
+            let at = self.filled;
             // The block goes to the disk, not back through this core's cache.
             crate::tensor::streaming::copy_around_cache(
-                &mut self.buffer[at..at + take],
+                &mut self.block.bytes_mut()[at..at + take],
                 &bytes[..take],
             );
             self.filled += take;
@@ -196,7 +190,7 @@ impl Direct {
 
     /// Writes the buffer's first `len` bytes (a multiple of [`ALIGN`]).
     fn flush_block(&mut self, len: usize) -> io::Result<()> {
-        let block = &self.buffer[self.start..self.start + len];
+        let block = &self.block.bytes()[..len];
         if let Some(file) = &mut self.buffered {
             file.write_all(block)?;
         } else if let Err(e) = self.file.write_all(block) {
@@ -222,7 +216,7 @@ impl Direct {
         if whole > 0 {
             self.flush_block(whole)?;
         }
-        let tail = &self.buffer[self.start + whole..self.start + whole + tail_len];
+        let tail = &self.block.bytes()[whole..whole + tail_len];
         if !tail.is_empty() {
             match &mut self.buffered {
                 Some(file) => file.write_all(tail)?,
@@ -241,16 +235,36 @@ impl Direct {
     }
 }
 
+/// A buffer of [`DIRECT_BLOCK_BYTES`] aligned to [`ALIGN`], as `O_DIRECT`
+/// transfers need.
+pub(super) struct AlignedBlock {
+    buffer: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBlock {
+    pub(super) fn new() -> AlignedBlock {
+        let buffer = vec![0u8; DIRECT_BLOCK_BYTES + ALIGN];
+        // The distance to the next multiple of `ALIGN`: less than `ALIGN`.
+        let start = (ALIGN - buffer.as_ptr() as usize % ALIGN) % ALIGN;
+        AlignedBlock { buffer, start }
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.buffer[self.start..self.start + DIRECT_BLOCK_BYTES]
+    }
+
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer[self.start..self.start + DIRECT_BLOCK_BYTES]
+    }
+}
+
+/// Opens `path` with `options` and `O_DIRECT`; `None` where the file
+/// system or the platform has no direct I/O.
 #[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> io::Result<Option<File>> {
+pub(super) fn open_direct(path: &Path, options: &OpenOptions) -> io::Result<Option<File>> {
     use std::os::unix::fs::OpenOptionsExt;
-    match OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
+    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
         Ok(file) => Ok(Some(file)),
         // The file system has no direct I/O (tmpfs before Linux 6.6, some FUSE file systems).
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
@@ -259,7 +273,7 @@ fn open_direct(path: &Path) -> io::Result<Option<File>> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> io::Result<Option<File>> {
+pub(super) fn open_direct(_path: &Path, _options: &OpenOptions) -> io::Result<Option<File>> {
     Ok(None)
 }
 
