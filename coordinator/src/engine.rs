@@ -366,16 +366,17 @@ impl Coordinator {
             );
         }
         // The model the sites trained on, from the chunks its pullers were
-        // served (the file is read only after a restart): a round of a 400 MB
-        // model 3.5–4.2 → 2.6 s, the file's read into fresh memory gone.
-        let served = self.models.get(&job.id, round - 1, &self.model_path(&job.id, round - 1), true)?;
+        // served (the file is read only after a restart, and not kept): a
+        // round of a 400 MB model 3.5–4.2 → 2.6 s, the file's read into
+        // fresh memory gone.
+        let served = self.models.get(&job.id, round - 1, &self.model_path(&job.id, round - 1), false)?;
         let mut global = proto::tensor::decode_chunks(&served);
         // Out of the cache until the next model is installed, so the round
-        // does not hold both models' chunks (400 MB at d = 100M); a site
-        // pulling this model meanwhile reads the file, and one being served
-        // keeps its chunks alive itself.
+        // does not hold both models' chunks (400 MB at d = 100M). A site
+        // being served this model keeps its chunks alive itself; one that
+        // asks for it meanwhile is served from the file, which is not kept.
         drop(served);
-        self.models.forget(&job.id);
+        self.models.release(&job.id, round - 1);
         // Client-level DP clips each site's update and weighs sites equally; FedAvg weighs by
         // examples. Either way updates are folded one at a time, so memory stays O(d).
         let client_clip = match &job.spec.client_dp {
@@ -388,9 +389,11 @@ impl Coordinator {
             ),
             None => None,
         };
-        let mut fedavg = FedAvg::new(global.len());
         let mut client_dp = client_clip.map(|clip| ClientDpRound::new(global.len(), clip));
         let robust_rule = (!job.spec.aggregation.is_fedavg()).then_some(&job.spec.aggregation);
+        // Made with the first update it folds: its sum (8·d bytes) is zeroed
+        // when it is made, and client DP and the robust rules have their own.
+        let mut fedavg: Option<FedAvg> = None;
         if robust_rule.is_some() {
             let bytes = updates.len() as u64 * global.len() as u64 * 4;
             if bytes > proto::job::Aggregation::MAX_ROBUST_BYTES {
@@ -422,6 +425,7 @@ impl Coordinator {
                 // sum is dropped.
                 (None, None) => {
                     let weight = u.num_examples as f64;
+                    let fedavg = fedavg.get_or_insert_with(|| FedAvg::new(global.len()));
                     pieces.for_each(|offset, piece| fedavg.fold_piece(offset, piece, weight))?;
                     fedavg.count_update(weight);
                 }
@@ -452,10 +456,10 @@ impl Coordinator {
                     }
                     held.len()
                 }
-                None => {
+                None => fedavg.as_ref().map_or(0, |fedavg| {
                     fedavg.apply(&mut global, eta);
                     fedavg.count()
-                }
+                }),
             },
         };
         failpoint::hit("round.aggregate");

@@ -8,8 +8,11 @@
 //! a 400 MB model: a read into fresh memory was a quarter of the pull).
 //! Each job keeps its own entry, so jobs running side by side do not evict
 //! each other's models; a job's entry goes when the job ends
-//! ([`ModelCache::forget`]). After a restart, or for an older round, a pull
-//! reads the file ([`ModelCache::get`]).
+//! ([`ModelCache::forget`]), and its chunks while a round's step makes the
+//! next model from them ([`ModelCache::release`]), so that a large job does
+//! not hold two models' chunks at once. After a restart, for an older round,
+//! or for a released one, a pull reads the file ([`ModelCache::get`]); only
+//! what a live job will serve again is kept.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,8 +36,10 @@ pub struct ModelCache {
     slots: Arc<Semaphore>,
 }
 
-/// A round, and the job's model after it as chunks ready to send.
-type CachedModel = (u32, Arc<Vec<Bytes>>);
+/// A round, and the job's model after it as chunks ready to send (`None`
+/// once released: read from the file, and not kept, until a newer round is
+/// installed).
+type CachedModel = (u32, Option<Arc<Vec<Bytes>>>);
 
 /// Model transfers served at once; each holds about one encoded chunk.
 const SERVING_AT_ONCE: usize = 32;
@@ -58,30 +63,44 @@ impl ModelCache {
     /// miss. What is read is kept if `keep` (the job is live) and the job
     /// has no newer model cached.
     pub fn get(&self, job_id: &str, round: u32, path: &Path, keep: bool) -> Result<Arc<Vec<Bytes>>, CheckpointError> {
-        // Held while reading, so concurrent pulls of a new model read it once.
         let mut latest = self.latest();
         let cached = latest.get(job_id);
-        if let Some((r, chunks)) = cached
+        if let Some((r, Some(chunks))) = cached
             && *r == round
         {
             return Ok(Arc::clone(chunks));
         }
-        let newer_cached = cached.is_some_and(|(r, _)| *r > round);
-        let chunks = Arc::new(checkpoint::read_chunks(path)?);
-        if keep && !newer_cached {
-            latest.insert(job_id.to_string(), (round, Arc::clone(&chunks)));
+        // A newer model, or this one released: this read is not kept.
+        if !keep || cached.is_some_and(|(r, _)| *r >= round) {
+            drop(latest);
+            return Ok(Arc::new(checkpoint::read_chunks(path)?));
         }
+        // Held while reading, so concurrent pulls of a new model read it once.
+        let chunks = Arc::new(checkpoint::read_chunks(path)?);
+        latest.insert(job_id.to_string(), (round, Some(Arc::clone(&chunks))));
         Ok(chunks)
     }
 
     /// Makes `chunks`, just written durably and committed as `job_id`'s
     /// model after `round`, the job's cached model.
     pub fn install(&self, job_id: &str, round: u32, chunks: Vec<Bytes>) {
-        self.latest().insert(job_id.to_string(), (round, Arc::new(chunks)));
+        self.latest().insert(job_id.to_string(), (round, Some(Arc::new(chunks))));
     }
 
-    /// Drops `job_id`'s cached model (the job ended, or its next model is
-    /// being made; its files remain).
+    /// Lets go of `job_id`'s cached model after `round`, whose next model is
+    /// being made: until it is installed, pulls of `round` read the file and
+    /// do not keep it. A newer cached model stays.
+    pub fn release(&self, job_id: &str, round: u32) {
+        let mut latest = self.latest();
+        match latest.get(job_id) {
+            Some((r, _)) if *r > round => {}
+            _ => {
+                latest.insert(job_id.to_string(), (round, None));
+            }
+        }
+    }
+
+    /// Drops `job_id`'s cached model (the job ended; its files remain).
     pub fn forget(&self, job_id: &str) {
         self.latest().remove(job_id);
     }
@@ -137,6 +156,26 @@ mod tests {
         // A job that ended is forgotten.
         cache.forget("b");
         assert!(cache.get("b", 1, &path("b1"), true).is_err());
+    }
+
+    #[test]
+    fn a_released_model_is_served_from_its_file_and_not_kept_until_the_next_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r3");
+        let three = checkpoint::write_chunks_atomic(&path, &[3.0], "test").unwrap();
+        let cache = ModelCache::default();
+        cache.install("job", 3, three.clone());
+        cache.release("job", 3);
+        // Served from the file, and not kept: once the file is gone, so is the model.
+        assert_eq!(*cache.get("job", 3, &path, true).unwrap(), three);
+        std::fs::remove_file(&path).unwrap();
+        assert!(cache.get("job", 3, &path, true).is_err());
+        // The next model is installed and served from memory.
+        cache.install("job", 4, vec![Bytes::from_static(b"four")]);
+        assert_eq!(*cache.get("job", 4, &dir.path().join("r4"), true).unwrap(), vec![Bytes::from_static(b"four")]);
+        // Releasing an older round leaves a newer model cached.
+        cache.release("job", 3);
+        assert_eq!(*cache.get("job", 4, &dir.path().join("r4"), true).unwrap(), vec![Bytes::from_static(b"four")]);
     }
 
     #[test]

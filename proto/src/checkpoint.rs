@@ -7,13 +7,14 @@
 //! or foreign file is refused rather than misread.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
 use crate::tensor::{MAX_CHUNK_BYTES, decode_le};
 
+#[cfg(target_os = "linux")]
 mod direct_read;
 mod sink;
 
@@ -311,6 +312,7 @@ impl Pieces {
     /// 400 MB model 2.58–2.63 → 2.00–2.23 s (`meridian sim`, alternated).
     fn for_each_bytes(mut self, mut each: impl FnMut(&[u8])) -> Result<(), CheckpointError> {
         let mut remaining = self.len * 4;
+        #[cfg(target_os = "linux")]
         if HEADER_BYTES + remaining as u64 >= UNCACHED_FROM_BYTES
             && let Some(direct) = direct_read::DirectReader::open(&self.path).map_err(io_err(&self.path))?
         {
@@ -322,8 +324,7 @@ impl Pieces {
                 // The rest through the page cache.
                 direct_read::Read::RefusedAfter(passed) => {
                     remaining -= passed as usize;
-                    self.file
-                        .seek(SeekFrom::Start(HEADER_BYTES + passed))
+                    io::Seek::seek(&mut self.file, io::SeekFrom::Start(HEADER_BYTES + passed))
                         .map_err(io_err(&self.path))?;
                 }
             }

@@ -7,10 +7,13 @@
 //! once more for the buffers the gRPC stack allocates and frees per chunk,
 //! which the allocator kept handing back to the kernel and taking again.
 //! Two remedies, both advice that changes no result:
-//! - [`advise_huge_pages`]: one trap maps 2 MiB instead of 4 KiB (filling
-//!   400 MB in C: 2.3 → 5.6 GB/s);
 //! - [`keep_transfer_buffers`]: the allocator keeps chunk-sized buffers
-//!   instead of returning them to the kernel after each chunk.
+//!   instead of returning them to the kernel after each chunk (a first
+//!   400 MB pull 0.77–0.88 → 0.88–1.00 GB/s);
+//! - [`advise_huge_pages`]: one trap maps 2 MiB instead of 4 KiB, for the
+//!   large vectors a process makes again and again (the coordinator's
+//!   running sum and the model a round starts from: a 400 MB round
+//!   2.98–3.52 → 2.05–2.54 s).
 
 /// Asks the kernel to back the memory of `values` with transparent huge
 /// pages where it is first touched: for vectors of many megabytes, written
@@ -20,6 +23,14 @@
 /// changes.
 ///
 /// Vectors under [`HUGE_PAGES_FROM_BYTES`] are left alone.
+///
+/// Huge pages pay where a process reuses memory it freed: filling 400 MB in
+/// C, 2.3 → 5.6–6.1 GB/s from the second time on. A process's first huge
+/// pages, on this project's KVM guest, may come from memory the host has
+/// taken back (the guest reports free 2 MiB blocks to it): they filled at
+/// 5.5 GB/s at one time of day and at 0.4–0.9 at another, while 4 KiB pages
+/// filled at 2.3–2.7 both times. So a receiver's first pull does not use
+/// them.
 ///
 /// The advice covers every page the allocation touches, not just the pages
 /// inside it. A large allocation is a mapping of its own, and advice for
@@ -50,18 +61,23 @@ pub fn advise_huge_pages<T>(values: &mut Vec<T>) {
 }
 
 /// From this size up a vector's memory is asked for in huge pages. An
-/// allocation this large is a mapping of its own whatever the allocator's
-/// settings (glibc's threshold never rises past 32 MiB), so the advice
-/// never splits a heap mapping that other allocations share: advice for
-/// many small vectors would leave the heap in many mappings.
+/// allocation this large is, as a rule, a mapping of its own (glibc's
+/// threshold for that never rises past 32 MiB), so the advice does not split
+/// a heap mapping that other allocations share, as advice for many small
+/// vectors would. The exception: glibc carves a request from a heap when a
+/// free chunk there fits it. The advice then also covers the partial pages
+/// at the vector's ends and stays on that heap memory after it is freed,
+/// which changes no contents, only the size of the pages later faults map.
 pub const HUGE_PAGES_FROM_BYTES: usize = 32 << 20;
 
 /// Allocations from this size up get a mapping of their own (glibc's
 /// largest automatic value).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const OWN_MAPPING_FROM_BYTES: i32 = 32 << 20;
 
 /// Free memory at the top of an allocator heap is returned to the kernel
 /// only past this size (twice the above, as glibc sets it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const RETURN_FREE_MEMORY_PAST_BYTES: i32 = 64 << 20;
 
 /// Has glibc's allocator keep the buffers a transfer allocates and frees for
@@ -81,8 +97,10 @@ const RETURN_FREE_MEMORY_PAST_BYTES: i32 = 64 << 20;
 /// holding two models' chunks at once. Other allocators: nothing changes.
 pub fn keep_transfer_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only changes two of the allocator's thresholds; it
-    // takes the allocator's lock and is safe to call at any time.
+    // SAFETY: `mallopt` takes no pointers and only changes two thresholds
+    // the allocator consults when it maps or trims memory. It is meant for
+    // the start of a process, as `main` calls it; an allocation racing a
+    // later call (the unit test's) sees the old value or the new.
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM_BYTES);
@@ -139,7 +157,7 @@ mod tests {
     }
 
     /// Minor page faults of this thread so far.
-    fn faults() -> i64 {
+    fn faults() -> libc::c_long {
         let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
         // SAFETY: `usage` is a valid, writable `rusage`.
         #[allow(unsafe_code)]

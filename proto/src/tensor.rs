@@ -317,19 +317,17 @@ impl ChunkAssembler {
     /// stores (assembly 8 → 12 GiB/s, criterion `assemble_reused_40mb`).
     /// Fresh memory is not: the kernel has just zeroed each page through
     /// the cache, where ordinary stores find it (streaming made
-    /// `assemble_40mb` 25 % slower, and 21–34 % slower with huge pages).
-    /// Fresh memory for a large vector is asked for in huge pages instead
-    /// ([`crate::memory::advise_huge_pages`]; `assemble_40mb` 1.8 → 3.1
-    /// GiB/s).
+    /// `assemble_40mb` 25 % slower). Nor is fresh memory asked for in huge
+    /// pages: that doubled `assemble_40mb`, which allocates again and again,
+    /// but a process's first pull, which draws memory the host of a virtual
+    /// machine may have taken back, was no faster or slower with them (see
+    /// [`crate::memory::advise_huge_pages`]).
     pub fn reusing(expected: usize, mut buffer: Vec<f32>) -> Self {
         let streaming =
             buffer.capacity() >= expected && expected.saturating_mul(4) >= STREAMING_FROM_BYTES;
         buffer.clear();
         // Capped: a hostile header must not make us reserve gigabytes up front.
         buffer.reserve(expected.min(1 << 26));
-        if !streaming {
-            crate::memory::advise_huge_pages(&mut buffer);
-        }
         ChunkAssembler {
             values: buffer,
             validator: ChunkValidator::new(expected),

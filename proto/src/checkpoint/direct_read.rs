@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 
-use super::sink::{ALIGN, AlignedBlock, DIRECT_BLOCK_BYTES, open_direct};
+use super::sink::{ALIGN, AlignedBlock, DIRECT_BLOCK_BYTES, open_direct, unsupported};
 
 /// A file opened for `O_DIRECT` reads, with its aligned buffer.
 pub(super) struct DirectReader {
@@ -25,8 +25,8 @@ pub(super) enum Read {
     /// Every byte asked for was passed on.
     Whole,
     /// The file system refused a direct read (an alignment it needs beyond
-    /// [`ALIGN`]) after this many bytes were passed on; the caller reads
-    /// the rest through the page cache.
+    /// [`ALIGN`], or no direct reads at all) after this many bytes were
+    /// passed on; the caller reads the rest through the page cache.
     RefusedAfter(u64),
 }
 
@@ -64,11 +64,12 @@ impl DirectReader {
             let want = DIRECT_BLOCK_BYTES.min((end - at).next_multiple_of(ALIGN as u64) as usize);
             let got = match self.read_block(at, want) {
                 Ok(got) => got,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Read::RefusedAfter(passed)),
+                Err(e) if unsupported(&e) => return Ok(Read::RefusedAfter(passed)),
                 Err(e) => return Err(e),
             };
             let skip = (from + passed - at) as usize;
-            let usable = (got.min((end - at) as usize)).saturating_sub(skip);
+            // Whole values only: a file cut short mid-value ends before it.
+            let usable = (got.min((end - at) as usize)).saturating_sub(skip) / 4 * 4;
             if usable == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }

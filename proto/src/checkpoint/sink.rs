@@ -278,8 +278,8 @@ pub(super) fn open_direct(_path: &Path, _options: &OpenOptions) -> io::Result<Op
 }
 
 /// Whether `e` says the file system cannot do what was asked (as opposed
-/// to a failed write).
-fn unsupported(e: &io::Error) -> bool {
+/// to a failed read or write).
+pub(super) fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP)
