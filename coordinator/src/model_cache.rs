@@ -60,8 +60,10 @@ impl ModelCache {
     }
 
     /// The chunks of `job_id`'s model after `round`, read from `path` on a
-    /// miss. What is read is kept if `keep` (the job is live) and the job
-    /// has no newer model cached.
+    /// miss. What is read is kept if `keep` (the job is live) and the cache
+    /// holds nothing for this round or a newer one (a released round
+    /// included). Reads that are not kept are not shared either: each such
+    /// pull reads the file.
     pub fn get(&self, job_id: &str, round: u32, path: &Path, keep: bool) -> Result<Arc<Vec<Bytes>>, CheckpointError> {
         let mut latest = self.latest();
         let cached = latest.get(job_id);

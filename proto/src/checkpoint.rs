@@ -308,7 +308,7 @@ impl Pieces {
     /// [`MAX_CHUNK_BYTES`] each, read into one reused buffer.
     ///
     /// A file of [`UNCACHED_FROM_BYTES`] or more is read around the page
-    /// cache where the file system allows ([`direct_read`]): a round of a
+    /// cache where the file system allows (`direct_read`, Linux): a round of a
     /// 400 MB model 2.58–2.63 → 2.00–2.23 s (`meridian sim`, alternated).
     fn for_each_bytes(mut self, mut each: impl FnMut(&[u8])) -> Result<(), CheckpointError> {
         let mut remaining = self.len * 4;
