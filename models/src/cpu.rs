@@ -262,8 +262,11 @@ struct Workspace {
     tape: Vec<Vec<f32>>,
     /// Max pooling's winners per op, as offsets into the example's input.
     argmax: Vec<Vec<u32>>,
-    /// One example's patches, and their gradient.
-    patches: Vec<f32>,
+    /// Per convolution op, every example's patches `[n, C_in·k·k, L]`,
+    /// unfolded once in the forward pass and read again by the backward
+    /// pass (unfolding twice was a tenth of the CNN step)...
+    unfolded: Vec<Vec<f32>>,
+    /// ...and one example's patch gradient.
     patch_grad: Vec<f32>,
     /// The gradient flowing down, at an op's output; `down` receives it at
     /// the op's input, then the two swap.
@@ -305,6 +308,13 @@ fn with_workspace<T>(work: impl FnOnce(&mut Workspace) -> T) -> T {
 fn zeroed(v: &mut Vec<f32>, len: usize) {
     v.clear();
     v.resize(len, 0.0);
+}
+
+/// Makes `v` `len` values long, keeping its allocation and whatever values
+/// it held (zeros past them): for buffers the caller overwrites whole.
+fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
+    v.truncate(len);
+    v.resize(len, T::default());
 }
 
 impl CpuNet {
@@ -393,10 +403,24 @@ impl CpuNet {
                 Op::Relu | Op::MaxPool { .. } => 0,
             })
             .sum();
-        // The tape, `delta` and `down` (each at most the widest activation)
-        // and what clipping keeps.
+        // Each convolution's unfolded patches.
+        let unfolded: usize = ops
+            .iter()
+            .zip(&lens[1..])
+            .map(|(op, &len)| match *op {
+                Op::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    ..
+                } => in_channels * kernel * kernel * (len / out_channels),
+                _ => 0,
+            })
+            .sum();
         let widest = lens.iter().copied().max().unwrap_or(0);
-        let bytes_per_example = 4 * (lens.iter().sum::<usize>() + 2 * widest + kept);
+        // The tape, `delta` and `down` (each at most the widest activation),
+        // the unfolded patches and what clipping keeps.
+        let bytes_per_example = 4 * (lens.iter().sum::<usize>() + 2 * widest + unfolded + kept);
         Some(CpuNet {
             ops,
             lens,
@@ -480,18 +504,21 @@ impl CpuNet {
         let Workspace {
             tape,
             argmax,
-            patches,
+            unfolded,
             ..
         } = ws;
         tape.resize_with(self.ops.len() + 1, Vec::new);
         argmax.resize_with(self.ops.len(), Vec::new);
+        unfolded.resize_with(self.ops.len(), Vec::new);
         tape[0].clear();
         tape[0].extend_from_slice(x);
         for (j, op) in self.ops.iter().enumerate() {
             let (done, next) = tape.split_at_mut(j + 1);
             let (input, out) = (&done[j], &mut next[0]);
             let (in_len, out_len) = (self.lens[j], self.lens[j + 1]);
-            zeroed(out, n * out_len);
+            // Every op below writes each output value (a product with
+            // β = 0 reads nothing of its destination), so no zeroing.
+            sized(out, n * out_len);
             match *op {
                 Op::Linear {
                     inputs,
@@ -520,12 +547,15 @@ impl CpuNet {
                     let (weight, bias) = self.weight_and_bias(offset, out_channels, rows);
                     let w = view(weight, out_channels, rows);
                     let positions = out_len / out_channels;
-                    for (xi, zi) in input
+                    let patches = &mut unfolded[j];
+                    sized(patches, n * rows * positions);
+                    for ((xi, zi), ui) in input
                         .chunks_exact(in_len)
                         .zip(out.chunks_exact_mut(out_len))
+                        .zip(patches.chunks_exact_mut(rows * positions))
                     {
-                        im2col(xi, in_channels, height, width, kernel, patches);
-                        let u = view(patches, rows, positions);
+                        im2col(xi, in_channels, height, width, kernel, ui);
+                        let u = view(ui, rows, positions);
                         matmul(zi, out_channels, positions, &w, &u, false);
                         for (row, b) in zi.chunks_exact_mut(positions).zip(bias) {
                             row.iter_mut().for_each(|z| *z += b);
@@ -578,7 +608,7 @@ impl CpuNet {
         let Workspace {
             tape,
             argmax,
-            patches,
+            unfolded,
             patch_grad,
             delta,
             down,
@@ -598,10 +628,11 @@ impl CpuNet {
             let needs_input_grad = j > self.first_trainable;
             match self.ops[j] {
                 Op::Relu => {
+                    // A select, not a conditional store, so that it
+                    // vectorises (the branchy form was a tenth of the CNN
+                    // step). A NaN output keeps its gradient, as before.
                     for (g, &o) in delta.iter_mut().zip(&tape[j + 1]) {
-                        if o <= 0.0 {
-                            *g = 0.0;
-                        }
+                        *g = if o <= 0.0 { 0.0 } else { *g };
                     }
                 }
                 Op::MaxPool { .. } => {
@@ -623,7 +654,7 @@ impl CpuNet {
                     offset,
                 } => {
                     if needs_input_grad {
-                        zeroed(down, n * inputs);
+                        sized(down, n * inputs);
                         let w = view(
                             &self.params[offset..offset + outputs * inputs],
                             outputs,
@@ -664,21 +695,21 @@ impl CpuNet {
                         zeroed(down, n * in_len);
                     }
                     if clip.is_some() {
-                        zeroed(&mut kept[j], n * weights);
-                        zeroed(&mut kept_bias[j], n * out_channels);
+                        // Both written whole below, each example's in turn.
+                        sized(&mut kept[j], n * weights);
+                        sized(&mut kept_bias[j], n * out_channels);
                     }
                     for i in 0..n {
-                        let xi = &input[i * in_len..(i + 1) * in_len];
                         let dzi = &delta[i * out_len..(i + 1) * out_len];
-                        im2col(xi, in_channels, height, width, kernel, patches);
-                        let u = view(patches, rows, positions);
+                        let ui = &unfolded[j][i * rows * positions..(i + 1) * rows * positions];
+                        let u = view(ui, rows, positions);
                         let dz = view(dzi, out_channels, positions);
                         if clip.is_some() {
                             let gw = &mut kept[j][i * weights..(i + 1) * weights];
                             let gb = &mut kept_bias[j][i * out_channels..(i + 1) * out_channels];
                             matmul(gw, out_channels, rows, &dz, &u.t(), false);
                             for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
-                                *b = row.iter().sum();
+                                *b = lane_sum(row);
                             }
                             norm2[i] += squared_norm(gw) + squared_norm(gb);
                         } else {
@@ -686,11 +717,11 @@ impl CpuNet {
                                 sum[offset..offset + weights + out_channels].split_at_mut(weights);
                             matmul(gw, out_channels, rows, &dz, &u.t(), true);
                             for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
-                                *b += row.iter().sum::<f32>();
+                                *b += lane_sum(row);
                             }
                         }
                         if needs_input_grad {
-                            zeroed(patch_grad, rows * positions);
+                            sized(patch_grad, rows * positions);
                             matmul(patch_grad, rows, positions, &w.t(), &dz, false);
                             col2im(
                                 patch_grad,
@@ -812,6 +843,20 @@ fn squared_norm(values: &[f32]) -> f64 {
     partial.iter().sum::<f64>() + rest
 }
 
+/// `Σ v` over eight independent partial sums, so that it vectorises (a
+/// sequential `f32` sum waits on each addition in turn).
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (p, &v) in partial.iter_mut().zip(chunk) {
+            *p += v;
+        }
+    }
+    partial.iter().sum::<f32>() + rest
+}
+
 /// Writes to `delta` the gradient of `Σᵢ −log softmax(zᵢ)[yᵢ]` with respect
 /// to the logits `[n, CLASSES]` (`softmax − onehot`); returns the loss sum
 /// and how many examples were classified right (class 1 when its logit is
@@ -886,14 +931,27 @@ fn for_each_patch_run(
 }
 
 /// Unfolds one example `[channels, height, width]` into its patches
-/// `[channels·k·k, L]`, row `(c, ki, kj)` holding the input values under
-/// kernel tap `(ki, kj)` of channel `c` at each of the `L` output positions.
-fn im2col(x: &[f32], channels: usize, height: usize, width: usize, k: usize, out: &mut Vec<f32>) {
+/// `[channels·k·k, L]` (`out`, exactly that long), row `(c, ki, kj)`
+/// holding the input values under kernel tap `(ki, kj)` of channel `c` at
+/// each of the `L` output positions.
+fn im2col(x: &[f32], channels: usize, height: usize, width: usize, k: usize, out: &mut [f32]) {
     let ow = width + 1 - k;
-    out.clear();
-    out.reserve(channels * k * k * (height + 1 - k) * ow);
+    let mut runs = out.chunks_exact_mut(ow);
     for_each_patch_run(channels, height, width, k, |start| {
-        out.extend_from_slice(&x[start..start + ow]);
+        let Some(run) = runs.next() else { return };
+        // Runs are short (8 values in the benchmark CNN's second layer):
+        // copied as fixed-size blocks they stay inline, where a copy of a
+        // run's length called `memmove` per run (8 % of the CNN step).
+        let mut to = run.chunks_exact_mut(8);
+        let mut from = x[start..start + ow].chunks_exact(8);
+        for (to, from) in (&mut to).zip(&mut from) {
+            if let (Ok(to), Ok(from)) = (<&mut [f32; 8]>::try_from(to), <&[f32; 8]>::try_from(from)) {
+                *to = *from;
+            }
+        }
+        for (t, &f) in to.into_remainder().iter_mut().zip(from.remainder()) {
+            *t = f;
+        }
     });
 }
 
@@ -923,28 +981,34 @@ fn max_pool(
     winners: &mut [u32],
 ) {
     let (oh, ow) = (height / 2, width / 2);
-    let mut o = 0;
-    for c in 0..channels {
-        let base = c * height * width;
-        for row in 0..oh {
-            let top = base + 2 * row * width;
-            for col in 0..ow {
-                let candidates = [
-                    top + 2 * col,
-                    top + 2 * col + 1,
-                    top + width + 2 * col,
-                    top + width + 2 * col + 1,
-                ];
-                let mut best = candidates[0];
-                for &at in &candidates[1..] {
-                    if x[at] > x[best] || x[at].is_nan() {
-                        best = at;
-                    }
-                }
-                out[o] = x[best];
-                winners[o] = best as u32;
-                o += 1;
-            }
+    // Offsets fit in u32: callers' activations are far below 2³² values.
+    let (right, below) = (1u32, width as u32);
+    let rows = out
+        .chunks_exact_mut(ow)
+        .zip(winners.chunks_exact_mut(ow))
+        .take(channels * oh);
+    for (r, (out_row, winner_row)) in rows.enumerate() {
+        let (c, row) = (r / oh, r % oh);
+        let top = c * height * width + 2 * row * width;
+        let upper = &x[top..top + 2 * ow];
+        let lower = &x[top + width..top + width + 2 * ow];
+        // Branch-free selects over slices of known length, so that the
+        // loop vectorises (the branchy scan was most of the forward
+        // pass's own time). Candidates in scan order: a b / c d.
+        for col in 0..ow {
+            let (a, b) = (upper[2 * col], upper[2 * col + 1]);
+            let (c, d) = (lower[2 * col], lower[2 * col + 1]);
+            let take = b > a || b.is_nan();
+            let (best, at) = (if take { b } else { a }, if take { right } else { 0 });
+            let take = c > best || c.is_nan();
+            let (best, at) = (if take { c } else { best }, if take { below } else { at });
+            let take = d > best || d.is_nan();
+            let (best, at) = (
+                if take { d } else { best },
+                if take { below + right } else { at },
+            );
+            out_row[col] = best;
+            winner_row[col] = (top + 2 * col) as u32 + at;
         }
     }
 }

@@ -4,20 +4,29 @@
 //! reference figures.
 //!
 //! Run with `cargo run --release -p benches --bin bench-table -- [--quick]
-//! [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all]`. Progress goes to
-//! stderr, the tables to stdout.
+//! [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all] [--python PATH]`.
+//! Progress goes to stderr, the tables to stdout.
+//!
+//! With `--python`, the Opacus column is measured in the same run, on the same
+//! machine: after each workload, that interpreter runs
+//! `benches/python/opacus_reference.py` (plain PyTorch and Opacus on the same
+//! rows and models). Without it, the column holds the reference figures of
+//! another machine of this class, and the table says so.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use benches::workload::{
     ACCOUNTANT_DELTA, ACCOUNTANT_NOISE_MULTIPLIER, ACCOUNTANT_SAMPLE_RATE, ACCOUNTANT_STEPS,
 };
-use benches::{DpSgd, PlainSgd, StepError, WorkerRound, Workload};
+use benches::{DpSgd, PlainSgd, Reference, StepError, WorkerRound, Workload};
 use burn::tensor::Device;
 
-const USAGE: &str =
-    "usage: bench-table [--quick] [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all]";
+const USAGE: &str = "usage: bench-table [--quick] [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all] [--python PATH]";
+
+/// The Python side of the comparison, run by `--python`.
+const OPACUS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/opacus_reference.py");
 
 /// Fewest measured epochs after the warm-up epoch, in a full run...
 const MEASURED_EPOCHS: usize = 5;
@@ -46,6 +55,8 @@ struct Options {
     quick: bool,
     device: DeviceChoice,
     workloads: Vec<Workload>,
+    /// A Python with torch and opacus, to measure the reference in this run.
+    python: Option<PathBuf>,
 }
 
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -53,6 +64,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
         quick: false,
         device: DeviceChoice::Cpu,
         workloads: Workload::ALL.to_vec(),
+        python: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -84,6 +96,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
                     ))?],
                 };
             }
+            "--python" => options.python = Some(PathBuf::from(value("--python")?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument '{other}'")),
         }
@@ -218,6 +231,8 @@ struct Row {
     /// `worker::train::train_round`, one round per epoch (examples expected).
     worker: Epochs,
     worker_plan: Plan,
+    /// Plain PyTorch and Opacus, when measured in this run (`--python`).
+    measured_reference: Option<Reference>,
 }
 
 fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Row, StepError> {
@@ -259,6 +274,54 @@ fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Ro
             steps_per_epoch: round_steps as usize,
             ..worker_plan
         },
+        measured_reference: None,
+    })
+}
+
+/// What `opacus_reference.py --json` measured of one workload.
+#[derive(Debug)]
+struct PythonRun {
+    reference: Reference,
+    /// `torch 2.15.0, opacus 1.6.0`, as the interpreter reported them.
+    versions: String,
+}
+
+/// Runs the Python reference for `workload` with `python`, 2 threads (the
+/// issue's setting), its progress on stderr.
+fn measure_python(python: &Path, workload: Workload) -> Result<PythonRun, String> {
+    eprintln!("{}: plain PyTorch and Opacus ({})", workload.name(), python.display());
+    let output = Command::new(python)
+        .args([OPACUS_SCRIPT, "--json", "--threads", "2", "--workload", workload.key()])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("--python {}: {e}", python.display()))?;
+    if !output.status.success() {
+        return Err(format!("{OPACUS_SCRIPT} failed ({})", output.status));
+    }
+    parse_python_run(&String::from_utf8_lossy(&output.stdout))
+        .map_err(|e| format!("{OPACUS_SCRIPT}: {e}"))
+}
+
+/// Reads the script's one JSON object (one workload's row).
+fn parse_python_run(stdout: &str) -> Result<PythonRun, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(stdout.trim()).map_err(|e| format!("output is not JSON: {e}"))?;
+    let row = value["rows"]
+        .get(0)
+        .ok_or("output has no row (field `rows`)")?;
+    let rate = |field: &str| {
+        row[field]
+            .as_f64()
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .ok_or(format!("`rows[0].{field}` is not a positive number"))
+    };
+    let version = |field: &str| value[field].as_str().unwrap_or("unknown").to_string();
+    Ok(PythonRun {
+        reference: Reference {
+            plain_examples_per_sec: rate("plain_examples_per_sec")?,
+            dp_examples_per_sec: rate("dp_examples_per_sec")?,
+        },
+        versions: format!("torch {}, opacus {}", version("torch"), version("opacus")),
     })
 }
 
@@ -379,7 +442,13 @@ fn time_fedavg(runs: usize) -> f64 {
     rates[rates.len() / 2]
 }
 
-fn print_tables(options: &Options, rows: &[Row], rdp: &AccountantTiming, pld: &AccountantTiming) {
+fn print_tables(
+    options: &Options,
+    rows: &[Row],
+    python_versions: Option<&str>,
+    rdp: &AccountantTiming,
+    pld: &AccountantTiming,
+) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -408,7 +477,9 @@ fn print_tables(options: &Options, rows: &[Row], rdp: &AccountantTiming, pld: &A
     );
     println!("|---|---|---|---|---|---|---|---|");
     for row in rows {
-        let reference = row.workload.opacus_reference();
+        let reference = row
+            .measured_reference
+            .unwrap_or_else(|| row.workload.opacus_reference());
         let dp = row.dp.median();
         let plain = row.plain.median();
         println!(
@@ -423,11 +494,18 @@ fn print_tables(options: &Options, rows: &[Row], rdp: &AccountantTiming, pld: &A
             ratio(reference.plain_examples_per_sec / reference.dp_examples_per_sec),
         );
     }
-    println!(
-        "\n† reference, measured on this machine class, not in this run: shared/fixtures/reference-throughput.md \
-         (Opacus 1.6.0 + PyTorch 2.15.0, 2 vCPU AMD EPYC Zen 3, 2 threads, medians). Figures drift between \
-         machines and sessions; ratios against them are indicative only.\n"
-    );
+    match python_versions {
+        Some(versions) => println!(
+            "\n† measured in this run, on this machine, after each workload's Meridian rows: \
+             benches/python/opacus_reference.py ({versions}, 2 threads; the same rows, models, sampling and \
+             epochs; Opacus' GradSampleModule and DPOptimizer, batches index-selected from in-memory tensors).\n"
+        ),
+        None => println!(
+            "\n† reference, measured on this machine class, not in this run: shared/fixtures/reference-throughput.md \
+             (Opacus 1.6.0 + PyTorch 2.15.0, 2 vCPU AMD EPYC Zen 3, 2 threads, medians). Figures drift between \
+             machines and sessions; ratios against them are indicative only (`--python` measures them in the run).\n"
+        ),
+    }
     println!(
         "DP-SGD: σ = 1.0, C = 1.0, Poisson sampling q = 1/ceil(N/B), ceil(N/B) steps per epoch, examples = sum of \
          sampled batch sizes; plain: floor(N/B) shuffled batches of exactly B, mean cross-entropy gradient; SGD lr 0.05.\n"
@@ -493,9 +571,15 @@ fn print_tables(options: &Options, rows: &[Row], rdp: &AccountantTiming, pld: &A
 fn run(options: &Options) -> Result<(), String> {
     let device = device(options.device)?;
     let mut rows = Vec::new();
+    let mut python_versions = None;
     for &workload in &options.workloads {
-        let row = bench_workload(workload, &device, options.quick)
+        let mut row = bench_workload(workload, &device, options.quick)
             .map_err(|e| format!("{}: {e}", workload.name()))?;
+        if let Some(python) = &options.python {
+            let measured = measure_python(python, workload)?;
+            row.measured_reference = Some(measured.reference);
+            python_versions = Some(measured.versions);
+        }
         rows.push(row);
     }
     let (rdp_runs, pld_runs) = if options.quick { (1, 1) } else { (5, 3) };
@@ -518,7 +602,7 @@ fn run(options: &Options) -> Result<(), String> {
         )
     })
     .map_err(|e| format!("PLD accountant: {e}"))?;
-    print_tables(options, &rows, &rdp, &pld);
+    print_tables(options, &rows, python_versions.as_deref(), &rdp, &pld);
     Ok(())
 }
 

@@ -144,9 +144,9 @@ fn im2col_and_col2im_are_adjoint() {
     // ⟨im2col(x), p⟩ = ⟨x, col2im(p)⟩ for any x and p.
     let (c, h, w, k) = (2, 5, 4, 3);
     let x: Vec<f32> = (0..c * h * w).map(|i| (i as f32 * 0.7).sin()).collect();
-    let mut patches = Vec::new();
+    let mut patches = vec![f32::NAN; c * k * k * (h - k + 1) * (w - k + 1)];
     super::im2col(&x, c, h, w, k, &mut patches);
-    assert_eq!(patches.len(), c * k * k * (h - k + 1) * (w - k + 1));
+    assert!(patches.iter().all(|v| v.is_finite()), "every patch value written");
     let p: Vec<f32> = (0..patches.len()).map(|i| (i as f32 * 1.3).cos()).collect();
     let mut back = vec![0f32; x.len()];
     super::col2im(&p, c, h, w, k, &mut back);

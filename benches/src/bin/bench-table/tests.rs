@@ -25,6 +25,31 @@ fn flags_parse_with_spaces_or_equals() {
         [Workload::MlpB]
     );
     assert_eq!(args("--workload all").unwrap().workloads, Workload::ALL);
+    assert_eq!(args("").unwrap().python, None);
+    assert_eq!(
+        args("--python /opt/py/bin/python3").unwrap().python,
+        Some(PathBuf::from("/opt/py/bin/python3"))
+    );
+}
+
+#[test]
+fn the_python_reference_is_read_from_its_json() {
+    let out = r#"{"torch": "2.15.0+cpu", "opacus": "1.6.0", "threads": 2, "rows": [{"workload": "CNN", "plain_examples_per_sec": 3950.5, "dp_examples_per_sec": 1800.25}]}"#;
+    let run = parse_python_run(out).unwrap();
+    assert_eq!(run.reference.plain_examples_per_sec, 3950.5);
+    assert_eq!(run.reference.dp_examples_per_sec, 1800.25);
+    assert_eq!(run.versions, "torch 2.15.0+cpu, opacus 1.6.0");
+    assert_eq!(
+        parse_python_run(r#"{"rows": []}"#).err().unwrap(),
+        "output has no row (field `rows`)"
+    );
+    assert_eq!(
+        parse_python_run(r#"{"rows": [{"plain_examples_per_sec": 1.0, "dp_examples_per_sec": -3}]}"#)
+            .err()
+            .unwrap(),
+        "`rows[0].dp_examples_per_sec` is not a positive number"
+    );
+    assert!(parse_python_run("Traceback").unwrap_err().starts_with("output is not JSON"));
 }
 
 #[test]
