@@ -473,9 +473,9 @@ fn print_tables(
         cpu_model()
     );
     println!(
-        "| workload | params | Meridian DP-SGD ex/s | Meridian plain ex/s | DP cost | Opacus DP-SGD ex/s † | Meridian ÷ Opacus (DP) | Opacus DP cost † |"
+        "| workload | params | Meridian DP-SGD ex/s | Meridian plain ex/s | DP cost | Opacus DP-SGD ex/s † | Meridian ÷ Opacus (DP) | PyTorch plain ex/s † | Opacus DP cost † |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let reference = row
             .measured_reference
@@ -483,7 +483,7 @@ fn print_tables(
         let dp = row.dp.median();
         let plain = row.plain.median();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             model_label(row.workload),
             grouped(row.params as f64),
             grouped(dp),
@@ -491,6 +491,7 @@ fn print_tables(
             ratio(plain / dp),
             grouped(reference.dp_examples_per_sec),
             ratio(dp / reference.dp_examples_per_sec),
+            grouped(reference.plain_examples_per_sec),
             ratio(reference.plain_examples_per_sec / reference.dp_examples_per_sec),
         );
     }
