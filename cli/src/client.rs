@@ -32,6 +32,7 @@ impl Connection {
             .with_context(|| format!("coordinator URL \"{}\"", self.coordinator))?
             .tls_config(identity.client_tls())?
             .connect_timeout(Duration::from_secs(5))
+            .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
             .connect()
             .await
             .with_context(|| format!("connecting to {}", self.coordinator))?;

@@ -356,6 +356,7 @@ async fn simulated_site(
     let channel = Endpoint::from_shared(url.to_string())?
         .tls_config(identity.client_tls())?
         .connect_timeout(Duration::from_secs(30))
+        .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
         .connect()
         .await?;
     let mut client = WorkerServiceClient::new(channel).max_decoding_message_size(4 << 20);

@@ -112,6 +112,7 @@ pub async fn run(
         // Four streams' worth per connection: an upload queued unread must not
         // stall the same site's heartbeats and answers on that connection.
         .initial_connection_window_size(Some(config.receive_window_bytes.saturating_mul(4)))
+        .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
         .tls_config(identity.server_tls())?
         .add_service(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())

@@ -133,6 +133,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .tls_config(identity.client_tls())
         .map_err(|e| RunError::Endpoint(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
+        .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     let device =
