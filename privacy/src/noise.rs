@@ -215,13 +215,22 @@ const PREFETCH_DEPTH: usize = 2;
 /// noise timed in a loop, outside `bench-table`).
 const SPLIT_ABOVE: usize = 16_384;
 
+/// Fewest cores for a second noise thread. The step's own kernels take one
+/// thread per core, so on two cores a second noise thread only preempts
+/// them: on a 2 vCPU AMD EPYC, MLP-B's DP step cost 1.31–1.37× its plain
+/// step with one noise thread and 1.44–1.64× with two (three alternated
+/// pairs of `bench-table --workload mlp-b`); the CNN's was the same or
+/// better with one (four pairs, medians 9,704–10,830 against
+/// 9,499–10,432 ex/s).
+const SPLIT_FROM_CORES: usize = 4;
+
 impl PrefetchedNoise {
     /// Starts drawing `len` standard normals per step: on two threads when
-    /// the machine has two cores or more and the vector is large enough to
-    /// split, else on one.
+    /// the machine has [`SPLIT_FROM_CORES`] cores or more and the vector is
+    /// large enough to split, else on one.
     pub fn new(len: usize) -> Result<Self, NoiseError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = if cores >= 2 && len > SPLIT_ABOVE {
+        let threads = if cores >= SPLIT_FROM_CORES && len > SPLIT_ABOVE {
             2
         } else {
             1
