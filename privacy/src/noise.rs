@@ -224,17 +224,22 @@ const SPLIT_ABOVE: usize = 16_384;
 /// 9,499–10,432 ex/s).
 const SPLIT_FROM_CORES: usize = 4;
 
+/// Noise threads for `len` values per step on a machine of `cores` cores.
+fn noise_threads(cores: usize, len: usize) -> usize {
+    if cores >= SPLIT_FROM_CORES && len > SPLIT_ABOVE {
+        2
+    } else {
+        1
+    }
+}
+
 impl PrefetchedNoise {
     /// Starts drawing `len` standard normals per step: on two threads when
     /// the machine has [`SPLIT_FROM_CORES`] cores or more and the vector is
     /// large enough to split, else on one.
     pub fn new(len: usize) -> Result<Self, NoiseError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = if cores >= SPLIT_FROM_CORES && len > SPLIT_ABOVE {
-            2
-        } else {
-            1
-        };
+        let threads = noise_threads(cores, len);
         let sources = (0..threads)
             .map(|_| NoiseSource::new())
             .collect::<Result<Vec<_>, _>>()?;

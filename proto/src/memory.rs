@@ -173,8 +173,10 @@ mod tests {
     fn chunk_sized_buffers_are_kept_between_chunks() {
         keep_transfer_buffers();
         // What the gRPC stack does per chunk: a buffer grows to hold the
-        // next message in 16 KiB frames while the last message (split off
-        // the previous buffer) is still alive, and is freed after it.
+        // next message frame by frame (16 KiB frames here, HTTP/2's
+        // default; Meridian's connections allow up to 256 KiB) while the
+        // last message (split off the previous buffer) is still alive, and
+        // is freed after it.
         let frame = [1u8; 16 << 10];
         let churn = || {
             let mut last: Vec<u8> = Vec::new();

@@ -282,16 +282,24 @@ fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Ro
 #[derive(Debug)]
 struct PythonRun {
     reference: Reference,
-    /// `torch 2.15.0, opacus 1.6.0`, as the interpreter reported them.
+    /// `torch 2.15.0, opacus 1.6.0, 2 threads`, as the script reported them.
     versions: String,
 }
 
-/// Runs the Python reference for `workload` with `python`, 2 threads (the
-/// issue's setting), its progress on stderr.
+/// Runs the Python reference for `workload` with `python`, its progress on
+/// stderr, on as many threads as Meridian's kernels use here (one per core;
+/// the issue's setting is a 2-core machine).
 fn measure_python(python: &Path, workload: Workload) -> Result<PythonRun, String> {
-    eprintln!("{}: plain PyTorch and Opacus ({})", workload.name(), python.display());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    eprintln!(
+        "{}: plain PyTorch and Opacus ({}, {threads} threads)",
+        workload.name(),
+        python.display()
+    );
     let output = Command::new(python)
-        .args([OPACUS_SCRIPT, "--json", "--threads", "2", "--workload", workload.key()])
+        .args([OPACUS_SCRIPT, "--json", "--threads", &threads, "--workload", workload.key()])
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("--python {}: {e}", python.display()))?;
@@ -316,12 +324,13 @@ fn parse_python_run(stdout: &str) -> Result<PythonRun, String> {
             .ok_or(format!("`rows[0].{field}` is not a positive number"))
     };
     let version = |field: &str| value[field].as_str().unwrap_or("unknown").to_string();
+    let threads = value["threads"].as_u64().map_or("? threads".to_string(), |n| format!("{n} threads"));
     Ok(PythonRun {
         reference: Reference {
             plain_examples_per_sec: rate("plain_examples_per_sec")?,
             dp_examples_per_sec: rate("dp_examples_per_sec")?,
         },
-        versions: format!("torch {}, opacus {}", version("torch"), version("opacus")),
+        versions: format!("torch {}, opacus {}, {threads}", version("torch"), version("opacus")),
     })
 }
 
@@ -498,8 +507,8 @@ fn print_tables(
     match python_versions {
         Some(versions) => println!(
             "\n† measured in this run, on this machine, after each workload's Meridian rows: \
-             benches/python/opacus_reference.py ({versions}, 2 threads; the same rows, models, sampling and \
-             epochs; Opacus' GradSampleModule and DPOptimizer, batches index-selected from in-memory tensors).\n"
+             benches/python/opacus_reference.py ({versions}; the same rows, models, sampling and epochs; \
+             Opacus' GradSampleModule and DPOptimizer, batches index-selected from in-memory tensors).\n"
         ),
         None => println!(
             "\n† reference, measured on this machine class, not in this run: shared/fixtures/reference-throughput.md \

@@ -236,3 +236,79 @@ fn a_panicking_chunk_reaches_the_caller_with_its_message() {
     assert_eq!(folded, (0..folded.len()).collect::<Vec<_>>());
     assert!(folded.len() <= 4, "{folded:?}");
 }
+
+#[test]
+fn max_pooling_keeps_the_first_maximum_and_the_last_nan() {
+    let nan = f32::NAN;
+    // One channel of 2 rows × 5 columns: windows over columns 0–1 and 2–3,
+    // column 4 (odd width) in no window. Window 0 holds the case as
+    // [a b / c d]; window 1 is fixed; column 4 holds the largest value.
+    let width = 5;
+    let cases: [([f32; 4], f32, u32); 6] = [
+        ([1.0, 1.0, 1.0, 1.0], 1.0, 0),
+        ([0.0, 0.0, 2.0, 2.0], 2.0, 5),
+        ([0.0, 3.0, 2.0, 3.0], 3.0, 1),
+        ([nan, 2.0, nan, 3.0], nan, 5),
+        ([nan, 1.0, 2.0, 3.0], nan, 0),
+        ([-0.0, 0.0, -1.0, 4.0], 4.0, 6),
+    ];
+    for ([a, b, c, d], value, winner) in cases {
+        let x = [a, b, 7.0, 8.0, 100.0, c, d, 9.0, 6.0, 100.0];
+        let (mut out, mut winners) = ([0f32; 2], [0u32; 2]);
+        super::max_pool(&x, 1, 2, width, &mut out, &mut winners);
+        let what = format!("window {:?}", [a, b, c, d]);
+        assert_eq!(out[0].to_bits(), value.to_bits(), "{what}: value");
+        assert_eq!(winners[0], winner, "{what}: winner");
+        assert_eq!((out[1], winners[1]), (9.0, 7), "{what}: second window");
+    }
+}
+
+#[test]
+fn a_workspace_full_of_stale_values_gives_the_same_bits() {
+    // Buffers the kernels resize without zeroing must be written whole
+    // before they are read: a workspace left full of NaN (and larger than
+    // needed) by an earlier batch gives exactly what a fresh one gives.
+    let cnn = Architecture::new(&ModelSpec::Cnn { image_side: 28 }, 784).unwrap();
+    let params = cnn.init_params(8);
+    let (x, y) = batch(784, 11, 8);
+    let net = super::CpuNet::new(&cnn, &params).unwrap();
+    let stale = || {
+        let junk = || vec![f32::NAN; 1 << 19];
+        let ops = net.ops.len();
+        super::Workspace {
+            tape: (0..=ops).map(|_| junk()).collect(),
+            argmax: (0..ops).map(|_| vec![u32::MAX; 1 << 19]).collect(),
+            unfolded: (0..ops).map(|_| junk()).collect(),
+            patch_grad: junk(),
+            delta: junk(),
+            down: junk(),
+            kept: (0..ops).map(|_| junk()).collect(),
+            kept_bias: (0..ops).map(|_| junk()).collect(),
+            norm2: vec![f64::NAN; 1 << 10],
+        }
+    };
+    for clip in [Some(0.5), None] {
+        let fresh = net.chunk_gradient(&mut super::Workspace::default(), &x, &y, clip);
+        let reused = net.chunk_gradient(&mut stale(), &x, &y, clip);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert!(fresh.sum.iter().all(|v| v.is_finite()));
+        assert_eq!(bits(&reused.sum), bits(&fresh.sum), "clip {clip:?}: sum");
+        assert_eq!(bits(&reused.norms), bits(&fresh.norms), "clip {clip:?}: norms");
+        assert_eq!(reused.loss_sum.to_bits(), fresh.loss_sum.to_bits());
+    }
+    let mut ws = stale();
+    net.forward(&mut ws, &x, 11);
+    let mut fresh = super::Workspace::default();
+    net.forward(&mut fresh, &x, 11);
+    assert_eq!(ws.tape[net.ops.len()], fresh.tape[net.ops.len()], "logits");
+}
+
+#[test]
+fn lane_sums_match_a_sum_in_f64() {
+    for len in 0..=20 {
+        let values: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let exact: f64 = values.iter().map(|&v| f64::from(v)).sum();
+        let got = f64::from(super::lane_sum(&values));
+        assert!((got - exact).abs() <= 1e-6 * (len as f64 + 1.0), "len {len}: {got} vs {exact}");
+    }
+}

@@ -195,3 +195,14 @@ fn prefetched_noise_is_the_same_stream_drawn_ahead() {
         assert_eq!(got, expected, "step {step}");
     }
 }
+
+#[test]
+fn a_second_noise_thread_only_with_cores_to_spare() {
+    // The benchmark CNN's 79,170 parameters, MLP-A's 6,274.
+    assert_eq!(noise_threads(2, 79_170), 1);
+    assert_eq!(noise_threads(3, 79_170), 1);
+    assert_eq!(noise_threads(4, 79_170), 2);
+    assert_eq!(noise_threads(16, 6_274), 1);
+    assert_eq!(noise_threads(8, SPLIT_ABOVE), 1);
+    assert_eq!(noise_threads(8, SPLIT_ABOVE + 1), 2);
+}

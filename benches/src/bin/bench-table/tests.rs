@@ -38,7 +38,7 @@ fn the_python_reference_is_read_from_its_json() {
     let run = parse_python_run(out).unwrap();
     assert_eq!(run.reference.plain_examples_per_sec, 3950.5);
     assert_eq!(run.reference.dp_examples_per_sec, 1800.25);
-    assert_eq!(run.versions, "torch 2.15.0+cpu, opacus 1.6.0");
+    assert_eq!(run.versions, "torch 2.15.0+cpu, opacus 1.6.0, 2 threads");
     assert_eq!(
         parse_python_run(r#"{"rows": []}"#).err().unwrap(),
         "output has no row (field `rows`)"
