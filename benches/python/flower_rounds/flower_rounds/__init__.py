@@ -1,0 +1,1 @@
+"""Minimal Flower App for measuring deployment-runtime round overhead."""
