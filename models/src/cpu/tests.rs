@@ -265,9 +265,12 @@ fn max_pooling_keeps_the_first_maximum_and_the_last_nan() {
 
 #[test]
 fn a_workspace_full_of_stale_values_gives_the_same_bits() {
-    // Buffers the kernels resize without zeroing must be written whole
-    // before they are read: a workspace left full of NaN (and larger than
-    // needed) by an earlier batch gives exactly what a fresh one gives.
+    // Buffers the kernels resize without zeroing keep what an earlier batch
+    // left in them: a workspace left full of NaN (and larger than needed)
+    // gives exactly what a fresh one gives, so nothing stale from an earlier
+    // call is read. (A buffer read before it is written within one call
+    // would give the same wrong bits on both sides; the comparisons with
+    // Burn above catch that: they fail if MaxPool's `down` is not zeroed.)
     let cnn = Architecture::new(&ModelSpec::Cnn { image_side: 28 }, 784).unwrap();
     let params = cnn.init_params(8);
     let (x, y) = batch(784, 11, 8);
