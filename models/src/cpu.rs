@@ -16,9 +16,12 @@
 //!   patches `U` `[C_in·k·k, L]` (im2col, rows in PyTorch's weight order, each
 //!   row a run of contiguous copies), so the forward pass is one matrix
 //!   product `W U` `[C_out, L]`, the weight gradient `dZ Uᵀ`, and the input
-//!   gradient `Wᵀ dZ` folded back (col2im). The products go to
-//!   `ndarray`'s blocked, packed GEMM (`matrixmultiply`, AVX2/FMA kernels
-//!   chosen at run time), so no `unsafe` code is needed here.
+//!   gradient `Wᵀ dZ` folded back (col2im). These products, and a linear
+//!   layer's backward ones, are small and made per example, so they go to
+//!   [`gemm`], which reads its operands in place (AVX2/FMA, chosen at run
+//!   time); packing them for `matrixmultiply` was a fifth of the CNN's
+//!   step. A linear layer's forward product still goes to `ndarray`'s
+//!   packed GEMM.
 //! - **Per-example gradients for free.** Summed over the batch, a
 //!   convolution's weight gradient is `Σᵢ dZᵢ Uᵢᵀ`; DP-SGD needs each term on
 //!   its own, which is the same arithmetic kept apart. So the DP step does
@@ -46,6 +49,10 @@ use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 
 use crate::architecture::{Architecture, CLASSES, Layer};
 use crate::network::{clip_factor, norm_of_squared};
+
+mod gemm;
+
+use gemm::{Strided, product};
 
 /// Forward multiply-adds below which a batch is not split across threads:
 /// a thread costs tens of microseconds to start.
@@ -268,6 +275,12 @@ struct Workspace {
     unfolded: Vec<Vec<f32>>,
     /// ...and one example's patch gradient.
     patch_grad: Vec<f32>,
+    /// One example's output gradient of a convolution, transposed
+    /// `[L, C_out]`, and a chunk's weight gradient of one convolution in the
+    /// same order, `[C_in·k·k, C_out]`: so that the weight gradient's
+    /// product reads both its operands row by row ([`gemm`]).
+    dz_t: Vec<f32>,
+    weight_t: Vec<f32>,
     /// The gradient flowing down, at an op's output; `down` receives it at
     /// the op's input, then the two swap.
     delta: Vec<f32>,
@@ -545,7 +558,11 @@ impl CpuNet {
                 } => {
                     let rows = in_channels * kernel * kernel;
                     let (weight, bias) = self.weight_and_bias(offset, out_channels, rows);
-                    let w = view(weight, out_channels, rows);
+                    let w = Strided {
+                        data: weight,
+                        rows,
+                        cols: 1,
+                    };
                     let positions = out_len / out_channels;
                     let patches = &mut unfolded[j];
                     sized(patches, n * rows * positions);
@@ -555,8 +572,8 @@ impl CpuNet {
                         .zip(patches.chunks_exact_mut(rows * positions))
                     {
                         im2col(xi, in_channels, height, width, kernel, ui);
-                        let u = view(ui, rows, positions);
-                        matmul(zi, out_channels, positions, &w, &u, false);
+                        let shape = (out_channels, positions, rows);
+                        product(zi, positions, w, ui, positions, shape, false);
                         for (row, b) in zi.chunks_exact_mut(positions).zip(bias) {
                             row.iter_mut().for_each(|z| *z += b);
                         }
@@ -610,6 +627,8 @@ impl CpuNet {
             argmax,
             unfolded,
             patch_grad,
+            dz_t,
+            weight_t,
             delta,
             down,
             kept,
@@ -655,12 +674,13 @@ impl CpuNet {
                 } => {
                     if needs_input_grad {
                         sized(down, n * inputs);
-                        let w = view(
-                            &self.params[offset..offset + outputs * inputs],
-                            outputs,
-                            inputs,
-                        );
-                        matmul(down, n, inputs, &view(delta, n, outputs), &w, false);
+                        let dz = Strided {
+                            data: delta,
+                            rows: outputs,
+                            cols: 1,
+                        };
+                        let w = &self.params[offset..offset + outputs * inputs];
+                        product(down, inputs, dz, w, inputs, (n, inputs, outputs), false);
                     }
                     if clip.is_some() {
                         for ((nn, dz), a) in norm2
@@ -690,39 +710,55 @@ impl CpuNet {
                     let rows = in_channels * kernel * kernel;
                     let positions = out_len / out_channels;
                     let weights = out_channels * rows;
-                    let w = view(&self.params[offset..offset + weights], out_channels, rows);
+                    let weight = &self.params[offset..offset + weights];
                     if needs_input_grad {
                         zeroed(down, n * in_len);
                     }
+                    // Weight gradients are made transposed, `[C_in·k·k, C_out]`
+                    // (`weight_t`, `kept`), and turned round once per chunk.
                     if clip.is_some() {
                         // Both written whole below, each example's in turn.
                         sized(&mut kept[j], n * weights);
                         sized(&mut kept_bias[j], n * out_channels);
+                    } else {
+                        zeroed(weight_t, weights);
                     }
                     for i in 0..n {
                         let dzi = &delta[i * out_len..(i + 1) * out_len];
                         let ui = &unfolded[j][i * rows * positions..(i + 1) * rows * positions];
-                        let u = view(ui, rows, positions);
-                        let dz = view(dzi, out_channels, positions);
+                        sized(dz_t, positions * out_channels);
+                        transpose(dzi, out_channels, positions, dz_t);
+                        let patches = Strided {
+                            data: ui,
+                            rows: positions,
+                            cols: 1,
+                        };
+                        let shape = (rows, out_channels, positions);
                         if clip.is_some() {
                             let gw = &mut kept[j][i * weights..(i + 1) * weights];
                             let gb = &mut kept_bias[j][i * out_channels..(i + 1) * out_channels];
-                            matmul(gw, out_channels, rows, &dz, &u.t(), false);
+                            product(gw, out_channels, patches, dz_t, out_channels, shape, false);
                             for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
                                 *b = lane_sum(row);
                             }
                             norm2[i] += squared_norm(gw) + squared_norm(gb);
                         } else {
-                            let (gw, gb) =
-                                sum[offset..offset + weights + out_channels].split_at_mut(weights);
-                            matmul(gw, out_channels, rows, &dz, &u.t(), true);
+                            product(weight_t, out_channels, patches, dz_t, out_channels, shape, true);
+                            let gb = &mut sum[offset + weights..offset + weights + out_channels];
                             for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
                                 *b += lane_sum(row);
                             }
                         }
                         if needs_input_grad {
                             sized(patch_grad, rows * positions);
-                            matmul(patch_grad, rows, positions, &w.t(), &dz, false);
+                            // Wᵀ dZ: W read down its columns.
+                            let w_t = Strided {
+                                data: weight,
+                                rows: 1,
+                                cols: rows,
+                            };
+                            let shape = (rows, positions, out_channels);
+                            product(patch_grad, positions, w_t, dzi, positions, shape, false);
                             col2im(
                                 patch_grad,
                                 in_channels,
@@ -732,6 +768,9 @@ impl CpuNet {
                                 &mut down[i * in_len..(i + 1) * in_len],
                             );
                         }
+                    }
+                    if clip.is_none() {
+                        add_transposed(&mut sum[offset..offset + weights], weight_t, rows, out_channels);
                     }
                     if needs_input_grad {
                         std::mem::swap(delta, down);
@@ -768,17 +807,20 @@ impl CpuNet {
                     offset,
                     ..
                 } => {
-                    let weights = out_channels * in_channels * kernel * kernel;
+                    let rows = in_channels * kernel * kernel;
+                    let weights = out_channels * rows;
                     let (gw, gb) =
                         sum[offset..offset + weights + out_channels].split_at_mut(weights);
+                    zeroed(weight_t, weights);
                     for ((w, b), &f) in kept[j]
                         .chunks_exact(weights)
                         .zip(kept_bias[j].chunks_exact(out_channels))
                         .zip(&factors)
                     {
-                        gw.iter_mut().zip(w).for_each(|(s, v)| *s += f * v);
+                        weight_t.iter_mut().zip(w).for_each(|(s, v)| *s += f * v);
                         gb.iter_mut().zip(b).for_each(|(s, v)| *s += f * v);
                     }
+                    add_transposed(gw, weight_t, rows, out_channels);
                 }
                 Op::Relu | Op::MaxPool { .. } => {}
             }
@@ -805,15 +847,13 @@ impl CpuNet {
         };
         let weights = outputs * inputs;
         let (gw, gb) = sum[offset..offset + weights + outputs].split_at_mut(weights);
-        let dz_view = view(dz, n, outputs);
-        matmul(
-            gw,
-            outputs,
-            inputs,
-            &dz_view.t(),
-            &view(input, n, inputs),
-            true,
-        );
+        // dZᵀ: dZ read down its columns.
+        let dz_t = Strided {
+            data: dz,
+            rows: 1,
+            cols: outputs,
+        };
+        product(gw, inputs, dz_t, input, inputs, (outputs, inputs, n), true);
         for row in dz.chunks_exact(outputs) {
             gb.iter_mut().zip(row).for_each(|(b, g)| *b += g);
         }
@@ -904,6 +944,24 @@ fn matmul(
     let mut c = ArrayViewMut2::from_shape((m, n), &mut dst[..m * n])
         .expect("callers size the destination as m · n");
     general_mat_mul(1.0, a, b, if accumulate { 1.0 } else { 0.0 }, &mut c);
+}
+
+/// `out` `[cols, rows]` `=` `m`ᵀ, for `m` row-major `[rows, cols]`.
+fn transpose(m: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    for (r, row) in m.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+}
+
+/// `dst` `[cols, rows]` `+=` `src`ᵀ, for `src` row-major `[rows, cols]`.
+fn add_transposed(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    for (r, row) in src.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] += v;
+        }
+    }
 }
 
 /// Calls `run(start)` for each run of an example's patches, in patch order:

@@ -283,6 +283,8 @@ fn a_workspace_full_of_stale_values_gives_the_same_bits() {
             argmax: (0..ops).map(|_| vec![u32::MAX; 1 << 19]).collect(),
             unfolded: (0..ops).map(|_| junk()).collect(),
             patch_grad: junk(),
+            dz_t: junk(),
+            weight_t: junk(),
             delta: junk(),
             down: junk(),
             kept: (0..ops).map(|_| junk()).collect(),
