@@ -52,7 +52,7 @@ use crate::network::{clip_factor, norm_of_squared};
 
 mod gemm;
 
-use gemm::{Strided, product};
+use gemm::{Strided, product, transpose};
 
 /// Forward multiply-adds below which a batch is not split across threads:
 /// a thread costs tens of microseconds to start.
@@ -944,15 +944,6 @@ fn matmul(
     let mut c = ArrayViewMut2::from_shape((m, n), &mut dst[..m * n])
         .expect("callers size the destination as m · n");
     general_mat_mul(1.0, a, b, if accumulate { 1.0 } else { 0.0 }, &mut c);
-}
-
-/// `out` `[cols, rows]` `=` `m`ᵀ, for `m` row-major `[rows, cols]`.
-fn transpose(m: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    for (r, row) in m.chunks_exact(cols).take(rows).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
-        }
-    }
 }
 
 /// `dst` `[cols, rows]` `+=` `src`ᵀ, for `src` row-major `[rows, cols]`.
