@@ -28,11 +28,17 @@ const USAGE: &str = "usage: bench-table [--quick] [--device cpu|gpu] [--workload
 /// The Python side of the comparison, run by `--python`.
 const OPACUS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/opacus_reference.py");
 
-/// Fewest measured epochs after the warm-up epoch, in a full run...
+/// In a full run, whole warm-up epochs until this much time has passed (at
+/// least one): criterion's default warm-up. After a single epoch (1.1 s for
+/// the CNN) the CNN's next two DP epochs still ran 10–15 % below the rest.
+const WARMUP_SECS: f64 = 3.0;
+/// Fewest measured epochs after the warm-up, in a full run...
 const MEASURED_EPOCHS: usize = 5;
 /// ...and more, whole ones, until this much time is measured (MLP-A's
-/// epochs take milliseconds)...
-const MEASURED_SECS: f64 = 3.0;
+/// epochs take milliseconds): long enough that a few seconds in which the
+/// virtual machine runs slower (seen in long runs of every row, 10–25 %)
+/// move the median little...
+const MEASURED_SECS: f64 = 10.0;
 /// ...but no more than this many.
 const MAX_EPOCHS: usize = 2_000;
 /// Steps of MLP-B's one measured "epoch" with `--quick` (a tenth of one).
@@ -121,6 +127,8 @@ fn device(choice: DeviceChoice) -> Result<Device, String> {
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     warmup_steps: usize,
+    /// Warm-up repeated until this much time has passed.
+    warmup_secs: f64,
     /// At least this many epochs...
     epochs: usize,
     /// ...and as many more (up to [`MAX_EPOCHS`]) as fit in this time.
@@ -133,18 +141,21 @@ impl Plan {
         match (quick, workload) {
             (false, _) => Plan {
                 warmup_steps: steps_per_epoch,
+                warmup_secs: WARMUP_SECS,
                 epochs: MEASURED_EPOCHS,
                 secs: MEASURED_SECS,
                 steps_per_epoch,
             },
             (true, Workload::MlpB) => Plan {
                 warmup_steps: QUICK_WARMUP_STEPS,
+                warmup_secs: 0.0,
                 epochs: 1,
                 secs: 0.0,
                 steps_per_epoch: QUICK_MLP_B_STEPS.min(steps_per_epoch),
             },
             (true, _) => Plan {
                 warmup_steps: QUICK_WARMUP_STEPS,
+                warmup_secs: 0.0,
                 epochs: 1,
                 secs: 0.0,
                 steps_per_epoch,
@@ -189,10 +200,13 @@ fn measure(
         "steps"
     };
     let start = Instant::now();
-    run(plan.warmup_steps)?;
+    let mut warmup = 0;
+    while warmup == 0 || start.elapsed().as_secs_f64() < plan.warmup_secs {
+        run(plan.warmup_steps)?;
+        warmup += plan.warmup_steps;
+    }
     eprintln!(
-        "  {label}: warm-up {} {unit}, {:.1} s",
-        plan.warmup_steps,
+        "  {label}: warm-up {warmup} {unit}, {:.1} s",
         start.elapsed().as_secs_f64()
     );
     let mut epochs = Epochs {
@@ -473,7 +487,7 @@ fn print_tables(
         )
     } else {
         format!(
-            "1 warm-up epoch, then median throughput of at least {MEASURED_EPOCHS} whole epochs (more until {MEASURED_SECS} s are measured)"
+            "warm-up epochs for {WARMUP_SECS} s (at least one), then median throughput of at least {MEASURED_EPOCHS} whole epochs (more until {MEASURED_SECS} s are measured)"
         )
     };
     println!("## Meridian training throughput\n");
