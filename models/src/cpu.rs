@@ -16,12 +16,12 @@
 //!   patches `U` `[C_in·k·k, L]` (im2col, rows in PyTorch's weight order, each
 //!   row a run of contiguous copies), so the forward pass is one matrix
 //!   product `W U` `[C_out, L]`, the weight gradient `dZ Uᵀ`, and the input
-//!   gradient `Wᵀ dZ` folded back (col2im). These products, and a linear
-//!   layer's backward ones, are small and made per example, so they go to
-//!   [`gemm`], which reads its operands in place (AVX2/FMA, chosen at run
-//!   time); packing them for `matrixmultiply` was a fifth of the CNN's
-//!   step. A linear layer's forward product still goes to `ndarray`'s
-//!   packed GEMM.
+//!   gradient `Wᵀ dZ` folded back (col2im). These products are small and
+//!   made per example, so they go to [`gemm`], which reads its operands in
+//!   place (AVX2/FMA, chosen at run time): packing them for
+//!   `matrixmultiply` was a fifth of the CNN's step. A linear layer's
+//!   backward products (made per chunk) go there too; its forward product
+//!   still goes to `ndarray`'s packed GEMM.
 //! - **Per-example gradients for free.** Summed over the batch, a
 //!   convolution's weight gradient is `Σᵢ dZᵢ Uᵢᵀ`; DP-SGD needs each term on
 //!   its own, which is the same arithmetic kept apart. So the DP step does
@@ -292,7 +292,8 @@ struct Workspace {
     down: Vec<f32>,
     /// Per trainable op, what clipping needs once every norm is known: a
     /// linear layer's output gradient `[n, outputs]` (its input is on the
-    /// tape), a convolution's per-example weight gradients `[n, weights]`...
+    /// tape), a convolution's per-example weight gradients, each transposed
+    /// (`[n, C_in·k·k, C_out]`)...
     kept: Vec<Vec<f32>>,
     /// ...and its per-example bias gradients `[n, C_out]`.
     kept_bias: Vec<Vec<f32>>,
@@ -565,8 +566,8 @@ impl CpuNet {
                     let (weight, bias) = self.weight_and_bias(offset, out_channels, rows);
                     let w = Strided {
                         data: weight,
-                        rows,
-                        cols: 1,
+                        row_stride: rows,
+                        col_stride: 1,
                     };
                     let positions = out_len / out_channels;
                     let patches = &mut unfolded[j];
@@ -681,8 +682,8 @@ impl CpuNet {
                         sized(down, n * inputs);
                         let dz = Strided {
                             data: delta,
-                            rows: outputs,
-                            cols: 1,
+                            row_stride: outputs,
+                            col_stride: 1,
                         };
                         let w = &self.params[offset..offset + outputs * inputs];
                         product(down, inputs, dz, w, inputs, (n, inputs, outputs), false);
@@ -735,8 +736,8 @@ impl CpuNet {
                         transpose(dzi, out_channels, positions, dz_t);
                         let patches = Strided {
                             data: ui,
-                            rows: positions,
-                            cols: 1,
+                            row_stride: positions,
+                            col_stride: 1,
                         };
                         let shape = (rows, out_channels, positions);
                         if clip.is_some() {
@@ -759,8 +760,8 @@ impl CpuNet {
                             // Wᵀ dZ: W read down its columns.
                             let w_t = Strided {
                                 data: weight,
-                                rows: 1,
-                                cols: rows,
+                                row_stride: 1,
+                                col_stride: rows,
                             };
                             let shape = (rows, positions, out_channels);
                             product(patch_grad, positions, w_t, dzi, positions, shape, false);
@@ -855,8 +856,8 @@ impl CpuNet {
         // dZᵀ: dZ read down its columns.
         let dz_t = Strided {
             data: dz,
-            rows: 1,
-            cols: outputs,
+            row_stride: 1,
+            col_stride: outputs,
         };
         product(gw, inputs, dz_t, input, inputs, (outputs, inputs, n), true);
         for row in dz.chunks_exact(outputs) {

@@ -17,12 +17,13 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 
-/// A matrix read through strides: value `(i, p)` is `data[i·rows + p·cols]`.
+/// A matrix read through strides: value `(i, p)` is
+/// `data[i·row_stride + p·col_stride]`.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Strided<'a> {
     pub data: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
 }
 
 /// `c` `[m, n]` (row stride `ldc`) `= a · b`, or `+= a · b` with
@@ -44,19 +45,36 @@ pub(super) fn product(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |count: usize, stride: usize| count.saturating_sub(1) * stride;
-    assert!(c.len() >= last(m, ldc) + n, "C is shorter than [{m}, {n}]");
-    if k > 0 {
-        assert!(
-            a.data.len() > last(m, a.rows) + last(k, a.cols),
-            "A is shorter than [{m}, {k}]"
-        );
-        assert!(b.len() >= last(k, ldb) + n, "B is shorter than [{k}, {n}]");
+    // The offset of the last of `count` values `stride` apart, plus `then`;
+    // overflow is a caller's error, not a wrap that could pass the checks.
+    let end = |count: usize, stride: usize, then: usize| {
+        (count - 1)
+            .checked_mul(stride)
+            .and_then(|offset| offset.checked_add(then))
+            .expect("operand offsets overflow usize")
+    };
+    assert!(m == 1 || ldc >= n, "C's rows overlap: row stride {ldc} < {n} columns");
+    assert!(c.len() >= end(m, ldc, n), "C is shorter than [{m}, {n}]");
+    if k == 0 {
+        // An empty sum: nothing of A or B is read.
+        if !accumulate {
+            for row in 0..m {
+                c[row * ldc..row * ldc + n].fill(0.0);
+            }
+        }
+        return;
     }
+    let a_last = end(m, a.row_stride, 0).checked_add(end(k, a.col_stride, 0));
+    assert!(
+        a_last.is_some_and(|last| last < a.data.len()),
+        "A is shorter than [{m}, {k}]"
+    );
+    assert!(b.len() >= end(k, ldb, n), "B is shorter than [{k}, {n}]");
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
-        // SAFETY: AVX2 and FMA are present (just checked), and the asserts
-        // above put every index the kernels touch inside the three slices.
+        // SAFETY: AVX2 and FMA are present (just checked); m, n and k are
+        // positive, and the asserts above put every index the kernels
+        // touch, and every block's first value, inside the three slices.
         #[allow(unsafe_code)]
         unsafe {
             x86::product(c, ldc, a, b, ldb, (m, n, k), accumulate)
@@ -137,8 +155,8 @@ fn portable(
         }
         return;
     }
-    let a_len = span(m, a.rows) + span(k, a.cols) - 1;
-    let a = ArrayView2::from_shape((m, k).strides((a.rows, a.cols)), &a.data[..a_len])
+    let a_len = span(m, a.row_stride) + span(k, a.col_stride) - 1;
+    let a = ArrayView2::from_shape((m, k).strides((a.row_stride, a.col_stride)), &a.data[..a_len])
         .expect("checked by `product`");
     let b = ArrayView2::from_shape((k, n).strides((ldb, 1)), &b[..span(k, ldb) + n - 1])
         .expect("checked by `product`");
@@ -240,7 +258,7 @@ mod x86 {
                 // over p < k, all inside their slices.
                 unsafe {
                     let c_block = cp.add(i * ldc + j);
-                    let a_block = ap.add(i * a.rows);
+                    let a_block = ap.add(i * a.row_stride);
                     let b_block = bp.add(j);
                     match rows {
                         6 => block::<6>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
@@ -259,7 +277,7 @@ mod x86 {
                 // loads and stores touch no lane past column n.
                 unsafe {
                     let c_block = cp.add(i * ldc + full_cols);
-                    let a_block = ap.add(i * a.rows);
+                    let a_block = ap.add(i * a.row_stride);
                     let b_block = bp.add(full_cols);
                     let cols = n - full_cols;
                     match rows {
@@ -307,9 +325,9 @@ mod x86 {
             for p in 0..k {
                 let b0 = _mm256_loadu_ps(b.add(p * ldb));
                 let b1 = _mm256_loadu_ps(b.add(p * ldb + 8));
-                let a_col = a_rows.add(p * a.cols);
+                let a_col = a_rows.add(p * a.col_stride);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let v = _mm256_set1_ps(*a_col.add(r * a.rows));
+                    let v = _mm256_set1_ps(*a_col.add(r * a.row_stride));
                     row[0] = _mm256_fmadd_ps(v, b0, row[0]);
                     row[1] = _mm256_fmadd_ps(v, b1, row[1]);
                 }
@@ -362,9 +380,9 @@ mod x86 {
             for p in 0..k {
                 let b0 = _mm256_maskload_ps(b.add(p * ldb), masks[0]);
                 let b1 = _mm256_maskload_ps(b.add(p * ldb).wrapping_add(8), masks[1]);
-                let a_col = a_rows.add(p * a.cols);
+                let a_col = a_rows.add(p * a.col_stride);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let v = _mm256_set1_ps(*a_col.add(r * a.rows));
+                    let v = _mm256_set1_ps(*a_col.add(r * a.row_stride));
                     row[0] = _mm256_fmadd_ps(v, b0, row[0]);
                     row[1] = _mm256_fmadd_ps(v, b1, row[1]);
                 }
@@ -387,7 +405,7 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 c[i * n + j] = (0..k)
-                    .map(|p| f64::from(a.data[i * a.rows + p * a.cols]) * f64::from(b[p * ldb + j]))
+                    .map(|p| f64::from(a.data[i * a.row_stride + p * a.col_stride]) * f64::from(b[p * ldb + j]))
                     .sum();
             }
         }
@@ -405,10 +423,14 @@ mod tests {
 
     #[test]
     fn products_match_f64_for_every_edge_and_layout() {
-        // Shapes around the kernel's 4 × 16 blocks (rows and columns left
-        // over, k of 0 and 1) and the benchmark CNN's own.
+        // Shapes around the kernel's 6 × 16 blocks (every count of rows
+        // left over, columns left over in either half of the masked tail,
+        // k of 0 and 1) and the benchmark CNN's own.
         let shapes = [
             (1, 1, 1),
+            (2, 24, 5),
+            (8, 31, 9),
+            (14, 9, 3),
             (3, 15, 2),
             (4, 16, 7),
             (5, 17, 1),
@@ -421,24 +443,26 @@ mod tests {
         for (m, n, k) in shapes {
             let b_pad = 3; // a row stride longer than the row
             let ldb = n + b_pad;
-            let b = values(k * ldb, 2);
+            // Operands exactly as long as their last value, so that a read
+            // past it would be past the allocation (for Miri and sanitizers).
+            let b = values(if k == 0 { 0 } else { (k - 1) * ldb + n }, 2);
             // A row-major, and A stored transposed (read as `Wᵀ`).
             let a_store = values(m * k, 1);
             let layouts = [
-                Strided { data: &a_store, rows: k, cols: 1 },
-                Strided { data: &a_store, rows: 1, cols: m },
+                Strided { data: &a_store, row_stride: k, col_stride: 1 },
+                Strided { data: &a_store, row_stride: 1, col_stride: m },
             ];
             for a in layouts {
                 let want = reference(a, &b, ldb, (m, n, k));
                 for accumulate in [false, true] {
                     let ldc = n + 2;
-                    let start = values(m * ldc, 3);
+                    let start = values((m - 1) * ldc + n, 3);
                     let mut c = start.clone();
                     product(&mut c, ldc, a, &b, ldb, (m, n, k), accumulate);
                     let mut ported = start.clone();
                     portable(&mut ported, ldc, a, &b, ldb, (m, n, k), accumulate);
                     for i in 0..m {
-                        for j in 0..ldc {
+                        for j in (0..ldc).take_while(|j| i * ldc + j < start.len()) {
                             let (got, other) = (c[i * ldc + j], ported[i * ldc + j]);
                             if j >= n {
                                 assert_eq!(got, start[i * ldc + j], "padding written at ({i}, {j})");
@@ -447,7 +471,7 @@ mod tests {
                             let base = if accumulate { f64::from(start[i * ldc + j]) } else { 0.0 };
                             let exact = base + want[i * n + j];
                             let tolerance = 1e-5 * (k as f64 + 1.0);
-                            let what = format!("{m}×{n}×{k} ({}, {}) acc {accumulate} at ({i}, {j})", a.rows, a.cols);
+                            let what = format!("{m}×{n}×{k} ({}, {}) acc {accumulate} at ({i}, {j})", a.row_stride, a.col_stride);
                             assert!((f64::from(got) - exact).abs() <= tolerance, "{what}: {got} vs {exact}");
                             assert!((f64::from(other) - exact).abs() <= tolerance, "{what}, portable: {other} vs {exact}");
                         }
@@ -478,6 +502,6 @@ mod tests {
         let a = vec![1.0; 4];
         let b = vec![1.0; 3];
         let mut c = vec![0.0; 4];
-        product(&mut c, 2, Strided { data: &a, rows: 2, cols: 1 }, &b, 2, (2, 2, 2), false);
+        product(&mut c, 2, Strided { data: &a, row_stride: 2, col_stride: 1 }, &b, 2, (2, 2, 2), false);
     }
 }

@@ -106,3 +106,49 @@ fn numbers_are_grouped_and_ratios_rounded() {
     assert_eq!(duration(Duration::from_millis(29)), "29.00 ms");
     assert_eq!(duration(Duration::from_millis(8_000)), "8.00 s");
 }
+
+#[test]
+fn a_plan_without_warm_up_steps_warms_up_once_and_ends() {
+    // The worker row's quick plan: no warm-up steps. The warm-up must not
+    // loop until its time is up, calling `run(0)` forever.
+    let plan = Plan {
+        warmup_steps: 0,
+        warmup_secs: 3600.0,
+        epochs: 1,
+        secs: 0.0,
+        steps_per_epoch: 1,
+    };
+    let mut calls = Vec::new();
+    let epochs = measure("plain", plan, |steps| {
+        calls.push(steps);
+        Ok(steps.max(1))
+    })
+    .unwrap();
+    assert_eq!(calls, [0, 1], "one empty warm-up call, then one epoch");
+    assert_eq!(epochs.rates.len(), 1);
+}
+
+#[test]
+fn warm_up_repeats_whole_epochs_until_its_time_is_up() {
+    let plan = Plan {
+        warmup_steps: 5,
+        warmup_secs: 0.05,
+        epochs: 2,
+        secs: 0.0,
+        steps_per_epoch: 5,
+    };
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    let epochs = measure("plain", plan, |steps| {
+        calls.push(start.elapsed().as_secs_f64());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        Ok(steps)
+    })
+    .unwrap();
+    assert_eq!(epochs.rates.len(), 2);
+    // The two measured epochs start only once the warm-up's time is up,
+    // which 10 ms calls reach in no fewer than five.
+    let first_measured = calls[calls.len() - 2];
+    assert!(first_measured >= 0.05, "measuring began at {first_measured} s");
+    assert!(calls.len() >= 5 + 2, "{} calls", calls.len());
+}
