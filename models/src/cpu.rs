@@ -729,10 +729,11 @@ impl CpuNet {
                     } else {
                         zeroed(weight_t, weights);
                     }
+                    // Overwritten whole for each example.
+                    sized(dz_t, positions * out_channels);
                     for i in 0..n {
                         let dzi = &delta[i * out_len..(i + 1) * out_len];
                         let ui = &unfolded[j][i * rows * positions..(i + 1) * rows * positions];
-                        sized(dz_t, positions * out_channels);
                         transpose(dzi, out_channels, positions, dz_t);
                         let patches = Strided {
                             data: ui,

@@ -167,7 +167,7 @@ fn portable(
 #[allow(unsafe_code)]
 mod x86 {
     use std::arch::x86_64::{
-        __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps,
+        __m256, __m256i, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps,
         _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps,
         _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
     };
@@ -251,23 +251,15 @@ mod x86 {
         let mut i = 0;
         while i < m {
             let rows = MR.min(m - i);
+            let a_block = ap.wrapping_add(i * a.row_stride);
             let mut j = 0;
             while j < full_cols {
                 // SAFETY: rows i..i + rows and columns j..j + NR are inside
                 // C, and the kernel reads A's rows i.. and B's columns j..
                 // over p < k, all inside their slices.
                 unsafe {
-                    let c_block = cp.add(i * ldc + j);
-                    let a_block = ap.add(i * a.row_stride);
-                    let b_block = bp.add(j);
-                    match rows {
-                        6 => block::<6>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
-                        5 => block::<5>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
-                        4 => block::<4>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
-                        3 => block::<3>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
-                        2 => block::<2>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
-                        _ => block::<1>(c_block, ldc, a_block, a, b_block, ldb, k, accumulate),
-                    }
+                    let (c_block, b_block) = (cp.add(i * ldc + j), bp.add(j));
+                    blocks::<false>(rows, c_block, ldc, a_block, a, b_block, ldb, k, NR, accumulate);
                 }
                 j += NR;
             }
@@ -276,78 +268,24 @@ mod x86 {
                 // SAFETY: as above, for columns full_cols..n; the masked
                 // loads and stores touch no lane past column n.
                 unsafe {
-                    let c_block = cp.add(i * ldc + full_cols);
-                    let a_block = ap.add(i * a.row_stride);
-                    let b_block = bp.add(full_cols);
+                    let (c_block, b_block) = (cp.add(i * ldc + full_cols), bp.add(full_cols));
                     let cols = n - full_cols;
-                    match rows {
-                        6 => masked::<6>(c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate),
-                        5 => masked::<5>(c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate),
-                        4 => masked::<4>(c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate),
-                        3 => masked::<3>(c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate),
-                        2 => masked::<2>(c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate),
-                        _ => masked::<1>(c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate),
-                    }
+                    blocks::<true>(rows, c_block, ldc, a_block, a, b_block, ldb, k, cols, accumulate);
                 }
             }
             i += rows;
         }
     }
 
-    /// `R` rows by 16 columns of `C`, summed over `k` in registers.
+    /// [`block`] for `rows` (1 to [`MR`]) rows.
     ///
     /// # Safety
-    /// As [`product`]; `c`, `a_rows` and `b` point at the block's first
-    /// value of `C`, first row of `A` and first column of `B`.
+    /// As [`block`].
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    unsafe fn block<const R: usize>(
-        c: *mut f32,
-        ldc: usize,
-        a_rows: *const f32,
-        a: Strided<'_>,
-        b: *const f32,
-        ldb: usize,
-        k: usize,
-        accumulate: bool,
-    ) {
-        // SAFETY (whole body): every pointer stays inside the block the
-        // caller vouched for.
-        unsafe {
-            let mut acc: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
-            if accumulate {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm256_loadu_ps(c.add(r * ldc));
-                    row[1] = _mm256_loadu_ps(c.add(r * ldc + 8));
-                }
-            }
-            for p in 0..k {
-                let b0 = _mm256_loadu_ps(b.add(p * ldb));
-                let b1 = _mm256_loadu_ps(b.add(p * ldb + 8));
-                let a_col = a_rows.add(p * a.col_stride);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let v = _mm256_set1_ps(*a_col.add(r * a.row_stride));
-                    row[0] = _mm256_fmadd_ps(v, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(v, b1, row[1]);
-                }
-            }
-            for (r, row) in acc.iter().enumerate() {
-                _mm256_storeu_ps(c.add(r * ldc), row[0]);
-                _mm256_storeu_ps(c.add(r * ldc + 8), row[1]);
-            }
-        }
-    }
-
-    /// [`block`] for the last `cols` (< 16) columns: lanes past them are
-    /// neither read nor written.
-    ///
-    /// # Safety
-    /// As [`block`], for `cols` columns.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    unsafe fn masked<const R: usize>(
+    unsafe fn blocks<const MASKED: bool>(
+        rows: usize,
         c: *mut f32,
         ldc: usize,
         a_rows: *const f32,
@@ -358,28 +296,66 @@ mod x86 {
         cols: usize,
         accumulate: bool,
     ) {
-        debug_assert!(cols < NR);
-        // Lane l of half h is live when 8·h + l < cols.
+        // SAFETY: the caller's promise, passed on.
+        unsafe {
+            match rows {
+                6 => block::<6, MASKED>(c, ldc, a_rows, a, b, ldb, k, cols, accumulate),
+                5 => block::<5, MASKED>(c, ldc, a_rows, a, b, ldb, k, cols, accumulate),
+                4 => block::<4, MASKED>(c, ldc, a_rows, a, b, ldb, k, cols, accumulate),
+                3 => block::<3, MASKED>(c, ldc, a_rows, a, b, ldb, k, cols, accumulate),
+                2 => block::<2, MASKED>(c, ldc, a_rows, a, b, ldb, k, cols, accumulate),
+                _ => block::<1, MASKED>(c, ldc, a_rows, a, b, ldb, k, cols, accumulate),
+            }
+        }
+    }
+
+    /// `R` rows by 16 columns of `C`, summed over `k` in registers; with
+    /// `MASKED`, only the first `cols` (< 16) columns, the lanes past them
+    /// neither read nor written (the last columns of a product).
+    ///
+    /// # Safety
+    /// As [`product`]; `c`, `a_rows` and `b` point at the block's first
+    /// value of `C`, first row of `A` and first column of `B`, and the
+    /// block's `R` rows by 16 (or `cols`) columns lie inside `C` and `B`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn block<const R: usize, const MASKED: bool>(
+        c: *mut f32,
+        ldc: usize,
+        a_rows: *const f32,
+        a: Strided<'_>,
+        b: *const f32,
+        ldb: usize,
+        k: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(if MASKED { cols < NR } else { cols == NR });
+        // Lane l of half h is live when 8·h + l < cols (every lane of an
+        // unmasked block).
         let lanes = |h: i32| {
             let live = |l: i32| if 8 * h + l < cols as i32 { -1 } else { 0 };
             _mm256_setr_epi32(live(0), live(1), live(2), live(3), live(4), live(5), live(6), live(7))
         };
         let masks = [lanes(0), lanes(1)];
-        // SAFETY (whole body): only live lanes are read or written, and
-        // they are inside the block the caller vouched for. The second
-        // half's address may lie past the slice when no lane of it is live,
-        // hence `wrapping_add` there.
+        // SAFETY (whole body): every value read or written is inside the
+        // block the caller vouched for; masked, only live lanes are. The
+        // second half's address may lie past the slice when no lane of it
+        // is live, hence `wrapping_add` there.
         unsafe {
             let mut acc: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
             if accumulate {
                 for (r, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm256_maskload_ps(c.add(r * ldc), masks[0]);
-                    row[1] = _mm256_maskload_ps(c.add(r * ldc).wrapping_add(8), masks[1]);
+                    let at = c.add(r * ldc);
+                    row[0] = load::<MASKED>(at, masks[0]);
+                    row[1] = load::<MASKED>(at.wrapping_add(8), masks[1]);
                 }
             }
             for p in 0..k {
-                let b0 = _mm256_maskload_ps(b.add(p * ldb), masks[0]);
-                let b1 = _mm256_maskload_ps(b.add(p * ldb).wrapping_add(8), masks[1]);
+                let at = b.add(p * ldb);
+                let b0 = load::<MASKED>(at, masks[0]);
+                let b1 = load::<MASKED>(at.wrapping_add(8), masks[1]);
                 let a_col = a_rows.add(p * a.col_stride);
                 for (r, row) in acc.iter_mut().enumerate() {
                     let v = _mm256_set1_ps(*a_col.add(r * a.row_stride));
@@ -388,8 +364,44 @@ mod x86 {
                 }
             }
             for (r, row) in acc.iter().enumerate() {
-                _mm256_maskstore_ps(c.add(r * ldc), masks[0], row[0]);
-                _mm256_maskstore_ps(c.add(r * ldc).wrapping_add(8), masks[1], row[1]);
+                let at = c.add(r * ldc);
+                store::<MASKED>(at, masks[0], row[0]);
+                store::<MASKED>(at.wrapping_add(8), masks[1], row[1]);
+            }
+        }
+    }
+
+    /// Eight values from `at`; with `MASKED`, only the lanes `mask` marks.
+    ///
+    /// # Safety
+    /// AVX2; the eight values (or the marked ones) are readable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load<const MASKED: bool>(at: *const f32, mask: __m256i) -> __m256 {
+        // SAFETY: the caller's promise.
+        unsafe {
+            if MASKED {
+                _mm256_maskload_ps(at, mask)
+            } else {
+                _mm256_loadu_ps(at)
+            }
+        }
+    }
+
+    /// Stores eight values at `at`; with `MASKED`, only the lanes `mask`
+    /// marks.
+    ///
+    /// # Safety
+    /// AVX2; the eight values (or the marked ones) are writable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store<const MASKED: bool>(at: *mut f32, mask: __m256i, values: __m256) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            if MASKED {
+                _mm256_maskstore_ps(at, mask, values)
+            } else {
+                _mm256_storeu_ps(at, values)
             }
         }
     }
