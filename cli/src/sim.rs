@@ -22,8 +22,8 @@ use futures::StreamExt;
 use proto::identity::IdentityFiles;
 use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::ChunkAssembler;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+use worker::download::{Wanted, pull_model};
 use worker::upload::push_reserved;
 
 use crate::demo::{Children, path_str, spawn, wait_for_file, write_coordinator_config};
@@ -35,6 +35,9 @@ const INPUTS: usize = 100;
 const EXAMPLES: u64 = 100;
 /// Every value of every simulated update.
 const UPDATE_VALUE: f32 = 1e-3;
+
+/// How long a model stream may stay silent before the pull fails.
+const PULL_IDLE: Duration = Duration::from_secs(60);
 
 /// `meridian sim` options.
 #[derive(clap::Args, Debug)]
@@ -360,6 +363,15 @@ async fn simulated_site(
         .connect()
         .await?;
     let mut client = WorkerServiceClient::new(channel).max_decoding_message_size(4 << 20);
+    // The worker's second connection for large models: opened on first use.
+    let mut second = WorkerServiceClient::new(
+        Endpoint::from_shared(url.to_string())?
+            .tls_config(identity.client_tls())?
+            .connect_timeout(Duration::from_secs(30))
+            .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
+            .connect_lazy(),
+    )
+    .max_decoding_message_size(4 << 20);
     let mut columns: Vec<String> = (0..INPUTS).map(|i| format!("x{i:03}")).collect();
     columns.push("y".to_string());
     client
@@ -387,7 +399,7 @@ async fn simulated_site(
     let mut spec_hash = String::new();
     // The last model pulled, kept to check the next one against, and up to
     // two buffers the site has used before, which the next pull and the
-    // next update land in (see `ChunkAssembler::reusing`): the worker pulls
+    // next update land in (see `proto::tensor::ChunkAssembler::reusing`): the worker pulls
     // each round into its last pull's memory, and this site needs its last
     // model for the check, so its second pull lands in its first update's.
     // Only the first pull lands in fresh memory, as the worker's does.
@@ -411,14 +423,14 @@ async fn simulated_site(
             Some(pb::task::Kind::Train(t)) => {
                 observed.started(t.round);
                 let pulled = Instant::now();
-                let model = pull(
-                    &mut client,
-                    &task.job_id,
-                    t.round - 1,
-                    t.num_params,
-                    used.pop().unwrap_or_default(),
-                )
-                .await?;
+                let wanted = Wanted {
+                    job_id: &task.job_id,
+                    round: t.round - 1,
+                    layout_hash: &t.layout_hash,
+                    num_params: t.num_params,
+                };
+                let buffer = used.pop().unwrap_or_default();
+                let model = pull_model(&mut client, &mut second, wanted, buffer, PULL_IDLE).await?;
                 let pulled = pulled.elapsed();
                 observed.transfer(&observed.pull_rates, model.len() * 4, pulled);
                 observed
@@ -454,11 +466,12 @@ async fn simulated_site(
                         spec_hash: spec_hash.clone(),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 };
                 let pushed = Instant::now();
                 // The worker's own upload: a reserved slot, then chunks made
                 // as they are sent.
-                let reply = push_reserved(&mut client, header, Arc::clone(&update), None).await?;
+                let reply = push_reserved(&mut client, &mut second, header, Arc::clone(&update), None).await?;
                 let pushed = pushed.elapsed();
                 observed
                     .push_micros
@@ -522,28 +535,4 @@ fn check_aggregate(before: &[f32], after: &[f32], site: &str, round: u32, observ
             first.unwrap_or_default()
         ));
     }
-}
-
-/// Pulls the global model of `round`, chunk by chunk, into `buffer`'s memory.
-async fn pull(
-    client: &mut WorkerServiceClient<Channel>,
-    job_id: &str,
-    round: u32,
-    num_params: u64,
-    buffer: Vec<f32>,
-) -> Result<Vec<f32>> {
-    let mut stream = client
-        .pull_model(pb::PullModelRequest {
-            job_id: job_id.to_string(),
-            round,
-        })
-        .await?
-        .into_inner();
-    let mut assembler = ChunkAssembler::reusing(num_params as usize, buffer);
-    while let Some(chunk) = stream.next().await {
-        if let Some(pb::model_chunk::Part::Data(d)) = chunk?.part {
-            assembler.push(&d)?;
-        }
-    }
-    Ok(assembler.finish()?)
 }

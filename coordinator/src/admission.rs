@@ -81,6 +81,76 @@ pub fn check_header<'h>(
     Ok(entry)
 }
 
+/// The most parts one update may be sent in at once (a receiving slot each).
+pub const MAX_UPLOAD_PARTS: u32 = 2;
+
+/// The values one stream of an update sent in parts carries, and the upload
+/// its parts belong to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartOfUpdate {
+    /// Where its values start in the update.
+    pub first_value: u64,
+    /// How many values it carries.
+    pub value_count: u64,
+    /// The upload all of its parts name.
+    pub upload_id: String,
+}
+
+/// The part a header announces (`None`: the whole update), or why it is
+/// refused: a part starts on a chunk boundary, holds at least one value,
+/// lies within the update and names its upload (at most 64 letters, digits,
+/// `-` and `_`). A header that passed [`check_header`] carries the job's
+/// own `num_params`.
+pub fn check_part(header: &pb::UpdateHeader) -> Result<Option<PartOfUpdate>, String> {
+    if header.value_count == 0 {
+        if header.first_value != 0 || !header.upload_id.is_empty() {
+            return Err("first_value and upload_id are for a part, but value_count is 0".to_string());
+        }
+        return Ok(None);
+    }
+    let chunk = proto::tensor::CHUNK_VALUES as u64;
+    let end = header.first_value.checked_add(header.value_count);
+    if !header.first_value.is_multiple_of(chunk) || end.is_none_or(|end| end > header.num_params) {
+        return Err(format!(
+            "a part of values {}+{} is not within the update's {} values starting on a chunk of {chunk}",
+            header.first_value, header.value_count, header.num_params
+        ));
+    }
+    let id = &header.upload_id;
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("upload_id {id:?} is not 1 to 64 letters, digits, '-' and '_'"));
+    }
+    Ok(Some(PartOfUpdate {
+        first_value: header.first_value,
+        value_count: header.value_count,
+        upload_id: id.clone(),
+    }))
+}
+
+/// Checks that the norm of an update whose parts' values had these sums of
+/// squares is within the job's bound (the sums are measured wherever the
+/// job has one).
+pub fn check_norm(expected: &Expected<'_>, sums_of_squares: impl IntoIterator<Item = Option<f64>>) -> Result<(), String> {
+    norm_within(expected.max_update_norm, sums_of_squares)
+}
+
+fn norm_within(bound: Option<f64>, sums_of_squares: impl IntoIterator<Item = Option<f64>>) -> Result<(), String> {
+    let Some(bound) = bound else {
+        return Ok(());
+    };
+    let mut sum = 0.0;
+    for part in sums_of_squares {
+        sum += part.ok_or("the update's norm was not measured")?;
+    }
+    let norm = f64::sqrt(sum);
+    if norm > bound {
+        return Err(format!(
+            "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an update's values chunk by chunk as they stream past (the
 /// service writes each accepted chunk straight to disk), then the whole
 /// vector's length and norm bound.
@@ -88,19 +158,30 @@ pub fn check_header<'h>(
 pub struct UpdateReceiver {
     validator: ChunkValidator,
     max_update_norm: Option<f64>,
+    /// A part of an update: its norm is judged with the other parts'.
+    part: bool,
 }
 
 impl UpdateReceiver {
     /// Prepares to receive the values of an update whose header passed [`check_header`].
     pub fn new(expected: &Expected<'_>) -> Self {
         // The header was checked against the job, so this is the job's own size.
-        let len = expected.num_params as usize;
+        UpdateReceiver::of(expected, expected.num_params as usize, false)
+    }
+
+    /// Prepares to receive one part of an update, which [`check_part`] passed.
+    pub fn part(expected: &Expected<'_>, part: &PartOfUpdate) -> Self {
+        UpdateReceiver::of(expected, part.value_count as usize, true)
+    }
+
+    fn of(expected: &Expected<'_>, len: usize, part: bool) -> Self {
         UpdateReceiver {
             validator: match expected.max_update_norm {
                 Some(_) => ChunkValidator::with_norm(len),
                 None => ChunkValidator::new(len),
             },
             max_update_norm: expected.max_update_norm,
+            part,
         }
     }
 
@@ -111,25 +192,21 @@ impl UpdateReceiver {
             .map_err(|e| format!("malformed update: {e}"))
     }
 
-    /// Confirms the update is complete (every value present; each was
-    /// finite) and within the norm bound.
-    pub fn finish(self) -> Result<(), String> {
+    /// Confirms the update (or part) is complete: every value present, each
+    /// finite. An update sent whole must be within the norm bound; a part
+    /// gives its values' sum of squares (where the job has a bound), for
+    /// [`check_norm`] once every part is in.
+    pub fn finish(self) -> Result<Option<f64>, String> {
         self.validator
             .finish()
             .map_err(|e| format!("malformed update: {e}"))?;
-        if let Some(bound) = self.max_update_norm {
-            // `new` sums the squares whenever the job has a bound.
-            let norm = self
-                .validator
-                .norm()
-                .ok_or("the update's norm was not measured")?;
-            if norm > bound {
-                return Err(format!(
-                    "update norm {norm:.4} exceeds the job's bound policy.max_update_norm = {bound}"
-                ));
-            }
+        // `of` sums the squares whenever the job has a bound.
+        let sum_of_squares = self.validator.sum_of_squares();
+        if self.part {
+            return Ok(sum_of_squares);
         }
-        Ok(())
+        norm_within(self.max_update_norm, [sum_of_squares])?;
+        Ok(None)
     }
 }
 
@@ -166,6 +243,7 @@ mod tests {
                 spec_hash: "spec".to_string(),
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 
@@ -183,7 +261,7 @@ mod tests {
         let mut receiver = UpdateReceiver::new(&expected());
         receiver.push(&bytes(&[0.5, -0.5])).unwrap();
         receiver.push(&bytes(&[0.5, 1.0])).unwrap();
-        assert_eq!(receiver.finish(), Ok(()));
+        assert_eq!(receiver.finish(), Ok(None));
     }
 
     /// A named way to spoil a header, and the reason it must be refused with.
@@ -273,5 +351,57 @@ mod tests {
                 .unwrap_err()
                 .contains("value 1 is not finite")
         );
+    }
+
+    #[test]
+    fn a_part_is_within_the_update_on_a_chunk_and_names_its_upload() {
+        let chunk = proto::tensor::CHUNK_VALUES as u64;
+        let part = |first_value, value_count, upload_id: &str| {
+            let header = pb::UpdateHeader {
+                num_params: chunk * 3,
+                first_value,
+                value_count,
+                upload_id: upload_id.to_string(),
+                ..header()
+            };
+            check_part(&header)
+        };
+        assert_eq!(part(0, 0, ""), Ok(None));
+        assert_eq!(
+            part(chunk, chunk * 2, "a-1_b"),
+            Ok(Some(PartOfUpdate { first_value: chunk, value_count: chunk * 2, upload_id: "a-1_b".to_string() }))
+        );
+        assert!(part(0, 1, "u").is_ok());
+        for (first_value, value_count, id, why) in [
+            (chunk, 0, "", "value_count is 0"),
+            (0, 0, "u", "value_count is 0"),
+            (1, 5, "u", "chunk"),
+            (chunk, chunk * 2 + 1, "u", "within"),
+            (u64::MAX - chunk + 1, chunk, "u", "within"),
+            (0, 5, "", "upload_id"),
+            (0, 5, "a/b", "upload_id"),
+            (0, 5, &"x".repeat(65), "upload_id"),
+        ] {
+            let err = part(first_value, value_count, id).unwrap_err();
+            assert!(err.contains(why), "{first_value}+{value_count} {id:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_part_gives_its_sum_of_squares_and_the_whole_is_judged_by_the_bound() {
+        let e = expected();
+        let part = PartOfUpdate { first_value: 0, value_count: 2, upload_id: "u".to_string() };
+        let mut receiver = UpdateReceiver::part(&e, &part);
+        // Beyond the bound of 2 alone (norm 2.83), but a part is not judged alone.
+        receiver.push(&bytes(&[2.0, 2.0])).unwrap();
+        assert_eq!(receiver.finish(), Ok(Some(8.0)));
+        let mut short = UpdateReceiver::part(&e, &part);
+        short.push(&bytes(&[1.0])).unwrap();
+        assert!(short.finish().unwrap_err().contains("stream ended after 1 of 2 values"));
+        assert_eq!(check_norm(&e, [Some(1.0), Some(3.0)]), Ok(()));
+        assert!(check_norm(&e, [Some(1.0), Some(3.5)]).unwrap_err().contains("exceeds"));
+        assert!(check_norm(&e, [Some(1.0), None]).unwrap_err().contains("not measured"));
+        let unbounded = Expected { max_update_norm: None, ..expected() };
+        assert_eq!(check_norm(&unbounded, [None, None]), Ok(()));
     }
 }

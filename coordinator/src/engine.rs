@@ -46,6 +46,8 @@ pub struct Coordinator {
     pub leases: crate::leases::Leases,
     /// Each live job's latest model as chunks ready to send, and the serving slots.
     pub models: crate::model_cache::ModelCache,
+    /// The parts of updates sent in parts, until each update is whole.
+    pub update_parts: crate::update_parts::UpdateParts,
 }
 
 /// From this model size on, a job's steps run on a blocking thread (see

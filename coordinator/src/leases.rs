@@ -46,14 +46,22 @@ impl Leases {
         id
     }
 
-    /// The slot leased as `id`, if `site` holds that lease and it has not
-    /// lapsed. Another site's lease stays with its holder.
+    /// A slot leased as `id`, if `site` holds that lease and it has not
+    /// lapsed. Another site's lease stays with its holder. A lease of
+    /// several slots (an update sent in parts, one stream each) gives one
+    /// per claim and lasts until its last is claimed.
     pub fn claim(&self, id: &str, site: &str) -> Option<OwnedSemaphorePermit> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.get(id) {
+        match held.get_mut(id) {
             Some(lease) if lease.site == site => {
-                let lease = held.remove(id)?;
-                (lease.expires > Instant::now()).then_some(lease.slot)
+                if lease.expires <= Instant::now() {
+                    held.remove(id);
+                    return None;
+                }
+                if lease.slot.num_permits() > 1 {
+                    return lease.slot.split(1);
+                }
+                held.remove(id).map(|lease| lease.slot)
             }
             _ => None,
         }
@@ -109,5 +117,23 @@ mod tests {
         assert_eq!(slots.available_permits(), 1);
         assert!(leases.claim(&first, "hospital-a").is_none());
         assert!(leases.claim(&second, "hospital-a").is_some());
+    }
+
+    #[test]
+    fn a_lease_of_several_slots_gives_one_per_claim() {
+        let slots = Arc::new(Semaphore::new(3));
+        let leases = Leases::default();
+        let two = Arc::clone(&slots).try_acquire_many_owned(2).unwrap();
+        let id = leases.grant("hospital-a", two, Duration::from_secs(60));
+        assert!(leases.claim(&id, "hospital-b").is_none());
+        let first = leases.claim(&id, "hospital-a").expect("first part");
+        assert_eq!(first.num_permits(), 1);
+        drop(first);
+        assert_eq!(slots.available_permits(), 2);
+        let second = leases.claim(&id, "hospital-a").expect("second part");
+        assert_eq!(second.num_permits(), 1);
+        assert!(leases.claim(&id, "hospital-a").is_none(), "every slot claimed");
+        drop(second);
+        assert_eq!(slots.available_permits(), 3);
     }
 }

@@ -34,6 +34,7 @@ mod revocation;
 mod service;
 mod store;
 mod transfers;
+mod update_parts;
 
 /// A stream of messages or errors, as the services return it.
 pub(crate) type BoxStream<T> =
@@ -99,6 +100,8 @@ pub async fn run(
         receiving: Arc::new(tokio::sync::Semaphore::new(engine::RECEIVING_AT_ONCE)),
         leases: leases::Leases::default(),
         models: model_cache::ModelCache::default(),
+        // An incomplete upload's parts wait as long as a silent stream would.
+        update_parts: update_parts::UpdateParts::new(std::time::Duration::from_secs(config.idle_timeout_secs.max(1))),
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {

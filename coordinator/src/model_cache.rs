@@ -44,6 +44,58 @@ type CachedModel = (u32, Option<Arc<Vec<Bytes>>>);
 /// Model transfers served at once; each holds about one encoded chunk.
 const SERVING_AT_ONCE: usize = 32;
 
+/// The values of a model one pull asks for (`PullModelRequest`'s
+/// `first_value` and `value_count`; a count of 0 means to the end). A site
+/// pulls a large model in parts over connections of its own, so that the
+/// parts' TLS and copies run on both cores at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ModelPart {
+    pub first_value: u64,
+    pub value_count: u64,
+}
+
+impl ModelPart {
+    /// The indices of the chunks that hold exactly this part's values, or
+    /// why there are none: a part starts and ends where a chunk does (or
+    /// at the model's end), and lies within the model.
+    pub fn chunks(&self, chunks: &[Bytes]) -> Result<std::ops::Range<usize>, String> {
+        let total: u64 = chunks.iter().map(|c| c.len() as u64 / 4).sum();
+        let end = match self.value_count {
+            0 => total,
+            n => self.first_value.checked_add(n).unwrap_or(u64::MAX),
+        };
+        if self.first_value > total || end > total || (self.value_count == 0 && self.first_value == total && total > 0) {
+            return Err(format!(
+                "first_value {} and value_count {} reach past the model's {total} values",
+                self.first_value, self.value_count
+            ));
+        }
+        let (mut first, mut last) = (None, None);
+        let mut at = 0u64;
+        for (i, chunk) in chunks.iter().enumerate() {
+            if at == self.first_value {
+                first = Some(i);
+            }
+            at += chunk.len() as u64 / 4;
+            if at == end {
+                last = Some(i + 1);
+            }
+        }
+        if total == 0 {
+            return Ok(0..0);
+        }
+        match (first, last) {
+            (Some(first), Some(last)) => Ok(first..last),
+            _ => Err(format!(
+                "first_value {} and value_count {} do not fall on the model's chunks of {} values",
+                self.first_value,
+                self.value_count,
+                proto::tensor::CHUNK_VALUES
+            )),
+        }
+    }
+}
+
 impl Default for ModelCache {
     fn default() -> Self {
         ModelCache {
@@ -107,8 +159,14 @@ impl ModelCache {
         self.latest().remove(job_id);
     }
 
-    /// Streams `header` and then `chunks`, once one of the serving slots is free.
-    pub fn stream(&self, chunks: Arc<Vec<Bytes>>, header: pb::ModelHeader, idle: Duration) -> BoxStream<pb::ModelChunk> {
+    /// Streams `header` and then `chunks[range]`, once one of the serving slots is free.
+    pub fn stream(
+        &self,
+        chunks: Arc<Vec<Bytes>>,
+        range: std::ops::Range<usize>,
+        header: pb::ModelHeader,
+        idle: Duration,
+    ) -> BoxStream<pb::ModelChunk> {
         let slots = Arc::clone(&self.slots);
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
@@ -123,7 +181,7 @@ impl ModelCache {
             // Each chunk is a reference-counted view of the cached model: a
             // thousand sites pulling at once share one copy. A puller that stops
             // reading for the idle timeout gives its slot up.
-            for chunk in chunks.iter() {
+            for chunk in &chunks[range] {
                 let data = pb::ModelChunk { part: Some(pb::model_chunk::Part::Data(chunk.clone())) };
                 match tokio::time::timeout(idle, tx.send(Ok(data))).await {
                     Ok(Ok(())) => {}
@@ -138,6 +196,23 @@ impl ModelCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_is_the_chunks_that_hold_exactly_its_values() {
+        // Chunks of 3, 3 and 2 values.
+        let chunks: Vec<Bytes> = [12, 12, 8].iter().map(|&n| Bytes::from(vec![0u8; n])).collect();
+        let part = |first_value, value_count| ModelPart { first_value, value_count }.chunks(&chunks);
+        assert_eq!(part(0, 0), Ok(0..3));
+        assert_eq!(part(0, 3), Ok(0..1));
+        assert_eq!(part(3, 0), Ok(1..3));
+        assert_eq!(part(3, 5), Ok(1..3));
+        assert_eq!(part(6, 2), Ok(2..3));
+        // Not on a chunk's boundary, or past the end.
+        for (first, count) in [(1, 0), (0, 4), (3, 4), (6, 3), (8, 0), (9, 0), (0, 9), (u64::MAX, 2)] {
+            assert!(part(first, count).is_err(), "{first}, {count}");
+        }
+        assert_eq!(ModelPart::default().chunks(&[]), Ok(0..0));
+    }
 
     #[test]
     fn installed_models_are_served_without_reading_their_files() {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
@@ -16,11 +17,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::model_cache::ModelPart;
 use crate::BoxStream;
-use crate::admission::{self, Expected, UpdateReceiver};
+use crate::admission::{self, Expected, MAX_UPLOAD_PARTS, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError, WeightedMean};
 use crate::incoming::UpdateFile;
 use crate::revocation::Revocations;
+use crate::update_parts::{Arrival, ReceivedPart};
 use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
@@ -501,7 +504,7 @@ impl pb::job_service_server::JobService for Services {
         self.authorize(&req, SUBMITTERS, "JobService/PullJobModel")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         let round = req.get_ref().round;
-        Ok(Response::new(self.model_stream(&job, round)?))
+        Ok(Response::new(self.model_stream(&job, round, ModelPart::default())?))
     }
 }
 
@@ -678,7 +681,8 @@ impl pb::worker_service_server::WorkerService for Services {
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         self.require_participant(&job, &who.name)?;
-        Ok(Response::new(self.model_stream(&job, Some(r.round))?))
+        let part = ModelPart { first_value: r.first_value, value_count: r.value_count };
+        Ok(Response::new(self.model_stream(&job, Some(r.round), part)?))
     }
 
     async fn reserve_upload(
@@ -688,12 +692,16 @@ impl pb::worker_service_server::WorkerService for Services {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReserveUpload")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         self.require_participant(&job, &who.name)?;
-        let slot = self.wait_for_upload_slot(&who.name).await?;
+        // A slot per part, taken at once: sites that each held one slot and
+        // waited for a second could hold every slot between them.
+        let parts = req.get_ref().parts.clamp(1, MAX_UPLOAD_PARTS);
+        let slots = self.wait_for_upload_slots(&who.name, parts).await?;
         let valid_secs = self.inner.idle_timeout_secs;
-        let lease = self.inner.leases.grant(&who.name, slot, Duration::from_secs(valid_secs));
+        let lease = self.inner.leases.grant(&who.name, slots, Duration::from_secs(valid_secs));
         Ok(Response::new(pb::ReserveUploadResponse {
             lease,
             valid_secs: u32::try_from(valid_secs).unwrap_or(u32::MAX),
+            parts,
         }))
     }
 
@@ -712,7 +720,7 @@ impl pb::worker_service_server::WorkerService for Services {
             .and_then(|id| self.inner.leases.claim(id, &who.name));
         let _slot = match lease {
             Some(slot) => slot,
-            None => self.wait_for_upload_slot(&who.name).await?,
+            None => self.wait_for_upload_slots(&who.name, 1).await?,
         };
         let mut stream = req.into_inner();
         let idle = Duration::from_secs(self.inner.idle_timeout_secs);
@@ -738,6 +746,7 @@ impl pb::worker_service_server::WorkerService for Services {
             Ok(Response::new(pb::PushUpdateResponse {
                 accepted: false,
                 reason,
+                complete: false,
             }))
         };
         let expected = Expected {
@@ -755,23 +764,33 @@ impl pb::worker_service_server::WorkerService for Services {
             Ok(entry) => entry.clone(),
             Err(reason) => return reject(reason),
         };
+        let part = match admission::check_part(&header) {
+            Ok(part) => part,
+            Err(reason) => return reject(reason),
+        };
+        let update = (job.id.as_str(), header.round, who.name.as_str());
         // A transfer that keeps making progress is waited for past the round's
         // deadline; one silent for the idle timeout is dropped.
         let transfer = self.inner.transfers.start(&job.id, &who.name);
-        let path = self.inner.job_dir(&job.id).join("updates").join(format!(
-            "r{:04}-{}-{:08x}.bin",
-            header.round,
-            who.name,
-            rand::random::<u32>()
-        ));
+        let name = format!("r{:04}-{}-{:08x}", header.round, who.name, rand::random::<u32>());
+        let updates = self.inner.job_dir(&job.id).join("updates");
+        // A part is a parameter file of its own until the last part lists them all.
+        let mut path = match &part {
+            None => updates.join(format!("{name}.bin")),
+            Some(part) => updates.join(format!("{name}.from{}.bin", part.first_value)),
+        };
         // Chunks go straight to disk as they are checked: one chunk in memory per transfer.
         // Read back once, when the round is aggregated: kept out of the page cache.
-        let file = checkpoint::CheckpointWriter::create_uncached(&path, job.num_params)
+        let values = part.as_ref().map_or(job.num_params, |p| p.value_count);
+        let file = checkpoint::CheckpointWriter::create_uncached(&path, values)
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut file = UpdateFile::new(file);
-        let mut receiver = UpdateReceiver::new(&expected);
+        let mut receiver = match &part {
+            None => UpdateReceiver::new(&expected),
+            Some(part) => UpdateReceiver::part(&expected, part),
+        };
         let receiving = Instant::now();
-        let received: Result<Result<(), String>, Status> = async {
+        let received: Result<Result<Option<f64>, String>, Status> = async {
             loop {
                 let chunk = match tokio::time::timeout(idle, stream.next()).await {
                     Ok(Some(chunk)) => chunk?,
@@ -797,11 +816,64 @@ impl pb::worker_service_server::WorkerService for Services {
         }
         .await;
         let received_in = receiving.elapsed();
-        match received {
-            Ok(Ok(())) => file.commit("update.rename").await.map_err(Status::internal)?,
+        let abandon = || {
+            if let Some(part) = &part {
+                self.inner.update_parts.abandon(update, &part.upload_id);
+            }
+        };
+        let sum_of_squares = match received {
+            Ok(Ok(sum_of_squares)) => {
+                file.commit("update.rename").await.map_err(Status::internal)?;
+                sum_of_squares
+            }
             // Dropping the file removes it.
-            Ok(Err(reason)) => return reject(reason),
-            Err(status) => return Err(status),
+            Ok(Err(reason)) => {
+                abandon();
+                return reject(reason);
+            }
+            Err(status) => {
+                abandon();
+                return Err(status);
+            }
+        };
+        if let Some(part) = &part {
+            let received = ReceivedPart {
+                path: path.clone(),
+                first_value: part.first_value,
+                value_count: part.value_count,
+                sum_of_squares,
+            };
+            let parts = match self.inner.update_parts.arrive(update, &part.upload_id, job.num_params, received) {
+                Ok(Arrival::Waiting) => {
+                    info!(job_id = %job.id, site = %who.name, round = header.round, first_value = part.first_value, values = part.value_count, "update part received");
+                    return Ok(Response::new(pb::PushUpdateResponse {
+                        accepted: true,
+                        reason: format!(
+                            "part of values {}..{} received; the update counts once all of its parts are in",
+                            part.first_value,
+                            part.first_value + part.value_count
+                        ),
+                        complete: false,
+                    }));
+                }
+                Ok(Arrival::Whole(parts)) => parts,
+                Err(reason) => return reject(reason),
+            };
+            let remove_parts = |parts: &[ReceivedPart]| {
+                for p in parts {
+                    let _ = checkpoint::remove(&p.path);
+                }
+            };
+            if let Err(reason) = admission::check_norm(&expected, parts.iter().map(|p| p.sum_of_squares)) {
+                remove_parts(&parts);
+                return reject(reason);
+            }
+            path = updates.join(format!("{name}.bin"));
+            let listed: Vec<_> = parts.iter().map(|p| (p.path.clone(), p.value_count)).collect();
+            if let Err(e) = checkpoint::write_parts(&path, &listed, "update.rename") {
+                remove_parts(&parts);
+                return Err(Status::internal(e.to_string()));
+            }
         }
         // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
         self.inner
@@ -816,11 +888,11 @@ impl pb::worker_service_server::WorkerService for Services {
         match self.inner.store.insert_update(&job.id, header.round, &row)? {
             Insert::Inserted => {}
             Insert::Duplicate => {
-                let _ = std::fs::remove_file(&path);
+                let _ = checkpoint::remove(&path);
                 return reject(format!("{} already sent its update for round {}", who.name, header.round));
             }
             Insert::RoundClosed => {
-                let _ = std::fs::remove_file(&path);
+                let _ = checkpoint::remove(&path);
                 return reject(format!(
                     "round {} closed while the update was arriving; it was not counted",
                     header.round
@@ -849,6 +921,7 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(pb::PushUpdateResponse {
             accepted: true,
             reason: String::new(),
+            complete: true,
         }))
     }
 
@@ -895,13 +968,13 @@ impl pb::worker_service_server::WorkerService for Services {
 }
 
 impl Services {
-    /// One of the coordinator's upload slots, waited for in turn (the
+    /// `slots` of the coordinator's upload slots, waited for in turn (the
     /// semaphore is first come, first served). A site waiting here counts as
     /// a transfer in progress for every job, so rounds wait for it; lapsed
     /// leases are released while waiting.
-    async fn wait_for_upload_slot(&self, site: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    async fn wait_for_upload_slots(&self, site: &str, slots: u32) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         let queued = self.inner.transfers.start("", site);
-        let acquire = Arc::clone(&self.inner.receiving).acquire_owned();
+        let acquire = Arc::clone(&self.inner.receiving).acquire_many_owned(slots);
         tokio::pin!(acquire);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -922,6 +995,7 @@ impl Services {
         &self,
         job: &JobRow,
         round: Option<u32>,
+        part: ModelPart,
     ) -> Result<BoxStream<pb::ModelChunk>, Status> {
         let latest = self
             .inner
@@ -941,16 +1015,20 @@ impl Services {
             .models
             .get(&job.id, round, &self.inner.model_path(&job.id, round), !job.state.is_terminal())
             .map_err(|e| Status::internal(e.to_string()))?;
+        let range = part.chunks(&chunks).map_err(Status::invalid_argument)?;
+        let values = |chunks: &[Bytes]| chunks.iter().map(|c| c.len() as u64 / 4).sum::<u64>();
         let header = pb::ModelHeader {
             job_id: job.id.clone(),
             round,
             layout_hash: job.layout_hash.clone(),
-            num_params: chunks.iter().map(|c| c.len() as u64 / 4).sum(),
+            num_params: values(&chunks),
+            first_value: values(&chunks[..range.start]),
+            value_count: values(&chunks[range.clone()]),
         };
         Ok(self
             .inner
             .models
-            .stream(chunks, header, Duration::from_secs(self.inner.idle_timeout_secs)))
+            .stream(chunks, range, header, Duration::from_secs(self.inner.idle_timeout_secs)))
     }
 
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {

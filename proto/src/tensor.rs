@@ -234,6 +234,12 @@ impl ChunkValidator {
         self.sum_of_squares.map(f64::sqrt)
     }
 
+    /// The sum of the squares of the values checked so far; `None` unless
+    /// made [`ChunkValidator::with_norm`].
+    pub fn sum_of_squares(&self) -> Option<f64> {
+        self.sum_of_squares
+    }
+
     /// Confirms every announced value arrived.
     pub fn finish(&self) -> Result<(), ChunkError> {
         if self.received != self.expected {
@@ -371,6 +377,153 @@ impl ChunkAssembler {
     }
 }
 
+/// A vector of a known length received in parts, each over a stream of its
+/// own, into one buffer: a large model pulled over two connections at once,
+/// so that each part's TLS, HTTP/2 and copies can run on a core of their own.
+///
+/// [`PartedAssembly::parts`] cuts the buffer's room into disjoint ranges
+/// that start on chunk boundaries, one [`PartAssembler`] each, which check
+/// and copy their chunks as [`ChunkAssembler`] does;
+/// [`PartedAssembly::finish`] gives the vector once every part of the last
+/// cut has received all of its values.
+#[derive(Debug)]
+pub struct PartedAssembly {
+    values: Vec<f32>,
+    expected: usize,
+    /// As [`ChunkAssembler`]'s: only into memory used before.
+    streaming: bool,
+    /// Values of the parts (of the last cut) that finished whole.
+    complete: std::sync::atomic::AtomicUsize,
+}
+
+/// One part of a [`PartedAssembly`]: the values
+/// `[first_value, first_value + len)`.
+#[derive(Debug)]
+pub struct PartAssembler<'a> {
+    room: &'a mut [std::mem::MaybeUninit<f32>],
+    first_value: usize,
+    validator: ChunkValidator,
+    streaming: bool,
+    complete: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl PartedAssembly {
+    /// Prepares to receive `expected` values into `buffer`'s memory (see
+    /// [`ChunkAssembler::reusing`]), reserving room for all of them: the
+    /// caller knows `expected` from its job, not from a peer.
+    pub fn reusing(expected: usize, mut buffer: Vec<f32>) -> Self {
+        let streaming =
+            buffer.capacity() >= expected && expected.saturating_mul(4) >= STREAMING_FROM_BYTES;
+        buffer.clear();
+        buffer.reserve_exact(expected);
+        PartedAssembly {
+            values: buffer,
+            expected,
+            streaming,
+            complete: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Cuts the vector into at most `count` parts of whole chunks (the last
+    /// may be shorter; none is empty, and a vector of no values has one
+    /// empty part). A new cut forgets the parts of the one before.
+    pub fn parts(&mut self, count: usize) -> Vec<PartAssembler<'_>> {
+        let per_part = self
+            .expected
+            .div_ceil(count.max(1))
+            .div_ceil(CHUNK_VALUES)
+            .max(1)
+            * CHUNK_VALUES;
+        *self.complete.get_mut() = 0;
+        let mut room = &mut self.values.spare_capacity_mut()[..self.expected];
+        let mut parts = Vec::new();
+        let mut first_value = 0;
+        loop {
+            let len = per_part.min(room.len());
+            let (part, rest) = room.split_at_mut(len);
+            room = rest;
+            parts.push(PartAssembler {
+                room: part,
+                first_value,
+                validator: ChunkValidator::new(len),
+                streaming: self.streaming,
+                complete: &self.complete,
+            });
+            first_value += len;
+            if room.is_empty() {
+                return parts;
+            }
+        }
+    }
+
+    /// The complete vector, or an error if a part of the last cut did not
+    /// finish whole.
+    pub fn finish(mut self) -> Result<Vec<f32>, ChunkError> {
+        let complete = *self.complete.get_mut();
+        if complete != self.expected {
+            return Err(ChunkError::Truncated {
+                received: complete,
+                expected: self.expected,
+            });
+        }
+        // SAFETY: the parts of the last cut are disjoint, cover the first
+        // `expected` slots of the spare capacity, and each counted itself
+        // in `complete` only after writing every one of its slots
+        // (`PartAssembler::finish`); `complete` is reset at each cut. So
+        // all `expected` values are initialised.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.values.set_len(self.expected)
+        };
+        Ok(self.values)
+    }
+}
+
+impl PartAssembler<'_> {
+    /// The index of this part's first value in the vector.
+    pub fn first_value(&self) -> usize {
+        self.first_value
+    }
+
+    /// How many values this part holds.
+    pub fn len(&self) -> usize {
+        self.room.len()
+    }
+
+    /// Whether the part holds no values (only the one part of an empty vector).
+    pub fn is_empty(&self) -> bool {
+        self.room.is_empty()
+    }
+
+    /// Appends one chunk; rejects oversized, misaligned, surplus and
+    /// non-finite data (a value's index in the error is its index in the
+    /// whole vector).
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), ChunkError> {
+        self.validator.check_shape(chunk.len())?;
+        let at = self.validator.received;
+        let words = &chunk[..chunk.len() / 4 * 4];
+        if !streaming::write_finite(&mut self.room[at..at + words.len() / 4], words, self.streaming) {
+            return Err(match self.validator.not_finite(chunk) {
+                ChunkError::NotFinite { index, value } => ChunkError::NotFinite {
+                    index: index + self.first_value,
+                    value,
+                },
+                other => other,
+            });
+        }
+        self.validator.received += words.len() / 4;
+        Ok(())
+    }
+
+    /// Confirms every value of this part arrived.
+    pub fn finish(self) -> Result<(), ChunkError> {
+        self.validator.finish()?;
+        self.complete
+            .fetch_add(self.room.len(), std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+}
+
 /// Copying a large vector's values in and checking them in the same pass.
 ///
 /// A 400 MB model lands in memory no cache holds. An ordinary store first
@@ -412,6 +565,32 @@ pub mod streaming {
             values.extend(super::decode_le(words));
             true
         }
+    }
+
+    /// Writes `words`' little-endian values (whole words) into `room` (as
+    /// many slots) if every one is finite, with non-temporal stores if
+    /// `around_cache`, and says whether they were. On `false`, some slots
+    /// may have been written.
+    ///
+    /// # Panics
+    /// If `room` does not hold exactly one slot per word.
+    pub fn write_finite(room: &mut [std::mem::MaybeUninit<f32>], words: &[u8], around_cache: bool) -> bool {
+        assert_eq!(room.len() * 4, words.len(), "write_finite needs a slot per word");
+        #[cfg(target_arch = "x86_64")]
+        if around_cache {
+            // SAFETY: `room` is `words.len()` writable bytes, 4-byte
+            // aligned, and does not overlap `words` (one is borrowed mutably).
+            #[allow(unsafe_code)]
+            return unsafe { x86::copy_checking_finite(words, room.as_mut_ptr().cast::<u8>()) };
+        }
+        let _ = around_cache;
+        if !super::all_finite(words) {
+            return false;
+        }
+        for (slot, value) in room.iter_mut().zip(super::decode_le(words)) {
+            slot.write(value);
+        }
+        true
     }
 
     /// Copies `src` into `dst` (equal lengths) with non-temporal stores

@@ -16,6 +16,7 @@
 pub mod approvals;
 pub mod config;
 pub mod dataset;
+pub mod download;
 pub mod ledger;
 pub mod train;
 pub mod upload;
@@ -30,7 +31,6 @@ use proto::identity::IdentityFiles;
 use proto::job::JobSpec;
 use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::ChunkAssembler;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -99,11 +99,15 @@ struct Worker {
     /// stream silent for this long is abandoned (and the task retried).
     idle_timeout_secs: std::sync::atomic::AtomicU64,
     /// The memory of the last model pulled, which the next pull lands in
-    /// (`ChunkAssembler::reusing`): a model of 100M parameters would
+    /// (`proto::tensor::ChunkAssembler::reusing`): a model of 100M parameters would
     /// otherwise fault in 400 MB of fresh pages every round. One for the
     /// whole site, not one per job, so that a job that ends without word
     /// from the coordinator keeps none.
     spare_model: Mutex<Vec<f32>>,
+    /// A second connection to the coordinator, opened the first time a
+    /// model is large enough to be pulled in two parts
+    /// ([`download::PARTED_FROM_BYTES`]), and reopened as needed.
+    second_link: WorkerServiceClient<Channel>,
 }
 
 /// Runs the worker until `shutdown` is cancelled.
@@ -147,6 +151,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         data: Mutex::new(HashMap::new()),
         jobs: Mutex::new(HashMap::new()),
         spare_model: Mutex::new(Vec::new()),
+        second_link: WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(4 << 20),
         inflight: Mutex::new(HashSet::new()),
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
@@ -496,41 +501,10 @@ impl Worker {
         layout_hash: &str,
         num_params: u64,
     ) -> Result<Vec<f32>, tonic::Status> {
-        let mut stream =
-            client.pull_model(pb::PullModelRequest { job_id: job_id.to_string(), round }).await?.into_inner();
         let idle = Duration::from_secs(self.idle_timeout_secs.load(std::sync::atomic::Ordering::Relaxed));
-        let silent = || {
-            tonic::Status::deadline_exceeded(format!(
-                "the model stream was silent for more than the idle timeout of {} s",
-                idle.as_secs()
-            ))
-        };
-        let header = match tokio::time::timeout(idle, stream.next()).await.map_err(|_| silent())? {
-            Some(Ok(pb::ModelChunk { part: Some(pb::model_chunk::Part::Header(h)) })) => h,
-            Some(Err(e)) => return Err(e),
-            _ => {
-                return Err(tonic::Status::data_loss("model stream did not start with a header"));
-            }
-        };
-        if header.layout_hash != layout_hash || header.num_params != num_params {
-            return Err(tonic::Status::data_loss(format!(
-                "model layout {} / {} values does not match the job's {} / {}",
-                header.layout_hash, header.num_params, layout_hash, num_params
-            )));
-        }
         let memory = std::mem::take(&mut *lock(&self.spare_model));
-        let mut assembler = ChunkAssembler::reusing(num_params as usize, memory);
-        while let Some(chunk) = tokio::time::timeout(idle, stream.next()).await.map_err(|_| silent())? {
-            match chunk?.part {
-                Some(pb::model_chunk::Part::Data(d)) => {
-                    assembler.push(&d).map_err(|e| tonic::Status::data_loss(e.to_string()))?
-                }
-                _ => {
-                    return Err(tonic::Status::data_loss("a second header in the model stream"));
-                }
-            }
-        }
-        assembler.finish().map_err(|e| tonic::Status::data_loss(e.to_string()))
+        let wanted = download::Wanted { job_id, round, layout_hash, num_params };
+        download::pull_model(client, &mut self.second_link.clone(), wanted, memory, idle).await
     }
 
     fn outbox_path(&self, job_id: &str, round: u32) -> PathBuf {
@@ -687,9 +661,11 @@ impl Worker {
             num_examples: weight,
             metrics: metrics.into_iter().collect(),
             ledger_entry: Some(entry),
+            // The whole update; `push_reserved` cuts a large one into parts.
+            ..Default::default()
         };
         let reply =
-            upload::push_reserved(client, header, Arc::new(update), self.config.upload_limit_bytes_per_sec).await?;
+            upload::push_reserved(client, &mut self.second_link.clone(), header, Arc::new(update), self.config.upload_limit_bytes_per_sec).await?;
         self.audit(
             "update.sent",
             job_id,

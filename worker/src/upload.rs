@@ -30,24 +30,80 @@ fn chunk_values(limit: Option<f64>) -> usize {
 }
 
 /// Sends an update: reserves an upload slot, then pushes `header` and
-/// `values` with the lease. A coordinator that predates `ReserveUpload`
-/// gets the push without one.
+/// `values` with the lease. An update of
+/// [`PARTED_FROM_BYTES`](crate::download::PARTED_FROM_BYTES) or more, not
+/// paced, goes in two parts at once, over `session` and `second` (the
+/// reason is the pull's, in [`crate::download`]), where the coordinator
+/// grants them; otherwise it goes whole over `session`. A coordinator that
+/// predates `ReserveUpload` gets the push without a lease.
 pub async fn push_reserved(
-    client: &mut WorkerServiceClient<Channel>,
+    session: &mut WorkerServiceClient<Channel>,
+    second: &mut WorkerServiceClient<Channel>,
     header: pb::UpdateHeader,
     values: Arc<Vec<f32>>,
     limit: Option<f64>,
 ) -> Result<pb::PushUpdateResponse, tonic::Status> {
+    let large = values.len() as u64 * 4 >= crate::download::PARTED_FROM_BYTES;
     let reserve = pb::ReserveUploadRequest {
         job_id: header.job_id.clone(),
         round: header.round,
+        parts: if large && limit.is_none() { 2 } else { 1 },
     };
-    let lease = match client.reserve_upload(reserve).await {
-        Ok(reply) => Some(reply.into_inner().lease),
-        Err(status) if status.code() == tonic::Code::Unimplemented => None,
+    let (lease, parts) = match session.reserve_upload(reserve.clone()).await {
+        Ok(reply) => {
+            let reply = reply.into_inner();
+            (Some(reply.lease), reply.parts)
+        }
+        Err(status) if status.code() == tonic::Code::Unimplemented => (None, 0),
         Err(status) => return Err(status),
     };
-    let mut request = tonic::Request::new(update_messages(header, values, limit));
+    if reserve.parts < 2 || parts < 2 {
+        let whole = 0..values.len();
+        return push(session, header, values, whole, limit, lease.as_deref()).await;
+    }
+    // Two parts of whole chunks; one id for both, new for each upload.
+    let cut = (values.len() / 2).div_ceil(CHUNK_VALUES) * CHUNK_VALUES;
+    let upload_id = format!("{:032x}", rand::random::<u128>());
+    let part = |range: &std::ops::Range<usize>| pb::UpdateHeader {
+        first_value: range.start as u64,
+        value_count: range.len() as u64,
+        upload_id: upload_id.clone(),
+        ..header.clone()
+    };
+    let (first, rest) = (0..cut, cut..values.len());
+    let (first, rest) = tokio::try_join!(
+        push(session, part(&first), Arc::clone(&values), first, None, lease.as_deref()),
+        push(second, part(&rest), Arc::clone(&values), rest, None, lease.as_deref()),
+    )?;
+    combine(first, rest)
+}
+
+/// The verdict on an update sent in two parts, from the coordinator's
+/// replies to each: refused if either part was, accepted if the last part
+/// to arrive made it whole. Accepted parts of which none made the update
+/// whole (the coordinator dropped the first while waiting for the second)
+/// are an error, so that the update is sent again.
+fn combine(first: pb::PushUpdateResponse, rest: pb::PushUpdateResponse) -> Result<pb::PushUpdateResponse, tonic::Status> {
+    match (first, rest) {
+        (refused, _) | (_, refused) if !refused.accepted => Ok(refused),
+        (whole, _) | (_, whole) if whole.complete => Ok(whole),
+        (first, _) => Err(tonic::Status::aborted(format!(
+            "the coordinator accepted both parts of the update but counted neither ({})",
+            first.reason
+        ))),
+    }
+}
+
+/// One `PushUpdate` call: `header`, then `values[range]`, under `lease`.
+async fn push(
+    client: &mut WorkerServiceClient<Channel>,
+    header: pb::UpdateHeader,
+    values: Arc<Vec<f32>>,
+    range: std::ops::Range<usize>,
+    limit: Option<f64>,
+    lease: Option<&str>,
+) -> Result<pb::PushUpdateResponse, tonic::Status> {
+    let mut request = tonic::Request::new(update_messages(header, values, range, limit));
     if let Some(value) = lease.and_then(|lease| lease.parse().ok()) {
         request
             .metadata_mut()
@@ -56,28 +112,30 @@ pub async fn push_reserved(
     Ok(client.push_update(request).await?.into_inner())
 }
 
-/// The messages of one `PushUpdate` call: `header`, then `values`.
+/// The messages of one `PushUpdate` call: `header`, then `values[range]`.
 pub fn update_messages(
     header: pb::UpdateHeader,
     values: Arc<Vec<f32>>,
+    range: std::ops::Range<usize>,
     limit: Option<f64>,
 ) -> impl Stream<Item = pb::UpdateChunk> + Send + 'static {
     let per_chunk = chunk_values(limit);
     let start = tokio::time::Instant::now();
-    let data = futures::stream::unfold(0usize, move |offset| {
+    let first = range.start;
+    let data = futures::stream::unfold(range.start, move |offset| {
         let values = Arc::clone(&values);
         async move {
-            if offset >= values.len() {
+            if offset >= range.end {
                 return None;
             }
             if let Some(rate) = limit {
                 // Chunk k leaves no earlier than the bytes before it allow at `rate`.
                 tokio::time::sleep_until(
-                    start + Duration::from_secs_f64(offset as f64 * 4.0 / rate),
+                    start + Duration::from_secs_f64((offset - first) as f64 * 4.0 / rate),
                 )
                 .await;
             }
-            let end = (offset + per_chunk).min(values.len());
+            let end = (offset + per_chunk).min(range.end);
             let chunk = pb::UpdateChunk {
                 part: Some(pb::update_chunk::Part::Data(chunk_view(&values, offset..end))),
             };
@@ -110,7 +168,8 @@ mod tests {
     #[tokio::test]
     async fn unlimited_uploads_use_whole_chunks() {
         let values = Arc::new(vec![0.5f32; CHUNK_VALUES + 3]);
-        let messages: Vec<_> = update_messages(pb::UpdateHeader::default(), values, None)
+        let whole = 0..values.len();
+        let messages: Vec<_> = update_messages(pb::UpdateHeader::default(), values, whole, None)
             .collect()
             .await;
         assert!(matches!(
@@ -128,6 +187,7 @@ mod tests {
         let messages: Vec<_> = update_messages(
             pb::UpdateHeader::default(),
             Arc::clone(&values),
+            0..values.len(),
             Some(40_000.0),
         )
         .collect()
@@ -143,5 +203,36 @@ mod tests {
             }
         }
         assert_eq!(asm.finish().unwrap(), *values);
+    }
+
+    #[tokio::test]
+    async fn a_part_carries_its_range_of_values() {
+        let values = Arc::new((0..CHUNK_VALUES * 2 + 5).map(|i| i as f32).collect::<Vec<f32>>());
+        let messages: Vec<_> =
+            update_messages(pb::UpdateHeader::default(), Arc::clone(&values), CHUNK_VALUES..values.len(), None)
+                .collect()
+                .await;
+        assert_eq!(data_lengths(&messages), vec![CHUNK_VALUES * 4, 20]);
+        let mut asm = proto::tensor::ChunkAssembler::new(CHUNK_VALUES + 5);
+        for m in &messages[1..] {
+            if let Some(pb::update_chunk::Part::Data(d)) = &m.part {
+                asm.push(d).unwrap();
+            }
+        }
+        assert_eq!(asm.finish().unwrap(), values[CHUNK_VALUES..]);
+    }
+
+    #[test]
+    fn two_parts_are_refused_if_either_is_and_accepted_if_one_made_the_update_whole() {
+        let reply = |accepted, complete, reason: &str| pb::PushUpdateResponse { accepted, complete, reason: reason.to_string() };
+        let part = reply(true, false, "part received");
+        let whole = reply(true, true, "");
+        let refused = reply(false, false, "norm");
+        assert_eq!(combine(part.clone(), whole.clone()).unwrap(), whole);
+        assert_eq!(combine(whole.clone(), part.clone()).unwrap(), whole);
+        assert_eq!(combine(part.clone(), refused.clone()).unwrap(), refused);
+        assert_eq!(combine(refused.clone(), whole.clone()).unwrap(), refused);
+        let err = combine(part.clone(), part).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
     }
 }

@@ -141,6 +141,7 @@ fn an_update_stream_silent_for_the_idle_timeout_is_dropped_with_its_reason() {
                 spec_hash,
                 ..Default::default()
             }),
+            ..Default::default()
         })),
     };
     let half = pb::UpdateChunk {

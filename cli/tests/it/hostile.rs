@@ -70,8 +70,17 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
                 num_examples: 100,
                 metrics: Default::default(),
                 ledger_entry: ledger,
+                ..Default::default()
             })),
         };
+    // A header for a part of the update: values first..first + count.
+    let part = |first: u64, count: u64, upload_id: &str| {
+        let mut message = header(1, &train.layout_hash, train.num_params, Some(entry(1)));
+        if let Some(pb::update_chunk::Part::Header(h)) = &mut message.part {
+            (h.first_value, h.value_count, h.upload_id) = (first, count, upload_id.to_string());
+        }
+        message
+    };
     let data = |values: Vec<f32>| pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Data(
             values
@@ -158,6 +167,26 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
             ],
             "malformed update: chunk 0 has 1048580 bytes, more than the limit of 1048576",
         ),
+        (
+            "a part off a chunk's boundary",
+            vec![part(1, 2, "u1"), data(vec![0.1; 2])],
+            "starting on a chunk",
+        ),
+        (
+            "a part past the update's end",
+            vec![part(0, n as u64 + 1, "u1"), data(vec![0.1; n + 1])],
+            "is not within the update",
+        ),
+        (
+            "a part without an upload id",
+            vec![part(0, 2, ""), data(vec![0.1; 2])],
+            "upload_id",
+        ),
+        (
+            "a scaled part, judged with the rest",
+            vec![part(0, n as u64, "u2"), data(vec![100.0; n])],
+            "exceeds the job's bound policy.max_update_norm = 50",
+        ),
     ];
     for (what, messages, expected) in attempts {
         let reply = evil
@@ -175,7 +204,7 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     assert!(out.status.success(), "{stdout}");
     let audit = fed.dir.join("coord-state").join("audit.log");
     let text = std::fs::read_to_string(&audit).unwrap();
-    assert_eq!(text.matches("update.rejected").count(), 9, "{text}");
+    assert_eq!(text.matches("update.rejected").count(), 13, "{text}");
     assert!(
         run(&["audit", "verify", audit.to_str().unwrap()])
             .status

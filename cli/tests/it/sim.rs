@@ -6,7 +6,12 @@ use crate::util::run;
 /// Runs `meridian sim` with `sites`, `rounds` and `params` and returns its `--json` report.
 fn sim_report(sites: &str, rounds: &str, params: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("sim");
+    sim_report_in(dir.path(), sites, rounds, params)
+}
+
+/// [`sim_report`], its files under `dir/sim`.
+fn sim_report_in(dir: &std::path::Path, sites: &str, rounds: &str, params: &str) -> serde_json::Value {
+    let work = dir.join("sim");
     let out = run(&[
         "sim",
         "--sites",
@@ -47,19 +52,31 @@ fn a_simulated_federation_completes_and_reports_its_rounds_and_memory() {
 }
 
 #[test]
-fn a_model_past_the_page_cache_threshold_moves_and_aggregates_exactly() {
-    // About 18 MB: updates and models are written around the page cache
-    // (`proto::checkpoint::UNCACHED_FROM_BYTES`), updates from a thread of
-    // their own, and read back for aggregation; each site checks every
-    // model it pulls against the last one plus the update all sites sent.
-    let report = sim_report("2", "3", "4500000");
+fn a_large_model_moves_in_parts_and_aggregates_exactly() {
+    // About 36 MB: models are pulled and updates pushed in two parts over
+    // two connections each (`worker::download::PARTED_FROM_BYTES`), the
+    // parts written around the page cache from threads of their own and
+    // read back, in order, for aggregation; each site checks every model
+    // it pulls against the last one plus the update all sites sent.
+    let dir = tempfile::tempdir().unwrap();
+    let report = sim_report_in(dir.path(), "2", "3", "9000000");
     assert_eq!(report["errors"].as_array().unwrap().len(), 0, "{report}");
     assert_eq!(report["refused_updates"], 0, "{report}");
     assert_eq!(report["model_mismatches"], 0, "{report}");
     let params = report["params"].as_f64().unwrap();
-    assert!(params * 4.0 > (16 << 20) as f64, "{report}");
+    assert!(params * 4.0 >= (32 << 20) as f64, "{report}");
     // Two sites, three rounds: six pulls and six pushes, each of the whole model.
     assert_eq!(report["push_gb_per_s_each"].as_array().unwrap().len(), 6, "{report}");
     let pushed = report["pushed_mb"].as_f64().unwrap();
     assert!((pushed - 6.0 * params * 4.0 / 1e6).abs() < 1e-3, "{report}");
+    // Each update arrived as two parts, listed in a parts file the round read.
+    let log = std::fs::read_to_string(dir.path().join("sim/coordinator/coordinator.log")).unwrap();
+    assert_eq!(log.matches("update part received").count(), 6, "{log}");
+    let jobs = dir.path().join("sim/coordinator/state/jobs");
+    let job = std::fs::read_dir(&jobs).unwrap().next().unwrap().unwrap().path();
+    let lists = std::fs::read_dir(job.join("updates"))
+        .unwrap()
+        .filter(|f| std::fs::read(f.as_ref().unwrap().path()).unwrap().starts_with(b"MRDN-parts v1"))
+        .count();
+    assert_eq!(lists, 6);
 }

@@ -457,9 +457,10 @@ impl RawSite {
                 spec_hash: spec_hash.to_string(),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let messages =
-            worker::upload::update_messages(header, std::sync::Arc::new(values.to_vec()), None);
+            worker::upload::update_messages(header, std::sync::Arc::new(values.to_vec()), 0..values.len(), None);
         self.rt
             .block_on(self.client.push_update(messages))
             .unwrap()

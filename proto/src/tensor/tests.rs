@@ -235,3 +235,99 @@ fn the_copy_around_the_cache_is_a_copy_at_every_offset_and_length() {
         }
     }
 }
+
+/// Fills every part of `asm`'s cut into `count` parts from `values`' wire
+/// chunks, in an interleaved order (as two streams would), and finishes each.
+fn fill_parts(asm: &mut PartedAssembly, count: usize, values: &[f32]) -> Vec<(usize, usize)> {
+    let mut parts = asm.parts(count);
+    let bounds: Vec<(usize, usize)> = parts.iter().map(|p| (p.first_value(), p.len())).collect();
+    let mut pieces: Vec<Vec<Bytes>> = bounds
+        .iter()
+        .map(|&(first, len)| encode_chunks(&values[first..first + len]).collect())
+        .collect();
+    for round in 0..pieces.iter().map(Vec::len).max().unwrap_or(0) {
+        for (part, chunks) in parts.iter_mut().zip(&mut pieces).rev() {
+            if let Some(chunk) = chunks.get(round) {
+                part.push(chunk).unwrap();
+            }
+        }
+    }
+    for part in parts {
+        part.finish().unwrap();
+    }
+    bounds
+}
+
+#[test]
+fn a_vector_in_parts_is_cut_on_chunks_and_assembled_whole() {
+    for (len, count) in [(CHUNK_VALUES * 4, 2), (CHUNK_VALUES * 3 + 7, 2), (CHUNK_VALUES + 1, 4), (5, 2), (0, 2), (CHUNK_VALUES * 2, 1)] {
+        let values: Vec<f32> = (0..len).map(|i| (i % 977) as f32 - 3.25).collect();
+        let mut asm = PartedAssembly::reusing(len, Vec::new());
+        let bounds = fill_parts(&mut asm, count, &values);
+        // Whole chunks, in order, covering the vector, none empty but an empty vector's.
+        let mut next = 0;
+        for &(first, part_len) in &bounds {
+            assert_eq!(first, next);
+            assert!(first.is_multiple_of(CHUNK_VALUES));
+            assert!(part_len > 0 || len == 0);
+            next += part_len;
+        }
+        assert_eq!(next, len);
+        assert!(bounds.len() <= count.max(1));
+        assert_eq!(asm.finish().unwrap(), values, "{len} values in {count} parts");
+    }
+}
+
+#[test]
+fn a_large_vector_in_parts_is_written_around_the_cache_into_reused_memory() {
+    let len = STREAMING_FROM_BYTES / 4 + 5;
+    let values: Vec<f32> = (0..len).map(|i| (i % 1009) as f32 - 500.5).collect();
+    assert!(!PartedAssembly::reusing(len, Vec::new()).streaming);
+    let mut asm = PartedAssembly::reusing(len, vec![1.0; len]);
+    assert!(asm.streaming);
+    fill_parts(&mut asm, 2, &values);
+    assert_eq!(asm.finish().unwrap(), values);
+}
+
+#[test]
+fn a_part_rejects_bad_chunks_and_an_unfinished_part_fails_the_vector() {
+    let len = CHUNK_VALUES * 2 + 10;
+    let mut asm = PartedAssembly::reusing(len, Vec::new());
+    {
+        let mut parts = asm.parts(2);
+        let second = &mut parts[1];
+        assert_eq!(second.first_value(), CHUNK_VALUES * 2);
+        assert_eq!(second.len(), 10);
+        // A NaN's index is its index in the whole vector.
+        let mut bad = vec![0.5f32; 10];
+        bad[3] = f32::NAN;
+        let err = second.push(&encode_chunk(&bad)).unwrap_err();
+        assert!(matches!(err, ChunkError::NotFinite { index, .. } if index == CHUNK_VALUES * 2 + 3), "{err:?}");
+        assert_eq!(second.push(&[0u8; 6]), Err(ChunkError::Misaligned { index: 1, bytes: 6 }));
+        assert_eq!(second.push(&encode_chunk(&[1.0; 11])), Err(ChunkError::TooLong { expected: 10 }));
+        let first = parts.remove(0);
+        // The first part never got its values.
+        assert_eq!(first.finish(), Err(ChunkError::Truncated { received: 0, expected: CHUNK_VALUES * 2 }));
+    }
+    assert!(matches!(asm.finish(), Err(ChunkError::Truncated { received: 0, .. })));
+
+    // Parts that finished under an earlier cut do not count for a new one.
+    let values = vec![2.0f32; len];
+    let mut asm = PartedAssembly::reusing(len, Vec::new());
+    {
+        let mut parts = asm.parts(2);
+        for chunk in encode_chunks(&values[..CHUNK_VALUES * 2]) {
+            parts[0].push(&chunk).unwrap();
+        }
+        parts.remove(0).finish().unwrap();
+    }
+    {
+        let mut parts = asm.parts(2);
+        parts[1].push(&encode_chunk(&values[..10])).unwrap();
+        parts.remove(1).finish().unwrap();
+    }
+    assert_eq!(
+        asm.finish(),
+        Err(ChunkError::Truncated { received: 10, expected: len })
+    );
+}
