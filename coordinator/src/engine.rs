@@ -102,6 +102,12 @@ impl Coordinator {
     /// Starts a driver for every job that is not finished (after a restart).
     pub fn resume_jobs(self: &Arc<Self>) -> Result<(), EngineError> {
         for job in self.store.jobs()? {
+            // Parts that were waiting for the rest of their update when the coordinator stopped.
+            match crate::update_parts::sweep_orphans(&self.job_dir(&job.id).join("updates")) {
+                Ok(0) => {}
+                Ok(removed) => info!(job_id = %job.id, removed, "removed the parts of updates that never became whole"),
+                Err(e) => warn!(job_id = %job.id, error = %e, "could not remove the parts of unfinished updates"),
+            }
             if !job.state.is_terminal() {
                 info!(job_id = %job.id, state = job.state.as_str(), round = job.current_round, "resuming job");
                 self.spawn_driver(job.id);
@@ -118,6 +124,7 @@ impl Coordinator {
             // The job ended, its driver failed, or the coordinator is
             // stopping: either way its cached model is no longer served.
             this.models.forget(&job_id);
+            this.update_parts.sweep(|j, _| j != job_id);
             if let Err(e) = driven {
                 warn!(job_id, error = %e, "job driver stopped");
                 let reason = format!("coordinator error: {e}");
@@ -501,6 +508,8 @@ impl Coordinator {
         // committed (the file is the durable copy; no one may pull a round
         // before it is closed).
         self.models.install(&job.id, round, chunks);
+        // Parts of this round's updates that never became whole are dropped.
+        self.update_parts.sweep(|job_id, r| job_id != job.id || r > round);
         Ok(true)
     }
 

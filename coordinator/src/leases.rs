@@ -1,5 +1,6 @@
-//! Upload leases: a receiving slot that `ReserveUpload` took for a site and
-//! holds until the site's `PushUpdate` claims it, or until it lapses.
+//! Upload leases: the receiving slots (one, or one per part of an update
+//! sent in parts) that `ReserveUpload` took for a site and holds until the
+//! site's `PushUpdate` streams claim them, or until the lease lapses.
 //!
 //! # Why
 //! A site that opens its upload stream at once sends a whole HTTP/2 window
@@ -29,9 +30,10 @@ struct Lease {
 }
 
 impl Leases {
-    /// Holds `slot` for `site` for `valid`; returns the lease's id. A site
-    /// holds one lease at a time: a new one releases its previous slot, so
-    /// no site can sit on several.
+    /// Holds `slot` (one receiving slot, or one per part of an update sent
+    /// in parts) for `site` for `valid`; returns the lease's id. A site
+    /// holds one lease at a time: a new one releases its previous slots, so
+    /// no site can sit on more than one update's.
     pub fn grant(&self, site: &str, slot: OwnedSemaphorePermit, valid: Duration) -> String {
         let id = format!("{:032x}", rand::random::<u128>());
         let lease = Lease {

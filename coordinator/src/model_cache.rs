@@ -62,7 +62,7 @@ impl ModelPart {
         let total: u64 = chunks.iter().map(|c| c.len() as u64 / 4).sum();
         let end = match self.value_count {
             0 => total,
-            n => self.first_value.checked_add(n).unwrap_or(u64::MAX),
+            n => self.first_value.saturating_add(n),
         };
         if self.first_value > total || end > total || (self.value_count == 0 && self.first_value == total && total > 0) {
             return Err(format!(

@@ -11,6 +11,7 @@ use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
 use proto::pb;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,7 +24,7 @@ use crate::admission::{self, Expected, MAX_UPLOAD_PARTS, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError, WeightedMean};
 use crate::incoming::UpdateFile;
 use crate::revocation::Revocations;
-use crate::update_parts::{Arrival, ReceivedPart};
+use crate::update_parts::{self, Arrival, ReceivedPart};
 use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
@@ -768,7 +769,18 @@ impl pb::worker_service_server::WorkerService for Services {
             Ok(part) => part,
             Err(reason) => return reject(reason),
         };
-        let update = (job.id.as_str(), header.round, who.name.as_str());
+        // Every part of an upload carries the same header but for its range.
+        let stream_of_part = match &part {
+            None => None,
+            Some(part) => {
+                let same = pb::UpdateHeader { first_value: 0, value_count: 0, upload_id: String::new(), ..header.clone() };
+                let update = (job.id.as_str(), header.round, who.name.as_str());
+                match self.inner.update_parts.begin(update, &part.upload_id, same.encode_to_vec()) {
+                    Ok(stream) => Some(stream),
+                    Err(reason) => return reject(reason),
+                }
+            }
+        };
         // A transfer that keeps making progress is waited for past the round's
         // deadline; one silent for the idle timeout is dropped.
         let transfer = self.inner.transfers.start(&job.id, &who.name);
@@ -777,7 +789,7 @@ impl pb::worker_service_server::WorkerService for Services {
         // A part is a parameter file of its own until the last part lists them all.
         let mut path = match &part {
             None => updates.join(format!("{name}.bin")),
-            Some(part) => updates.join(format!("{name}.from{}.bin", part.first_value)),
+            Some(part) => update_parts::part_file(&updates, &name, part.first_value),
         };
         // Chunks go straight to disk as they are checked: one chunk in memory per transfer.
         // Read back once, when the round is aggregated: kept out of the page cache.
@@ -817,8 +829,8 @@ impl pb::worker_service_server::WorkerService for Services {
         .await;
         let received_in = receiving.elapsed();
         let abandon = || {
-            if let Some(part) = &part {
-                self.inner.update_parts.abandon(update, &part.upload_id);
+            if let Some(stream) = &stream_of_part {
+                self.inner.update_parts.abandon(stream);
             }
         };
         let sum_of_squares = match received {
@@ -836,14 +848,14 @@ impl pb::worker_service_server::WorkerService for Services {
                 return Err(status);
             }
         };
-        if let Some(part) = &part {
+        if let (Some(part), Some(stream)) = (&part, &stream_of_part) {
             let received = ReceivedPart {
                 path: path.clone(),
                 first_value: part.first_value,
                 value_count: part.value_count,
                 sum_of_squares,
             };
-            let parts = match self.inner.update_parts.arrive(update, &part.upload_id, job.num_params, received) {
+            let parts = match self.inner.update_parts.arrive(stream, job.num_params, received) {
                 Ok(Arrival::Waiting) => {
                     info!(job_id = %job.id, site = %who.name, round = header.round, first_value = part.first_value, values = part.value_count, "update part received");
                     return Ok(Response::new(pb::PushUpdateResponse {
@@ -861,7 +873,7 @@ impl pb::worker_service_server::WorkerService for Services {
             };
             let remove_parts = |parts: &[ReceivedPart]| {
                 for p in parts {
-                    let _ = checkpoint::remove(&p.path);
+                    let _ = std::fs::remove_file(&p.path);
                 }
             };
             if let Err(reason) = admission::check_norm(&expected, parts.iter().map(|p| p.sum_of_squares)) {
@@ -870,9 +882,19 @@ impl pb::worker_service_server::WorkerService for Services {
             }
             path = updates.join(format!("{name}.bin"));
             let listed: Vec<_> = parts.iter().map(|p| (p.path.clone(), p.value_count)).collect();
-            if let Err(e) = checkpoint::write_parts(&path, &listed, "update.rename") {
-                remove_parts(&parts);
-                return Err(Status::internal(e.to_string()));
+            // Two fsyncs: on a blocking thread, as the parts' own commits are.
+            let list = path.clone();
+            let written = tokio::task::spawn_blocking(move || checkpoint::write_parts(&list, &listed, "update.parts")).await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    remove_parts(&parts);
+                    return Err(Status::internal(e.to_string()));
+                }
+                Err(e) => {
+                    remove_parts(&parts);
+                    return Err(Status::internal(format!("listing the update's parts failed: {e}")));
+                }
             }
         }
         // The charge is mirrored even if the update turns out to be a duplicate: it was spent.

@@ -3,24 +3,29 @@
 //!
 //! A site sends a large update in two parts at once so that each part's
 //! TLS and copies run in a pipeline of their own (the pull's reason, in
-//! `worker::download`). Each part is checked as it streams in and written
-//! to a parameter file of its own; the update counts only once every value
-//! is in: the last part to arrive takes the parts from here, checks the
-//! norm bound over all of them, lists them in one parts file
+//! `worker::download`). Each part's stream is announced here when its
+//! header passes ([`UpdateParts::begin`]): at most [`MAX_UPLOAD_PARTS`]
+//! per upload, every one with the same header but for its range. Each part
+//! is checked as it streams in and written to a parameter file of its own;
+//! the update counts only once every value is in: the last part to arrive
+//! takes the parts from here ([`UpdateParts::arrive`]), checks the norm
+//! bound over all of them, lists them in one parts file
 //! (`proto::checkpoint::write_parts`) and records that as the update.
 //!
-//! Parts of an upload that never completes (a part was refused, its stream
-//! broke, the site gave up and started again) are removed with their files:
-//! when a part of the same upload is refused, when the same site starts
-//! another upload for the same round, or once they have waited longer than
-//! [`UpdateParts::new`]'s bound.
+//! An upload that cannot complete is dropped with its files: when one of
+//! its parts is refused, when the same site starts another upload of the
+//! same update, when its round is no longer open ([`UpdateParts::sweep`]),
+//! and once no part of it has streamed or arrived for the keep time given
+//! to [`UpdateParts::new`]. A part still streaming keeps its upload: a
+//! slow second half is never the reason the first is thrown away. After a
+//! restart, parts no update lists are removed (`sweep_orphans`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use proto::checkpoint;
+use crate::admission::MAX_UPLOAD_PARTS;
 
 /// One part on disk, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,85 +50,134 @@ pub enum Arrival {
 }
 
 /// A site's update for a job's round: (job, round, site).
+pub type UpdateKey<'a> = (&'a str, u32, &'a str);
+
 type Key = (String, u32, String);
+
+fn key((job_id, round, site): UpdateKey<'_>) -> Key {
+    (job_id.to_string(), round, site.to_string())
+}
 
 /// The parts of each upload in progress.
 #[derive(Debug)]
 pub struct UpdateParts {
     open: Mutex<HashMap<Key, Upload>>,
-    /// How long an incomplete upload is kept after its last part arrived.
+    /// How long an upload none of whose parts is streaming is kept after
+    /// its last part arrived.
     keep: Duration,
 }
 
 #[derive(Debug)]
 struct Upload {
     id: String,
+    /// The header every part must carry, its range left out.
+    header: Vec<u8>,
+    /// Parts announced by [`UpdateParts::begin`], at most [`MAX_UPLOAD_PARTS`].
+    begun: u32,
+    /// Parts whose streams are still open.
+    streaming: u32,
     parts: Vec<ReceivedPart>,
     last: Instant,
 }
 
-impl Upload {
-    fn remove_files(self) {
-        for part in self.parts {
-            let _ = checkpoint::remove(&part.path);
+/// A part's stream in progress: while it lives, its upload is kept. Dropped
+/// when the stream ends, however it ends.
+#[must_use]
+pub struct PartStream<'a> {
+    parts: &'a UpdateParts,
+    key: Key,
+    id: String,
+}
+
+impl Drop for PartStream<'_> {
+    fn drop(&mut self) {
+        let mut open = self.parts.open();
+        if let Some(upload) = open.get_mut(&self.key)
+            && upload.id == self.id
+        {
+            upload.streaming = upload.streaming.saturating_sub(1);
+            upload.last = Instant::now();
         }
     }
 }
 
+/// Removes the files of dropped parts, outside the lock: a part of a large
+/// update is hundreds of megabytes to unlink.
+fn remove_files(parts: impl IntoIterator<Item = ReceivedPart>) {
+    for part in parts {
+        let _ = std::fs::remove_file(&part.path);
+    }
+}
+
 impl UpdateParts {
-    /// Keeps an incomplete upload's parts for `keep` after the last one arrived.
+    /// Keeps an upload none of whose parts is streaming for `keep` after
+    /// its last part arrived.
     pub fn new(keep: Duration) -> Self {
-        UpdateParts {
-            open: Mutex::new(HashMap::new()),
-            keep,
-        }
+        UpdateParts { open: Mutex::new(HashMap::new()), keep }
     }
 
     fn open(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Upload>> {
-        // Each change is one insert or remove: a panic cannot leave an upload half-recorded.
+        // Each change leaves every upload whole: a panic cannot leave one half-recorded.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records `part` of the upload `upload_id` of `site`'s update for
-    /// `job_id`'s `round`, whose whole has `num_params` values. A part that
-    /// overlaps one already in is refused, and its upload dropped (its
-    /// files with it, this part's included). Another upload of the same
-    /// update, from a site that started again, replaces the older one.
-    pub fn arrive(
-        &self,
-        (job_id, round, site): (&str, u32, &str),
-        upload_id: &str,
-        num_params: u64,
-        part: ReceivedPart,
-    ) -> Result<Arrival, String> {
-        let key = (job_id.to_string(), round, site.to_string());
-        let now = Instant::now();
+    /// Announces a part's stream of the upload `upload_id` of `update`,
+    /// whose header, its range left out, is `header`. Refused: a part
+    /// beyond [`MAX_UPLOAD_PARTS`], or one whose header differs from its
+    /// upload's first. Another upload of the same update (a site that
+    /// started again) replaces the older one.
+    pub fn begin(&self, update: UpdateKey<'_>, upload_id: &str, header: Vec<u8>) -> Result<PartStream<'_>, String> {
+        let key = key(update);
+        let mut dropped = self.expired();
         let mut open = self.open();
-        let stale: Vec<Key> = open
-            .iter()
-            .filter(|(_, u)| now.duration_since(u.last) > self.keep)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            if let Some(upload) = open.remove(&key) {
-                upload.remove_files();
-            }
-        }
         if open.get(&key).is_some_and(|u| u.id != upload_id)
             && let Some(older) = open.remove(&key)
         {
-            older.remove_files();
+            dropped.extend(older.parts);
         }
         let upload = open.entry(key.clone()).or_insert_with(|| Upload {
             id: upload_id.to_string(),
+            header: header.clone(),
+            begun: 0,
+            streaming: 0,
             parts: Vec::new(),
-            last: now,
+            last: Instant::now(),
         });
+        let refused = if upload.begun >= MAX_UPLOAD_PARTS {
+            Some(format!("upload {upload_id} already has its {MAX_UPLOAD_PARTS} parts"))
+        } else if upload.header != header {
+            Some(format!("a part of upload {upload_id} whose header differs from its other parts'"))
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            if let Some(upload) = open.remove(&key) {
+                dropped.extend(upload.parts);
+            }
+            drop(open);
+            remove_files(dropped);
+            return Err(reason);
+        }
+        upload.begun += 1;
+        upload.streaming += 1;
+        drop(open);
+        remove_files(dropped);
+        Ok(PartStream { parts: self, key, id: upload_id.to_string() })
+    }
+
+    /// Records the checked `part` whose stream `stream` announced, of an
+    /// update of `num_params` values. A part that overlaps one already in is
+    /// refused, and its upload dropped (its files with it, this part's
+    /// included), as is a part whose upload was dropped meanwhile.
+    pub fn arrive(&self, stream: &PartStream<'_>, num_params: u64, part: ReceivedPart) -> Result<Arrival, String> {
+        let mut open = self.open();
+        let Some(upload) = open.get_mut(&stream.key).filter(|u| u.id == stream.id) else {
+            drop(open);
+            remove_files([part]);
+            return Err(format!("upload {} was dropped while this part arrived", stream.id));
+        };
         let end = part.first_value + part.value_count;
-        let overlap = upload
-            .parts
-            .iter()
-            .find(|p| part.first_value < p.first_value + p.value_count && p.first_value < end);
+        let overlap = upload.parts.iter().find(|p| part.first_value < p.first_value + p.value_count && p.first_value < end);
         if let Some(other) = overlap {
             let reason = format!(
                 "part of values {}..{} overlaps the part of values {}..{} already received",
@@ -132,128 +186,235 @@ impl UpdateParts {
                 other.first_value,
                 other.first_value + other.value_count
             );
-            if let Some(upload) = open.remove(&key) {
-                upload.remove_files();
-            }
-            let _ = checkpoint::remove(&part.path);
+            let mut dropped = open.remove(&stream.key).map(|u| u.parts).unwrap_or_default();
+            dropped.push(part);
+            drop(open);
+            remove_files(dropped);
             return Err(reason);
         }
         upload.parts.push(part);
-        upload.last = now;
+        upload.last = Instant::now();
         // Parts within the update that do not overlap: all values are in when their counts add up.
         if upload.parts.iter().map(|p| p.value_count).sum::<u64>() < num_params {
             return Ok(Arrival::Waiting);
         }
-        let mut parts = open.remove(&key).map(|u| u.parts).unwrap_or_default();
+        let mut parts = open.remove(&stream.key).map(|u| u.parts).unwrap_or_default();
         parts.sort_by_key(|p| p.first_value);
         Ok(Arrival::Whole(parts))
     }
 
-    /// Drops the upload `upload_id` of `site`'s update for `job_id`'s
-    /// `round`, and its parts' files: one of its parts was refused.
-    pub fn abandon(&self, (job_id, round, site): (&str, u32, &str), upload_id: &str) {
-        let key = (job_id.to_string(), round, site.to_string());
+    /// Drops the upload `stream` belongs to, and its parts' files: one of
+    /// its parts was refused.
+    pub fn abandon(&self, stream: &PartStream<'_>) {
         let mut open = self.open();
-        if open.get(&key).is_some_and(|u| u.id == upload_id)
-            && let Some(upload) = open.remove(&key)
+        if open.get(&stream.key).is_some_and(|u| u.id == stream.id)
+            && let Some(upload) = open.remove(&stream.key)
         {
-            upload.remove_files();
+            drop(open);
+            remove_files(upload.parts);
         }
     }
+
+    /// Drops the uploads for which `still_open(job_id, round)` is false
+    /// (their round closed or their job ended), and those kept too long.
+    pub fn sweep(&self, still_open: impl Fn(&str, u32) -> bool) {
+        let mut dropped = self.expired();
+        let mut open = self.open();
+        let closed: Vec<Key> = open.keys().filter(|(job, round, _)| !still_open(job, *round)).cloned().collect();
+        for key in closed {
+            if let Some(upload) = open.remove(&key) {
+                dropped.extend(upload.parts);
+            }
+        }
+        drop(open);
+        remove_files(dropped);
+    }
+
+    /// Removes the uploads none of whose parts is streaming and whose last
+    /// part arrived more than the keep time ago, and gives their parts.
+    fn expired(&self) -> Vec<ReceivedPart> {
+        let now = Instant::now();
+        let mut open = self.open();
+        let stale: Vec<Key> = open
+            .iter()
+            .filter(|(_, u)| u.streaming == 0 && now.duration_since(u.last) > self.keep)
+            .map(|(k, _)| k.clone())
+            .collect();
+        stale.into_iter().filter_map(|k| open.remove(&k)).flat_map(|u| u.parts).collect()
+    }
+}
+
+/// The file name a part of an update is written to: `stem.fromN.bin`.
+pub fn part_file(updates: &Path, stem: &str, first_value: u64) -> PathBuf {
+    updates.join(format!("{stem}.from{first_value}.bin"))
+}
+
+/// Whether `name` is a [`part_file`]'s: it ends in `.from` and digits, then
+/// `.bin`. A whole update's name ends in `-`, eight hex digits and `.bin`,
+/// whatever its site's name.
+fn is_part_file(name: &str) -> bool {
+    name.strip_suffix(".bin")
+        .and_then(|stem| stem.rsplit_once(".from"))
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes, from a job's `updates` directory, the part files that no parts
+/// file there lists: parts of uploads that were waiting when the
+/// coordinator stopped. Run at start, before any part arrives.
+pub fn sweep_orphans(updates: &Path) -> std::io::Result<usize> {
+    let Ok(entries) = std::fs::read_dir(updates) else {
+        return Ok(0);
+    };
+    let mut part_files = Vec::new();
+    let mut listed = std::collections::HashSet::new();
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if is_part_file(name) {
+            part_files.push(path);
+        } else if let Ok(Some(parts)) = proto::checkpoint::listed_parts(&path) {
+            listed.extend(parts);
+        }
+    }
+    let mut removed = 0;
+    for path in part_files {
+        if !listed.contains(&path) {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::checkpoint;
 
-    fn part(dir: &std::path::Path, first_value: u64, values: &[f32]) -> ReceivedPart {
-        let path = dir.join(format!("p{first_value}.bin"));
+    fn part(dir: &Path, first_value: u64, values: &[f32]) -> ReceivedPart {
+        let path = part_file(dir, "u", first_value);
         checkpoint::write_atomic(&path, values).unwrap();
-        ReceivedPart {
-            path,
-            first_value,
-            value_count: values.len() as u64,
-            sum_of_squares: Some(1.0),
-        }
+        ReceivedPart { path, first_value, value_count: values.len() as u64, sum_of_squares: Some(1.0) }
     }
 
-    const UPDATE: (&str, u32, &str) = ("job", 3, "hospital-a");
+    const UPDATE: UpdateKey<'static> = ("job", 3, "hospital-a");
+
+    fn header() -> Vec<u8> {
+        b"header".to_vec()
+    }
 
     #[test]
     fn an_update_is_whole_when_its_last_part_arrives_in_any_order() {
         let dir = tempfile::tempdir().unwrap();
         let parts = UpdateParts::new(Duration::from_secs(60));
-        let (a, b) = (
-            part(dir.path(), 0, &[1.0, 2.0]),
-            part(dir.path(), 2, &[3.0]),
-        );
-        assert_eq!(
-            parts.arrive(UPDATE, "u1", 3, b.clone()),
-            Ok(Arrival::Waiting)
-        );
+        let (a, b) = (part(dir.path(), 0, &[1.0, 2.0]), part(dir.path(), 2, &[3.0]));
+        let (first, second) = (parts.begin(UPDATE, "u1", header()).unwrap(), parts.begin(UPDATE, "u1", header()).unwrap());
+        assert_eq!(parts.arrive(&second, 3, b.clone()), Ok(Arrival::Waiting));
         // Another site's part of the same round is its own upload.
-        let other = part(dir.path(), 7, &[9.0]);
-        assert_eq!(
-            parts.arrive(("job", 3, "hospital-b"), "u1", 3, other),
-            Ok(Arrival::Waiting)
-        );
-        assert_eq!(
-            parts.arrive(UPDATE, "u1", 3, a.clone()),
-            Ok(Arrival::Whole(vec![a.clone(), b.clone()]))
-        );
+        let other_site = parts.begin(("job", 3, "hospital-b"), "u1", header()).unwrap();
+        assert_eq!(parts.arrive(&other_site, 3, part(dir.path(), 7, &[9.0])), Ok(Arrival::Waiting));
+        assert_eq!(parts.arrive(&first, 3, a.clone()), Ok(Arrival::Whole(vec![a.clone(), b.clone()])));
         // Handed over whole: its files are the caller's now.
         assert!(a.path.exists() && b.path.exists());
-        assert!(
-            parts
-                .open()
-                .get(&("job".to_string(), 3, "hospital-a".to_string()))
-                .is_none()
-        );
+        assert!(parts.open().get(&key(UPDATE)).is_none());
     }
 
     #[test]
-    fn an_overlapping_refused_restarted_or_stale_upload_is_dropped_with_its_files() {
+    fn a_third_part_or_a_part_with_another_header_drops_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = UpdateParts::new(Duration::from_secs(60));
+        let a = part(dir.path(), 0, &[1.0]);
+        let first = parts.begin(UPDATE, "u1", header()).unwrap();
+        parts.arrive(&first, 4, a.clone()).unwrap();
+        let _second = parts.begin(UPDATE, "u1", header()).unwrap();
+        let err = parts.begin(UPDATE, "u1", header()).err().unwrap();
+        assert!(err.contains("already has its 2 parts"), "{err}");
+        assert!(!a.path.exists());
+
+        let a = part(dir.path(), 0, &[1.0]);
+        let first = parts.begin(UPDATE, "u2", header()).unwrap();
+        parts.arrive(&first, 4, a.clone()).unwrap();
+        let err = parts.begin(UPDATE, "u2", b"other metrics".to_vec()).err().unwrap();
+        assert!(err.contains("header differs"), "{err}");
+        assert!(!a.path.exists());
+        // The upload is gone: a part of it that arrives now is refused, and its file removed.
+        let late = part(dir.path(), 1, &[2.0]);
+        assert!(parts.arrive(&first, 4, late.clone()).unwrap_err().contains("dropped"));
+        assert!(!late.path.exists());
+    }
+
+    #[test]
+    fn an_overlapping_refused_restarted_closed_or_stale_upload_is_dropped_with_its_files() {
         let dir = tempfile::tempdir().unwrap();
         let parts = UpdateParts::new(Duration::from_secs(60));
         let a = part(dir.path(), 0, &[1.0, 2.0]);
-        assert_eq!(
-            parts.arrive(UPDATE, "u1", 4, a.clone()),
-            Ok(Arrival::Waiting)
-        );
+        let (first, second) = (parts.begin(UPDATE, "u1", header()).unwrap(), parts.begin(UPDATE, "u1", header()).unwrap());
+        assert_eq!(parts.arrive(&first, 4, a.clone()), Ok(Arrival::Waiting));
         let overlapping = part(dir.path(), 1, &[5.0]);
-        let err = parts
-            .arrive(UPDATE, "u1", 4, overlapping.clone())
-            .unwrap_err();
+        let err = parts.arrive(&second, 4, overlapping.clone()).unwrap_err();
         assert!(err.contains("overlaps the part of values 0..2"), "{err}");
         assert!(!a.path.exists() && !overlapping.path.exists());
 
         // A part refused on the way in drops the parts already kept.
         let a = part(dir.path(), 0, &[1.0, 2.0]);
-        parts.arrive(UPDATE, "u2", 4, a.clone()).unwrap();
-        parts.abandon(UPDATE, "another upload");
-        assert!(a.path.exists(), "only the named upload is abandoned");
-        parts.abandon(UPDATE, "u2");
+        let first = parts.begin(UPDATE, "u2", header()).unwrap();
+        parts.arrive(&first, 4, a.clone()).unwrap();
+        let second = parts.begin(UPDATE, "u2", header()).unwrap();
+        parts.abandon(&second);
         assert!(!a.path.exists());
 
         // A site that starts again replaces its older upload.
         let old = part(dir.path(), 0, &[1.0, 2.0]);
-        parts.arrive(UPDATE, "u3", 4, old.clone()).unwrap();
+        let first = parts.begin(UPDATE, "u3", header()).unwrap();
+        parts.arrive(&first, 4, old.clone()).unwrap();
+        let again = parts.begin(UPDATE, "u4", header()).unwrap();
+        assert!(!old.path.exists());
         let new = part(dir.path(), 2, &[3.0, 4.0]);
-        assert_eq!(
-            parts.arrive(UPDATE, "u4", 4, new.clone()),
-            Ok(Arrival::Waiting)
-        );
-        assert!(!old.path.exists() && new.path.exists());
+        assert_eq!(parts.arrive(&again, 4, new.clone()), Ok(Arrival::Waiting));
 
-        // Parts kept past the bound go when the next part arrives.
+        // Its round closed: swept.
+        parts.sweep(|_, round| round != 3);
+        assert!(!new.path.exists());
+    }
+
+    #[test]
+    fn a_slow_part_keeps_its_upload_past_the_keep_time_and_an_idle_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
         let parts = UpdateParts::new(Duration::ZERO);
-        let stale = part(dir.path(), 0, &[1.0, 2.0]);
-        parts.arrive(UPDATE, "u5", 4, stale.clone()).unwrap();
+        let a = part(dir.path(), 0, &[1.0, 2.0]);
+        let first = parts.begin(UPDATE, "u1", header()).unwrap();
+        let second = parts.begin(UPDATE, "u1", header()).unwrap();
+        parts.arrive(&first, 4, a.clone()).unwrap();
+        drop(first);
         std::thread::sleep(Duration::from_millis(5));
-        let fresh = part(dir.path(), 0, &[5.0]);
-        parts
-            .arrive(("job", 4, "hospital-a"), "u6", 2, fresh)
-            .unwrap();
-        assert!(!stale.path.exists());
+        // The second part is still streaming: nothing expires.
+        parts.sweep(|_, _| true);
+        assert!(a.path.exists());
+        let b = part(dir.path(), 2, &[3.0, 4.0]);
+        assert_eq!(parts.arrive(&second, 4, b.clone()), Ok(Arrival::Whole(vec![a.clone(), b.clone()])));
+
+        // An upload whose streams all ended, past the keep time, goes.
+        let c = part(dir.path(), 0, &[1.0]);
+        let stream = parts.begin(UPDATE, "u2", header()).unwrap();
+        parts.arrive(&stream, 4, c.clone()).unwrap();
+        drop(stream);
+        std::thread::sleep(Duration::from_millis(5));
+        parts.sweep(|_, _| true);
+        assert!(!c.path.exists());
+    }
+
+    #[test]
+    fn parts_no_parts_file_lists_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = part(dir.path(), 0, &[1.0]);
+        let orphan = part_file(dir.path(), "v", 0);
+        checkpoint::write_atomic(&orphan, &[2.0]).unwrap();
+        // A whole update of a site whose name looks like a part's.
+        let whole = dir.path().join("r0001-a.from1-0badcafe.bin");
+        checkpoint::write_atomic(&whole, &[3.0]).unwrap();
+        checkpoint::write_parts(&dir.path().join("u.bin"), &[(listed.path.clone(), 1)], "test").unwrap();
+        assert_eq!(sweep_orphans(dir.path()).unwrap(), 1);
+        assert!(listed.path.exists() && whole.exists() && !orphan.exists());
+        assert_eq!(sweep_orphans(&dir.path().join("none")).unwrap(), 0);
     }
 }

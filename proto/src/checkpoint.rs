@@ -426,9 +426,12 @@ fn read_parts(path: &Path) -> Result<Option<Vec<(PathBuf, u64)>>, CheckpointErro
     }
     let corrupt = |detail: String| CheckpointError::Corrupt { path: path.to_path_buf(), detail };
     let mut text = String::new();
-    io::Read::take(file, MAX_PARTS_FILE_BYTES)
+    io::Read::take(file, MAX_PARTS_FILE_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(|e| corrupt(format!("not a readable parts file: {e}")))?;
+    if text.len() as u64 > MAX_PARTS_FILE_BYTES {
+        return Err(corrupt(format!("longer than a parts file may be ({MAX_PARTS_FILE_BYTES} bytes)")));
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut lines = text.lines();
     if lines.next() != Some("") {
@@ -447,6 +450,12 @@ fn read_parts(path: &Path) -> Result<Option<Vec<(PathBuf, u64)>>, CheckpointErro
         return Err(corrupt("lists no parts".to_string()));
     }
     Ok(Some(parts))
+}
+
+/// The parameter files `path` lists, if it is a [parts file](write_parts);
+/// `None` for any other file.
+pub fn listed_parts(path: &Path) -> Result<Option<Vec<PathBuf>>, CheckpointError> {
+    Ok(read_parts(path)?.map(|parts| parts.into_iter().map(|(part, _)| part).collect()))
 }
 
 /// Removes the parameter file `path`, or a [parts file](write_parts) and
@@ -657,12 +666,14 @@ mod tests {
         // A part outside the list's directory is not written.
         let elsewhere = tempfile::tempdir().unwrap();
         assert!(write_parts(&list, &[(elsewhere.path().join("p.bin"), 1)], "test").is_err());
+        let long = format!("MRDN-parts v1\n2 p0.bin\n{}", "\n".repeat(70_000));
         for (text, why) in [
             ("MRDN-parts v1\n3 p0.bin\n", "lists 3 values"),
             ("MRDN-parts v1\n2 ../p0.bin\n", "line 2"),
             ("MRDN-parts v1\nx p0.bin\n", "line 2"),
             ("MRDN-parts v1\n", "no parts"),
             ("MRDN-parts v1 2 p0.bin\n", "first line"),
+            (long.as_str(), "longer than a parts file"),
         ] {
             std::fs::write(&list, text).unwrap();
             let err = Pieces::open(&list).err().unwrap().to_string();

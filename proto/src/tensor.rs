@@ -409,19 +409,21 @@ pub struct PartAssembler<'a> {
 
 impl PartedAssembly {
     /// Prepares to receive `expected` values into `buffer`'s memory (see
-    /// [`ChunkAssembler::reusing`]), reserving room for all of them: the
-    /// caller knows `expected` from its job, not from a peer.
-    pub fn reusing(expected: usize, mut buffer: Vec<f32>) -> Self {
+    /// [`ChunkAssembler::reusing`]), reserving room for all of them up
+    /// front, since the parts write into it at once. Where that much memory
+    /// cannot be had, says so rather than aborting: `expected` comes from
+    /// the coordinator's task.
+    pub fn reusing(expected: usize, mut buffer: Vec<f32>) -> Result<Self, std::collections::TryReserveError> {
         let streaming =
             buffer.capacity() >= expected && expected.saturating_mul(4) >= STREAMING_FROM_BYTES;
         buffer.clear();
-        buffer.reserve_exact(expected);
-        PartedAssembly {
+        buffer.try_reserve_exact(expected)?;
+        Ok(PartedAssembly {
             values: buffer,
             expected,
             streaming,
             complete: std::sync::atomic::AtomicUsize::new(0),
-        }
+        })
     }
 
     /// Cuts the vector into at most `count` parts of whole chunks (the last

@@ -8,7 +8,7 @@
 //! between two processes on 2 vCPUs, both cores were busy about 70 % of the
 //! time and waited on each other for the rest. A second connection carries
 //! the other half of the model through a pipeline of its own, which fills
-//! those gaps (see `BENCHMARKS.md`, session 11). A model below
+//! those gaps (`BENCHMARKS.md`, "Session 11"). A model below
 //! [`PARTED_FROM_BYTES`] is pulled whole over the session's connection: a
 //! second one would not pay for its handshake.
 
@@ -19,6 +19,7 @@ use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
 use proto::tensor::{PartAssembler, PartedAssembly};
 use tonic::Status;
+use tracing::warn;
 use tonic::transport::Channel;
 
 /// Model size from which a pull goes over two connections.
@@ -54,7 +55,9 @@ pub async fn pull_model(
             wanted.num_params
         ))
     })?;
-    let mut assembly = PartedAssembly::reusing(count, buffer);
+    let mut assembly = PartedAssembly::reusing(count, buffer).map_err(|e| {
+        Status::resource_exhausted(format!("no memory for a model of {} values: {e}", wanted.num_params))
+    })?;
     if wanted.num_params.saturating_mul(4) >= PARTED_FROM_BYTES {
         let parted = {
             let mut parts = assembly.parts(2).into_iter();
@@ -69,6 +72,11 @@ pub async fn pull_model(
             }
         };
         match parted {
+            // A second connection that could not be opened (a proxy that
+            // allows one per client, say) is not a reason to fail: pulled whole below.
+            Err(Part::Failed(status)) if status.code() == tonic::Code::Unavailable => {
+                warn!(error = %status, "a pull in two parts failed; pulling the model whole");
+            }
             Ok(()) => {
                 return assembly
                     .finish()
@@ -117,11 +125,14 @@ async fn pull_part(
     mut part: PartAssembler<'_>,
     idle: Duration,
 ) -> Result<(), Part> {
+    let asked = (part.first_value() as u64, part.len() as u64);
+    // The whole model is asked for as 0 and 0, as before parts.
+    let whole = asked == (0, wanted.num_params);
     let request = pb::PullModelRequest {
         job_id: wanted.job_id.to_string(),
         round: wanted.round,
-        first_value: part.first_value() as u64,
-        value_count: part.len() as u64,
+        first_value: if whole { 0 } else { asked.0 },
+        value_count: if whole { 0 } else { asked.1 },
     };
     let mut stream = client.pull_model(request).await?.into_inner();
     let silent = || {
@@ -147,7 +158,6 @@ async fn pull_part(
         ))
         .into());
     }
-    let asked = (part.first_value() as u64, part.len() as u64);
     // A coordinator that predates parts says 0 and 0, and sends the whole model.
     let older = (header.first_value, header.value_count) == (0, 0);
     let served = if older {

@@ -20,6 +20,7 @@ use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
 use proto::tensor::{CHUNK_VALUES, chunk_view};
 use tonic::transport::Channel;
+use tracing::warn;
 
 /// Values per chunk for an upload capped at `limit` bytes per second.
 fn chunk_values(limit: Option<f64>) -> usize {
@@ -71,11 +72,24 @@ pub async fn push_reserved(
         ..header.clone()
     };
     let (first, rest) = (0..cut, cut..values.len());
-    let (first, rest) = tokio::try_join!(
+    let parted = tokio::try_join!(
         push(session, part(&first), Arc::clone(&values), first, None, lease.as_deref()),
         push(second, part(&rest), Arc::clone(&values), rest, None, lease.as_deref()),
-    )?;
-    combine(first, rest)
+    );
+    match parted {
+        Ok((first, rest)) => combine(first, rest),
+        // A second connection that could not be opened (a proxy that allows
+        // one per client, say) is not a reason to fail: sent whole, under a
+        // lease of its own (which releases the one of two slots).
+        Err(status) if status.code() == tonic::Code::Unavailable => {
+            warn!(error = %status, "an upload in two parts failed; sending the update whole");
+            let reserve = pb::ReserveUploadRequest { parts: 1, ..reserve };
+            let lease = session.reserve_upload(reserve).await?.into_inner().lease;
+            let whole = 0..values.len();
+            push(session, header, values, whole, limit, Some(&lease)).await
+        }
+        Err(status) => Err(status),
+    }
 }
 
 /// The verdict on an update sent in two parts, from the coordinator's

@@ -198,13 +198,30 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
         assert!(reply.reason.contains(expected), "{what}: {}", reply.reason);
     }
 
+    // A part is kept until the rest of its upload arrives; the upload's
+    // other parts must carry the same header but for their range.
+    let push = |messages: Vec<pb::UpdateChunk>| {
+        evil.rt
+            .block_on(evil.client.clone().push_update(tokio_stream::iter(messages)))
+            .unwrap()
+            .into_inner()
+    };
+    let kept = push(vec![part(0, 1, "u3"), data(vec![0.1])]);
+    assert!(kept.accepted && !kept.complete, "{kept:?}");
+    let mut other = part(0, 1, "u3");
+    if let Some(pb::update_chunk::Part::Header(h)) = &mut other.part {
+        h.metrics.insert("loss".to_string(), 0.5);
+    }
+    let refused = push(vec![other, data(vec![0.1])]);
+    assert!(!refused.accepted && refused.reason.contains("header differs"), "{refused:?}");
+
     // The honest site's update carries the round; the job completes at the deadline without hospital-x.
     let out = fed.client("alice", &["job", "watch", &job_id]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let audit = fed.dir.join("coord-state").join("audit.log");
     let text = std::fs::read_to_string(&audit).unwrap();
-    assert_eq!(text.matches("update.rejected").count(), 13, "{text}");
+    assert_eq!(text.matches("update.rejected").count(), 14, "{text}");
     assert!(
         run(&["audit", "verify", audit.to_str().unwrap()])
             .status

@@ -262,7 +262,7 @@ fn fill_parts(asm: &mut PartedAssembly, count: usize, values: &[f32]) -> Vec<(us
 fn a_vector_in_parts_is_cut_on_chunks_and_assembled_whole() {
     for (len, count) in [(CHUNK_VALUES * 4, 2), (CHUNK_VALUES * 3 + 7, 2), (CHUNK_VALUES + 1, 4), (5, 2), (0, 2), (CHUNK_VALUES * 2, 1)] {
         let values: Vec<f32> = (0..len).map(|i| (i % 977) as f32 - 3.25).collect();
-        let mut asm = PartedAssembly::reusing(len, Vec::new());
+        let mut asm = PartedAssembly::reusing(len, Vec::new()).unwrap();
         let bounds = fill_parts(&mut asm, count, &values);
         // Whole chunks, in order, covering the vector, none empty but an empty vector's.
         let mut next = 0;
@@ -282,8 +282,10 @@ fn a_vector_in_parts_is_cut_on_chunks_and_assembled_whole() {
 fn a_large_vector_in_parts_is_written_around_the_cache_into_reused_memory() {
     let len = STREAMING_FROM_BYTES / 4 + 5;
     let values: Vec<f32> = (0..len).map(|i| (i % 1009) as f32 - 500.5).collect();
-    assert!(!PartedAssembly::reusing(len, Vec::new()).streaming);
-    let mut asm = PartedAssembly::reusing(len, vec![1.0; len]);
+    assert!(!PartedAssembly::reusing(len, Vec::new()).unwrap().streaming);
+    // More than any machine has is refused, not an abort.
+    assert!(PartedAssembly::reusing(usize::MAX / 8, Vec::new()).is_err());
+    let mut asm = PartedAssembly::reusing(len, vec![1.0; len]).unwrap();
     assert!(asm.streaming);
     fill_parts(&mut asm, 2, &values);
     assert_eq!(asm.finish().unwrap(), values);
@@ -292,7 +294,7 @@ fn a_large_vector_in_parts_is_written_around_the_cache_into_reused_memory() {
 #[test]
 fn a_part_rejects_bad_chunks_and_an_unfinished_part_fails_the_vector() {
     let len = CHUNK_VALUES * 2 + 10;
-    let mut asm = PartedAssembly::reusing(len, Vec::new());
+    let mut asm = PartedAssembly::reusing(len, Vec::new()).unwrap();
     {
         let mut parts = asm.parts(2);
         let second = &mut parts[1];
@@ -313,7 +315,7 @@ fn a_part_rejects_bad_chunks_and_an_unfinished_part_fails_the_vector() {
 
     // Parts that finished under an earlier cut do not count for a new one.
     let values = vec![2.0f32; len];
-    let mut asm = PartedAssembly::reusing(len, Vec::new());
+    let mut asm = PartedAssembly::reusing(len, Vec::new()).unwrap();
     {
         let mut parts = asm.parts(2);
         for chunk in encode_chunks(&values[..CHUNK_VALUES * 2]) {
