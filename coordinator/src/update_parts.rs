@@ -113,7 +113,10 @@ impl UpdateParts {
     /// Keeps an upload none of whose parts is streaming for `keep` after
     /// its last part arrived.
     pub fn new(keep: Duration) -> Self {
-        UpdateParts { open: Mutex::new(HashMap::new()), keep }
+        UpdateParts {
+            open: Mutex::new(HashMap::new()),
+            keep,
+        }
     }
 
     fn open(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Upload>> {
@@ -126,7 +129,12 @@ impl UpdateParts {
     /// beyond [`MAX_UPLOAD_PARTS`], or one whose header differs from its
     /// upload's first. Another upload of the same update (a site that
     /// started again) replaces the older one.
-    pub fn begin(&self, update: UpdateKey<'_>, upload_id: &str, header: Vec<u8>) -> Result<PartStream<'_>, String> {
+    pub fn begin(
+        &self,
+        update: UpdateKey<'_>,
+        upload_id: &str,
+        header: Vec<u8>,
+    ) -> Result<PartStream<'_>, String> {
         let key = key(update);
         let mut dropped = self.expired();
         let mut open = self.open();
@@ -144,9 +152,13 @@ impl UpdateParts {
             last: Instant::now(),
         });
         let refused = if upload.begun >= MAX_UPLOAD_PARTS {
-            Some(format!("upload {upload_id} already has its {MAX_UPLOAD_PARTS} parts"))
+            Some(format!(
+                "upload {upload_id} already has its {MAX_UPLOAD_PARTS} parts"
+            ))
         } else if upload.header != header {
-            Some(format!("a part of upload {upload_id} whose header differs from its other parts'"))
+            Some(format!(
+                "a part of upload {upload_id} whose header differs from its other parts'"
+            ))
         } else {
             None
         };
@@ -162,22 +174,37 @@ impl UpdateParts {
         upload.streaming += 1;
         drop(open);
         remove_files(dropped);
-        Ok(PartStream { parts: self, key, id: upload_id.to_string() })
+        Ok(PartStream {
+            parts: self,
+            key,
+            id: upload_id.to_string(),
+        })
     }
 
     /// Records the checked `part` whose stream `stream` announced, of an
     /// update of `num_params` values. A part that overlaps one already in is
     /// refused, and its upload dropped (its files with it, this part's
     /// included), as is a part whose upload was dropped meanwhile.
-    pub fn arrive(&self, stream: &PartStream<'_>, num_params: u64, part: ReceivedPart) -> Result<Arrival, String> {
+    pub fn arrive(
+        &self,
+        stream: &PartStream<'_>,
+        num_params: u64,
+        part: ReceivedPart,
+    ) -> Result<Arrival, String> {
         let mut open = self.open();
         let Some(upload) = open.get_mut(&stream.key).filter(|u| u.id == stream.id) else {
             drop(open);
             remove_files([part]);
-            return Err(format!("upload {} was dropped while this part arrived", stream.id));
+            return Err(format!(
+                "upload {} was dropped while this part arrived",
+                stream.id
+            ));
         };
         let end = part.first_value + part.value_count;
-        let overlap = upload.parts.iter().find(|p| part.first_value < p.first_value + p.value_count && p.first_value < end);
+        let overlap = upload
+            .parts
+            .iter()
+            .find(|p| part.first_value < p.first_value + p.value_count && p.first_value < end);
         if let Some(other) = overlap {
             let reason = format!(
                 "part of values {}..{} overlaps the part of values {}..{} already received",
@@ -186,7 +213,10 @@ impl UpdateParts {
                 other.first_value,
                 other.first_value + other.value_count
             );
-            let mut dropped = open.remove(&stream.key).map(|u| u.parts).unwrap_or_default();
+            let mut dropped = open
+                .remove(&stream.key)
+                .map(|u| u.parts)
+                .unwrap_or_default();
             dropped.push(part);
             drop(open);
             remove_files(dropped);
@@ -198,7 +228,10 @@ impl UpdateParts {
         if upload.parts.iter().map(|p| p.value_count).sum::<u64>() < num_params {
             return Ok(Arrival::Waiting);
         }
-        let mut parts = open.remove(&stream.key).map(|u| u.parts).unwrap_or_default();
+        let mut parts = open
+            .remove(&stream.key)
+            .map(|u| u.parts)
+            .unwrap_or_default();
         parts.sort_by_key(|p| p.first_value);
         Ok(Arrival::Whole(parts))
     }
@@ -220,7 +253,11 @@ impl UpdateParts {
     pub fn sweep(&self, still_open: impl Fn(&str, u32) -> bool) {
         let mut dropped = self.expired();
         let mut open = self.open();
-        let closed: Vec<Key> = open.keys().filter(|(job, round, _)| !still_open(job, *round)).cloned().collect();
+        let closed: Vec<Key> = open
+            .keys()
+            .filter(|(job, round, _)| !still_open(job, *round))
+            .cloned()
+            .collect();
         for key in closed {
             if let Some(upload) = open.remove(&key) {
                 dropped.extend(upload.parts);
@@ -240,7 +277,11 @@ impl UpdateParts {
             .filter(|(_, u)| u.streaming == 0 && now.duration_since(u.last) > self.keep)
             .map(|(k, _)| k.clone())
             .collect();
-        stale.into_iter().filter_map(|k| open.remove(&k)).flat_map(|u| u.parts).collect()
+        stale
+            .into_iter()
+            .filter_map(|k| open.remove(&k))
+            .flat_map(|u| u.parts)
+            .collect()
     }
 }
 
@@ -269,7 +310,10 @@ pub fn sweep_orphans(updates: &Path) -> std::io::Result<usize> {
     let mut listed = std::collections::HashSet::new();
     for entry in entries {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if is_part_file(name) {
             part_files.push(path);
         } else if let Ok(Some(parts)) = proto::checkpoint::listed_parts(&path) {
@@ -294,7 +338,12 @@ mod tests {
     fn part(dir: &Path, first_value: u64, values: &[f32]) -> ReceivedPart {
         let path = part_file(dir, "u", first_value);
         checkpoint::write_atomic(&path, values).unwrap();
-        ReceivedPart { path, first_value, value_count: values.len() as u64, sum_of_squares: Some(1.0) }
+        ReceivedPart {
+            path,
+            first_value,
+            value_count: values.len() as u64,
+            sum_of_squares: Some(1.0),
+        }
     }
 
     const UPDATE: UpdateKey<'static> = ("job", 3, "hospital-a");
@@ -307,13 +356,27 @@ mod tests {
     fn an_update_is_whole_when_its_last_part_arrives_in_any_order() {
         let dir = tempfile::tempdir().unwrap();
         let parts = UpdateParts::new(Duration::from_secs(60));
-        let (a, b) = (part(dir.path(), 0, &[1.0, 2.0]), part(dir.path(), 2, &[3.0]));
-        let (first, second) = (parts.begin(UPDATE, "u1", header()).unwrap(), parts.begin(UPDATE, "u1", header()).unwrap());
+        let (a, b) = (
+            part(dir.path(), 0, &[1.0, 2.0]),
+            part(dir.path(), 2, &[3.0]),
+        );
+        let (first, second) = (
+            parts.begin(UPDATE, "u1", header()).unwrap(),
+            parts.begin(UPDATE, "u1", header()).unwrap(),
+        );
         assert_eq!(parts.arrive(&second, 3, b.clone()), Ok(Arrival::Waiting));
         // Another site's part of the same round is its own upload.
-        let other_site = parts.begin(("job", 3, "hospital-b"), "u1", header()).unwrap();
-        assert_eq!(parts.arrive(&other_site, 3, part(dir.path(), 7, &[9.0])), Ok(Arrival::Waiting));
-        assert_eq!(parts.arrive(&first, 3, a.clone()), Ok(Arrival::Whole(vec![a.clone(), b.clone()])));
+        let other_site = parts
+            .begin(("job", 3, "hospital-b"), "u1", header())
+            .unwrap();
+        assert_eq!(
+            parts.arrive(&other_site, 3, part(dir.path(), 7, &[9.0])),
+            Ok(Arrival::Waiting)
+        );
+        assert_eq!(
+            parts.arrive(&first, 3, a.clone()),
+            Ok(Arrival::Whole(vec![a.clone(), b.clone()]))
+        );
         // Handed over whole: its files are the caller's now.
         assert!(a.path.exists() && b.path.exists());
         assert!(parts.open().get(&key(UPDATE)).is_none());
@@ -334,12 +397,20 @@ mod tests {
         let a = part(dir.path(), 0, &[1.0]);
         let first = parts.begin(UPDATE, "u2", header()).unwrap();
         parts.arrive(&first, 4, a.clone()).unwrap();
-        let err = parts.begin(UPDATE, "u2", b"other metrics".to_vec()).err().unwrap();
+        let err = parts
+            .begin(UPDATE, "u2", b"other metrics".to_vec())
+            .err()
+            .unwrap();
         assert!(err.contains("header differs"), "{err}");
         assert!(!a.path.exists());
         // The upload is gone: a part of it that arrives now is refused, and its file removed.
         let late = part(dir.path(), 1, &[2.0]);
-        assert!(parts.arrive(&first, 4, late.clone()).unwrap_err().contains("dropped"));
+        assert!(
+            parts
+                .arrive(&first, 4, late.clone())
+                .unwrap_err()
+                .contains("dropped")
+        );
         assert!(!late.path.exists());
     }
 
@@ -348,7 +419,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let parts = UpdateParts::new(Duration::from_secs(60));
         let a = part(dir.path(), 0, &[1.0, 2.0]);
-        let (first, second) = (parts.begin(UPDATE, "u1", header()).unwrap(), parts.begin(UPDATE, "u1", header()).unwrap());
+        let (first, second) = (
+            parts.begin(UPDATE, "u1", header()).unwrap(),
+            parts.begin(UPDATE, "u1", header()).unwrap(),
+        );
         assert_eq!(parts.arrive(&first, 4, a.clone()), Ok(Arrival::Waiting));
         let overlapping = part(dir.path(), 1, &[5.0]);
         let err = parts.arrive(&second, 4, overlapping.clone()).unwrap_err();
@@ -391,7 +465,10 @@ mod tests {
         parts.sweep(|_, _| true);
         assert!(a.path.exists());
         let b = part(dir.path(), 2, &[3.0, 4.0]);
-        assert_eq!(parts.arrive(&second, 4, b.clone()), Ok(Arrival::Whole(vec![a.clone(), b.clone()])));
+        assert_eq!(
+            parts.arrive(&second, 4, b.clone()),
+            Ok(Arrival::Whole(vec![a.clone(), b.clone()]))
+        );
 
         // An upload whose streams all ended, past the keep time, goes.
         let c = part(dir.path(), 0, &[1.0]);
@@ -412,7 +489,12 @@ mod tests {
         // A whole update of a site whose name looks like a part's.
         let whole = dir.path().join("r0001-a.from1-0badcafe.bin");
         checkpoint::write_atomic(&whole, &[3.0]).unwrap();
-        checkpoint::write_parts(&dir.path().join("u.bin"), &[(listed.path.clone(), 1)], "test").unwrap();
+        checkpoint::write_parts(
+            &dir.path().join("u.bin"),
+            &[(listed.path.clone(), 1)],
+            "test",
+        )
+        .unwrap();
         assert_eq!(sweep_orphans(dir.path()).unwrap(), 1);
         assert!(listed.path.exists() && whole.exists() && !orphan.exists());
         assert_eq!(sweep_orphans(&dir.path().join("none")).unwrap(), 0);

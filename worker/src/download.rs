@@ -4,11 +4,12 @@
 //!
 //! On one connection, a transfer's work runs as a pipeline: the sender's
 //! encoding and encryption, the kernel's copies, the receiver's decryption
-//! and copies, each stage waking the next. Measured on a 400 MB pull
-//! between two processes on 2 vCPUs, both cores were busy about 70 % of the
-//! time and waited on each other for the rest. A second connection carries
-//! the other half of the model through a pipeline of its own, which fills
-//! those gaps (`BENCHMARKS.md`, "Session 11"). A model below
+//! and copies, each stage waking the next. Measured on 400 MB transfers
+//! between two processes on 2 vCPUs, both cores were idle 17–36 % of the
+//! time inside a transfer, its stages waiting on each other. A second
+//! connection carries the other half through a pipeline of its own, which
+//! fills those gaps: idle 6–14 %, a pull over a 5-round job 0.96–1.16 →
+//! 1.19–1.33 GB/s (`BENCHMARKS.md`, session 11). A model below
 //! [`PARTED_FROM_BYTES`] is pulled whole over the session's connection: a
 //! second one would not pay for its handshake.
 
@@ -19,8 +20,8 @@ use proto::pb;
 use proto::pb::worker_service_client::WorkerServiceClient;
 use proto::tensor::{PartAssembler, PartedAssembly};
 use tonic::Status;
-use tracing::warn;
 use tonic::transport::Channel;
+use tracing::warn;
 
 /// Model size from which a pull goes over two connections.
 pub const PARTED_FROM_BYTES: u64 = 32 << 20;
@@ -56,7 +57,10 @@ pub async fn pull_model(
         ))
     })?;
     let mut assembly = PartedAssembly::reusing(count, buffer).map_err(|e| {
-        Status::resource_exhausted(format!("no memory for a model of {} values: {e}", wanted.num_params))
+        Status::resource_exhausted(format!(
+            "no memory for a model of {} values: {e}",
+            wanted.num_params
+        ))
     })?;
     if wanted.num_params.saturating_mul(4) >= PARTED_FROM_BYTES {
         let parted = {
