@@ -2,11 +2,14 @@
 //! fed arbitrary bytes decoded as length-delimited `UpdateChunk` protobuf
 //! messages: malformed protobuf, headers and data in any order, any values.
 //! An admitted update always has the job's length, only finite values and a
-//! norm within the job's bound.
+//! norm within the job's bound; an admitted part of an update has its own
+//! length and only finite values, lies within the update on a chunk
+//! boundary, and its norm is judged with its upload's other parts (here,
+//! as the only one).
 
 #![no_main]
 
-use coordinator::admission::{Expected, UpdateReceiver, check_header};
+use coordinator::admission::{Expected, UpdateReceiver, check_header, check_norm, check_part};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use proto::pb;
@@ -48,7 +51,17 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(header.num_params, 6);
     assert_eq!(header.num_examples, 40);
     assert!(header.ledger_entry.as_ref().is_some_and(|e| e.site == "hospital-a"));
-    let mut receiver = UpdateReceiver::new(&expected);
+    let Ok(part) = check_part(&header) else {
+        return;
+    };
+    if let Some(part) = &part {
+        assert!(part.value_count > 0 && part.first_value + part.value_count <= 6);
+        assert_eq!(part.first_value % proto::tensor::CHUNK_VALUES as u64, 0);
+    }
+    let mut receiver = match &part {
+        None => UpdateReceiver::new(&expected),
+        Some(part) => UpdateReceiver::part(&expected, part),
+    };
     let mut values: Vec<f32> = Vec::new();
     for message in messages {
         match message.part {
@@ -62,8 +75,16 @@ fuzz_target!(|data: &[u8]| {
             _ => return,
         }
     }
-    if receiver.finish().is_ok() {
-        assert_eq!(values.len(), 6);
+    let admitted = match (receiver.finish(), &part) {
+        (Ok(_), None) => true,
+        (Ok(sum_of_squares), Some(part)) => {
+            assert_eq!(values.len() as u64, part.value_count);
+            check_norm(&expected, [sum_of_squares]).is_ok()
+        }
+        (Err(_), _) => false,
+    };
+    if admitted {
+        assert_eq!(values.len() as u64, part.as_ref().map_or(6, |p| p.value_count));
         assert!(values.iter().all(|v| v.is_finite()));
         let norm = values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
         assert!(norm <= BOUND, "admitted an update of norm {norm}");
