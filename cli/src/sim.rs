@@ -457,7 +457,12 @@ async fn simulated_site(
                     layout_hash: t.layout_hash.clone(),
                     num_params: t.num_params,
                     num_examples: EXAMPLES,
-                    metrics: Default::default(),
+                    // A worker reports its local metrics with each update
+                    // (a large one's parts each carry them).
+                    metrics: [("loss", 0.5), ("accuracy", 0.75), ("auc", 0.8), ("examples", 100.0)]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
                     ledger_entry: Some(pb::LedgerEntry {
                         seq: u64::from(t.round),
                         site: name.to_string(),

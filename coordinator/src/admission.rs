@@ -127,6 +127,31 @@ pub fn check_part(header: &pb::UpdateHeader) -> Result<Option<PartOfUpdate>, Str
     }))
 }
 
+/// What every part of one upload must share: the header but for the part's
+/// range and upload id, in bytes that do not depend on the order a map's
+/// entries were decoded in (protobuf maps decode into hash maps, whose
+/// order differs from one decoding to the next) and that compare a NaN
+/// metric equal to itself.
+pub fn upload_identity(header: &pb::UpdateHeader) -> Vec<u8> {
+    use prost::Message;
+    let rest = pb::UpdateHeader {
+        first_value: 0,
+        value_count: 0,
+        upload_id: String::new(),
+        metrics: Default::default(),
+        ..header.clone()
+    };
+    let mut bytes = rest.encode_to_vec();
+    let mut metrics: Vec<(&String, &f64)> = header.metrics.iter().collect();
+    metrics.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, value) in metrics {
+        bytes.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(&value.to_bits().to_le_bytes());
+    }
+    bytes
+}
+
 /// Checks that the norm of an update whose parts' values had these sums of
 /// squares is within the job's bound (the sums are measured wherever the
 /// job has one).
@@ -403,5 +428,28 @@ mod tests {
         assert!(check_norm(&e, [Some(1.0), None]).unwrap_err().contains("not measured"));
         let unbounded = Expected { max_update_norm: None, ..expected() };
         assert_eq!(check_norm(&unbounded, [None, None]), Ok(()));
+    }
+
+    #[test]
+    fn the_parts_of_an_upload_share_their_header_whatever_order_its_metrics_decode_in() {
+        use prost::Message;
+        let mut h = header();
+        for i in 0..32 {
+            h.metrics.insert(format!("metric-{i}"), f64::from(i) / 3.0);
+        }
+        h.metrics.insert("loss".to_string(), f64::NAN);
+        let bytes = h.encode_to_vec();
+        // Each decoding has a hash map of its own, ordered its own way.
+        let (a, b) = (pb::UpdateHeader::decode(&bytes[..]).unwrap(), pb::UpdateHeader::decode(&bytes[..]).unwrap());
+        let part = |mut h: pb::UpdateHeader, first_value, upload_id: &str| {
+            (h.first_value, h.value_count, h.upload_id) = (first_value, 7, upload_id.to_string());
+            h
+        };
+        assert_eq!(upload_identity(&part(a.clone(), 0, "u")), upload_identity(&part(b.clone(), 262_144, "u")));
+        let mut other = b.clone();
+        other.metrics.insert("metric-3".to_string(), 2.0);
+        assert_ne!(upload_identity(&a), upload_identity(&other));
+        let other = pb::UpdateHeader { num_examples: 11, ..b };
+        assert_ne!(upload_identity(&a), upload_identity(&other));
     }
 }

@@ -11,7 +11,6 @@ use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
 use proto::pb;
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -773,9 +772,8 @@ impl pb::worker_service_server::WorkerService for Services {
         let stream_of_part = match &part {
             None => None,
             Some(part) => {
-                let same = pb::UpdateHeader { first_value: 0, value_count: 0, upload_id: String::new(), ..header.clone() };
                 let update = (job.id.as_str(), header.round, who.name.as_str());
-                match self.inner.update_parts.begin(update, &part.upload_id, same.encode_to_vec()) {
+                match self.inner.update_parts.begin(update, &part.upload_id, admission::upload_identity(&header)) {
                     Ok(stream) => Some(stream),
                     Err(reason) => return reject(reason),
                 }

@@ -70,7 +70,7 @@ pub struct UpdateParts {
 #[derive(Debug)]
 struct Upload {
     id: String,
-    /// The header every part must carry, its range left out.
+    /// What every part's header must share (`admission::upload_identity`).
     header: Vec<u8>,
     /// Parts announced by [`UpdateParts::begin`], at most [`MAX_UPLOAD_PARTS`].
     begun: u32,

@@ -104,10 +104,11 @@ struct Worker {
     /// whole site, not one per job, so that a job that ends without word
     /// from the coordinator keeps none.
     spare_model: Mutex<Vec<f32>>,
-    /// A second connection to the coordinator, opened the first time a
-    /// model is large enough to be pulled in two parts
-    /// ([`download::PARTED_FROM_BYTES`]), and reopened as needed.
-    second_link: WorkerServiceClient<Channel>,
+    /// Where the coordinator is, for a second connection: opened for a
+    /// model or update large enough to move in two parts
+    /// ([`download::PARTED_FROM_BYTES`]) and closed when that transfer
+    /// ends, so a site holds one connection between transfers.
+    endpoint: Endpoint,
 }
 
 /// Runs the worker until `shutdown` is cancelled.
@@ -151,7 +152,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         data: Mutex::new(HashMap::new()),
         jobs: Mutex::new(HashMap::new()),
         spare_model: Mutex::new(Vec::new()),
-        second_link: WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(4 << 20),
+        endpoint: endpoint.clone(),
         inflight: Mutex::new(HashSet::new()),
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
@@ -201,6 +202,12 @@ impl Worker {
 
     fn jobs_snapshot(&self) -> Vec<Arc<JobContext>> {
         lock(&self.jobs).values().cloned().collect()
+    }
+
+    /// A client for a second connection, which connects on its first call
+    /// (a small transfer makes none) and closes once dropped.
+    fn second_link(&self) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(self.endpoint.connect_lazy()).max_decoding_message_size(4 << 20)
     }
 
     fn dataset_config(&self, name: &str) -> Option<&DatasetConfig> {
@@ -504,7 +511,7 @@ impl Worker {
         let idle = Duration::from_secs(self.idle_timeout_secs.load(std::sync::atomic::Ordering::Relaxed));
         let memory = std::mem::take(&mut *lock(&self.spare_model));
         let wanted = download::Wanted { job_id, round, layout_hash, num_params };
-        download::pull_model(client, &mut self.second_link.clone(), wanted, memory, idle).await
+        download::pull_model(client, &mut self.second_link(), wanted, memory, idle).await
     }
 
     fn outbox_path(&self, job_id: &str, round: u32) -> PathBuf {
@@ -665,7 +672,7 @@ impl Worker {
             ..Default::default()
         };
         let reply =
-            upload::push_reserved(client, &mut self.second_link.clone(), header, Arc::new(update), self.config.upload_limit_bytes_per_sec).await?;
+            upload::push_reserved(client, &mut self.second_link(), header, Arc::new(update), self.config.upload_limit_bytes_per_sec).await?;
         self.audit(
             "update.sent",
             job_id,

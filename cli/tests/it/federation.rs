@@ -158,3 +158,62 @@ count_noise_multiplier = 2.0
     // Each round uses the clip the previous round computed.
     assert!(clips.windows(2).all(|w| w[0] != w[1]), "{clips:?}");
 }
+
+#[test]
+fn a_large_model_moves_between_a_real_worker_and_the_coordinator_in_parts() {
+    // An MLP 3-3000-2800-2 of about 8.4M parameters (34 MB, past
+    // `worker::download::PARTED_FROM_BYTES`): the worker pulls each model
+    // and pushes each update in two parts over two connections, its update
+    // headers carrying its training metrics, which every part must share.
+    use crate::util::{Federation, example, wait_for};
+    use std::time::Duration;
+    let mut fed = Federation::start(&["hospital-a"]);
+    let data = example("data/wdbc_breast_cancer.csv");
+    let numeric = ["radius_mean", "texture_mean", "perimeter_mean"];
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", &numeric);
+    let spec = fed.dir.join("big.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "big"
+dataset = "wdbc"
+[model]
+kind = "mlp"
+hidden = [3000, 2800]
+[features]
+label = "diagnosis"
+positive_label = "M"
+negative_labels = ["B"]
+numeric = {numeric:?}
+[training]
+rounds = 2
+local_epochs = 0.05
+batch_size = 8
+learning_rate = 0.05
+[privacy]
+noise_multiplier = 1.0
+clip_norm = 1.0
+delta = 1e-5
+[policy]
+min_sites = 1
+round_deadline_secs = 300
+"#
+        ),
+    )
+    .unwrap();
+    let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    let out = fed.client("alice", &["job", "watch", &job_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["state"], "completed", "{status}");
+    assert!(status["num_params"].as_u64().unwrap() * 4 >= 32 << 20, "{status}");
+    // Each round's update: one part kept, then the other completing it.
+    let log = fed.coordinator_log();
+    assert_eq!(log.matches("update part received").count(), 2, "{log}");
+    assert_eq!(log.matches("update accepted").count(), 2, "{log}");
+    assert!(!log.contains("update rejected"), "{log}");
+}
