@@ -869,13 +869,8 @@ impl pb::worker_service_server::WorkerService for Services {
                 Ok(Arrival::Whole(parts)) => parts,
                 Err(reason) => return reject(reason),
             };
-            let remove_parts = |parts: &[ReceivedPart]| {
-                for p in parts {
-                    let _ = std::fs::remove_file(&p.path);
-                }
-            };
             if let Err(reason) = admission::check_norm(&expected, parts.iter().map(|p| p.sum_of_squares)) {
-                remove_parts(&parts);
+                update_parts::remove_files(parts);
                 return reject(reason);
             }
             path = updates.join(format!("{name}.bin"));
@@ -886,11 +881,11 @@ impl pb::worker_service_server::WorkerService for Services {
             match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    remove_parts(&parts);
+                    update_parts::remove_files(parts);
                     return Err(Status::internal(e.to_string()));
                 }
                 Err(e) => {
-                    remove_parts(&parts);
+                    update_parts::remove_files(parts);
                     return Err(Status::internal(format!("listing the update's parts failed: {e}")));
                 }
             }

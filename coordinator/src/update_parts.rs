@@ -103,7 +103,7 @@ impl Drop for PartStream<'_> {
 
 /// Removes the files of dropped parts, outside the lock: a part of a large
 /// update is hundreds of megabytes to unlink.
-fn remove_files(parts: impl IntoIterator<Item = ReceivedPart>) {
+pub fn remove_files(parts: impl IntoIterator<Item = ReceivedPart>) {
     for part in parts {
         let _ = std::fs::remove_file(&part.path);
     }

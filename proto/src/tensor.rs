@@ -541,32 +541,17 @@ pub mod streaming {
     /// says whether they were. On `false`, `values` is unchanged.
     pub fn append_finite(values: &mut Vec<f32>, chunk: &[u8]) -> bool {
         let count = chunk.len() / 4;
-        let words = &chunk[..count * 4];
         values.reserve(count);
-        #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
-        {
-            let spare = &mut values.spare_capacity_mut()[..count];
-            // SAFETY: `spare` is `count` reserved `f32` slots, that is
-            // `words.len()` writable bytes, 4-byte aligned and not
-            // overlapping `words`. Any 4 bytes are a valid `f32`, so after
-            // the copy the first `len + count` values are initialised.
-            let finite =
-                unsafe { x86::copy_checking_finite(words, spare.as_mut_ptr().cast::<u8>()) };
-            if finite {
-                // SAFETY: as above, the `count` slots were all written.
-                unsafe { values.set_len(values.len() + count) };
-            }
-            finite
+        let finite = write_finite(&mut values.spare_capacity_mut()[..count], &chunk[..count * 4], true);
+        if finite {
+            // SAFETY: `write_finite` wrote each of the `count` reserved
+            // slots after the first `len` (it says `true` only then).
+            #[allow(unsafe_code)]
+            unsafe {
+                values.set_len(values.len() + count)
+            };
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            if !super::all_finite(words) {
-                return false;
-            }
-            values.extend(super::decode_le(words));
-            true
-        }
+        finite
     }
 
     /// Writes `words`' little-endian values (whole words) into `room` (as

@@ -161,46 +161,23 @@ count_noise_multiplier = 2.0
 
 #[test]
 fn a_large_model_moves_between_a_real_worker_and_the_coordinator_in_parts() {
-    // An MLP 3-3000-2800-2 of about 8.4M parameters (34 MB, past
+    // An MLP of about 8.4M parameters (34 MB with the WDBC features, past
     // `worker::download::PARTED_FROM_BYTES`): the worker pulls each model
     // and pushes each update in two parts over two connections, its update
     // headers carrying its training metrics, which every part must share.
-    use crate::util::{Federation, example, wait_for};
+    use crate::util::{Federation, WDBC_NUMERIC, WdbcJob, example, wait_for};
     use std::time::Duration;
     let mut fed = Federation::start(&["hospital-a"]);
     let data = example("data/wdbc_breast_cancer.csv");
-    let numeric = ["radius_mean", "texture_mean", "perimeter_mean"];
-    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", &numeric);
-    let spec = fed.dir.join("big.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"name = "big"
-dataset = "wdbc"
-[model]
-kind = "mlp"
-hidden = [3000, 2800]
-[features]
-label = "diagnosis"
-positive_label = "M"
-negative_labels = ["B"]
-numeric = {numeric:?}
-[training]
-rounds = 2
-local_epochs = 0.05
-batch_size = 8
-learning_rate = 0.05
-[privacy]
-noise_multiplier = 1.0
-clip_norm = 1.0
-delta = 1e-5
-[policy]
-min_sites = 1
-round_deadline_secs = 300
-"#
-        ),
-    )
-    .unwrap();
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", WDBC_NUMERIC);
+    let spec = WdbcJob {
+        rounds: 2,
+        local_epochs: 0.05,
+        hidden: "[3000, 2800]",
+        deadline_secs: 300,
+        ..WdbcJob::default()
+    }
+    .write(&fed, "big.toml");
     let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
