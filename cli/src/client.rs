@@ -110,11 +110,21 @@ pub fn render_status(s: &pb::JobStatus) -> String {
             site.planned_epsilon,
             site.spent_epsilon,
             site.train_examples,
-            if site.reason.is_empty() { String::new() } else { format!("  ({})", site.reason) }
+            site_reason(site)
         ));
     }
     out.push_str(&render_rounds(s));
     out
+}
+
+/// A site's reason as the scientist reads it: the code and columns, and
+/// what the code means.
+fn site_reason(site: &pb::SiteStatus) -> String {
+    match proto::reason::ReasonCode::parse(&site.reason_code) {
+        Some(code) => format!("  ({}: {})", site.reason, code.meaning()),
+        None if site.reason.is_empty() => String::new(),
+        None => format!("  ({})", site.reason),
+    }
 }
 
 /// The per-round table: held-out metrics of each round's global model.
@@ -303,7 +313,9 @@ pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         .iter()
         .map(|x| {
             serde_json::json!({
-                "site": x.site, "state": x.state, "reason": x.reason, "planned_epsilon": x.planned_epsilon,
+                "site": x.site, "state": x.state, "reason": x.reason,
+                "reason_code": if x.reason_code.is_empty() { None } else { Some(&x.reason_code) },
+                "reason_columns": x.reason_columns, "planned_epsilon": x.planned_epsilon,
                 "spent_epsilon": x.spent_epsilon, "train_examples": x.train_examples,
             })
         })

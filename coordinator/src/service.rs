@@ -11,6 +11,7 @@ use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
 use proto::pb;
+use proto::reason::SiteReason;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -234,6 +235,8 @@ impl Services {
                     site: s.site,
                     state: s.state,
                     reason: s.reason,
+                    reason_code: s.reason_code,
+                    reason_columns: s.reason_columns,
                     planned_epsilon: s.planned_epsilon,
                     train_examples: s.train_examples,
                 })
@@ -648,11 +651,13 @@ impl pb::worker_service_server::WorkerService for Services {
                 .mirror_ledger(&who.name, std::slice::from_ref(entry))?;
         }
         let state = if a.accept { "accepted" } else { "refused" };
+        // Only a code and the spec's own column names are kept of a refusal.
+        let refusal = (!a.accept).then(|| SiteReason::from_wire(a.refusal.as_ref(), &job.spec.features));
         if !self.inner.store.set_job_site(
             &job.id,
             &who.name,
             state,
-            &a.reason,
+            refusal.as_ref(),
             Some(a.planned_epsilon),
             Some(a.train_examples),
         )? {
@@ -661,11 +666,13 @@ impl pb::worker_service_server::WorkerService for Services {
                 job.id, who.name
             )));
         }
-        info!(job_id = %job.id, site = %who.name, state, reason = %a.reason, "offer answered");
+        let code = refusal.as_ref().map_or("", |r| r.code().as_str());
+        let columns = refusal.as_ref().map_or(&[][..], |r| r.columns());
+        info!(job_id = %job.id, site = %who.name, state, code, ?columns, "offer answered");
         self.inner.audit(
             if a.accept { "offer.accepted" } else { "offer.refused" },
             &job.id,
-            serde_json::json!({ "site": who.name, "spec_hash": a.spec_hash, "reason": a.reason, "planned_epsilon": a.planned_epsilon }),
+            serde_json::json!({ "site": who.name, "spec_hash": a.spec_hash, "code": code, "columns": columns, "planned_epsilon": a.planned_epsilon }),
         );
         self.inner.notify();
         Ok(Response::new(pb::Ack {}))
@@ -973,10 +980,16 @@ impl pb::worker_service_server::WorkerService for Services {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportFailure")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
-        warn!(job_id = %job.id, site = %who.name, round = r.round, reason = %r.reason, "site reported a failure");
+        let reason = SiteReason::from_wire(r.reason.as_ref(), &job.spec.features);
+        warn!(job_id = %job.id, site = %who.name, round = r.round, %reason, "site reported a failure");
+        self.inner.audit(
+            "site.failed",
+            &job.id,
+            serde_json::json!({ "site": who.name, "round": r.round, "code": reason.code().as_str(), "columns": reason.columns() }),
+        );
         self.inner
             .store
-            .set_job_site(&job.id, &who.name, "failed", &r.reason, None, None)?;
+            .set_job_site(&job.id, &who.name, "failed", Some(&reason), None, None)?;
         self.inner.notify();
         Ok(Response::new(pb::Ack {}))
     }

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use proto::job::JobSpec;
 use proto::pb;
+use proto::reason::SiteReason;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// A storage failure.
@@ -138,8 +139,12 @@ pub struct JobSiteRow {
     pub site: String,
     /// offered, accepted, refused or failed.
     pub state: String,
-    /// Why it refused or failed.
+    /// Why it refused or failed, rendered from its code and columns.
     pub reason: String,
+    /// The site's reason code (`schema_mismatch`), empty when none.
+    pub reason_code: String,
+    /// The job spec's columns the code concerns.
+    pub reason_columns: Vec<String>,
     /// ε the site planned for the whole job.
     pub planned_epsilon: f64,
     /// Training examples at the site.
@@ -209,6 +214,8 @@ CREATE TABLE IF NOT EXISTS job_sites (
     reason TEXT NOT NULL DEFAULT '',
     planned_epsilon REAL NOT NULL DEFAULT 0,
     train_examples INTEGER NOT NULL DEFAULT 0,
+    reason_code TEXT NOT NULL DEFAULT '',
+    reason_columns TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (job_id, site)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -290,6 +297,19 @@ fn parse_metrics(s: &str, table: &'static str) -> Result<BTreeMap<String, f64>> 
     })
 }
 
+/// Adds `column` to `table` of a database an earlier version wrote.
+fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
+    let present: bool = conn.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+        params![column],
+        |r| r.get(0),
+    )?;
+    if !present {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
@@ -298,6 +318,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -433,20 +455,31 @@ impl Store {
     pub fn job_sites(&self, job_id: &str) -> Result<Vec<JobSiteRow>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT site, state, reason, planned_epsilon, train_examples FROM job_sites WHERE job_id = ?1 ORDER BY site",
+                "SELECT site, state, reason, planned_epsilon, train_examples, reason_code, reason_columns FROM job_sites WHERE job_id = ?1 ORDER BY site",
             )?;
             let rows = stmt
                 .query_map(params![job_id], |r| {
-                    Ok(JobSiteRow {
-                        site: r.get(0)?,
-                        state: r.get(1)?,
-                        reason: r.get(2)?,
-                        planned_epsilon: r.get(3)?,
-                        train_examples: r.get::<_, i64>(4)? as u64,
-                    })
+                    Ok((
+                        JobSiteRow {
+                            site: r.get(0)?,
+                            state: r.get(1)?,
+                            reason: r.get(2)?,
+                            planned_epsilon: r.get(3)?,
+                            train_examples: r.get::<_, i64>(4)? as u64,
+                            reason_code: r.get(5)?,
+                            reason_columns: Vec::new(),
+                        },
+                        r.get::<_, String>(6)?,
+                    ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
+            rows.into_iter()
+                .map(|(mut row, columns)| {
+                    row.reason_columns = serde_json::from_str(&columns)
+                        .map_err(|e| StoreError::Corrupt { table: "job_sites", detail: e.to_string() })?;
+                    Ok(row)
+                })
+                .collect()
         })
     }
 
@@ -456,17 +489,21 @@ impl Store {
         job_id: &str,
         site: &str,
         state: &str,
-        reason: &str,
+        reason: Option<&SiteReason>,
         planned_epsilon: Option<f64>,
         train_examples: Option<u64>,
     ) -> Result<bool> {
+        let text = reason.map(SiteReason::to_string).unwrap_or_default();
+        let code = reason.map_or("", |r| r.code().as_str());
+        let columns = serde_json::to_string(reason.map_or(&[][..], |r| r.columns())).unwrap_or_else(|_| "[]".into());
         self.with(|c| {
             let n = c.execute(
                 "UPDATE job_sites SET state = ?3, reason = ?4,
                     planned_epsilon = COALESCE(?5, planned_epsilon),
-                    train_examples = COALESCE(?6, train_examples)
+                    train_examples = COALESCE(?6, train_examples),
+                    reason_code = ?7, reason_columns = ?8
                  WHERE job_id = ?1 AND site = ?2",
-                params![job_id, site, state, reason, planned_epsilon, train_examples.map(|n| n as i64)],
+                params![job_id, site, state, text, planned_epsilon, train_examples.map(|n| n as i64), code, columns],
             )?;
             Ok(n == 1)
         })

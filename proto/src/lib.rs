@@ -14,6 +14,8 @@
 //!   pages, allocator thresholds).
 //! - [`codec`]: the services' gRPC codec (prost, with small first buffers).
 //! - [`failpoint`]: named crash points that fault-injection tests arm.
+//! - [`reason`]: why a site refused or failed, as a code and the spec's
+//!   column names only: the one form a site's reasons leave it in.
 //! - [`audit`]: the hash-chained, append-only audit log of every daemon.
 //! - [`identity::Role`]: the role a certificate carries in its subject's
 //!   organizational unit; the coordinator authorizes every RPC by it.
@@ -31,6 +33,7 @@ pub mod failpoint;
 pub mod identity;
 pub mod job;
 pub mod memory;
+pub mod reason;
 pub mod tensor;
 
 /// The request metadata key that carries a `ReserveUpload` lease to

@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use lines::LineTracker;
 
 pub use proto::job::{CategoricalFeature, FeatureSpec};
+use proto::reason::{ReasonCode, SiteReason};
 
 /// How the rows are split into train and test sets.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -244,6 +245,47 @@ pub enum DatasetError {
         /// Test rows the split would give.
         test: usize,
     },
+}
+
+impl DatasetError {
+    /// What of this error may leave the site: its [`ReasonCode`] and the
+    /// columns of `spec` it concerns. The message itself names the file, the
+    /// line and the value, and stays in the site's log.
+    pub fn reason(&self, spec: &FeatureSpec) -> SiteReason {
+        let with = |code, column: &str| SiteReason::new(code).column(spec, column);
+        match self {
+            DatasetError::InvalidSpec { .. } | DatasetError::InvalidSplit { .. } => {
+                SiteReason::new(ReasonCode::Internal)
+            }
+            DatasetError::Open { .. } | DatasetError::Read { .. } | DatasetError::NoHeader { .. } => {
+                SiteReason::new(ReasonCode::DataUnreadable)
+            }
+            DatasetError::MissingColumn { column, .. } | DatasetError::DuplicateColumn { column, .. } => {
+                with(ReasonCode::SchemaMismatch, column)
+            }
+            // An encoded name is its numeric column's name.
+            DatasetError::Unstandardisable { column, .. } => with(ReasonCode::SchemaMismatch, column),
+            DatasetError::NoRows { .. } | DatasetError::EmptySplit { .. } => SiteReason::new(ReasonCode::TooFewRows),
+            DatasetError::Row { fault, .. } => fault.reason(spec),
+        }
+    }
+}
+
+impl RowError {
+    /// The code and column of this fault: an empty cell is a missing
+    /// value, any other bad value a schema mismatch.
+    pub fn reason(&self, spec: &FeatureSpec) -> SiteReason {
+        let (column, value) = match self {
+            RowError::FieldCount { .. } => return SiteReason::new(ReasonCode::DataUnreadable),
+            RowError::NotANumber { column, value }
+            | RowError::NotFinite { column, value }
+            | RowError::OutOfRange { column, value }
+            | RowError::UnknownLevel { column, value, .. }
+            | RowError::UnknownLabel { column, value, .. } => (column, value),
+        };
+        let code = if value.is_empty() { ReasonCode::MissingValues } else { ReasonCode::SchemaMismatch };
+        SiteReason::new(code).column(spec, column)
+    }
 }
 
 /// What is wrong with a data row; [`DatasetError::Row`] adds its file and line.

@@ -17,6 +17,8 @@ use proto::pb;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::config::DatasetConfig;
+use crate::outgoing::Refusal;
+use proto::reason::ReasonCode;
 
 /// A ledger failure.
 #[derive(Debug, thiserror::Error)]
@@ -67,10 +69,8 @@ pub struct Charge {
 /// A site's decision on a job offer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
-    /// Accepted?
-    pub accept: bool,
-    /// Why not.
-    pub reason: String,
+    /// Why the job was refused; `None` when it was accepted.
+    pub refusal: Option<Refusal>,
     /// ε the job would spend at the job's δ (DP-SGD and the count release).
     pub planned_epsilon: f64,
     /// The training-set size released with noise (0 when refused).
@@ -133,7 +133,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     planned_epsilon REAL NOT NULL,
     noisy_examples INTEGER NOT NULL DEFAULT 0,
     active INTEGER NOT NULL,
-    decided_at_ms INTEGER NOT NULL
+    decided_at_ms INTEGER NOT NULL,
+    code TEXT NOT NULL DEFAULT ''
 );
 "#;
 
@@ -177,12 +178,15 @@ const ENTRY_COLUMNS: &str = "seq, site, dataset, job_id, round, spec_hash, noise
 fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, LedgerError> {
     Ok(conn
         .query_row(
-            "SELECT accepted, reason, planned_epsilon, noisy_examples FROM jobs WHERE job_id = ?1",
+            "SELECT accepted, reason, planned_epsilon, noisy_examples, code FROM jobs WHERE job_id = ?1",
             params![job_id],
             |r| {
+                let refusal = (r.get::<_, i64>(0)? != 1).then(|| -> rusqlite::Result<Refusal> {
+                    let code = ReasonCode::parse(&r.get::<_, String>(4)?).unwrap_or(ReasonCode::Internal);
+                    Ok(Refusal::new(code, r.get::<_, String>(1)?))
+                });
                 Ok(Decision {
-                    accept: r.get::<_, i64>(0)? == 1,
-                    reason: r.get(1)?,
+                    refusal: refusal.transpose()?,
                     planned_epsilon: r.get(2)?,
                     train_examples: r.get::<_, i64>(3)? as u64,
                 })
@@ -213,6 +217,25 @@ fn compose(items: impl IntoIterator<Item = (f64, f64, u64)>, delta: f64) -> Resu
     acc.epsilon(delta).map(|e| e.epsilon).map_err(|e| LedgerError::Accountant(e.to_string()))
 }
 
+/// Brings a database written by an earlier version up to [`SCHEMA`].
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    add_column(conn, "jobs", "code", "TEXT NOT NULL DEFAULT ''")
+}
+
+/// Adds `column` to `table` unless it is there (ALTER TABLE ADD COLUMN
+/// changes no row, so the ledger's append-only triggers do not object).
+fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
+    let present: bool = conn.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+        params![column],
+        |r| r.get(0),
+    )?;
+    if !present {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+    }
+    Ok(())
+}
+
 impl Ledger {
     /// Opens (creating if needed) the ledger of `site` at `path`.
     pub fn open(path: &Path, site: &str) -> Result<Ledger, LedgerError> {
@@ -221,6 +244,7 @@ impl Ledger {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Ledger {
             conn: Mutex::new(conn),
             site: site.to_string(),
@@ -293,43 +317,47 @@ impl Ledger {
         let remaining = (dataset.budget_epsilon - spent).max(0.0);
         let decision = if planned > dataset.job_epsilon_cap {
             Decision {
-                accept: false,
-                reason: format!(
-                    "dataset \"{}\": planned ε {planned:.3} exceeds the per-job cap ε {:.3} (δ = {delta:e})",
-                    dataset.name, dataset.job_epsilon_cap
-                ),
+                refusal: Some(Refusal::new(
+                    ReasonCode::JobCapExceeded,
+                    format!(
+                        "dataset \"{}\": planned ε {planned:.3} exceeds the per-job cap ε {:.3} (δ = {delta:e})",
+                        dataset.name, dataset.job_epsilon_cap
+                    ),
+                )),
                 planned_epsilon: planned,
                 train_examples: 0,
             }
         } else if after > dataset.budget_epsilon {
             Decision {
-                accept: false,
-                reason: format!(
-                    "dataset \"{}\": planned ε {planned:.3} exceeds the remaining budget ε {remaining:.3} (of {:.3} at δ = {:e})",
-                    dataset.name, dataset.budget_epsilon, dataset.budget_delta
-                ),
+                refusal: Some(Refusal::new(
+                    ReasonCode::BudgetExceeded,
+                    format!(
+                        "dataset \"{}\": planned ε {planned:.3} exceeds the remaining budget ε {remaining:.3} (of {:.3} at δ = {:e})",
+                        dataset.name, dataset.budget_epsilon, dataset.budget_delta
+                    ),
+                )),
                 planned_epsilon: planned,
                 train_examples: 0,
             }
         } else {
             let released = privacy::release::release_count(count.examples, count.noise_scale)
                 .map_err(|e| LedgerError::Accountant(e.to_string()))?;
-            Decision {
-                accept: true,
-                reason: String::new(),
-                planned_epsilon: planned,
-                train_examples: released.value,
-            }
+            Decision { refusal: None, planned_epsilon: planned, train_examples: released.value }
         };
+        let accepted = decision.refusal.is_none();
+        let (code, detail) = decision
+            .refusal
+            .as_ref()
+            .map_or(("", ""), |r| (r.reason.code().as_str(), r.detail.as_str()));
         tx.execute(
-            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples)
-             VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11, ?13)",
+            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples, code)
+             VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11, ?13, ?14)",
             params![
                 job_id,
                 dataset.name,
                 spec_hash,
-                i64::from(decision.accept),
-                decision.reason,
+                i64::from(accepted),
+                detail,
                 noise_multiplier,
                 sample_rate,
                 planned_steps as i64,
@@ -337,10 +365,11 @@ impl Ledger {
                 decision.planned_epsilon,
                 now_ms(),
                 spec_json,
-                decision.train_examples as i64
+                decision.train_examples as i64,
+                code
             ],
         )?;
-        if decision.accept {
+        if accepted {
             // Round 0 of the job: the count release, charged before the answer leaves.
             let release = Charge {
                 job_id: job_id.to_string(),

@@ -18,6 +18,7 @@ pub mod config;
 pub mod dataset;
 pub mod download;
 pub mod ledger;
+pub mod outgoing;
 pub mod train;
 pub mod upload;
 
@@ -39,6 +40,8 @@ use tracing::{info, instrument, warn};
 
 use crate::dataset::{EncodedDataset, SplitOptions};
 use crate::ledger::{Charge, Ledger};
+use crate::outgoing::Refusal;
+use proto::reason::ReasonCode;
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +227,15 @@ impl Worker {
             .datasets
             .iter()
             .map(|d| {
-                let columns = dataset::read_header(&d.path).unwrap_or_default();
+                // The columns the configuration declares that the file holds:
+                // names IT wrote, never whatever else a file's header says.
+                let header = dataset::read_header(&d.path).unwrap_or_default();
+                let columns = std::iter::once(&d.label)
+                    .chain(&d.numeric)
+                    .chain(&d.categorical)
+                    .filter(|c| header.contains(c))
+                    .cloned()
+                    .collect();
                 pb::DatasetInfo {
                     name: d.name.clone(),
                     columns,
@@ -318,14 +329,16 @@ impl Worker {
     }
 
     /// Loads (once per job) the encoded dataset a job asks for.
-    async fn load_data(self: &Arc<Self>, spec: &JobSpec, spec_hash: &str) -> Result<Arc<EncodedDataset>, String> {
+    async fn load_data(self: &Arc<Self>, spec: &JobSpec, spec_hash: &str) -> Result<Arc<EncodedDataset>, Refusal> {
         let key = (spec.dataset.clone(), spec_hash.to_string());
         if let Some(d) = lock(&self.data).get(&key) {
             return Ok(Arc::clone(d));
         }
         let cfg = self
             .dataset_config(&spec.dataset)
-            .ok_or_else(|| format!("this site has no dataset \"{}\"", spec.dataset))?
+            .ok_or_else(|| {
+                Refusal::new(ReasonCode::DatasetUnknown, format!("this site has no dataset \"{}\"", spec.dataset))
+            })?
             .clone();
         let features = spec.features.clone();
         let loaded = tokio::task::spawn_blocking(move || {
@@ -336,8 +349,8 @@ impl Worker {
             )
         })
         .await
-        .map_err(|e| format!("loading panicked: {e}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Refusal::new(ReasonCode::Internal, format!("loading panicked: {e}")))?
+        .map_err(|e| Refusal::with(e.reason(&spec.features), e.to_string()))?;
         let loaded = Arc::new(loaded);
         lock(&self.data).insert(key, Arc::clone(&loaded));
         Ok(loaded)
@@ -350,50 +363,63 @@ impl Worker {
         offer: pb::JobOffer,
         client: &mut WorkerServiceClient<Channel>,
     ) -> Result<(), tonic::Status> {
-        let refuse = |reason: String, spec_hash: String| pb::OfferAnswer {
-            job_id: job_id.to_string(),
-            spec_hash,
-            accept: false,
-            reason,
-            planned_epsilon: 0.0,
-            train_examples: 0,
-            ledger_entry: None,
-        };
         let answer = match self.decide_offer(job_id, &offer).await {
-            Ok(answer) => answer,
-            Err(reason) => refuse(reason, offer.spec_hash.clone()),
+            Ok(answer) => {
+                info!(planned_epsilon = answer.planned_epsilon, "accepting offer");
+                self.audit(
+                    "offer.accepted",
+                    job_id,
+                    serde_json::json!({
+                        "spec_hash": answer.spec_hash,
+                        "planned_epsilon": answer.planned_epsilon,
+                        "released_examples": answer.train_examples,
+                    }),
+                );
+                answer
+            }
+            Err(refusal) => {
+                // The detail is the site's alone; only the code and the spec's columns leave.
+                warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing offer");
+                self.audit(
+                    "offer.refused",
+                    job_id,
+                    serde_json::json!({
+                        "spec_hash": offer.spec_hash,
+                        "code": refusal.reason.code().as_str(),
+                        "columns": refusal.reason.columns(),
+                        "detail": refusal.detail,
+                    }),
+                );
+                outgoing::refusal(job_id, &offer.spec_hash, &refusal.reason)
+            }
         };
-        info!(accept = answer.accept, reason = %answer.reason, planned_epsilon = answer.planned_epsilon, "answering offer");
-        self.audit(
-            if answer.accept { "offer.accepted" } else { "offer.refused" },
-            job_id,
-            serde_json::json!({
-                "spec_hash": answer.spec_hash,
-                "reason": answer.reason,
-                "planned_epsilon": answer.planned_epsilon,
-                "released_examples": answer.train_examples,
-            }),
-        );
         client.answer_offer(answer).await?;
         Ok(())
     }
 
-    async fn decide_offer(self: &Arc<Self>, job_id: &str, offer: &pb::JobOffer) -> Result<pb::OfferAnswer, String> {
-        let spec = JobSpec::from_canonical_json(&offer.spec_json).map_err(|e| e.to_string())?;
+    async fn decide_offer(self: &Arc<Self>, job_id: &str, offer: &pb::JobOffer) -> Result<pb::OfferAnswer, Refusal> {
+        let internal = |e: &dyn std::fmt::Display| Refusal::new(ReasonCode::Internal, e.to_string());
+        let spec = JobSpec::from_canonical_json(&offer.spec_json)
+            .map_err(|e| Refusal::new(ReasonCode::SpecMismatch, e.to_string()))?;
         if spec.hash() != offer.spec_hash {
-            return Err("the offered spec does not match its hash".to_string());
+            return Err(Refusal::new(ReasonCode::SpecMismatch, "the offered spec does not match its hash"));
         }
         if !self.config.allowed_models.is_empty() && !self.config.allowed_models.iter().any(|m| m == spec.model.kind())
         {
-            return Err(format!(
-                "site policy does not allow model \"{}\" (allowed: {})",
-                spec.model.kind(),
-                self.config.allowed_models.join(", ")
+            return Err(Refusal::new(
+                ReasonCode::ModelNotAllowed,
+                format!(
+                    "site policy does not allow model \"{}\" (allowed: {})",
+                    spec.model.kind(),
+                    self.config.allowed_models.join(", ")
+                ),
             ));
         }
         let cfg = self
             .dataset_config(&spec.dataset)
-            .ok_or_else(|| format!("this site has no dataset \"{}\"", spec.dataset))?
+            .ok_or_else(|| {
+                Refusal::new(ReasonCode::DatasetUnknown, format!("this site has no dataset \"{}\"", spec.dataset))
+            })?
             .clone();
         let data = self.load_data(&spec, &offer.spec_hash).await?;
         let (q, steps) = train::round_plan(&spec, data.n_train());
@@ -406,7 +432,7 @@ impl Worker {
                 spec.privacy.count_noise_scale,
                 spec.privacy.delta,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| internal(&e))?;
             self.await_approval(job_id, &offer.spec_hash, &spec, planned).await?;
         }
         let decision = self
@@ -422,29 +448,28 @@ impl Worker {
                 spec.privacy.delta,
                 ledger::CountRelease { examples: data.n_train() as u64, noise_scale: spec.privacy.count_noise_scale },
             )
-            .map_err(|e| e.to_string())?;
-        let ledger_entry =
-            if decision.accept { self.ledger.entry(job_id, 0).map_err(|e| e.to_string())? } else { None };
-        if decision.accept {
-            lock(&self.jobs).insert(
-                job_id.to_string(),
-                Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
-            );
+            .map_err(|e| internal(&e))?;
+        if let Some(refusal) = decision.refusal {
+            return Err(refusal);
         }
-        Ok(pb::OfferAnswer {
-            job_id: job_id.to_string(),
-            spec_hash: offer.spec_hash.clone(),
-            accept: decision.accept,
-            reason: decision.reason,
-            planned_epsilon: decision.planned_epsilon,
-            train_examples: decision.train_examples,
+        let ledger_entry = self.ledger.entry(job_id, 0).map_err(|e| internal(&e))?;
+        lock(&self.jobs).insert(
+            job_id.to_string(),
+            Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
+        );
+        Ok(outgoing::acceptance(
+            job_id,
+            &offer.spec_hash,
+            decision.planned_epsilon,
+            decision.train_examples,
             ledger_entry,
-        })
+        ))
     }
 
-    /// Waits until the hospital's IT approves (Ok) or rejects (Err with the
-    /// reason) this exact spec, the job is stopped, or the daemon shuts down.
-    async fn await_approval(&self, job_id: &str, spec_hash: &str, spec: &JobSpec, planned: f64) -> Result<(), String> {
+    /// Waits until the hospital's IT approves (Ok) or rejects this exact
+    /// spec, the job is stopped, or the daemon shuts down.
+    async fn await_approval(&self, job_id: &str, spec_hash: &str, spec: &JobSpec, planned: f64) -> Result<(), Refusal> {
+        let internal = |e: approvals::ApprovalError| Refusal::new(ReasonCode::Internal, e.to_string());
         let request = approvals::Approval {
             job_id: job_id.to_string(),
             spec_hash: spec_hash.to_string(),
@@ -455,7 +480,7 @@ impl Worker {
             state: "pending".to_string(),
             reason: String::new(),
         };
-        let mut current = self.approvals.request(&request).map_err(|e| e.to_string())?;
+        let mut current = self.approvals.request(&request).map_err(internal)?;
         if current.state == "pending" {
             info!(job_id, spec_hash, "offer waits for approval: meridian site approve {job_id}");
         }
@@ -463,23 +488,30 @@ impl Worker {
         for _ in 0..86_400 {
             match current.state.as_str() {
                 "approved" => return Ok(()),
-                "rejected" => return Err(format!("rejected by the site: {}", current.reason)),
+                "rejected" => {
+                    return Err(Refusal::new(
+                        ReasonCode::NotApproved,
+                        format!("rejected by the site: {}", current.reason),
+                    ));
+                }
                 _ => {}
             }
             if lock(&self.stopped).contains(job_id) {
-                return Err("the job was stopped before it was approved".to_string());
+                return Err(Refusal::new(ReasonCode::JobStopped, "the job was stopped before it was approved"));
             }
             tokio::select! {
-                _ = self.shutdown.cancelled() => return Err("the site is shutting down".to_string()),
+                _ = self.shutdown.cancelled() => {
+                    return Err(Refusal::new(ReasonCode::ShuttingDown, "the site is shutting down"));
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             current = self
                 .approvals
                 .state(job_id, spec_hash)
-                .map_err(|e| e.to_string())?
-                .ok_or("the approval request vanished")?;
+                .map_err(internal)?
+                .ok_or_else(|| Refusal::new(ReasonCode::Internal, "the approval request vanished"))?;
         }
-        Err("no decision within a day".to_string())
+        Err(Refusal::new(ReasonCode::Expired, "no decision within a day"))
     }
 
     /// The context of an accepted job; after a restart it is rebuilt from
@@ -518,6 +550,30 @@ impl Worker {
         self.config.data_dir.join("outbox").join(format!("{job_id}-r{round:04}.bin"))
     }
 
+    /// Tells the coordinator that a task failed, with the code and the
+    /// spec's columns only; the detail goes to the site's log and audit.
+    async fn report_failure(
+        &self,
+        client: &mut WorkerServiceClient<Channel>,
+        job_id: &str,
+        round: u32,
+        refusal: Refusal,
+    ) -> Result<(), tonic::Status> {
+        warn!(job_id, round, reason = %refusal.reason, detail = %refusal.detail, "task failed at this site");
+        self.audit(
+            "task.failed",
+            job_id,
+            serde_json::json!({
+                "round": round,
+                "code": refusal.reason.code().as_str(),
+                "columns": refusal.reason.columns(),
+                "detail": refusal.detail,
+            }),
+        );
+        client.report_failure(outgoing::failure(job_id, round, &refusal.reason)).await?;
+        Ok(())
+    }
+
     #[instrument(skip_all, fields(job_id = %job_id, round = task.round))]
     async fn handle_train(
         self: &Arc<Self>,
@@ -525,26 +581,20 @@ impl Worker {
         task: pb::TrainTask,
         client: &mut WorkerServiceClient<Channel>,
     ) -> Result<(), tonic::Status> {
+        let round = task.round;
         let job = match self.job(job_id) {
             Ok(job) => job,
             Err(e) => {
-                let _ = client
-                    .report_failure(pb::TaskFailure {
-                        job_id: job_id.to_string(),
-                        round: task.round,
-                        reason: format!("{job_id} was not accepted at this site"),
-                    })
-                    .await;
+                let refusal = Refusal::new(ReasonCode::Internal, format!("{job_id} was not accepted at this site: {e}"));
+                let _ = self.report_failure(client, job_id, round, refusal).await;
                 return Err(e);
             }
         };
-        let round = task.round;
-        let fail = |reason: String| pb::TaskFailure { job_id: job_id.to_string(), round, reason };
         let cfg = match self.dataset_config(&job.spec.dataset) {
             Some(c) => c.clone(),
             None => {
-                client.report_failure(fail(format!("dataset \"{}\" is gone", job.spec.dataset))).await?;
-                return Ok(());
+                let detail = format!("dataset \"{}\" is gone from this site's configuration", job.spec.dataset);
+                return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::DatasetUnknown, detail)).await;
             }
         };
         let outbox = self.outbox_path(job_id, round);
@@ -562,18 +612,19 @@ impl Worker {
             _ => {
                 let data = match self.load_data(&job.spec, &job.spec_hash).await {
                     Ok(d) => d,
-                    Err(reason) => {
-                        client.report_failure(fail(reason)).await?;
-                        return Ok(());
-                    }
+                    Err(refusal) => return self.report_failure(client, job_id, round, refusal).await,
                 };
                 let global =
                     Arc::new(self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params).await?);
                 let arch = models::Architecture::new(&job.spec.model, data.dim)
                     .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 if arch.layout().hash() != task.layout_hash {
-                    client.report_failure(fail("the job's model layout differs from this site's".to_string())).await?;
-                    return Ok(());
+                    let detail = format!(
+                        "the job's model layout {} differs from this site's {}",
+                        task.layout_hash,
+                        arch.layout().hash()
+                    );
+                    return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::SpecMismatch, detail)).await;
                 }
                 // Held-out metrics of the model we received (round - 1).
                 let (arch2, device, global2, data2) =
@@ -606,8 +657,12 @@ impl Worker {
                         return Ok(());
                     }
                     Err(e) => {
-                        client.report_failure(fail(e.to_string())).await?;
-                        return Ok(());
+                        let code = match e {
+                            train::TrainError::Diverged { .. } => ReasonCode::TrainingDiverged,
+                            train::TrainError::Layout(_) => ReasonCode::SpecMismatch,
+                            _ => ReasonCode::Internal,
+                        };
+                        return self.report_failure(client, job_id, round, Refusal::new(code, e.to_string())).await;
                     }
                 };
                 let update: Vec<f32> = outcome.params.iter().zip(global.iter()).map(|(l, g)| l - g).collect();
@@ -633,8 +688,11 @@ impl Worker {
                     Ok(e) => e,
                     Err(e) => {
                         let _ = std::fs::remove_file(&outbox);
-                        client.report_failure(fail(e.to_string())).await?;
-                        return Ok(());
+                        let code = match e {
+                            ledger::LedgerError::OverBudget { .. } => ReasonCode::BudgetExceeded,
+                            _ => ReasonCode::Internal,
+                        };
+                        return self.report_failure(client, job_id, round, Refusal::new(code, e.to_string())).await;
                     }
                 };
                 self.audit(
@@ -694,7 +752,10 @@ impl Worker {
         client: &mut WorkerServiceClient<Channel>,
     ) -> Result<(), tonic::Status> {
         let job = self.job(job_id)?;
-        let data = self.load_data(&job.spec, &job.spec_hash).await.map_err(tonic::Status::internal)?;
+        let data = match self.load_data(&job.spec, &job.spec_hash).await {
+            Ok(data) => data,
+            Err(refusal) => return self.report_failure(client, job_id, task.round, refusal).await,
+        };
         let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params).await?;
         let arch =
             models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;

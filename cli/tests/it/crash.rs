@@ -153,7 +153,7 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
         .count();
     let refused = outcomes
         .iter()
-        .filter(|o| o.contains("exceeds the remaining budget"))
+        .filter(|o| o.contains("refused: budget_exceeded"))
         .count();
     assert_eq!((completed, refused), (1, 1), "{outcomes:#?}");
 }

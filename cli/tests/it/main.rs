@@ -3,6 +3,7 @@
 
 mod crash;
 mod deadlines;
+mod disclosure;
 mod federation;
 mod governance;
 mod hostile;

@@ -111,7 +111,7 @@ fn one_poisoning_hospital_of_five_corrupts_fedavg_but_not_the_robust_rules() {
                     .block_on(evil.client.report_failure(pb::TaskFailure {
                         job_id: task.job_id.clone(),
                         round: e.round,
-                        reason: "declines to evaluate".to_string(),
+                        reason: Some(pb::SiteReason { code: pb::ReasonCode::Internal as i32, columns: Vec::new() }),
                     }))
                     .unwrap();
                 declined += 1;

@@ -32,7 +32,7 @@ fn bad_job_specs_and_bad_rows_get_clear_errors() {
     let bad = fed.dir.join("bad.csv");
     let csv = std::fs::read_to_string(&data).unwrap().replacen("842517,M,20.57", "842517,M,twenty", 1);
     std::fs::write(&bad, csv).unwrap();
-    fed.start_worker("hospital-b", "wdbc-bad", &bad, "diagnosis", WDBC_NUMERIC);
+    let home_b = fed.start_worker("hospital-b", "wdbc-bad", &bad, "diagnosis", WDBC_NUMERIC);
 
     let submit = |path: &std::path::Path| {
         let out = fed.client("alice", &["job", "submit", path.to_str().unwrap()]);
@@ -77,7 +77,8 @@ fn bad_job_specs_and_bad_rows_get_clear_errors() {
     let out = fed.client("alice", &["job", "watch", &job_id]);
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), fed.coordinator_log());
 
-    // The unparseable row: hospital-b refuses the job, naming file and line; the job fails with that reason.
+    // The unparseable row: hospital-b refuses the job. The scientist learns
+    // the code and the column; the file, line and value stay in the site's log.
     let bad_job = job(&fed, "bad.toml", |t| small_spec(t).replace("dataset = \"wdbc\"", "dataset = \"wdbc-bad\""));
     let (ok, bad_id, err) = wait_for(Duration::from_secs(30), "hospital-b to register", || {
         let r = submit(&bad_job);
@@ -87,8 +88,11 @@ fn bad_job_specs_and_bad_rows_get_clear_errors() {
     let out = fed.client("alice", &["job", "watch", &bad_id]);
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("hospital-b refused: schema_mismatch (column \"radius_mean\")"), "{stdout}");
+    assert!(!stdout.contains("twenty") && !stdout.contains(bad.to_str().unwrap()), "{stdout}");
     let expected = format!("{}:3: column \"radius_mean\": cannot parse \"twenty\" as a number", bad.display());
-    assert!(stdout.contains(&expected), "{stdout}");
+    let log = std::fs::read_to_string(home_b.join("worker.log")).unwrap();
+    assert!(log.contains(&expected), "{log}");
     // Both workers are still running.
     for d in fed.daemons.iter_mut() {
         assert!(d.0.try_wait().unwrap().is_none(), "a daemon exited");

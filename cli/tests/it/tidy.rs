@@ -30,3 +30,35 @@ fn every_module_starts_with_a_doc_comment() {
     }
     assert!(bad.is_empty(), "files without a //! module doc: {bad:#?}");
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn the_worker_builds_what_it_sends_about_a_job_only_in_its_outgoing_module() {
+    // What a site tells the coordinator is made from codes, spec names and
+    // released values by `worker::outgoing`; a message built elsewhere
+    // could carry an error's text (a value, a line, a path) off the site.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut bad = Vec::new();
+    for path in files.iter().filter(|p| !p.ends_with("outgoing.rs")) {
+        let text = std::fs::read_to_string(path).unwrap();
+        for message in ["pb::OfferAnswer {", "pb::TaskFailure {", "pb::SiteReason {"] {
+            if text.contains(message) {
+                bad.push(format!("{}: {message}", path.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "messages to the coordinator built outside worker::outgoing: {bad:#?}");
+}

@@ -37,7 +37,7 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     let d = dataset(0.9, 0.8);
     // One job of 1,000 steps at q = 0.01, σ = 2 costs ε ≈ 0.69 alone.
     let first = ledger.decide(&d, "job-1", "h1", "{}", 0.01, 2.0, 1000, 1e-5, COUNT).unwrap();
-    assert!(first.accept, "{first:?}");
+    assert!(first.refusal.is_none(), "{first:?}");
     // Planned: 1,000 DP-SGD steps and one release of the training-set size (σ = 100), composed by RDP.
     let mut acc = privacy::accountant::RdpAccountant::new();
     acc.compose_poisson_gaussian(0.01, 2.0, 1000).unwrap();
@@ -46,14 +46,16 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     assert!(first.train_examples.abs_diff(1000) < 1000, "{}", first.train_examples);
     // A second identical job would take the dataset past 0.9 once the first's reservation counts.
     let second = ledger.decide(&d, "job-2", "h2", "{}", 0.01, 2.0, 1000, 1e-5, COUNT).unwrap();
-    assert!(!second.accept);
-    assert!(second.reason.starts_with("dataset \"heart\": planned ε"), "{}", second.reason);
-    assert!(second.reason.contains("exceeds the remaining budget"), "{}", second.reason);
+    let refusal = second.refusal.clone().expect("refused");
+    assert_eq!(refusal.reason.code(), proto::reason::ReasonCode::BudgetExceeded);
+    assert!(refusal.detail.starts_with("dataset \"heart\": planned ε"), "{}", refusal.detail);
     // Decisions are recorded once: asking again returns the same answer.
     assert_eq!(ledger.decide(&d, "job-2", "h2", "{}", 0.01, 2.0, 10, 1e-5, COUNT).unwrap(), second);
     // Over the per-job cap.
     let big = ledger.decide(&d, "job-3", "h3", "{}", 0.01, 2.0, 5000, 1e-5, COUNT).unwrap();
-    assert!(big.reason.contains("exceeds the per-job cap ε 0.800"), "{}", big.reason);
+    let refusal = big.refusal.expect("refused");
+    assert_eq!(refusal.reason.code(), proto::reason::ReasonCode::JobCapExceeded);
+    assert!(refusal.detail.contains("exceeds the per-job cap ε 0.800"), "{}", refusal.detail);
 }
 
 #[test]
