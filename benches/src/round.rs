@@ -12,7 +12,7 @@ use models::Architecture;
 use proto::job::JobSpec;
 use tokio_util::sync::CancellationToken;
 use worker::dataset::EncodedDataset;
-use worker::train::{round_plan, train_round};
+use worker::train::train_round;
 
 use crate::data::Dataset;
 use crate::sgd::StepError;
@@ -56,10 +56,16 @@ impl WorkerRound {
         })
     }
 
+    /// The job's plan at a site whose released training-set size is exact
+    /// (the bench measures training, not the release).
+    fn site_plan(&self) -> proto::job::SitePlan {
+        self.spec.site_plan(self.data.n_train() as u64)
+    }
+
     /// Steps of one round and the examples they take in expectation.
     pub fn plan(&self) -> (u64, f64) {
-        let (q, steps) = round_plan(&self.spec, self.data.n_train());
-        (steps, steps as f64 * q * self.data.n_train() as f64)
+        let plan = self.site_plan();
+        (plan.steps_per_round, plan.steps_per_round as f64 * plan.expected_batch)
     }
 
     /// One round (one local epoch); returns the steps taken.
@@ -70,6 +76,7 @@ impl WorkerRound {
             &self.params,
             &self.data,
             &self.spec,
+            &self.site_plan(),
             &self.cancel,
         )
         .map_err(|e| StepError::Round(e.to_string()))?;

@@ -278,7 +278,9 @@ pub async fn ledger(conn: &Connection, site: &str, dataset: &str) -> Result<Vec<
 /// A ledger entry as JSON (every field a reviewer needs to recompute ε).
 pub fn ledger_json(e: &pb::LedgerEntry) -> serde_json::Value {
     serde_json::json!({
-        "seq": e.seq, "site": e.site, "dataset": e.dataset, "job_id": e.job_id, "round": e.round,
+        "seq": e.seq, "site": e.site, "dataset": e.dataset,
+        "job_id": if e.job_id.is_empty() { None } else { Some(&e.job_id) }, "round": e.round,
+        "mechanism": proto::mechanism::Mechanism::of(e).as_str(),
         "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "clip_norm": e.clip_norm,
         "steps": e.steps, "delta": e.delta, "epsilon_round": e.epsilon_round, "epsilon_job": e.epsilon_job,
         "epsilon_dataset": e.epsilon_dataset, "accountant": e.accountant, "conversion": e.conversion,

@@ -519,11 +519,24 @@ async fn run(cli: Cli) -> Result<()> {
                     if json || json_here {
                         println!("{}", serde_json::to_string_pretty(&entries.iter().map(client::ledger_json).collect::<Vec<_>>())?);
                     } else {
-                        println!("site            seq dataset     job            round  σ       q          C      steps  δ        ε round  ε job    ε dataset");
+                        println!("site            seq dataset     job            round  mechanism     σ       q          C      steps  δ        ε entry  ε job    ε dataset");
                         for e in entries {
                             println!(
-                                "{:<15} {:>3} {:<11} {:<14} {:>5}  {:<7} {:<10.6} {:<6} {:>5}  {:<8e} {:<8.4} {:<8.4} {:.4}",
-                                e.site, e.seq, e.dataset, e.job_id, e.round, e.noise_multiplier, e.sample_rate, e.clip_norm, e.steps, e.delta, e.epsilon_round, e.epsilon_job, e.epsilon_dataset
+                                "{:<15} {:>3} {:<11} {:<14} {:>5}  {:<13} {:<7} {:<10.6} {:<6} {:>5}  {:<8e} {:<8.4} {:<8.4} {:.4}",
+                                e.site,
+                                e.seq,
+                                e.dataset,
+                                if e.job_id.is_empty() { "(dataset)" } else { &e.job_id },
+                                e.round,
+                                proto::mechanism::Mechanism::of(&e).as_str(),
+                                e.noise_multiplier,
+                                e.sample_rate,
+                                e.clip_norm,
+                                e.steps,
+                                e.delta,
+                                e.epsilon_round,
+                                e.epsilon_job,
+                                e.epsilon_dataset
                             );
                         }
                     }

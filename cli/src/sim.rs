@@ -384,10 +384,11 @@ async fn simulated_site(
                 budget_epsilon: 1e6,
                 budget_delta: 1e-5,
                 job_epsilon_cap: 1e6,
+                size: Some(pb::ReleasedSize { train_rows: EXAMPLES, test_rows: EXAMPLES, release: 1 }),
                 ..Default::default()
             }],
             software_version: env!("CARGO_PKG_VERSION").to_string(),
-            ledger: Vec::new(),
+            ..Default::default()
         })
         .await?;
     let mut tasks = client

@@ -59,7 +59,8 @@ impl pb::privacy_service_server::PrivacyService for Services {
                 rounds: entries.len() as u32,
             });
             let mut by_job: BTreeMap<&str, Vec<&pb::LedgerEntry>> = BTreeMap::new();
-            for e in &entries {
+            // A size release (no job) counts in the dataset's total only.
+            for e in entries.iter().filter(|e| !e.job_id.is_empty()) {
                 by_job.entry(e.job_id.as_str()).or_default().push(e);
             }
             for (job_id, job_entries) in by_job {

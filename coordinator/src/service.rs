@@ -302,6 +302,23 @@ impl Services {
                     "categorical",
                 );
             }
+            match &info.size {
+                None => {
+                    ok = false;
+                    problems.insert(format!(
+                        "dataset: site {} has released no size for dataset \"{}\" yet (its file is unreadable or its budget too small)",
+                        d.site, info.name
+                    ));
+                }
+                Some(size) if (spec.training.batch_size as u64) > size.train_rows => {
+                    ok = false;
+                    problems.insert(format!(
+                        "training.batch_size: {} is more than the {} training rows site {} released for dataset \"{}\"",
+                        spec.training.batch_size, size.train_rows, d.site, info.name
+                    ));
+                }
+                Some(_) => {}
+            }
             if ok {
                 eligible.push(d.site.clone());
             }

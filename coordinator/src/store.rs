@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use proto::job::JobSpec;
 use proto::pb;
+use proto::mechanism::Mechanism;
 use proto::reason::SiteReason;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -275,6 +276,7 @@ CREATE TABLE IF NOT EXISTS ledger_mirror (
     library_version TEXT NOT NULL,
     recorded_at_ms INTEGER NOT NULL,
     spec_hash TEXT NOT NULL,
+    mechanism TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (site, seq)
 );
 "#;
@@ -320,6 +322,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
         add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
+        add_column(&conn, "ledger_mirror", "mechanism", "TEXT NOT NULL DEFAULT ''")?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -708,8 +711,8 @@ impl Store {
             for e in entries {
                 tx.execute(
                     "INSERT OR IGNORE INTO ledger_mirror (site, seq, dataset, job_id, round, noise_multiplier, sample_rate, clip_norm, steps, delta,
-                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash, mechanism)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                     params![
                         site,
                         e.seq as i64,
@@ -728,7 +731,8 @@ impl Store {
                         e.conversion,
                         e.library_version,
                         e.recorded_at_unix_ms,
-                        e.spec_hash
+                        e.spec_hash,
+                        Mechanism::of(e).as_str()
                     ],
                 )?;
             }
@@ -742,7 +746,7 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT seq, site, dataset, job_id, round, noise_multiplier, sample_rate, clip_norm, steps, delta,
-                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash
+                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash, mechanism
                  FROM ledger_mirror WHERE (?1 = '' OR site = ?1) AND (?2 = '' OR dataset = ?2) ORDER BY site, seq",
             )?;
             let rows = stmt
@@ -766,6 +770,7 @@ impl Store {
                         library_version: r.get(15)?,
                         recorded_at_unix_ms: r.get(16)?,
                         spec_hash: r.get(17)?,
+                        mechanism: Mechanism::parse(&r.get::<_, String>(18)?).map_or(0, Mechanism::to_wire),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -12,10 +12,10 @@
 //! Poisson-subsampled Gaussian with q = 1, σ = s and one step.
 
 use opendp::combinators::make_zCDP_to_approxDP;
-use opendp::domains::AtomDomain;
+use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_gaussian;
 use opendp::measures::ZeroConcentratedDivergence;
-use opendp::metrics::AbsoluteDistance;
+use opendp::metrics::{AbsoluteDistance, L2Distance};
 
 /// A release OpenDP refused.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,43 @@ pub fn release_count(count: u64, scale: f64) -> Result<NoisyCount, ReleaseError>
         scale,
         rho,
     })
+}
+
+/// Counts released together with OpenDP's exact discrete Gaussian
+/// sampler, independent noise of standard deviation `scale` on each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NoisyCounts {
+    /// The released values, as drawn: a small true count can come out
+    /// negative, and clamping it is the reader's post-processing.
+    pub values: Vec<i64>,
+    /// The noise scale.
+    pub scale: f64,
+    /// zCDP parameter ρ of the whole release for an L2 change of 1 (one
+    /// record added or removed moves one of the counts by one).
+    pub rho: f64,
+}
+
+/// Releases `counts`, a vector in which one record added or removed moves
+/// one count by one (a histogram, or a split's sizes): L2 sensitivity 1,
+/// so the whole vector costs what one count does.
+pub fn release_counts(counts: &[u64], scale: f64) -> Result<NoisyCounts, ReleaseError> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(ReleaseError::Scale(scale));
+    }
+    let meas = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        L2Distance::<i64>::default(),
+        scale,
+        None,
+    )
+    .map_err(opendp_err)?;
+    let exact = counts
+        .iter()
+        .map(|&c| i64::try_from(c).map_err(|_| ReleaseError::TooLarge(c)))
+        .collect::<Result<Vec<i64>, _>>()?;
+    let values = meas.invoke(&exact).map_err(opendp_err)?;
+    let rho = meas.map(&1).map_err(opendp_err)?;
+    Ok(NoisyCounts { values, scale, rho })
 }
 
 /// ε at `delta` of one count release with noise `scale`, by OpenDP's

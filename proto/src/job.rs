@@ -10,6 +10,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::mechanism::Mechanism;
+
 /// A validated job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -363,14 +365,40 @@ pub struct PrivacySpec {
     pub clip_norm: f64,
     /// The δ at which ε is reported and budgets are charged.
     pub delta: f64,
-    /// Standard deviation of the discrete Gaussian noise on each site's
-    /// training-set size (the FedAvg weight), released once per job.
-    #[serde(default = "default_count_noise_scale")]
-    pub count_noise_scale: f64,
 }
 
-fn default_count_noise_scale() -> f64 {
-    10.0
+/// One mechanism a job runs at a site, as the site's ledger will charge
+/// it over the whole job.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlannedCharge {
+    /// What is released.
+    pub mechanism: Mechanism,
+    /// Poisson sampling rate (1 for a release over the whole split).
+    pub sample_rate: f64,
+    /// Noise standard deviation in units of the sensitivity.
+    pub noise_multiplier: f64,
+    /// Compositions over the whole job.
+    pub steps: u64,
+}
+
+/// What a job asks of one site: everything follows from the spec and the
+/// site's *released* training-set size, never from its exact row count,
+/// so that the sampling rate, the steps and the ε a site will be charged
+/// leave the site as post-processing of a DP release, and the coordinator
+/// can compute the same plan before the job is submitted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SitePlan {
+    /// The site's released training-set size the plan is for.
+    pub train_rows: u64,
+    /// q = min(1, batch_size / train_rows).
+    pub sample_rate: f64,
+    /// ceil(local_epochs / q) DP-SGD steps per round.
+    pub steps_per_round: u64,
+    /// The expected batch size q · train_rows, which each step's noised
+    /// gradient sum is divided by (the batch size itself, unless q is 1).
+    pub expected_batch: f64,
+    /// Every charge of the whole job.
+    pub charges: Vec<PlannedCharge>,
 }
 
 /// When a round closes and what happens when sites are missing.
@@ -420,6 +448,27 @@ impl JobSpec {
             problems,
         })?;
         Ok(spec)
+    }
+
+    /// The job's plan at a site whose dataset released `train_rows`
+    /// training rows.
+    pub fn site_plan(&self, train_rows: u64) -> SitePlan {
+        let t = &self.training;
+        let q = (t.batch_size as f64 / train_rows.max(1) as f64).min(1.0);
+        let steps_per_round = (t.local_epochs / q).ceil().max(1.0) as u64;
+        let dp_sgd = PlannedCharge {
+            mechanism: Mechanism::DpSgd,
+            sample_rate: q,
+            noise_multiplier: self.privacy.noise_multiplier,
+            steps: steps_per_round * u64::from(t.rounds),
+        };
+        SitePlan {
+            train_rows,
+            sample_rate: q,
+            steps_per_round,
+            expected_batch: q * train_rows.max(1) as f64,
+            charges: vec![dp_sgd],
+        }
     }
 
     /// Checks every field, collecting all problems.
@@ -489,9 +538,6 @@ impl JobSpec {
         }
         if !(d.delta.is_finite() && d.delta > 0.0 && d.delta < 1e-2) {
             p.push(format!("privacy.delta: must be in (0, 0.01), got {}", d.delta));
-        }
-        if !(d.count_noise_scale.is_finite() && d.count_noise_scale >= 1.0) {
-            p.push(format!("privacy.count_noise_scale: must be finite and >= 1, got {}", d.count_noise_scale));
         }
         if let Some(c) = &self.client_dp {
             if !(c.clip.is_finite() && c.clip > 0.0) {
@@ -653,13 +699,24 @@ struct RawJobSpec {
     model: RawModel,
     features: FeatureSpecRaw,
     training: RawTraining,
-    privacy: PrivacySpec,
+    privacy: RawPrivacy,
     #[serde(default)]
     policy: RawPolicy,
     #[serde(default)]
     client_dp: Option<ClientDpSpec>,
     #[serde(default)]
     aggregation: Aggregation,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    noise_multiplier: f64,
+    clip_norm: f64,
+    delta: f64,
+    /// Gone: each site now releases its dataset's size once for every job.
+    #[serde(default)]
+    count_noise_scale: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -777,6 +834,12 @@ impl TryFrom<RawJobSpec> for JobSpec {
                 ModelSpec::LogisticRegression
             }
         };
+        if raw.privacy.count_noise_scale.is_some() {
+            problems.push(
+                "privacy.count_noise_scale: no longer a job setting; each site releases its dataset's size once, for every job, with the noise its worker.toml sets (datasets[].size_noise_scale): remove this key"
+                    .to_string(),
+            );
+        }
         if m.image_side.is_some() && !matches!(model, ModelSpec::Cnn { .. }) {
             problems.push("model.image_side: only a cnn takes an image side".to_string());
         }
@@ -806,7 +869,11 @@ impl TryFrom<RawJobSpec> for JobSpec {
                 learning_rate: raw.training.learning_rate,
                 server_learning_rate: raw.training.server_learning_rate,
             },
-            privacy: raw.privacy,
+            privacy: PrivacySpec {
+                noise_multiplier: raw.privacy.noise_multiplier,
+                clip_norm: raw.privacy.clip_norm,
+                delta: raw.privacy.delta,
+            },
             policy: RoundPolicy {
                 min_sites: raw.policy.min_sites,
                 round_deadline_secs: raw.policy.round_deadline_secs,

@@ -14,6 +14,8 @@
 //!   pages, allocator thresholds).
 //! - [`codec`]: the services' gRPC codec (prost, with small first buffers).
 //! - [`failpoint`]: named crash points that fault-injection tests arm.
+//! - [`mechanism`]: what a ledger entry charged (DP-SGD, a size release,
+//!   an evaluation, a clip count).
 //! - [`reason`]: why a site refused or failed, as a code and the spec's
 //!   column names only: the one form a site's reasons leave it in.
 //! - [`audit`]: the hash-chained, append-only audit log of every daemon.
@@ -32,6 +34,7 @@ pub mod config_file;
 pub mod failpoint;
 pub mod identity;
 pub mod job;
+pub mod mechanism;
 pub mod memory;
 pub mod reason;
 pub mod tensor;

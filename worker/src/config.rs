@@ -55,10 +55,33 @@ struct RawPolicy {
     /// wait for `meridian site approve`.
     #[serde(default = "default_approval")]
     approval: String,
+    /// Fewest released training rows a dataset needs to take part in a job.
+    #[serde(default = "default_min_training_rows")]
+    min_training_rows: u64,
+    /// Fewest released test rows a dataset needs to take part in a job.
+    #[serde(default = "default_min_test_rows")]
+    min_test_rows: u64,
 }
 
 fn default_approval() -> String {
     "auto".to_string()
+}
+
+/// Below this, DP-SGD on a site's rows is noise (and the update says little).
+pub const DEFAULT_MIN_TRAINING_ROWS: u64 = 50;
+/// Below this, a noised evaluation histogram of a site's test split is noise.
+pub const DEFAULT_MIN_TEST_ROWS: u64 = 20;
+/// The lowest floor a policy may set: DataSHIELD's disclosure threshold.
+pub const LOWEST_MIN_ROWS: u64 = 3;
+
+fn default_min_training_rows() -> u64 {
+    DEFAULT_MIN_TRAINING_ROWS
+}
+fn default_min_test_rows() -> u64 {
+    DEFAULT_MIN_TEST_ROWS
+}
+fn default_size_noise_scale() -> f64 {
+    10.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +102,8 @@ struct RawDataset {
     test_fraction: f64,
     #[serde(default)]
     split_seed: u64,
+    #[serde(default = "default_size_noise_scale")]
+    size_noise_scale: f64,
 }
 
 impl Default for RawPolicy {
@@ -86,6 +111,8 @@ impl Default for RawPolicy {
         RawPolicy {
             allowed_models: Vec::new(),
             approval: default_approval(),
+            min_training_rows: default_min_training_rows(),
+            min_test_rows: default_min_test_rows(),
         }
     }
 }
@@ -130,8 +157,11 @@ pub struct DatasetConfig {
     pub job_epsilon_cap: f64,
     /// Share of rows held out for evaluation.
     pub test_fraction: f64,
-    /// Seed of the train/test split.
+    /// Key of the hash that assigns each record to the train or test split.
     pub split_seed: u64,
+    /// Standard deviation of the discrete Gaussian noise on the dataset's
+    /// released training and test sizes.
+    pub size_noise_scale: f64,
 }
 
 /// A validated worker configuration; relative paths resolve against the file's directory.
@@ -158,6 +188,10 @@ pub struct WorkerConfig {
     pub allowed_models: Vec<String>,
     /// Whether offers also need a person's approval.
     pub manual_approval: bool,
+    /// Fewest released training rows a dataset needs (`policy.min_training_rows`).
+    pub min_training_rows: u64,
+    /// Fewest released test rows a dataset needs (`policy.min_test_rows`).
+    pub min_test_rows: u64,
     /// Datasets served.
     pub datasets: Vec<DatasetConfig>,
 }
@@ -231,6 +265,15 @@ impl WorkerConfig {
                 false
             }
         };
+        for (key, value) in
+            [("policy.min_training_rows", raw.policy.min_training_rows), ("policy.min_test_rows", raw.policy.min_test_rows)]
+        {
+            if value < LOWEST_MIN_ROWS {
+                problems.push(format!(
+                    "{key}: must be at least {LOWEST_MIN_ROWS} (DataSHIELD's disclosure floor), got {value}"
+                ));
+            }
+        }
         for (i, m) in raw.policy.allowed_models.iter().enumerate() {
             if !["logistic_regression", "mlp", "cnn"].contains(&m.as_str()) {
                 problems.push(format!("policy.allowed_models[{i}]: unknown model \"{m}\""));
@@ -288,6 +331,13 @@ impl WorkerConfig {
                     d.test_fraction
                 ));
             }
+            if !(d.size_noise_scale.is_finite() && d.size_noise_scale >= 1.0) {
+                problems.push(format!(
+                    "{}: must be finite and >= 1, got {}",
+                    key("size_noise_scale"),
+                    d.size_noise_scale
+                ));
+            }
             datasets.push(DatasetConfig {
                 name: d.name,
                 path: file,
@@ -299,6 +349,7 @@ impl WorkerConfig {
                 job_epsilon_cap: d.job_epsilon_cap,
                 test_fraction: d.test_fraction,
                 split_seed: d.split_seed,
+                size_noise_scale: d.size_noise_scale,
             });
         }
         let config = WorkerConfig {
@@ -312,6 +363,8 @@ impl WorkerConfig {
             tls_key: resolve(&raw.tls.key),
             allowed_models: raw.policy.allowed_models,
             manual_approval,
+            min_training_rows: raw.policy.min_training_rows,
+            min_test_rows: raw.policy.min_test_rows,
             datasets,
         };
         for (key, file) in [

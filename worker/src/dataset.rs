@@ -2,10 +2,18 @@
 //!
 //! This is the one place where patient rows are read: [`load`] parses a CSV
 //! file (plain or gzip-compressed), checks every row against a job's
-//! [`FeatureSpec`], splits the rows into train and test sets with a seeded
-//! shuffle ([`SplitOptions`]) and encodes them as row-major `f32` features
-//! and `0`/`1` labels ([`EncodedDataset`]). Nothing here sends anything
-//! anywhere; only models trained on the result leave the site.
+//! [`FeatureSpec`], splits the rows into train and test sets
+//! ([`SplitOptions`]) and encodes them as row-major `f32` features and
+//! `0`/`1` labels ([`EncodedDataset`]); [`count_split`] counts the two
+//! splits without a spec, for the dataset's size release. Nothing here
+//! sends anything anywhere; only DP releases computed on the result leave
+//! the site.
+//!
+//! Which split a record lands in depends on that record alone: a keyed
+//! hash of its fields decides. The DP guarantees of everything released
+//! from either split are for one record added or removed; a shuffle of
+//! all rows would let one record move every other record across the split,
+//! and the training sets of neighbouring datasets would differ in many.
 //!
 //! Every site of a job receives the same [`FeatureSpec`], so every site
 //! produces the same input layout ([`FeatureSpec::encoded_names`]): numeric
@@ -46,10 +54,8 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use flate2::bufread::MultiGzDecoder;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use lines::LineTracker;
 
@@ -60,14 +66,24 @@ use proto::reason::{ReasonCode, SiteReason};
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SplitOptions {
-    /// Share of the rows held out for testing, strictly between 0 and 1; the
-    /// test set has `round(rows * test_fraction)` rows.
+    /// Chance that a record is held out for testing, strictly between 0 and
+    /// 1: the test set has about `rows * test_fraction` rows.
     pub test_fraction: f64,
-    /// Seed of the shuffle: the same file, spec and seed give the same split.
+    /// Key of the hash that assigns each record: the same records and seed
+    /// give the same split, whatever the spec reads.
     pub seed: u64,
 }
 
 impl SplitOptions {
+    /// Whether the record with these fields is held out for testing: the
+    /// first 53 bits of SHA-256 over the seed and the record's trimmed,
+    /// length-prefixed fields, as a fraction, below `test_fraction`.
+    pub fn holds_out(&self, record: &csv::ByteRecord) -> bool {
+        let digest = record_digest(self.seed, record);
+        let bits = u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8])) >> 11;
+        (bits as f64 / (1u64 << 53) as f64) < self.test_fraction
+    }
+
     /// Checks the options on their own, collecting every problem, each
     /// naming its field (`split.test_fraction`).
     pub fn validate(&self) -> Result<(), Vec<String>> {
@@ -84,7 +100,7 @@ impl SplitOptions {
 
 /// A dataset encoded for training: features and labels, split in two.
 ///
-/// Both splits are in shuffled order. Test rows are standardised with the
+/// Both splits keep the file's order. Test rows are standardised with the
 /// training split's statistics, as a model would see new patients.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EncodedDataset {
@@ -230,7 +246,7 @@ pub enum DatasetError {
     },
     /// The split would leave the train or the test set without rows.
     #[error(
-        "{}: test_fraction {test_fraction} splits {rows} rows into {train} train and {test} test rows, but both need at least one",
+        "{}: test_fraction {test_fraction} (split_seed {seed}) splits {rows} rows into {train} train and {test} test rows, but both need at least one",
         path.display()
     )]
     EmptySplit {
@@ -240,6 +256,8 @@ pub enum DatasetError {
         rows: usize,
         /// The requested test fraction.
         test_fraction: f64,
+        /// The split's seed.
+        seed: u64,
         /// Training rows the split would give.
         train: usize,
         /// Test rows the split would give.
@@ -374,8 +392,8 @@ pub fn read_header(path: &Path) -> Result<Vec<String>, DatasetError> {
 /// by its magic bytes, whatever its name). Values are trimmed of surrounding
 /// whitespace and may be quoted; columns the spec does not name are ignored.
 /// The spec and split options are validated first; then the first bad row
-/// fails the whole load. The rows are shuffled with ChaCha8 seeded by
-/// `split.seed`; the first `round(rows * test_fraction)` form the test set.
+/// fails the whole load. Each row goes to the test set when its keyed hash
+/// ([`SplitOptions::holds_out`]) says so.
 pub fn load(
     path: &Path,
     spec: &FeatureSpec,
@@ -390,7 +408,7 @@ pub fn load(
     let mut reader = open(path)?;
     let columns = header(path, &mut reader)?;
     let layout = Layout::new(path, spec, &columns)?;
-    let rows = read_rows(path, &layout, &mut reader)?;
+    let rows = read_rows(path, &layout, &mut reader, split)?;
 
     let n = rows.labels.len();
     if n == 0 {
@@ -398,25 +416,21 @@ pub fn load(
             path: path.to_path_buf(),
         });
     }
-    // Rounded, so 10 rows at 0.2 give 2 test rows despite 10 * 0.2 > 2.
-    let n_test = (n as f64 * split.test_fraction).round() as usize;
-    if n_test == 0 || n_test >= n {
+    let (test, train): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| rows.held_out[i]);
+    if test.is_empty() || train.is_empty() {
         return Err(DatasetError::EmptySplit {
             path: path.to_path_buf(),
             rows: n,
             test_fraction: split.test_fraction,
-            train: n.saturating_sub(n_test),
-            test: n_test.min(n),
+            seed: split.seed,
+            train: train.len(),
+            test: test.len(),
         });
     }
 
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(split.seed));
-    let (test, train) = order.split_at(n_test);
-
-    let standardisation = rows.standardisation(spec.numeric.len(), train);
-    let (train_x, train_y) = rows.encode(spec, &standardisation, train);
-    let (test_x, test_y) = rows.encode(spec, &standardisation, test);
+    let standardisation = rows.standardisation(spec.numeric.len(), &train);
+    let (train_x, train_y) = rows.encode(spec, &standardisation, &train);
+    let (test_x, test_y) = rows.encode(spec, &standardisation, &test);
     // A test value far from a nearly constant training column can still
     // leave f32's range once standardised: refuse rather than train on ∞.
     let dim = spec.input_dim().max(1);
@@ -442,6 +456,65 @@ pub fn load(
         encoded_names: spec.encoded_names(),
         standardisation,
     })
+}
+
+/// The sizes of a dataset's two splits, and a digest of its records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitSizes {
+    /// Records in the training split.
+    pub train: u64,
+    /// Records in the test split.
+    pub test: u64,
+    /// SHA-256 over the header and every record's fields, hex: when it
+    /// changes, the records changed and their sizes are released anew.
+    /// It never leaves the site (it is a function of the records).
+    pub digest: String,
+}
+
+/// Counts the records of `path` in each split of `split`, whatever a job
+/// will read of them: the exact sizes the dataset's size release noises.
+/// A record only has to be a CSV record; its values are checked when a
+/// job loads them.
+pub fn count_split(path: &Path, split: &SplitOptions) -> Result<SplitSizes, DatasetError> {
+    split.validate().map_err(|problems| DatasetError::InvalidSplit { problems })?;
+    let mut reader = open(path)?;
+    let columns = header(path, &mut reader)?;
+    let mut digest = Sha256::new();
+    for column in &columns {
+        digest.update((column.len() as u64).to_le_bytes());
+        digest.update(column.as_bytes());
+    }
+    let (mut train, mut test) = (0u64, 0u64);
+    let mut record = csv::ByteRecord::new();
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                let line = reader.get_ref().current_line();
+                return Err(DatasetError::Read { path: path.to_path_buf(), line, source });
+            }
+        }
+        digest.update(record_digest(0, &record));
+        if split.holds_out(&record) {
+            test += 1;
+        } else {
+            train += 1;
+        }
+    }
+    Ok(SplitSizes { train, test, digest: hex::encode(digest.finalize()) })
+}
+
+/// SHA-256 of `seed` and a record's trimmed fields, each prefixed by its length.
+fn record_digest(seed: u64, record: &csv::ByteRecord) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(seed.to_le_bytes());
+    for field in record.iter() {
+        let field = field.trim_ascii();
+        hash.update((field.len() as u64).to_le_bytes());
+        hash.update(field);
+    }
+    hash.finalize().into()
 }
 
 /// The decompressed bytes of a dataset file.
@@ -626,6 +699,8 @@ struct Rows {
     levels: Vec<u32>,
     /// Class of each row.
     labels: Vec<u8>,
+    /// Whether each row is in the test split.
+    held_out: Vec<bool>,
 }
 
 /// Reads and checks every data row, failing on the first bad one.
@@ -633,11 +708,13 @@ fn read_rows(
     path: &Path,
     layout: &Layout<'_>,
     reader: &mut CsvReader,
+    split: &SplitOptions,
 ) -> Result<Rows, DatasetError> {
     let mut rows = Rows {
         numeric: Vec::new(),
         levels: Vec::new(),
         labels: Vec::new(),
+        held_out: Vec::new(),
     };
     let mut record = csv::ByteRecord::new();
     loop {
@@ -666,6 +743,7 @@ fn read_rows(
                 fault: Box::new(fault),
             });
         }
+        rows.held_out.push(split.holds_out(&record));
     }
 }
 

@@ -2,23 +2,34 @@
 //!
 //! The hospital, not the data scientist, enforces privacy: a job is accepted
 //! only if its planned ε fits both the per-job cap and what the dataset has
-//! left, and the job's remaining planned steps stay reserved until it ends,
-//! so two jobs racing for the last of a budget cannot both get it. Every
-//! round's ε is committed here (WAL, `synchronous = FULL`) before the update
-//! leaves the site. The ledger table is append-only: triggers refuse
-//! UPDATE and DELETE. Spent ε is always the RDP composition of every entry,
-//! never a sum of ε values.
+//! left, and the job's remaining planned charges stay reserved until it
+//! ends, so two jobs racing for the last of a budget cannot both get it.
+//! Every release is committed here (WAL, `synchronous = FULL`) before it
+//! leaves the site: a DP-SGD round, a round's clip count, an evaluation, the
+//! dataset's sizes. The ledger table is append-only: triggers refuse UPDATE
+//! and DELETE. Spent ε is always the RDP composition of every entry, never a
+//! sum of ε values.
+//!
+//! A dataset's training and test sizes are released once, with discrete
+//! Gaussian noise, and again only when its records change
+//! ([`Ledger::release_sizes`]); every job on it plans its sampling rate and
+//! steps from that release, so nothing about the exact row count leaves.
+
+mod schema;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use privacy::accountant::RdpAccountant;
+use proto::job::{PlannedCharge, SitePlan};
+use proto::mechanism::Mechanism;
 use proto::pb;
+use proto::reason::ReasonCode;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::config::DatasetConfig;
+use crate::dataset::SplitSizes;
 use crate::outgoing::Refusal;
-use proto::reason::ReasonCode;
 
 /// A ledger failure.
 #[derive(Debug, thiserror::Error)]
@@ -29,38 +40,53 @@ pub enum LedgerError {
     /// The accountant refused the parameters.
     #[error("accountant: {0}")]
     Accountant(String),
+    /// OpenDP refused a release.
+    #[error("release: {0}")]
+    Release(#[from] privacy::release::ReleaseError),
     /// The charge would exceed the dataset's budget.
-    #[error("dataset \"{dataset}\": charging round {round} of {job_id} would spend ε {after:.4} of a budget of {budget:.4}")]
+    #[error("dataset \"{dataset}\": charging {mechanism} of round {round} of {job_id} would bring it to ε {after:.4} (composed), over its budget of {budget:.4}")]
     OverBudget {
         /// Dataset.
         dataset: String,
-        /// Job.
+        /// Job (empty for a size release).
         job_id: String,
         /// Round.
         round: u32,
+        /// What was to be charged.
+        mechanism: Mechanism,
         /// ε after the charge.
         after: f64,
         /// The budget.
         budget: f64,
     },
+    /// A stored plan that no longer parses.
+    #[error("job {job_id}: stored plan is unreadable: {detail}")]
+    CorruptPlan {
+        /// Job.
+        job_id: String,
+        /// What failed.
+        detail: String,
+    },
 }
 
-/// The mechanism of one round at one site.
+/// One release at one site, to be charged.
 #[derive(Clone, Debug)]
 pub struct Charge {
-    /// Job id.
+    /// Job id (empty for a dataset's size release).
     pub job_id: String,
     /// Hash of the job spec the site approved.
     pub spec_hash: String,
-    /// Round.
+    /// Round (the release's number for a size release).
     pub round: u32,
-    /// σ.
+    /// What is released.
+    pub mechanism: Mechanism,
+    /// σ, in units of the sensitivity.
     pub noise_multiplier: f64,
     /// q.
     pub sample_rate: f64,
-    /// C.
+    /// C (1 for a count).
     pub clip_norm: f64,
-    /// DP-SGD steps.
+    /// Compositions.
     pub steps: u64,
     /// δ of the job.
     pub delta: f64,
@@ -71,20 +97,28 @@ pub struct Charge {
 pub struct Decision {
     /// Why the job was refused; `None` when it was accepted.
     pub refusal: Option<Refusal>,
-    /// ε the job would spend at the job's δ (DP-SGD and the count release).
+    /// ε the job would spend at the job's δ.
     pub planned_epsilon: f64,
-    /// The training-set size released with noise (0 when refused).
+    /// ε the dataset would reach at its budget's δ with this job, composed
+    /// with everything charged and reserved.
+    pub projected_epsilon: f64,
+    /// The released training-set size the job was planned with.
     pub train_examples: u64,
 }
 
-/// The count release that goes with an offer: the true training-set size
-/// and the noise scale the job asks for.
-#[derive(Clone, Copy, Debug)]
-pub struct CountRelease {
-    /// Training rows at the site.
-    pub examples: u64,
-    /// Standard deviation of the discrete Gaussian noise.
-    pub noise_scale: f64,
+/// A dataset's sizes as released, and what they were released from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SizeRelease {
+    /// Which release of the dataset's sizes (1, 2, ...).
+    pub release: u32,
+    /// Released training rows (noised, then clamped at 0).
+    pub train_rows: u64,
+    /// Released test rows (noised, then clamped at 0).
+    pub test_rows: u64,
+    /// The exact counts, which never leave the site.
+    pub exact: SplitSizes,
+    /// The ledger entry that charged it.
+    pub ledger_seq: u64,
 }
 
 /// The site's ledger database.
@@ -92,51 +126,6 @@ pub struct Ledger {
     conn: Mutex<Connection>,
     site: String,
 }
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS ledger (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    site TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    spec_hash TEXT NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    sample_rate REAL NOT NULL,
-    clip_norm REAL NOT NULL,
-    steps INTEGER NOT NULL,
-    delta REAL NOT NULL,
-    epsilon_round REAL NOT NULL,
-    epsilon_job REAL NOT NULL,
-    epsilon_dataset REAL NOT NULL,
-    accountant TEXT NOT NULL,
-    conversion TEXT NOT NULL,
-    library_version TEXT NOT NULL,
-    recorded_at_ms INTEGER NOT NULL,
-    UNIQUE (job_id, round)
-);
-CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
-    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
-    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    dataset TEXT NOT NULL,
-    spec_hash TEXT NOT NULL,
-    spec_json TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    sample_rate REAL NOT NULL,
-    planned_steps INTEGER NOT NULL,
-    delta REAL NOT NULL,
-    planned_epsilon REAL NOT NULL,
-    noisy_examples INTEGER NOT NULL DEFAULT 0,
-    active INTEGER NOT NULL,
-    decided_at_ms INTEGER NOT NULL,
-    code TEXT NOT NULL DEFAULT ''
-);
-"#;
 
 /// The accountant named in ledger entries.
 pub const ACCOUNTANT: &str = "rdp";
@@ -149,7 +138,10 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+const ENTRY_COLUMNS: &str = "seq, site, dataset, job_id, round, spec_hash, noise_multiplier, sample_rate, clip_norm, steps, delta, epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, mechanism";
+
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<pb::LedgerEntry> {
+    let mechanism = Mechanism::parse(&r.get::<_, String>(18)?).unwrap_or(Mechanism::DpSgd);
     Ok(pb::LedgerEntry {
         seq: r.get::<_, i64>(0)? as u64,
         site: r.get(1)?,
@@ -169,16 +161,15 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<pb::LedgerEntry> {
         conversion: r.get(15)?,
         library_version: r.get(16)?,
         recorded_at_unix_ms: r.get(17)?,
+        mechanism: mechanism.to_wire(),
     })
 }
-
-const ENTRY_COLUMNS: &str = "seq, site, dataset, job_id, round, spec_hash, noise_multiplier, sample_rate, clip_norm, steps, delta, epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms";
 
 /// The recorded decision on a job, if any.
 fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, LedgerError> {
     Ok(conn
         .query_row(
-            "SELECT accepted, reason, planned_epsilon, noisy_examples, code FROM jobs WHERE job_id = ?1",
+            "SELECT accepted, reason, planned_epsilon, noisy_examples, code, projected_epsilon FROM jobs WHERE job_id = ?1",
             params![job_id],
             |r| {
                 let refusal = (r.get::<_, i64>(0)? != 1).then(|| -> rusqlite::Result<Refusal> {
@@ -189,19 +180,27 @@ fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, Le
                     refusal: refusal.transpose()?,
                     planned_epsilon: r.get(2)?,
                     train_examples: r.get::<_, i64>(3)? as u64,
+                    projected_epsilon: r.get(5)?,
                 })
             },
         )
         .optional()?)
 }
 
-/// ε a job plans at `delta`: its DP-SGD steps and one count release.
-pub fn planned_epsilon(sample_rate: f64, noise_multiplier: f64, steps: u64, count_noise_scale: f64, delta: f64) -> Result<f64, LedgerError> {
-    compose([(sample_rate, noise_multiplier, steps), (1.0, count_noise_scale, 1)], delta)
+/// (q, σ, steps) of a planned or committed charge, as the accountant takes it.
+type Item = (f64, f64, u64);
+
+fn item(c: &PlannedCharge) -> Item {
+    (c.sample_rate, c.noise_multiplier, c.steps)
+}
+
+/// ε of the whole `plan` at `delta`.
+pub fn planned_epsilon(plan: &SitePlan, delta: f64) -> Result<f64, LedgerError> {
+    compose(plan.charges.iter().map(item), delta)
 }
 
 /// ε of `(q, σ, steps)` triples composed by RDP at `delta` (0 when empty).
-fn compose(items: impl IntoIterator<Item = (f64, f64, u64)>, delta: f64) -> Result<f64, LedgerError> {
+fn compose(items: impl IntoIterator<Item = Item>, delta: f64) -> Result<f64, LedgerError> {
     let mut acc = RdpAccountant::new();
     let mut any = false;
     for (q, sigma, steps) in items {
@@ -217,38 +216,37 @@ fn compose(items: impl IntoIterator<Item = (f64, f64, u64)>, delta: f64) -> Resu
     acc.epsilon(delta).map(|e| e.epsilon).map_err(|e| LedgerError::Accountant(e.to_string()))
 }
 
-/// Brings a database written by an earlier version up to [`SCHEMA`].
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    add_column(conn, "jobs", "code", "TEXT NOT NULL DEFAULT ''")
+/// A plan as the jobs table keeps it.
+fn plan_json(plan: &SitePlan) -> String {
+    let charges: Vec<_> = plan
+        .charges
+        .iter()
+        .map(|c| serde_json::json!([c.mechanism.as_str(), c.sample_rate, c.noise_multiplier, c.steps]))
+        .collect();
+    serde_json::Value::Array(charges).to_string()
 }
 
-/// Adds `column` to `table` unless it is there (ALTER TABLE ADD COLUMN
-/// changes no row, so the ledger's append-only triggers do not object).
-fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
-    let present: bool = conn.query_row(
-        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
-        params![column],
-        |r| r.get(0),
-    )?;
-    if !present {
-        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
-    }
-    Ok(())
+/// The planned charges stored for `job_id`.
+fn parse_plan(job_id: &str, json: &str) -> Result<Vec<(Mechanism, Item)>, LedgerError> {
+    let corrupt = |detail: String| LedgerError::CorruptPlan { job_id: job_id.to_string(), detail };
+    let rows: Vec<(String, f64, f64, u64)> = serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
+    rows.into_iter()
+        .map(|(m, q, sigma, steps)| {
+            let mechanism = Mechanism::parse(&m).ok_or_else(|| corrupt(format!("mechanism \"{m}\"")))?;
+            Ok((mechanism, (q, sigma, steps)))
+        })
+        .collect()
 }
 
 impl Ledger {
-    /// Opens (creating if needed) the ledger of `site` at `path`.
+    /// Opens (creating or migrating if needed) the ledger of `site` at `path`.
     pub fn open(path: &Path, site: &str) -> Result<Ledger, LedgerError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
-        Ok(Ledger {
-            conn: Mutex::new(conn),
-            site: site.to_string(),
-        })
+        schema::prepare(&mut conn)?;
+        Ok(Ledger { conn: Mutex::new(conn), site: site.to_string() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -256,7 +254,7 @@ impl Ledger {
     }
 
     /// (q, σ, steps) of every entry charged to `dataset`.
-    fn charged(tx: &Connection, dataset: &str) -> Result<Vec<(f64, f64, u64)>, LedgerError> {
+    fn charged(tx: &Connection, dataset: &str) -> Result<Vec<Item>, LedgerError> {
         let mut stmt = tx.prepare("SELECT sample_rate, noise_multiplier, steps FROM ledger WHERE dataset = ?1")?;
         let rows = stmt
             .query_map(params![dataset], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
@@ -264,19 +262,32 @@ impl Ledger {
         Ok(rows)
     }
 
-    /// Steps still reserved by accepted, unfinished jobs on `dataset`, except `except_job`.
-    fn reserved(tx: &Connection, dataset: &str, except_job: &str) -> Result<Vec<(f64, f64, u64)>, LedgerError> {
+    /// What accepted, unfinished jobs on `dataset` (but `except_job`) have
+    /// planned and not yet charged, mechanism by mechanism.
+    fn reserved(tx: &Connection, dataset: &str, except_job: &str) -> Result<Vec<Item>, LedgerError> {
         let mut stmt = tx.prepare(
-            "SELECT j.sample_rate, j.noise_multiplier,
-                    j.planned_steps - COALESCE((SELECT SUM(l.steps) FROM ledger l WHERE l.job_id = j.job_id AND l.round > 0), 0)
-             FROM jobs j WHERE j.dataset = ?1 AND j.accepted = 1 AND j.active = 1 AND j.job_id != ?2",
+            "SELECT job_id, plan_json, sample_rate, noise_multiplier, planned_steps FROM jobs
+             WHERE dataset = ?1 AND accepted = 1 AND active = 1 AND job_id != ?2",
         )?;
-        let rows = stmt
+        let jobs = stmt
             .query_map(params![dataset, except_job], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.max(0) as u64))
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, (r.get(2)?, r.get(3)?, r.get::<_, i64>(4)? as u64)))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
+        let mut reserved = Vec::new();
+        for (job_id, json, legacy) in jobs {
+            // A job decided before plans were stored planned DP-SGD steps only.
+            let plan = if json.is_empty() { vec![(Mechanism::DpSgd, legacy)] } else { parse_plan(&job_id, &json)? };
+            let mut spent = tx.prepare("SELECT mechanism, steps FROM ledger WHERE job_id = ?1")?;
+            let spent = spent
+                .query_map(params![job_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (mechanism, (q, sigma, steps)) in plan {
+                let used: u64 = spent.iter().filter(|(m, _)| m == mechanism.as_str()).map(|(_, s)| s).sum();
+                reserved.push((q, sigma, steps.saturating_sub(used)));
+            }
+        }
+        Ok(reserved)
     }
 
     /// The recorded decision on a job, if any.
@@ -284,107 +295,183 @@ impl Ledger {
         read_decision(&self.lock(), job_id)
     }
 
-    /// Decides a job offer against the dataset's budget and records the
-    /// decision; an accepted job reserves its planned steps. Serialized by
-    /// an immediate transaction, so concurrent offers see each other.
-    #[allow(clippy::too_many_arguments)]
+    /// Decides a job offer planned as `plan` against the dataset's cap and
+    /// budget and records the decision; an accepted job reserves its plan.
+    /// Serialized by an immediate transaction, so concurrent offers see
+    /// each other. A job already decided gets the same decision again.
     pub fn decide(
         &self,
         dataset: &DatasetConfig,
         job_id: &str,
         spec_hash: &str,
         spec_json: &str,
-        sample_rate: f64,
-        noise_multiplier: f64,
-        planned_steps: u64,
+        plan: &SitePlan,
         delta: f64,
-        count: CountRelease,
     ) -> Result<Decision, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing = read_decision(&tx, job_id)?;
-        if let Some(d) = existing {
+        if let Some(d) = read_decision(&tx, job_id)? {
             return Ok(d);
         }
-        // The job is its DP-SGD steps plus one Gaussian release of the training-set size.
-        let job_items = [(sample_rate, noise_multiplier, planned_steps), (1.0, count.noise_scale, 1)];
-        let planned = compose(job_items, delta)?;
+        let planned = planned_epsilon(plan, delta)?;
         let mut committed = Self::charged(&tx, &dataset.name)?;
         committed.extend(Self::reserved(&tx, &dataset.name, job_id)?);
-        let spent = compose(committed.iter().copied(), dataset.budget_delta)?;
-        committed.extend(job_items);
-        let after = compose(committed, dataset.budget_delta)?;
-        let remaining = (dataset.budget_epsilon - spent).max(0.0);
-        let decision = if planned > dataset.job_epsilon_cap {
-            Decision {
-                refusal: Some(Refusal::new(
-                    ReasonCode::JobCapExceeded,
-                    format!(
-                        "dataset \"{}\": planned ε {planned:.3} exceeds the per-job cap ε {:.3} (δ = {delta:e})",
-                        dataset.name, dataset.job_epsilon_cap
-                    ),
-                )),
-                planned_epsilon: planned,
-                train_examples: 0,
-            }
-        } else if after > dataset.budget_epsilon {
-            Decision {
-                refusal: Some(Refusal::new(
-                    ReasonCode::BudgetExceeded,
-                    format!(
-                        "dataset \"{}\": planned ε {planned:.3} exceeds the remaining budget ε {remaining:.3} (of {:.3} at δ = {:e})",
-                        dataset.name, dataset.budget_epsilon, dataset.budget_delta
-                    ),
-                )),
-                planned_epsilon: planned,
-                train_examples: 0,
-            }
+        committed.extend(plan.charges.iter().map(item));
+        let projected = compose(committed, dataset.budget_delta)?;
+        let refusal = if planned > dataset.job_epsilon_cap {
+            Some(Refusal::new(
+                ReasonCode::JobCapExceeded,
+                format!(
+                    "dataset \"{}\": planned ε {planned:.3} exceeds the per-job cap ε {:.3} (δ = {delta:e})",
+                    dataset.name, dataset.job_epsilon_cap
+                ),
+            ))
+        } else if projected > dataset.budget_epsilon {
+            Some(Refusal::new(
+                ReasonCode::BudgetExceeded,
+                format!(
+                    "dataset \"{}\": this job (planned ε {planned:.3}) would bring the dataset to ε {projected:.3}, composed with everything spent and reserved, over its budget of ε {:.3} at δ = {:e}",
+                    dataset.name, dataset.budget_epsilon, dataset.budget_delta
+                ),
+            ))
         } else {
-            let released = privacy::release::release_count(count.examples, count.noise_scale)
-                .map_err(|e| LedgerError::Accountant(e.to_string()))?;
-            Decision { refusal: None, planned_epsilon: planned, train_examples: released.value }
+            None
+        };
+        let decision = Decision {
+            refusal,
+            planned_epsilon: planned,
+            projected_epsilon: projected,
+            train_examples: plan.train_rows,
         };
         let accepted = decision.refusal.is_none();
-        let (code, detail) = decision
-            .refusal
-            .as_ref()
-            .map_or(("", ""), |r| (r.reason.code().as_str(), r.detail.as_str()));
+        let (code, detail) =
+            decision.refusal.as_ref().map_or(("", ""), |r| (r.reason.code().as_str(), r.detail.as_str()));
+        let dp_sgd = plan.charges.iter().find(|c| c.mechanism == Mechanism::DpSgd);
         tx.execute(
-            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate, planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples, code)
-             VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?4, ?11, ?13, ?14)",
+            "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate,
+                planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples, code, plan_json, projected_epsilon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?5, ?12, ?13, ?14, ?15, ?16)",
             params![
                 job_id,
                 dataset.name,
                 spec_hash,
+                spec_json,
                 i64::from(accepted),
                 detail,
-                noise_multiplier,
-                sample_rate,
-                planned_steps as i64,
+                dp_sgd.map_or(0.0, |c| c.noise_multiplier),
+                plan.sample_rate,
+                dp_sgd.map_or(0, |c| c.steps) as i64,
                 delta,
-                decision.planned_epsilon,
+                planned,
                 now_ms(),
-                spec_json,
-                decision.train_examples as i64,
-                code
+                plan.train_rows as i64,
+                code,
+                plan_json(plan),
+                projected
             ],
         )?;
-        if accepted {
-            // Round 0 of the job: the count release, charged before the answer leaves.
-            let release = Charge {
-                job_id: job_id.to_string(),
-                spec_hash: spec_hash.to_string(),
-                round: 0,
-                noise_multiplier: count.noise_scale,
-                sample_rate: 1.0,
-                clip_norm: 1.0,
-                steps: 1,
-                delta,
-            };
-            self.insert_charge(&tx, dataset, &release)?;
-        }
         tx.commit()?;
         Ok(decision)
+    }
+
+    /// The dataset's sizes as released for `sizes`: the latest release if
+    /// it was made from the same records and split, otherwise a new one,
+    /// noised with the dataset's `size_noise_scale` and charged in the
+    /// same transaction. Refused (and nothing released) if the charge would
+    /// take the dataset over its budget.
+    pub fn release_sizes(&self, dataset: &DatasetConfig, sizes: &SplitSizes) -> Result<SizeRelease, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let latest = Self::latest_release(&tx, &dataset.name)?;
+        if let Some((release, digest, fraction, seed)) = &latest
+            && *digest == sizes.digest
+            && *fraction == dataset.test_fraction
+            && *seed == dataset.split_seed
+        {
+            return Self::size_release(&tx, &dataset.name, *release)?
+                .ok_or_else(|| LedgerError::Sql(rusqlite::Error::QueryReturnedNoRows));
+        }
+        let release = latest.map_or(1, |(r, ..)| r + 1);
+        let noisy = privacy::release::release_counts(&[sizes.train, sizes.test], dataset.size_noise_scale)?;
+        // Post-processing: a size is not negative.
+        let (train_rows, test_rows) = (noisy.values[0].max(0) as u64, noisy.values[1].max(0) as u64);
+        let charge = Charge {
+            job_id: String::new(),
+            spec_hash: String::new(),
+            round: release,
+            mechanism: Mechanism::SizeRelease,
+            noise_multiplier: dataset.size_noise_scale,
+            sample_rate: 1.0,
+            clip_norm: 1.0,
+            steps: 1,
+            delta: dataset.budget_delta,
+        };
+        let entry = self.insert_charge(&tx, dataset, &charge)?;
+        tx.execute(
+            "INSERT INTO size_releases (dataset, release, digest, test_fraction, split_seed, exact_train, exact_test,
+                train_rows, test_rows, noise_scale, ledger_seq, released_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                dataset.name,
+                release,
+                sizes.digest,
+                dataset.test_fraction,
+                dataset.split_seed as i64,
+                sizes.train as i64,
+                sizes.test as i64,
+                train_rows as i64,
+                test_rows as i64,
+                dataset.size_noise_scale,
+                entry.seq as i64,
+                now_ms()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(SizeRelease { release, train_rows, test_rows, exact: sizes.clone(), ledger_seq: entry.seq })
+    }
+
+    /// (release, digest, test fraction, split seed) of the dataset's latest size release.
+    fn latest_release(tx: &Connection, dataset: &str) -> Result<Option<(u32, String, f64, u64)>, LedgerError> {
+        Ok(tx
+            .query_row(
+                "SELECT release, digest, test_fraction, split_seed FROM size_releases WHERE dataset = ?1
+                 ORDER BY release DESC LIMIT 1",
+                params![dataset],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)),
+            )
+            .optional()?)
+    }
+
+    fn size_release(tx: &Connection, dataset: &str, release: u32) -> Result<Option<SizeRelease>, LedgerError> {
+        Ok(tx
+            .query_row(
+                "SELECT release, train_rows, test_rows, digest, exact_train, exact_test, ledger_seq FROM size_releases
+                 WHERE dataset = ?1 AND release = ?2",
+                params![dataset, release],
+                |r| {
+                    Ok(SizeRelease {
+                        release: r.get(0)?,
+                        train_rows: r.get::<_, i64>(1)? as u64,
+                        test_rows: r.get::<_, i64>(2)? as u64,
+                        exact: SplitSizes {
+                            digest: r.get(3)?,
+                            train: r.get::<_, i64>(4)? as u64,
+                            test: r.get::<_, i64>(5)? as u64,
+                        },
+                        ledger_seq: r.get::<_, i64>(6)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// The dataset's latest size release, if it has one.
+    pub fn current_sizes(&self, dataset: &str) -> Result<Option<SizeRelease>, LedgerError> {
+        let conn = self.lock();
+        match Self::latest_release(&conn, dataset)? {
+            Some((release, ..)) => Self::size_release(&conn, dataset, release),
+            None => Ok(None),
+        }
     }
 
     /// The spec (canonical JSON) and its hash of an accepted job that has not
@@ -406,13 +493,13 @@ impl Ledger {
         Ok(())
     }
 
-    /// The entry of a job's round, if it was charged.
-    pub fn entry(&self, job_id: &str, round: u32) -> Result<Option<pb::LedgerEntry>, LedgerError> {
+    /// The entry charging `mechanism` for a job's round, if it was charged.
+    pub fn entry(&self, job_id: &str, round: u32, mechanism: Mechanism) -> Result<Option<pb::LedgerEntry>, LedgerError> {
         let conn = self.lock();
         Ok(conn
             .query_row(
-                &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE job_id = ?1 AND round = ?2"),
-                params![job_id, round],
+                &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE job_id = ?1 AND round = ?2 AND mechanism = ?3"),
+                params![job_id, round, mechanism.as_str()],
                 entry_from_row,
             )
             .optional()?)
@@ -432,9 +519,9 @@ impl Ledger {
         compose(Self::charged(&conn, dataset)?, delta)
     }
 
-    /// Commits one round's charge durably and returns the entry. Refuses a
-    /// charge that would take the dataset over its budget; charging a round
-    /// again returns the entry already committed.
+    /// Commits one charge durably and returns the entry. Refuses a charge
+    /// that would take the dataset over its budget; charging the same
+    /// release again returns the entry already committed.
     pub fn charge(&self, dataset: &DatasetConfig, c: &Charge) -> Result<pb::LedgerEntry, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -445,40 +532,46 @@ impl Ledger {
 
     /// Inserts a charge inside `tx` (or returns the one already there).
     fn insert_charge(&self, tx: &Connection, dataset: &DatasetConfig, c: &Charge) -> Result<pb::LedgerEntry, LedgerError> {
-        if let Some(existing) = tx
+        let existing = tx
             .query_row(
-                &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE job_id = ?1 AND round = ?2"),
-                params![c.job_id, c.round],
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM ledger WHERE dataset = ?1 AND job_id = ?2 AND round = ?3 AND mechanism = ?4"
+                ),
+                params![dataset.name, c.job_id, c.round, c.mechanism.as_str()],
                 entry_from_row,
             )
-            .optional()?
-        {
+            .optional()?;
+        if let Some(existing) = existing {
             return Ok(existing);
         }
-        let epsilon_round = compose([(c.sample_rate, c.noise_multiplier, c.steps)], c.delta)?;
-        let mut job_items: Vec<(f64, f64, u64)> = {
-            let mut stmt = tx.prepare("SELECT sample_rate, noise_multiplier, steps FROM ledger WHERE job_id = ?1")?;
-            stmt.query_map(params![c.job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
+        let this = (c.sample_rate, c.noise_multiplier, c.steps);
+        let epsilon_round = compose([this], c.delta)?;
+        let mut job_items: Vec<Item> = {
+            let mut stmt = tx.prepare(
+                "SELECT sample_rate, noise_multiplier, steps FROM ledger WHERE job_id = ?1 AND dataset = ?2",
+            )?;
+            stmt.query_map(params![c.job_id, dataset.name], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
-        job_items.push((c.sample_rate, c.noise_multiplier, c.steps));
+        job_items.push(this);
         let epsilon_job = compose(job_items, c.delta)?;
         let mut dataset_items = Self::charged(tx, &dataset.name)?;
-        dataset_items.push((c.sample_rate, c.noise_multiplier, c.steps));
+        dataset_items.push(this);
         let epsilon_dataset = compose(dataset_items, dataset.budget_delta)?;
         if epsilon_dataset > dataset.budget_epsilon {
             return Err(LedgerError::OverBudget {
                 dataset: dataset.name.clone(),
                 job_id: c.job_id.clone(),
                 round: c.round,
+                mechanism: c.mechanism,
                 after: epsilon_dataset,
                 budget: dataset.budget_epsilon,
             });
         }
         tx.execute(
             "INSERT INTO ledger (site, dataset, job_id, round, spec_hash, noise_multiplier, sample_rate, clip_norm, steps, delta,
-                epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, mechanism)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             params![
                 self.site,
                 dataset.name,
@@ -496,7 +589,8 @@ impl Ledger {
                 ACCOUNTANT,
                 CONVERSION,
                 concat!("meridian-privacy ", env!("CARGO_PKG_VERSION")),
-                now_ms()
+                now_ms(),
+                c.mechanism.as_str()
             ],
         )?;
         Ok(tx.query_row(

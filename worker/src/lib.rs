@@ -41,6 +41,7 @@ use tracing::{info, instrument, warn};
 use crate::dataset::{EncodedDataset, SplitOptions};
 use crate::ledger::{Charge, Ledger};
 use crate::outgoing::Refusal;
+use proto::mechanism::Mechanism;
 use proto::reason::ReasonCode;
 
 /// Why the worker could not start.
@@ -217,41 +218,77 @@ impl Worker {
         self.config.datasets.iter().find(|d| d.name == name)
     }
 
+    /// What the site tells the coordinator of its policy.
+    fn policy(&self) -> pb::SitePolicy {
+        pb::SitePolicy {
+            allowed_models: self.config.allowed_models.clone(),
+            manual_approval: self.config.manual_approval,
+            min_training_rows: self.config.min_training_rows,
+            min_test_rows: self.config.min_test_rows,
+        }
+    }
+
+    /// Each dataset as announced: its schema as configured, its budget and
+    /// its released sizes, released now if its records changed since the
+    /// last release (or never were). Blocking: it reads every file.
+    fn announcements(&self) -> Vec<pb::DatasetInfo> {
+        self.config.datasets.iter().map(|d| self.announce(d)).collect()
+    }
+
+    fn announce(&self, d: &DatasetConfig) -> pb::DatasetInfo {
+        // The columns the configuration declares that the file holds:
+        // names IT wrote, never whatever else a file's header says.
+        let header = dataset::read_header(&d.path).unwrap_or_default();
+        let columns = std::iter::once(&d.label)
+            .chain(&d.numeric)
+            .chain(&d.categorical)
+            .filter(|c| header.contains(c))
+            .cloned()
+            .collect();
+        let split = SplitOptions { test_fraction: d.test_fraction, seed: d.split_seed };
+        let released = dataset::count_split(&d.path, &split)
+            .map_err(|e| e.to_string())
+            .and_then(|sizes| self.ledger.release_sizes(d, &sizes).map_err(|e| e.to_string()));
+        let size = match released {
+            Ok(r) => {
+                info!(dataset = %d.name, release = r.release, train_rows = r.train_rows, test_rows = r.test_rows, "dataset sizes released");
+                Some(pb::ReleasedSize { train_rows: r.train_rows, test_rows: r.test_rows, release: r.release })
+            }
+            Err(detail) => {
+                warn!(dataset = %d.name, %detail, "the dataset's sizes could not be released; it takes no jobs");
+                None
+            }
+        };
+        pb::DatasetInfo {
+            name: d.name.clone(),
+            columns,
+            label: d.label.clone(),
+            numeric: d.numeric.clone(),
+            categorical: d.categorical.clone(),
+            size,
+            budget_epsilon: d.budget_epsilon,
+            budget_delta: d.budget_delta,
+            job_epsilon_cap: d.job_epsilon_cap,
+        }
+    }
+
     /// One connection: register, then serve the task stream until it ends.
     async fn session(self: Arc<Self>, endpoint: &Endpoint, registered: &mut bool) -> Result<(), tonic::Status> {
         let channel =
             endpoint.connect().await.map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
         let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(4 << 20);
-        let datasets = self
-            .config
-            .datasets
-            .iter()
-            .map(|d| {
-                // The columns the configuration declares that the file holds:
-                // names IT wrote, never whatever else a file's header says.
-                let header = dataset::read_header(&d.path).unwrap_or_default();
-                let columns = std::iter::once(&d.label)
-                    .chain(&d.numeric)
-                    .chain(&d.categorical)
-                    .filter(|c| header.contains(c))
-                    .cloned()
-                    .collect();
-                pb::DatasetInfo {
-                    name: d.name.clone(),
-                    columns,
-                    label: d.label.clone(),
-                    numeric: d.numeric.clone(),
-                    categorical: d.categorical.clone(),
-                    rows: 0,
-                    budget_epsilon: d.budget_epsilon,
-                    budget_delta: d.budget_delta,
-                    job_epsilon_cap: d.job_epsilon_cap,
-                }
-            })
-            .collect();
+        let this = Arc::clone(&self);
+        let datasets = tokio::task::spawn_blocking(move || this.announcements())
+            .await
+            .map_err(|e| tonic::Status::internal(format!("announcing the datasets panicked: {e}")))?;
         let ledger = self.ledger.entries().map_err(|e| tonic::Status::internal(e.to_string()))?;
         let reply = client
-            .register(pb::RegisterRequest { datasets, software_version: env!("CARGO_PKG_VERSION").to_string(), ledger })
+            .register(pb::RegisterRequest {
+                datasets,
+                software_version: env!("CARGO_PKG_VERSION").to_string(),
+                ledger,
+                policy: Some(self.policy()),
+            })
             .await?
             .into_inner();
         info!(site = %reply.site, "registered with the coordinator");
@@ -421,49 +458,54 @@ impl Worker {
                 Refusal::new(ReasonCode::DatasetUnknown, format!("this site has no dataset \"{}\"", spec.dataset))
             })?
             .clone();
-        let data = self.load_data(&spec, &offer.spec_hash).await?;
-        let (q, steps) = train::round_plan(&spec, data.n_train());
-        let planned_steps = steps * u64::from(spec.training.rounds);
+        let sizes = self.ledger.current_sizes(&cfg.name).map_err(|e| internal(&e))?.ok_or_else(|| {
+            Refusal::new(ReasonCode::DataUnreadable, format!("dataset \"{}\" has no released size yet", cfg.name))
+        })?;
+        self.check_rows(&spec, &sizes)?;
+        // Reads and checks every row the job would use: a bad one refuses it now.
+        self.load_data(&spec, &offer.spec_hash).await?;
+        let plan = spec.site_plan(sizes.train_rows);
         if self.config.manual_approval {
-            let planned = ledger::planned_epsilon(
-                q,
-                spec.privacy.noise_multiplier,
-                planned_steps,
-                spec.privacy.count_noise_scale,
-                spec.privacy.delta,
-            )
-            .map_err(|e| internal(&e))?;
+            let planned = ledger::planned_epsilon(&plan, spec.privacy.delta).map_err(|e| internal(&e))?;
             self.await_approval(job_id, &offer.spec_hash, &spec, planned).await?;
         }
         let decision = self
             .ledger
-            .decide(
-                &cfg,
-                job_id,
-                &offer.spec_hash,
-                &offer.spec_json,
-                q,
-                spec.privacy.noise_multiplier,
-                planned_steps,
-                spec.privacy.delta,
-                ledger::CountRelease { examples: data.n_train() as u64, noise_scale: spec.privacy.count_noise_scale },
-            )
+            .decide(&cfg, job_id, &offer.spec_hash, &offer.spec_json, &plan, spec.privacy.delta)
             .map_err(|e| internal(&e))?;
         if let Some(refusal) = decision.refusal {
             return Err(refusal);
         }
-        let ledger_entry = self.ledger.entry(job_id, 0).map_err(|e| internal(&e))?;
         lock(&self.jobs).insert(
             job_id.to_string(),
             Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
         );
-        Ok(outgoing::acceptance(
-            job_id,
-            &offer.spec_hash,
-            decision.planned_epsilon,
-            decision.train_examples,
-            ledger_entry,
-        ))
+        Ok(outgoing::acceptance(job_id, &offer.spec_hash, decision.planned_epsilon, decision.train_examples, None))
+    }
+
+    /// Refuses a job the dataset's released sizes are too small for: under
+    /// the policy's floors, or fewer training rows than one batch.
+    fn check_rows(&self, spec: &JobSpec, sizes: &ledger::SizeRelease) -> Result<(), Refusal> {
+        let too_few = |detail: String| Err(Refusal::new(ReasonCode::TooFewRows, detail));
+        if sizes.train_rows < self.config.min_training_rows {
+            return too_few(format!(
+                "dataset \"{}\": {} released training rows, under the policy's min_training_rows {}",
+                spec.dataset, sizes.train_rows, self.config.min_training_rows
+            ));
+        }
+        if sizes.test_rows < self.config.min_test_rows {
+            return too_few(format!(
+                "dataset \"{}\": {} released test rows, under the policy's min_test_rows {}",
+                spec.dataset, sizes.test_rows, self.config.min_test_rows
+            ));
+        }
+        if spec.training.batch_size as u64 > sizes.train_rows {
+            return too_few(format!(
+                "dataset \"{}\": training.batch_size {} is more than its {} released training rows",
+                spec.dataset, spec.training.batch_size, sizes.train_rows
+            ));
+        }
+        Ok(())
     }
 
     /// Waits until the hospital's IT approves (Ok) or rejects this exact
@@ -597,11 +639,17 @@ impl Worker {
                 return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::DatasetUnknown, detail)).await;
             }
         };
+        // The plan the site accepted the job with: its released training-set size decides q and the steps.
+        let Some(decision) = self.ledger.decision(job_id).map_err(|e| tonic::Status::internal(e.to_string()))? else {
+            let refusal = Refusal::new(ReasonCode::Internal, format!("{job_id} has no recorded decision at this site"));
+            return self.report_failure(client, job_id, round, refusal).await;
+        };
+        let plan = job.spec.site_plan(decision.train_examples);
         let outbox = self.outbox_path(job_id, round);
         // A round already charged is resent as it was, never trained (and charged) again.
         let (update, entry, metrics) = match self
             .ledger
-            .entry(job_id, round)
+            .entry(job_id, round, Mechanism::DpSgd)
             .map_err(|e| tonic::Status::internal(e.to_string()))?
         {
             Some(entry) if outbox.is_file() => {
@@ -643,9 +691,9 @@ impl Worker {
                 }
                 info!(epochs = job.spec.training.local_epochs, "local training started");
                 let (spec, device, cancel) = (job.spec.clone(), self.device.clone(), job.cancel.clone());
-                let (arch3, global3, data3) = (arch.clone(), Arc::clone(&global), Arc::clone(&data));
+                let (arch3, global3, data3, plan3) = (arch.clone(), Arc::clone(&global), Arc::clone(&data), plan.clone());
                 let outcome = tokio::task::spawn_blocking(move || {
-                    train::train_round(&arch3, &device, &global3, &data3, &spec, &cancel)
+                    train::train_round(&arch3, &device, &global3, &data3, &spec, &plan3, &cancel)
                 })
                 .await
                 .map_err(|e| tonic::Status::internal(format!("training panicked: {e}")))?;
@@ -678,6 +726,7 @@ impl Worker {
                     job_id: job_id.to_string(),
                     spec_hash: job.spec_hash.clone(),
                     round,
+                    mechanism: Mechanism::DpSgd,
                     noise_multiplier: job.spec.privacy.noise_multiplier,
                     sample_rate: outcome.sample_rate,
                     clip_norm: job.spec.privacy.clip_norm,
@@ -712,12 +761,8 @@ impl Worker {
                 (update, entry, metrics)
             }
         };
-        // The FedAvg weight is the training-set size released (with noise) at acceptance.
-        let weight = self
-            .ledger
-            .decision(job_id)
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .map_or(1, |d| d.train_examples.max(1));
+        // The FedAvg weight is the dataset's released training-set size.
+        let weight = decision.train_examples.max(1);
         let header = pb::UpdateHeader {
             job_id: job_id.to_string(),
             round,

@@ -1,19 +1,20 @@
 //! Local DP-SGD and held-out evaluation, run off the async threads.
 //!
 //! One round at a site: `steps = ceil(local_epochs / q)` steps with
-//! `q = batch_size / N`; each step Poisson-samples every training row with
-//! probability `q` (so batch sizes vary, as the accountant assumes), clips
-//! each example's gradient to norm C (exactly, see `models`), adds
-//! N(0, σ²C²) to the sum, divides by the expected batch size `qN`
-//! (Opacus' semantics) and takes an SGD step. Only the noised result ever
-//! leaves the site.
+//! `q = batch_size / Ñ`, where Ñ is the dataset's *released* training-set
+//! size ([`proto::job::SitePlan`]); each step Poisson-samples every
+//! training row with probability `q` (so batch sizes vary, as the
+//! accountant assumes), clips each example's gradient to norm C (exactly,
+//! see `models`), adds N(0, σ²C²) to the sum, divides by the expected batch
+//! size `qÑ` (Opacus' semantics, with a public denominator) and takes an
+//! SGD step. Only the noised result ever leaves the site.
 
 use std::collections::BTreeMap;
 
 use burn::tensor::Device;
 use models::{Architecture, Network};
 use privacy::noise::PrefetchedNoise;
-use proto::job::JobSpec;
+use proto::job::{JobSpec, SitePlan};
 use rand::rngs::SysRng;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -43,13 +44,6 @@ pub enum TrainError {
     },
 }
 
-/// Sampling rate and steps of one round for a site with `n_train` rows.
-pub fn round_plan(spec: &JobSpec, n_train: usize) -> (f64, u64) {
-    let q = (spec.training.batch_size as f64 / n_train.max(1) as f64).min(1.0);
-    let steps = (spec.training.local_epochs / q).ceil().max(1.0) as u64;
-    (q, steps)
-}
-
 /// The result of one local round.
 pub struct RoundOutcome {
     /// Local parameters after training.
@@ -62,22 +56,23 @@ pub struct RoundOutcome {
     pub metrics: BTreeMap<String, f64>,
 }
 
-/// Runs one round of DP-SGD from `global`.
+/// Runs one round of DP-SGD from `global`, as `plan` says.
 pub fn train_round(
     arch: &Architecture,
     device: &Device,
     global: &[f32],
     data: &EncodedDataset,
     spec: &JobSpec,
+    plan: &SitePlan,
     cancel: &CancellationToken,
 ) -> Result<RoundOutcome, TrainError> {
     arch.layout().check(global)?;
     let n = data.n_train();
     let d = data.dim;
-    let (q, steps) = round_plan(spec, n);
+    let (q, steps) = (plan.sample_rate, plan.steps_per_round);
     let clip = spec.privacy.clip_norm;
     let noise_std = spec.privacy.noise_multiplier * clip;
-    let expected_batch = q * n as f64;
+    let expected_batch = plan.expected_batch;
     let lr = spec.training.learning_rate;
     // Each step's noise is drawn on a second thread while the step before computes.
     let mut noise = PrefetchedNoise::new(global.len()).map_err(|e| TrainError::Random(e.to_string()))?;

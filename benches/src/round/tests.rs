@@ -16,7 +16,7 @@ fn job_specs_parse_and_match_the_workloads() {
         );
         // q = B/N gives the same ceil(N/B) steps per local epoch.
         assert_eq!(
-            round_plan(&spec, w.rows()).1,
+            spec.site_plan(w.rows() as u64).steps_per_round,
             w.steps_per_epoch() as u64,
             "{}",
             w.name()

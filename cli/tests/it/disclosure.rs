@@ -91,3 +91,76 @@ fn a_bad_cell_stays_at_the_site_and_only_its_code_and_column_leave() {
     let human = text(&fed.client("alice", &["job", "status", &job]));
     assert!(human.contains("schema_mismatch (column \"diagnosis\")"), "{human}");
 }
+
+/// The ledger as the coordinator mirrors it, read by the reviewer.
+fn mirrored_ledger(fed: &Federation) -> Vec<serde_json::Value> {
+    let out = fed.client("rita", &["budget", "ledger", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn sizes_leave_once_noised_and_every_job_plans_from_them() {
+    let mut fed = Federation::start(&["hospital-a"]);
+    fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", crate::util::WDBC_NUMERIC);
+    let spec = WdbcJob::default().write(&fed, "job.toml");
+    let submit = || {
+        wait_for(Duration::from_secs(30), "the worker to register", || {
+            let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+    };
+    let mut weights = Vec::new();
+    for _ in 0..2 {
+        let job = submit();
+        let out = fed.client("alice", &["job", "watch", &job]);
+        assert!(out.status.success(), "{}", text(&out));
+        let status: serde_json::Value =
+            serde_json::from_slice(&fed.client("alice", &["job", "status", &job, "--json"]).stdout).unwrap();
+        let released = status["sites"][0]["train_examples"].as_u64().unwrap();
+        // The job's sampling rate is the batch over the *released* size: the
+        // exact count does not follow from anything the coordinator holds.
+        let entries = mirrored_ledger(&fed);
+        let dp_sgd = entries.iter().find(|e| e["job_id"] == job.as_str() && e["mechanism"] == "dp_sgd").unwrap();
+        assert_eq!(dp_sgd["sample_rate"].as_f64().unwrap(), 32.0 / released as f64, "{dp_sgd}");
+        weights.push(released);
+    }
+    // Both jobs used the same release; it was charged once, to the dataset, not to a job.
+    assert_eq!(weights[0], weights[1]);
+    let sizes: Vec<_> = mirrored_ledger(&fed).into_iter().filter(|e| e["mechanism"] == "size_release").collect();
+    assert_eq!(sizes.len(), 1, "{sizes:?}");
+    assert_eq!(sizes[0]["job_id"], serde_json::Value::Null);
+    assert_eq!((sizes[0]["sample_rate"].as_f64(), sizes[0]["steps"].as_u64()), (Some(1.0), Some(1)));
+    // 569 rows at test_fraction 0.2, noised with σ = 10: near 455, almost never exact.
+    assert!(weights[0].abs_diff(455) < 100, "{weights:?}");
+}
+
+#[test]
+fn a_site_with_too_few_records_refuses_with_a_code() {
+    let mut fed = Federation::start(&["hospital-a"]);
+    // The first 40 records of WDBC: about 32 for training, under the default floor of 50.
+    let text40: String = std::fs::read_to_string(example("data/wdbc_breast_cancer.csv")).unwrap().lines().take(41).map(|l| format!("{l}\n")).collect();
+    let csv = fed.dir.join("few.csv");
+    std::fs::write(&csv, text40).unwrap();
+    fed.start_worker("hospital-a", "wdbc", &csv, "diagnosis", crate::util::WDBC_NUMERIC);
+    let spec = WdbcJob { extra: "", ..Default::default() }.write(&fed, "job.toml");
+    // batch 32 fits the released rows of a 40-record file only by chance; a smaller batch isolates the floor.
+    let spec_text = std::fs::read_to_string(&spec).unwrap().replace("batch_size = 32", "batch_size = 4");
+    std::fs::write(&spec, spec_text).unwrap();
+    let job = wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    let out = fed.client("alice", &["job", "watch", &job]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let status: serde_json::Value =
+        serde_json::from_slice(&fed.client("alice", &["job", "status", &job, "--json"]).stdout).unwrap();
+    assert_eq!(status["sites"][0]["reason_code"], "too_few_rows", "{status}");
+    // A policy may not set a floor under DataSHIELD's 3.
+    let bad = fed.dir.join("bad-worker.toml");
+    let worker_toml = std::fs::read_to_string(fed.dir.join("hospital-a").join("worker.toml")).unwrap();
+    std::fs::write(&bad, format!("{worker_toml}\n[policy]\nmin_training_rows = 2\n")).unwrap();
+    let out = crate::util::run(&["worker", "--check", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("policy.min_training_rows: must be at least 3"), "{}", text(&out));
+}

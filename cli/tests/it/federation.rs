@@ -48,8 +48,8 @@ fn demo_federation_trains_and_ledgers_agree() {
                 .unwrap()
         };
         let local = read(&ledger, "ledger", "");
-        // Round 0 is the release of the training-set size at acceptance.
-        assert_eq!(local.iter().map(|e| e.1).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5], "{site}");
+        // One DP-SGD entry per round; the dataset's size was released once, for every job.
+        assert_eq!(local.iter().map(|e| e.1).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "{site}");
         // The coordinator's mirror holds the same entries, field for field.
         let mirror = read(&coordinator, "ledger_mirror", "AND site = ?2");
         assert_eq!(mirror, local, "{site}: mirror differs from the site's ledger");

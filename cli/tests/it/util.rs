@@ -375,6 +375,7 @@ impl RawSite {
                 budget_epsilon: 100.0,
                 budget_delta: 1e-5,
                 job_epsilon_cap: 100.0,
+                size: Some(pb::ReleasedSize { train_rows: 1_000, test_rows: 250, release: 1 }),
                 ..Default::default()
             }],
             ..Default::default()

@@ -30,3 +30,27 @@ fn opendp_conversion_agrees_with_the_accountant_and_rejects_bad_scales() {
     assert!(matches!(release_count(3, 0.0), Err(ReleaseError::Scale(_))));
     assert!(matches!(release_count(u64::MAX, 1.0), Err(ReleaseError::TooLarge(_))));
 }
+
+#[test]
+fn counts_released_together_get_independent_noise_and_one_rho() {
+    let scale = 5.0;
+    let truth = [1_000u64, 0, 40];
+    let draws: Vec<Vec<i64>> = (0..2000).map(|_| release_counts(&truth, scale).unwrap().values).collect();
+    for (k, &t) in truth.iter().enumerate() {
+        let mean = draws.iter().map(|d| d[k] as f64).sum::<f64>() / draws.len() as f64;
+        let var = draws.iter().map(|d| (d[k] as f64 - mean).powi(2)).sum::<f64>() / (draws.len() - 1) as f64;
+        assert!((mean - t as f64).abs() < 5.0 * scale / (draws.len() as f64).sqrt(), "count {k}: {mean}");
+        assert!((var / (scale * scale) - 1.0).abs() < 0.15, "count {k}: {var}");
+    }
+    // The noise of two counts is not shared: their difference varies as 2s².
+    let diff: Vec<f64> = draws.iter().map(|d| (d[0] - d[2]) as f64).collect();
+    let mean = diff.iter().sum::<f64>() / diff.len() as f64;
+    let var = diff.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (diff.len() - 1) as f64;
+    assert!((var / (2.0 * scale * scale) - 1.0).abs() < 0.15, "{var}");
+    // A count of zero can come out negative: clamping is for the reader.
+    assert!(draws.iter().any(|d| d[1] < 0));
+    // The whole vector costs one Gaussian mechanism of sensitivity 1.
+    let r = release_counts(&truth, scale).unwrap();
+    assert!((r.rho - 1.0 / (2.0 * scale * scale)).abs() < 1e-12, "{}", r.rho);
+    assert!(matches!(release_counts(&[1], f64::NAN), Err(ReleaseError::Scale(_))));
+}

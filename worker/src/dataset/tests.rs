@@ -48,6 +48,16 @@ fn split() -> SplitOptions {
     }
 }
 
+/// A 0.2 split of `path` that holds out some rows and keeps some for
+/// training: with a handful of rows, a seed's hashes can put every row on
+/// one side.
+fn usable_split(path: &Path) -> SplitOptions {
+    (0..)
+        .map(|seed| SplitOptions { test_fraction: 0.2, seed })
+        .find(|s| count_split(path, s).is_ok_and(|c| c.train > 0 && c.test > 0))
+        .unwrap()
+}
+
 /// Writes `contents` to `name` in `dir`.
 fn write(dir: &TempDir, name: &str, contents: &[u8]) -> PathBuf {
     let path = dir.path().join(name);
@@ -216,7 +226,7 @@ No,50,No
     };
     assert_eq!(read_header(&path).unwrap(), ["Diabetic", "BMI", "Label"]);
 
-    let data = load(&path, &spec, &split()).unwrap();
+    let data = load(&path, &spec, &usable_split(&path)).unwrap();
     let mut rows: Vec<(Vec<f32>, u8)> = data
         .train_x
         .chunks(4)
@@ -250,90 +260,88 @@ fn header_byte_order_mark_is_ignored() {
     assert!(load(&path, &patients_spec(), &split()).is_ok());
 }
 
-#[test]
-fn split_is_deterministic_and_sized_by_rounding() {
-    let dir = TempDir::new().unwrap();
+/// Rows `x,y` for x in `range`, labelled Yes for even x.
+fn numbered(range: std::ops::Range<u32>) -> String {
     let mut csv = String::from("x,y\n");
-    for i in 0..10 {
+    for i in range {
         csv.push_str(&format!("{i},{}\n", if i % 2 == 0 { "Yes" } else { "No" }));
     }
-    let path = write(&dir, "ten.csv", csv.as_bytes());
-    let spec = FeatureSpec {
+    csv
+}
+
+fn x_spec() -> FeatureSpec {
+    FeatureSpec {
         label: "y".into(),
         positive_label: "Yes".into(),
         negative_labels: vec!["No".into()],
         numeric: vec!["x".into()],
         categorical: vec![],
-    };
+    }
+}
 
-    let first = load(
-        &path,
-        &spec,
-        &SplitOptions {
-            test_fraction: 0.2,
-            seed: 1,
-        },
-    )
-    .unwrap();
-    assert_eq!((first.n_train(), first.n_test()), (8, 2));
-    assert_eq!(
-        first,
-        load(
-            &path,
-            &spec,
-            &SplitOptions {
-                test_fraction: 0.2,
-                seed: 1
-            }
-        )
-        .unwrap()
-    );
-    assert_ne!(
-        first,
-        load(
-            &path,
-            &spec,
-            &SplitOptions {
-                test_fraction: 0.2,
-                seed: 2
-            }
-        )
-        .unwrap()
-    );
+/// The `x` values of each split, in order.
+fn sides(data: &EncodedDataset) -> (Vec<u32>, Vec<u32>) {
+    let (mean, std) = data.standardisation[0];
+    let decode = |x: &[f32]| x.iter().map(|&v| (f64::from(v) * std + mean).round() as u32).collect();
+    (decode(&data.train_x), decode(&data.test_x))
+}
+
+#[test]
+fn split_is_deterministic_and_each_row_decides_its_own_side() {
+    let dir = TempDir::new().unwrap();
+    let path = write(&dir, "ten.csv", numbered(0..10).as_bytes());
+    let spec = x_spec();
+    let at = |test_fraction, seed| SplitOptions { test_fraction, seed };
+    let first = load(&path, &spec, &at(0.3, 1)).unwrap();
+    assert_eq!(first, load(&path, &spec, &at(0.3, 1)).unwrap());
+    assert_ne!(sides(&first), sides(&load(&path, &spec, &at(0.3, 2)).unwrap()));
 
     // Every row lands in exactly one split, with its own label.
-    let (mean, std) = first.standardisation[0];
-    let mut seen: Vec<(u32, u8)> = first
-        .train_x
+    let (train, test) = sides(&first);
+    let mut seen: Vec<(u32, u8)> = train
         .iter()
         .zip(&first.train_y)
-        .chain(first.test_x.iter().zip(&first.test_y))
-        .map(|(&x, &y)| ((f64::from(x) * std + mean).round() as u32, y))
+        .chain(test.iter().zip(&first.test_y))
+        .map(|(&x, &y)| (x, y))
         .collect();
     seen.sort();
-    assert_eq!(
-        seen,
-        (0..10)
-            .map(|i| (i, u8::from(i % 2 == 0)))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(seen, (0..10).map(|i| (i, u8::from(i % 2 == 0))).collect::<Vec<_>>());
 
-    for (test_fraction, sizes) in [(0.25, (7, 3)), (0.5, (5, 5)), (0.9, (1, 9))] {
-        let data = load(
-            &path,
-            &spec,
-            &SplitOptions {
-                test_fraction,
-                seed: 1,
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            (data.n_train(), data.n_test()),
-            sizes,
-            "test_fraction {test_fraction}"
-        );
+    // One record more moves no other record across the split: neighbouring
+    // datasets have neighbouring training sets, as DP-SGD's guarantee needs.
+    let more = write(&dir, "eleven.csv", numbered(0..11).as_bytes());
+    let (train11, test11) = sides(&load(&more, &spec, &at(0.3, 1)).unwrap());
+    let without = |v: &[u32]| v.iter().copied().filter(|&x| x != 10).collect::<Vec<_>>();
+    assert_eq!((without(&train11), without(&test11)), (train, test));
+
+    // Over many rows the test share is near the fraction.
+    let many = write(&dir, "many.csv", numbered(0..4000).as_bytes());
+    for fraction in [0.1, 0.25, 0.5] {
+        let sizes = count_split(&many, &at(fraction, 3)).unwrap();
+        assert_eq!(sizes.train + sizes.test, 4000);
+        let expected = 4000.0 * fraction;
+        // Within 5 binomial standard deviations.
+        let sd = (4000.0 * fraction * (1.0 - fraction)).sqrt();
+        assert!((sizes.test as f64 - expected).abs() < 5.0 * sd, "{fraction}: {sizes:?}");
+        let data = load(&many, &spec, &at(fraction, 3)).unwrap();
+        assert_eq!((data.n_train() as u64, data.n_test() as u64), (sizes.train, sizes.test));
     }
+}
+
+#[test]
+fn counting_a_split_digests_the_records() {
+    let dir = TempDir::new().unwrap();
+    let path = write(&dir, "ten.csv", numbered(0..10).as_bytes());
+    let split = SplitOptions { test_fraction: 0.3, seed: 1 };
+    let sizes = count_split(&path, &split).unwrap();
+    assert_eq!(sizes.train + sizes.test, 10);
+    // The same records, compressed or padded, give the same digest; one more record does not.
+    let gz = write(&dir, "ten.csv.gz", &gzip(numbered(0..10).as_bytes()));
+    assert_eq!(count_split(&gz, &split).unwrap(), sizes);
+    let padded = write(&dir, "padded.csv", numbered(0..10).replace(",", " , ").as_bytes());
+    assert_eq!(count_split(&padded, &split).unwrap().digest, sizes.digest);
+    let more = write(&dir, "eleven.csv", numbered(0..11).as_bytes());
+    assert_ne!(count_split(&more, &split).unwrap().digest, sizes.digest);
 }
 
 #[test]
@@ -359,7 +367,10 @@ fn wdbc_loads_standardised() {
     .unwrap();
 
     assert_eq!(data.dim, 30);
-    assert_eq!((data.n_train(), data.n_test()), (455, 114));
+    // Each record's own hash decides: about a fifth of 569 are held out.
+    assert_eq!((data.n_train(), data.n_test()), (445, 124));
+    let counted = count_split(&path, &SplitOptions { test_fraction: 0.2, seed: 7 }).unwrap();
+    assert_eq!((counted.train, counted.test), (445, 124));
     let malignant = data
         .train_y
         .iter()
@@ -373,8 +384,9 @@ fn wdbc_loads_standardised() {
             .chunks(30)
             .map(|row| f64::from(row[j]))
             .collect();
-        let mean = column.iter().sum::<f64>() / 455.0;
-        let std = (column.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 455.0).sqrt();
+        let n = column.len() as f64;
+        let mean = column.iter().sum::<f64>() / n;
+        let std = (column.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
         assert!(mean.abs() < 1e-6, "{}: mean {mean}", spec.numeric[j]);
         assert!((std - 1.0).abs() < 1e-6, "{}: std {std}", spec.numeric[j]);
     }
@@ -715,7 +727,7 @@ fn error_empty_split() {
             test_fraction: 0.05,
             seed: 0,
         },
-        "{path}: test_fraction 0.05 splits 5 rows into 5 train and 0 test rows, but both need at least one",
+        "{path}: test_fraction 0.05 (split_seed 0) splits 5 rows into 5 train and 0 test rows, but both need at least one",
     );
     check_load_error(
         &path,
@@ -724,7 +736,7 @@ fn error_empty_split() {
             test_fraction: 0.95,
             seed: 0,
         },
-        "{path}: test_fraction 0.95 splits 5 rows into 0 train and 5 test rows, but both need at least one",
+        "{path}: test_fraction 0.95 (split_seed 0) splits 5 rows into 0 train and 5 test rows, but both need at least one",
     );
 }
 
