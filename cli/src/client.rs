@@ -101,20 +101,42 @@ pub fn render_status(s: &pb::JobStatus) -> String {
     if s.client_epsilon > 0.0 {
         out.push_str(&format!("  client-level DP: ε = {:.3} per hospital at δ = {:e}\n", s.client_epsilon, s.delta));
     }
-    out.push_str(&format!("  sites (ε at δ = {:e}):\n", s.delta));
+    out.push_str(&format!("  sites (ε at δ = {:e}, every release composed):\n", s.delta));
     for site in &s.sites {
         out.push_str(&format!(
-            "    {:<14} {:<9} planned ε {:.3}  spent ε {:.3}  {} training rows{}\n",
+            "    {:<14} {:<9} planned ε {:.3}  spent ε {:.3}  {} training rows (released){}{}\n",
             site.site,
             site.state,
             site.planned_epsilon,
             site.spent_epsilon,
             site.train_examples,
+            if site.releases_exact_metrics { "  [releases EXACT metrics]" } else { "" },
             site_reason(site)
         ));
     }
     out.push_str(&render_rounds(s));
+    if s.rounds.iter().any(|r| !r.exact_eval_metrics.is_empty() || !r.exact_train_metrics.is_empty()) {
+        out.push_str("  exact metrics (unprotected, from sites whose policy releases them):\n");
+        for r in s.rounds.iter().filter(|r| !r.exact_eval_metrics.is_empty() || !r.exact_train_metrics.is_empty()) {
+            out.push_str(&format!(
+                "  {:>5}  test AUC {}  test loss {}  train loss {}\n",
+                r.round,
+                metric(&r.exact_eval_metrics, "auc"),
+                metric(&r.exact_eval_metrics, "loss"),
+                metric(&r.exact_train_metrics, "train_loss")
+            ));
+        }
+    }
     out
+}
+
+/// The AUC and its standard error under the releases' noise: `0.8342±0.0040`.
+fn auc(m: &std::collections::HashMap<String, f64>) -> String {
+    match (m.get("auc"), m.get("auc_se")) {
+        (Some(a), Some(se)) => format!("{a:.4}±{se:.4}"),
+        (Some(a), None) => format!("{a:.4}"),
+        _ => "-".to_string(),
+    }
 }
 
 /// A site's reason as the scientist reads it: the code and columns, and
@@ -127,27 +149,71 @@ fn site_reason(site: &pb::SiteStatus) -> String {
     }
 }
 
-/// The per-round table: held-out metrics of each round's global model.
+/// The per-round table: held-out metrics of each round's global model,
+/// derived from the sites' noised histograms, and the released clipped
+/// fraction of its training.
 pub fn render_rounds(s: &pb::JobStatus) -> String {
-    let mut out = String::from("  round  state       test AUC  test acc  test loss  train loss  updates\n");
+    let mut out = String::from("  round  state       test AUC        test acc  test loss  clipped  updates\n");
     for r in &s.rounds {
         out.push_str(&format!(
-            "  {:>5}  {:<10}  {:>8}  {:>8}  {:>9}  {:>10}  {}\n",
+            "  {:>5}  {:<10}  {:<14}  {:>8}  {:>9}  {:>7}  {}\n",
             r.round,
             r.state,
-            metric(&r.eval_metrics, "auc"),
+            auc(&r.eval_metrics),
             metric(&r.eval_metrics, "accuracy"),
             metric(&r.eval_metrics, "loss"),
-            metric(&r.train_metrics, "train_loss"),
+            metric(&r.train_metrics, "clipped_fraction"),
             r.updated_sites.join(",")
         ));
     }
     out
 }
 
-/// `meridian job watch`: a progress bar and a line per finished round,
-/// until the job ends. Returns the final status.
-pub async fn watch(conn: &Connection, job_id: &str, quiet: bool) -> Result<pb::JobStatus> {
+/// ε a site has spent on the job so far, as the job status reports it.
+fn epsilon_so_far(status: &pb::JobStatus) -> String {
+    status
+        .sites
+        .iter()
+        .filter(|s| s.state == "accepted" || s.spent_epsilon > 0.0)
+        .map(|s| format!("{} {:.3}", s.site, s.spent_epsilon))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line for an aggregated round: what a person reads off a terminal or a log.
+pub fn round_line(status: &pb::JobStatus, r: &pb::RoundStatus) -> String {
+    format!(
+        "round {:>3}/{} aggregated: {} updates, clipped {}, test AUC of round {} model {}, ε so far: {}",
+        r.round,
+        status.total_rounds,
+        r.updated_sites.len(),
+        metric(&r.train_metrics, "clipped_fraction"),
+        r.round.saturating_sub(1),
+        status
+            .rounds
+            .iter()
+            .find(|p| p.round + 1 == r.round)
+            .map_or_else(|| "-".to_string(), |p| auc(&p.eval_metrics)),
+        epsilon_so_far(status)
+    )
+}
+
+/// How `job watch` reports progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchOutput {
+    /// A progress bar and a line per round, for a terminal.
+    Terminal,
+    /// A plain line per round, nothing else: stdout is not a terminal.
+    Lines,
+    /// One JSON object per event (JSON Lines), ending with the final state.
+    Json,
+    /// Nothing until the end (the demo's `--quiet`).
+    Quiet,
+}
+
+/// `meridian job watch`: follows a job until it ends, reporting each
+/// aggregated round as `output` says. Returns the final status.
+pub async fn watch(conn: &Connection, job_id: &str, output: WatchOutput) -> Result<pb::JobStatus> {
     let mut stream = conn
         .jobs()
         .await?
@@ -155,14 +221,17 @@ pub async fn watch(conn: &Connection, job_id: &str, quiet: bool) -> Result<pb::J
         .await
         .map_err(status_error)?
         .into_inner();
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(1) };
+    let bar = if output == WatchOutput::Terminal { ProgressBar::new(1) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] round {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(job_id.to_string());
-    bar.enable_steady_tick(Duration::from_millis(200));
+    if output == WatchOutput::Terminal {
+        bar.enable_steady_tick(Duration::from_millis(200));
+    }
     let mut printed = 0u32;
+    let mut last_state = String::new();
     let mut last = None;
     while let Some(status) = stream.next().await {
         let status = status.map_err(status_error)?;
@@ -174,16 +243,24 @@ pub async fn watch(conn: &Connection, job_id: &str, quiet: bool) -> Result<pb::J
             ("running", Some(r)) => format!("waiting for updates ({} in)", r.updated_sites.len()),
             (state, _) => state.to_string(),
         });
+        if output == WatchOutput::Json && status.state != last_state {
+            crate::output::json_line(&serde_json::json!({ "event": "state", "job_id": job_id, "state": status.state }))?;
+        }
+        last_state.clone_from(&status.state);
         let fresh: Vec<&pb::RoundStatus> =
             status.rounds.iter().filter(|r| r.state == "aggregated" && r.round > printed).collect();
         for r in fresh {
-            bar.println(format!(
-                "round {:>3} aggregated: {} updates, train loss {}, clipped {}",
-                r.round,
-                r.updated_sites.len(),
-                metric(&r.train_metrics, "train_loss"),
-                metric(&r.train_metrics, "clipped_fraction")
-            ));
+            match output {
+                WatchOutput::Terminal => bar.println(round_line(&status, r)),
+                WatchOutput::Lines => crate::output::line(&round_line(&status, r))?,
+                WatchOutput::Json => crate::output::json_line(&serde_json::json!({
+                    "event": "round",
+                    "job_id": job_id,
+                    "round": round_json(r),
+                    "epsilon": status.sites.iter().map(|s| (s.site.clone(), s.spent_epsilon)).collect::<BTreeMap<_, _>>(),
+                }))?,
+                WatchOutput::Quiet => {}
+            }
             printed = r.round;
         }
         last = Some(status);
@@ -191,7 +268,11 @@ pub async fn watch(conn: &Connection, job_id: &str, quiet: bool) -> Result<pb::J
     bar.finish_and_clear();
     let last = last.context("the watch stream ended without a status")?;
     // Evaluations of the last round can land after the final state change.
-    get(conn, &last.job_id).await
+    let last = get(conn, &last.job_id).await?;
+    if output == WatchOutput::Json {
+        crate::output::json_line(&serde_json::json!({ "event": "final", "status": status_json(&last) }))?;
+    }
+    Ok(last)
 }
 
 /// `meridian model pull`: the global model as safetensors.
@@ -244,20 +325,22 @@ pub async fn budgets(conn: &Connection) -> Result<Vec<pb::BudgetRow>> {
         .rows)
 }
 
-/// Budget rows as a table.
+/// Budget rows as a table: ε spent is every entry composed by RDP; the
+/// limit is the budget (or the per-job cap); there is no "left", which a
+/// subtraction would get wrong (`job plan` says what a job would bring).
 pub fn render_budgets(rows: &[pb::BudgetRow]) -> String {
-    let mut out = String::from("site            dataset     job              ε spent   ε limit   ε left    δ        rounds\n");
+    let mut out = String::from("site            dataset     job              ε spent   ε limit   δ        entries\n");
     for r in rows {
         out.push_str(&format!(
-            "{:<15} {:<11} {:<16} {:>8.4}  {:>8.4}  {:>8.4}  {:<8e} {}\n",
+            "{:<15} {:<11} {:<16} {:>8.4}  {:>8.4}  {:<8e} {}{}\n",
             r.site,
             r.dataset,
-            if r.job_id.is_empty() { "(all jobs)" } else { &r.job_id },
+            if r.job_id.is_empty() { "(all, composed)" } else { &r.job_id },
             r.epsilon_spent,
             r.epsilon_total,
-            r.epsilon_remaining,
             r.delta,
-            r.rounds
+            r.rounds,
+            if r.releases_exact_metrics { "  [site releases EXACT metrics]" } else { "" }
         ));
     }
     out
@@ -292,24 +375,14 @@ pub fn ledger_json(e: &pb::LedgerEntry) -> serde_json::Value {
 pub fn budget_json(r: &pb::BudgetRow) -> serde_json::Value {
     serde_json::json!({
         "site": r.site, "dataset": r.dataset, "job_id": if r.job_id.is_empty() { None } else { Some(&r.job_id) },
-        "epsilon_spent": r.epsilon_spent, "epsilon_limit": r.epsilon_total, "epsilon_remaining": r.epsilon_remaining,
-        "delta": r.delta, "rounds": r.rounds,
+        "epsilon_spent": r.epsilon_spent, "epsilon_limit": r.epsilon_total,
+        "delta": r.delta, "entries": r.rounds, "releases_exact_metrics": r.releases_exact_metrics,
     })
 }
 
 /// A job status as JSON.
 pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
-    let rounds: Vec<_> = s
-        .rounds
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "round": r.round, "state": r.state, "attempt": r.attempt, "updated_sites": r.updated_sites,
-                "train_metrics": r.train_metrics.iter().collect::<BTreeMap<_, _>>(),
-                "eval_metrics": r.eval_metrics.iter().collect::<BTreeMap<_, _>>(),
-            })
-        })
-        .collect();
+    let rounds: Vec<_> = s.rounds.iter().map(round_json).collect();
     let sites: Vec<_> = s
         .sites
         .iter()
@@ -319,6 +392,7 @@ pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
                 "reason_code": if x.reason_code.is_empty() { None } else { Some(&x.reason_code) },
                 "reason_columns": x.reason_columns, "planned_epsilon": x.planned_epsilon,
                 "spent_epsilon": x.spent_epsilon, "train_examples": x.train_examples,
+                "releases_exact_metrics": x.releases_exact_metrics,
             })
         })
         .collect();
@@ -328,5 +402,28 @@ pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "num_params": s.num_params, "layout_hash": s.layout_hash, "spec_hash": s.spec_hash, "delta": s.delta,
         "client_epsilon": s.client_epsilon,
         "sites": sites, "rounds": rounds,
+    })
+}
+
+/// A round as JSON: its derived metrics, each site's released histogram
+/// (for a reviewer to recompute them), and any exact metrics apart.
+pub fn round_json(r: &pb::RoundStatus) -> serde_json::Value {
+    let sites: Vec<_> = r
+        .site_evaluations
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "site": e.site, "negatives": e.negatives, "positives": e.positives, "noise_scale": e.noise_scale,
+                "metrics": e.metrics.iter().collect::<BTreeMap<_, _>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "round": r.round, "state": r.state, "attempt": r.attempt, "updated_sites": r.updated_sites,
+        "train_metrics": r.train_metrics.iter().collect::<BTreeMap<_, _>>(),
+        "eval_metrics": r.eval_metrics.iter().collect::<BTreeMap<_, _>>(),
+        "site_evaluations": sites,
+        "exact_train_metrics": r.exact_train_metrics.iter().collect::<BTreeMap<_, _>>(),
+        "exact_eval_metrics": r.exact_eval_metrics.iter().collect::<BTreeMap<_, _>>(),
     })
 }

@@ -54,6 +54,8 @@ struct Dataset {
     /// Each hospital's total ε budget and per-job cap for this dataset.
     budget_epsilon: f64,
     job_epsilon_cap: f64,
+    /// The noise on each hospital's released training and test sizes.
+    size_noise_scale: f64,
     job: &'static str,
     label: &'static str,
     numeric: Vec<String>,
@@ -178,8 +180,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             let job = proto::job::JobSpec::from_toml(BRFSS_JOB, "brfss.toml").map_err(anyhow::Error::msg)?;
             Dataset {
                 name: "brfss",
-                budget_epsilon: 3.0,
-                job_epsilon_cap: 1.0,
+                budget_epsilon: 5.0,
+                job_epsilon_cap: 2.0,
+                size_noise_scale: 50.0,
                 job: BRFSS_JOB,
                 label: "HeartDisease",
                 numeric: job.features.numeric.clone(),
@@ -193,6 +196,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 name: "wdbc",
                 budget_epsilon: 30.0,
                 job_epsilon_cap: 15.0,
+                size_noise_scale: 3.0,
                 job: WDBC_JOB,
                 label: "diagnosis",
                 numeric: job.features.numeric.clone(),
@@ -201,7 +205,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
 
-    println!("Meridian demo: 1 coordinator + 3 hospitals on 127.0.0.1, dataset {}, work dir {}", spec.name, work.display());
+    crate::out!("Meridian demo: 1 coordinator + 3 hospitals on 127.0.0.1, dataset {}, work dir {}", spec.name, work.display())?;
     let fed = work.join("federation");
     let ids = provision::provision(&provision::Plan {
         out: fed.clone(),
@@ -213,7 +217,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ],
         valid_days: 30,
     })?;
-    println!("  provisioned a CA and mutual-TLS certificates in {}", fed.display());
+    crate::out!("  provisioned a CA and mutual-TLS certificates in {}", fed.display())?;
 
     let site_dirs: Vec<PathBuf> = SITES.iter().map(|s| work.join(s)).collect();
     let data_dirs: Vec<PathBuf> = site_dirs.iter().map(|d| d.join("data")).collect();
@@ -223,7 +227,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         DemoDataset::Wdbc => partition(WDBC_CSV, false, &data_dirs, &file_name)?,
     };
     for (s, n) in SITES.iter().zip(&counts) {
-        println!("  {s}: {n} patient records (they never leave {s})");
+        crate::out!("  {s}: {n} patient records (they never leave {s})")?;
     }
 
     let coord_dir = work.join("coordinator");
@@ -237,13 +241,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         children.0.push(("coordinator".to_string(), spawn(&exe, &coord_args, &coord_dir.join("coordinator.log"), "coordinator")?));
         let addr = wait_for_file(&ready, Duration::from_secs(30), &mut children).await?;
         let url = format!("https://{addr}");
-        println!("  coordinator listening on {url} (log: {})", coord_dir.join("coordinator.log").display());
+        crate::out!("  coordinator listening on {url} (log: {})", coord_dir.join("coordinator.log").display())?;
         for ((site, dir), (_, id)) in SITES.iter().zip(&site_dirs).zip(&ids.sites) {
             let cfg = dir.join("worker.toml");
             std::fs::write(
                 &cfg,
                 format!(
-                    "coordinator = {url:?}\ndata_dir = \"state\"\ndevice = \"cpu\"\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[[datasets]]\nname = {:?}\npath = \"data/{file_name}\"\nlabel = {:?}\nnumeric = {}\ncategorical = {}\nbudget_epsilon = {:?}\nbudget_delta = 1e-5\njob_epsilon_cap = {:?}\ntest_fraction = 0.2\nsplit_seed = 7\n",
+                    "coordinator = {url:?}\ndata_dir = \"state\"\ndevice = \"cpu\"\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[[datasets]]\nname = {:?}\npath = \"data/{file_name}\"\nlabel = {:?}\nnumeric = {}\ncategorical = {}\nbudget_epsilon = {:?}\nbudget_delta = 1e-5\njob_epsilon_cap = {:?}\ntest_fraction = 0.2\nsplit_seed = 7\nsize_noise_scale = {:?}\n",
                     id.join("ca.pem"),
                     id.join("cert.pem"),
                     id.join("key.pem"),
@@ -253,12 +257,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                     toml_list(&spec.categorical),
                     spec.budget_epsilon,
                     spec.job_epsilon_cap,
+                    spec.size_noise_scale,
                 ),
             )?;
             let wargs = ["worker", "--config", path_str(&cfg)?];
             children.0.push((site.to_string(), spawn(&exe, &wargs, &dir.join("worker.log"), site)?));
         }
-        println!("  3 hospital workers started (logs: <site>/worker.log)");
+        crate::out!("  3 hospital workers started (logs: <site>/worker.log)")?;
 
         let scientist = Connection { coordinator: url.clone(), identity: fed.join("users").join("alice") };
         let job_file = work.join("job.toml");
@@ -274,10 +279,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 Err(e) => return Err(e),
             }
         };
-        println!("\nalice (scientist) submitted job {job_id} from {}", job_file.display());
-        let status = client::watch(&scientist, &job_id, args.quiet).await?;
-        println!();
-        print!("{}", client::render_status(&status));
+        crate::out!("\nalice (scientist) submitted job {job_id} from {}", job_file.display())?;
+        let how = if args.quiet {
+            client::WatchOutput::Quiet
+        } else if crate::output::progress_bar() {
+            client::WatchOutput::Terminal
+        } else {
+            client::WatchOutput::Lines
+        };
+        let status = client::watch(&scientist, &job_id, how).await?;
+        crate::out!("")?;
+        crate::output::block(&client::render_status(&status))?;
         if status.state != "completed" {
             bail!("job {job_id} ended {}: {}", status.state, status.reason);
         }
@@ -285,19 +297,40 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let (round, n) = client::pull_model(&scientist, &job_id, None, &model).await?;
         let reviewer = Connection { coordinator: url.clone(), identity: fed.join("users").join("rita") };
         let budgets = client::budgets(&reviewer).await?;
-        let final_auc = status.rounds.iter().rev().find_map(|r| r.eval_metrics.get("auc").copied());
-        println!("\nResults");
-        println!("  final test AUC (held-out, sample-weighted over hospitals): {}", final_auc.map_or("-".to_string(), |a| format!("{a:.4}")));
-        println!("  privacy spent per hospital at δ = {:e} (RDP accountant, recomputed from the ledgers):", status.delta);
+        let final_eval = status.rounds.iter().rev().find(|r| r.eval_metrics.contains_key("auc"));
+        let final_auc = final_eval.and_then(|r| r.eval_metrics.get("auc").copied());
+        let final_se = final_eval.and_then(|r| r.eval_metrics.get("auc_se").copied());
+        crate::out!("\nResults")?;
+        crate::out!(
+            "  final test AUC, pooled over the hospitals' noised held-out histograms: {}",
+            match (final_auc, final_se) {
+                (Some(a), Some(se)) => format!("{a:.4} (standard error {se:.4} from the noise)"),
+                (Some(a), None) => format!("{a:.4}"),
+                _ => "-".to_string(),
+            }
+        )?;
+        crate::out!(
+            "  privacy spent per hospital at δ = {:e} (RDP accountant, recomputed from the ledgers;",
+            status.delta
+        )?;
+        crate::out!("  DP-SGD, clip counts and every evaluation released, composed):")?;
         for r in budgets.iter().filter(|r| r.job_id == job_id) {
-            println!("    {:<12} ε = {:.4} over {} ledger entries (per-job cap {:.1})", r.site, r.epsilon_spent, r.rounds, r.epsilon_total);
+            let total = budgets.iter().find(|t| t.site == r.site && t.dataset == r.dataset && t.job_id.is_empty());
+            crate::out!(
+                "    {:<12} ε = {:.4} for this job over {} ledger entries (per-job cap {:.1}); dataset total with its size release ε = {:.4}",
+                r.site,
+                r.epsilon_spent,
+                r.rounds,
+                r.epsilon_total,
+                total.map_or(f64::NAN, |t| t.epsilon_spent)
+            )?;
         }
-        println!("  model (round {round}, {n} parameters): {}", model.display());
+        crate::out!("  model (round {round}, {n} parameters): {}", model.display())?;
         for dir in &site_dirs {
-            println!("  ledger: {}", dir.join("state").join("ledger.sqlite").display());
+            crate::out!("  ledger: {}", dir.join("state").join("ledger.sqlite").display())?;
         }
-        println!("  coordinator state: {}", coord_dir.join("state").display());
-        println!("  reviewer view: meridian budget --coordinator {url} --identity {}", fed.join("users").join("rita").display());
+        crate::out!("  coordinator state: {}", coord_dir.join("state").display())?;
+        crate::out!("  reviewer view: meridian budget --coordinator {url} --identity {}", fed.join("users").join("rita").display())?;
         let summary = serde_json::json!({
             "job": client::status_json(&status),
             "final_auc": final_auc,
@@ -316,7 +349,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
     children.stop().await;
     match &outcome {
-        Ok(()) => println!("\nall processes stopped; demo finished in {:.0} s", started.elapsed().as_secs_f64()),
+        Ok(()) => crate::out!("\nall processes stopped; demo finished in {:.0} s", started.elapsed().as_secs_f64())?,
         Err(_) => eprintln!("all processes stopped; logs are in {}", work.display()),
     }
     outcome

@@ -4,6 +4,7 @@
 
 mod client;
 mod demo;
+mod output;
 mod provision;
 mod safetensors;
 mod sim;
@@ -61,6 +62,9 @@ enum Command {
         /// Write the bound address to this file once listening (for scripts binding port 0).
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// How log lines are written to stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Run a hospital worker daemon, or check its configuration.
     Worker {
@@ -70,6 +74,9 @@ enum Command {
         /// Only validate the configuration and the datasets' headers, then exit.
         #[arg(long)]
         check: bool,
+        /// How log lines are written to stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Create a federation's CA and certificates, or add and renew identities with its CA.
     #[command(args_conflicts_with_subcommands = true)]
@@ -221,9 +228,12 @@ enum JobCommand {
     Submit {
         /// The job spec file.
         spec: PathBuf,
-        /// Watch the job until it ends.
+        /// Watch the job until it ends (exit code 3 if it fails or is cancelled).
         #[arg(long)]
         watch: bool,
+        /// With --watch: one JSON object per event (JSON Lines), ending with the final state.
+        #[arg(long, requires = "watch")]
+        json: bool,
     },
     /// List every job.
     List {
@@ -239,10 +249,17 @@ enum JobCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Follow a job live until it ends (exit code 1 if it fails).
+    /// Follow a job live until it ends (exit code 3 if it fails or is cancelled).
+    ///
+    /// On a terminal: a progress bar and a line per round. Piped: one plain
+    /// line per round. With --json: one JSON object per event (JSON Lines),
+    /// ending with the final state.
     Watch {
         /// Job id.
         id: String,
+        /// One JSON object per event (JSON Lines).
+        #[arg(long)]
+        json: bool,
     },
     /// Cancel a running job.
     Cancel {
@@ -340,10 +357,23 @@ enum PrivacyCommand {
     },
 }
 
-fn init_logging() {
+/// How a daemon writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line per event; coloured on a terminal unless NO_COLOR is set.
+    Text,
+    /// One JSON object per event, for log collectors.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(output::stderr_colour()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// A token cancelled on SIGINT or SIGTERM.
@@ -361,12 +391,43 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// How a command ended, as its exit code (documented in `docs/cli.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    /// It did what was asked.
+    Ok = 0,
+    /// It could not: bad input, an unreachable coordinator, a refusal.
+    Error = 1,
+    /// The command line itself is wrong (clap's own exit code).
+    #[allow(dead_code)]
+    Usage = 2,
+    /// The job it watched ended failed or cancelled.
+    JobEnded = 3,
+}
+
+/// `job watch` and `job submit --watch`: reports the job as the output
+/// allows, then its final state; the exit code says how it ended.
+async fn watch_job(conn: &Connection, id: &str, json: bool) -> Result<Exit> {
+    let how = if json {
+        client::WatchOutput::Json
+    } else if output::progress_bar() {
+        client::WatchOutput::Terminal
+    } else {
+        client::WatchOutput::Lines
+    };
+    let status = client::watch(conn, id, how).await?;
+    if !json {
+        output::block(&client::render_status(&status))?;
+    }
+    Ok(if status.state == "completed" { Exit::Ok } else { Exit::JobEnded })
+}
+
+async fn run(cli: Cli) -> Result<Exit> {
     match cli.command {
-        Command::Demo(args) => demo::run(args).await,
-        Command::Sim(args) => sim::run(args).await,
-        Command::Coordinator { config, ready_file } => {
-            init_logging();
+        Command::Demo(args) => demo::run(args).await.map(|()| Exit::Ok),
+        Command::Sim(args) => sim::run(args).await.map(|()| Exit::Ok),
+        Command::Coordinator { config, ready_file, log_format } => {
+            init_logging(log_format);
             let config = coordinator::CoordinatorConfig::load(&config)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
@@ -378,9 +439,9 @@ async fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             coordinator::run(listener, config, shutdown_on_signals()).await?;
-            Ok(())
+            Ok(Exit::Ok)
         }
-        Command::Worker { config, check } => {
+        Command::Worker { config, check, log_format } => {
             let config = worker::WorkerConfig::load(&config)?;
             if check {
                 for d in &config.datasets {
@@ -390,14 +451,14 @@ async fn run(cli: Cli) -> Result<()> {
                             bail!("dataset \"{}\": column \"{col}\" is not in {}", d.name, d.path.display());
                         }
                     }
-                    println!("dataset {}: {} ({} columns) ok", d.name, d.path.display(), header.len());
+                    out!("dataset {}: {} ({} columns) ok", d.name, d.path.display(), header.len())?;
                 }
-                println!("configuration ok");
-                return Ok(());
+                out!("configuration ok")?;
+                return Ok(Exit::Ok);
             }
-            init_logging();
+            init_logging(log_format);
             worker::run(config, shutdown_on_signals()).await?;
-            Ok(())
+            Ok(Exit::Ok)
         }
         Command::Provision { command: Some(command), .. } => {
             let (name, role, federation, days, renew) = match command {
@@ -423,9 +484,9 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let (dir, fingerprint) = provision::add(&federation, &name, role, days, renew)?;
-            println!("{} {name} ({role}) in {}", if renew { "renewed" } else { "added" }, dir.display());
-            println!("certificate sha256 {fingerprint}");
-            Ok(())
+            out!("{} {name} ({role}) in {}", if renew { "renewed" } else { "added" }, dir.display())?;
+            out!("certificate sha256 {fingerprint}")?;
+            Ok(Exit::Ok)
         }
         Command::Provision { command: None, args } => {
             let mut users = Vec::new();
@@ -444,64 +505,56 @@ async fn run(cli: Cli) -> Result<()> {
                 users,
                 valid_days: args.valid_days,
             })?;
-            println!("federation in {}", args.out.display());
-            println!("  coordinator  {}", done.coordinator.display());
+            out!("federation in {}", args.out.display())?;
+            out!("  coordinator  {}", done.coordinator.display())?;
             for (n, p) in done.sites.iter().chain(&done.users) {
-                println!("  {n:<12} {}", p.display());
+                out!("  {n:<12} {}", p.display())?;
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
         Command::Job { command, client } => {
             let conn = client.connection();
             match command {
-                JobCommand::Submit { spec, watch } => {
+                JobCommand::Submit { spec, watch, json } => {
                     let id = client::submit(&conn, &spec).await?;
-                    println!("{id}");
+                    if !json {
+                        out!("{id}")?;
+                    }
                     if watch {
-                        let status = client::watch(&conn, &id, false).await?;
-                        print!("{}", client::render_status(&status));
-                        if status.state != "completed" {
-                            std::process::exit(1);
-                        }
+                        return watch_job(&conn, &id, json).await;
                     }
                 }
                 JobCommand::List { json } => {
                     let jobs = conn.jobs().await?.list_jobs(proto::pb::ListJobsRequest {}).await.map_err(client::status_error)?.into_inner().jobs;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&jobs.iter().map(client::status_json).collect::<Vec<_>>())?);
+                        output::json(&serde_json::json!(&jobs.iter().map(client::status_json).collect::<Vec<_>>()))?;
                     } else {
-                        println!("job           state       round   model                dataset     name");
+                        out!("job           state       round   model                dataset     name")?;
                         for j in jobs {
-                            println!("{:<13} {:<11} {:>3}/{:<3} {:<20} {:<11} {}", j.job_id, j.state, j.current_round, j.total_rounds, j.model, j.dataset, j.name);
+                            out!("{:<13} {:<11} {:>3}/{:<3} {:<20} {:<11} {}", j.job_id, j.state, j.current_round, j.total_rounds, j.model, j.dataset, j.name)?;
                         }
                     }
                 }
                 JobCommand::Status { id, json } => {
                     let s = client::get(&conn, &id).await?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&client::status_json(&s))?);
+                        output::json(&serde_json::json!(&client::status_json(&s)))?;
                     } else {
-                        print!("{}", client::render_status(&s));
+                        output::block(&client::render_status(&s))?;
                     }
                 }
-                JobCommand::Watch { id } => {
-                    let s = client::watch(&conn, &id, false).await?;
-                    print!("{}", client::render_status(&s));
-                    if s.state != "completed" {
-                        std::process::exit(1);
-                    }
-                }
+                JobCommand::Watch { id, json } => return watch_job(&conn, &id, json).await,
                 JobCommand::Cancel { id, reason } => {
                     let s = conn.jobs().await?.cancel_job(proto::pb::CancelJobRequest { job_id: id, reason }).await.map_err(client::status_error)?.into_inner();
-                    println!("{} {}: {}", s.job_id, s.state, s.reason);
+                    out!("{} {}: {}", s.job_id, s.state, s.reason)?;
                 }
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
         Command::Model { command: ModelCommand::Pull { id, output, round }, client } => {
             let (round, n) = client::pull_model(&client.connection(), &id, round, &output).await?;
-            println!("wrote {} (round {round}, {n} parameters)", output.display());
-            Ok(())
+            out!("wrote {} (round {round}, {n} parameters)", output.display())?;
+            Ok(Exit::Ok)
         }
         Command::Budget { command, json, client } => {
             let conn = client.connection();
@@ -509,19 +562,19 @@ async fn run(cli: Cli) -> Result<()> {
                 None => {
                     let rows = client::budgets(&conn).await?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&rows.iter().map(client::budget_json).collect::<Vec<_>>())?);
+                        output::json(&serde_json::json!(&rows.iter().map(client::budget_json).collect::<Vec<_>>()))?;
                     } else {
-                        print!("{}", client::render_budgets(&rows));
+                        output::block(&client::render_budgets(&rows))?;
                     }
                 }
                 Some(BudgetCommand::Ledger { site, dataset, json: json_here }) => {
                     let entries = client::ledger(&conn, &site, &dataset).await?;
                     if json || json_here {
-                        println!("{}", serde_json::to_string_pretty(&entries.iter().map(client::ledger_json).collect::<Vec<_>>())?);
+                        output::json(&serde_json::json!(&entries.iter().map(client::ledger_json).collect::<Vec<_>>()))?;
                     } else {
-                        println!("site            seq dataset     job            round  mechanism     σ       q          C      steps  δ        ε entry  ε job    ε dataset");
+                        out!("site            seq dataset     job            round  mechanism     σ       q          C      steps  δ        ε entry  ε job    ε dataset")?;
                         for e in entries {
-                            println!(
+                            out!(
                                 "{:<15} {:>3} {:<11} {:<14} {:>5}  {:<13} {:<7} {:<10.6} {:<6} {:>5}  {:<8e} {:<8.4} {:<8.4} {:.4}",
                                 e.site,
                                 e.seq,
@@ -537,12 +590,12 @@ async fn run(cli: Cli) -> Result<()> {
                                 e.epsilon_round,
                                 e.epsilon_job,
                                 e.epsilon_dataset
-                            );
+                            )?;
                         }
                     }
                 }
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
         Command::Site { command, config } => {
             let config = worker::WorkerConfig::load(&config)?;
@@ -552,39 +605,39 @@ async fn run(cli: Cli) -> Result<()> {
                 SiteCommand::Pending => {
                     let pending = approvals.pending()?;
                     if pending.is_empty() {
-                        println!("no offers waiting for approval");
+                        out!("no offers waiting for approval")?;
                     }
                     for a in pending {
-                        println!(
+                        out!(
                             "{}  {:<24} dataset {:<10} model {:<20} planned ε {:.3}  spec {}",
                             a.job_id, a.name, a.dataset, a.model, a.planned_epsilon, &a.spec_hash[..12.min(a.spec_hash.len())]
-                        );
+                        )?;
                     }
                 }
                 SiteCommand::Approve { job } => {
                     let a = approvals.decide(&job, None)?;
-                    println!("approved {} (spec {})", a.job_id, a.spec_hash);
+                    out!("approved {} (spec {})", a.job_id, a.spec_hash)?;
                 }
                 SiteCommand::Reject { job, reason } => {
                     let a = approvals.decide(&job, Some(&reason))?;
-                    println!("rejected {}: {}", a.job_id, a.reason);
+                    out!("rejected {}: {}", a.job_id, a.reason)?;
                 }
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
         Command::Audit { command: AuditCommand::Verify { path } } => {
             let (entries, head) = proto::audit::verify(&path)?;
-            println!("{}: {entries} entries, hash chain intact (head {head})", path.display());
-            Ok(())
+            out!("{}: {entries} entries, hash chain intact (head {head})", path.display())?;
+            Ok(Exit::Ok)
         }
         Command::Audit { command: AuditCommand::Show { path } } => {
             proto::audit::verify(&path)?;
             let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
             for line in text.lines() {
                 let e: proto::audit::AuditEntry = serde_json::from_str(line)?;
-                println!("{:>5}  {}  {:<18} {:<14} {}", e.seq, e.at_unix_ms, e.kind, e.subject, e.detail);
+                out!("{:>5}  {}  {:<18} {:<14} {}", e.seq, e.at_unix_ms, e.kind, e.subject, e.detail)?;
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
         Command::Privacy { command } => {
             match command {
@@ -594,12 +647,12 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                     let epsilon = privacy::accountant::dpsgd_epsilon_pld(sample_rate, noise, steps, delta)?;
                     if json {
-                        println!("{}", serde_json::json!({
+                        out!("{}", serde_json::json!({
                             "epsilon": epsilon, "delta": delta, "accountant": "pld", "discretization": 1e-4,
                             "sample_rate": sample_rate, "noise_multiplier": noise, "steps": steps,
-                        }));
+                        }))?;
                     } else {
-                        println!("ε = {epsilon:.6} at δ = {delta:e} (PLD, discretization 1e-4)");
+                        out!("ε = {epsilon:.6} at δ = {delta:e} (PLD, discretization 1e-4)")?;
                     }
                 }
                 PrivacyCommand::Epsilon { sample_rate, noise, steps, delta, accountant: AccountantKind::Rdp, legacy_conversion, json } => {
@@ -608,26 +661,26 @@ async fn run(cli: Cli) -> Result<()> {
                     let e = if legacy_conversion { acc.epsilon_legacy(delta)? } else { acc.epsilon(delta)? };
                     let conversion = if legacy_conversion { "legacy" } else { "improved" };
                     if json {
-                        println!("{}", serde_json::json!({
+                        out!("{}", serde_json::json!({
                             "epsilon": e.epsilon, "delta": delta, "order": e.order, "accountant": "rdp", "conversion": conversion,
                             "sample_rate": sample_rate, "noise_multiplier": noise, "steps": steps,
-                        }));
+                        }))?;
                     } else {
-                        println!("ε = {:.6} at δ = {delta:e} (RDP, optimal order {}, {conversion} conversion)", e.epsilon, e.order);
+                        out!("ε = {:.6} at δ = {delta:e} (RDP, optimal order {}, {conversion} conversion)", e.epsilon, e.order)?;
                     }
                 }
                 PrivacyCommand::Noise { target_epsilon, sample_rate, steps, delta, json } => {
                     let sigma = privacy::accountant::noise_multiplier_for_epsilon(target_epsilon, sample_rate, steps, delta)?;
                     if json {
-                        println!("{}", serde_json::json!({
+                        out!("{}", serde_json::json!({
                             "noise_multiplier": sigma, "target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate, "steps": steps,
-                        }));
+                        }))?;
                     } else {
-                        println!("σ = {sigma:.6} gives ε ≤ {target_epsilon} at δ = {delta:e} over {steps} steps at q = {sample_rate}");
+                        out!("σ = {sigma:.6} gives ε ≤ {target_epsilon} at δ = {delta:e} over {steps} steps at q = {sample_rate}")?;
                     }
                 }
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
     }
 }
@@ -639,11 +692,16 @@ fn main() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(2);
+            std::process::exit(Exit::Error as i32);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
+    match runtime.block_on(run(cli)) {
+        Ok(exit) => std::process::exit(exit as i32),
+        // Output piped into `head` and cut short: done, quietly.
+        Err(e) if output::is_broken_pipe(&e) => std::process::exit(Exit::Ok as i32),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(Exit::Error as i32);
+        }
     }
 }

@@ -33,6 +33,8 @@ use crate::provision;
 const INPUTS: usize = 100;
 /// Training examples each simulated site declares (its FedAvg weight).
 const EXAMPLES: u64 = 100;
+/// Score bins of the simulated job's evaluation (the spec's default).
+const EVALUATION_BINS: usize = proto::job::EvaluationSpec::DEFAULT_BINS;
 /// Every value of every simulated update.
 const UPDATE_VALUE: f32 = 1e-3;
 
@@ -299,7 +301,7 @@ pub async fn run(args: SimArgs) -> Result<()> {
         let push_rates = observed.push_rates.lock().map(|r| r.clone()).unwrap_or_default();
         let list = |rates: &[f64]| rates.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ");
         if args.json {
-            println!(
+            crate::out!(
                 "{}",
                 serde_json::json!({
                     "sites": args.sites, "rounds": args.rounds, "params": num_params,
@@ -314,29 +316,29 @@ pub async fn run(args: SimArgs) -> Result<()> {
                     "model_mismatches": observed.model_mismatches.load(Ordering::Relaxed), "refused_updates": observed.refused.load(Ordering::Relaxed),
                     "errors": errors,
                 })
-            );
+            )?;
         } else {
-            println!("meridian sim: {} simulated hospitals, {} rounds, {num_params} parameters, coordinator on {url}", args.sites, args.rounds);
-            println!("  provisioned {} certificates in {:.2} s; all sites registered over mTLS in {:.2} s", args.sites + 2, provisioned.as_secs_f64(), connected.as_secs_f64());
-            println!("  round 1 closed {:.3} s after submission; then {:.3} s per round (median); job complete in {:.2} s", first_round.as_secs_f64(), median_round, total.as_secs_f64());
+            crate::out!("meridian sim: {} simulated hospitals, {} rounds, {num_params} parameters, coordinator on {url}", args.sites, args.rounds)?;
+            crate::out!("  provisioned {} certificates in {:.2} s; all sites registered over mTLS in {:.2} s", args.sites + 2, provisioned.as_secs_f64(), connected.as_secs_f64())?;
+            crate::out!("  round 1 closed {:.3} s after submission; then {:.3} s per round (median); job complete in {:.2} s", first_round.as_secs_f64(), median_round, total.as_secs_f64())?;
             if args.sites == 1 {
-                println!(
+                crate::out!(
                     "  moved {:.1} MB of models to the site at {:.2} GB/s and {:.1} MB of updates back at {:.2} GB/s (acknowledged once durable on the coordinator's disk)",
                     mb(pulled),
                     pull_rate / 1e9,
                     mb(pushed),
                     push_rate / 1e9
-                );
-                println!("  each pull, GB/s: {}; each push: {}", list(&pull_rates), list(&push_rates));
+                )?;
+                crate::out!("  each pull, GB/s: {}; each push: {}", list(&pull_rates), list(&push_rates))?;
             } else {
-                println!("  moved {:.1} MB of models to sites and {:.1} MB of updates back", mb(pulled), mb(pushed));
+                crate::out!("  moved {:.1} MB of models to sites and {:.1} MB of updates back", mb(pulled), mb(pushed))?;
             }
-            println!(
+            crate::out!(
                 "  coordinator RSS: {:.1} MB idle, {:.1} MB with the sites connected, {:.1} MB peak: {:.2} MB per 100 sites",
                 mb(rss_idle), mb(rss_connected), mb(rss_peak), mb(growth_per_100 as u64)
-            );
+            )?;
             if !errors.is_empty() {
-                println!("  site errors: {errors:?}");
+                crate::out!("  site errors: {errors:?}")?;
             }
         }
         Ok(())
@@ -458,9 +460,9 @@ async fn simulated_site(
                     layout_hash: t.layout_hash.clone(),
                     num_params: t.num_params,
                     num_examples: EXAMPLES,
-                    // A worker reports its local metrics with each update
-                    // (a large one's parts each carry them).
-                    metrics: [("loss", 0.5), ("accuracy", 0.75), ("auc", 0.8), ("examples", 100.0)]
+                    // A site whose policy releases exact metrics sends them
+                    // with each update (a large one's parts each carry them).
+                    exact_metrics: [("train_loss", 0.5), ("train_accuracy", 0.75), ("examples_seen", 100.0)]
                         .into_iter()
                         .map(|(k, v)| (k.to_string(), v))
                         .collect(),
@@ -502,8 +504,18 @@ async fn simulated_site(
                     .report_evaluation(pb::EvaluationReport {
                         job_id: task.job_id.clone(),
                         round: e.round,
-                        num_examples: EXAMPLES,
-                        metrics: Default::default(),
+                        negatives: vec![0; EVALUATION_BINS],
+                        positives: vec![0; EVALUATION_BINS],
+                        ledger_entry: Some(pb::LedgerEntry {
+                            seq: 1_000_000 + u64::from(e.round),
+                            site: name.to_string(),
+                            job_id: task.job_id.clone(),
+                            round: e.round,
+                            spec_hash: spec_hash.clone(),
+                            mechanism: proto::mechanism::Mechanism::Evaluation.to_wire(),
+                            ..Default::default()
+                        }),
+                        exact_metrics: Default::default(),
                     })
                     .await?;
             }

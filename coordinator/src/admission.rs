@@ -9,6 +9,7 @@
 //! arbitrary protobuf. Every rejection is a reason a person can act on; the
 //! service records it in the audit log and the round goes on.
 
+use proto::mechanism::Mechanism;
 use proto::pb;
 use proto::tensor::ChunkValidator;
 
@@ -62,12 +63,28 @@ pub fn check_header<'h>(
                 .to_string(),
         );
     };
-    if entry.job_id != expected.job_id
-        || entry.round != header.round
-        || entry.site != site
-        || entry.spec_hash != expected.spec_hash
-    {
+    let belongs = |entry: &pb::LedgerEntry, mechanism: Mechanism| {
+        entry.job_id == expected.job_id
+            && entry.round == header.round
+            && entry.site == site
+            && entry.spec_hash == expected.spec_hash
+            && Mechanism::of(entry) == mechanism
+    };
+    if !belongs(entry, Mechanism::DpSgd) {
         return Err("the ledger entry does not belong to this job, round and site".to_string());
+    }
+    // A released clip count comes with the charge for it, and only then.
+    match (&header.clipped_count, &header.clip_entry) {
+        (None, None) => {}
+        (Some(_), Some(clip)) if belongs(clip, Mechanism::ClipCount) => {}
+        (Some(_), Some(_)) => {
+            return Err("the clip count's ledger entry does not belong to this job, round and site".to_string());
+        }
+        (Some(_), None) => return Err("the update's clip count carries no ledger entry".to_string()),
+        (None, Some(_)) => return Err("the update carries a clip count entry but no clip count".to_string()),
+    }
+    if let Some((name, value)) = header.exact_metrics.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(format!("exact_metrics.{name}: not finite ({value})"));
     }
     // A site cannot weigh its updates more heavily than it declared; the
     // worker sends at least 1 so that a released count of 0 still counts.
@@ -138,11 +155,11 @@ pub fn upload_identity(header: &pb::UpdateHeader) -> Vec<u8> {
         first_value: 0,
         value_count: 0,
         upload_id: String::new(),
-        metrics: Default::default(),
+        exact_metrics: Default::default(),
         ..header.clone()
     };
     let mut bytes = rest.encode_to_vec();
-    let mut metrics: Vec<(&String, &f64)> = header.metrics.iter().collect();
+    let mut metrics: Vec<(&String, &f64)> = header.exact_metrics.iter().collect();
     metrics.sort_by(|a, b| a.0.cmp(b.0));
     for (name, value) in metrics {
         bytes.extend_from_slice(&(name.len() as u64).to_le_bytes());
@@ -260,7 +277,7 @@ mod tests {
             layout_hash: "abc".to_string(),
             num_params: 4,
             num_examples: 10,
-            metrics: Default::default(),
+
             ledger_entry: Some(pb::LedgerEntry {
                 job_id: "job-1".to_string(),
                 round: 3,
@@ -274,6 +291,33 @@ mod tests {
 
     fn bytes(values: &[f32]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_clip_count_is_admitted_only_with_its_own_charge() {
+        let clip_entry = |mechanism: Mechanism| pb::LedgerEntry {
+            mechanism: mechanism.to_wire(),
+            ..header().ledger_entry.unwrap()
+        };
+        let with = |count: Option<i64>, entry: Option<pb::LedgerEntry>| pb::UpdateHeader {
+            clipped_count: count,
+            clip_entry: entry,
+            ..header()
+        };
+        let e = expected();
+        assert!(check_header(&e, "hospital-a", &with(Some(12), Some(clip_entry(Mechanism::ClipCount)))).is_ok());
+        for (h, why) in [
+            (with(Some(12), None), "carries no ledger entry"),
+            (with(None, Some(clip_entry(Mechanism::ClipCount))), "no clip count"),
+            (with(Some(12), Some(clip_entry(Mechanism::Evaluation))), "does not belong"),
+        ] {
+            let err = check_header(&e, "hospital-a", &h).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        // The DP-SGD entry must be one: an evaluation's entry does not charge an update.
+        let mut h = header();
+        h.ledger_entry = Some(clip_entry(Mechanism::Evaluation));
+        assert!(check_header(&e, "hospital-a", &h).is_err());
     }
 
     #[test]
@@ -435,9 +479,9 @@ mod tests {
         use prost::Message;
         let mut h = header();
         for i in 0..32 {
-            h.metrics.insert(format!("metric-{i}"), f64::from(i) / 3.0);
+            h.exact_metrics.insert(format!("metric-{i}"), f64::from(i) / 3.0);
         }
-        h.metrics.insert("loss".to_string(), f64::NAN);
+        h.exact_metrics.insert("loss".to_string(), f64::NAN);
         let bytes = h.encode_to_vec();
         // Each decoding has a hash map of its own, ordered its own way.
         let (a, b) = (pb::UpdateHeader::decode(&bytes[..]).unwrap(), pb::UpdateHeader::decode(&bytes[..]).unwrap());
@@ -447,7 +491,7 @@ mod tests {
         };
         assert_eq!(upload_identity(&part(a.clone(), 0, "u")), upload_identity(&part(b.clone(), 262_144, "u")));
         let mut other = b.clone();
-        other.metrics.insert("metric-3".to_string(), 2.0);
+        other.exact_metrics.insert("metric-3".to_string(), 2.0);
         assert_ne!(upload_identity(&a), upload_identity(&other));
         let other = pb::UpdateHeader { num_examples: 11, ..b };
         assert_ne!(upload_identity(&a), upload_identity(&other));

@@ -43,6 +43,8 @@ impl pb::privacy_service_server::PrivacyService for Services {
         self.authorize(&req, READERS, "PrivacyService/GetBudgets")?;
         let store = &self.inner.store;
         let ledger = store.ledger("", "")?;
+        let policies = store.policies()?;
+        let exact = |site: &str| policies.get(site).is_some_and(|p| p.release_exact_metrics);
         let mut rows = Vec::new();
         for d in store.datasets()? {
             let info = &d.info;
@@ -54,7 +56,7 @@ impl pb::privacy_service_server::PrivacyService for Services {
                 job_id: String::new(),
                 epsilon_spent: spent,
                 epsilon_total: info.budget_epsilon,
-                epsilon_remaining: (info.budget_epsilon - spent).max(0.0),
+                releases_exact_metrics: exact(&d.site),
                 delta: info.budget_delta,
                 rounds: entries.len() as u32,
             });
@@ -72,7 +74,7 @@ impl pb::privacy_service_server::PrivacyService for Services {
                     job_id: job_id.to_string(),
                     epsilon_spent: spent,
                     epsilon_total: info.job_epsilon_cap,
-                    epsilon_remaining: (info.job_epsilon_cap - spent).max(0.0),
+                    releases_exact_metrics: exact(&d.site),
                     delta,
                     rounds: job_entries.len() as u32,
                 });

@@ -7,7 +7,6 @@
 //! send and bump [`Coordinator::changes`]; the driver wakes on a change or at
 //! the phase's deadline, whichever comes first.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -417,14 +416,13 @@ impl Coordinator {
             }
         }
         let mut held = Vec::new();
-        let mut metrics = WeightedMean::default();
+        let mut metrics = crate::metrics::training(&updates);
         for u in &updates {
             let pieces = checkpoint::Pieces::open(Path::new(&u.path))?;
             if pieces.len() != global.len() {
                 warn!(job_id = %job.id, site = %u.site, "stored update has the wrong length; skipped");
                 continue;
             }
-            metrics.add(&u.metrics, u.num_examples as f64);
             match (client_dp.as_mut(), robust_rule) {
                 (Some(dp), _) => dp.fold(&pieces.read_all()?),
                 (None, Some(_)) => held.push(pieces.read_all()?),
@@ -440,7 +438,6 @@ impl Coordinator {
                 }
             }
         }
-        let mut metrics = metrics.finish();
         let eta = job.spec.training.server_learning_rate;
         let folded = match (client_dp, &job.spec.client_dp, client_clip) {
             (Some(dp), Some(cdp), Some(clip)) => {
@@ -540,33 +537,5 @@ impl Coordinator {
             job.deadline_ms,
         )?;
         Ok(true)
-    }
-}
-
-/// Sample-weighted mean of metric maps.
-#[derive(Default)]
-pub struct WeightedMean {
-    sums: BTreeMap<String, (f64, f64)>,
-}
-
-impl WeightedMean {
-    /// Adds one party's metrics with `weight`.
-    pub fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
-        for (k, v) in metrics {
-            if v.is_finite() {
-                let e = self.sums.entry(k.clone()).or_insert((0.0, 0.0));
-                e.0 += weight * v;
-                e.1 += weight;
-            }
-        }
-    }
-
-    /// The means.
-    pub fn finish(&self) -> BTreeMap<String, f64> {
-        self.sums
-            .iter()
-            .filter(|(_, (_, w))| *w > 0.0)
-            .map(|(k, (s, w))| (k.clone(), s / w))
-            .collect()
     }
 }

@@ -14,6 +14,7 @@
 //!   of its own when the update is large.
 //! - `transfers`: updates in flight, so a round waits for a slow upload
 //!   that is still making progress and drops a silent one.
+//! - `metrics`: a round's metrics, derived from the sites' noised releases.
 //! - `model_cache`: each live job's latest model as wire chunks, shared by
 //!   its pullers.
 //! - `store`: SQLite state; models and updates are files written by
@@ -29,6 +30,7 @@ mod config;
 mod engine;
 mod incoming;
 mod leases;
+mod metrics;
 mod model_cache;
 mod revocation;
 mod service;

@@ -11,6 +11,8 @@ use proto::failpoint;
 use proto::identity::{Principal, Role, principal_from_der};
 use proto::job::JobSpec;
 use proto::pb;
+use proto::evaluation::Histogram;
+use proto::mechanism::Mechanism;
 use proto::reason::SiteReason;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -21,11 +23,11 @@ use tracing::{info, warn};
 use crate::model_cache::ModelPart;
 use crate::BoxStream;
 use crate::admission::{self, Expected, MAX_UPLOAD_PARTS, UpdateReceiver};
-use crate::engine::{Coordinator, EngineError, WeightedMean};
+use crate::engine::{Coordinator, EngineError};
 use crate::incoming::UpdateFile;
 use crate::revocation::Revocations;
 use crate::update_parts::{self, Arrival, ReceivedPart};
-use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, StoreError, UpdateRow, now_ms};
+use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, RoundRelease, StoreError, UpdateRow, now_ms};
 use proto::checkpoint;
 
 /// The three services over one shared [`Coordinator`].
@@ -161,6 +163,7 @@ impl Services {
     pub(crate) fn job_status(&self, job: &JobRow) -> Result<pb::JobStatus, Status> {
         let store = &self.inner.store;
         let sites = store.job_sites(&job.id)?;
+        let policies = store.policies()?;
         // ε spent by each site on this job: the largest cumulative ε of its entries.
         let mut spent: HashMap<String, f64> = HashMap::new();
         for e in store.ledger("", &job.spec.dataset)?.into_iter().filter(|e| e.job_id == job.id) {
@@ -168,53 +171,41 @@ impl Services {
             *max = max.max(e.epsilon_job);
         }
         let evals = store.evaluations(&job.id)?;
-        let mut rounds = Vec::new();
-        let eval_for = |round: u32| {
-            let mut m = WeightedMean::default();
-            for e in evals.iter().filter(|e| e.round == round) {
-                m.add(&e.metrics, e.num_examples as f64);
-            }
-            m.finish()
-                .into_iter()
-                .collect::<std::collections::HashMap<_, _>>()
-        };
-        if evals.iter().any(|e| e.round == 0) {
-            rounds.push(pb::RoundStatus {
-                round: 0,
-                state: "initial".to_string(),
-                attempt: 0,
-                updated_sites: Vec::new(),
-                train_metrics: Default::default(),
-                eval_metrics: eval_for(0),
-            });
-        }
-        for (round, attempt, metrics) in store.closed_rounds(&job.id)? {
-            rounds.push(pb::RoundStatus {
+        let bins = job.spec.evaluation.score_bins();
+        let round_status = |round: u32, state: &str, attempt: u32, updated: Vec<String>, train: BTreeMap<String, f64>| {
+            let rows: Vec<&EvaluationRow> = evals.iter().filter(|e| e.round == round).collect();
+            let evaluation = crate::metrics::evaluation(&rows, &bins);
+            let (exact_train, train): (BTreeMap<String, f64>, BTreeMap<String, f64>) =
+                train.into_iter().partition(|(k, _)| k.starts_with(crate::metrics::EXACT));
+            pb::RoundStatus {
                 round,
-                state: "aggregated".to_string(),
+                state: state.to_string(),
                 attempt,
-                updated_sites: store
-                    .updates(&job.id, round)?
+                updated_sites: updated,
+                train_metrics: train.into_iter().collect(),
+                eval_metrics: evaluation.pooled.into_iter().collect(),
+                site_evaluations: evaluation.sites,
+                exact_train_metrics: exact_train
                     .into_iter()
-                    .map(|u| u.site)
+                    .map(|(k, v)| (k.trim_start_matches(crate::metrics::EXACT).to_string(), v))
                     .collect(),
-                train_metrics: metrics.into_iter().collect(),
-                eval_metrics: eval_for(round),
-            });
+                exact_eval_metrics: evaluation.exact.into_iter().collect(),
+            }
+        };
+        let updated_sites = |round: u32| -> Result<Vec<String>, Status> {
+            Ok(store.updates(&job.id, round)?.into_iter().map(|u| u.site).collect())
+        };
+        let mut rounds = Vec::new();
+        if evals.iter().any(|e| e.round == 0) {
+            rounds.push(round_status(0, "initial", 0, Vec::new(), BTreeMap::new()));
+        }
+        let closed = store.closed_rounds(&job.id)?;
+        for (round, attempt, metrics) in &closed {
+            rounds.push(round_status(*round, "aggregated", *attempt, updated_sites(*round)?, metrics.clone()));
         }
         if job.state == JobState::Running {
-            rounds.push(pb::RoundStatus {
-                round: job.current_round,
-                state: "open".to_string(),
-                attempt: job.attempt,
-                updated_sites: store
-                    .updates(&job.id, job.current_round)?
-                    .into_iter()
-                    .map(|u| u.site)
-                    .collect(),
-                train_metrics: Default::default(),
-                eval_metrics: Default::default(),
-            });
+            let round = job.current_round;
+            rounds.push(round_status(round, "open", job.attempt, updated_sites(round)?, BTreeMap::new()));
         }
         Ok(pb::JobStatus {
             job_id: job.id.clone(),
@@ -232,6 +223,7 @@ impl Services {
                 .into_iter()
                 .map(|s| pb::SiteStatus {
                     spent_epsilon: spent.get(&s.site).copied().unwrap_or(0.0),
+                    releases_exact_metrics: policies.get(&s.site).is_some_and(|p| p.release_exact_metrics),
                     site: s.site,
                     state: s.state,
                     reason: s.reason,
@@ -247,7 +239,7 @@ impl Services {
             spec_hash: job.spec_hash.clone(),
             delta: job.spec.privacy.delta,
             spec_json: job.spec.canonical_json(),
-            client_epsilon: client_epsilon(job, store.closed_rounds(&job.id)?.len() as u64)?,
+            client_epsilon: client_epsilon(job, closed.len() as u64)?,
         })
     }
 
@@ -553,9 +545,12 @@ impl pb::worker_service_server::WorkerService for Services {
                 )));
             }
         }
-        self.inner
-            .store
-            .register_site(&who.name, &r.software_version, &r.datasets)?;
+        self.inner.store.register_site(
+            &who.name,
+            &r.software_version,
+            &r.policy.clone().unwrap_or_default(),
+            &r.datasets,
+        )?;
         self.inner.store.mirror_ledger(&who.name, &r.ledger)?;
         info!(site = %who.name, datasets = r.datasets.len(), ledger_entries = r.ledger.len(), "site registered");
         self.inner.notify();
@@ -914,14 +909,18 @@ impl pb::worker_service_server::WorkerService for Services {
                 }
             }
         }
-        // The charge is mirrored even if the update turns out to be a duplicate: it was spent.
-        self.inner
-            .store
-            .mirror_ledger(&who.name, std::slice::from_ref(&entry))?;
+        // The charges are mirrored even if the update turns out to be a duplicate: they were spent.
+        let charges: Vec<pb::LedgerEntry> = std::iter::once(entry.clone()).chain(header.clip_entry.clone()).collect();
+        self.inner.store.mirror_ledger(&who.name, &charges)?;
+        let exact_allowed = self.inner.store.policies()?.get(&who.name).is_some_and(|p| p.release_exact_metrics);
         let row = UpdateRow {
             site: who.name.clone(),
             num_examples: header.num_examples,
-            metrics: header.metrics.clone().into_iter().collect(),
+            released: RoundRelease {
+                clipped: header.clipped_count,
+                clip_denominator: entry.steps as f64 * entry.sample_rate * header.num_examples as f64,
+                exact: if exact_allowed { header.exact_metrics.clone().into_iter().collect() } else { BTreeMap::new() },
+            },
             path: path.to_string_lossy().into_owned(),
         };
         match self.inner.store.insert_update(&job.id, header.round, &row)? {
@@ -972,18 +971,40 @@ impl pb::worker_service_server::WorkerService for Services {
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         self.require_participant(&job, &who.name)?;
-        if let Some((k, v)) = r.metrics.iter().find(|(_, v)| !v.is_finite()) {
+        // A released evaluation comes with its charge; it is mirrored before anything else.
+        let entry = r
+            .ledger_entry
+            .as_ref()
+            .filter(|e| {
+                e.site == who.name
+                    && e.job_id == job.id
+                    && e.round == r.round
+                    && e.spec_hash == job.spec_hash
+                    && Mechanism::of(e) == Mechanism::Evaluation
+            })
+            .ok_or_else(|| Status::invalid_argument("an evaluation must carry its own ledger entry (mechanism evaluation, this job, round and site)"))?;
+        self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(entry))?;
+        let histogram = Histogram { negatives: r.negatives.clone(), positives: r.positives.clone() };
+        if !histogram.fits(&job.spec.evaluation.score_bins()) {
             return Err(Status::invalid_argument(format!(
-                "metrics.{k}: not finite ({v})"
+                "the evaluation histogram has {} and {} cells, the job's evaluation has {} bins",
+                r.negatives.len(),
+                r.positives.len(),
+                job.spec.evaluation.bins
             )));
         }
+        if let Some((k, v)) = r.exact_metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Status::invalid_argument(format!("exact_metrics.{k}: not finite ({v})")));
+        }
+        let exact_allowed = self.inner.store.policies()?.get(&who.name).is_some_and(|p| p.release_exact_metrics);
         self.inner.store.insert_evaluation(
             &job.id,
             &EvaluationRow {
                 round: r.round,
                 site: who.name.clone(),
-                num_examples: r.num_examples,
-                metrics: r.metrics.clone().into_iter().collect(),
+                histogram,
+                noise_scale: entry.noise_multiplier,
+                exact: if exact_allowed { r.exact_metrics.clone().into_iter().collect() } else { BTreeMap::new() },
             },
         )?;
         self.inner.notify();

@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use proto::evaluation::Histogram;
 use proto::job::JobSpec;
 use proto::pb;
+use serde::{Deserialize, Serialize};
 use proto::mechanism::Mechanism;
 use proto::reason::SiteReason;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -157,25 +159,42 @@ pub struct JobSiteRow {
 pub struct UpdateRow {
     /// Site that sent it.
     pub site: String,
-    /// Examples it was trained on.
+    /// Its FedAvg weight: the site's released training-set size.
     pub num_examples: u64,
-    /// Local training metrics.
-    pub metrics: BTreeMap<String, f64>,
+    /// What the site released beside the update's values.
+    pub released: RoundRelease,
     /// File holding the update's values.
     pub path: String,
 }
 
-/// Held-out metrics a site reported for a global model.
-#[derive(Clone, Debug)]
+/// What a site released with a round's update: its clip count and, from a
+/// site whose policy releases them, exact training metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoundRelease {
+    /// The round's released count of clipped examples.
+    pub clipped: Option<i64>,
+    /// The examples the round's steps took in expectation (steps · q · Ñ):
+    /// the clip count's denominator.
+    pub clip_denominator: f64,
+    /// Exact training metrics (policy `release_exact_metrics` only).
+    pub exact: BTreeMap<String, f64>,
+}
+
+/// A site's evaluation of a global model, as released.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EvaluationRow {
     /// The global model's round.
     pub round: u32,
     /// Reporting site.
     pub site: String,
-    /// Held-out examples.
-    pub num_examples: u64,
-    /// Metrics.
-    pub metrics: BTreeMap<String, f64>,
+    /// The noised score × label histogram.
+    pub histogram: Histogram,
+    /// The standard deviation of each cell's noise.
+    pub noise_scale: f64,
+    /// Exact held-out metrics (policy `release_exact_metrics` only).
+    pub exact: BTreeMap<String, f64>,
 }
 
 /// A dataset a site announced.
@@ -249,7 +268,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
 CREATE TABLE IF NOT EXISTS sites (
     name TEXT PRIMARY KEY,
     software_version TEXT NOT NULL,
-    last_seen_ms INTEGER NOT NULL
+    last_seen_ms INTEGER NOT NULL,
+    policy BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS datasets (
     site TEXT NOT NULL,
@@ -288,15 +308,20 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "{}".to_string())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str, table: &'static str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt { table, detail: e.to_string() })
+}
+
 fn metrics_json(m: &BTreeMap<String, f64>) -> String {
-    serde_json::to_string(m).unwrap_or_else(|_| "{}".to_string())
+    to_json(m)
 }
 
 fn parse_metrics(s: &str, table: &'static str) -> Result<BTreeMap<String, f64>> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
-        table,
-        detail: e.to_string(),
-    })
+    from_json(s, table)
 }
 
 /// Adds `column` to `table` of a database an earlier version wrote.
@@ -323,6 +348,7 @@ impl Store {
         add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
         add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
         add_column(&conn, "ledger_mirror", "mechanism", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(&conn, "sites", "policy", "BLOB NOT NULL DEFAULT x''")?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -522,7 +548,7 @@ impl Store {
                 "INSERT OR IGNORE INTO updates (job_id, round, site, num_examples, metrics_json, path, received_at_ms)
                  SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
                  WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running' AND current_round = ?2)",
-                params![job_id, round, row.site, row.num_examples as i64, metrics_json(&row.metrics), row.path, now_ms()],
+                params![job_id, round, row.site, row.num_examples as i64, to_json(&row.released), row.path, now_ms()],
             )?;
             if n == 1 {
                 return Ok(Insert::Inserted);
@@ -551,12 +577,7 @@ impl Store {
         })?;
         rows.into_iter()
             .map(|(site, n, m, path)| {
-                Ok(UpdateRow {
-                    site,
-                    num_examples: n as u64,
-                    metrics: parse_metrics(&m, "updates")?,
-                    path,
-                })
+                Ok(UpdateRow { site, num_examples: n as u64, released: from_json(&m, "updates")?, path })
             })
             .collect()
     }
@@ -606,12 +627,13 @@ impl Store {
             .collect()
     }
 
-    /// Records held-out metrics; false if already reported.
+    /// Records a released evaluation; false if already reported.
     pub fn insert_evaluation(&self, job_id: &str, row: &EvaluationRow) -> Result<bool> {
+        let examples: i64 = row.histogram.cells().iter().sum();
         self.with(|c| {
             let n = c.execute(
                 "INSERT OR IGNORE INTO evaluations (job_id, round, site, num_examples, metrics_json) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![job_id, row.round, row.site, row.num_examples as i64, metrics_json(&row.metrics)],
+                params![job_id, row.round, row.site, examples.max(0), to_json(row)],
             )?;
             Ok(n == 1)
         })
@@ -631,26 +653,25 @@ impl Store {
             Ok(rows)
         })?;
         rows.into_iter()
-            .map(|(round, site, n, m)| {
-                Ok(EvaluationRow {
-                    round,
-                    site,
-                    num_examples: n as u64,
-                    metrics: parse_metrics(&m, "evaluations")?,
-                })
-            })
+            .map(|(round, site, _, m)| Ok(EvaluationRow { round, site, ..from_json(&m, "evaluations")? }))
             .collect()
     }
 
-    /// Records a site's registration: its version and datasets (replacing earlier ones).
-    pub fn register_site(&self, site: &str, version: &str, datasets: &[pb::DatasetInfo]) -> Result<()> {
+    /// Records a site's registration: its version, policy and datasets (replacing earlier ones).
+    pub fn register_site(
+        &self,
+        site: &str,
+        version: &str,
+        policy: &pb::SitePolicy,
+        datasets: &[pb::DatasetInfo],
+    ) -> Result<()> {
         use prost::Message;
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO sites (name, software_version, last_seen_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET software_version = ?2, last_seen_ms = ?3",
-                params![site, version, now_ms()],
+                "INSERT INTO sites (name, software_version, last_seen_ms, policy) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET software_version = ?2, last_seen_ms = ?3, policy = ?4",
+                params![site, version, now_ms(), policy.encode_to_vec()],
             )?;
             tx.execute("DELETE FROM datasets WHERE site = ?1", params![site])?;
             for d in datasets {
@@ -681,6 +702,25 @@ impl Store {
                 .collect::<rusqlite::Result<std::collections::HashMap<_, _>>>()?;
             Ok(rows)
         })
+    }
+
+    /// Every registered site's announced policy.
+    pub fn policies(&self) -> Result<std::collections::HashMap<String, pb::SitePolicy>> {
+        use prost::Message;
+        let rows = self.with(|c| {
+            let mut stmt = c.prepare("SELECT name, policy FROM sites")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(site, blob)| {
+                let policy = pb::SitePolicy::decode(blob.as_slice())
+                    .map_err(|e| StoreError::Corrupt { table: "sites", detail: e.to_string() })?;
+                Ok((site, policy))
+            })
+            .collect()
     }
 
     /// Every dataset announced by every site.

@@ -43,7 +43,7 @@
 //! computes in `f64`, which reference tests use to match PyTorch's `float64`
 //! values to 1e-6 relative. Results come back as `f32` either way.
 
-use burn::tensor::activation::{log_softmax, relu, softmax};
+use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::module::{conv2d, max_pool2d, unfold4d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions, UnfoldOptions};
 use burn::tensor::{DType, Device, Element, Tensor, TensorData};
@@ -305,14 +305,17 @@ impl Network {
 
     /// Probability of class 1 for each of the `x.len() / input_dim` rows.
     pub fn predict(&self, x: &[f32]) -> Vec<f32> {
+        self.positive_logits(x).into_iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect()
+    }
+
+    /// The logit of class 1 against class 0 (`z₁ − z₀`) for each of the
+    /// `x.len() / input_dim` rows: the score a held-out evaluation bins,
+    /// exact where a probability near 0 or 1 would round.
+    pub fn positive_logits(&self, x: &[f32]) -> Vec<f32> {
         let d = self.arch.input_dim();
         let rows = x.len() / d;
         if let Some(cpu) = &self.cpu {
-            return cpu
-                .logits(&x[..rows * d])
-                .chunks_exact(CLASSES)
-                .map(|z| 1.0 / (1.0 + (z[0] - z[1]).exp()))
-                .collect();
+            return cpu.logits(&x[..rows * d]).chunks_exact(CLASSES).map(|z| z[1] - z[0]).collect();
         }
         let mut out = Vec::with_capacity(rows);
         for start in (0..rows).step_by(4096) {
@@ -321,9 +324,8 @@ impl Network {
                 TensorData::new(x[start * d..(start + n) * d].to_vec(), [n, d]),
                 (&self.device, self.dtype),
             );
-            let logits = self.forward(input, &self.params, None);
-            let values = to_f32(softmax(logits, 1));
-            out.extend(values.chunks_exact(CLASSES).map(|p| p[1]));
+            let logits = to_f32(self.forward(input, &self.params, None));
+            out.extend(logits.chunks_exact(CLASSES).map(|z| z[1] - z[0]));
         }
         out
     }

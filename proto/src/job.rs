@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::evaluation::ScoreBins;
 use crate::mechanism::Mechanism;
 
 /// A validated job.
@@ -35,6 +36,57 @@ pub struct JobSpec {
     /// How the coordinator combines the sites' updates.
     #[serde(default, skip_serializing_if = "Aggregation::is_fedavg")]
     pub aggregation: Aggregation,
+    /// How each site's held-out evaluation is released.
+    pub evaluation: EvaluationSpec,
+}
+
+/// Each site's held-out evaluation of a global model leaves as one
+/// histogram of the model's logits by label ([`crate::evaluation`]), each
+/// cell noised with a discrete Gaussian and charged to the site's ledger.
+/// A site evaluates the model it starts each round from and the final
+/// model: `rounds` evaluations at `noise_scale`, one at
+/// `final_noise_scale`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationSpec {
+    /// Score bins, uniform in logit between `logit_min` and `logit_max`
+    /// (the outer two open-ended).
+    pub bins: usize,
+    /// Lower edge of the first bin.
+    pub logit_min: f64,
+    /// Upper edge of the last bin.
+    pub logit_max: f64,
+    /// Standard deviation of each cell's noise, for the evaluations during training.
+    pub noise_scale: f64,
+    /// Standard deviation of each cell's noise for the final model's evaluation.
+    pub final_noise_scale: f64,
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        EvaluationSpec {
+            bins: Self::DEFAULT_BINS,
+            logit_min: -6.0,
+            logit_max: 6.0,
+            noise_scale: 20.0,
+            final_noise_scale: 20.0,
+        }
+    }
+}
+
+impl EvaluationSpec {
+    /// Bins of an evaluation whose spec does not say.
+    pub const DEFAULT_BINS: usize = 24;
+
+    /// The bins.
+    pub fn score_bins(&self) -> ScoreBins {
+        ScoreBins { bins: self.bins, logit_min: self.logit_min, logit_max: self.logit_max }
+    }
+
+    /// The noise scale of the evaluation of round `round`'s model in a job of `rounds` rounds.
+    pub fn noise_for(&self, round: u32, rounds: u32) -> f64 {
+        if round >= rounds { self.final_noise_scale } else { self.noise_scale }
+    }
 }
 
 /// How updates are combined. FedAvg streams updates into a running sum
@@ -365,6 +417,15 @@ pub struct PrivacySpec {
     pub clip_norm: f64,
     /// The δ at which ε is reported and budgets are charged.
     pub delta: f64,
+    /// Standard deviation of the noise on each DP-SGD step's count of
+    /// clipped examples, which a site sums over a round and releases (the
+    /// clipped fraction the scientist tunes C with); 0: not released.
+    #[serde(default = "default_clip_count_noise")]
+    pub clip_count_noise: f64,
+}
+
+fn default_clip_count_noise() -> f64 {
+    10.0
 }
 
 /// One mechanism a job runs at a site, as the site's ledger will charge
@@ -462,12 +523,35 @@ impl JobSpec {
             noise_multiplier: self.privacy.noise_multiplier,
             steps: steps_per_round * u64::from(t.rounds),
         };
+        let mut charges = vec![dp_sgd];
+        if self.privacy.clip_count_noise > 0.0 {
+            charges.push(PlannedCharge {
+                mechanism: Mechanism::ClipCount,
+                sample_rate: q,
+                noise_multiplier: self.privacy.clip_count_noise,
+                steps: dp_sgd.steps,
+            });
+        }
+        // The model each round starts from, then the final one.
+        let e = &self.evaluation;
+        charges.push(PlannedCharge {
+            mechanism: Mechanism::Evaluation,
+            sample_rate: 1.0,
+            noise_multiplier: e.noise_scale,
+            steps: u64::from(t.rounds),
+        });
+        charges.push(PlannedCharge {
+            mechanism: Mechanism::Evaluation,
+            sample_rate: 1.0,
+            noise_multiplier: e.final_noise_scale,
+            steps: 1,
+        });
         SitePlan {
             train_rows,
             sample_rate: q,
             steps_per_round,
             expected_batch: q * train_rows.max(1) as f64,
-            charges: vec![dp_sgd],
+            charges,
         }
     }
 
@@ -538,6 +622,27 @@ impl JobSpec {
         }
         if !(d.delta.is_finite() && d.delta > 0.0 && d.delta < 1e-2) {
             p.push(format!("privacy.delta: must be in (0, 0.01), got {}", d.delta));
+        }
+        if !(d.clip_count_noise == 0.0 || (d.clip_count_noise.is_finite() && d.clip_count_noise >= 1.0)) {
+            p.push(format!(
+                "privacy.clip_count_noise: must be 0 (not released) or finite and >= 1, got {}",
+                d.clip_count_noise
+            ));
+        }
+        let e = &self.evaluation;
+        if !(2..=256).contains(&e.bins) {
+            p.push(format!("evaluation.bins: must be in 2..=256, got {}", e.bins));
+        }
+        if !(e.logit_min.is_finite() && e.logit_max.is_finite() && e.logit_min < e.logit_max) {
+            p.push(format!(
+                "evaluation.logit_min, evaluation.logit_max: must be finite with logit_min < logit_max, got {} and {}",
+                e.logit_min, e.logit_max
+            ));
+        }
+        for (field, scale) in [("noise_scale", e.noise_scale), ("final_noise_scale", e.final_noise_scale)] {
+            if !(scale.is_finite() && scale >= 1.0) {
+                p.push(format!("evaluation.{field}: must be finite and >= 1, got {scale}"));
+            }
         }
         if let Some(c) = &self.client_dp {
             if !(c.clip.is_finite() && c.clip > 0.0) {
@@ -706,6 +811,34 @@ struct RawJobSpec {
     client_dp: Option<ClientDpSpec>,
     #[serde(default)]
     aggregation: Aggregation,
+    #[serde(default)]
+    evaluation: RawEvaluation,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvaluation {
+    bins: Option<usize>,
+    logit_min: Option<f64>,
+    logit_max: Option<f64>,
+    noise_scale: Option<f64>,
+    final_noise_scale: Option<f64>,
+}
+
+impl RawEvaluation {
+    /// The spec, each missing key at its default (the final noise at the
+    /// noise of the other evaluations).
+    fn resolve(self) -> EvaluationSpec {
+        let d = EvaluationSpec::default();
+        let noise_scale = self.noise_scale.unwrap_or(d.noise_scale);
+        EvaluationSpec {
+            bins: self.bins.unwrap_or(d.bins),
+            logit_min: self.logit_min.unwrap_or(d.logit_min),
+            logit_max: self.logit_max.unwrap_or(d.logit_max),
+            noise_scale,
+            final_noise_scale: self.final_noise_scale.unwrap_or(noise_scale),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -714,6 +847,8 @@ struct RawPrivacy {
     noise_multiplier: f64,
     clip_norm: f64,
     delta: f64,
+    #[serde(default = "default_clip_count_noise")]
+    clip_count_noise: f64,
     /// Gone: each site now releases its dataset's size once for every job.
     #[serde(default)]
     count_noise_scale: Option<f64>,
@@ -873,6 +1008,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
                 noise_multiplier: raw.privacy.noise_multiplier,
                 clip_norm: raw.privacy.clip_norm,
                 delta: raw.privacy.delta,
+                clip_count_noise: raw.privacy.clip_count_noise,
             },
             policy: RoundPolicy {
                 min_sites: raw.policy.min_sites,
@@ -882,6 +1018,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
             },
             client_dp: raw.client_dp,
             aggregation: raw.aggregation,
+            evaluation: raw.evaluation.resolve(),
         };
         if let Err(mut more) = spec.validate() {
             problems.append(&mut more);

@@ -14,6 +14,8 @@
 //!   pages, allocator thresholds).
 //! - [`codec`]: the services' gRPC codec (prost, with small first buffers).
 //! - [`failpoint`]: named crash points that fault-injection tests arm.
+//! - [`evaluation`]: a held-out evaluation as the noised score × label
+//!   histogram that leaves a site, and every metric derived from it.
 //! - [`mechanism`]: what a ledger entry charged (DP-SGD, a size release,
 //!   an evaluation, a clip count).
 //! - [`reason`]: why a site refused or failed, as a code and the spec's
@@ -31,6 +33,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod codec;
 pub mod config_file;
+pub mod evaluation;
 pub mod failpoint;
 pub mod identity;
 pub mod job;

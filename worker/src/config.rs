@@ -61,6 +61,10 @@ struct RawPolicy {
     /// Fewest released test rows a dataset needs to take part in a job.
     #[serde(default = "default_min_test_rows")]
     min_test_rows: u64,
+    /// Also send exact metrics beside the noised ones: unprotected
+    /// statistics of the site's records, so never the default.
+    #[serde(default)]
+    release_exact_metrics: bool,
 }
 
 fn default_approval() -> String {
@@ -113,6 +117,7 @@ impl Default for RawPolicy {
             approval: default_approval(),
             min_training_rows: default_min_training_rows(),
             min_test_rows: default_min_test_rows(),
+            release_exact_metrics: false,
         }
     }
 }
@@ -192,6 +197,8 @@ pub struct WorkerConfig {
     pub min_training_rows: u64,
     /// Fewest released test rows a dataset needs (`policy.min_test_rows`).
     pub min_test_rows: u64,
+    /// Whether exact metrics go with the noised ones (`policy.release_exact_metrics`).
+    pub release_exact_metrics: bool,
     /// Datasets served.
     pub datasets: Vec<DatasetConfig>,
 }
@@ -365,6 +372,7 @@ impl WorkerConfig {
             manual_approval,
             min_training_rows: raw.policy.min_training_rows,
             min_test_rows: raw.policy.min_test_rows,
+            release_exact_metrics: raw.policy.release_exact_metrics,
             datasets,
         };
         for (key, file) in [

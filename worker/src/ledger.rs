@@ -519,6 +519,73 @@ impl Ledger {
         compose(Self::charged(&conn, dataset)?, delta)
     }
 
+    /// Charges `c` and keeps the values `draw` releases, in one
+    /// transaction: nothing is drawn unless it is charged, and a crash
+    /// before the commit leaves neither. If `c` was charged before, the
+    /// values released then come back and `draw` is not called: a release
+    /// sent again is the same release, never fresh noise on the same data.
+    pub fn release(
+        &self,
+        dataset: &DatasetConfig,
+        c: &Charge,
+        draw: impl FnOnce() -> Result<Vec<i64>, LedgerError>,
+    ) -> Result<(pb::LedgerEntry, Vec<i64>), LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(entry) = Self::find(&tx, &dataset.name, c)? {
+            let json: String = tx.query_row(
+                "SELECT values_json FROM released_values WHERE seq = ?1",
+                params![entry.seq as i64],
+                |r| r.get(0),
+            )?;
+            let values = serde_json::from_str(&json)
+                .map_err(|e| LedgerError::CorruptPlan { job_id: c.job_id.clone(), detail: e.to_string() })?;
+            return Ok((entry, values));
+        }
+        let entry = self.insert_charge(&tx, dataset, c)?;
+        let values = draw()?;
+        tx.execute(
+            "INSERT INTO released_values (seq, values_json) VALUES (?1, ?2)",
+            params![entry.seq as i64, serde_json::to_string(&values).unwrap_or_default()],
+        )?;
+        tx.commit()?;
+        Ok((entry, values))
+    }
+
+    /// The entry and values of a release charged before, if any.
+    pub fn released(
+        &self,
+        job_id: &str,
+        round: u32,
+        mechanism: Mechanism,
+    ) -> Result<Option<(pb::LedgerEntry, Vec<i64>)>, LedgerError> {
+        let Some(entry) = self.entry(job_id, round, mechanism)? else {
+            return Ok(None);
+        };
+        let conn = self.lock();
+        let json: Option<String> = conn
+            .query_row("SELECT values_json FROM released_values WHERE seq = ?1", params![entry.seq as i64], |r| r.get(0))
+            .optional()?;
+        let Some(json) = json else {
+            return Ok(None);
+        };
+        let values = serde_json::from_str(&json)
+            .map_err(|e| LedgerError::CorruptPlan { job_id: job_id.to_string(), detail: e.to_string() })?;
+        Ok(Some((entry, values)))
+    }
+
+    fn find(tx: &Connection, dataset: &str, c: &Charge) -> Result<Option<pb::LedgerEntry>, LedgerError> {
+        Ok(tx
+            .query_row(
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM ledger WHERE dataset = ?1 AND job_id = ?2 AND round = ?3 AND mechanism = ?4"
+                ),
+                params![dataset, c.job_id, c.round, c.mechanism.as_str()],
+                entry_from_row,
+            )
+            .optional()?)
+    }
+
     /// Commits one charge durably and returns the entry. Refuses a charge
     /// that would take the dataset over its budget; charging the same
     /// release again returns the entry already committed.
@@ -532,16 +599,7 @@ impl Ledger {
 
     /// Inserts a charge inside `tx` (or returns the one already there).
     fn insert_charge(&self, tx: &Connection, dataset: &DatasetConfig, c: &Charge) -> Result<pb::LedgerEntry, LedgerError> {
-        let existing = tx
-            .query_row(
-                &format!(
-                    "SELECT {ENTRY_COLUMNS} FROM ledger WHERE dataset = ?1 AND job_id = ?2 AND round = ?3 AND mechanism = ?4"
-                ),
-                params![dataset.name, c.job_id, c.round, c.mechanism.as_str()],
-                entry_from_row,
-            )
-            .optional()?;
-        if let Some(existing) = existing {
+        if let Some(existing) = Self::find(tx, &dataset.name, c)? {
             return Ok(existing);
         }
         let this = (c.sample_rate, c.noise_multiplier, c.steps);

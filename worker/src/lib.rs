@@ -19,6 +19,8 @@ pub mod dataset;
 pub mod download;
 pub mod ledger;
 pub mod outgoing;
+pub mod release;
+mod tasks;
 pub mod train;
 pub mod upload;
 
@@ -39,9 +41,8 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{info, instrument, warn};
 
 use crate::dataset::{EncodedDataset, SplitOptions};
-use crate::ledger::{Charge, Ledger};
+use crate::ledger::Ledger;
 use crate::outgoing::Refusal;
-use proto::mechanism::Mechanism;
 use proto::reason::ReasonCode;
 
 /// Why the worker could not start.
@@ -76,6 +77,7 @@ pub enum RunError {
 
 /// A job this site has accepted.
 struct JobContext {
+    job_id: String,
     spec: JobSpec,
     spec_hash: String,
     cancel: CancellationToken,
@@ -225,6 +227,7 @@ impl Worker {
             manual_approval: self.config.manual_approval,
             min_training_rows: self.config.min_training_rows,
             min_test_rows: self.config.min_test_rows,
+            release_exact_metrics: self.config.release_exact_metrics,
         }
     }
 
@@ -366,7 +369,7 @@ impl Worker {
     }
 
     /// Loads (once per job) the encoded dataset a job asks for.
-    async fn load_data(self: &Arc<Self>, spec: &JobSpec, spec_hash: &str) -> Result<Arc<EncodedDataset>, Refusal> {
+    async fn load_data(&self, spec: &JobSpec, spec_hash: &str) -> Result<Arc<EncodedDataset>, Refusal> {
         let key = (spec.dataset.clone(), spec_hash.to_string());
         if let Some(d) = lock(&self.data).get(&key) {
             return Ok(Arc::clone(d));
@@ -478,7 +481,12 @@ impl Worker {
         }
         lock(&self.jobs).insert(
             job_id.to_string(),
-            Arc::new(JobContext { spec_hash: offer.spec_hash.clone(), spec, cancel: self.shutdown.child_token() }),
+            Arc::new(JobContext {
+                job_id: job_id.to_string(),
+                spec_hash: offer.spec_hash.clone(),
+                spec,
+                cancel: self.shutdown.child_token(),
+            }),
         );
         Ok(outgoing::acceptance(job_id, &offer.spec_hash, decision.planned_epsilon, decision.train_examples, None))
     }
@@ -568,259 +576,8 @@ impl Worker {
             .map_err(|e| tonic::Status::internal(e.to_string()))?
             .ok_or_else(|| tonic::Status::failed_precondition(format!("job {job_id} was not accepted here")))?;
         let spec = JobSpec::from_canonical_json(&spec_json).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let job = Arc::new(JobContext { spec, spec_hash, cancel: self.shutdown.child_token() });
+        let job = Arc::new(JobContext { job_id: job_id.to_string(), spec, spec_hash, cancel: self.shutdown.child_token() });
         lock(&self.jobs).insert(job_id.to_string(), Arc::clone(&job));
         Ok(job)
-    }
-
-    /// Pulls the global model of `round` into the site's spare model memory.
-    async fn pull_model(
-        &self,
-        client: &mut WorkerServiceClient<Channel>,
-        job_id: &str,
-        round: u32,
-        layout_hash: &str,
-        num_params: u64,
-    ) -> Result<Vec<f32>, tonic::Status> {
-        let idle = Duration::from_secs(self.idle_timeout_secs.load(std::sync::atomic::Ordering::Relaxed));
-        let memory = std::mem::take(&mut *lock(&self.spare_model));
-        let wanted = download::Wanted { job_id, round, layout_hash, num_params };
-        download::pull_model(client, &mut self.second_link(), wanted, memory, idle).await
-    }
-
-    fn outbox_path(&self, job_id: &str, round: u32) -> PathBuf {
-        self.config.data_dir.join("outbox").join(format!("{job_id}-r{round:04}.bin"))
-    }
-
-    /// Tells the coordinator that a task failed, with the code and the
-    /// spec's columns only; the detail goes to the site's log and audit.
-    async fn report_failure(
-        &self,
-        client: &mut WorkerServiceClient<Channel>,
-        job_id: &str,
-        round: u32,
-        refusal: Refusal,
-    ) -> Result<(), tonic::Status> {
-        warn!(job_id, round, reason = %refusal.reason, detail = %refusal.detail, "task failed at this site");
-        self.audit(
-            "task.failed",
-            job_id,
-            serde_json::json!({
-                "round": round,
-                "code": refusal.reason.code().as_str(),
-                "columns": refusal.reason.columns(),
-                "detail": refusal.detail,
-            }),
-        );
-        client.report_failure(outgoing::failure(job_id, round, &refusal.reason)).await?;
-        Ok(())
-    }
-
-    #[instrument(skip_all, fields(job_id = %job_id, round = task.round))]
-    async fn handle_train(
-        self: &Arc<Self>,
-        job_id: &str,
-        task: pb::TrainTask,
-        client: &mut WorkerServiceClient<Channel>,
-    ) -> Result<(), tonic::Status> {
-        let round = task.round;
-        let job = match self.job(job_id) {
-            Ok(job) => job,
-            Err(e) => {
-                let refusal = Refusal::new(ReasonCode::Internal, format!("{job_id} was not accepted at this site: {e}"));
-                let _ = self.report_failure(client, job_id, round, refusal).await;
-                return Err(e);
-            }
-        };
-        let cfg = match self.dataset_config(&job.spec.dataset) {
-            Some(c) => c.clone(),
-            None => {
-                let detail = format!("dataset \"{}\" is gone from this site's configuration", job.spec.dataset);
-                return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::DatasetUnknown, detail)).await;
-            }
-        };
-        // The plan the site accepted the job with: its released training-set size decides q and the steps.
-        let Some(decision) = self.ledger.decision(job_id).map_err(|e| tonic::Status::internal(e.to_string()))? else {
-            let refusal = Refusal::new(ReasonCode::Internal, format!("{job_id} has no recorded decision at this site"));
-            return self.report_failure(client, job_id, round, refusal).await;
-        };
-        let plan = job.spec.site_plan(decision.train_examples);
-        let outbox = self.outbox_path(job_id, round);
-        // A round already charged is resent as it was, never trained (and charged) again.
-        let (update, entry, metrics) = match self
-            .ledger
-            .entry(job_id, round, Mechanism::DpSgd)
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-        {
-            Some(entry) if outbox.is_file() => {
-                info!("resending the update of a charged round");
-                let update = proto::checkpoint::read(&outbox).map_err(|e| tonic::Status::internal(e.to_string()))?;
-                (update, entry, Default::default())
-            }
-            _ => {
-                let data = match self.load_data(&job.spec, &job.spec_hash).await {
-                    Ok(d) => d,
-                    Err(refusal) => return self.report_failure(client, job_id, round, refusal).await,
-                };
-                let global =
-                    Arc::new(self.pull_model(client, job_id, round - 1, &task.layout_hash, task.num_params).await?);
-                let arch = models::Architecture::new(&job.spec.model, data.dim)
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
-                if arch.layout().hash() != task.layout_hash {
-                    let detail = format!(
-                        "the job's model layout {} differs from this site's {}",
-                        task.layout_hash,
-                        arch.layout().hash()
-                    );
-                    return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::SpecMismatch, detail)).await;
-                }
-                // Held-out metrics of the model we received (round - 1).
-                let (arch2, device, global2, data2) =
-                    (arch.clone(), self.device.clone(), Arc::clone(&global), Arc::clone(&data));
-                if let Ok(Ok(m)) =
-                    tokio::task::spawn_blocking(move || train::evaluate(&arch2, &device, &global2, &data2)).await
-                {
-                    let _ = client
-                        .report_evaluation(pb::EvaluationReport {
-                            job_id: job_id.to_string(),
-                            round: round - 1,
-                            num_examples: data.n_test() as u64,
-                            metrics: m.into_iter().collect(),
-                        })
-                        .await;
-                }
-                info!(epochs = job.spec.training.local_epochs, "local training started");
-                let (spec, device, cancel) = (job.spec.clone(), self.device.clone(), job.cancel.clone());
-                let (arch3, global3, data3, plan3) = (arch.clone(), Arc::clone(&global), Arc::clone(&data), plan.clone());
-                let outcome = tokio::task::spawn_blocking(move || {
-                    train::train_round(&arch3, &device, &global3, &data3, &spec, &plan3, &cancel)
-                })
-                .await
-                .map_err(|e| tonic::Status::internal(format!("training panicked: {e}")))?;
-                let outcome = match outcome {
-                    Ok(o) => o,
-                    Err(train::TrainError::Cancelled) => {
-                        info!("local training stopped: the job was cancelled");
-                        self.audit("training.cancelled", job_id, serde_json::json!({ "round": round }));
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        let code = match e {
-                            train::TrainError::Diverged { .. } => ReasonCode::TrainingDiverged,
-                            train::TrainError::Layout(_) => ReasonCode::SpecMismatch,
-                            _ => ReasonCode::Internal,
-                        };
-                        return self.report_failure(client, job_id, round, Refusal::new(code, e.to_string())).await;
-                    }
-                };
-                let update: Vec<f32> = outcome.params.iter().zip(global.iter()).map(|(l, g)| l - g).collect();
-                // The evaluation and training threads are done with it.
-                if let Ok(memory) = Arc::try_unwrap(global) {
-                    *lock(&self.spare_model) = memory;
-                }
-                // Outbox first, then the charge: a crash in between leaves an
-                // uncharged update that was never sent, which is discarded.
-                proto::checkpoint::write_atomic(&outbox, &update)
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
-                let charge = Charge {
-                    job_id: job_id.to_string(),
-                    spec_hash: job.spec_hash.clone(),
-                    round,
-                    mechanism: Mechanism::DpSgd,
-                    noise_multiplier: job.spec.privacy.noise_multiplier,
-                    sample_rate: outcome.sample_rate,
-                    clip_norm: job.spec.privacy.clip_norm,
-                    steps: outcome.steps,
-                    delta: job.spec.privacy.delta,
-                };
-                let entry = match self.ledger.charge(&cfg, &charge) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&outbox);
-                        let code = match e {
-                            ledger::LedgerError::OverBudget { .. } => ReasonCode::BudgetExceeded,
-                            _ => ReasonCode::Internal,
-                        };
-                        return self.report_failure(client, job_id, round, Refusal::new(code, e.to_string())).await;
-                    }
-                };
-                self.audit(
-                    "epsilon.charged",
-                    job_id,
-                    serde_json::json!({
-                        "round": round,
-                        "ledger_seq": entry.seq,
-                        "epsilon_round": entry.epsilon_round,
-                        "epsilon_job": entry.epsilon_job,
-                        "epsilon_dataset": entry.epsilon_dataset,
-                    }),
-                );
-                let mut metrics = outcome.metrics;
-                metrics.insert("epsilon_round".to_string(), entry.epsilon_round);
-                metrics.insert("epsilon_job".to_string(), entry.epsilon_job);
-                (update, entry, metrics)
-            }
-        };
-        // The FedAvg weight is the dataset's released training-set size.
-        let weight = decision.train_examples.max(1);
-        let header = pb::UpdateHeader {
-            job_id: job_id.to_string(),
-            round,
-            layout_hash: task.layout_hash.clone(),
-            num_params: update.len() as u64,
-            num_examples: weight,
-            metrics: metrics.into_iter().collect(),
-            ledger_entry: Some(entry),
-            // The whole update; `push_reserved` cuts a large one into parts.
-            ..Default::default()
-        };
-        let reply =
-            upload::push_reserved(client, &mut self.second_link(), header, Arc::new(update), self.config.upload_limit_bytes_per_sec).await?;
-        self.audit(
-            "update.sent",
-            job_id,
-            serde_json::json!({ "round": round, "accepted": reply.accepted, "reason": reply.reason }),
-        );
-        if reply.accepted {
-            info!("update delivered");
-        } else {
-            warn!(reason = %reply.reason, "update refused by the coordinator");
-        }
-        Ok(())
-    }
-
-    #[instrument(skip_all, fields(job_id = %job_id, round = task.round))]
-    async fn handle_evaluate(
-        self: &Arc<Self>,
-        job_id: &str,
-        task: pb::EvaluateTask,
-        client: &mut WorkerServiceClient<Channel>,
-    ) -> Result<(), tonic::Status> {
-        let job = self.job(job_id)?;
-        let data = match self.load_data(&job.spec, &job.spec_hash).await {
-            Ok(data) => data,
-            Err(refusal) => return self.report_failure(client, job_id, task.round, refusal).await,
-        };
-        let params = self.pull_model(client, job_id, task.round, &task.layout_hash, task.num_params).await?;
-        let arch =
-            models::Architecture::new(&job.spec.model, data.dim).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let device = self.device.clone();
-        let data2 = Arc::clone(&data);
-        let m = tokio::task::spawn_blocking(move || train::evaluate(&arch, &device, &params, &data2))
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        client
-            .report_evaluation(pb::EvaluationReport {
-                job_id: job_id.to_string(),
-                round: task.round,
-                num_examples: data.n_test() as u64,
-                metrics: m.into_iter().collect(),
-            })
-            .await?;
-        // The job is over for this site: release its reservation.
-        self.ledger.finish_job(job_id).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        lock(&self.jobs).remove(job_id);
-        Ok(())
     }
 }

@@ -1,15 +1,20 @@
 //! Every message this site sends the coordinator about a job is built
-//! here, from typed values only: answers to offers and reports of failed
-//! tasks.
+//! here, from typed values only: answers to offers, reports of failed
+//! tasks, evaluations and the headers of updates.
 //!
 //! The rule that defines Meridian is that nothing leaves a hospital except
 //! values released under DP and charged to its ledger. A refusal or a
 //! failure therefore carries a [`SiteReason`] (a code and the spec's column
 //! names), never the error text that explains it: that text names values,
 //! lines and paths, and goes into the site's own log and audit as a
-//! [`Refusal`]'s `detail`. The repository's tidy test checks that the
-//! worker builds these messages nowhere else.
+//! [`Refusal`]'s `detail`. Numbers leave as [`Released`] values, each with
+//! the ledger entry that charged it; exact metrics only where the site's
+//! policy says `release_exact_metrics = true`. The repository's tidy test
+//! checks that the worker builds these messages nowhere else.
 
+use std::collections::BTreeMap;
+
+use proto::evaluation::Histogram;
 use proto::pb;
 use proto::reason::{ReasonCode, SiteReason};
 
@@ -68,4 +73,68 @@ pub fn acceptance(
 /// The report of a task the site could not carry out.
 pub fn failure(job_id: &str, round: u32, reason: &SiteReason) -> pb::TaskFailure {
     pb::TaskFailure { job_id: job_id.to_string(), round, reason: Some(reason.to_wire()) }
+}
+
+/// A value released under DP, with the ledger entry that charged it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Released<T> {
+    /// The noised value.
+    pub value: T,
+    /// Its charge, committed before the value leaves.
+    pub entry: pb::LedgerEntry,
+}
+
+/// Exact metrics, which the site's policy explicitly releases (or `None`).
+pub type ExactMetrics = Option<BTreeMap<String, f64>>;
+
+/// The report of a held-out evaluation of round `round`'s model.
+pub fn evaluation(job_id: &str, round: u32, histogram: Released<Histogram>, exact: ExactMetrics) -> pb::EvaluationReport {
+    pb::EvaluationReport {
+        job_id: job_id.to_string(),
+        round,
+        negatives: histogram.value.negatives,
+        positives: histogram.value.positives,
+        ledger_entry: Some(histogram.entry),
+        exact_metrics: exact.unwrap_or_default().into_iter().collect(),
+    }
+}
+
+/// What an update carries beside its values.
+pub struct UpdateFacts {
+    /// The job.
+    pub job_id: String,
+    /// The round.
+    pub round: u32,
+    /// The model's layout hash.
+    pub layout_hash: String,
+    /// Parameters.
+    pub num_params: u64,
+    /// The FedAvg weight: the dataset's released training-set size.
+    pub weight: u64,
+    /// The DP-SGD charge of the round.
+    pub entry: pb::LedgerEntry,
+    /// The round's clipped examples, released (absent when the spec releases none).
+    pub clipped: Option<Released<i64>>,
+    /// Exact training metrics, under the site's policy only.
+    pub exact: ExactMetrics,
+}
+
+/// The header of a whole update (`upload` cuts a large one into parts).
+pub fn update_header(facts: UpdateFacts) -> pb::UpdateHeader {
+    let (clipped_count, clip_entry) = match facts.clipped {
+        Some(r) => (Some(r.value), Some(r.entry)),
+        None => (None, None),
+    };
+    pb::UpdateHeader {
+        job_id: facts.job_id,
+        round: facts.round,
+        layout_hash: facts.layout_hash,
+        num_params: facts.num_params,
+        num_examples: facts.weight,
+        ledger_entry: Some(facts.entry),
+        clipped_count,
+        clip_entry,
+        exact_metrics: facts.exact.unwrap_or_default().into_iter().collect(),
+        ..Default::default()
+    }
 }

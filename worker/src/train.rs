@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use models::{Architecture, Network};
 use privacy::noise::PrefetchedNoise;
+use proto::evaluation::{Histogram, ScoreBins};
 use proto::job::{JobSpec, SitePlan};
 use rand::rngs::SysRng;
 use rand::{RngExt, SeedableRng};
@@ -52,8 +53,12 @@ pub struct RoundOutcome {
     pub steps: u64,
     /// Sampling rate used.
     pub sample_rate: f64,
-    /// Aggregate training metrics (never per-example values).
-    pub metrics: BTreeMap<String, f64>,
+    /// Examples clipped at each step: exact, so they stay here unless
+    /// released with noise (`privacy.clip_count_noise`).
+    pub clipped_per_step: Vec<u64>,
+    /// Exact aggregate training metrics, which leave only under a policy
+    /// that releases exact metrics.
+    pub exact_metrics: BTreeMap<String, f64>,
 }
 
 /// Runs one round of DP-SGD from `global`, as `plan` says.
@@ -79,6 +84,7 @@ pub fn train_round(
     let mut sampler = ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|e| TrainError::Random(e.to_string()))?;
     let mut params = global.to_vec();
     let (mut loss_sum, mut seen, mut correct, mut clipped) = (0.0f64, 0usize, 0usize, 0usize);
+    let mut clipped_per_step = Vec::with_capacity(steps as usize);
     let mut bx = Vec::new();
     let mut by = Vec::new();
     let ln_keep = (1.0 - q).ln();
@@ -111,6 +117,7 @@ pub fn train_round(
         seen += by.len();
         correct += grads.correct;
         clipped += grads.clipped;
+        clipped_per_step.push(grads.clipped as u64);
         noise
             .add_gaussian_noise(&mut grads.sum, noise_std)
             .map_err(|e| TrainError::Random(e.to_string()))?;
@@ -122,25 +129,42 @@ pub fn train_round(
             return Err(TrainError::Diverged { step, value: *bad });
         }
     }
-    let mut metrics = BTreeMap::new();
+    let mut exact_metrics = BTreeMap::new();
     let seen_f = seen.max(1) as f64;
-    metrics.insert("train_loss".to_string(), loss_sum / seen_f);
-    metrics.insert("train_accuracy".to_string(), correct as f64 / seen_f);
-    metrics.insert("clipped_fraction".to_string(), clipped as f64 / seen_f);
-    metrics.insert("steps".to_string(), steps as f64);
-    Ok(RoundOutcome {
-        params,
-        steps,
-        sample_rate: q,
-        metrics,
-    })
+    exact_metrics.insert("train_loss".to_string(), loss_sum / seen_f);
+    exact_metrics.insert("train_accuracy".to_string(), correct as f64 / seen_f);
+    exact_metrics.insert("clipped_fraction".to_string(), clipped as f64 / seen_f);
+    exact_metrics.insert("examples_seen".to_string(), seen as f64);
+    Ok(RoundOutcome { params, steps, sample_rate: q, clipped_per_step, exact_metrics })
 }
 
-/// Loss, accuracy and ROC AUC of `params` on the held-out split.
-pub fn evaluate(arch: &Architecture, device: &Device, params: &[f32], data: &EncodedDataset) -> Result<BTreeMap<String, f64>, TrainError> {
+/// A held-out evaluation before anything is released: the exact score ×
+/// label histogram of the test split, and the exact metrics.
+pub struct Evaluation {
+    /// What is noised and released.
+    pub histogram: Histogram,
+    /// Loss, accuracy, AUC and the test-set size, exact: these leave only
+    /// under a policy that releases exact metrics.
+    pub exact_metrics: BTreeMap<String, f64>,
+}
+
+/// Evaluates `params` on the held-out split in the job's score bins.
+pub fn evaluate(
+    arch: &Architecture,
+    device: &Device,
+    params: &[f32],
+    data: &EncodedDataset,
+    bins: &ScoreBins,
+) -> Result<Evaluation, TrainError> {
     let net = Network::new(arch, params, device)?;
-    let probs = net.predict(&data.test_x);
-    Ok(metrics(&probs, &data.test_y))
+    let logits = net.positive_logits(&data.test_x);
+    let probs: Vec<f32> = logits.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
+    let mut exact_metrics = metrics(&probs, &data.test_y);
+    exact_metrics.insert("examples".to_string(), data.n_test() as f64);
+    Ok(Evaluation {
+        histogram: Histogram::of(bins, logits.iter().map(|&z| f64::from(z)), &data.test_y),
+        exact_metrics,
+    })
 }
 
 /// Binary classification metrics from probabilities of class 1.

@@ -31,11 +31,11 @@ fn job_spec(
     .write(fed, file)
 }
 
-/// The rounds of `job_id` charged in the ledger of the worker at `home`, in order.
+/// The rounds of `job_id` whose DP-SGD is charged in the ledger of the worker at `home`, in order.
 fn charged_rounds(home: &std::path::Path, job_id: &str) -> Vec<u32> {
     Connection::open(home.join("state").join("ledger.sqlite"))
         .unwrap()
-        .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND round > 0 ORDER BY round")
+        .prepare("SELECT round FROM ledger WHERE job_id = ?1 AND mechanism = 'dp_sgd' ORDER BY round")
         .unwrap()
         .query_map([job_id], |r| r.get(0))
         .unwrap()
@@ -114,9 +114,11 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
         .query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0))
         .unwrap();
     assert!(max_dataset_eps <= 40.0);
-    // The coordinator's mirror has every charge.
-    let mirrored = count(&coordinator_db(&fed), "ledger_mirror", "round > 0", &job_id);
-    assert_eq!(mirrored, 6);
+    // The coordinator's mirror has every charge: DP-SGD, clip counts, evaluations.
+    let local: i64 = ledger.query_row("SELECT COUNT(*) FROM ledger WHERE job_id = ?1", [&job_id], |r| r.get(0)).unwrap();
+    let mirrored = count(&coordinator_db(&fed), "ledger_mirror", "site = 'hospital-a'", &job_id);
+    assert_eq!(mirrored, local);
+    assert_eq!(count(&coordinator_db(&fed), "ledger_mirror", "mechanism = 'dp_sgd'", &job_id), 6);
 }
 
 #[test]
@@ -241,8 +243,16 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
     }
     // Every acknowledged update was counted once: one update row per site and round.
     assert_eq!(count(&coordinator, "updates", "1", &job_id), 20);
-    let mirrored = count(&coordinator, "ledger_mirror", "round > 0", &job_id);
-    assert_eq!(mirrored, 20);
+    assert_eq!(count(&coordinator, "ledger_mirror", "mechanism = 'dp_sgd'", &job_id), 20);
+    // Every release of the job at every site is in the mirror, entry for entry.
+    for home in &homes {
+        let site = home.file_name().unwrap().to_str().unwrap();
+        let local: i64 = Connection::open(home.join("state").join("ledger.sqlite"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM ledger WHERE job_id = ?1", [&job_id], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count(&coordinator, "ledger_mirror", &format!("site = '{site}'"), &job_id), local, "{site}");
+    }
 
     // Each round's model is exactly the previous one plus the weighted mean
     // of that round's stored updates: what an uninterrupted run with the

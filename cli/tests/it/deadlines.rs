@@ -133,7 +133,7 @@ fn an_update_stream_silent_for_the_idle_timeout_is_dropped_with_its_reason() {
             layout_hash: train.layout_hash.clone(),
             num_params: n as u64,
             num_examples: 100,
-            metrics: Default::default(),
+
             ledger_entry: Some(pb::LedgerEntry {
                 site: "hospital-x".to_string(),
                 job_id: job_id.clone(),

@@ -164,3 +164,103 @@ fn a_site_with_too_few_records_refuses_with_a_code() {
     assert!(!out.status.success());
     assert!(text(&out).contains("policy.min_training_rows: must be at least 3"), "{}", text(&out));
 }
+
+/// The AUC of summed histograms, computed here independently of the
+/// coordinator, as a reviewer would: cells clamped at 0, ties in a bin half.
+fn auc_of(sites: &[serde_json::Value]) -> f64 {
+    let bins = sites[0]["negatives"].as_array().unwrap().len();
+    let cell = |s: &serde_json::Value, class: &str, b: usize| s[class][b].as_i64().unwrap();
+    let sum = |class: &str| -> Vec<f64> { (0..bins).map(|b| sites.iter().map(|s| cell(s, class, b)).sum::<i64>().max(0) as f64).collect() };
+    let (neg, pos) = (sum("negatives"), sum("positives"));
+    let (mut below, mut wins) = (0.0, 0.0);
+    for b in 0..bins {
+        wins += pos[b] * (below + neg[b] / 2.0);
+        below += neg[b];
+    }
+    wins / (pos.iter().sum::<f64>() * neg.iter().sum::<f64>())
+}
+
+#[test]
+fn metrics_leave_as_charged_noised_releases_unless_a_policy_says_exact() {
+    let mut fed = Federation::start(&["hospital-a", "hospital-b"]);
+    let data = example("data/wdbc_breast_cancer.csv");
+    let (budget, cap) = (40.0, 20.0);
+    let home_a = fed.start_worker_with_budget("hospital-a", "wdbc", &data, "diagnosis", crate::util::WDBC_NUMERIC, budget, cap);
+    let home_b = fed.start_worker_with_toml(
+        "hospital-b",
+        "wdbc",
+        &data,
+        "diagnosis",
+        crate::util::WDBC_NUMERIC,
+        budget,
+        cap,
+        "[policy]\nrelease_exact_metrics = true\n",
+    );
+    let spec = WdbcJob { rounds: 2, min_sites: 2, extra: crate::util::SMALL_DATA_EVALUATION, ..Default::default() }
+        .write(&fed, "job.toml");
+    let job = wait_for(Duration::from_secs(30), "both workers to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    let out = fed.client("alice", &["job", "watch", &job]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: serde_json::Value =
+        serde_json::from_slice(&fed.client("rita", &["job", "status", &job, "--json"]).stdout).unwrap();
+    let sites = status["sites"].as_array().unwrap();
+    let flag = |site: &str| sites.iter().find(|s| s["site"] == site).unwrap()["releases_exact_metrics"].clone();
+    assert_eq!((flag("hospital-a"), flag("hospital-b")), (false.into(), true.into()), "{status}");
+
+    let entries = mirrored_ledger(&fed);
+    for round in status["rounds"].as_array().unwrap() {
+        let evaluations = round["site_evaluations"].as_array().unwrap();
+        assert_eq!(evaluations.len(), 2, "{round}");
+        // Every evaluation is a release with its own charge, which a reviewer recomputes.
+        for e in evaluations {
+            let entry = entries
+                .iter()
+                .find(|l| {
+                    l["site"] == e["site"] && l["job_id"] == job.as_str() && l["round"] == round["round"] && l["mechanism"] == "evaluation"
+                })
+                .unwrap_or_else(|| panic!("no evaluation entry for {e}"));
+            assert_eq!(entry["noise_multiplier"], e["noise_scale"]);
+            let sigma = entry["noise_multiplier"].as_f64().unwrap().to_string();
+            let delta = entry["delta"].as_f64().unwrap().to_string();
+            let out = crate::util::run(&["privacy", "epsilon", "--sample-rate", "1", "--noise", &sigma, "--steps", "1", "--delta", &delta, "--json"]);
+            let recomputed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let (got, want) = (recomputed["epsilon"].as_f64().unwrap(), entry["epsilon_round"].as_f64().unwrap());
+            assert!((got - want).abs() <= 1e-9 * want, "{got} vs {entry}");
+        }
+        // The pooled AUC is the AUC of the summed releases.
+        let auc = round["eval_metrics"]["auc"].as_f64().unwrap();
+        assert!((auc - auc_of(evaluations)).abs() < 1e-12, "{round}");
+        // Exact metrics only from the site whose policy says so.
+        assert!(round["exact_eval_metrics"]["auc"].is_f64(), "{round}");
+    }
+    let aggregated = status["rounds"].as_array().unwrap().iter().find(|r| r["round"] == 1).unwrap();
+    assert!(aggregated["train_metrics"]["clipped_fraction"].is_f64(), "{aggregated}");
+    assert!(aggregated["exact_train_metrics"]["train_loss"].is_f64(), "{aggregated}");
+    assert!(aggregated["train_metrics"].get("train_loss").is_none(), "{aggregated}");
+
+    // What the coordinator keeps of hospital-a: no exact statistic anywhere.
+    let db = rusqlite::Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
+    for table in ["updates", "evaluations"] {
+        let stored: Vec<String> = db
+            .prepare(&format!("SELECT metrics_json FROM {table} WHERE site = 'hospital-a'"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!stored.is_empty());
+        for json in stored {
+            let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(value["exact"], serde_json::json!({}), "{table}: {json}");
+        }
+    }
+    // The budget flags the site that releases exact metrics; its audit records each release.
+    let budget: Vec<serde_json::Value> = serde_json::from_slice(&fed.client("rita", &["budget", "--json"]).stdout).unwrap();
+    assert!(budget.iter().all(|r| r["releases_exact_metrics"] == (r["site"] == "hospital-b")), "{budget:?}");
+    let audit = |home: &Path| std::fs::read_to_string(home.join("state").join("audit.log")).unwrap();
+    assert!(audit(&home_b).contains("exact_metrics.released"));
+    assert!(!audit(&home_a).contains("exact_metrics.released"));
+}

@@ -68,7 +68,7 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
                 layout_hash: layout.to_string(),
                 num_params: n,
                 num_examples: 100,
-                metrics: Default::default(),
+
                 ledger_entry: ledger,
                 ..Default::default()
             })),
@@ -210,7 +210,7 @@ fn broken_and_poisoned_updates_are_rejected_and_the_round_goes_on() {
     assert!(kept.accepted && !kept.complete, "{kept:?}");
     let mut other = part(0, 1, "u3");
     if let Some(pb::update_chunk::Part::Header(h)) = &mut other.part {
-        h.metrics.insert("loss".to_string(), 0.5);
+        h.exact_metrics.insert("train_loss".to_string(), 0.5);
     }
     let refused = push(vec![other, data(vec![0.1])]);
     assert!(!refused.accepted && refused.reason.contains("header differs"), "{refused:?}");

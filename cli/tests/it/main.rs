@@ -13,4 +13,5 @@ mod security;
 mod sim;
 mod specs;
 mod tidy;
+mod unix;
 mod util;

@@ -18,7 +18,8 @@ const HONEST: [&str; 4] = ["hospital-a", "hospital-b", "hospital-c", "hospital-d
 const ROUNDS: u32 = 3;
 
 fn spec(fed: &Federation, rule: &str, options: &str) -> std::path::PathBuf {
-    let aggregation = format!("[aggregation]\nrule = \"{rule}\"\n{options}");
+    // The honest sites' AUC must read clearly from their noised histograms.
+    let aggregation = format!("[aggregation]\nrule = \"{rule}\"\n{options}\n{}", crate::util::SMALL_DATA_EVALUATION);
     WdbcJob {
         rounds: ROUNDS,
         min_sites: 5,

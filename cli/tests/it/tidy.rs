@@ -54,9 +54,18 @@ fn the_worker_builds_what_it_sends_about_a_job_only_in_its_outgoing_module() {
     let mut bad = Vec::new();
     for path in files.iter().filter(|p| !p.ends_with("outgoing.rs")) {
         let text = std::fs::read_to_string(path).unwrap();
-        for message in ["pb::OfferAnswer {", "pb::TaskFailure {", "pb::SiteReason {"] {
+        for message in ["pb::OfferAnswer {", "pb::TaskFailure {", "pb::SiteReason {", "pb::EvaluationReport {"] {
             if text.contains(message) {
                 bad.push(format!("{}: {message}", path.display()));
+            }
+        }
+        // `upload` cuts a header `outgoing` built into parts: it may set a
+        // part's range and id on a copy of it, and nothing else.
+        for (at, _) in text.match_indices("pb::UpdateHeader {") {
+            let body = &text[at..text[at..].find('}').map_or(text.len(), |end| at + end)];
+            let copies_a_built_header = path.ends_with("upload.rs") && body.contains("..header.clone()");
+            if !copies_a_built_header {
+                bad.push(format!("{}: pb::UpdateHeader {{", path.display()));
             }
         }
     }

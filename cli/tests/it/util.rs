@@ -449,7 +449,7 @@ impl RawSite {
             layout_hash: layout.to_string(),
             num_params: values.len() as u64,
             num_examples,
-            metrics: Default::default(),
+
             ledger_entry: Some(pb::LedgerEntry {
                 seq: u64::from(round),
                 site: site.to_string(),
@@ -490,6 +490,12 @@ pub struct WdbcJob<'a> {
     /// TOML appended at the end (e.g. an `[aggregation]` table).
     pub extra: &'a str,
 }
+
+/// An `[evaluation]` whose noised metrics read on a few hundred held-out
+/// records: a few wide bins and little noise (each evaluation then costs
+/// about ε 1, which the fault tests' budgets hold).
+pub const SMALL_DATA_EVALUATION: &str =
+    "[evaluation]\nbins = 8\nlogit_min = -8.0\nlogit_max = 8.0\nnoise_scale = 2.0\n";
 
 impl Default for WdbcJob<'_> {
     fn default() -> Self {

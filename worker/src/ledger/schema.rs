@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS size_releases (
     released_at_ms INTEGER NOT NULL,
     PRIMARY KEY (dataset, release)
 );
+CREATE TABLE IF NOT EXISTS released_values (
+    seq INTEGER PRIMARY KEY,
+    values_json TEXT NOT NULL
+);
 "#;
 
 /// The append-only rule, as triggers (dropped with the table they guard).
