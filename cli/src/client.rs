@@ -358,6 +358,33 @@ pub async fn ledger(conn: &Connection, site: &str, dataset: &str) -> Result<Vec<
         .entries)
 }
 
+/// Ledger entries as a table.
+pub fn render_ledger(entries: &[pb::LedgerEntry]) -> String {
+    let mut out = String::from(
+        "site            seq dataset     job            round  mechanism     σ       q          C      steps  δ        ε entry  ε job    ε dataset\n",
+    );
+    for e in entries {
+        out.push_str(&format!(
+            "{:<15} {:>3} {:<11} {:<14} {:>5}  {:<13} {:<7} {:<10.6} {:<6} {:>5}  {:<8e} {:<8.4} {:<8.4} {:.4}\n",
+            e.site,
+            e.seq,
+            e.dataset,
+            if e.job_id.is_empty() { "(dataset)" } else { &e.job_id },
+            e.round,
+            proto::mechanism::Mechanism::of(e).as_str(),
+            e.noise_multiplier,
+            e.sample_rate,
+            e.clip_norm,
+            e.steps,
+            e.delta,
+            e.epsilon_round,
+            e.epsilon_job,
+            e.epsilon_dataset
+        ));
+    }
+    out
+}
+
 /// A ledger entry as JSON (every field a reviewer needs to recompute ε).
 pub fn ledger_json(e: &pb::LedgerEntry) -> serde_json::Value {
     serde_json::json!({

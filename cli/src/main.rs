@@ -8,6 +8,7 @@ mod output;
 mod provision;
 mod safetensors;
 mod sim;
+mod site;
 
 use std::path::PathBuf;
 
@@ -118,7 +119,7 @@ enum Command {
     /// Hospital IT on the worker host: job offers waiting for approval (policy approval = "manual").
     Site {
         #[command(subcommand)]
-        command: SiteCommand,
+        command: site::SiteCommand,
         /// The worker's worker.toml.
         #[arg(long, global = true, default_value = "worker.toml")]
         config: PathBuf,
@@ -127,25 +128,6 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum SiteCommand {
-    /// List offers waiting for a decision.
-    Pending,
-    /// Approve a pending offer (binds to the exact spec the site was offered).
-    Approve {
-        /// Job id.
-        job: String,
-    },
-    /// Reject a pending offer; the reason is shown to the scientist.
-    Reject {
-        /// Job id.
-        job: String,
-        /// Why.
-        #[arg(long)]
-        reason: String,
     },
 }
 
@@ -572,59 +554,13 @@ async fn run(cli: Cli) -> Result<Exit> {
                     if json || json_here {
                         output::json(&serde_json::json!(&entries.iter().map(client::ledger_json).collect::<Vec<_>>()))?;
                     } else {
-                        out!("site            seq dataset     job            round  mechanism     σ       q          C      steps  δ        ε entry  ε job    ε dataset")?;
-                        for e in entries {
-                            out!(
-                                "{:<15} {:>3} {:<11} {:<14} {:>5}  {:<13} {:<7} {:<10.6} {:<6} {:>5}  {:<8e} {:<8.4} {:<8.4} {:.4}",
-                                e.site,
-                                e.seq,
-                                e.dataset,
-                                if e.job_id.is_empty() { "(dataset)" } else { &e.job_id },
-                                e.round,
-                                proto::mechanism::Mechanism::of(&e).as_str(),
-                                e.noise_multiplier,
-                                e.sample_rate,
-                                e.clip_norm,
-                                e.steps,
-                                e.delta,
-                                e.epsilon_round,
-                                e.epsilon_job,
-                                e.epsilon_dataset
-                            )?;
-                        }
+                        output::block(&client::render_ledger(&entries))?;
                     }
                 }
             }
             Ok(Exit::Ok)
         }
-        Command::Site { command, config } => {
-            let config = worker::WorkerConfig::load(&config)?;
-            let approvals = worker::approvals::Approvals::open(&config.data_dir.join("ledger.sqlite"))
-                .with_context(|| format!("opening the site database in {}", config.data_dir.display()))?;
-            match command {
-                SiteCommand::Pending => {
-                    let pending = approvals.pending()?;
-                    if pending.is_empty() {
-                        out!("no offers waiting for approval")?;
-                    }
-                    for a in pending {
-                        out!(
-                            "{}  {:<24} dataset {:<10} model {:<20} planned ε {:.3}  spec {}",
-                            a.job_id, a.name, a.dataset, a.model, a.planned_epsilon, &a.spec_hash[..12.min(a.spec_hash.len())]
-                        )?;
-                    }
-                }
-                SiteCommand::Approve { job } => {
-                    let a = approvals.decide(&job, None)?;
-                    out!("approved {} (spec {})", a.job_id, a.spec_hash)?;
-                }
-                SiteCommand::Reject { job, reason } => {
-                    let a = approvals.decide(&job, Some(&reason))?;
-                    out!("rejected {}: {}", a.job_id, a.reason)?;
-                }
-            }
-            Ok(Exit::Ok)
-        }
+        Command::Site { command, config } => site::run(command, &config).map(|()| Exit::Ok),
         Command::Audit { command: AuditCommand::Verify { path } } => {
             let (entries, head) = proto::audit::verify(&path)?;
             out!("{}: {entries} entries, hash chain intact (head {head})", path.display())?;

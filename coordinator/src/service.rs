@@ -554,9 +554,11 @@ impl pb::worker_service_server::WorkerService for Services {
         self.inner.store.mirror_ledger(&who.name, &r.ledger)?;
         info!(site = %who.name, datasets = r.datasets.len(), ledger_entries = r.ledger.len(), "site registered");
         self.inner.notify();
+        let mirrored = self.mirrored(&who.name)?;
         Ok(Response::new(pb::RegisterResponse {
             site: who.name,
             idle_timeout_secs: self.inner.idle_timeout_secs,
+            mirrored: Some(mirrored),
         }))
     }
 
@@ -639,6 +641,19 @@ impl pb::worker_service_server::WorkerService for Services {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/AnswerOffer")?;
         let a = req.get_ref();
         let job = self.job_or_not_found(&a.job_id)?;
+        // A charge that came with the answer is mirrored first, whether or
+        // not the answer is still wanted (a site that predates size releases
+        // charges its count at acceptance).
+        if let Some(entry) = &a.ledger_entry {
+            if entry.site != who.name || entry.job_id != job.id {
+                return Err(Status::invalid_argument(
+                    "the answer's ledger entry belongs to another site or job",
+                ));
+            }
+            self.inner
+                .store
+                .mirror_ledger(&who.name, std::slice::from_ref(entry))?;
+        }
         if a.spec_hash != job.spec_hash {
             return Err(Status::failed_precondition(format!(
                 "answer binds to spec {}, job {} has spec {}",
@@ -651,16 +666,6 @@ impl pb::worker_service_server::WorkerService for Services {
                 job.id,
                 job.state.as_str()
             )));
-        }
-        if let Some(entry) = &a.ledger_entry {
-            if entry.site != who.name || entry.job_id != job.id {
-                return Err(Status::invalid_argument(
-                    "the answer's ledger entry belongs to another site or job",
-                ));
-            }
-            self.inner
-                .store
-                .mirror_ledger(&who.name, std::slice::from_ref(entry))?;
         }
         let state = if a.accept { "accepted" } else { "refused" };
         // Only a code and the spec's own column names are kept of a refusal.
@@ -754,6 +759,9 @@ impl pb::worker_service_server::WorkerService for Services {
             ));
         };
         let job = self.job_or_not_found(&header.job_id)?;
+        // The site's charges are mirrored before anything can refuse the update: they were spent.
+        let charges: Vec<pb::LedgerEntry> = header.ledger_entry.iter().chain(&header.clip_entry).cloned().collect();
+        self.mirror_own(&who.name, &job, &charges)?;
         let participant = self.require_participant(&job, &who.name)?;
         let reject = |reason: String| {
             warn!(job_id = %job.id, site = %who.name, round = header.round, reason, "update rejected");
@@ -909,9 +917,6 @@ impl pb::worker_service_server::WorkerService for Services {
                 }
             }
         }
-        // The charges are mirrored even if the update turns out to be a duplicate: they were spent.
-        let charges: Vec<pb::LedgerEntry> = std::iter::once(entry.clone()).chain(header.clip_entry.clone()).collect();
-        self.inner.store.mirror_ledger(&who.name, &charges)?;
         let exact_allowed = self.inner.store.policies()?.get(&who.name).is_some_and(|p| p.release_exact_metrics);
         let row = UpdateRow {
             site: who.name.clone(),
@@ -970,8 +975,10 @@ impl pb::worker_service_server::WorkerService for Services {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportEvaluation")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
+        // The charge is mirrored before anything can refuse the report: it was spent.
+        self.mirror_own(&who.name, &job, r.ledger_entry.as_slice())?;
         self.require_participant(&job, &who.name)?;
-        // A released evaluation comes with its charge; it is mirrored before anything else.
+        // A released evaluation comes with its charge.
         let entry = r
             .ledger_entry
             .as_ref()
@@ -983,7 +990,6 @@ impl pb::worker_service_server::WorkerService for Services {
                     && Mechanism::of(e) == Mechanism::Evaluation
             })
             .ok_or_else(|| Status::invalid_argument("an evaluation must carry its own ledger entry (mechanism evaluation, this job, round and site)"))?;
-        self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(entry))?;
         let histogram = Histogram { negatives: r.negatives.clone(), positives: r.positives.clone() };
         if !histogram.fits(&job.spec.evaluation.score_bins()) {
             return Err(Status::invalid_argument(format!(
@@ -1030,6 +1036,25 @@ impl pb::worker_service_server::WorkerService for Services {
             .set_job_site(&job.id, &who.name, "failed", Some(&reason), None, None)?;
         self.inner.notify();
         Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn sync_ledger(
+        &self,
+        req: Request<pb::SyncLedgerRequest>,
+    ) -> Result<Response<pb::SyncLedgerResponse>, Status> {
+        let who = self.authorize(&req, HOSPITAL, "WorkerService/SyncLedger")?;
+        let entries = &req.get_ref().entries;
+        if let Some(e) = entries.iter().find(|e| e.site != who.name) {
+            return Err(Status::invalid_argument(format!(
+                "ledger: entry {} names site \"{}\", the certificate says \"{}\"",
+                e.seq, e.site, who.name
+            )));
+        }
+        self.inner.store.mirror_ledger(&who.name, entries)?;
+        if !entries.is_empty() {
+            info!(site = %who.name, entries = entries.len(), "ledger entries mirrored");
+        }
+        Ok(Response::new(self.mirrored(&who.name)?))
     }
 }
 
@@ -1095,6 +1120,24 @@ impl Services {
             .inner
             .models
             .stream(chunks, range, header, Duration::from_secs(self.inner.idle_timeout_secs)))
+    }
+
+    /// The mirror's account of `site`'s ledger.
+    fn mirrored(&self, site: &str) -> Result<pb::SyncLedgerResponse, Status> {
+        let (count, head) = self.inner.store.mirrored(site)?;
+        Ok(pb::SyncLedgerResponse { count, head })
+    }
+
+    /// Mirrors the entries `site` sent with a message about `job` that are
+    /// its own and that job's, whatever the job's state: a site's committed
+    /// charge is spent even when the message it came with is refused.
+    fn mirror_own(&self, site: &str, job: &JobRow, entries: &[pb::LedgerEntry]) -> Result<(), Status> {
+        let own: Vec<pb::LedgerEntry> =
+            entries.iter().filter(|e| e.site == site && e.job_id == job.id).cloned().collect();
+        if !own.is_empty() {
+            self.inner.store.mirror_ledger(site, &own)?;
+        }
+        Ok(())
     }
 
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {

@@ -781,6 +781,17 @@ impl Store {
         })
     }
 
+    /// (entries, highest sequence number) of `site` in the mirror.
+    pub fn mirrored(&self, site: &str) -> Result<(u64, u64)> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM ledger_mirror WHERE site = ?1",
+                params![site],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )?)
+        })
+    }
+
     /// Mirrored ledger entries, filtered by site and dataset when non-empty.
     pub fn ledger(&self, site: &str, dataset: &str) -> Result<Vec<pb::LedgerEntry>> {
         self.with(|c| {

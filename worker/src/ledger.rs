@@ -505,6 +505,31 @@ impl Ledger {
             .optional()?)
     }
 
+    /// (number of entries, highest sequence number; 0 when empty).
+    pub fn head(&self) -> Result<(u64, u64), LedgerError> {
+        self.count_through(u64::MAX)
+    }
+
+    /// (entries, highest sequence number) among those with seq ≤ `seq`.
+    pub fn count_through(&self, seq: u64) -> Result<(u64, u64), LedgerError> {
+        let conn = self.lock();
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        Ok(conn.query_row(
+            "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM ledger WHERE seq <= ?1",
+            params![seq],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// The entries after sequence number `seq`, oldest first.
+    pub fn entries_after(&self, seq: u64) -> Result<Vec<pb::LedgerEntry>, LedgerError> {
+        let conn = self.lock();
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let mut stmt = conn.prepare(&format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE seq > ?1 ORDER BY seq"))?;
+        let rows = stmt.query_map(params![seq], entry_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     /// Every entry, oldest first.
     pub fn entries(&self) -> Result<Vec<pb::LedgerEntry>, LedgerError> {
         let conn = self.lock();

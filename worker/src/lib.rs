@@ -314,6 +314,11 @@ impl Worker {
                 }
             });
         }
+        {
+            let (mut link, done, this) = (client.clone(), session_done.clone(), Arc::clone(&self));
+            let mirrored = reply.mirrored.unwrap_or_default();
+            self.tasks.spawn(async move { this.sync_ledger(&mut link, mirrored, done).await });
+        }
         let mut stream = client.receive_tasks(pb::ReceiveTasksRequest {}).await?.into_inner();
         let result = loop {
             let next = tokio::select! {
@@ -328,6 +333,66 @@ impl Worker {
         };
         session_done.cancel();
         result
+    }
+
+    /// Keeps the coordinator's mirror of the ledger whole for as long as the
+    /// session lasts: each second, the entries committed since the mirror's
+    /// last account go out (whatever became of the message each was
+    /// committed for); a mirror whose account disagrees with the ledger's
+    /// gets all of it. A new session starts from the full ledger that
+    /// registration sends.
+    async fn sync_ledger(
+        &self,
+        client: &mut WorkerServiceClient<Channel>,
+        mut mirrored: pb::SyncLedgerResponse,
+        done: CancellationToken,
+    ) {
+        let mut since = self.synced_through(&mirrored);
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match self.ledger.head() {
+                Ok((count, head)) if (count, head) != (mirrored.count, mirrored.head) => {
+                    let entries = match self.ledger.entries_after(since) {
+                        Ok(entries) => entries,
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the ledger to mirror it");
+                            Vec::new()
+                        }
+                    };
+                    match client.sync_ledger(pb::SyncLedgerRequest { entries }).await {
+                        Ok(reply) => {
+                            let sent_all = since == 0;
+                            mirrored = reply.into_inner();
+                            since = self.synced_through(&mirrored);
+                            // A mirror that still disagrees after the whole ledger (entries the
+                            // site no longer has) is not sent everything every second.
+                            pause = if sent_all && since == 0 && (count, head) != (mirrored.count, mirrored.head) {
+                                warn!(count, head, mirrored_count = mirrored.count, mirrored_head = mirrored.head, "the coordinator's mirror holds entries this ledger lacks");
+                                Duration::from_secs(60)
+                            } else {
+                                Duration::from_secs(1)
+                            };
+                        }
+                        Err(e) => warn!(error = %e, "cannot mirror the ledger yet"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot read the ledger's head"),
+            }
+            tokio::select! {
+                _ = done.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// The sequence number up to which the mirror holds exactly the
+    /// ledger's entries (0: send everything).
+    fn synced_through(&self, mirrored: &pb::SyncLedgerResponse) -> u64 {
+        match self.ledger.count_through(mirrored.head) {
+            Ok((count, _)) if count == mirrored.count => mirrored.head,
+            _ => 0,
+        }
     }
 
     fn dispatch(self: &Arc<Self>, task: pb::Task, client: WorkerServiceClient<Channel>) {

@@ -361,3 +361,50 @@ fn a_partitioned_site_does_not_hang_the_job() {
         "{audit}"
     );
 }
+
+#[test]
+fn the_mirror_equals_the_sites_ledger_whatever_a_charge_races_with() {
+    let mut fed = Federation::start_on(&["hospital-a"], free_port());
+    let data = example("data/wdbc_breast_cancer.csv");
+    let home = fed.start_worker_with_budget("hospital-a", "wdbc", &data, "diagnosis", NUMERIC, 10_000.0, 20.0);
+    let spec = job_spec(&fed, "race.toml", 1, 1.0, "[8]");
+    let site_config = home.join("worker.toml");
+    wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then_some(())
+    });
+    // Cancel each job a moment after submitting it, at some point of its
+    // offer, evaluation, training or charge; kill the coordinator now and then.
+    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut jobs = Vec::new();
+    for i in 0..50 {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let job = stdout(&out);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 250));
+        let _ = fed.client("alice", &["job", "cancel", &job, "--reason", "racing"]);
+        jobs.push(job);
+        if i % 10 == 7 {
+            fed.kill_and_restart_coordinator();
+        }
+    }
+    let read = |out: std::process::Output| -> Vec<serde_json::Value> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let local = || read(crate::util::run(&["site", "ledger", "--json", "--config", site_config.to_str().unwrap()]));
+    // Within seconds, and without restarting the worker, the mirror is the ledger, entry for entry.
+    let (mirror, site) = wait_for(Duration::from_secs(30), "the mirror to equal the site's ledger", || {
+        let mirror = read(fed.client("rita", &["budget", "ledger", "--site", "hospital-a", "--json"]));
+        let site = local();
+        (mirror == site).then_some((mirror, site))
+    });
+    assert_eq!(mirror, site);
+    // The race happened: charges of jobs that were cancelled.
+    let charged_then_cancelled = jobs.iter().filter(|j| site.iter().any(|e| e["job_id"] == j.as_str())).count();
+    eprintln!("{charged_then_cancelled} of {} cancelled jobs had charges at the site", jobs.len());
+    assert!(charged_then_cancelled > 0, "no job was charged before its cancel");
+}
