@@ -143,6 +143,10 @@ fn auc(m: &std::collections::HashMap<String, f64>) -> String {
 /// what the code means.
 fn site_reason(site: &pb::SiteStatus) -> String {
     match proto::reason::ReasonCode::parse(&site.reason_code) {
+        Some(proto::reason::ReasonCode::BudgetExceeded) if site.projected_epsilon > 0.0 => format!(
+            "  ({}: the job would bring the dataset to ε {:.3}, composed with everything spent and reserved, over its budget of ε {:.3})",
+            site.reason, site.projected_epsilon, site.budget_epsilon
+        ),
         Some(code) => format!("  ({}: {})", site.reason, code.meaning()),
         None if site.reason.is_empty() => String::new(),
         None => format!("  ({})", site.reason),
@@ -420,6 +424,7 @@ pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
                 "reason_columns": x.reason_columns, "planned_epsilon": x.planned_epsilon,
                 "spent_epsilon": x.spent_epsilon, "train_examples": x.train_examples,
                 "releases_exact_metrics": x.releases_exact_metrics,
+                "projected_epsilon": x.projected_epsilon, "budget_epsilon": x.budget_epsilon,
             })
         })
         .collect();

@@ -164,6 +164,11 @@ impl Services {
         let store = &self.inner.store;
         let sites = store.job_sites(&job.id)?;
         let policies = store.policies()?;
+        let budget_of = |site: &str| {
+            store.datasets().ok().and_then(|all| {
+                all.into_iter().find(|d| d.site == site && d.info.name == job.spec.dataset).map(|d| d.info.budget_epsilon)
+            })
+        };
         // ε spent by each site on this job: the largest cumulative ε of its entries.
         let mut spent: HashMap<String, f64> = HashMap::new();
         for e in store.ledger("", &job.spec.dataset)?.into_iter().filter(|e| e.job_id == job.id) {
@@ -224,6 +229,8 @@ impl Services {
                 .map(|s| pb::SiteStatus {
                     spent_epsilon: spent.get(&s.site).copied().unwrap_or(0.0),
                     releases_exact_metrics: policies.get(&s.site).is_some_and(|p| p.release_exact_metrics),
+                    budget_epsilon: budget_of(&s.site).unwrap_or(0.0),
+                    projected_epsilon: s.projected_epsilon,
                     site: s.site,
                     state: s.state,
                     reason: s.reason,
@@ -675,7 +682,7 @@ impl pb::worker_service_server::WorkerService for Services {
             &who.name,
             state,
             refusal.as_ref(),
-            Some(a.planned_epsilon),
+            Some((a.planned_epsilon, a.projected_epsilon)),
             Some(a.train_examples),
         )? {
             return Err(Status::permission_denied(format!(

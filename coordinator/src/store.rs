@@ -148,6 +148,8 @@ pub struct JobSiteRow {
     pub reason_code: String,
     /// The job spec's columns the code concerns.
     pub reason_columns: Vec<String>,
+    /// ε the dataset would reach with the job, as the site computed it.
+    pub projected_epsilon: f64,
     /// ε the site planned for the whole job.
     pub planned_epsilon: f64,
     /// Training examples at the site.
@@ -236,6 +238,7 @@ CREATE TABLE IF NOT EXISTS job_sites (
     train_examples INTEGER NOT NULL DEFAULT 0,
     reason_code TEXT NOT NULL DEFAULT '',
     reason_columns TEXT NOT NULL DEFAULT '[]',
+    projected_epsilon REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, site)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -348,6 +351,7 @@ impl Store {
         add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
         add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
         add_column(&conn, "ledger_mirror", "mechanism", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(&conn, "job_sites", "projected_epsilon", "REAL NOT NULL DEFAULT 0")?;
         add_column(&conn, "sites", "policy", "BLOB NOT NULL DEFAULT x''")?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -484,7 +488,7 @@ impl Store {
     pub fn job_sites(&self, job_id: &str) -> Result<Vec<JobSiteRow>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT site, state, reason, planned_epsilon, train_examples, reason_code, reason_columns FROM job_sites WHERE job_id = ?1 ORDER BY site",
+                "SELECT site, state, reason, planned_epsilon, train_examples, reason_code, reason_columns, projected_epsilon FROM job_sites WHERE job_id = ?1 ORDER BY site",
             )?;
             let rows = stmt
                 .query_map(params![job_id], |r| {
@@ -497,6 +501,7 @@ impl Store {
                             train_examples: r.get::<_, i64>(4)? as u64,
                             reason_code: r.get(5)?,
                             reason_columns: Vec::new(),
+                            projected_epsilon: r.get(7)?,
                         },
                         r.get::<_, String>(6)?,
                     ))
@@ -519,9 +524,10 @@ impl Store {
         site: &str,
         state: &str,
         reason: Option<&SiteReason>,
-        planned_epsilon: Option<f64>,
+        cost: Option<(f64, f64)>,
         train_examples: Option<u64>,
     ) -> Result<bool> {
+        let (planned_epsilon, projected_epsilon) = (cost.map(|c| c.0), cost.map(|c| c.1));
         let text = reason.map(SiteReason::to_string).unwrap_or_default();
         let code = reason.map_or("", |r| r.code().as_str());
         let columns = serde_json::to_string(reason.map_or(&[][..], |r| r.columns())).unwrap_or_else(|_| "[]".into());
@@ -530,9 +536,10 @@ impl Store {
                 "UPDATE job_sites SET state = ?3, reason = ?4,
                     planned_epsilon = COALESCE(?5, planned_epsilon),
                     train_examples = COALESCE(?6, train_examples),
-                    reason_code = ?7, reason_columns = ?8
+                    reason_code = ?7, reason_columns = ?8,
+                    projected_epsilon = COALESCE(?9, projected_epsilon)
                  WHERE job_id = ?1 AND site = ?2",
-                params![job_id, site, state, text, planned_epsilon, train_examples.map(|n| n as i64), code, columns],
+                params![job_id, site, state, text, planned_epsilon, train_examples.map(|n| n as i64), code, columns, projected_epsilon],
             )?;
             Ok(n == 1)
         })

@@ -495,7 +495,7 @@ impl Worker {
                         "detail": refusal.detail,
                     }),
                 );
-                outgoing::refusal(job_id, &offer.spec_hash, &refusal.reason)
+                outgoing::refusal(job_id, &offer.spec_hash, &refusal.reason, refusal.cost)
             }
         };
         client.answer_offer(answer).await?;
@@ -541,8 +541,9 @@ impl Worker {
             .ledger
             .decide(&cfg, job_id, &offer.spec_hash, &offer.spec_json, &plan, spec.privacy.delta)
             .map_err(|e| internal(&e))?;
+        let cost = outgoing::Cost { planned: decision.planned_epsilon, projected: decision.projected_epsilon };
         if let Some(refusal) = decision.refusal {
-            return Err(refusal);
+            return Err(Refusal { cost, ..refusal });
         }
         lock(&self.jobs).insert(
             job_id.to_string(),
@@ -553,7 +554,7 @@ impl Worker {
                 cancel: self.shutdown.child_token(),
             }),
         );
-        Ok(outgoing::acceptance(job_id, &offer.spec_hash, decision.planned_epsilon, decision.train_examples, None))
+        Ok(outgoing::acceptance(job_id, &offer.spec_hash, cost, decision.train_examples))
     }
 
     /// Refuses a job the dataset's released sizes are too small for: under

@@ -25,48 +25,59 @@ pub struct Refusal {
     pub reason: SiteReason,
     /// The whole story, for the site's log and audit only.
     pub detail: String,
+    /// The job's cost, when the site computed it before refusing.
+    pub cost: Cost,
 }
 
 impl Refusal {
     /// A refusal with a code and no column.
     pub fn new(code: ReasonCode, detail: impl Into<String>) -> Refusal {
-        Refusal { reason: SiteReason::new(code), detail: detail.into() }
+        Refusal { reason: SiteReason::new(code), detail: detail.into(), cost: Cost::default() }
     }
 
     /// A refusal with a reason already built (with the spec's columns).
     pub fn with(reason: SiteReason, detail: impl Into<String>) -> Refusal {
-        Refusal { reason, detail: detail.into() }
+        Refusal { reason, detail: detail.into(), cost: Cost::default() }
     }
 }
 
-/// The answer refusing an offer.
-pub fn refusal(job_id: &str, spec_hash: &str, reason: &SiteReason) -> pb::OfferAnswer {
+/// What a site computed of a job's privacy cost: its plan's ε and the ε
+/// the dataset would reach with it, composed. Both follow from the ledger
+/// and released sizes, so they may leave.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    /// ε of the job's plan at the job's δ.
+    pub planned: f64,
+    /// ε the dataset would reach with the job at its budget's δ.
+    pub projected: f64,
+}
+
+/// The answer refusing an offer (with the job's cost, when the site got
+/// as far as computing it).
+pub fn refusal(job_id: &str, spec_hash: &str, reason: &SiteReason, cost: Cost) -> pb::OfferAnswer {
     pb::OfferAnswer {
         job_id: job_id.to_string(),
         spec_hash: spec_hash.to_string(),
         accept: false,
         refusal: Some(reason.to_wire()),
+        planned_epsilon: cost.planned,
+        projected_epsilon: cost.projected,
         ..Default::default()
     }
 }
 
-/// The answer accepting an offer: the ε the site planned for the job, its
-/// released training-set size and the ledger entry charging that release.
-pub fn acceptance(
-    job_id: &str,
-    spec_hash: &str,
-    planned_epsilon: f64,
-    train_examples: u64,
-    ledger_entry: Option<pb::LedgerEntry>,
-) -> pb::OfferAnswer {
+/// The answer accepting an offer: the job's cost and the dataset's
+/// released training-set size.
+pub fn acceptance(job_id: &str, spec_hash: &str, cost: Cost, train_examples: u64) -> pb::OfferAnswer {
     pb::OfferAnswer {
         job_id: job_id.to_string(),
         spec_hash: spec_hash.to_string(),
         accept: true,
         refusal: None,
-        planned_epsilon,
+        planned_epsilon: cost.planned,
         train_examples,
-        ledger_entry,
+        ledger_entry: None,
+        projected_epsilon: cost.projected,
     }
 }
 

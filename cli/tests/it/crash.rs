@@ -158,6 +158,23 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
         .filter(|o| o.contains("refused: budget_exceeded"))
         .count();
     assert_eq!((completed, refused), (1, 1), "{outcomes:#?}");
+    // The refusal says what is true: the ε the dataset would reach, by RDP
+    // composition of both jobs (less than the sum of their ε), over its budget.
+    let statuses: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| serde_json::from_str(&stdout(&fed.client("alice", &["job", "status", id, "--json"]))).unwrap())
+        .collect();
+    let site = |s: &serde_json::Value, key: &str| s["sites"][0][key].as_f64().unwrap();
+    let (done, refused) = if statuses[0]["state"] == "completed" { (&statuses[0], &statuses[1]) } else { (&statuses[1], &statuses[0]) };
+    let projected = site(refused, "projected_epsilon");
+    assert!(projected > 1.8 && projected < site(done, "planned_epsilon") + site(refused, "planned_epsilon"), "{refused}");
+    assert_eq!(site(refused, "budget_epsilon"), 1.8);
+    let text = outcomes.iter().find(|o| o.contains("budget_exceeded")).unwrap();
+    assert!(text.contains(&format!("would bring the dataset to ε {projected:.3}, composed with everything spent and reserved, over its budget of ε 1.800")), "{text}");
+    // No "ε left" anywhere: a budget minus what was spent means nothing under composition.
+    let budget = stdout(&fed.client("rita", &["budget"]));
+    assert!(!budget.contains("left") && budget.contains("ε spent"), "{budget}");
+    assert!(!stdout(&fed.client("rita", &["budget", "--json"])).contains("remaining"));
 }
 
 /// The moments of a round where a coordinator crash matters, as named by
