@@ -1192,6 +1192,7 @@ impl Services {
                         kind: Some(pb::task::Kind::Offer(pb::JobOffer {
                             spec_json: job.spec.canonical_json(),
                             spec_hash: job.spec_hash.clone(),
+                            submitted_by: job.submitted_by.clone(),
                         })),
                     };
                     for s in sites.iter().filter(|s| s.state == "offered") {

@@ -1,24 +1,69 @@
-//! Manual approval of job offers by the hospital's IT, on the worker host.
+//! Manual approval of job offers by the hospital, on the worker host.
 //!
-//! With `approval = "manual"` in the site policy, an offer that passes the
-//! automatic checks waits here as *pending* until someone runs
-//! `meridian site approve JOB` or `meridian site reject JOB --reason R`.
-//! An approval binds to the SHA-256 of the job spec the site saw: a job
-//! whose spec differs is a different offer and needs its own approval. The
-//! table lives in the site's database beside the ledger, so the daemon and
-//! the command line share it (SQLite WAL handles the two processes).
+//! With `approval = "manual"` in the site policy, an offer that passes
+//! every automatic check (model, data, sizes, per-job cap and budget) waits
+//! here as *pending* until someone runs `meridian site approve JOB` or
+//! `meridian site reject JOB --reason R`. An approval binds to the SHA-256
+//! of the job spec the site saw: a job whose spec differs is a different
+//! offer and needs its own approval. The table lives in the site's database
+//! beside the ledger, so the daemon and the command line share it (SQLite
+//! WAL handles the two processes).
+//!
+//! Only decidable offers are shown and decided: the daemon marks the offer
+//! it waits on every second, an offer nobody waits on (its job stopped, or
+//! the daemon is down until the coordinator offers it again) is not
+//! pending, and a decision records who made it and when, for the daemon
+//! to write into the site's audit.
 
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// A pending, approved or rejected offer.
+/// Where an offer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApprovalState {
+    /// Waiting for a person.
+    Pending,
+    /// Approved; the daemon decides on the budget and accepts.
+    Approved,
+    /// Rejected by a person.
+    Rejected,
+    /// The coordinator stopped the job before anyone decided.
+    Stopped,
+}
+
+impl ApprovalState {
+    /// Its name in the table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Rejected => "rejected",
+            ApprovalState::Stopped => "stopped",
+        }
+    }
+
+    fn parse(name: &str) -> ApprovalState {
+        match name {
+            "approved" => ApprovalState::Approved,
+            "rejected" => ApprovalState::Rejected,
+            "stopped" => ApprovalState::Stopped,
+            _ => ApprovalState::Pending,
+        }
+    }
+}
+
+/// An offer put to the hospital.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Approval {
     /// Job id.
     pub job_id: String,
     /// Hash of the spec the decision binds to.
     pub spec_hash: String,
+    /// The spec, as canonical JSON.
+    pub spec_json: String,
+    /// Who submitted the job (the certificate name the coordinator reported).
+    pub submitted_by: String,
     /// Job name.
     pub name: String,
     /// Dataset asked for.
@@ -27,10 +72,16 @@ pub struct Approval {
     pub model: String,
     /// ε the job would spend here, at its δ.
     pub planned_epsilon: f64,
-    /// pending, approved or rejected.
-    pub state: String,
-    /// Why it was rejected.
+    /// ε the dataset would reach with it, composed with everything spent and reserved.
+    pub projected_epsilon: f64,
+    /// Where it stands.
+    pub state: ApprovalState,
+    /// Why it was rejected (kept at the site).
     pub reason: String,
+    /// Who decided (`--as`, or the OS user).
+    pub decided_by: String,
+    /// When (unix ms; 0 before a decision).
+    pub decided_at_ms: i64,
 }
 
 /// An approval operation that failed.
@@ -39,9 +90,27 @@ pub enum ApprovalError {
     /// SQLite refused.
     #[error("site database: {0}")]
     Sql(#[from] rusqlite::Error),
-    /// No pending offer with this id.
-    #[error("no pending offer for job \"{0}\" (see `meridian site pending`)")]
-    NotPending(String),
+    /// No offer with this id was ever put to the site.
+    #[error("no offer for job \"{0}\" (see `meridian site pending`)")]
+    Unknown(String),
+    /// The job was stopped before anyone decided.
+    #[error("job \"{0}\" was stopped by the coordinator before it was decided; nothing was recorded")]
+    Stopped(String),
+    /// Decided already.
+    #[error("job \"{job_id}\" was already {state} by {by}; nothing was recorded")]
+    Decided {
+        /// Job id.
+        job_id: String,
+        /// approved or rejected.
+        state: &'static str,
+        /// Who decided.
+        by: String,
+    },
+    /// Pending, but no worker is waiting on it now.
+    #[error(
+        "the offer of job \"{0}\" is not waiting: the worker is not running, or the job ended while it was down; nothing was recorded"
+    )]
+    NotWaiting(String),
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS approvals (
@@ -57,10 +126,23 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS approvals (
     PRIMARY KEY (job_id, spec_hash)
 )";
 
+/// Columns later versions added.
+const ADDED: [(&str, &str); 6] = [
+    ("spec_json", "TEXT NOT NULL DEFAULT ''"),
+    ("submitted_by", "TEXT NOT NULL DEFAULT ''"),
+    ("projected_epsilon", "REAL NOT NULL DEFAULT 0"),
+    ("decided_by", "TEXT NOT NULL DEFAULT ''"),
+    ("decided_at_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("waiting_at_ms", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+const COLUMNS: &str = "job_id, spec_hash, spec_json, submitted_by, name, dataset, model, planned_epsilon, projected_epsilon, state, reason, decided_by, decided_at_ms";
+
+/// How recently the daemon must have marked an offer for it to count as waiting.
+const WAITING_MS: i64 = 5_000;
+
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The approvals table in the site database at `path`.
@@ -76,70 +158,118 @@ impl Approvals {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Approvals {
-            conn: std::sync::Mutex::new(conn),
-        })
+        for (column, declaration) in ADDED {
+            crate::ledger::add_column(&conn, "approvals", column, declaration)?;
+        }
+        Ok(Approvals { conn: std::sync::Mutex::new(conn) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records an offer as pending (idempotent) and returns its current state.
+    /// Records an offer as pending (idempotent), marks it as waited on, and
+    /// returns its current state.
     pub fn request(&self, a: &Approval) -> Result<Approval, ApprovalError> {
         let conn = self.lock();
         conn.execute(
-            "INSERT OR IGNORE INTO approvals (job_id, spec_hash, name, dataset, model, planned_epsilon, state, reason, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', '', ?7)",
-            params![a.job_id, a.spec_hash, a.name, a.dataset, a.model, a.planned_epsilon, now_ms()],
+            "INSERT OR IGNORE INTO approvals (job_id, spec_hash, spec_json, submitted_by, name, dataset, model,
+                planned_epsilon, projected_epsilon, state, reason, updated_at_ms, waiting_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', '', ?10, ?10)",
+            params![
+                a.job_id,
+                a.spec_hash,
+                a.spec_json,
+                a.submitted_by,
+                a.name,
+                a.dataset,
+                a.model,
+                a.planned_epsilon,
+                a.projected_epsilon,
+                now_ms()
+            ],
         )?;
-        Self::get(&conn, &a.job_id, &a.spec_hash)?.ok_or_else(|| ApprovalError::NotPending(a.job_id.clone()))
+        drop(conn);
+        self.waiting(&a.job_id, &a.spec_hash)?.ok_or_else(|| ApprovalError::Unknown(a.job_id.clone()))
     }
 
-    fn get(conn: &Connection, job_id: &str, spec_hash: &str) -> Result<Option<Approval>, ApprovalError> {
+    /// Marks the offer as waited on now and returns where it stands.
+    pub fn waiting(&self, job_id: &str, spec_hash: &str) -> Result<Option<Approval>, ApprovalError> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE approvals SET waiting_at_ms = ?3 WHERE job_id = ?1 AND spec_hash = ?2",
+            params![job_id, spec_hash, now_ms()],
+        )?;
         Ok(conn
             .query_row(
-                "SELECT job_id, spec_hash, name, dataset, model, planned_epsilon, state, reason FROM approvals WHERE job_id = ?1 AND spec_hash = ?2",
+                &format!("SELECT {COLUMNS} FROM approvals WHERE job_id = ?1 AND spec_hash = ?2"),
                 params![job_id, spec_hash],
                 row,
             )
             .optional()?)
     }
 
-    /// The state of the offer of `job_id` with `spec_hash`.
-    pub fn state(&self, job_id: &str, spec_hash: &str) -> Result<Option<Approval>, ApprovalError> {
-        Self::get(&self.lock(), job_id, spec_hash)
-    }
-
-    /// Offers waiting for a decision.
+    /// Offers waiting for a decision that a running worker waits on.
     pub fn pending(&self) -> Result<Vec<Approval>, ApprovalError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT job_id, spec_hash, name, dataset, model, planned_epsilon, state, reason FROM approvals WHERE state = 'pending' ORDER BY updated_at_ms",
-        )?;
-        let rows = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM approvals WHERE state = 'pending' AND waiting_at_ms >= ?1 ORDER BY updated_at_ms"
+        ))?;
+        let rows = stmt.query_map(params![now_ms() - WAITING_MS], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
-    /// Approves (`reason` = None) or rejects the pending offer of `job_id`.
-    pub fn decide(&self, job_id: &str, reject_reason: Option<&str>) -> Result<Approval, ApprovalError> {
+    /// The latest offer of `job_id`, whatever its state.
+    pub fn latest(&self, job_id: &str) -> Result<Option<Approval>, ApprovalError> {
         let conn = self.lock();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM approvals WHERE job_id = ?1 ORDER BY updated_at_ms DESC LIMIT 1"),
+                params![job_id],
+                row,
+            )
+            .optional()?)
+    }
+
+    /// Approves (`reject_reason` = None) or rejects the pending offer of
+    /// `job_id` as `by`; refused, recording nothing, unless the offer is
+    /// pending and a worker waits on it.
+    pub fn decide(&self, job_id: &str, reject_reason: Option<&str>, by: &str) -> Result<Approval, ApprovalError> {
+        let current = self.latest(job_id)?.ok_or_else(|| ApprovalError::Unknown(job_id.to_string()))?;
+        match current.state {
+            ApprovalState::Pending => {}
+            ApprovalState::Stopped => return Err(ApprovalError::Stopped(job_id.to_string())),
+            decided => {
+                return Err(ApprovalError::Decided {
+                    job_id: job_id.to_string(),
+                    state: decided.as_str(),
+                    by: current.decided_by,
+                });
+            }
+        }
         let (state, reason) = match reject_reason {
-            None => ("approved", ""),
-            Some(r) => ("rejected", r),
+            None => (ApprovalState::Approved, ""),
+            Some(r) => (ApprovalState::Rejected, r),
         };
-        let n = conn.execute(
-            "UPDATE approvals SET state = ?2, reason = ?3, updated_at_ms = ?4 WHERE job_id = ?1 AND state = 'pending'",
-            params![job_id, state, reason, now_ms()],
+        let now = now_ms();
+        let n = self.lock().execute(
+            "UPDATE approvals SET state = ?3, reason = ?4, decided_by = ?5, decided_at_ms = ?6, updated_at_ms = ?6
+             WHERE job_id = ?1 AND spec_hash = ?2 AND state = 'pending' AND waiting_at_ms >= ?7",
+            params![job_id, current.spec_hash, state.as_str(), reason, by, now, now - WAITING_MS],
         )?;
         if n == 0 {
-            return Err(ApprovalError::NotPending(job_id.to_string()));
+            return Err(ApprovalError::NotWaiting(job_id.to_string()));
         }
-        let mut stmt = conn.prepare(
-            "SELECT job_id, spec_hash, name, dataset, model, planned_epsilon, state, reason FROM approvals WHERE job_id = ?1 ORDER BY updated_at_ms DESC LIMIT 1",
+        self.latest(job_id)?.ok_or_else(|| ApprovalError::Unknown(job_id.to_string()))
+    }
+
+    /// Marks every pending offer of `job_id` stopped (the coordinator ended the job).
+    pub fn stop(&self, job_id: &str) -> Result<(), ApprovalError> {
+        self.lock().execute(
+            "UPDATE approvals SET state = 'stopped', updated_at_ms = ?2 WHERE job_id = ?1 AND state = 'pending'",
+            params![job_id, now_ms()],
         )?;
-        let a = stmt.query_row(params![job_id], row)?;
-        Ok(a)
+        Ok(())
     }
 }
 
@@ -147,11 +277,65 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
     Ok(Approval {
         job_id: r.get(0)?,
         spec_hash: r.get(1)?,
-        name: r.get(2)?,
-        dataset: r.get(3)?,
-        model: r.get(4)?,
-        planned_epsilon: r.get(5)?,
-        state: r.get(6)?,
-        reason: r.get(7)?,
+        spec_json: r.get(2)?,
+        submitted_by: r.get(3)?,
+        name: r.get(4)?,
+        dataset: r.get(5)?,
+        model: r.get(6)?,
+        planned_epsilon: r.get(7)?,
+        projected_epsilon: r.get(8)?,
+        state: ApprovalState::parse(&r.get::<_, String>(9)?),
+        reason: r.get(10)?,
+        decided_by: r.get(11)?,
+        decided_at_ms: r.get(12)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(job: &str) -> Approval {
+        Approval {
+            job_id: job.to_string(),
+            spec_hash: format!("hash-of-{job}"),
+            spec_json: "{}".to_string(),
+            submitted_by: "alice".to_string(),
+            name: "n".to_string(),
+            dataset: "d".to_string(),
+            model: "mlp".to_string(),
+            planned_epsilon: 0.5,
+            projected_epsilon: 0.7,
+            state: ApprovalState::Pending,
+            reason: String::new(),
+            decided_by: String::new(),
+            decided_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_offers_a_worker_waits_on_are_decided_and_decisions_name_their_author() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Approvals::open(&dir.path().join("site.sqlite")).unwrap();
+        a.request(&offer("job-1")).unwrap();
+        a.request(&offer("job-2")).unwrap();
+        assert_eq!(a.pending().unwrap().len(), 2);
+        // job-2 was stopped: no longer pending, and deciding it records nothing.
+        a.stop("job-2").unwrap();
+        assert_eq!(a.pending().unwrap().iter().map(|p| p.job_id.as_str()).collect::<Vec<_>>(), ["job-1"]);
+        assert!(matches!(a.decide("job-2", None, "rita"), Err(ApprovalError::Stopped(_))));
+        assert_eq!(a.latest("job-2").unwrap().unwrap().state, ApprovalState::Stopped);
+        // An offer nobody has waited on for a while is not decidable.
+        a.lock().execute("UPDATE approvals SET waiting_at_ms = 0 WHERE job_id = 'job-1'", []).unwrap();
+        assert!(a.pending().unwrap().is_empty());
+        assert!(matches!(a.decide("job-1", None, "rita"), Err(ApprovalError::NotWaiting(_))));
+        assert_eq!(a.latest("job-1").unwrap().unwrap().state, ApprovalState::Pending);
+        // Waited on again: decided, with who and when.
+        a.waiting("job-1", "hash-of-job-1").unwrap();
+        let decided = a.decide("job-1", Some("not now"), "rita").unwrap();
+        assert_eq!((decided.state, decided.decided_by.as_str()), (ApprovalState::Rejected, "rita"));
+        assert!(decided.decided_at_ms > 0);
+        assert!(matches!(a.decide("job-1", None, "sam"), Err(ApprovalError::Decided { by, .. }) if by == "rita"));
+        assert!(matches!(a.decide("job-9", None, "sam"), Err(ApprovalError::Unknown(_))));
+    }
 }

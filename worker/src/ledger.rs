@@ -17,6 +17,8 @@
 
 mod schema;
 
+pub(crate) use schema::add_column;
+
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -104,6 +106,40 @@ pub struct Decision {
     pub projected_epsilon: f64,
     /// The released training-set size the job was planned with.
     pub train_examples: u64,
+}
+
+/// The offer a decision is on: which job, which exact spec, from whom.
+#[derive(Clone, Copy, Debug)]
+pub struct Offered<'a> {
+    /// Job id.
+    pub job_id: &'a str,
+    /// SHA-256 of the spec's canonical JSON.
+    pub spec_hash: &'a str,
+    /// The spec's canonical JSON.
+    pub spec_json: &'a str,
+    /// The scientist who submitted it.
+    pub submitted_by: &'a str,
+}
+
+/// A decision as the site's jobs table keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRecord {
+    /// Job id.
+    pub job_id: String,
+    /// Its dataset.
+    pub dataset: String,
+    /// The spec's hash.
+    pub spec_hash: String,
+    /// The spec's canonical JSON.
+    pub spec_json: String,
+    /// Who submitted it (empty for decisions older than this column).
+    pub submitted_by: String,
+    /// Whether it was accepted.
+    pub accepted: bool,
+    /// Whether it is accepted and has not ended (its plan reserved).
+    pub active: bool,
+    /// When it was decided.
+    pub decided_at_ms: i64,
 }
 
 /// A dataset's sizes as released, and what they were released from.
@@ -299,23 +335,55 @@ impl Ledger {
     /// budget and records the decision; an accepted job reserves its plan.
     /// Serialized by an immediate transaction, so concurrent offers see
     /// each other. A job already decided gets the same decision again.
-    pub fn decide(
+    pub fn decide(&self, dataset: &DatasetConfig, offer: &Offered<'_>, plan: &SitePlan, delta: f64) -> Result<Decision, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(d) = read_decision(&tx, offer.job_id)? {
+            return Ok(d);
+        }
+        let decision = Self::assess(&tx, dataset, offer.job_id, plan, delta)?;
+        Self::record(&tx, dataset, offer, plan, delta, &decision)?;
+        tx.commit()?;
+        Ok(decision)
+    }
+
+    /// Records that the hospital refused `offer` (a person rejected it):
+    /// the decision stands like any other, and the job reserves nothing.
+    pub fn refuse(
         &self,
         dataset: &DatasetConfig,
-        job_id: &str,
-        spec_hash: &str,
-        spec_json: &str,
+        offer: &Offered<'_>,
         plan: &SitePlan,
         delta: f64,
+        refusal: &Refusal,
     ) -> Result<Decision, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(d) = read_decision(&tx, job_id)? {
+        if let Some(d) = read_decision(&tx, offer.job_id)? {
             return Ok(d);
         }
+        let assessed = Self::assess(&tx, dataset, offer.job_id, plan, delta)?;
+        let decision = Decision { refusal: Some(refusal.clone()), ..assessed };
+        Self::record(&tx, dataset, offer, plan, delta, &decision)?;
+        tx.commit()?;
+        Ok(decision)
+    }
+
+    /// What [`Ledger::decide`] would decide now, recording nothing: the
+    /// offer a person is asked to approve is one the budget allows.
+    pub fn preview(&self, dataset: &DatasetConfig, job_id: &str, plan: &SitePlan, delta: f64) -> Result<Decision, LedgerError> {
+        let conn = self.lock();
+        if let Some(d) = read_decision(&conn, job_id)? {
+            return Ok(d);
+        }
+        Self::assess(&conn, dataset, job_id, plan, delta)
+    }
+
+    /// The decision on `plan` against the cap and what the dataset has charged and reserved.
+    fn assess(tx: &Connection, dataset: &DatasetConfig, job_id: &str, plan: &SitePlan, delta: f64) -> Result<Decision, LedgerError> {
         let planned = planned_epsilon(plan, delta)?;
-        let mut committed = Self::charged(&tx, &dataset.name)?;
-        committed.extend(Self::reserved(&tx, &dataset.name, job_id)?);
+        let mut committed = Self::charged(tx, &dataset.name)?;
+        committed.extend(Self::reserved(tx, &dataset.name, job_id)?);
         committed.extend(plan.charges.iter().map(item));
         let projected = compose(committed, dataset.budget_delta)?;
         let refusal = if planned > dataset.job_epsilon_cap {
@@ -337,41 +405,104 @@ impl Ledger {
         } else {
             None
         };
-        let decision = Decision {
-            refusal,
-            planned_epsilon: planned,
-            projected_epsilon: projected,
-            train_examples: plan.train_rows,
-        };
+        Ok(Decision { refusal, planned_epsilon: planned, projected_epsilon: projected, train_examples: plan.train_rows })
+    }
+
+    /// Records `decision` on `job_id` in the jobs table (its plan reserved if accepted).
+    fn record(
+        tx: &Connection,
+        dataset: &DatasetConfig,
+        offer: &Offered<'_>,
+        plan: &SitePlan,
+        delta: f64,
+        decision: &Decision,
+    ) -> Result<(), LedgerError> {
         let accepted = decision.refusal.is_none();
         let (code, detail) =
             decision.refusal.as_ref().map_or(("", ""), |r| (r.reason.code().as_str(), r.detail.as_str()));
         let dp_sgd = plan.charges.iter().find(|c| c.mechanism == Mechanism::DpSgd);
         tx.execute(
             "INSERT INTO jobs (job_id, dataset, spec_hash, spec_json, accepted, reason, noise_multiplier, sample_rate,
-                planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples, code, plan_json, projected_epsilon)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?5, ?12, ?13, ?14, ?15, ?16)",
+                planned_steps, delta, planned_epsilon, active, decided_at_ms, noisy_examples, code, plan_json, projected_epsilon,
+                submitted_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?5, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
-                job_id,
+                offer.job_id,
                 dataset.name,
-                spec_hash,
-                spec_json,
+                offer.spec_hash,
+                offer.spec_json,
                 i64::from(accepted),
                 detail,
                 dp_sgd.map_or(0.0, |c| c.noise_multiplier),
                 plan.sample_rate,
                 dp_sgd.map_or(0, |c| c.steps) as i64,
                 delta,
-                planned,
+                decision.planned_epsilon,
                 now_ms(),
                 plan.train_rows as i64,
                 code,
                 plan_json(plan),
-                projected
+                decision.projected_epsilon,
+                offer.submitted_by
             ],
         )?;
-        tx.commit()?;
-        Ok(decision)
+        Ok(())
+    }
+
+    /// Every decision this site recorded, newest first.
+    pub fn decisions(&self) -> Result<Vec<JobRecord>, LedgerError> {
+        self.job_records("1 = 1", "")
+    }
+
+    /// The decision recorded on `job_id`, if any.
+    pub fn job_record(&self, job_id: &str) -> Result<Option<JobRecord>, LedgerError> {
+        Ok(self.job_records("job_id = ?1", job_id)?.pop())
+    }
+
+    fn job_records(&self, filter: &str, job_id: &str) -> Result<Vec<JobRecord>, LedgerError> {
+        let conn = self.lock();
+        let sql = format!(
+            "SELECT job_id, dataset, spec_hash, spec_json, submitted_by, accepted, active, decided_at_ms FROM jobs
+             WHERE {filter} ORDER BY decided_at_ms DESC"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let read = |r: &rusqlite::Row<'_>| {
+            Ok(JobRecord {
+                job_id: r.get(0)?,
+                dataset: r.get(1)?,
+                spec_hash: r.get(2)?,
+                spec_json: r.get(3)?,
+                submitted_by: r.get(4)?,
+                accepted: r.get::<_, i64>(5)? == 1,
+                active: r.get::<_, i64>(6)? == 1,
+                decided_at_ms: r.get(7)?,
+            })
+        };
+        let rows = if filter.contains("?1") {
+            stmt.query_map(params![job_id], read)?.collect::<rusqlite::Result<Vec<_>>>()?
+        } else {
+            stmt.query_map([], read)?.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        Ok(rows)
+    }
+
+    /// ε of every entry of `job_id` composed at `delta`.
+    pub fn job_spent(&self, job_id: &str, delta: f64) -> Result<f64, LedgerError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT sample_rate, noise_multiplier, steps FROM ledger WHERE job_id = ?1")?;
+        let items = stmt
+            .query_map(params![job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        compose(items, delta)
+    }
+
+    /// ε the dataset reaches at its budget's δ with everything charged and
+    /// every accepted, unfinished job's remaining plan, composed.
+    pub fn committed(&self, dataset: &DatasetConfig) -> Result<f64, LedgerError> {
+        let conn = self.lock();
+        let mut items = Self::charged(&conn, &dataset.name)?;
+        items.extend(Self::reserved(&conn, &dataset.name, "")?);
+        compose(items, dataset.budget_delta)
     }
 
     /// The dataset's sizes as released for `sizes`: the latest release if

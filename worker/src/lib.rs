@@ -19,6 +19,7 @@ pub mod dataset;
 pub mod download;
 pub mod ledger;
 pub mod outgoing;
+pub mod policy;
 pub mod release;
 mod tasks;
 pub mod train;
@@ -192,6 +193,11 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let _ = tokio::time::timeout(Duration::from_secs(10), worker.tasks.wait()).await;
     info!("worker stopped");
     Ok(())
+}
+
+/// What a decision says a job costs.
+fn cost_of(decision: &ledger::Decision) -> outgoing::Cost {
+    outgoing::Cost { planned: decision.planned_epsilon, projected: decision.projected_epsilon }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -404,6 +410,9 @@ impl Worker {
             pb::task::Kind::Cancel(c) => {
                 info!(job_id = %task.job_id, reason = %c.reason, "job stopped by the coordinator");
                 lock(&self.stopped).insert(task.job_id.clone());
+                if let Err(e) = self.approvals.stop(&task.job_id) {
+                    warn!(error = %e, "cannot mark the job's offer stopped");
+                }
                 if let Some(job) = lock(&self.jobs).remove(&task.job_id) {
                     job.cancel.cancel();
                 }
@@ -509,39 +518,41 @@ impl Worker {
         if spec.hash() != offer.spec_hash {
             return Err(Refusal::new(ReasonCode::SpecMismatch, "the offered spec does not match its hash"));
         }
-        if !self.config.allowed_models.is_empty() && !self.config.allowed_models.iter().any(|m| m == spec.model.kind())
-        {
-            return Err(Refusal::new(
-                ReasonCode::ModelNotAllowed,
-                format!(
-                    "site policy does not allow model \"{}\" (allowed: {})",
-                    spec.model.kind(),
-                    self.config.allowed_models.join(", ")
-                ),
-            ));
+        let sizes = self.ledger.current_sizes(&spec.dataset).map_err(|e| internal(&e))?;
+        if let Some(refusal) = policy::first_failure(&self.config, &spec, sizes.as_ref()) {
+            return Err(refusal);
         }
-        let cfg = self
-            .dataset_config(&spec.dataset)
-            .ok_or_else(|| {
-                Refusal::new(ReasonCode::DatasetUnknown, format!("this site has no dataset \"{}\"", spec.dataset))
-            })?
-            .clone();
-        let sizes = self.ledger.current_sizes(&cfg.name).map_err(|e| internal(&e))?.ok_or_else(|| {
-            Refusal::new(ReasonCode::DataUnreadable, format!("dataset \"{}\" has no released size yet", cfg.name))
-        })?;
-        self.check_rows(&spec, &sizes)?;
+        let (Some(cfg), Some(sizes)) = (self.dataset_config(&spec.dataset).cloned(), sizes) else {
+            return Err(Refusal::new(ReasonCode::Internal, "the policy checks passed without a dataset or its sizes"));
+        };
         // Reads and checks every row the job would use: a bad one refuses it now.
         self.load_data(&spec, &offer.spec_hash).await?;
         let plan = spec.site_plan(sizes.train_rows);
-        if self.config.manual_approval {
-            let planned = ledger::planned_epsilon(&plan, spec.privacy.delta).map_err(|e| internal(&e))?;
-            self.await_approval(job_id, &offer.spec_hash, &spec, planned).await?;
+        // A person is asked only about an offer the budget would take.
+        let preview = self.ledger.preview(&cfg, job_id, &plan, spec.privacy.delta).map_err(|e| internal(&e))?;
+        if let Some(refusal) = preview.refusal.clone() {
+            return Err(Refusal { cost: cost_of(&preview), ..refusal });
+        }
+        let offered = ledger::Offered {
+            job_id,
+            spec_hash: &offer.spec_hash,
+            spec_json: &offer.spec_json,
+            submitted_by: &offer.submitted_by,
+        };
+        if self.config.manual_approval
+            && let Err(refusal) = self.await_approval(job_id, offer, &spec, cost_of(&preview)).await
+        {
+            // A person's no is a decision, recorded like the budget's.
+            if refusal.reason.code() == ReasonCode::NotApproved {
+                self.ledger.refuse(&cfg, &offered, &plan, spec.privacy.delta, &refusal).map_err(|e| internal(&e))?;
+            }
+            return Err(Refusal { cost: cost_of(&preview), ..refusal });
         }
         let decision = self
             .ledger
-            .decide(&cfg, job_id, &offer.spec_hash, &offer.spec_json, &plan, spec.privacy.delta)
+            .decide(&cfg, &offered, &plan, spec.privacy.delta)
             .map_err(|e| internal(&e))?;
-        let cost = outgoing::Cost { planned: decision.planned_epsilon, projected: decision.projected_epsilon };
+        let cost = cost_of(&decision);
         if let Some(refusal) = decision.refusal {
             return Err(Refusal { cost, ..refusal });
         }
@@ -557,62 +568,62 @@ impl Worker {
         Ok(outgoing::acceptance(job_id, &offer.spec_hash, cost, decision.train_examples))
     }
 
-    /// Refuses a job the dataset's released sizes are too small for: under
-    /// the policy's floors, or fewer training rows than one batch.
-    fn check_rows(&self, spec: &JobSpec, sizes: &ledger::SizeRelease) -> Result<(), Refusal> {
-        let too_few = |detail: String| Err(Refusal::new(ReasonCode::TooFewRows, detail));
-        if sizes.train_rows < self.config.min_training_rows {
-            return too_few(format!(
-                "dataset \"{}\": {} released training rows, under the policy's min_training_rows {}",
-                spec.dataset, sizes.train_rows, self.config.min_training_rows
-            ));
-        }
-        if sizes.test_rows < self.config.min_test_rows {
-            return too_few(format!(
-                "dataset \"{}\": {} released test rows, under the policy's min_test_rows {}",
-                spec.dataset, sizes.test_rows, self.config.min_test_rows
-            ));
-        }
-        if spec.training.batch_size as u64 > sizes.train_rows {
-            return too_few(format!(
-                "dataset \"{}\": training.batch_size {} is more than its {} released training rows",
-                spec.dataset, spec.training.batch_size, sizes.train_rows
-            ));
-        }
-        Ok(())
-    }
-
-    /// Waits until the hospital's IT approves (Ok) or rejects this exact
-    /// spec, the job is stopped, or the daemon shuts down.
-    async fn await_approval(&self, job_id: &str, spec_hash: &str, spec: &JobSpec, planned: f64) -> Result<(), Refusal> {
+    /// Waits until a person at the hospital approves (Ok) or rejects this
+    /// exact spec, the job is stopped, or the daemon shuts down; marks the
+    /// offer as waited on every second, so `site pending` shows it, and
+    /// audits the decision with who made it.
+    async fn await_approval(
+        &self,
+        job_id: &str,
+        offer: &pb::JobOffer,
+        spec: &JobSpec,
+        cost: outgoing::Cost,
+    ) -> Result<(), Refusal> {
+        use approvals::ApprovalState;
         let internal = |e: approvals::ApprovalError| Refusal::new(ReasonCode::Internal, e.to_string());
         let request = approvals::Approval {
             job_id: job_id.to_string(),
-            spec_hash: spec_hash.to_string(),
+            spec_hash: offer.spec_hash.clone(),
+            spec_json: offer.spec_json.clone(),
+            submitted_by: offer.submitted_by.clone(),
             name: spec.name.clone(),
             dataset: spec.dataset.clone(),
             model: spec.model.kind().to_string(),
-            planned_epsilon: planned,
-            state: "pending".to_string(),
+            planned_epsilon: cost.planned,
+            projected_epsilon: cost.projected,
+            state: ApprovalState::Pending,
             reason: String::new(),
+            decided_by: String::new(),
+            decided_at_ms: 0,
         };
         let mut current = self.approvals.request(&request).map_err(internal)?;
-        if current.state == "pending" {
-            info!(job_id, spec_hash, "offer waits for approval: meridian site approve {job_id}");
+        if current.state == ApprovalState::Pending {
+            info!(job_id, spec_hash = %offer.spec_hash, "offer waits for approval: meridian site approve {job_id}");
         }
         // Bounded: a pending offer waits at most a day.
         for _ in 0..86_400 {
-            match current.state.as_str() {
-                "approved" => return Ok(()),
-                "rejected" => {
+            let decided = serde_json::json!({
+                "spec_hash": offer.spec_hash, "by": current.decided_by, "at_unix_ms": current.decided_at_ms,
+            });
+            match current.state {
+                ApprovalState::Approved => {
+                    self.audit("offer.approved", job_id, decided);
+                    return Ok(());
+                }
+                ApprovalState::Rejected => {
+                    self.audit("offer.rejected", job_id, serde_json::json!({ "decision": decided, "reason": current.reason }));
                     return Err(Refusal::new(
                         ReasonCode::NotApproved,
-                        format!("rejected by the site: {}", current.reason),
+                        format!("rejected by {}: {}", current.decided_by, current.reason),
                     ));
                 }
-                _ => {}
+                ApprovalState::Stopped => {
+                    return Err(Refusal::new(ReasonCode::JobStopped, "the job was stopped before it was decided"));
+                }
+                ApprovalState::Pending => {}
             }
             if lock(&self.stopped).contains(job_id) {
+                self.approvals.stop(job_id).map_err(internal)?;
                 return Err(Refusal::new(ReasonCode::JobStopped, "the job was stopped before it was approved"));
             }
             tokio::select! {
@@ -623,7 +634,7 @@ impl Worker {
             }
             current = self
                 .approvals
-                .state(job_id, spec_hash)
+                .waiting(job_id, &offer.spec_hash)
                 .map_err(internal)?
                 .ok_or_else(|| Refusal::new(ReasonCode::Internal, "the approval request vanished"))?;
         }

@@ -58,7 +58,25 @@ fn manual_approval_decides_which_jobs_run_at_a_site() {
     // Not approved yet: the job is still being offered.
     let status = String::from_utf8_lossy(&fed.client("alice", &["job", "status", &approved]).stdout).to_string();
     assert!(status.contains("state      offering"), "{status}");
-    let out = site(&["approve", &approved]);
+    // What the hospital reads before it decides: the spec, who asked, the
+    // policy's verdict point by point, the ε the dataset would reach.
+    let shown = String::from_utf8_lossy(&site(&["show", &approved]).stdout).to_string();
+    for expected in [
+        "submitted by alice",
+        "numeric    radius_mean, texture_mean",
+        "privacy    σ 1, clip C 1, δ 1e-5",
+        "ok   model",
+        "ok   training",
+        "ok   schema",
+        "ok   per-job cap    planned ε",
+        "ok   budget         dataset at ε ",
+        "model      logistic_regression",
+        "offer      pending",
+        "decision   none yet",
+    ] {
+        assert!(shown.contains(expected), "{expected:?} not in:\n{shown}");
+    }
+    let out = site(&["approve", &approved, "--as", "sam"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = fed.client("alice", &["job", "watch", &approved]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
@@ -77,11 +95,52 @@ fn manual_approval_decides_which_jobs_run_at_a_site() {
     // Deciding again is refused; nothing is pending any more.
     let out = site(&["approve", &rejected]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("no pending offer for job \"{rejected}\"")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("job \"{rejected}\" was already rejected by ")), "{}", String::from_utf8_lossy(&out.stderr));
+    // The refusal's local detail is the site's to read.
+    let shown = String::from_utf8_lossy(&site(&["show", &rejected]).stdout).to_string();
+    assert!(shown.contains("the coordinator was told not_approved only") && shown.contains("not on our research agenda"), "{shown}");
+
+    // An offer the budget would refuse anyway is refused without asking anyone.
+    let greedy = spec(&fed, "greedy.toml");
+    let text = std::fs::read_to_string(&greedy).unwrap().replace("noise_multiplier = 1.0", "noise_multiplier = 0.3");
+    std::fs::write(&greedy, text).unwrap();
+    let greedy = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", greedy.to_str().unwrap()]).stdout).trim().to_string();
+    let out = fed.client("alice", &["job", "watch", &greedy]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("job_cap_exceeded"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!String::from_utf8_lossy(&site(&["pending"]).stdout).contains(&greedy));
+
+    // An offer whose job is stopped is no longer pending, and deciding it records nothing.
+    let stopped = submit("stopped.toml");
+    wait_pending(&stopped);
+    assert!(fed.client("alice", &["job", "cancel", &stopped]).status.success());
+    wait_for(Duration::from_secs(30), "the stopped offer to leave the pending list", || {
+        (!String::from_utf8_lossy(&site(&["pending"]).stdout).contains(&stopped)).then_some(())
+    });
+    let out = site(&["approve", &stopped]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was stopped by the coordinator before it was decided; nothing was recorded"));
+
+    // The hospital reads its own budgets and ledger with its worker config.
+    let ledger: Vec<serde_json::Value> = serde_json::from_slice(&site(&["ledger", "--json"]).stdout).unwrap();
+    assert!(ledger.iter().any(|e| e["job_id"] == approved.as_str() && e["mechanism"] == "dp_sgd"));
+    let budget: Vec<serde_json::Value> = serde_json::from_slice(&site(&["budget", "--json"]).stdout).unwrap();
+    let total = budget.iter().find(|r| r["job_id"].is_null()).unwrap();
+    let mirrored: Vec<serde_json::Value> = serde_json::from_slice(&fed.client("rita", &["budget", "--json"]).stdout).unwrap();
+    let theirs = mirrored.iter().find(|r| r["job_id"].is_null()).unwrap();
+    assert!((total["epsilon_spent"].as_f64().unwrap() - theirs["epsilon_spent"].as_f64().unwrap()).abs() < 1e-9, "{total} vs {theirs}");
     assert!(String::from_utf8_lossy(&site(&["pending"]).stdout).contains("no offers waiting"));
     // The site's audit log records both decisions and verifies.
     let audit = home.join("state").join("audit.log");
     let text = std::fs::read_to_string(&audit).unwrap();
     assert!(text.contains("offer.accepted") && text.contains("offer.refused"), "{text}");
+    // Who decided, in the site's audit.
+    let approval = text.lines().find(|l| l.contains("\"kind\":\"offer.approved\"")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(approval).unwrap();
+    let detail: serde_json::Value = match &entry["detail"] {
+        serde_json::Value::String(s) => serde_json::from_str(s).unwrap(),
+        other => other.clone(),
+    };
+    assert!(detail["by"] == "sam" && detail["at_unix_ms"].as_i64().unwrap() > 0, "{approval}");
+    assert!(text.lines().any(|l| l.contains("\"kind\":\"offer.rejected\"")), "{text}");
     assert!(run(&["audit", "verify", audit.to_str().unwrap()]).status.success());
 }

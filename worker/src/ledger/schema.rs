@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     decided_at_ms INTEGER NOT NULL,
     code TEXT NOT NULL DEFAULT '',
     plan_json TEXT NOT NULL DEFAULT '',
-    projected_epsilon REAL NOT NULL DEFAULT 0
+    projected_epsilon REAL NOT NULL DEFAULT 0,
+    submitted_by TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS size_releases (
     dataset TEXT NOT NULL,
@@ -82,6 +83,7 @@ pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     add_column(conn, "jobs", "code", "TEXT NOT NULL DEFAULT ''")?;
     add_column(conn, "jobs", "plan_json", "TEXT NOT NULL DEFAULT ''")?;
     add_column(conn, "jobs", "projected_epsilon", "REAL NOT NULL DEFAULT 0")?;
+    add_column(conn, "jobs", "submitted_by", "TEXT NOT NULL DEFAULT ''")?;
     if !has_column(conn, "ledger", "mechanism")? {
         add_mechanisms(conn)?;
     }
@@ -98,7 +100,7 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
 
 /// Adds `column` to `table` unless it is there (ALTER TABLE ADD COLUMN
 /// changes no row, so the ledger's append-only triggers do not object).
-fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
+pub(crate) fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
     if !has_column(conn, table, column)? {
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
     }

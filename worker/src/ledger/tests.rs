@@ -41,6 +41,10 @@ fn plan(steps: u64) -> SitePlan {
     }
 }
 
+fn offer<'a>(job_id: &'a str, spec_hash: &'a str, spec_json: &'a str) -> Offered<'a> {
+    Offered { job_id, spec_hash, spec_json, submitted_by: "alice" }
+}
+
 fn sizes(train: u64, test: u64, digest: &str) -> SplitSizes {
     SplitSizes { train, test, digest: digest.to_string() }
 }
@@ -51,14 +55,14 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     let ledger = Ledger::open(&dir.path().join("l.sqlite"), "site-a").unwrap();
     let d = dataset(0.9, 0.8);
     // One job of 1,000 steps at q = 0.01, σ = 2 costs ε ≈ 0.69 alone.
-    let first = ledger.decide(&d, "job-1", "h1", "{}", &plan(1000), 1e-5).unwrap();
+    let first = ledger.decide(&d, &offer("job-1", "h1", "{}"), &plan(1000), 1e-5).unwrap();
     assert!(first.refusal.is_none(), "{first:?}");
     let mut acc = privacy::accountant::RdpAccountant::new();
     acc.compose_poisson_gaussian(0.01, 2.0, 1000).unwrap();
     assert!((first.planned_epsilon - acc.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
     assert_eq!(first.train_examples, 1000);
     // A second identical job would take the dataset past 0.9 once the first's reservation counts.
-    let second = ledger.decide(&d, "job-2", "h2", "{}", &plan(1000), 1e-5).unwrap();
+    let second = ledger.decide(&d, &offer("job-2", "h2", "{}"), &plan(1000), 1e-5).unwrap();
     let refusal = second.refusal.clone().expect("refused");
     assert_eq!(refusal.reason.code(), ReasonCode::BudgetExceeded);
     // What the dataset would reach: both jobs composed by RDP, not their ε summed.
@@ -68,15 +72,15 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     assert!(second.projected_epsilon < 2.0 * first.planned_epsilon);
     assert!(refusal.detail.contains(&format!("would bring the dataset to ε {:.3}", second.projected_epsilon)), "{}", refusal.detail);
     // Decisions are recorded once: asking again returns the same answer.
-    assert_eq!(ledger.decide(&d, "job-2", "h2", "{}", &plan(10), 1e-5).unwrap(), second);
+    assert_eq!(ledger.decide(&d, &offer("job-2", "h2", "{}"), &plan(10), 1e-5).unwrap(), second);
     // Over the per-job cap.
-    let big = ledger.decide(&d, "job-3", "h3", "{}", &plan(5000), 1e-5).unwrap();
+    let big = ledger.decide(&d, &offer("job-3", "h3", "{}"), &plan(5000), 1e-5).unwrap();
     let refusal = big.refusal.expect("refused");
     assert_eq!(refusal.reason.code(), ReasonCode::JobCapExceeded);
     assert!(refusal.detail.contains("exceeds the per-job cap ε 0.800"), "{}", refusal.detail);
     // Once the first job has charged part of its plan, only the rest stays reserved.
     ledger.charge(&d, &charge("job-1", 1, 400)).unwrap();
-    let third = ledger.decide(&d, "job-4", "h4", "{}", &plan(10), 1e-5).unwrap();
+    let third = ledger.decide(&d, &offer("job-4", "h4", "{}"), &plan(10), 1e-5).unwrap();
     let mut spent_and_reserved = privacy::accountant::RdpAccountant::new();
     spent_and_reserved.compose_poisson_gaussian(0.01, 2.0, 1010).unwrap();
     assert!((third.projected_epsilon - spent_and_reserved.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
@@ -89,7 +93,7 @@ fn charges_compose_are_durable_and_never_overspend() {
     let d = dataset(1.0, 1.0);
     {
         let ledger = Ledger::open(&path, "site-a").unwrap();
-        ledger.decide(&d, "job-1", "h", "{\"spec\":1}", &plan(1000), 1e-5).unwrap();
+        ledger.decide(&d, &offer("job-1", "h", "{\"spec\":1}"), &plan(1000), 1e-5).unwrap();
         let e1 = ledger.charge(&d, &charge("job-1", 1, 300)).unwrap();
         let e2 = ledger.charge(&d, &charge("job-1", 2, 300)).unwrap();
         assert_eq!((e1.seq, e2.seq), (1, 2));
