@@ -72,9 +72,14 @@ enum Command {
         /// Path of worker.toml.
         #[arg(long)]
         config: PathBuf,
-        /// Only validate the configuration and the datasets' headers, then exit.
+        /// Only check, then exit: the configuration, every row of every
+        /// dataset, the TLS identity, the budgets and the state directory;
+        /// every problem is listed, and the exit code is 1 if there is one.
         #[arg(long)]
         check: bool,
+        /// With --check: also connect to the coordinator with mutual TLS.
+        #[arg(long, requires = "check")]
+        connect: bool,
         /// How log lines are written to stderr.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -423,20 +428,15 @@ async fn run(cli: Cli) -> Result<Exit> {
             coordinator::run(listener, config, shutdown_on_signals()).await?;
             Ok(Exit::Ok)
         }
-        Command::Worker { config, check, log_format } => {
+        Command::Worker { config, check, connect, log_format } => {
             let config = worker::WorkerConfig::load(&config)?;
             if check {
-                for d in &config.datasets {
-                    let header = worker::dataset::read_header(&d.path)?;
-                    for col in std::iter::once(&d.label).chain(&d.numeric).chain(&d.categorical) {
-                        if !header.contains(col) {
-                            bail!("dataset \"{}\": column \"{col}\" is not in {}", d.name, d.path.display());
-                        }
-                    }
-                    out!("dataset {}: {} ({} columns) ok", d.name, d.path.display(), header.len())?;
+                let mut report = worker::check::check(&config);
+                if connect {
+                    worker::check::connect(&config, &mut report).await;
                 }
-                out!("configuration ok")?;
-                return Ok(Exit::Ok);
+                output::block(&report.render())?;
+                return Ok(if report.problems.is_empty() { Exit::Ok } else { Exit::Error });
             }
             init_logging(log_format);
             worker::run(config, shutdown_on_signals()).await?;

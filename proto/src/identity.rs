@@ -188,3 +188,82 @@ pub fn principal_from_pem(pem: &[u8]) -> Result<Principal, String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("unreadable PEM certificate: {e}"))?;
     principal_from_der(&pem.contents)
 }
+
+/// What checking an identity's files found: who the certificate names and
+/// how long it stays valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityCheck {
+    /// Who the certificate names.
+    pub principal: Principal,
+    /// Whole days until the certificate expires (negative once it has).
+    pub days_left: i64,
+}
+
+/// Checks the three files of a TLS identity before anyone relies on them:
+/// each parses, the key is the certificate's, the certificate is signed by
+/// the CA and valid now for client authentication, and it names `role`.
+/// Every problem is returned, each naming the file it is about.
+pub fn check_identity(files: &IdentityFiles, role: Role) -> Result<IdentityCheck, Vec<String>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut problems = Vec::new();
+    let cert = CertificateDer::from_pem_slice(&files.cert_pem)
+        .map_err(|e| problems.push(format!("tls.cert: not a PEM certificate ({e})")))
+        .ok();
+    let key = PrivateKeyDer::from_pem_slice(&files.key_pem)
+        .map_err(|e| problems.push(format!("tls.key: not a PEM private key ({e})")))
+        .ok();
+    let ca = CertificateDer::from_pem_slice(&files.ca_pem)
+        .map_err(|e| problems.push(format!("tls.ca: not a PEM certificate ({e})")))
+        .ok();
+    let Some(cert) = cert else { return Err(problems) };
+    let principal = principal_from_der(&cert).map_err(|e| problems.push(format!("tls.cert: {e}"))).ok();
+    if let Some(p) = &principal
+        && p.role != role
+    {
+        problems.push(format!("tls.cert: the certificate of {} has role {}, this needs role {role}", p.name, p.role));
+    }
+    if let Some(key) = key {
+        match rustls::crypto::ring::sign::any_supported_type(&key) {
+            Err(e) => problems.push(format!("tls.key: unusable key ({e})")),
+            Ok(signing) => {
+                let pair = rustls::sign::CertifiedKey::new(vec![cert.clone().into_owned()], signing);
+                if let Err(e) = pair.keys_match() {
+                    problems.push(format!("tls.key: the key is not the certificate's ({e})"));
+                }
+            }
+        }
+    }
+    if let Some(ca) = ca
+        && let Err(e) = verify_chain(&cert, ca.into_owned())
+    {
+        problems.push(format!("tls.cert: not valid with this CA now: {e}"));
+    }
+    let days_left = days_left(&cert).map_err(|e| problems.push(format!("tls.cert: {e}"))).ok();
+    match (principal, days_left) {
+        (Some(principal), Some(days_left)) if problems.is_empty() => Ok(IdentityCheck { principal, days_left }),
+        _ => Err(problems),
+    }
+}
+
+/// Whether `cert` chains to `ca` and is valid now for client authentication.
+fn verify_chain(
+    cert: &rustls::pki_types::CertificateDer<'_>,
+    ca: rustls::pki_types::CertificateDer<'static>,
+) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).map_err(|e| format!("the CA certificate is unusable ({e})"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+        .build()
+        .map_err(|e| e.to_string())?;
+    verifier.verify_client_cert(cert, &[], rustls::pki_types::UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Whole days from now until `cert` expires.
+fn days_left(cert: &[u8]) -> Result<i64, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let not_after = parsed.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    Ok((not_after - now).div_euclid(86_400))
+}

@@ -505,6 +505,97 @@ pub fn count_split(path: &Path, split: &SplitOptions) -> Result<SplitSizes, Data
     Ok(SplitSizes { train, test, digest: hex::encode(digest.finalize()) })
 }
 
+/// What a declared column holds over a whole file, for the site's own
+/// eyes (`meridian worker --check`): it never leaves the site.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ColumnSurvey {
+    /// The column.
+    pub name: String,
+    /// `label`, `numeric` or `categorical`.
+    pub kind: &'static str,
+    /// Cells that are empty (after trimming).
+    pub empty: u64,
+    /// Numeric cells that do not parse as a finite number within f32's range.
+    pub not_numeric: u64,
+    /// Distinct values and how often each appears (label and categorical
+    /// columns; the 20 most frequent).
+    pub values: Vec<(String, u64)>,
+}
+
+/// A whole file read against the columns its configuration declares.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Survey {
+    /// Data records.
+    pub rows: u64,
+    /// Records with another number of fields than the header.
+    pub bad_width: u64,
+    /// Declared columns missing from the header.
+    pub missing: Vec<String>,
+    /// Each declared column that is present.
+    pub columns: Vec<ColumnSurvey>,
+}
+
+/// Reads every record of `path` and counts, per declared column, the cells
+/// a job would refuse: empty ones and, in numeric columns, those that are
+/// not finite numbers. Every row is read; nothing stops at the first fault.
+pub fn survey(path: &Path, label: &str, numeric: &[String], categorical: &[String]) -> Result<Survey, DatasetError> {
+    let mut reader = open(path)?;
+    let header = header(path, &mut reader)?;
+    let declared = std::iter::once((label, "label"))
+        .chain(numeric.iter().map(|c| (c.as_str(), "numeric")))
+        .chain(categorical.iter().map(|c| (c.as_str(), "categorical")));
+    let mut missing = Vec::new();
+    let mut columns: Vec<(usize, ColumnSurvey, HashMap<Vec<u8>, u64>)> = Vec::new();
+    for (name, kind) in declared {
+        match header.iter().position(|h| h == name) {
+            Some(at) => columns.push((at, ColumnSurvey { name: name.to_string(), kind, ..Default::default() }, HashMap::new())),
+            None => missing.push(name.to_string()),
+        }
+    }
+    let (mut rows, mut bad_width) = (0u64, 0u64);
+    let mut record = csv::ByteRecord::new();
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                let line = reader.get_ref().current_line();
+                return Err(DatasetError::Read { path: path.to_path_buf(), line, source });
+            }
+        }
+        rows += 1;
+        if record.len() != header.len() {
+            bad_width += 1;
+            continue;
+        }
+        for (at, column, values) in &mut columns {
+            let cell = record[*at].trim_ascii();
+            if cell.is_empty() {
+                column.empty += 1;
+            } else if column.kind == "numeric" {
+                let number = std::str::from_utf8(cell).ok().and_then(|s| s.parse::<f64>().ok());
+                if !number.is_some_and(|v| v.is_finite() && v.abs() <= MAX_NUMERIC) {
+                    column.not_numeric += 1;
+                }
+            } else {
+                *values.entry(cell.to_vec()).or_insert(0) += 1;
+            }
+        }
+    }
+    let columns = columns
+        .into_iter()
+        .map(|(_, mut column, values)| {
+            let mut values: Vec<(String, u64)> =
+                values.into_iter().map(|(v, n)| (String::from_utf8_lossy(&v).into_owned(), n)).collect();
+            values.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            values.truncate(20);
+            column.values = values;
+            column
+        })
+        .collect();
+    Ok(Survey { rows, bad_width, missing, columns })
+}
+
 /// SHA-256 of `seed` and a record's trimmed fields, each prefixed by its length.
 fn record_digest(seed: u64, record: &csv::ByteRecord) -> [u8; 32] {
     let mut hash = Sha256::new();

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod approvals;
+pub mod check;
 pub mod config;
 pub mod dataset;
 pub mod download;

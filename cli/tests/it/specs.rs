@@ -130,3 +130,85 @@ fn malformed_daemon_configs_name_file_line_and_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen: \"localhost:port\" is not an address like 127.0.0.1:7443"), "{err}");
 }
+
+#[test]
+fn worker_check_lists_every_problem_before_the_daemon_runs() {
+    let fed = Federation::start(&["hospital-a", "hospital-b"]);
+    let home = fed.dir.join("check");
+    std::fs::create_dir_all(&home).unwrap();
+    // One empty cell and one that is not a number, in two declared numeric columns.
+    let csv = std::fs::read_to_string(example("data/wdbc_breast_cancer.csv"))
+        .unwrap()
+        .replacen("842517,M,20.57,17.77", "842517,M,,17.77", 1)
+        .replacen("84300903,M,19.69,21.25", "84300903,M,19.69,n/a", 1);
+    std::fs::write(home.join("data.csv"), csv).unwrap();
+    let a = fed.identity("hospital-a");
+    let b = fed.identity("hospital-b");
+    let write = |name: &str, key: &std::path::Path, data_dir: &str, cap: f64| {
+        let path = home.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "coordinator = {:?}\ndata_dir = {data_dir:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nname = \"wdbc\"\npath = \"data.csv\"\nlabel = \"diagnosis\"\nnumeric = [\"radius_mean\", \"texture_mean\"]\nbudget_epsilon = 10.0\njob_epsilon_cap = {cap:?}\n",
+                fed.url,
+                a.join("ca.pem"),
+                a.join("cert.pem"),
+                key
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // hospital-b's key with hospital-a's certificate, a cap over the budget, a data dir under a file.
+    std::fs::write(home.join("a-file"), "").unwrap();
+    let bad = write("bad.toml", &b.join("key.pem"), "a-file/state", 20.0);
+    let out = crate::util::run(&["worker", "--check", "--config", bad.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for expected in [
+        "column \"radius_mean\" (numeric): 1 of 569 cells are empty",
+        "column \"texture_mean\" (numeric): 1 of 569 cells are not finite numbers",
+        "tls.key: the key is not the certificate's",
+        "job_epsilon_cap 20 is more than budget_epsilon 10",
+        "data_dir: cannot write in",
+        "5 problem(s)",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    // A certificate of another federation.
+    let other = tempfile::tempdir().unwrap();
+    let out = crate::util::run(&["provision", "--out", other.path().join("f").to_str().unwrap(), "--site", "hospital-a"]);
+    assert!(out.status.success());
+    let stranger = write("stranger.toml", &a.join("key.pem"), "state", 5.0);
+    let text = std::fs::read_to_string(&stranger).unwrap().replace(
+        &format!("{:?}", a.join("ca.pem")),
+        &format!("{:?}", other.path().join("f/sites/hospital-a/ca.pem")),
+    );
+    std::fs::write(&stranger, text).unwrap();
+    let out = crate::util::run(&["worker", "--check", "--config", stranger.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tls.cert: not valid with this CA now"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // A good one, connecting: who the coordinator is, and that it takes us.
+    let std::process::Output { stdout, status, .. } = {
+        let good = write("good.toml", &a.join("key.pem"), "state", 5.0);
+        std::fs::write(home.join("data.csv"), std::fs::read(example("data/wdbc_breast_cancer.csv")).unwrap()).unwrap();
+        crate::util::run(&["worker", "--check", "--connect", "--config", good.to_str().unwrap()])
+    };
+    let text = String::from_utf8_lossy(&stdout).to_string();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("tls: hospital-a (role hospital), key matches"), "{text}");
+    assert!(text.contains("presents coordinator (role coordinator), signed by this site's CA"), "{text}");
+    assert!(text.contains("accepts this site's certificate") && text.ends_with("configuration ok\n"), "{text}");
+    assert!(text.contains("label \"diagnosis\" takes \"B\" 357, \"M\" 212"), "{text}");
+
+    // A certificate near its end is a warning, not a problem.
+    let out = crate::util::run(&["provision", "add-site", "hospital-c", "--federation", fed.dir.join("fed").to_str().unwrap(), "--valid-days", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c = fed.identity("hospital-c");
+    let soon = write("soon.toml", &c.join("key.pem"), "state", 5.0);
+    let text = std::fs::read_to_string(&soon).unwrap().replace(&format!("{:?}", a.join("cert.pem")), &format!("{:?}", c.join("cert.pem")));
+    std::fs::write(&soon, text).unwrap();
+    let out = crate::util::run(&["worker", "--check", "--config", soon.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && (text.contains("expires in 9 days") || text.contains("expires in 10 days")), "{text}");
+}
