@@ -868,8 +868,8 @@ struct RawModel {
 #[serde(deny_unknown_fields)]
 struct FeatureSpecRaw {
     label: String,
-    positive_label: String,
-    negative_labels: Vec<String>,
+    positive_label: CellValue,
+    negative_labels: Vec<CellValue>,
     #[serde(default)]
     numeric: Vec<String>,
     #[serde(default)]
@@ -880,7 +880,30 @@ struct FeatureSpecRaw {
 #[serde(deny_unknown_fields)]
 struct RawCategorical {
     column: String,
-    levels: Vec<String>,
+    levels: Vec<CellValue>,
+}
+
+/// A value a CSV cell holds, as a spec names it: a string, or an integer
+/// written as TOML writes numbers (`positive_label = 1` means the cell "1").
+/// Cells are text, so the spec keeps the text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CellValue {
+    Text(String),
+    Integer(i64),
+}
+
+impl CellValue {
+    fn into_text(self) -> String {
+        match self {
+            CellValue::Text(text) => text,
+            CellValue::Integer(n) => n.to_string(),
+        }
+    }
+}
+
+fn texts(values: Vec<CellValue>) -> Vec<String> {
+    values.into_iter().map(CellValue::into_text).collect()
 }
 
 #[derive(Deserialize)]
@@ -984,8 +1007,8 @@ impl TryFrom<RawJobSpec> for JobSpec {
             model,
             features: FeatureSpec {
                 label: raw.features.label,
-                positive_label: raw.features.positive_label,
-                negative_labels: raw.features.negative_labels,
+                positive_label: raw.features.positive_label.into_text(),
+                negative_labels: texts(raw.features.negative_labels),
                 numeric: raw.features.numeric,
                 categorical: raw
                     .features
@@ -993,7 +1016,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
                     .into_iter()
                     .map(|c| CategoricalFeature {
                         column: c.column,
-                        levels: c.levels,
+                        levels: texts(c.levels),
                     })
                     .collect(),
             },

@@ -212,3 +212,26 @@ fn worker_check_lists_every_problem_before_the_daemon_runs() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success() && (text.contains("expires in 9 days") || text.contains("expires in 10 days")), "{text}");
 }
+
+#[test]
+fn labels_written_as_toml_integers_work_like_their_strings() {
+    let mut fed = Federation::start(&["hospital-a"]);
+    // WDBC with its diagnosis as 1 (malignant) and 0 (benign).
+    let csv: String = std::fs::read_to_string(example("data/wdbc_breast_cancer.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| format!("{}\n", l.replacen(",M,", ",1,", 1).replacen(",B,", ",0,", 1)))
+        .collect();
+    let data = fed.dir.join("coded.csv");
+    std::fs::write(&data, csv).unwrap();
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", WDBC_NUMERIC);
+    let spec = job(&fed, "coded.toml", |t| {
+        small_spec(t).replace("positive_label = \"M\"", "positive_label = 1").replace("negative_labels = [\"B\"]", "negative_labels = [0]")
+    });
+    let id = wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    let out = fed.client("alice", &["job", "watch", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -101,3 +101,23 @@ fn robust_aggregation_is_chosen_by_name_and_validated() {
     let err = JobSpec::from_toml(&format!("{WDBC}\n[aggregation]\nrule = \"mode\"\n"), "job.toml").unwrap_err();
     assert!(err.to_string().contains("unknown variant `mode`"), "{err}");
 }
+
+#[test]
+fn labels_and_levels_may_be_written_as_integers() {
+    let text = WDBC
+        .replace("positive_label = \"M\"", "positive_label = 1")
+        .replace("negative_labels = [\"B\"]", "negative_labels = [0, \"unknown\"]");
+    let spec = JobSpec::from_toml(&format!("{text}\n[[features.categorical]]\ncolumn = \"cp\"\nlevels = [1, 2, \"4\"]\n"), "job.toml").unwrap();
+    assert_eq!(spec.features.positive_label, "1");
+    assert_eq!(spec.features.negative_labels, ["0", "unknown"]);
+    assert_eq!(spec.features.categorical[0].levels, ["1", "2", "4"]);
+    // The same spec written with strings is the same spec, with the same hash.
+    let strings = WDBC
+        .replace("positive_label = \"M\"", "positive_label = \"1\"")
+        .replace("negative_labels = [\"B\"]", "negative_labels = [\"0\", \"unknown\"]");
+    let same = JobSpec::from_toml(&format!("{strings}\n[[features.categorical]]\ncolumn = \"cp\"\nlevels = [\"1\", \"2\", \"4\"]\n"), "job.toml").unwrap();
+    assert_eq!(spec.hash(), same.hash());
+    // A float is not a cell's text: refused with the key.
+    let err = JobSpec::from_toml(&WDBC.replace("positive_label = \"M\"", "positive_label = 1.0"), "job.toml").unwrap_err().to_string();
+    assert!(err.contains("positive_label"), "{err}");
+}
