@@ -68,6 +68,88 @@ pub async fn submit(conn: &Connection, path: &Path) -> Result<String> {
     Ok(reply.into_inner().job_id)
 }
 
+/// `meridian job plan`: validates locally, then asks the coordinator.
+pub async fn plan(conn: &Connection, path: &Path) -> Result<pb::JobPlan> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    JobSpec::from_toml(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?;
+    let reply = conn
+        .jobs()
+        .await?
+        .plan_job(pb::SubmitJobRequest { spec_toml: text })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", path.display(), s.message()))?;
+    Ok(reply.into_inner())
+}
+
+fn charge_text(c: &pb::PlannedCharge) -> String {
+    let mechanism = proto::mechanism::Mechanism::of(&pb::LedgerEntry { mechanism: c.mechanism, round: 1, ..Default::default() });
+    format!("{mechanism} q {:.5} σ {} × {}", c.sample_rate, c.noise_multiplier, c.steps)
+}
+
+/// A plan as a human reads it.
+pub fn render_plan(plan: &pb::JobPlan) -> String {
+    let mut out = format!("ε at δ = {:e} by {}; sizes are the sites' released ones\n", plan.delta, plan.accountant);
+    for s in &plan.sites {
+        let verdict = if s.would_take {
+            if s.manual_approval { "would take it once a person there approves" } else { "would take it" }
+        } else {
+            "would refuse it"
+        };
+        out.push_str(&format!("  {}: {verdict}\n", s.site));
+        for c in &s.checks {
+            let code = if c.passed { String::new() } else { format!(" ({})", c.code) };
+            out.push_str(&format!("    {} {:<14} {}{code}\n", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail));
+        }
+        if s.train_rows > 0 {
+            out.push_str(&format!(
+                "    plan   {} training rows: q {:.5}, {} steps a round; {}\n",
+                s.train_rows,
+                s.sample_rate,
+                s.steps_per_round,
+                s.charges.iter().map(charge_text).collect::<Vec<_>>().join(", ")
+            ));
+            out.push_str(&format!(
+                "    ε      {:.3} for the job (cap {:.3}); the dataset is at {:.3} and would reach {:.3} (budget {:.3} at δ {:e})\n",
+                s.planned_epsilon, s.job_epsilon_cap, s.spent_epsilon, s.projected_epsilon, s.budget_epsilon, s.budget_delta
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "{} of {} sites would take the job; it needs {} (policy.min_sites)\n",
+        plan.takers,
+        plan.sites.len(),
+        plan.min_sites
+    ));
+    out
+}
+
+/// A plan as JSON.
+pub fn plan_json(plan: &pb::JobPlan) -> serde_json::Value {
+    let sites: Vec<_> = plan
+        .sites
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "site": s.site, "would_take": s.would_take, "manual_approval": s.manual_approval,
+                "checks": s.checks.iter().map(|c| serde_json::json!({
+                    "name": c.name, "passed": c.passed, "detail": c.detail, "code": if c.code.is_empty() { None } else { Some(&c.code) },
+                })).collect::<Vec<_>>(),
+                "train_rows": s.train_rows, "sample_rate": s.sample_rate, "steps_per_round": s.steps_per_round,
+                "charges": s.charges.iter().map(|c| serde_json::json!({
+                    "mechanism": proto::mechanism::Mechanism::of(&pb::LedgerEntry { mechanism: c.mechanism, round: 1, ..Default::default() }).as_str(),
+                    "sample_rate": c.sample_rate, "noise_multiplier": c.noise_multiplier, "steps": c.steps,
+                })).collect::<Vec<_>>(),
+                "planned_epsilon": s.planned_epsilon, "job_epsilon_cap": s.job_epsilon_cap,
+                "spent_epsilon": s.spent_epsilon, "projected_epsilon": s.projected_epsilon,
+                "budget_epsilon": s.budget_epsilon, "budget_delta": s.budget_delta,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "sites": sites, "takers": plan.takers, "min_sites": plan.min_sites, "delta": plan.delta, "accountant": plan.accountant,
+    })
+}
+
 /// One job's status.
 pub async fn get(conn: &Connection, job_id: &str) -> Result<pb::JobStatus> {
     Ok(conn

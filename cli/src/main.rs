@@ -222,6 +222,19 @@ enum JobCommand {
         #[arg(long, requires = "watch")]
         json: bool,
     },
+    /// Check a job spec and say what each site would charge, submitting nothing.
+    ///
+    /// The spec is checked offline first, then against every site that
+    /// holds its dataset: its announced schema and policy, its released
+    /// sizes, its per-job cap and budget. Exit code 1 if fewer sites would
+    /// take the job than it needs.
+    Plan {
+        /// The job spec file.
+        spec: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List every job.
     List {
         /// Print JSON.
@@ -504,6 +517,17 @@ async fn run(cli: Cli) -> Result<Exit> {
                     }
                     if watch {
                         return watch_job(&conn, &id, json).await;
+                    }
+                }
+                JobCommand::Plan { spec, json } => {
+                    let plan = client::plan(&conn, &spec).await?;
+                    if json {
+                        output::json(&client::plan_json(&plan))?;
+                    } else {
+                        output::block(&client::render_plan(&plan))?;
+                    }
+                    if plan.takers < plan.min_sites {
+                        return Ok(Exit::Error);
                     }
                 }
                 JobCommand::List { json } => {

@@ -207,7 +207,7 @@ fn show(site: &Site, job_id: &str) -> Result<()> {
     for check in worker::policy::checks(&site.config, &spec, sizes.as_ref()) {
         match check.outcome {
             Ok(detail) => line(true, check.name, &detail),
-            Err(refusal) => line(false, check.name, &format!("{} ({})", refusal.detail, refusal.reason.code())),
+            Err((code, detail)) => line(false, check.name, &format!("{detail} ({code})")),
         }
     }
     if let Some(d) = site.config.datasets.iter().find(|d| d.name == spec.dataset) {

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 
-use privacy::accountant::RdpAccountant;
 use proto::pb;
 use tonic::{Request, Response, Status};
 
@@ -21,20 +20,9 @@ const READERS: &[proto::identity::Role] = &[
 ];
 
 /// ε of a set of ledger entries composed by RDP at `delta`.
-fn composed_epsilon<'a>(entries: impl Iterator<Item = &'a pb::LedgerEntry>, delta: f64) -> Result<f64, Status> {
-    let mut acc = RdpAccountant::new();
-    let mut any = false;
-    for e in entries {
-        acc.compose_poisson_gaussian(e.sample_rate, e.noise_multiplier, e.steps)
-            .map_err(|err| Status::data_loss(format!("ledger entry {} of {}: {err}", e.seq, e.site)))?;
-        any = true;
-    }
-    if !any {
-        return Ok(0.0);
-    }
-    acc.epsilon(delta)
-        .map(|e| e.epsilon)
-        .map_err(|err| Status::internal(format!("accountant: {err}")))
+pub(crate) fn composed_epsilon<'a>(entries: impl Iterator<Item = &'a pb::LedgerEntry>, delta: f64) -> Result<f64, Status> {
+    privacy::accountant::composed_epsilon(entries.map(|e| (e.sample_rate, e.noise_multiplier, e.steps)), delta)
+        .map_err(|err| Status::data_loss(format!("a mirrored ledger entry the accountant refuses: {err}")))
 }
 
 #[tonic::async_trait]

@@ -15,6 +15,7 @@
 //! - `transfers`: updates in flight, so a round waits for a slow upload
 //!   that is still making progress and drops a silent one.
 //! - `metrics`: a round's metrics, derived from the sites' noised releases.
+//! - `plan`: a job checked and costed at every site before it is submitted.
 //! - `model_cache`: each live job's latest model as wire chunks, shared by
 //!   its pullers.
 //! - `store`: SQLite state; models and updates are files written by
@@ -32,6 +33,7 @@ mod incoming;
 mod leases;
 mod metrics;
 mod model_cache;
+mod plan;
 mod revocation;
 mod service;
 mod store;

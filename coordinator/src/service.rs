@@ -250,89 +250,43 @@ impl Services {
         })
     }
 
-    /// Validates a spec against the registered sites and returns those that can serve it.
+    /// The job's plan at every site that holds its dataset.
+    fn plan(&self, spec: &JobSpec) -> Result<pb::JobPlan, Status> {
+        crate::plan::plan(&self.inner.store, spec).map_err(|e| match e {
+            crate::plan::PlanError::NoHolder { .. } => Status::invalid_argument(e.to_string()),
+            other => Status::internal(other.to_string()),
+        })
+    }
+
+    /// The sites that can serve a spec, by its plan: every check but the
+    /// budget passes (a budget changes as jobs run; the site decides it at
+    /// the offer). Refused with the first problem when too few can.
     fn eligible_sites(&self, spec: &JobSpec) -> Result<Vec<String>, Status> {
-        let datasets = self.inner.store.datasets()?;
-        let holders: Vec<_> = datasets
-            .iter()
-            .filter(|d| d.info.name == spec.dataset)
-            .collect();
-        if holders.is_empty() {
-            let known: BTreeSet<&str> = datasets.iter().map(|d| d.info.name.as_str()).collect();
-            return Err(Status::invalid_argument(format!(
-                "dataset: no registered site holds dataset \"{}\" (known: {})",
-                spec.dataset,
-                known.into_iter().collect::<Vec<_>>().join(", ")
-            )));
-        }
+        let plan = self.plan(spec)?;
         let mut eligible = Vec::new();
         let mut problems = BTreeSet::new();
-        for d in &holders {
-            let info = &d.info;
-            let mut ok = true;
-            let mut missing = |field: String, col: &str, list: &[String], kind: &str| {
-                if !list.iter().any(|c| c == col) {
-                    ok = false;
-                    problems.insert(format!(
-                        "{field}: column \"{col}\" is not a {kind} column of dataset \"{}\" (site {})",
-                        info.name, d.site
-                    ));
-                }
-            };
-            missing(
-                "features.label".to_string(),
-                &spec.features.label,
-                &info.columns,
-                "known",
-            );
-            for (i, c) in spec.features.numeric.iter().enumerate() {
-                missing(
-                    format!("features.numeric[{i}]"),
-                    c,
-                    &info.numeric,
-                    "numeric",
-                );
+        for site in &plan.sites {
+            let failed: Vec<&pb::PolicyCheck> = site.checks.iter().filter(|c| !c.passed && c.name != "budget").collect();
+            if failed.is_empty() {
+                eligible.push(site.site.clone());
             }
-            for (i, c) in spec.features.categorical.iter().enumerate() {
-                missing(
-                    format!("features.categorical[{i}].column"),
-                    &c.column,
-                    &info.categorical,
-                    "categorical",
-                );
-            }
-            match &info.size {
-                None => {
-                    ok = false;
-                    problems.insert(format!(
-                        "dataset: site {} has released no size for dataset \"{}\" yet (its file is unreadable or its budget too small)",
-                        d.site, info.name
-                    ));
-                }
-                Some(size) if (spec.training.batch_size as u64) > size.train_rows => {
-                    ok = false;
-                    problems.insert(format!(
-                        "training.batch_size: {} is more than the {} training rows site {} released for dataset \"{}\"",
-                        spec.training.batch_size, size.train_rows, d.site, info.name
-                    ));
-                }
-                Some(_) => {}
-            }
-            if ok {
-                eligible.push(d.site.clone());
+            for c in failed {
+                problems.insert(if c.detail.contains(&site.site) {
+                    c.detail.clone()
+                } else {
+                    format!("{} at site {}: {} ({})", c.name, site.site, c.detail, c.code)
+                });
             }
         }
         if (eligible.len() as u32) < spec.policy.min_sites {
-            let detail = if problems.is_empty() {
+            let detail = problems.into_iter().next().unwrap_or_else(|| {
                 format!(
                     "policy.min_sites: {} sites hold dataset \"{}\", the job needs {}",
                     eligible.len(),
                     spec.dataset,
                     spec.policy.min_sites
                 )
-            } else {
-                problems.into_iter().next().unwrap_or_default()
-            };
+            });
             return Err(Status::invalid_argument(detail));
         }
         Ok(eligible)
@@ -394,6 +348,14 @@ impl pb::job_service_server::JobService for Services {
         self.inner.spawn_driver(job_id.clone());
         self.inner.notify();
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn plan_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::JobPlan>, Status> {
+        self.authorize(&req, READERS, "JobService/PlanJob")?;
+        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec").map_err(|e| {
+            Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string())
+        })?;
+        Ok(Response::new(self.plan(&spec)?))
     }
 
     async fn list_jobs(

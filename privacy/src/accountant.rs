@@ -310,6 +310,28 @@ pub fn dpsgd_epsilon(
     accountant.epsilon(delta)
 }
 
+/// ε at `delta` of Poisson-subsampled Gaussian mechanisms run one after
+/// another, each `(sample_rate, noise_multiplier, steps)`, composed by RDP
+/// (never a sum of ε): every ledger's total, and every plan's. 0 when
+/// nothing ran.
+pub fn composed_epsilon(
+    mechanisms: impl IntoIterator<Item = (f64, f64, u64)>,
+    delta: f64,
+) -> Result<f64, AccountantError> {
+    let mut accountant = RdpAccountant::new();
+    let mut any = false;
+    for (sample_rate, noise_multiplier, steps) in mechanisms {
+        if steps > 0 {
+            accountant.compose_poisson_gaussian(sample_rate, noise_multiplier, steps)?;
+            any = true;
+        }
+    }
+    if !any {
+        return Ok(0.0);
+    }
+    Ok(accountant.epsilon(delta)?.epsilon)
+}
+
 /// The smallest noise multiplier for which `steps` steps of DP-SGD at
 /// `sample_rate` satisfy (`target_epsilon`, `delta`)-DP according to
 /// [`dpsgd_epsilon`].

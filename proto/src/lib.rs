@@ -18,6 +18,8 @@
 //!   histogram that leaves a site, and every metric derived from it.
 //! - [`mechanism`]: what a ledger entry charged (DP-SGD, a size release,
 //!   an evaluation, a clip count).
+//! - [`policy`]: a site's policy as checks of a job, which the site and
+//!   the coordinator's plan apply alike.
 //! - [`reason`]: why a site refused or failed, as a code and the spec's
 //!   column names only: the one form a site's reasons leave it in.
 //! - [`audit`]: the hash-chained, append-only audit log of every daemon.
@@ -39,6 +41,7 @@ pub mod identity;
 pub mod job;
 pub mod mechanism;
 pub mod memory;
+pub mod policy;
 pub mod reason;
 pub mod tensor;
 

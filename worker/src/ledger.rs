@@ -22,7 +22,6 @@ pub(crate) use schema::add_column;
 use std::path::Path;
 use std::sync::Mutex;
 
-use privacy::accountant::RdpAccountant;
 use proto::job::{PlannedCharge, SitePlan};
 use proto::mechanism::Mechanism;
 use proto::pb;
@@ -237,19 +236,7 @@ pub fn planned_epsilon(plan: &SitePlan, delta: f64) -> Result<f64, LedgerError> 
 
 /// ε of `(q, σ, steps)` triples composed by RDP at `delta` (0 when empty).
 fn compose(items: impl IntoIterator<Item = Item>, delta: f64) -> Result<f64, LedgerError> {
-    let mut acc = RdpAccountant::new();
-    let mut any = false;
-    for (q, sigma, steps) in items {
-        if steps > 0 {
-            acc.compose_poisson_gaussian(q, sigma, steps)
-                .map_err(|e| LedgerError::Accountant(e.to_string()))?;
-            any = true;
-        }
-    }
-    if !any {
-        return Ok(0.0);
-    }
-    acc.epsilon(delta).map(|e| e.epsilon).map_err(|e| LedgerError::Accountant(e.to_string()))
+    privacy::accountant::composed_epsilon(items, delta).map_err(|e| LedgerError::Accountant(e.to_string()))
 }
 
 /// A plan as the jobs table keeps it.
@@ -313,15 +300,31 @@ impl Ledger {
         let mut reserved = Vec::new();
         for (job_id, json, legacy) in jobs {
             // A job decided before plans were stored planned DP-SGD steps only.
-            let plan = if json.is_empty() { vec![(Mechanism::DpSgd, legacy)] } else { parse_plan(&job_id, &json)? };
-            let mut spent = tx.prepare("SELECT mechanism, steps FROM ledger WHERE job_id = ?1")?;
-            let spent = spent
-                .query_map(params![job_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            for (mechanism, (q, sigma, steps)) in plan {
-                let used: u64 = spent.iter().filter(|(m, _)| m == mechanism.as_str()).map(|(_, s)| s).sum();
-                reserved.push((q, sigma, steps.saturating_sub(used)));
+            let planned = if json.is_empty() { vec![(Mechanism::DpSgd, legacy)] } else { parse_plan(&job_id, &json)? };
+            let plan = SitePlan {
+                charges: planned
+                    .into_iter()
+                    .map(|(mechanism, (sample_rate, noise_multiplier, steps))| PlannedCharge {
+                        mechanism,
+                        sample_rate,
+                        noise_multiplier,
+                        steps,
+                    })
+                    .collect(),
+                train_rows: 0,
+                sample_rate: 0.0,
+                steps_per_round: 0,
+                expected_batch: 0.0,
+            };
+            let mut charged = std::collections::BTreeMap::new();
+            let mut stmt = tx.prepare("SELECT mechanism, steps FROM ledger WHERE job_id = ?1")?;
+            for row in stmt.query_map(params![job_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))? {
+                let (mechanism, steps) = row?;
+                if let Some(m) = Mechanism::parse(&mechanism) {
+                    *charged.entry(m).or_insert(0) += steps;
+                }
             }
+            reserved.extend(plan.remaining(&charged).iter().map(item));
         }
         Ok(reserved)
     }

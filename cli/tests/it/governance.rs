@@ -104,10 +104,11 @@ fn manual_approval_decides_which_jobs_run_at_a_site() {
     let greedy = spec(&fed, "greedy.toml");
     let text = std::fs::read_to_string(&greedy).unwrap().replace("noise_multiplier = 1.0", "noise_multiplier = 0.3");
     std::fs::write(&greedy, text).unwrap();
-    let greedy = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", greedy.to_str().unwrap()]).stdout).trim().to_string();
-    let out = fed.client("alice", &["job", "watch", &greedy]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("job_cap_exceeded"), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(!String::from_utf8_lossy(&site(&["pending"]).stdout).contains(&greedy));
+    // The coordinator's plan already says so at submit; nothing reaches the site to decide.
+    let out = fed.client("alice", &["job", "submit", greedy.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(job_cap_exceeded)"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&site(&["pending"]).stdout).contains("no offers waiting"));
 
     // An offer whose job is stopped is no longer pending, and deciding it records nothing.
     let stopped = submit("stopped.toml");

@@ -235,3 +235,57 @@ fn labels_written_as_toml_integers_work_like_their_strings() {
     let out = fed.client("alice", &["job", "watch", &id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn job_plan_says_what_each_site_would_charge_before_anything_is_submitted() {
+    let mut fed = Federation::start(&["hospital-a", "hospital-b"]);
+    let data = example("data/wdbc_breast_cancer.csv");
+    fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", WDBC_NUMERIC);
+    // hospital-b holds 40 records: under its policy's floor of 50 training rows.
+    let few: String = std::fs::read_to_string(&data).unwrap().lines().take(41).map(|l| format!("{l}\n")).collect();
+    let few_path = fed.dir.join("few.csv");
+    std::fs::write(&few_path, few).unwrap();
+    fed.start_worker("hospital-b", "wdbc", &few_path, "diagnosis", WDBC_NUMERIC);
+    let spec = job(&fed, "plan.toml", small_spec);
+    let plan = |spec: &std::path::Path| fed.client("rita", &["job", "plan", spec.to_str().unwrap(), "--json"]);
+    let json: serde_json::Value = wait_for(Duration::from_secs(30), "both workers to register", || {
+        let out = plan(&spec);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (json["sites"].as_array()?.len() == 2).then_some(json)
+    });
+    let site = |name: &str| json["sites"].as_array().unwrap().iter().find(|s| s["site"] == name).unwrap().clone();
+    let (a, b) = (site("hospital-a"), site("hospital-b"));
+    assert_eq!((a["would_take"].as_bool(), b["would_take"].as_bool()), (Some(true), Some(false)), "{json}");
+    let failed: Vec<&serde_json::Value> = b["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).collect();
+    assert_eq!(failed[0]["code"], "too_few_rows", "{b}");
+    let mechanisms: Vec<&str> = a["charges"].as_array().unwrap().iter().map(|c| c["mechanism"].as_str().unwrap()).collect();
+    assert_eq!(mechanisms, ["dp_sgd", "clip_count", "evaluation", "evaluation"]);
+    assert_eq!(json["takers"], 1);
+    let text = String::from_utf8_lossy(&fed.client("rita", &["job", "plan", spec.to_str().unwrap()]).stdout).to_string();
+    assert!(text.contains("hospital-b: would refuse it") && text.contains("1 of 2 sites would take the job; it needs 1"), "{text}");
+
+    // The plan is what the site then charges.
+    let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout).trim().to_string();
+    let status: serde_json::Value = wait_for(Duration::from_secs(60), "hospital-a to answer", || {
+        let s: serde_json::Value = serde_json::from_slice(&fed.client("alice", &["job", "status", &id, "--json"]).stdout).ok()?;
+        let answered = s["sites"].as_array()?.iter().any(|x| x["site"] == "hospital-a" && x["state"] == "accepted");
+        answered.then_some(s)
+    });
+    let at_a = status["sites"].as_array().unwrap().iter().find(|x| x["site"] == "hospital-a").unwrap();
+    assert!((at_a["planned_epsilon"].as_f64().unwrap() - a["planned_epsilon"].as_f64().unwrap()).abs() < 1e-12, "{at_a} vs {a}");
+    assert_eq!(at_a["train_examples"], a["train_rows"]);
+
+    // A batch no site can serve: refused by the plan and at submit.
+    let big = job(&fed, "big.toml", |t| small_spec(t).replace("batch_size = 32", "batch_size = 100000"));
+    let out = fed.client("rita", &["job", "plan", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL batch          training.batch_size 100000"));
+    let out = fed.client("alice", &["job", "submit", big.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("training.batch_size 100000 against"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A spec that is wrong on its own is refused before anything is sent.
+    let broken = job(&fed, "broken.toml", |t| small_spec(t).replace("rounds = 5", "rounds = 0"));
+    let out = fed.client("rita", &["job", "plan", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("training.rounds: must be in 1..=10000, got 0"));
+}

@@ -92,13 +92,13 @@ fn watching_off_a_terminal_prints_a_line_per_round_and_json_lines_on_request() {
 #[test]
 fn exit_codes_say_how_a_command_ended() {
     let (fed, _) = started_federation();
-    // A job that ends failed: so little noise that its only site refuses it.
-    let refused = WdbcJob { extra: "", ..Default::default() }.write(&fed, "refused.toml");
-    let text = std::fs::read_to_string(&refused).unwrap().replace("noise_multiplier = 1.5", "noise_multiplier = 0.05");
-    std::fs::write(&refused, text).unwrap();
-    let (status, out, _) = piped(&fed, "alice", &["job", "submit", refused.to_str().unwrap(), "--watch"]);
-    assert_eq!(status.code(), Some(3), "a job ended failed: {out}");
-    assert!(out.contains("job_cap_exceeded"), "{out}");
+    // A job that ends cancelled.
+    let spec = WdbcJob { rounds: 50, local_epochs: 5.0, ..Default::default() }.write(&fed, "long.toml");
+    let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout).trim().to_string();
+    assert!(fed.client("alice", &["job", "cancel", &id]).status.success());
+    let (status, out, _) = piped(&fed, "alice", &["job", "watch", &id]);
+    assert_eq!(status.code(), Some(3), "a job ended cancelled: {out}");
+    assert!(out.contains("state      cancelled"), "{out}");
     // An error: a spec that does not exist.
     let (status, _, err) = piped(&fed, "alice", &["job", "submit", "/no/such/spec.toml"]);
     assert_eq!(status.code(), Some(1), "{err}");
