@@ -331,6 +331,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
         crate::out!("  coordinator state: {}", coord_dir.join("state").display())?;
         crate::out!("  reviewer view: meridian budget --coordinator {url} --identity {}", fed.join("users").join("rita").display())?;
+        crate::out!("  the federation's configs, to run it again by hand or start your own from:")?;
+        crate::out!("    {}", coord_config.display())?;
+        for dir in &site_dirs {
+            crate::out!("    {}   (meridian site show|budget|ledger --config it)", dir.join("worker.toml").display())?;
+        }
+        crate::out!("    {}   (meridian job plan it)", job_file.display())?;
         let summary = serde_json::json!({
             "job": client::status_json(&status),
             "final_auc": final_auc,

@@ -4,6 +4,7 @@
 
 mod client;
 mod demo;
+mod init;
 mod output;
 mod provision;
 mod safetensors;
@@ -128,6 +129,18 @@ enum Command {
         /// The worker's worker.toml.
         #[arg(long, global = true, default_value = "worker.toml")]
         config: PathBuf,
+    },
+    /// Write a commented, working coordinator.toml, worker.toml or job.toml to start from.
+    Init {
+        /// What to write.
+        #[arg(value_enum)]
+        template: init::Template,
+        /// Where (default: coordinator.toml, worker.toml or job.toml here; - for stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Check a coordinator's or worker's tamper-evident audit log.
     Audit {
@@ -585,6 +598,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             Ok(Exit::Ok)
         }
         Command::Site { command, config } => site::run(command, &config).map(|()| Exit::Ok),
+        Command::Init { template, out, force } => init::run(template, out, force).map(|()| Exit::Ok),
         Command::Audit { command: AuditCommand::Verify { path } } => {
             let (entries, head) = proto::audit::verify(&path)?;
             out!("{}: {entries} entries, hash chain intact (head {head})", path.display())?;

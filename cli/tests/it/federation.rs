@@ -17,6 +17,11 @@ fn demo_federation_trains_and_ledgers_agree() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The demo says where its configs are, and they are there.
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for config in [work.join("hospital-a").join("worker.toml"), work.join("coordinator").join("coordinator.toml"), work.join("job.toml")] {
+        assert!(config.is_file() && printed.contains(config.to_str().unwrap()), "{}: {printed}", config.display());
+    }
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(work.join("summary.json")).unwrap()).unwrap();
     let job = &summary["job"];
     assert_eq!(job["state"], "completed");

@@ -289,3 +289,53 @@ fn job_plan_says_what_each_site_would_charge_before_anything_is_submitted() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("training.rounds: must be in 1..=10000, got 0"));
 }
+
+#[test]
+fn init_writes_templates_that_work_once_their_paths_exist() {
+    let fed = Federation::start(&["hospital-a"]);
+    let dir = fed.dir.join("init");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let init = |what: &str| crate::util::run(&["init", what, "--out", dir.join(format!("{what}.toml")).to_str().unwrap()]);
+    for what in ["coordinator", "worker", "job"] {
+        let out = init(what);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Never over an existing file.
+        let again = init(what);
+        assert_eq!(again.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&again.stderr).contains("exists; choose another --out or pass --force"));
+    }
+    // The files the templates name, where they name them.
+    std::fs::create_dir_all(dir.join("federation")).unwrap();
+    let copy_dir = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+    };
+    copy_dir(&fed.identity("hospital-a"), &dir.join("federation/sites/hospital-a"));
+    copy_dir(&fed.dir.join("fed").join("coordinator"), &dir.join("federation/coordinator"));
+    std::fs::copy(example("data/brfss_heart_2020.csv.gz"), dir.join("data/brfss.csv.gz")).unwrap();
+    // The worker's passes every check.
+    let out = crate::util::run(&["worker", "--check", "--config", dir.join("worker.toml").to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The coordinator's starts (on a free port).
+    let config = dir.join("coordinator.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("0.0.0.0:7443", "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
+    let ready = dir.join("ready");
+    let mut child = crate::util::meridian()
+        .args(["coordinator", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let listening = wait_for(Duration::from_secs(30), "the templated coordinator to listen", || std::fs::read_to_string(&ready).ok());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening.starts_with("127.0.0.1:"), "{listening}");
+    // The job's is a valid spec, for the template's dataset.
+    let spec = proto::job::JobSpec::from_toml(&std::fs::read_to_string(dir.join("job.toml")).unwrap(), "job.toml").unwrap();
+    assert_eq!(spec.dataset, "brfss");
+    // To stdout.
+    let out = crate::util::run(&["init", "job", "--out", "-"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("# job.toml"));
+}
