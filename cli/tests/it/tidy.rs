@@ -71,3 +71,42 @@ fn the_worker_builds_what_it_sends_about_a_job_only_in_its_outgoing_module() {
     }
     assert!(bad.is_empty(), "messages to the coordinator built outside worker::outgoing: {bad:#?}");
 }
+
+#[test]
+fn the_privacy_page_accounts_for_every_request_a_site_sends() {
+    // A request a worker sends that docs/privacy.md does not name is a
+    // value leaving the site that nobody has said how it is protected.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let proto = std::fs::read_to_string(root.join("proto/proto/meridian/v1/meridian.proto")).unwrap();
+    let privacy = std::fs::read_to_string(root.join("docs/privacy.md")).unwrap();
+    let service = &proto[proto.find("service WorkerService {").unwrap()..];
+    let service = &service[..service.find("\n}").unwrap()];
+    let requests: Vec<&str> = service
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .map(|l| l[l.find('(').unwrap() + 1..l.find(')').unwrap()].trim_start_matches("stream ").trim())
+        .collect();
+    assert!(requests.len() >= 10, "{requests:?}");
+    let missing: Vec<&&str> = requests.iter().filter(|r| !privacy.contains(&format!("`{r}`"))).collect();
+    assert!(missing.is_empty(), "requests of WorkerService docs/privacy.md does not account for: {missing:?}");
+}
+
+#[test]
+fn the_documents_answer_a_newcomers_first_questions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let (readme, operations, privacy) = (read("README.md"), read("docs/operations.md"), read("docs/privacy.md"));
+    for (doc, text, needles) in [
+        ("docs/operations.md", &operations, &["## The model", "log-odds", "`inputs`", "standardise", "## Missing and unexpected values", "## Restarting the daemons", "`audit.head`", "To recover"][..]),
+        ("README.md", &readme, &["Exit codes", "job plan", "meridian init", "site show", "docs/operations.md", "released"][..]),
+        ("docs/privacy.md", &privacy, &["## What leaves a site", "size_release", "clip_count", "evaluation", "### Not covered", "SyncLedger"][..]),
+    ] {
+        for needle in needles {
+            assert!(text.contains(needle), "{doc} does not say {needle:?}");
+        }
+    }
+    // The "Not covered" list no longer has unnoised metrics by default.
+    let not_covered = &privacy[privacy.find("### Not covered").unwrap()..];
+    let not_covered = &not_covered[..not_covered.find("\n## ").unwrap_or(not_covered.len())];
+    assert!(!not_covered.contains("Held-out evaluation metrics are aggregate statistics released without noise"));
+}
