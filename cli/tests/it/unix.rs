@@ -134,3 +134,35 @@ fn daemons_write_json_logs_on_request() {
         assert!(event["level"].is_string() && event["fields"].is_object(), "{line}");
     }
 }
+
+/// What `meridian ARGS` writes on a terminal (a pseudo-terminal from
+/// util-linux `script`), with `env` set; `None` where `script` is missing.
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> Option<String> {
+    let exe = env!("CARGO_BIN_EXE_meridian");
+    let mut command = std::process::Command::new("script");
+    command.args(["-q", "-e", "-c", &format!("{exe} {args}"), "/dev/null"]).stdin(Stdio::null());
+    command.env_remove("NO_COLOR");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn no_colour_on_a_terminal_when_no_color_is_set() {
+    // A coordinator run on a terminal for two seconds, stopped by `timeout`.
+    let fed = Federation::start(&[]);
+    let config = fed.dir.join("tty.toml");
+    std::fs::write(&config, std::fs::read_to_string(fed.dir.join("coordinator.toml")).unwrap().replace("coord-state", "tty-state")).unwrap();
+    let args = format!("coordinator --config {}", config.display());
+    let Some(coloured) = on_a_terminal(&format!("--version && timeout 2 {} {args}", env!("CARGO_BIN_EXE_meridian")), &[]) else {
+        eprintln!("no `script` on this machine: skipped");
+        return;
+    };
+    assert!(coloured.contains("listening") || coloured.contains("INFO"), "{coloured}");
+    assert!(coloured.contains('\u{1b}'), "a terminal gets colour: {coloured:?}");
+    let plain = on_a_terminal(&format!("--version && timeout 2 {} {args}", env!("CARGO_BIN_EXE_meridian")), &[("NO_COLOR", "1")]).unwrap();
+    assert!(plain.contains("INFO"), "{plain}");
+    assert!(!plain.contains('\u{1b}'), "NO_COLOR: {plain:?}");
+}
