@@ -311,6 +311,11 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// A protobuf message stored as a blob in `table`.
+fn decode<T: prost::Message + Default>(blob: &[u8], table: &'static str) -> Result<T> {
+    T::decode(blob).map_err(|e| StoreError::Corrupt { table, detail: e.to_string() })
+}
+
 fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "{}".to_string())
 }
@@ -713,7 +718,6 @@ impl Store {
 
     /// Every registered site's announced policy.
     pub fn policies(&self) -> Result<std::collections::HashMap<String, pb::SitePolicy>> {
-        use prost::Message;
         let rows = self.with(|c| {
             let mut stmt = c.prepare("SELECT name, policy FROM sites")?;
             let rows = stmt
@@ -721,18 +725,11 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
-        rows.into_iter()
-            .map(|(site, blob)| {
-                let policy = pb::SitePolicy::decode(blob.as_slice())
-                    .map_err(|e| StoreError::Corrupt { table: "sites", detail: e.to_string() })?;
-                Ok((site, policy))
-            })
-            .collect()
+        rows.into_iter().map(|(site, blob)| Ok((site, decode(&blob, "sites")?))).collect()
     }
 
     /// Every dataset announced by every site.
     pub fn datasets(&self) -> Result<Vec<DatasetRow>> {
-        use prost::Message;
         let rows = self.with(|c| {
             let mut stmt = c.prepare("SELECT site, info FROM datasets ORDER BY site, name")?;
             let rows = stmt
@@ -740,15 +737,7 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
-        rows.into_iter()
-            .map(|(site, blob)| {
-                let info = pb::DatasetInfo::decode(blob.as_slice()).map_err(|e| StoreError::Corrupt {
-                    table: "datasets",
-                    detail: e.to_string(),
-                })?;
-                Ok(DatasetRow { site, info })
-            })
-            .collect()
+        rows.into_iter().map(|(site, blob)| Ok(DatasetRow { site, info: decode(&blob, "datasets")? })).collect()
     }
 
     /// Mirrors ledger entries of `site` (idempotent by sequence number).

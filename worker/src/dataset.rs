@@ -486,15 +486,7 @@ pub fn count_split(path: &Path, split: &SplitOptions) -> Result<SplitSizes, Data
     }
     let (mut train, mut test) = (0u64, 0u64);
     let mut record = csv::ByteRecord::new();
-    loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                let line = reader.get_ref().current_line();
-                return Err(DatasetError::Read { path: path.to_path_buf(), line, source });
-            }
-        }
+    while next_record(path, &mut reader, &mut record)? {
         digest.update(record_digest(0, &record));
         if split.holds_out(&record) {
             test += 1;
@@ -554,15 +546,7 @@ pub fn survey(path: &Path, label: &str, numeric: &[String], categorical: &[Strin
     }
     let (mut rows, mut bad_width) = (0u64, 0u64);
     let mut record = csv::ByteRecord::new();
-    loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                let line = reader.get_ref().current_line();
-                return Err(DatasetError::Read { path: path.to_path_buf(), line, source });
-            }
-        }
+    while next_record(path, &mut reader, &mut record)? {
         rows += 1;
         if record.len() != header.len() {
             bad_width += 1;
@@ -594,6 +578,14 @@ pub fn survey(path: &Path, label: &str, numeric: &[String], categorical: &[Strin
         })
         .collect();
     Ok(Survey { rows, bad_width, missing, columns })
+}
+
+/// Reads the next record into `record`; false at the end of the file.
+fn next_record(path: &Path, reader: &mut CsvReader, record: &mut csv::ByteRecord) -> Result<bool, DatasetError> {
+    reader.read_byte_record(record).map_err(|source| {
+        let line = reader.get_ref().current_line();
+        DatasetError::Read { path: path.to_path_buf(), line, source }
+    })
 }
 
 /// SHA-256 of `seed` and a record's trimmed fields, each prefixed by its length.
@@ -808,19 +800,7 @@ fn read_rows(
         held_out: Vec::new(),
     };
     let mut record = csv::ByteRecord::new();
-    loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => return Ok(rows),
-            Err(source) => {
-                let line = reader.get_ref().current_line();
-                return Err(DatasetError::Read {
-                    path: path.to_path_buf(),
-                    line,
-                    source,
-                });
-            }
-        }
+    while next_record(path, reader, &mut record)? {
         let start = record.position().map_or(0, csv::Position::byte);
         let line = reader.get_mut().record_line(start);
         if let Err(fault) = rows.push(layout, &record) {
@@ -836,6 +816,7 @@ fn read_rows(
         }
         rows.held_out.push(split.holds_out(&record));
     }
+    Ok(rows)
 }
 
 impl Rows {
