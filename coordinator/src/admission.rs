@@ -35,6 +35,8 @@ pub struct Expected<'a> {
     /// The training examples the sending site declared when it accepted the
     /// job (released with noise): its FedAvg weight in every round.
     pub declared_examples: u64,
+    /// Whether the job's spec releases a clip count with each round.
+    pub releases_clip_count: bool,
 }
 
 /// Checks an update's header, sent by `site`: the round, the layout, the
@@ -73,15 +75,10 @@ pub fn check_header<'h>(
     if !belongs(entry, Mechanism::DpSgd) {
         return Err("the ledger entry does not belong to this job, round and site".to_string());
     }
-    // A released clip count comes with the charge for it, and only then.
-    match (&header.clipped_count, &header.clip_entry) {
-        (None, None) => {}
-        (Some(_), Some(clip)) if belongs(clip, Mechanism::ClipCount) => {}
-        (Some(_), Some(_)) => {
-            return Err("the clip count's ledger entry does not belong to this job, round and site".to_string());
-        }
-        (Some(_), None) => return Err("the update's clip count carries no ledger entry".to_string()),
-        (None, Some(_)) => return Err("the update carries a clip count entry but no clip count".to_string()),
+    // A clip count is charged with the steps, at their joint noise: only a
+    // job whose spec releases one may receive one.
+    if header.clipped_count.is_some() && !expected.releases_clip_count {
+        return Err("the update carries a clip count, which the job's spec does not release".to_string());
     }
     if let Some((name, value)) = header.exact_metrics.iter().find(|(_, v)| !v.is_finite()) {
         return Err(format!("exact_metrics.{name}: not finite ({value})"));
@@ -267,6 +264,7 @@ mod tests {
             spec_hash: "spec",
             max_update_norm: Some(2.0),
             declared_examples: 10,
+            releases_clip_count: true,
         }
     }
 
@@ -294,30 +292,18 @@ mod tests {
     }
 
     #[test]
-    fn a_clip_count_is_admitted_only_with_its_own_charge() {
-        let clip_entry = |mechanism: Mechanism| pb::LedgerEntry {
-            mechanism: mechanism.to_wire(),
-            ..header().ledger_entry.unwrap()
-        };
-        let with = |count: Option<i64>, entry: Option<pb::LedgerEntry>| pb::UpdateHeader {
-            clipped_count: count,
-            clip_entry: entry,
-            ..header()
-        };
-        let e = expected();
-        assert!(check_header(&e, "hospital-a", &with(Some(12), Some(clip_entry(Mechanism::ClipCount)))).is_ok());
-        for (h, why) in [
-            (with(Some(12), None), "carries no ledger entry"),
-            (with(None, Some(clip_entry(Mechanism::ClipCount))), "no clip count"),
-            (with(Some(12), Some(clip_entry(Mechanism::Evaluation))), "does not belong"),
-        ] {
-            let err = check_header(&e, "hospital-a", &h).unwrap_err();
-            assert!(err.contains(why), "{err}");
-        }
+    fn a_clip_count_is_admitted_only_where_the_spec_releases_one() {
+        let h = pb::UpdateHeader { clipped_count: Some(12), ..header() };
+        assert!(check_header(&expected(), "hospital-a", &h).is_ok());
+        let without = Expected { releases_clip_count: false, ..expected() };
+        let err = check_header(&without, "hospital-a", &h).unwrap_err();
+        assert!(err.contains("does not release"), "{err}");
         // The DP-SGD entry must be one: an evaluation's entry does not charge an update.
         let mut h = header();
-        h.ledger_entry = Some(clip_entry(Mechanism::Evaluation));
-        assert!(check_header(&e, "hospital-a", &h).is_err());
+        if let Some(e) = &mut h.ledger_entry {
+            e.mechanism = Mechanism::Evaluation.to_wire();
+        }
+        assert!(check_header(&expected(), "hospital-a", &h).is_err());
     }
 
     #[test]

@@ -582,7 +582,7 @@ impl pb::worker_service_server::WorkerService for Services {
                 for (key, job_id) in finished {
                     sent.remove(&key);
                     if let Ok(Some(job)) = this.inner.store.job(&job_id)
-                        && matches!(job.state, JobState::Cancelled | JobState::Failed)
+                        && job.state.is_terminal()
                     {
                         let cancel = pb::Task {
                             job_id,
@@ -729,8 +729,7 @@ impl pb::worker_service_server::WorkerService for Services {
         };
         let job = self.job_or_not_found(&header.job_id)?;
         // The site's charges are mirrored before anything can refuse the update: they were spent.
-        let charges: Vec<pb::LedgerEntry> = header.ledger_entry.iter().chain(&header.clip_entry).cloned().collect();
-        self.mirror_own(&who.name, &job, &charges)?;
+        self.mirror_own(&who.name, &job, header.ledger_entry.as_slice())?;
         let participant = self.require_participant(&job, &who.name)?;
         let reject = |reason: String| {
             warn!(job_id = %job.id, site = %who.name, round = header.round, reason, "update rejected");
@@ -755,6 +754,7 @@ impl pb::worker_service_server::WorkerService for Services {
             spec_hash: &job.spec_hash,
             max_update_norm: job.spec.policy.max_update_norm,
             declared_examples: participant.train_examples,
+            releases_clip_count: job.spec.privacy.clip_count_noise > 0.0,
         };
         let entry = match admission::check_header(&expected, &who.name, &header) {
             Ok(entry) => entry.clone(),

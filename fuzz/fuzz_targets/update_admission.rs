@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         spec_hash: "s",
         max_update_norm: Some(BOUND),
         declared_examples: 40,
+        releases_clip_count: true,
     };
     let mut buf = data;
     let mut messages = Vec::new();

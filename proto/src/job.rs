@@ -419,13 +419,31 @@ pub struct PrivacySpec {
     pub delta: f64,
     /// Standard deviation of the noise on each DP-SGD step's count of
     /// clipped examples, which a site sums over a round and releases (the
-    /// clipped fraction the scientist tunes C with); 0: not released.
+    /// clipped fraction the scientist tunes C with); 0: not released. The
+    /// step is then charged at [`PrivacySpec::charged_noise_multiplier`].
     #[serde(default = "default_clip_count_noise")]
     pub clip_count_noise: f64,
 }
 
 fn default_clip_count_noise() -> f64 {
     10.0
+}
+
+impl PrivacySpec {
+    /// The noise multiplier each DP-SGD step is charged at. A step's
+    /// clipped count is released from the same Poisson sample as its noised
+    /// gradient sum, so the two are one Gaussian mechanism on the vector
+    /// (sum / C, count), sensitivity (1, 1) for one record, with noise
+    /// (σ, σ_b): a Gaussian of noise multiplier
+    /// σ_eff = (σ⁻² + σ_b⁻²)^(−1/2). Charging the two apart would charge
+    /// less than the mechanism run; without a clip count it is σ.
+    pub fn charged_noise_multiplier(&self) -> f64 {
+        if self.clip_count_noise > 0.0 {
+            (self.noise_multiplier.powi(-2) + self.clip_count_noise.powi(-2)).powf(-0.5)
+        } else {
+            self.noise_multiplier
+        }
+    }
 }
 
 /// One mechanism a job runs at a site, as the site's ledger will charge
@@ -518,11 +536,24 @@ impl JobSpec {
     }
 
     /// Parses the canonical JSON sent to sites.
+    ///
+    /// A spec stored by an earlier version reads too: its per-job
+    /// `privacy.count_noise_scale` is dropped and a missing `evaluation`
+    /// takes the defaults. (Its hash is then another spec's, so a site
+    /// refuses to accept it again, but a job already running carries on.)
     pub fn from_canonical_json(json: &str) -> Result<JobSpec, SpecError> {
-        let spec: JobSpec = serde_json::from_str(json).map_err(|e| SpecError::Invalid {
-            origin: "job offer".to_string(),
-            problems: vec![e.to_string()],
-        })?;
+        let invalid = |e: serde_json::Error| SpecError::Invalid { origin: "job offer".to_string(), problems: vec![e.to_string()] };
+        let mut value: serde_json::Value = serde_json::from_str(json).map_err(invalid)?;
+        if let Some(privacy) = value.get_mut("privacy").and_then(serde_json::Value::as_object_mut) {
+            privacy.remove("count_noise_scale");
+        }
+        if let Some(object) = value.as_object_mut()
+            && !object.contains_key("evaluation")
+        {
+            let defaults = serde_json::to_value(EvaluationSpec::default()).map_err(invalid)?;
+            object.insert("evaluation".to_string(), defaults);
+        }
+        let spec: JobSpec = serde_json::from_value(value).map_err(invalid)?;
         spec.validate().map_err(|problems| SpecError::Invalid {
             origin: "job offer".to_string(),
             problems,
@@ -539,18 +570,10 @@ impl JobSpec {
         let dp_sgd = PlannedCharge {
             mechanism: Mechanism::DpSgd,
             sample_rate: q,
-            noise_multiplier: self.privacy.noise_multiplier,
+            noise_multiplier: self.privacy.charged_noise_multiplier(),
             steps: steps_per_round * u64::from(t.rounds),
         };
         let mut charges = vec![dp_sgd];
-        if self.privacy.clip_count_noise > 0.0 {
-            charges.push(PlannedCharge {
-                mechanism: Mechanism::ClipCount,
-                sample_rate: q,
-                noise_multiplier: self.privacy.clip_count_noise,
-                steps: dp_sgd.steps,
-            });
-        }
         // The model each round starts from, then the final one.
         let e = &self.evaluation;
         charges.push(PlannedCharge {

@@ -13,14 +13,12 @@ use crate::pb;
 /// A mechanism a site charges to its ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Mechanism {
-    /// One round of DP-SGD.
+    /// One round of DP-SGD, with its clip count if the spec releases one.
     DpSgd,
     /// The dataset's training and test sizes, released once for every job.
     SizeRelease,
     /// A held-out evaluation: the test split's score × label histogram.
     Evaluation,
-    /// The clipped examples of each step of a round.
-    ClipCount,
     /// A job's training-set size, released at acceptance by sites that
     /// predate size releases.
     JobSize,
@@ -28,8 +26,7 @@ pub enum Mechanism {
 
 impl Mechanism {
     /// Every mechanism.
-    pub const ALL: [Mechanism; 5] =
-        [Mechanism::DpSgd, Mechanism::SizeRelease, Mechanism::Evaluation, Mechanism::ClipCount, Mechanism::JobSize];
+    pub const ALL: [Mechanism; 4] = [Mechanism::DpSgd, Mechanism::SizeRelease, Mechanism::Evaluation, Mechanism::JobSize];
 
     /// Its name in ledgers, JSON and tables (`dp_sgd`).
     pub fn as_str(self) -> &'static str {
@@ -37,7 +34,6 @@ impl Mechanism {
             Mechanism::DpSgd => "dp_sgd",
             Mechanism::SizeRelease => "size_release",
             Mechanism::Evaluation => "evaluation",
-            Mechanism::ClipCount => "clip_count",
             Mechanism::JobSize => "job_size",
         }
     }
@@ -53,7 +49,6 @@ impl Mechanism {
             Mechanism::DpSgd => pb::Mechanism::DpSgd,
             Mechanism::SizeRelease => pb::Mechanism::SizeRelease,
             Mechanism::Evaluation => pb::Mechanism::Evaluation,
-            Mechanism::ClipCount => pb::Mechanism::ClipCount,
             Mechanism::JobSize => pb::Mechanism::JobSize,
         }) as i32
     }
@@ -65,7 +60,6 @@ impl Mechanism {
             Ok(pb::Mechanism::DpSgd) => Mechanism::DpSgd,
             Ok(pb::Mechanism::SizeRelease) => Mechanism::SizeRelease,
             Ok(pb::Mechanism::Evaluation) => Mechanism::Evaluation,
-            Ok(pb::Mechanism::ClipCount) => Mechanism::ClipCount,
             Ok(pb::Mechanism::JobSize) => Mechanism::JobSize,
             Ok(pb::Mechanism::Unspecified) | Err(_) if entry.round == 0 => Mechanism::JobSize,
             Ok(pb::Mechanism::Unspecified) | Err(_) => Mechanism::DpSgd,

@@ -189,6 +189,13 @@ impl Approvals {
                 now_ms()
             ],
         )?;
+        // Offered again (after a restart, or a round of other decisions): a
+        // person reads the cost as it is now.
+        conn.execute(
+            "UPDATE approvals SET planned_epsilon = ?3, projected_epsilon = ?4
+             WHERE job_id = ?1 AND spec_hash = ?2 AND state = 'pending'",
+            params![a.job_id, a.spec_hash, a.planned_epsilon, a.projected_epsilon],
+        )?;
         drop(conn);
         self.waiting(&a.job_id, &a.spec_hash)?.ok_or_else(|| ApprovalError::Unknown(a.job_id.clone()))
     }

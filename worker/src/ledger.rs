@@ -60,6 +60,19 @@ pub enum LedgerError {
         /// The budget.
         budget: f64,
     },
+    /// A charge the job's accepted plan does not hold: a round or a release
+    /// the site never agreed to (a coordinator asking for more).
+    #[error("job {job_id}: charging {mechanism} at σ {noise_multiplier} for round {round} would go past the plan the site accepted")]
+    BeyondPlan {
+        /// Job.
+        job_id: String,
+        /// Round.
+        round: u32,
+        /// What was to be charged.
+        mechanism: Mechanism,
+        /// At which noise.
+        noise_multiplier: f64,
+    },
     /// A stored plan that no longer parses.
     #[error("job {job_id}: stored plan is unreadable: {detail}")]
     CorruptPlan {
@@ -152,6 +165,9 @@ pub struct SizeRelease {
     pub test_rows: u64,
     /// The exact counts, which never leave the site.
     pub exact: SplitSizes,
+    /// The records changed since this release, but the budget (with what
+    /// running jobs have reserved) could not take a new one.
+    pub stale: bool,
     /// The ledger entry that charged it.
     pub ledger_seq: u64,
 }
@@ -525,6 +541,17 @@ impl Ledger {
             return Self::size_release(&tx, &dataset.name, *release)?
                 .ok_or_else(|| LedgerError::Sql(rusqlite::Error::QueryReturnedNoRows));
         }
+        // A new release must leave room for what running jobs have reserved;
+        // when it cannot, the last release stands (for older records).
+        let mut items = Self::charged(&tx, &dataset.name)?;
+        items.extend(Self::reserved(&tx, &dataset.name, "")?);
+        items.push((1.0, dataset.size_noise_scale, 1));
+        if compose(items, dataset.budget_delta)? > dataset.budget_epsilon
+            && let Some((release, ..)) = &latest
+        {
+            let last = Self::size_release(&tx, &dataset.name, *release)?;
+            return last.map(|r| SizeRelease { stale: true, ..r }).ok_or(LedgerError::Sql(rusqlite::Error::QueryReturnedNoRows));
+        }
         let release = latest.map_or(1, |(r, ..)| r + 1);
         let noisy = privacy::release::release_counts(&[sizes.train, sizes.test], dataset.size_noise_scale)?;
         // Post-processing: a size is not negative.
@@ -561,7 +588,7 @@ impl Ledger {
             ],
         )?;
         tx.commit()?;
-        Ok(SizeRelease { release, train_rows, test_rows, exact: sizes.clone(), ledger_seq: entry.seq })
+        Ok(SizeRelease { release, train_rows, test_rows, exact: sizes.clone(), ledger_seq: entry.seq, stale: false })
     }
 
     /// (release, digest, test fraction, split seed) of the dataset's latest size release.
@@ -593,6 +620,7 @@ impl Ledger {
                             test: r.get::<_, i64>(5)? as u64,
                         },
                         ledger_seq: r.get::<_, i64>(6)? as u64,
+                        stale: false,
                     })
                 },
             )
@@ -655,12 +683,14 @@ impl Ledger {
         )?)
     }
 
-    /// The entries after sequence number `seq`, oldest first.
-    pub fn entries_after(&self, seq: u64) -> Result<Vec<pb::LedgerEntry>, LedgerError> {
+    /// At most `limit` entries after sequence number `seq`, oldest first.
+    pub fn entries_after(&self, seq: u64, limit: usize) -> Result<Vec<pb::LedgerEntry>, LedgerError> {
         let conn = self.lock();
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        let mut stmt = conn.prepare(&format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE seq > ?1 ORDER BY seq"))?;
-        let rows = stmt.query_map(params![seq], entry_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt =
+            conn.prepare(&format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        let rows = stmt.query_map(params![seq, limit], entry_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
@@ -733,6 +763,47 @@ impl Ledger {
         Ok(Some((entry, values)))
     }
 
+    /// Refuses a job's charge that its accepted plan does not hold: no
+    /// more steps of a mechanism at a noise than the plan has left of it
+    /// (the per-job cap and the reservations were judged on the plan). A
+    /// size release has no job; a job decided before plans were stored is
+    /// not bound.
+    fn check_within_plan(tx: &Connection, c: &Charge) -> Result<(), LedgerError> {
+        if c.job_id.is_empty() {
+            return Ok(());
+        }
+        let beyond = || LedgerError::BeyondPlan {
+            job_id: c.job_id.clone(),
+            round: c.round,
+            mechanism: c.mechanism,
+            noise_multiplier: c.noise_multiplier,
+        };
+        let stored: Option<(i64, String)> = tx
+            .query_row("SELECT accepted, plan_json FROM jobs WHERE job_id = ?1", params![c.job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let plan = match stored {
+            Some((1, json)) if json.is_empty() => return Ok(()),
+            Some((1, json)) => parse_plan(&c.job_id, &json)?,
+            _ => return Err(beyond()),
+        };
+        let same = |m: Mechanism, sigma: f64| m == c.mechanism && (sigma - c.noise_multiplier).abs() <= 1e-12 * sigma.max(1.0);
+        let planned: u64 = plan.iter().filter(|(m, (_, sigma, _))| same(*m, *sigma)).map(|(_, (_, _, steps))| steps).sum();
+        let mut stmt = tx.prepare("SELECT mechanism, noise_multiplier, steps FROM ledger WHERE job_id = ?1")?;
+        let mut used = 0u64;
+        for row in stmt.query_map(params![c.job_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?, r.get::<_, i64>(2)? as u64))
+        })? {
+            let (m, sigma, steps) = row?;
+            if Mechanism::parse(&m).is_some_and(|m| same(m, sigma)) {
+                used += steps;
+            }
+        }
+        if used + c.steps > planned {
+            return Err(beyond());
+        }
+        Ok(())
+    }
+
     fn find(tx: &Connection, dataset: &str, c: &Charge) -> Result<Option<pb::LedgerEntry>, LedgerError> {
         Ok(tx
             .query_row(
@@ -761,6 +832,7 @@ impl Ledger {
         if let Some(existing) = Self::find(tx, &dataset.name, c)? {
             return Ok(existing);
         }
+        Self::check_within_plan(tx, c)?;
         let this = (c.sample_rate, c.noise_multiplier, c.steps);
         let epsilon_round = compose([this], c.delta)?;
         let mut job_items: Vec<Item> = {

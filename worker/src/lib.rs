@@ -196,6 +196,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     Ok(())
 }
 
+/// Ledger entries sent in one `SyncLedger` call (about 300 bytes each).
+const SYNC_BATCH: usize = 1_000;
+
 /// What a decision says a job costs.
 fn cost_of(decision: &ledger::Decision) -> outgoing::Cost {
     outgoing::Cost { planned: decision.planned_epsilon, projected: decision.projected_epsilon }
@@ -261,6 +264,9 @@ impl Worker {
             .and_then(|sizes| self.ledger.release_sizes(d, &sizes).map_err(|e| e.to_string()));
         let size = match released {
             Ok(r) => {
+                if r.stale {
+                    warn!(dataset = %d.name, release = r.release, "the dataset's records changed, but its budget has no room for a new size release: the last one stands");
+                }
                 info!(dataset = %d.name, release = r.release, train_rows = r.train_rows, test_rows = r.test_rows, "dataset sizes released");
                 Some(pb::ReleasedSize { train_rows: r.train_rows, test_rows: r.test_rows, release: r.release })
             }
@@ -291,12 +297,13 @@ impl Worker {
         let datasets = tokio::task::spawn_blocking(move || this.announcements())
             .await
             .map_err(|e| tonic::Status::internal(format!("announcing the datasets panicked: {e}")))?;
-        let ledger = self.ledger.entries().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        // The ledger follows in batches through SyncLedger: a long one would
+        // not fit one message.
         let reply = client
             .register(pb::RegisterRequest {
                 datasets,
                 software_version: env!("CARGO_PKG_VERSION").to_string(),
-                ledger,
+                ledger: Vec::new(),
                 policy: Some(self.policy()),
             })
             .await?
@@ -359,7 +366,7 @@ impl Worker {
         loop {
             match self.ledger.head() {
                 Ok((count, head)) if (count, head) != (mirrored.count, mirrored.head) => {
-                    let entries = match self.ledger.entries_after(since) {
+                    let entries = match self.ledger.entries_after(since, SYNC_BATCH) {
                         Ok(entries) => entries,
                         Err(e) => {
                             warn!(error = %e, "cannot read the ledger to mirror it");
@@ -373,9 +380,13 @@ impl Worker {
                             since = self.synced_through(&mirrored);
                             // A mirror that still disagrees after the whole ledger (entries the
                             // site no longer has) is not sent everything every second.
-                            pause = if sent_all && since == 0 && (count, head) != (mirrored.count, mirrored.head) {
+                            let behind = (count, head) != (mirrored.count, mirrored.head);
+                            pause = if sent_all && since == 0 && behind && count <= SYNC_BATCH as u64 {
                                 warn!(count, head, mirrored_count = mirrored.count, mirrored_head = mirrored.head, "the coordinator's mirror holds entries this ledger lacks");
                                 Duration::from_secs(60)
+                            } else if behind && since > 0 {
+                                // More batches to send: straight on.
+                                Duration::ZERO
                             } else {
                                 Duration::from_secs(1)
                             };
@@ -414,12 +425,10 @@ impl Worker {
                 if let Err(e) = self.approvals.stop(&task.job_id) {
                     warn!(error = %e, "cannot mark the job's offer stopped");
                 }
-                if let Some(job) = lock(&self.jobs).remove(&task.job_id) {
+                if let Some(job) = lock(&self.jobs).get(&task.job_id) {
                     job.cancel.cancel();
                 }
-                if let Err(e) = self.ledger.finish_job(&task.job_id) {
-                    warn!(error = %e, "cannot release the job's reservation");
-                }
+                self.finish(&task.job_id);
                 return;
             }
         };

@@ -124,7 +124,8 @@ pub struct UpdateFacts {
     pub weight: u64,
     /// The DP-SGD charge of the round.
     pub entry: pb::LedgerEntry,
-    /// The round's clipped examples, released (absent when the spec releases none).
+    /// The round's clipped examples, released with the DP-SGD entry (absent
+    /// when the spec releases none).
     pub clipped: Option<Released<i64>>,
     /// Exact training metrics, under the site's policy only.
     pub exact: ExactMetrics,
@@ -132,10 +133,8 @@ pub struct UpdateFacts {
 
 /// The header of a whole update (`upload` cuts a large one into parts).
 pub fn update_header(facts: UpdateFacts) -> pb::UpdateHeader {
-    let (clipped_count, clip_entry) = match facts.clipped {
-        Some(r) => (Some(r.value), Some(r.entry)),
-        None => (None, None),
-    };
+    // A clip count is charged with the steps, by the update's own entry.
+    let clipped_count = facts.clipped.map(|r| r.value);
     pb::UpdateHeader {
         job_id: facts.job_id,
         round: facts.round,
@@ -144,7 +143,6 @@ pub fn update_header(facts: UpdateFacts) -> pb::UpdateHeader {
         num_examples: facts.weight,
         ledger_entry: Some(facts.entry),
         clipped_count,
-        clip_entry,
         exact_metrics: facts.exact.unwrap_or_default().into_iter().collect(),
         ..Default::default()
     }

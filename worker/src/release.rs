@@ -1,4 +1,4 @@
-//! The releases a site makes during a job besides its DP-SGD updates: each
+//! The releases a site makes during a job beside its DP-SGD updates: each
 //! held-out evaluation's score × label histogram and each round's count of
 //! clipped examples, noised with OpenDP's discrete Gaussian and charged to
 //! the ledger in the transaction that draws the noise
@@ -6,10 +6,11 @@
 //!
 //! Sensitivities, for add/remove of one record: a histogram's cells move
 //! by one in one cell (L2 sensitivity 1, one Gaussian mechanism of scale
-//! σ_e for the whole vector: q = 1, σ = σ_e, one step); a step's clipped
-//! count moves by at most one and the step's batch is the DP-SGD step's
-//! Poisson sample, so a round's per-step counts are `steps` compositions of
-//! the subsampled Gaussian (q, σ_b) and their sum is post-processing.
+//! σ_e for the whole vector: q = 1, σ = σ_e, one step). A step's clipped
+//! count moves by at most one on the same Poisson sample as the step's
+//! gradient sum (which moves by at most C): the pair is one subsampled
+//! Gaussian of noise multiplier (σ⁻² + σ_b⁻²)^(−1/2), charged as the round's
+//! DP-SGD entry; summing the steps' counts is post-processing.
 
 use proto::evaluation::Histogram;
 use proto::job::{JobSpec, SitePlan};
@@ -69,32 +70,38 @@ pub fn evaluation(
     Ok(Released { value: Histogram::from_cells(&cells), entry })
 }
 
-/// Releases round `round`'s clipped examples: each step's count noised at
-/// `privacy.clip_count_noise`, summed; `None` when the spec releases none.
-pub fn clip_count(
+/// Charges round `round`'s DP-SGD steps and, if the spec releases one,
+/// draws its clip count (each step's count noised at
+/// `privacy.clip_count_noise`, summed), in one transaction: the two leave
+/// from the same Poisson samples and are charged as one mechanism at the
+/// joint noise multiplier. Asked again for the same round, the entry and the
+/// count charged then.
+pub fn round(
     ledger: &Ledger,
     dataset: &DatasetConfig,
     job: &JobRef<'_>,
     plan: &SitePlan,
     round: u32,
     per_step: &[u64],
-) -> Result<Option<Released<i64>>, LedgerError> {
+) -> Result<(pb::LedgerEntry, Option<Released<i64>>), LedgerError> {
     let noise = job.spec.privacy.clip_count_noise;
-    if noise <= 0.0 {
-        return Ok(None);
-    }
-    let charge = job.charge(round, Mechanism::ClipCount, plan.sample_rate, noise, per_step.len() as u64);
+    let mut charge = job.charge(round, Mechanism::DpSgd, plan.sample_rate, job.spec.privacy.charged_noise_multiplier(), per_step.len() as u64);
+    charge.clip_norm = job.spec.privacy.clip_norm;
     let (entry, values) = ledger.release(dataset, &charge, || {
+        if noise <= 0.0 {
+            return Ok(Vec::new());
+        }
         let noisy = privacy::release::release_counts(per_step, noise)?;
         Ok(vec![noisy.values.iter().sum()])
     })?;
-    Ok(values.first().map(|&value| Released { value, entry }))
+    let clipped = values.first().map(|&value| Released { value, entry: entry.clone() });
+    Ok((entry, clipped))
 }
 
-/// The clip count released for round `round` before, if any (an update
+/// The clip count charged with round `round` before, if any (an update
 /// sent again carries the count it was sent with).
 pub fn released_clip_count(ledger: &Ledger, job_id: &str, round: u32) -> Result<Option<Released<i64>>, LedgerError> {
-    Ok(ledger.released(job_id, round, Mechanism::ClipCount)?.and_then(|(entry, values): (pb::LedgerEntry, Vec<i64>)| {
-        values.first().map(|&value| Released { value, entry })
-    }))
+    Ok(ledger
+        .released(job_id, round, Mechanism::DpSgd)?
+        .and_then(|(entry, values)| values.first().map(|&value| Released { value, entry })))
 }

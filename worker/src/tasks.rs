@@ -23,7 +23,7 @@ use tracing::{info, instrument, warn};
 
 use crate::config::DatasetConfig;
 use crate::dataset::EncodedDataset;
-use crate::ledger::{Charge, Decision};
+use crate::ledger::Decision;
 use crate::outgoing::{self, ExactMetrics, Refusal, Released, UpdateFacts};
 use crate::release::{self, JobRef};
 use crate::{JobContext, Worker, download, lock, train, upload};
@@ -159,6 +159,12 @@ impl Worker {
         let Some(accepted) = self.accepted(client, job_id, round).await? else {
             return Ok(());
         };
+        // The site trains the rounds it accepted and no other, whoever asks.
+        let rounds = accepted.job.spec.training.rounds;
+        if round == 0 || round > rounds {
+            let detail = format!("round {round} is outside the job's {rounds} rounds");
+            return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::SpecMismatch, detail)).await;
+        }
         let outbox = self.outbox_path(job_id, round);
         let charged = match self.ledger.entry(job_id, round, Mechanism::DpSgd).map_err(internal)? {
             Some(entry) if outbox.is_file() => {
@@ -167,7 +173,16 @@ impl Worker {
                 let clipped = release::released_clip_count(&self.ledger, job_id, round).map_err(internal)?;
                 Charged { update, entry, clipped, exact: None }
             }
-            _ => match self.train_and_charge(client, job_id, &task, &accepted).await? {
+            // Charged, but its update is gone: training again would release a
+            // second update on one charge.
+            Some(_) => {
+                let detail = format!(
+                    "round {round} is charged but its update is gone from {}; it is not trained again",
+                    outbox.display()
+                );
+                return self.report_failure(client, job_id, round, Refusal::new(ReasonCode::Internal, detail)).await;
+            }
+            None => match self.train_and_charge(client, job_id, &task, &accepted).await? {
                 Some(charged) => charged,
                 None => return Ok(()),
             },
@@ -264,33 +279,21 @@ impl Worker {
         let outbox = self.outbox_path(job_id, round);
         proto::checkpoint::write_atomic(&outbox, &update).map_err(internal)?;
         let job_ref = JobRef { job_id, spec_hash: &job.spec_hash, spec: &job.spec };
-        let charges = release::clip_count(&self.ledger, &accepted.dataset, &job_ref, &plan, round, &outcome.clipped_per_step)
-            .and_then(|clipped| {
-                let charge = Charge {
-                    job_id: job_id.to_string(),
-                    spec_hash: job.spec_hash.clone(),
-                    round,
-                    mechanism: Mechanism::DpSgd,
-                    noise_multiplier: job.spec.privacy.noise_multiplier,
-                    sample_rate: outcome.sample_rate,
-                    clip_norm: job.spec.privacy.clip_norm,
-                    steps: outcome.steps,
-                    delta: job.spec.privacy.delta,
-                };
-                Ok((clipped, self.ledger.charge(&accepted.dataset, &charge)?))
-            });
-        let (clipped, entry) = match charges {
-            Ok(charged) => charged,
-            Err(e) => {
-                let _ = std::fs::remove_file(&outbox);
-                let code = match e {
-                    crate::ledger::LedgerError::OverBudget { .. } => ReasonCode::BudgetExceeded,
-                    _ => ReasonCode::Internal,
-                };
-                self.report_failure(client, job_id, round, Refusal::new(code, e.to_string())).await?;
-                return Ok(None);
-            }
-        };
+        let (entry, clipped) =
+            match release::round(&self.ledger, &accepted.dataset, &job_ref, &plan, round, &outcome.clipped_per_step) {
+                Ok(charged) => charged,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&outbox);
+                    let code = match e {
+                        crate::ledger::LedgerError::OverBudget { .. } | crate::ledger::LedgerError::BeyondPlan { .. } => {
+                            ReasonCode::BudgetExceeded
+                        }
+                        _ => ReasonCode::Internal,
+                    };
+                    self.report_failure(client, job_id, round, Refusal::new(code, e.to_string())).await?;
+                    return Ok(None);
+                }
+            };
         self.audit(
             "epsilon.charged",
             job_id,
@@ -300,7 +303,7 @@ impl Worker {
                 "epsilon_round": entry.epsilon_round,
                 "epsilon_job": entry.epsilon_job,
                 "epsilon_dataset": entry.epsilon_dataset,
-                "clip_count_seq": clipped.as_ref().map(|c| c.entry.seq),
+                "clip_count_released": clipped.is_some(),
             }),
         );
         let exact = self.exact_metrics(job_id, round, "training", outcome.exact_metrics);
@@ -368,15 +371,48 @@ impl Worker {
         let Some(accepted) = self.accepted(client, job_id, task.round).await? else {
             return Ok(());
         };
+        let outcome = self.evaluate_final(client, job_id, &task, &accepted).await;
+        // The job is over for this site, evaluated or not: release its
+        // reservation and its outbox.
+        self.finish(job_id);
+        outcome
+    }
+
+    async fn evaluate_final(
+        &self,
+        client: &mut WorkerServiceClient<Channel>,
+        job_id: &str,
+        task: &pb::EvaluateTask,
+        accepted: &Accepted,
+    ) -> Result<(), tonic::Status> {
+        // The final evaluation is of the last round's model, and there is one.
+        let rounds = accepted.job.spec.training.rounds;
+        if task.round != rounds {
+            let detail = format!("an evaluation of round {} is not the final one of the job's {rounds} rounds", task.round);
+            return self.report_failure(client, job_id, task.round, Refusal::new(ReasonCode::SpecMismatch, detail)).await;
+        }
         let wanted = (task.layout_hash.as_str(), task.num_params, task.round);
         let Some((data, arch, params)) = self.model_and_data(client, &accepted.job, job_id, task.round, wanted).await?
         else {
             return Ok(());
         };
-        self.report_evaluation(client, &accepted, &arch, &data, Arc::new(params), task.round).await?;
-        // The job is over for this site: release its reservation.
-        self.ledger.finish_job(job_id).map_err(internal)?;
+        self.report_evaluation(client, accepted, &arch, &data, Arc::new(params), task.round).await
+    }
+
+    /// Ends a job at this site: its reservation released, its updates
+    /// removed from the outbox (a finished job's rounds are never sent again).
+    pub(crate) fn finish(&self, job_id: &str) {
+        if let Err(e) = self.ledger.finish_job(job_id) {
+            warn!(job_id, error = %e, "cannot release the job's reservation");
+        }
         lock(&self.jobs).remove(job_id);
-        Ok(())
+        let prefix = format!("{job_id}-r");
+        if let Ok(entries) = std::fs::read_dir(self.config.data_dir.join("outbox")) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }

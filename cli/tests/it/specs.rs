@@ -259,7 +259,7 @@ fn job_plan_says_what_each_site_would_charge_before_anything_is_submitted() {
     let failed: Vec<&serde_json::Value> = b["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).collect();
     assert_eq!(failed[0]["code"], "too_few_rows", "{b}");
     let mechanisms: Vec<&str> = a["charges"].as_array().unwrap().iter().map(|c| c["mechanism"].as_str().unwrap()).collect();
-    assert_eq!(mechanisms, ["dp_sgd", "clip_count", "evaluation", "evaluation"]);
+    assert_eq!(mechanisms, ["dp_sgd", "evaluation", "evaluation"]);
     assert_eq!(json["takers"], 1);
     let text = String::from_utf8_lossy(&fed.client("rita", &["job", "plan", spec.to_str().unwrap()]).stdout).to_string();
     assert!(text.contains("hospital-b: would refuse it") && text.contains("1 of 2 sites would take the job; it needs 1"), "{text}");

@@ -99,7 +99,7 @@ fn the_documents_answer_a_newcomers_first_questions() {
     for (doc, text, needles) in [
         ("docs/operations.md", &operations, &["## The model", "log-odds", "`inputs`", "standardise", "## Missing and unexpected values", "## Restarting the daemons", "`audit.head`", "To recover"][..]),
         ("README.md", &readme, &["Exit codes", "job plan", "meridian init", "site show", "docs/operations.md", "released"][..]),
-        ("docs/privacy.md", &privacy, &["## What leaves a site", "size_release", "clip_count", "evaluation", "### Not covered", "SyncLedger"][..]),
+        ("docs/privacy.md", &privacy, &["## What leaves a site", "size_release", "σ_eff", "evaluation", "### Not covered", "SyncLedger"][..]),
     ] {
         for needle in needles {
             assert!(text.contains(needle), "{doc} does not say {needle:?}");

@@ -121,3 +121,15 @@ fn labels_and_levels_may_be_written_as_integers() {
     let err = JobSpec::from_toml(&WDBC.replace("positive_label = \"M\"", "positive_label = 1.0"), "job.toml").unwrap_err().to_string();
     assert!(err.contains("positive_label"), "{err}");
 }
+
+#[test]
+fn a_spec_stored_by_an_earlier_version_still_reads() {
+    let spec = JobSpec::from_toml(WDBC, "job.toml").unwrap();
+    let mut old: serde_json::Value = serde_json::from_str(&spec.canonical_json()).unwrap();
+    let object = old.as_object_mut().unwrap();
+    object.remove("evaluation");
+    object["privacy"].as_object_mut().unwrap().insert("count_noise_scale".into(), 10.0.into());
+    let read = JobSpec::from_canonical_json(&old.to_string()).unwrap();
+    assert_eq!(read.evaluation, EvaluationSpec::default());
+    assert_eq!(read.privacy.noise_multiplier, spec.privacy.noise_multiplier);
+}

@@ -112,7 +112,12 @@ pub(crate) fn add_column(conn: &Connection, table: &str, column: &str, declarati
 /// seq and value for value, into a table whose uniqueness includes the
 /// mechanism, in one transaction (a crash leaves the old table whole).
 fn add_mechanisms(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    // Immediate, and checked again inside: the daemon and a `site` command
+    // opening an old database at once migrate it once.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if has_column(&tx, "ledger", "mechanism")? {
+        return Ok(());
+    }
     tx.execute_batch(
         r#"
         ALTER TABLE ledger RENAME TO ledger_before_mechanisms;

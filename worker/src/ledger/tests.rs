@@ -41,6 +41,13 @@ fn plan(steps: u64) -> SitePlan {
     }
 }
 
+/// [`plan`] with `evaluations` evaluations at σ = 50.
+fn plan_with_evaluations(steps: u64, evaluations: u64) -> SitePlan {
+    let mut p = plan(steps);
+    p.charges.push(PlannedCharge { mechanism: Mechanism::Evaluation, sample_rate: 1.0, noise_multiplier: 50.0, steps: evaluations });
+    p
+}
+
 fn offer<'a>(job_id: &'a str, spec_hash: &'a str, spec_json: &'a str) -> Offered<'a> {
     Offered { job_id, spec_hash, spec_json, submitted_by: "alice" }
 }
@@ -93,7 +100,7 @@ fn charges_compose_are_durable_and_never_overspend() {
     let d = dataset(1.0, 1.0);
     {
         let ledger = Ledger::open(&path, "site-a").unwrap();
-        ledger.decide(&d, &offer("job-1", "h", "{\"spec\":1}"), &plan(1000), 1e-5).unwrap();
+        ledger.decide(&d, &offer("job-1", "h", "{\"spec\":1}"), &plan_with_evaluations(1000, 1), 1e-5).unwrap();
         let e1 = ledger.charge(&d, &charge("job-1", 1, 300)).unwrap();
         let e2 = ledger.charge(&d, &charge("job-1", 2, 300)).unwrap();
         assert_eq!((e1.seq, e2.seq), (1, 2));
@@ -116,9 +123,18 @@ fn charges_compose_are_durable_and_never_overspend() {
     let ledger = Ledger::open(&path, "site-a").unwrap();
     assert_eq!(ledger.entries().unwrap().len(), 3);
     assert_eq!(ledger.accepted_job("job-1").unwrap(), Some(("{\"spec\":1}".to_string(), "h".to_string())));
-    // A charge past the budget is refused and not recorded.
-    let err = ledger.charge(&d, &charge("job-1", 3, 5000)).unwrap_err();
+    // A charge past the budget (here lowered since the job was accepted) is refused and not recorded.
+    let err = ledger.charge(&dataset(0.3, 1.0), &charge("job-1", 3, 300)).unwrap_err();
     assert!(matches!(err, LedgerError::OverBudget { round: 3, .. }), "{err}");
+    assert_eq!(ledger.entries().unwrap().len(), 3);
+    // So is one the accepted plan does not hold (a second evaluation, a
+    // round at another noise), however small, and one for a job not accepted.
+    let eval = Charge { mechanism: Mechanism::Evaluation, sample_rate: 1.0, noise_multiplier: 50.0, steps: 1, ..charge("job-1", 3, 1) };
+    assert!(matches!(ledger.charge(&d, &eval), Err(LedgerError::BeyondPlan { .. })));
+    let noisier = Charge { noise_multiplier: 3.0, ..charge("job-1", 4, 1) };
+    assert!(matches!(ledger.charge(&d, &noisier), Err(LedgerError::BeyondPlan { .. })));
+    assert!(matches!(ledger.charge(&d, &charge("job-1", 4, 401)), Err(LedgerError::BeyondPlan { .. })));
+    assert!(matches!(ledger.charge(&d, &charge("job-9", 1, 1)), Err(LedgerError::BeyondPlan { .. })));
     assert_eq!(ledger.entries().unwrap().len(), 3);
     assert!(ledger.spent("heart", 1e-5).unwrap() <= 1.0);
     // The ledger is append-only.
