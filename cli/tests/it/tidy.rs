@@ -1,22 +1,20 @@
 //! Repository hygiene, as rust-analyzer's tidy: every Rust source file
 //! starts with a `//!` module doc saying why it exists.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-fn visit(dir: &Path, bad: &mut Vec<String>) {
+/// Every `.rs` file under `dir`, recursively, leaving out build output and
+/// hidden directories.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         if path.is_dir() {
             if name != "target" && !name.starts_with('.') {
-                visit(&path, bad);
+                rust_files(&path, out);
             }
         } else if name.ends_with(".rs") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let is_test_module = name == "tests.rs";
-            if !is_test_module && !text.trim_start().starts_with("//!") {
-                bad.push(path.display().to_string());
-            }
+            out.push(path);
         }
     }
 }
@@ -24,23 +22,17 @@ fn visit(dir: &Path, bad: &mut Vec<String>) {
 #[test]
 fn every_module_starts_with_a_doc_comment() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut bad = Vec::new();
+    let mut files = Vec::new();
     for krate in ["proto", "models", "privacy", "coordinator", "worker", "cli", "benches"] {
-        visit(&root.join(krate), &mut bad);
+        rust_files(&root.join(krate), &mut files);
     }
+    let bad: Vec<String> = files
+        .iter()
+        .filter(|path| !path.ends_with("tests.rs"))
+        .filter(|path| !std::fs::read_to_string(path).unwrap().trim_start().starts_with("//!"))
+        .map(|path| path.display().to_string())
+        .collect();
     assert!(bad.is_empty(), "files without a //! module doc: {bad:#?}");
-}
-
-/// Every `.rs` file under `dir`, recursively.
-fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 #[test]
