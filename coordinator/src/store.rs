@@ -324,14 +324,6 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str, table: &'static str) -> Re
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt { table, detail: e.to_string() })
 }
 
-fn metrics_json(m: &BTreeMap<String, f64>) -> String {
-    to_json(m)
-}
-
-fn parse_metrics(s: &str, table: &'static str) -> Result<BTreeMap<String, f64>> {
-    from_json(s, table)
-}
-
 /// Adds `column` to `table` of a database an earlier version wrote.
 fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
     let present: bool = conn.query_row(
@@ -514,8 +506,7 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows.into_iter()
                 .map(|(mut row, columns)| {
-                    row.reason_columns = serde_json::from_str(&columns)
-                        .map_err(|e| StoreError::Corrupt { table: "job_sites", detail: e.to_string() })?;
+                    row.reason_columns = from_json(&columns, "job_sites")?;
                     Ok(row)
                 })
                 .collect()
@@ -535,7 +526,7 @@ impl Store {
         let (planned_epsilon, projected_epsilon) = (cost.map(|c| c.0), cost.map(|c| c.1));
         let text = reason.map(SiteReason::to_string).unwrap_or_default();
         let code = reason.map_or("", |r| r.code().as_str());
-        let columns = serde_json::to_string(reason.map_or(&[][..], |r| r.columns())).unwrap_or_else(|_| "[]".into());
+        let columns = to_json(&reason.map_or(&[][..], |r| r.columns()));
         self.with(|c| {
             let n = c.execute(
                 "UPDATE job_sites SET state = ?3, reason = ?4,
@@ -612,7 +603,7 @@ impl Store {
             tx.execute(
                 "INSERT OR REPLACE INTO rounds (job_id, round, state, attempt, train_metrics_json, closed_at_ms)
                  VALUES (?1, ?2, 'aggregated', ?3, ?4, ?5)",
-                params![job_id, round, attempt, metrics_json(metrics), now_ms()],
+                params![job_id, round, attempt, to_json(metrics), now_ms()],
             )?;
             tx.execute(
                 "UPDATE jobs SET state = ?2, current_round = ?3, attempt = 1, deadline_ms = ?4, updated_at_ms = ?5 WHERE id = ?1",
@@ -635,7 +626,7 @@ impl Store {
             Ok(rows)
         })?;
         rows.into_iter()
-            .map(|(r, a, m)| Ok((r, a, parse_metrics(&m, "rounds")?)))
+            .map(|(r, a, m)| Ok((r, a, from_json(&m, "rounds")?)))
             .collect()
     }
 
@@ -718,26 +709,26 @@ impl Store {
 
     /// Every registered site's announced policy.
     pub fn policies(&self) -> Result<std::collections::HashMap<String, pb::SitePolicy>> {
-        let rows = self.with(|c| {
-            let mut stmt = c.prepare("SELECT name, policy FROM sites")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })?;
-        rows.into_iter().map(|(site, blob)| Ok((site, decode(&blob, "sites")?))).collect()
+        Ok(self.decoded_by_site("SELECT name, policy FROM sites", "sites")?.into_iter().collect())
     }
 
     /// Every dataset announced by every site.
     pub fn datasets(&self) -> Result<Vec<DatasetRow>> {
+        let rows = self.decoded_by_site("SELECT site, info FROM datasets ORDER BY site, name", "datasets")?;
+        Ok(rows.into_iter().map(|(site, info)| DatasetRow { site, info }).collect())
+    }
+
+    /// The (site, message) pairs of a query selecting a site's name and a
+    /// stored message, in the query's order.
+    fn decoded_by_site<T: prost::Message + Default>(&self, sql: &str, table: &'static str) -> Result<Vec<(String, T)>> {
         let rows = self.with(|c| {
-            let mut stmt = c.prepare("SELECT site, info FROM datasets ORDER BY site, name")?;
+            let mut stmt = c.prepare(sql)?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
-        rows.into_iter().map(|(site, blob)| Ok(DatasetRow { site, info: decode(&blob, "datasets")? })).collect()
+        rows.into_iter().map(|(site, blob)| Ok((site, decode(&blob, table)?))).collect()
     }
 
     /// Mirrors ledger entries of `site` (idempotent by sequence number).
