@@ -68,11 +68,15 @@ fn schema(d: &DatasetRow, spec: &JobSpec) -> pb::PolicyCheck {
     )
 }
 
-/// Everything charged to `site`'s `dataset`, and every running job's
-/// remaining plan there, as accountant items.
-fn committed(store: &Store, site: &str, dataset: &str) -> Result<Vec<(f64, f64, u64)>, PlanError> {
-    let entries = store.ledger(site, dataset)?;
-    let mut items: Vec<(f64, f64, u64)> = entries.iter().map(|e| (e.sample_rate, e.noise_multiplier, e.steps)).collect();
+/// (q, σ, steps) of a ledger entry, as the accountant takes it.
+fn entry_item(e: &pb::LedgerEntry) -> (f64, f64, u64) {
+    (e.sample_rate, e.noise_multiplier, e.steps)
+}
+
+/// Everything charged to `site`'s dataset (its mirrored `entries`), and
+/// every running job's remaining plan there, as accountant items.
+fn committed(store: &Store, site: &str, dataset: &str, entries: &[pb::LedgerEntry]) -> Result<Vec<(f64, f64, u64)>, PlanError> {
+    let mut items: Vec<(f64, f64, u64)> = entries.iter().map(entry_item).collect();
     for job in store.jobs()?.into_iter().filter(|j| !j.state.is_terminal() && j.spec.dataset == dataset) {
         let Some(at) = store.job_sites(&job.id)?.into_iter().find(|s| s.site == site && s.state == "accepted") else {
             continue;
@@ -81,7 +85,7 @@ fn committed(store: &Store, site: &str, dataset: &str) -> Result<Vec<(f64, f64, 
         for e in entries.iter().filter(|e| e.job_id == job.id) {
             *used.entry(Mechanism::of(e)).or_default() += e.steps;
         }
-        for c in job.spec.site_plan(at.train_examples).remaining(&used) {
+        for c in proto::job::remaining(&job.spec.site_plan(at.train_examples).charges, &used) {
             items.push((c.sample_rate, c.noise_multiplier, c.steps));
         }
     }
@@ -111,11 +115,9 @@ fn at_site(store: &Store, d: &DatasetRow, policy: &pb::SitePolicy, spec: &JobSpe
         let plan = spec.site_plan(train_rows);
         let items: Vec<(f64, f64, u64)> = plan.charges.iter().map(|c| (c.sample_rate, c.noise_multiplier, c.steps)).collect();
         let epsilon = privacy::accountant::composed_epsilon(items.iter().copied(), spec.privacy.delta)?;
-        let mut all = committed(store, &d.site, &info.name)?;
-        planned.spent_epsilon = privacy::accountant::composed_epsilon(
-            store.ledger(&d.site, &info.name)?.iter().map(|e| (e.sample_rate, e.noise_multiplier, e.steps)),
-            info.budget_delta,
-        )?;
+        let entries = store.ledger(&d.site, &info.name)?;
+        planned.spent_epsilon = privacy::accountant::composed_epsilon(entries.iter().map(entry_item), info.budget_delta)?;
+        let mut all = committed(store, &d.site, &info.name, &entries)?;
         all.extend(items);
         let projected = privacy::accountant::composed_epsilon(all, info.budget_delta)?;
         checks.push(check(

@@ -495,23 +495,21 @@ pub struct RoundPolicy {
     pub max_update_norm: Option<f64>,
 }
 
-impl SitePlan {
-    /// What the plan has still to charge once `charged` steps of each
-    /// mechanism are charged: each planned charge less the steps charged,
-    /// in plan order (a mechanism planned twice, as evaluations are,
-    /// consumes the first before the second).
-    pub fn remaining(&self, charged: &std::collections::BTreeMap<Mechanism, u64>) -> Vec<PlannedCharge> {
-        let mut used = charged.clone();
-        self.charges
-            .iter()
-            .map(|c| {
-                let u = used.entry(c.mechanism).or_default();
-                let consumed = (*u).min(c.steps);
-                *u -= consumed;
-                PlannedCharge { steps: c.steps - consumed, ..*c }
-            })
-            .collect()
-    }
+/// What `charges` have still to charge once `charged` steps of each
+/// mechanism are charged: each planned charge less the steps charged, in
+/// plan order (a mechanism planned twice, as evaluations are, consumes the
+/// first before the second).
+pub fn remaining(charges: &[PlannedCharge], charged: &std::collections::BTreeMap<Mechanism, u64>) -> Vec<PlannedCharge> {
+    let mut used = charged.clone();
+    charges
+        .iter()
+        .map(|c| {
+            let u = used.entry(c.mechanism).or_default();
+            let consumed = (*u).min(c.steps);
+            *u -= consumed;
+            PlannedCharge { steps: c.steps - consumed, ..*c }
+        })
+        .collect()
 }
 
 impl JobSpec {

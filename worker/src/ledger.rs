@@ -266,13 +266,13 @@ fn plan_json(plan: &SitePlan) -> String {
 }
 
 /// The planned charges stored for `job_id`.
-fn parse_plan(job_id: &str, json: &str) -> Result<Vec<(Mechanism, Item)>, LedgerError> {
+fn parse_plan(job_id: &str, json: &str) -> Result<Vec<PlannedCharge>, LedgerError> {
     let corrupt = |detail: String| LedgerError::CorruptPlan { job_id: job_id.to_string(), detail };
     let rows: Vec<(String, f64, f64, u64)> = serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
     rows.into_iter()
-        .map(|(m, q, sigma, steps)| {
+        .map(|(m, sample_rate, noise_multiplier, steps)| {
             let mechanism = Mechanism::parse(&m).ok_or_else(|| corrupt(format!("mechanism \"{m}\"")))?;
-            Ok((mechanism, (q, sigma, steps)))
+            Ok(PlannedCharge { mechanism, sample_rate, noise_multiplier, steps })
         })
         .collect()
 }
@@ -310,28 +310,19 @@ impl Ledger {
         )?;
         let jobs = stmt
             .query_map(params![dataset, except_job], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, (r.get(2)?, r.get(3)?, r.get::<_, i64>(4)? as u64)))
+                let legacy = PlannedCharge {
+                    mechanism: Mechanism::DpSgd,
+                    sample_rate: r.get(2)?,
+                    noise_multiplier: r.get(3)?,
+                    steps: r.get::<_, i64>(4)? as u64,
+                };
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, legacy))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut reserved = Vec::new();
         for (job_id, json, legacy) in jobs {
             // A job decided before plans were stored planned DP-SGD steps only.
-            let planned = if json.is_empty() { vec![(Mechanism::DpSgd, legacy)] } else { parse_plan(&job_id, &json)? };
-            let plan = SitePlan {
-                charges: planned
-                    .into_iter()
-                    .map(|(mechanism, (sample_rate, noise_multiplier, steps))| PlannedCharge {
-                        mechanism,
-                        sample_rate,
-                        noise_multiplier,
-                        steps,
-                    })
-                    .collect(),
-                train_rows: 0,
-                sample_rate: 0.0,
-                steps_per_round: 0,
-                expected_batch: 0.0,
-            };
+            let planned = if json.is_empty() { vec![legacy] } else { parse_plan(&job_id, &json)? };
             let mut charged = std::collections::BTreeMap::new();
             let mut stmt = tx.prepare("SELECT mechanism, steps FROM ledger WHERE job_id = ?1")?;
             for row in stmt.query_map(params![job_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))? {
@@ -340,7 +331,7 @@ impl Ledger {
                     *charged.entry(m).or_insert(0) += steps;
                 }
             }
-            reserved.extend(plan.remaining(&charged).iter().map(item));
+            reserved.extend(proto::job::remaining(&planned, &charged).iter().map(item));
         }
         Ok(reserved)
     }
@@ -787,7 +778,7 @@ impl Ledger {
             _ => return Err(beyond()),
         };
         let same = |m: Mechanism, sigma: f64| m == c.mechanism && (sigma - c.noise_multiplier).abs() <= 1e-12 * sigma.max(1.0);
-        let planned: u64 = plan.iter().filter(|(m, (_, sigma, _))| same(*m, *sigma)).map(|(_, (_, _, steps))| steps).sum();
+        let planned: u64 = plan.iter().filter(|p| same(p.mechanism, p.noise_multiplier)).map(|p| p.steps).sum();
         let mut stmt = tx.prepare("SELECT mechanism, noise_multiplier, steps FROM ledger WHERE job_id = ?1")?;
         let mut used = 0u64;
         for row in stmt.query_map(params![c.job_id], |r| {
