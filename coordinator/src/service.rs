@@ -164,11 +164,12 @@ impl Services {
         let store = &self.inner.store;
         let sites = store.job_sites(&job.id)?;
         let policies = store.policies()?;
-        let budget_of = |site: &str| {
-            store.datasets().ok().and_then(|all| {
-                all.into_iter().find(|d| d.site == site && d.info.name == job.spec.dataset).map(|d| d.info.budget_epsilon)
-            })
-        };
+        let budgets: HashMap<String, f64> = store
+            .datasets()?
+            .into_iter()
+            .filter(|d| d.info.name == job.spec.dataset)
+            .map(|d| (d.site, d.info.budget_epsilon))
+            .collect();
         // ε spent by each site on this job: the largest cumulative ε of its entries.
         let mut spent: HashMap<String, f64> = HashMap::new();
         for e in store.ledger("", &job.spec.dataset)?.into_iter().filter(|e| e.job_id == job.id) {
@@ -229,7 +230,7 @@ impl Services {
                 .map(|s| pb::SiteStatus {
                     spent_epsilon: spent.get(&s.site).copied().unwrap_or(0.0),
                     releases_exact_metrics: policies.get(&s.site).is_some_and(|p| p.release_exact_metrics),
-                    budget_epsilon: budget_of(&s.site).unwrap_or(0.0),
+                    budget_epsilon: budgets.get(&s.site).copied().unwrap_or(0.0),
                     projected_epsilon: s.projected_epsilon,
                     site: s.site,
                     state: s.state,
@@ -886,7 +887,7 @@ impl pb::worker_service_server::WorkerService for Services {
                 }
             }
         }
-        let exact_allowed = self.inner.store.policies()?.get(&who.name).is_some_and(|p| p.release_exact_metrics);
+        let exact_allowed = self.releases_exact_metrics(&who.name)?;
         let row = UpdateRow {
             site: who.name.clone(),
             num_examples: header.num_examples,
@@ -971,7 +972,7 @@ impl pb::worker_service_server::WorkerService for Services {
         if let Some((k, v)) = r.exact_metrics.iter().find(|(_, v)| !v.is_finite()) {
             return Err(Status::invalid_argument(format!("exact_metrics.{k}: not finite ({v})")));
         }
-        let exact_allowed = self.inner.store.policies()?.get(&who.name).is_some_and(|p| p.release_exact_metrics);
+        let exact_allowed = self.releases_exact_metrics(&who.name)?;
         self.inner.store.insert_evaluation(
             &job.id,
             &EvaluationRow {
@@ -1089,6 +1090,12 @@ impl Services {
             .inner
             .models
             .stream(chunks, range, header, Duration::from_secs(self.inner.idle_timeout_secs)))
+    }
+
+    /// Whether `site`'s announced policy lets it send exact metrics beside
+    /// its released ones (kept only then).
+    fn releases_exact_metrics(&self, site: &str) -> Result<bool, Status> {
+        Ok(self.inner.store.policies()?.get(site).is_some_and(|p| p.release_exact_metrics))
     }
 
     /// The mirror's account of `site`'s ledger.
