@@ -81,9 +81,14 @@ pub async fn plan(conn: &Connection, path: &Path) -> Result<pb::JobPlan> {
     Ok(reply.into_inner())
 }
 
+/// What a planned charge releases (a plan always names it; DP-SGD is
+/// what a charge of a job's rounds is otherwise).
+fn charge_mechanism(c: &pb::PlannedCharge) -> proto::mechanism::Mechanism {
+    proto::mechanism::Mechanism::from_wire(c.mechanism).unwrap_or(proto::mechanism::Mechanism::DpSgd)
+}
+
 fn charge_text(c: &pb::PlannedCharge) -> String {
-    let mechanism = proto::mechanism::Mechanism::of(&pb::LedgerEntry { mechanism: c.mechanism, round: 1, ..Default::default() });
-    format!("{mechanism} q {:.5} σ {} × {}", c.sample_rate, c.noise_multiplier, c.steps)
+    format!("{} q {:.5} σ {} × {}", charge_mechanism(c), c.sample_rate, c.noise_multiplier, c.steps)
 }
 
 /// A plan as a human reads it.
@@ -136,7 +141,7 @@ pub fn plan_json(plan: &pb::JobPlan) -> serde_json::Value {
                 })).collect::<Vec<_>>(),
                 "train_rows": s.train_rows, "sample_rate": s.sample_rate, "steps_per_round": s.steps_per_round,
                 "charges": s.charges.iter().map(|c| serde_json::json!({
-                    "mechanism": proto::mechanism::Mechanism::of(&pb::LedgerEntry { mechanism: c.mechanism, round: 1, ..Default::default() }).as_str(),
+                    "mechanism": charge_mechanism(c).as_str(),
                     "sample_rate": c.sample_rate, "noise_multiplier": c.noise_multiplier, "steps": c.steps,
                 })).collect::<Vec<_>>(),
                 "planned_epsilon": s.planned_epsilon, "job_epsilon_cap": s.job_epsilon_cap,

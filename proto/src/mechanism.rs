@@ -53,17 +53,21 @@ impl Mechanism {
         }) as i32
     }
 
+    /// The mechanism of a wire value; `None` for unspecified or unknown.
+    pub fn from_wire(value: i32) -> Option<Mechanism> {
+        match pb::Mechanism::try_from(value) {
+            Ok(pb::Mechanism::DpSgd) => Some(Mechanism::DpSgd),
+            Ok(pb::Mechanism::SizeRelease) => Some(Mechanism::SizeRelease),
+            Ok(pb::Mechanism::Evaluation) => Some(Mechanism::Evaluation),
+            Ok(pb::Mechanism::JobSize) => Some(Mechanism::JobSize),
+            Ok(pb::Mechanism::Unspecified) | Err(_) => None,
+        }
+    }
+
     /// The mechanism of `entry`; an entry from a site that predates
     /// mechanisms charged a job's size in round 0 and DP-SGD otherwise.
     pub fn of(entry: &pb::LedgerEntry) -> Mechanism {
-        match pb::Mechanism::try_from(entry.mechanism) {
-            Ok(pb::Mechanism::DpSgd) => Mechanism::DpSgd,
-            Ok(pb::Mechanism::SizeRelease) => Mechanism::SizeRelease,
-            Ok(pb::Mechanism::Evaluation) => Mechanism::Evaluation,
-            Ok(pb::Mechanism::JobSize) => Mechanism::JobSize,
-            Ok(pb::Mechanism::Unspecified) | Err(_) if entry.round == 0 => Mechanism::JobSize,
-            Ok(pb::Mechanism::Unspecified) | Err(_) => Mechanism::DpSgd,
-        }
+        Mechanism::from_wire(entry.mechanism).unwrap_or(if entry.round == 0 { Mechanism::JobSize } else { Mechanism::DpSgd })
     }
 }
 
@@ -83,6 +87,7 @@ mod tests {
             assert_eq!(Mechanism::parse(m.as_str()), Some(m));
             let entry = pb::LedgerEntry { mechanism: m.to_wire(), round: 3, ..Default::default() };
             assert_eq!(Mechanism::of(&entry), m);
+            assert_eq!(Mechanism::from_wire(m.to_wire()), Some(m));
         }
     }
 
