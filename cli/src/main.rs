@@ -404,7 +404,7 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-/// How a command ended, as its exit code (documented in `docs/cli.md`).
+/// How a command ended, as its exit code (the README's "Exit codes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Exit {
     /// It did what was asked.

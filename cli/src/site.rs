@@ -259,6 +259,7 @@ fn show(site: &Site, job_id: &str) -> Result<()> {
 
 fn budget(site: &Site, json: bool) -> Result<()> {
     let mut rows = Vec::new();
+    let decisions = site.ledger.decisions()?;
     for d in &site.config.datasets {
         rows.push(serde_json::json!({
             "dataset": d.name, "job_id": null, "delta": d.budget_delta,
@@ -266,7 +267,7 @@ fn budget(site: &Site, json: bool) -> Result<()> {
             "epsilon_with_reserved": site.ledger.committed(d)?,
             "epsilon_limit": d.budget_epsilon, "job_epsilon_cap": d.job_epsilon_cap,
         }));
-        for r in site.ledger.decisions()?.into_iter().filter(|r| r.dataset == d.name && r.accepted) {
+        for r in decisions.iter().filter(|r| r.dataset == d.name && r.accepted) {
             let delta = JobSpec::from_canonical_json(&r.spec_json).map(|s| s.privacy.delta).unwrap_or(d.budget_delta);
             rows.push(serde_json::json!({
                 "dataset": d.name, "job_id": r.job_id, "delta": delta, "active": r.active,

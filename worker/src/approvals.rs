@@ -19,6 +19,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::ledger::now_ms;
+
 /// Where an offer stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApprovalState {
@@ -140,10 +142,6 @@ const COLUMNS: &str = "job_id, spec_hash, spec_json, submitted_by, name, dataset
 
 /// How recently the daemon must have marked an offer for it to count as waiting.
 const WAITING_MS: i64 = 5_000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// The approvals table in the site database at `path`.
 pub struct Approvals {

@@ -183,7 +183,8 @@ pub const ACCOUNTANT: &str = "rdp";
 /// The conversion named in ledger entries.
 pub const CONVERSION: &str = "dp_accounting-improved";
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch, as the site database records times.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -353,8 +353,8 @@ impl Worker {
     /// session lasts: each second, the entries committed since the mirror's
     /// last account go out (whatever became of the message each was
     /// committed for); a mirror whose account disagrees with the ledger's
-    /// gets all of it. A new session starts from the full ledger that
-    /// registration sends.
+    /// gets all of it, in batches of `SYNC_BATCH`. A new session starts from
+    /// the mirror's account that registration's reply carries.
     async fn sync_ledger(
         &self,
         client: &mut WorkerServiceClient<Channel>,

@@ -127,10 +127,10 @@ impl Worker {
         &self,
         client: &mut WorkerServiceClient<Channel>,
         job: &JobContext,
-        job_id: &str,
         round: u32,
         (layout_hash, num_params, task_round): (&str, u64, u32),
     ) -> Result<Option<(Arc<EncodedDataset>, models::Architecture, Vec<f32>)>, tonic::Status> {
+        let job_id = job.job_id.as_str();
         let data = match self.load_data(&job.spec, &job.spec_hash).await {
             Ok(d) => d,
             Err(refusal) => {
@@ -235,7 +235,7 @@ impl Worker {
     ) -> Result<Option<Charged>, tonic::Status> {
         let (job, round) = (&accepted.job, task.round);
         let wanted = (task.layout_hash.as_str(), task.num_params, round);
-        let Some((data, arch, global)) = self.model_and_data(client, job, job_id, round - 1, wanted).await? else {
+        let Some((data, arch, global)) = self.model_and_data(client, job, round - 1, wanted).await? else {
             return Ok(None);
         };
         let global = Arc::new(global);
@@ -392,7 +392,7 @@ impl Worker {
             return self.report_failure(client, job_id, task.round, Refusal::new(ReasonCode::SpecMismatch, detail)).await;
         }
         let wanted = (task.layout_hash.as_str(), task.num_params, task.round);
-        let Some((data, arch, params)) = self.model_and_data(client, &accepted.job, job_id, task.round, wanted).await?
+        let Some((data, arch, params)) = self.model_and_data(client, &accepted.job, task.round, wanted).await?
         else {
             return Ok(());
         };
