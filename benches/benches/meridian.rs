@@ -5,22 +5,25 @@
 //! assembling them). Whole rounds and transfers over mTLS are measured by
 //! `meridian sim` (see `BENCHMARKS.md`): they need two processes and a
 //! socket, not a loop criterion can repeat in-process.
-//! `cargo bench -p benches`; whole-epoch throughput and the comparison with
-//! Opacus come from the `bench-table` binary instead.
+//! `cargo bench -p meridian-benches --features criterion`; whole-epoch
+//! throughput and the comparison with Opacus come from the `bench-table`
+//! binary instead.
 //!
 //! Batches here have exactly B rows (drawn uniformly, untimed, by
 //! `iter_batched`'s setup), so that DP and plain steps time the same work;
 //! the DP step includes placing the parameters, the clipped sum, the noise
 //! and the update, as in the worker.
 
+#![allow(clippy::unwrap_used, reason = "a benchmark harness: a failed set-up step should stop the run")]
+
 use std::hint::black_box;
 
-use benches::workload::{
-    ACCOUNTANT_DELTA, ACCOUNTANT_NOISE_MULTIPLIER, ACCOUNTANT_SAMPLE_RATE, ACCOUNTANT_STEPS,
-};
-use benches::{Batch, DpSgd, PlainSgd, Workload};
 use burn::tensor::Device;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use meridian_benches::workload::{
+    ACCOUNTANT_DELTA, ACCOUNTANT_NOISE_MULTIPLIER, ACCOUNTANT_SAMPLE_RATE, ACCOUNTANT_STEPS,
+};
+use meridian_benches::{Batch, DpSgd, PlainSgd, Workload};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -67,7 +70,7 @@ fn plain_step(c: &mut Criterion) {
 /// (measured here on one thread, without the prefetching DP-SGD uses).
 fn noise(c: &mut Criterion) {
     let mut group = c.benchmark_group("noise");
-    let mut source = privacy::NoiseSource::new().unwrap();
+    let mut source = meridian_privacy::NoiseSource::new().unwrap();
     for w in Workload::ALL {
         let params = w.initial_params().unwrap();
         group.throughput(Throughput::Elements(params.len() as u64));
@@ -88,7 +91,7 @@ fn accountant(c: &mut Criterion) {
     let steps = black_box(ACCOUNTANT_STEPS);
     group.bench_function("rdp_10k_steps", |b| {
         b.iter(|| {
-            privacy::dpsgd_epsilon(
+            meridian_privacy::dpsgd_epsilon(
                 ACCOUNTANT_SAMPLE_RATE,
                 ACCOUNTANT_NOISE_MULTIPLIER,
                 steps,
@@ -99,7 +102,7 @@ fn accountant(c: &mut Criterion) {
     });
     group.bench_function("pld_10k_steps", |b| {
         b.iter(|| {
-            privacy::dpsgd_epsilon_pld(
+            meridian_privacy::dpsgd_epsilon_pld(
                 ACCOUNTANT_SAMPLE_RATE,
                 ACCOUNTANT_NOISE_MULTIPLIER,
                 steps,
@@ -117,7 +120,7 @@ fn fedavg_fold(c: &mut Criterion) {
     const D: usize = 1_000_000;
     let mut group = c.benchmark_group("aggregation");
     let update: Vec<f32> = (0..D).map(|i| (i % 1000) as f32 * 1e-3).collect();
-    let mut avg = coordinator::aggregate::FedAvg::new(D);
+    let mut avg = meridian_coordinator::aggregate::FedAvg::new(D);
     group.throughput(Throughput::Bytes((D * 4) as u64));
     group.bench_function("fedavg_fold_1m", |b| b.iter(|| avg.fold(black_box(&update), 3.0)));
     group.finish();
@@ -133,12 +136,12 @@ fn transfer_codec(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((D * 4) as u64));
     let model: Vec<f32> = (0..D).map(|i| (i % 997) as f32 * 1e-3).collect();
     group.bench_function("encode_40mb", |b| {
-        b.iter(|| proto::tensor::encode_chunks(black_box(&model)).map(|c| c.len()).sum::<usize>())
+        b.iter(|| meridian_wire::tensor::encode_chunks(black_box(&model)).map(|c| c.len()).sum::<usize>())
     });
-    let chunks: Vec<_> = proto::tensor::encode_chunks(&model).collect();
+    let chunks: Vec<_> = meridian_wire::tensor::encode_chunks(&model).collect();
     // What the coordinator does with an update (checks, then writes each
     // chunk out) and what a site does with a model (checks and assembles).
-    let check_all = |mut check: proto::tensor::ChunkValidator| {
+    let check_all = |mut check: meridian_wire::tensor::ChunkValidator| {
         for chunk in &chunks {
             check.check(chunk).unwrap();
         }
@@ -146,12 +149,12 @@ fn transfer_codec(c: &mut Criterion) {
         check
     };
     group.bench_function("check_40mb", |b| {
-        b.iter(|| check_all(proto::tensor::ChunkValidator::with_norm(D)).norm())
+        b.iter(|| check_all(meridian_wire::tensor::ChunkValidator::with_norm(D)).norm())
     });
-    group.bench_function("check_finite_40mb", |b| b.iter(|| check_all(proto::tensor::ChunkValidator::new(D))));
+    group.bench_function("check_finite_40mb", |b| b.iter(|| check_all(meridian_wire::tensor::ChunkValidator::new(D))));
     group.bench_function("assemble_40mb", |b| {
         b.iter(|| {
-            let mut assemble = proto::tensor::ChunkAssembler::new(D);
+            let mut assemble = meridian_wire::tensor::ChunkAssembler::new(D);
             for chunk in &chunks {
                 assemble.push(chunk).unwrap();
             }
@@ -163,7 +166,7 @@ fn transfer_codec(c: &mut Criterion) {
     let mut buffer = Some(Vec::new());
     group.bench_function("assemble_reused_40mb", |b| {
         b.iter(|| {
-            let mut assemble = proto::tensor::ChunkAssembler::reusing(D, buffer.take().unwrap_or_default());
+            let mut assemble = meridian_wire::tensor::ChunkAssembler::reusing(D, buffer.take().unwrap_or_default());
             for chunk in &chunks {
                 assemble.push(chunk).unwrap();
             }

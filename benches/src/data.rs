@@ -42,13 +42,8 @@ impl Dataset {
     /// # Panics
     /// When `dim < LABEL_FEATURES`: the label rule needs five features.
     pub fn generate(seed: u64, n: usize, dim: usize) -> Dataset {
-        assert!(
-            dim >= LABEL_FEATURES,
-            "the label needs {LABEL_FEATURES} features, got {dim}"
-        );
-        let x: Vec<f32> = (0..(n * dim) as u64)
-            .map(|k| 2.0 * uniform(seed, k) - 1.0)
-            .collect();
+        assert!(dim >= LABEL_FEATURES, "the label needs {LABEL_FEATURES} features, got {dim}");
+        let x: Vec<f32> = (0..(n * dim) as u64).map(|k| 2.0 * uniform(seed, k) - 1.0).collect();
         let y = x.chunks_exact(dim).map(label).collect();
         Dataset { dim, x, y }
     }

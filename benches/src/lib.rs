@@ -15,22 +15,21 @@
 //!   workload, to check that [`DpSgd`] times what a site runs.
 //!
 //! Two front ends use them: `benches/meridian.rs` (criterion, one step at a
-//! time: `cargo bench -p benches`) and the `bench-table` binary, which
-//! trains whole epochs and prints the table for `BENCHMARKS.md`.
+//! time: `cargo bench -p meridian-benches --features criterion`) and the
+//! `bench-table` binary, which trains whole epochs and prints the table for
+//! `BENCHMARKS.md`.
 //!
 //! # Example
 //! ```
-//! use benches::{DpSgd, Workload};
+//! use meridian_benches::{DpSgd, Workload};
 //!
 //! let workload = Workload::MlpA;
 //! let data = workload.dataset();
 //! let mut dp = DpSgd::new(workload, &burn::tensor::Device::flex())?;
 //! let examples = dp.run(&data, 2)?; // two Poisson-sampled steps
 //! assert!(examples > 0);
-//! # Ok::<(), benches::StepError>(())
+//! # Ok::<(), meridian_benches::StepError>(())
 //! ```
-
-#![deny(missing_docs)]
 
 pub mod data;
 pub mod round;

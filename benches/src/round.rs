@@ -1,4 +1,4 @@
-//! The worker's own round, `worker::train::train_round`, on a workload: a
+//! The worker's own round, `meridian_worker::train::train_round`, on a workload: a
 //! cross-check that [`crate::DpSgd`] times what a site actually runs.
 //!
 //! The round takes `q = B / N` (not the workloads' `1 / ceil(N / B)`) and
@@ -8,11 +8,11 @@
 //! MLP-A and CNN they differ by 1.2 % and 0.5 %.
 
 use burn::tensor::Device;
-use models::Architecture;
-use proto::job::JobSpec;
+use meridian_models::Architecture;
+use meridian_spec::job::JobSpec;
+use meridian_worker::dataset::EncodedDataset;
+use meridian_worker::train::train_round;
 use tokio_util::sync::CancellationToken;
-use worker::dataset::EncodedDataset;
-use worker::train::train_round;
 
 use crate::data::Dataset;
 use crate::sgd::StepError;
@@ -31,11 +31,7 @@ pub struct WorkerRound {
 
 impl WorkerRound {
     /// The workload as a job and an encoded dataset (all rows for training).
-    pub fn new(
-        workload: Workload,
-        data: &Dataset,
-        device: &Device,
-    ) -> Result<WorkerRound, StepError> {
+    pub fn new(workload: Workload, data: &Dataset, device: &Device) -> Result<WorkerRound, StepError> {
         let arch = workload.architecture()?;
         let params = arch.init_params(workload.seed());
         Ok(WorkerRound {
@@ -58,7 +54,7 @@ impl WorkerRound {
 
     /// The job's plan at a site whose released training-set size is exact
     /// (the bench measures training, not the release).
-    fn site_plan(&self) -> proto::job::SitePlan {
+    fn site_plan(&self) -> meridian_spec::job::SitePlan {
         self.spec.site_plan(self.data.n_train() as u64)
     }
 
@@ -91,15 +87,13 @@ impl WorkerRound {
 /// spec is validated as a submitted one is.
 pub fn job_spec(workload: Workload) -> Result<JobSpec, StepError> {
     let model = match workload.model() {
-        proto::job::ModelSpec::Mlp { hidden } => format!("kind = \"mlp\"\nhidden = {hidden:?}"),
-        proto::job::ModelSpec::Cnn { image_side } => {
+        meridian_spec::job::ModelSpec::Mlp { hidden } => format!("kind = \"mlp\"\nhidden = {hidden:?}"),
+        meridian_spec::job::ModelSpec::Cnn { image_side } => {
             format!("kind = \"cnn\"\nimage_side = {image_side}")
         }
-        proto::job::ModelSpec::LogisticRegression => "kind = \"logistic_regression\"".into(),
+        meridian_spec::job::ModelSpec::LogisticRegression => "kind = \"logistic_regression\"".into(),
     };
-    let numeric: Vec<String> = (0..workload.input_dim())
-        .map(|j| format!("\"x{j}\""))
-        .collect();
+    let numeric: Vec<String> = (0..workload.input_dim()).map(|j| format!("\"x{j}\"")).collect();
     let toml = format!(
         "name = \"bench-{key}\"\ndataset = \"synthetic-{key}\"\n\n[model]\n{model}\n\n\
          [features]\nlabel = \"y\"\npositive_label = \"1\"\nnegative_labels = [\"0\"]\nnumeric = [{numeric}]\n\n\

@@ -1,5 +1,5 @@
 //! The two training steps the benchmarks time: Meridian's DP-SGD step,
-//! exactly as `worker::train::train_round` takes it, and a plain minibatch
+//! exactly as `meridian_worker::train::train_round` takes it, and a plain minibatch
 //! SGD step on the same network, for the cost of privacy.
 //!
 //! # Why not call `train_round`
@@ -7,21 +7,21 @@
 //! benchmark workloads fix `q = 1 / ceil(N / B)` (Opacus' rule) and count
 //! the examples each step sampled, which the round does not report.
 //! [`DpSgd::step`] therefore repeats the round's step — place the
-//! parameters with `models::Network::new`, `clipped_gradient_sum`, noise
-//! from `privacy::noise::PrefetchedNoise`, `params -= lr · sum / (qN)`, the
+//! parameters with `meridian_models::Network::new`, `clipped_gradient_sum`, noise
+//! from `meridian_privacy::noise::PrefetchedNoise`, `params -= lr · sum / (qN)`, the
 //! divergence check — with the same calls in the same order.
 //!
 //! # The plain step
-//! [`PlainSgd`] takes the same path with `models::Network::gradient_sum`
+//! [`PlainSgd`] takes the same path with `meridian_models::Network::gradient_sum`
 //! (one backward pass of the summed loss, no per-example work, no noise)
 //! and divides by B: the difference between the two is the cost of
 //! privacy, whichever kernels compute (Meridian's CPU kernels on the CPU,
 //! Burn's on a GPU).
 
 use burn::tensor::Device;
-use models::{Architecture, LayoutError, Network};
-use privacy::NoiseError;
-use privacy::noise::PrefetchedNoise;
+use meridian_models::{Architecture, LayoutError, Network};
+use meridian_privacy::NoiseError;
+use meridian_privacy::noise::PrefetchedNoise;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -168,8 +168,7 @@ impl DpSgd {
     pub fn step(&mut self, batch: &Batch) -> Result<(), StepError> {
         let net = Network::new(&self.arch, &self.params, &self.device)?;
         let mut grads = net.clipped_gradient_sum(&batch.x, &batch.y, self.clip);
-        self.noise
-            .add_gaussian_noise(&mut grads.sum, self.noise_std)?;
+        self.noise.add_gaussian_noise(&mut grads.sum, self.noise_std)?;
         for (p, g) in self.params.iter_mut().zip(&grads.sum) {
             *p -= self.scale * g;
         }
@@ -267,10 +266,7 @@ impl PlainSgd {
                 self.order.shuffle(&mut self.shuffler);
                 self.cursor = 0;
             }
-            batch.refill(
-                data,
-                self.order[self.cursor..self.cursor + b].iter().copied(),
-            );
+            batch.refill(data, self.order[self.cursor..self.cursor + b].iter().copied());
             self.cursor += b;
             examples += batch.len();
             self.step(&batch)?;

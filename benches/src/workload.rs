@@ -2,8 +2,8 @@
 //! for like with the Opacus reference runs: model, data, batch size,
 //! sampling rate and steps per epoch, and the accountant query.
 
-use models::{Architecture, LayoutError};
-use proto::job::ModelSpec;
+use meridian_models::{Architecture, LayoutError};
+use meridian_spec::job::ModelSpec;
 
 use crate::data::Dataset;
 
@@ -86,12 +86,8 @@ impl Workload {
     /// The model, as a job would name it.
     pub fn model(self) -> ModelSpec {
         match self {
-            Workload::MlpA => ModelSpec::Mlp {
-                hidden: vec![64, 64],
-            },
-            Workload::MlpB => ModelSpec::Mlp {
-                hidden: vec![128, 128],
-            },
+            Workload::MlpA => ModelSpec::Mlp { hidden: vec![64, 64] },
+            Workload::MlpB => ModelSpec::Mlp { hidden: vec![128, 128] },
             Workload::Cnn => ModelSpec::Cnn { image_side: 28 },
         }
     }
@@ -173,10 +169,7 @@ impl Workload {
             Workload::MlpB => (161_000.0, 12_200.0),
             Workload::Cnn => (3_950.0, 1_800.0),
         };
-        Reference {
-            plain_examples_per_sec: plain,
-            dp_examples_per_sec: dp,
-        }
+        Reference { plain_examples_per_sec: plain, dp_examples_per_sec: dp }
     }
 }
 

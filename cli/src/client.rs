@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use proto::identity::IdentityFiles;
-use proto::job::JobSpec;
-use proto::pb;
-use proto::tensor::ChunkAssembler;
+use meridian_spec::job::JobSpec;
+use meridian_wire::identity::IdentityFiles;
+use meridian_wire::pb;
+use meridian_wire::tensor::ChunkAssembler;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
@@ -32,7 +32,7 @@ impl Connection {
             .with_context(|| format!("coordinator URL \"{}\"", self.coordinator))?
             .tls_config(identity.client_tls())?
             .connect_timeout(Duration::from_secs(5))
-            .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
+            .max_frame_size(Some(meridian_wire::tensor::MAX_FRAME_BYTES))
             .connect()
             .await
             .with_context(|| format!("connecting to {}", self.coordinator))?;
@@ -83,8 +83,8 @@ pub async fn plan(conn: &Connection, path: &Path) -> Result<pb::JobPlan> {
 
 /// What a planned charge releases (a plan always names it; DP-SGD is
 /// what a charge of a job's rounds is otherwise).
-fn charge_mechanism(c: &pb::PlannedCharge) -> proto::mechanism::Mechanism {
-    proto::mechanism::Mechanism::from_wire(c.mechanism).unwrap_or(proto::mechanism::Mechanism::DpSgd)
+fn charge_mechanism(c: &pb::PlannedCharge) -> meridian_spec::mechanism::Mechanism {
+    meridian_wire::convert::mechanism(c.mechanism).unwrap_or(meridian_spec::mechanism::Mechanism::DpSgd)
 }
 
 fn charge_text(c: &pb::PlannedCharge) -> String {
@@ -103,7 +103,12 @@ pub fn render_plan(plan: &pb::JobPlan) -> String {
         out.push_str(&format!("  {}: {verdict}\n", s.site));
         for c in &s.checks {
             let code = if c.passed { String::new() } else { format!(" ({})", c.code) };
-            out.push_str(&format!("    {} {:<14} {}{code}\n", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail));
+            out.push_str(&format!(
+                "    {} {:<14} {}{code}\n",
+                if c.passed { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            ));
         }
         if s.train_rows > 0 {
             out.push_str(&format!(
@@ -229,8 +234,8 @@ fn auc(m: &std::collections::HashMap<String, f64>) -> String {
 /// A site's reason as the scientist reads it: the code and columns, and
 /// what the code means.
 fn site_reason(site: &pb::SiteStatus) -> String {
-    match proto::reason::ReasonCode::parse(&site.reason_code) {
-        Some(proto::reason::ReasonCode::BudgetExceeded) if site.projected_epsilon > 0.0 => format!(
+    match meridian_spec::reason::ReasonCode::parse(&site.reason_code) {
+        Some(meridian_spec::reason::ReasonCode::BudgetExceeded) if site.projected_epsilon > 0.0 => format!(
             "  ({}: the job would bring the dataset to ε {:.3}, composed with everything spent and reserved, over its budget of ε {:.3})",
             site.reason, site.projected_epsilon, site.budget_epsilon
         ),
@@ -280,11 +285,7 @@ pub fn round_line(status: &pb::JobStatus, r: &pb::RoundStatus) -> String {
         r.updated_sites.len(),
         metric(&r.train_metrics, "clipped_fraction"),
         r.round.saturating_sub(1),
-        status
-            .rounds
-            .iter()
-            .find(|p| p.round + 1 == r.round)
-            .map_or_else(|| "-".to_string(), |p| auc(&p.eval_metrics)),
+        status.rounds.iter().find(|p| p.round + 1 == r.round).map_or_else(|| "-".to_string(), |p| auc(&p.eval_metrics)),
         epsilon_so_far(status)
     )
 }
@@ -335,7 +336,9 @@ pub async fn watch(conn: &Connection, job_id: &str, output: WatchOutput) -> Resu
             (state, _) => state.to_string(),
         });
         if output == WatchOutput::Json && status.state != last_state {
-            crate::output::json_line(&serde_json::json!({ "event": "state", "job_id": job_id, "state": status.state }))?;
+            crate::output::json_line(
+                &serde_json::json!({ "event": "state", "job_id": job_id, "state": status.state }),
+            )?;
         }
         last_state.clone_from(&status.state);
         let fresh: Vec<&pb::RoundStatus> =
@@ -370,7 +373,7 @@ pub async fn watch(conn: &Connection, job_id: &str, output: WatchOutput) -> Resu
 pub async fn pull_model(conn: &Connection, job_id: &str, round: Option<u32>, out: &Path) -> Result<(u32, usize)> {
     let status = get(conn, job_id).await?;
     let spec = JobSpec::from_canonical_json(&status.spec_json).map_err(anyhow::Error::msg)?;
-    let arch = models::Architecture::new(&spec.model, spec.features.input_dim())?;
+    let arch = meridian_models::Architecture::new(&spec.model, spec.features.input_dim())?;
     let layout = arch.layout();
     if layout.hash() != status.layout_hash {
         bail!("the job's layout {} differs from this build's {}", status.layout_hash, layout.hash());
@@ -406,14 +409,7 @@ pub async fn pull_model(conn: &Connection, job_id: &str, round: Option<u32>, out
 
 /// Budget rows, per site and dataset then per job.
 pub async fn budgets(conn: &Connection) -> Result<Vec<pb::BudgetRow>> {
-    Ok(conn
-        .privacy()
-        .await?
-        .get_budgets(pb::GetBudgetsRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .rows)
+    Ok(conn.privacy().await?.get_budgets(pb::GetBudgetsRequest {}).await.map_err(status_error)?.into_inner().rows)
 }
 
 /// Budget rows as a table: ε spent is every entry composed by RDP; the
@@ -462,7 +458,7 @@ pub fn render_ledger(entries: &[pb::LedgerEntry]) -> String {
             e.dataset,
             if e.job_id.is_empty() { "(dataset)" } else { &e.job_id },
             e.round,
-            proto::mechanism::Mechanism::of(e).as_str(),
+            e.charged().as_str(),
             e.noise_multiplier,
             e.sample_rate,
             e.clip_norm,
@@ -481,7 +477,7 @@ pub fn ledger_json(e: &pb::LedgerEntry) -> serde_json::Value {
     serde_json::json!({
         "seq": e.seq, "site": e.site, "dataset": e.dataset,
         "job_id": if e.job_id.is_empty() { None } else { Some(&e.job_id) }, "round": e.round,
-        "mechanism": proto::mechanism::Mechanism::of(e).as_str(),
+        "mechanism": e.charged().as_str(),
         "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "clip_norm": e.clip_norm,
         "steps": e.steps, "delta": e.delta, "epsilon_round": e.epsilon_round, "epsilon_job": e.epsilon_job,
         "epsilon_dataset": e.epsilon_dataset, "accountant": e.accountant, "conversion": e.conversion,

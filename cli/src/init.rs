@@ -50,10 +50,14 @@ pub fn run(template: Template, out: Option<PathBuf>, force: bool) -> Result<()> 
         bail!("{} exists; choose another --out or pass --force to replace it", path.display());
     }
     std::fs::write(&path, template.text()).with_context(|| format!("cannot write {}", path.display()))?;
-    out!("wrote {}: edit the paths and names it marks, then check it ({})", path.display(), match template {
-        Template::Coordinator => "meridian coordinator --config FILE",
-        Template::Worker => "meridian worker --check --connect --config FILE",
-        Template::Job => "meridian job plan FILE",
-    })?;
+    out!(
+        "wrote {}: edit the paths and names it marks, then check it ({})",
+        path.display(),
+        match template {
+            Template::Coordinator => "meridian coordinator --config FILE",
+            Template::Worker => "meridian worker --check --connect --config FILE",
+            Template::Job => "meridian job plan FILE",
+        }
+    )?;
     Ok(())
 }

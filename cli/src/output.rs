@@ -50,12 +50,12 @@ pub fn progress_bar() -> bool {
 
 /// Whether `error` is, at its root, a write to a closed pipe.
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
-/// `println!` through [`line`]: `out!("{x}")?`.
+/// `println!` through [`line`](fn@line): `out!("{x}")?`.
 #[macro_export]
 macro_rules! out {
     ($($arg:tt)*) => {

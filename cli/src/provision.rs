@@ -6,6 +6,9 @@
 //! which is all the coordinator needs to authorize a call. Each identity is
 //! written as a directory with `ca.pem`, `cert.pem` and `key.pem`; private
 //! keys are created with mode 0600 and never overwritten.
+//!
+//! The command's flags and its handler come first; the certificate work
+//! they call, which the demo and the sim share, follows.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -13,8 +16,148 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use proto::identity::{COORDINATOR_SERVER_NAME, Role, validate_name};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use clap::{Args, Subcommand};
+use meridian_wire::identity::{COORDINATOR_SERVER_NAME, Role, validate_name};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+
+use crate::out;
+
+/// `meridian provision` without a subcommand: a new federation.
+#[derive(Args)]
+pub struct ProvisionArgs {
+    /// Directory to create the federation in.
+    #[arg(long, default_value = "federation")]
+    out: PathBuf,
+    /// A hospital site name (repeat for each site).
+    #[arg(long = "site")]
+    sites: Vec<String>,
+    /// A user as NAME:ROLE with ROLE scientist, reviewer or admin (repeat).
+    #[arg(long = "user")]
+    users: Vec<String>,
+    /// Extra DNS name or IP address of the coordinator (repeat).
+    #[arg(long = "coordinator-host")]
+    coordinator_hosts: Vec<String>,
+    /// Validity of each certificate in days.
+    #[arg(long, default_value_t = 365)]
+    valid_days: u32,
+}
+
+/// The provision subcommands: one identity more, or one renewed.
+#[derive(Subcommand)]
+pub enum ProvisionCommand {
+    /// Sign a certificate for one more hospital with the existing CA; no other certificate changes.
+    AddSite {
+        /// Site name.
+        name: String,
+        /// The federation directory (holding ca/ca.pem and ca/ca.key).
+        #[arg(long, default_value = "federation")]
+        federation: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
+    /// Sign a certificate for one more user with a role, with the existing CA.
+    AddUser {
+        /// User name.
+        name: String,
+        /// scientist, reviewer or admin.
+        #[arg(long)]
+        role: String,
+        /// The federation directory.
+        #[arg(long, default_value = "federation")]
+        federation: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
+    /// Replace an identity's key and certificate (before it expires); the coordinator needs no restart.
+    Renew {
+        /// Site or user name (or "coordinator").
+        name: String,
+        /// The federation directory.
+        #[arg(long, default_value = "federation")]
+        federation: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
+}
+
+/// Runs `meridian provision`: a subcommand if given, else a new federation.
+pub fn run(command: Option<ProvisionCommand>, args: ProvisionArgs) -> Result<()> {
+    match command {
+        Some(command) => add_identity(command),
+        None => create_federation(args),
+    }
+}
+
+/// `meridian provision --site … --user …`: the CA and every identity.
+fn create_federation(args: ProvisionArgs) -> Result<()> {
+    let mut users = Vec::new();
+    for u in &args.users {
+        let (name, role) = u.split_once(':').with_context(|| format!("--user \"{u}\": expected NAME:ROLE"))?;
+        let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+        if matches!(role, Role::Hospital | Role::Coordinator) {
+            bail!("--user \"{u}\": users are scientist, reviewer or admin; hospitals use --site");
+        }
+        users.push((name.to_string(), role));
+    }
+    let done = provision(&Plan {
+        out: args.out.clone(),
+        coordinator_hosts: args.coordinator_hosts,
+        sites: args.sites,
+        users,
+        valid_days: args.valid_days,
+    })?;
+    out!("federation in {}", args.out.display())?;
+    out!("  coordinator  {}", done.coordinator.display())?;
+    for (n, p) in done.sites.iter().chain(&done.users) {
+        out!("  {n:<12} {}", p.display())?;
+    }
+    Ok(())
+}
+
+/// `meridian provision add-site|add-user|renew`: one identity signed with
+/// the existing CA.
+fn add_identity(command: ProvisionCommand) -> Result<()> {
+    let (name, role, federation, days, renew) = match command {
+        ProvisionCommand::AddSite { name, federation, valid_days } => {
+            (name, Role::Hospital, federation, valid_days, false)
+        }
+        ProvisionCommand::AddUser { name, role, federation, valid_days } => {
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            if matches!(role, Role::Hospital | Role::Coordinator) {
+                bail!("--role {role}: users are scientist, reviewer or admin; hospitals use add-site");
+            }
+            (name, role, federation, valid_days, false)
+        }
+        ProvisionCommand::Renew { name, federation, valid_days } => {
+            let role = existing_role(&federation, &name)?;
+            (name, role, federation, valid_days, true)
+        }
+    };
+    let (dir, fingerprint) = add(&federation, &name, role, days, renew)?;
+    out!("{} {name} ({role}) in {}", if renew { "renewed" } else { "added" }, dir.display())?;
+    out!("certificate sha256 {fingerprint}")?;
+    Ok(())
+}
+
+/// The role of an identity `federation` already holds: the coordinator, a
+/// site, or a user (read from its certificate).
+fn existing_role(federation: &Path, name: &str) -> Result<Role> {
+    if name == "coordinator" {
+        return Ok(Role::Coordinator);
+    }
+    if federation.join("sites").join(name).exists() {
+        return Ok(Role::Hospital);
+    }
+    let cert = std::fs::read(federation.join("users").join(name).join("cert.pem"))
+        .with_context(|| format!("{name} is neither a site nor a user of {}", federation.display()))?;
+    Ok(meridian_wire::identity::principal_from_pem(&cert)?.role)
+}
 
 /// What to provision.
 pub struct Plan {
@@ -77,12 +220,11 @@ fn issue(
     Ok(dir.to_path_buf())
 }
 
-/// Writes `path` through a temporary file and a rename (0600 when private).
+/// Replaces `path` atomically (0600 when private).
 fn replace_file(path: &Path, contents: &str, private: bool) -> Result<()> {
-    let tmp = path.with_extension("new");
-    let _ = fs::remove_file(&tmp);
-    write_file(&tmp, contents, private)?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    let how = meridian_store::atomic::Replace { private, ..Default::default() };
+    meridian_store::atomic::replace(path, contents.as_bytes(), how)
+        .with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// Signs one more identity with an existing federation's CA, touching no
@@ -90,10 +232,12 @@ fn replace_file(path: &Path, contents: &str, private: bool) -> Result<()> {
 /// certificate. Returns the identity directory and the certificate's
 /// SHA-256 fingerprint (for revocation lists).
 pub fn add(federation: &Path, name: &str, role: Role, valid_days: u32, renew: bool) -> Result<(PathBuf, String)> {
-    validate_name(name).map_err(anyhow::Error::msg)?;
+    validate_name(name)?;
     let ca_dir = federation.join("ca");
-    let ca_pem = fs::read_to_string(ca_dir.join("ca.pem")).with_context(|| format!("cannot read {}", ca_dir.join("ca.pem").display()))?;
-    let ca_key = fs::read_to_string(ca_dir.join("ca.key")).with_context(|| format!("cannot read {}", ca_dir.join("ca.key").display()))?;
+    let ca_pem = fs::read_to_string(ca_dir.join("ca.pem"))
+        .with_context(|| format!("cannot read {}", ca_dir.join("ca.pem").display()))?;
+    let ca_key = fs::read_to_string(ca_dir.join("ca.key"))
+        .with_context(|| format!("cannot read {}", ca_dir.join("ca.key").display()))?;
     let key = KeyPair::from_pem(&ca_key).context("the CA key does not parse")?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).context("the CA certificate does not parse")?;
     let dir = match role {
@@ -119,7 +263,8 @@ pub fn add(federation: &Path, name: &str, role: Role, valid_days: u32, renew: bo
 
 /// SHA-256 of a PEM certificate's DER, lowercase hex.
 pub fn fingerprint(cert_pem: &[u8]) -> Result<String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(cert_pem).map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
     Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&pem.contents)))
 }
 
@@ -139,9 +284,7 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<()> {
     if private {
         opts.mode(0o600);
     }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    let mut f = opts.open(path).with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))
@@ -159,13 +302,14 @@ pub fn provision(plan: &Plan) -> Result<Provisioned> {
         bail!("{} already holds a federation (ca/ca.key exists); choose an empty directory", plan.out.display());
     }
     for name in plan.sites.iter().chain(plan.users.iter().map(|(n, _)| n)) {
-        validate_name(name).map_err(anyhow::Error::msg)?;
+        validate_name(name)?;
     }
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name.push(DnType::CommonName, "Meridian federation CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     validity(&mut ca_params, plan.valid_days.max(1) * 5);
     let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
     let ca_dir = plan.out.join("ca");
@@ -190,9 +334,5 @@ pub fn provision(plan: &Plan) -> Result<Provisioned> {
     for (u, role) in &plan.users {
         users.push((u.clone(), issue(&plan.out.join("users").join(u), u, *role, &[])?));
     }
-    Ok(Provisioned {
-        coordinator,
-        sites,
-        users,
-    })
+    Ok(Provisioned { coordinator, sites, users })
 }

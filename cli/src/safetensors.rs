@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use models::ParamLayout;
+use meridian_models::ParamLayout;
 
 /// Writes `params` laid out by `layout` to `path`, with string metadata.
 pub fn write(path: &Path, layout: &ParamLayout, params: &[f32], metadata: &BTreeMap<String, String>) -> Result<()> {

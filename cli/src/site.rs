@@ -10,10 +10,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use proto::job::JobSpec;
-use worker::WorkerConfig;
-use worker::approvals::{Approval, Approvals};
-use worker::ledger::Ledger;
+use meridian_spec::job::JobSpec;
+use meridian_worker::approvals::{Approval, Approvals};
+use meridian_worker::ledger::Ledger;
+use meridian_worker::{DatasetConfig, WorkerConfig};
 
 use crate::{client, out, output};
 
@@ -81,7 +81,7 @@ impl Site {
         }
         let cert =
             std::fs::read(&config.tls_cert).with_context(|| format!("cannot read {}", config.tls_cert.display()))?;
-        let site = proto::identity::principal_from_pem(&cert).map_err(anyhow::Error::msg)?.name;
+        let site = meridian_wire::identity::principal_from_pem(&cert)?.name;
         let ledger = Ledger::open(&db, &site).with_context(|| format!("opening {}", db.display()))?;
         let approvals = Approvals::open(&db).with_context(|| format!("opening {}", db.display()))?;
         Ok(Site { config, ledger, approvals })
@@ -108,7 +108,12 @@ pub fn run(command: SiteCommand, config: &Path) -> Result<()> {
         }
         SiteCommand::Reject { job, reason, by } => {
             let a = site.approvals.decide(&job, Some(&reason), &decider(by))?;
-            out!("rejected {} as {}: {} (the coordinator is told not_approved only)", a.job_id, a.decided_by, a.reason)?;
+            out!(
+                "rejected {} as {}: {} (the coordinator is told not_approved only)",
+                a.job_id,
+                a.decided_by,
+                a.reason
+            )?;
             Ok(())
         }
         SiteCommand::Show { job } => show(&site, &job),
@@ -165,12 +170,16 @@ fn describe_spec(spec: &JobSpec) -> String {
     let p = &spec.privacy;
     let e = &spec.evaluation;
     let model = match &spec.model {
-        proto::job::ModelSpec::LogisticRegression => "logistic_regression".to_string(),
-        proto::job::ModelSpec::Mlp { hidden } => format!("mlp, hidden layers {hidden:?}"),
-        proto::job::ModelSpec::Cnn { image_side } => format!("cnn on {image_side}x{image_side} images"),
+        meridian_spec::job::ModelSpec::LogisticRegression => "logistic_regression".to_string(),
+        meridian_spec::job::ModelSpec::Mlp { hidden } => format!("mlp, hidden layers {hidden:?}"),
+        meridian_spec::job::ModelSpec::Cnn { image_side } => format!("cnn on {image_side}x{image_side} images"),
     };
-    let mut out = format!("  spec\n    name       {}\n    dataset    {}\n    model      {model}\n", spec.name, spec.dataset);
-    out.push_str(&format!("    label      {} (positive {:?}, negative {:?})\n", f.label, f.positive_label, f.negative_labels));
+    let mut out =
+        format!("  spec\n    name       {}\n    dataset    {}\n    model      {model}\n", spec.name, spec.dataset);
+    out.push_str(&format!(
+        "    label      {} (positive {:?}, negative {:?})\n",
+        f.label, f.positive_label, f.negative_labels
+    ));
     out.push_str(&format!("    numeric    {}\n", f.numeric.join(", ")));
     for c in &f.categorical {
         out.push_str(&format!("    categorical {} ({} levels)\n", c.column, c.levels.len()));
@@ -190,6 +199,7 @@ fn describe_spec(spec: &JobSpec) -> String {
     out
 }
 
+/// `meridian site show`: everything about one job offered here, as a block.
 fn show(site: &Site, job_id: &str) -> Result<()> {
     let approval = site.approvals.latest(job_id)?;
     let record = site.ledger.job_record(job_id)?;
@@ -199,62 +209,125 @@ fn show(site: &Site, job_id: &str) -> Result<()> {
         _ => bail!("job \"{job_id}\" was never offered to this site (see `meridian site pending`)"),
     };
     let spec = JobSpec::from_canonical_json(&spec_json).map_err(anyhow::Error::msg)?;
-    let mut text = format!("job {job_id}, submitted by {}\n", if submitted_by.is_empty() { "(not recorded)" } else { &submitted_by });
+    let mut text = format!(
+        "job {job_id}, submitted by {}\n",
+        if submitted_by.is_empty() { "(not recorded)" } else { &submitted_by }
+    );
     text.push_str(&describe_spec(&spec));
     text.push_str("  policy verdict\n");
+    text.push_str(&verdict(site, &spec, job_id)?);
+    text.push_str(&format!("  approval   {}\n", if site.config.manual_approval { "manual" } else { "automatic" }));
+    if let Some(a) = &approval {
+        text.push_str(&describe_offer(a));
+    }
+    text.push_str(&describe_decision(site, job_id, &spec)?);
+    output::block(&text)?;
+    Ok(())
+}
+
+/// The policy's verdict on a job, one line per check, `ok` or `FAIL`.
+#[derive(Default)]
+struct Verdict(String);
+
+impl Verdict {
+    fn line(&mut self, ok: bool, name: &str, detail: &str) {
+        self.0.push_str(&format!("    {} {name:<14} {detail}\n", if ok { "ok  " } else { "FAIL" }))
+    }
+}
+
+/// Every check the site would make of `spec`: the policy's, then the
+/// dataset's rows against the spec, then its per-job cap and budget once
+/// its sizes are released.
+fn verdict(site: &Site, spec: &JobSpec, job_id: &str) -> Result<String> {
     let sizes = site.ledger.current_sizes(&spec.dataset)?;
-    let mut line = |ok: bool, name: &str, detail: &str| text.push_str(&format!("    {} {name:<14} {detail}\n", if ok { "ok  " } else { "FAIL" }));
-    for check in worker::policy::checks(&site.config, &spec, sizes.as_ref()) {
+    let mut verdict = Verdict::default();
+    for check in meridian_worker::policy::checks(&site.config, spec, sizes.as_ref()) {
         match check.outcome {
-            Ok(detail) => line(true, check.name, &detail),
-            Err((code, detail)) => line(false, check.name, &format!("{detail} ({code})")),
+            Ok(detail) => verdict.line(true, check.name, &detail),
+            Err((code, detail)) => verdict.line(false, check.name, &format!("{detail} ({code})")),
         }
     }
     if let Some(d) = site.config.datasets.iter().find(|d| d.name == spec.dataset) {
-        let split = worker::dataset::SplitOptions { test_fraction: d.test_fraction, seed: d.split_seed };
-        match worker::dataset::load(&d.path, &spec.features, &split) {
-            Ok(data) => line(true, "schema", &format!("every row of {} fits the spec ({} inputs)", d.path.display(), data.dim)),
-            Err(e) => line(false, "schema", &format!("{e} ({})", e.reason(&spec.features).code())),
-        }
+        schema_check(d, spec, &mut verdict);
         if let Some(sizes) = &sizes {
-            let plan = spec.site_plan(sizes.train_rows);
-            let preview = site.ledger.preview(d, job_id, &plan, spec.privacy.delta)?;
-            let planned = format!(
-                "planned ε {:.3} at δ {:e} (q {:.5}, {} steps a round) against the per-job cap {:.3}",
-                preview.planned_epsilon, spec.privacy.delta, plan.sample_rate, plan.steps_per_round, d.job_epsilon_cap
-            );
-            line(preview.planned_epsilon <= d.job_epsilon_cap, "per-job cap", &planned);
-            let spent = site.ledger.spent(&d.name, d.budget_delta)?;
-            let budget = format!(
-                "dataset at ε {spent:.3} now; with this job and every accepted job's remaining plan, composed: ε {:.3} of its budget {:.3} (δ {:e})",
-                preview.projected_epsilon, d.budget_epsilon, d.budget_delta
-            );
-            line(preview.projected_epsilon <= d.budget_epsilon, "budget", &budget);
+            budget_checks(site, d, spec, job_id, sizes.train_rows, &mut verdict)?;
         }
     }
-    text.push_str(&format!("  approval   {}\n", if site.config.manual_approval { "manual" } else { "automatic" }));
-    if let Some(a) = &approval {
-        let by = if a.decided_by.is_empty() { String::new() } else { format!(" by {} at unix ms {}", a.decided_by, a.decided_at_ms) };
-        text.push_str(&format!("    offer      {}{by}{}\n", a.state.as_str(), if a.reason.is_empty() { String::new() } else { format!(": {}", a.reason) }));
+    Ok(verdict.0)
+}
+
+/// Whether every row of the dataset fits the spec.
+fn schema_check(d: &DatasetConfig, spec: &JobSpec, verdict: &mut Verdict) {
+    let split = meridian_worker::dataset::SplitOptions { test_fraction: d.test_fraction, seed: d.split_seed };
+    match meridian_worker::dataset::load(&d.path, &spec.features, &split) {
+        Ok(data) => verdict.line(
+            true,
+            "schema",
+            &format!("every row of {} fits the spec ({} inputs)", d.path.display(), data.dim),
+        ),
+        Err(e) => verdict.line(false, "schema", &format!("{e} ({})", e.reason(&spec.features).code())),
     }
-    match site.ledger.decision(job_id)? {
-        None => text.push_str("  decision   none yet\n"),
+}
+
+/// The job's planned ε against the per-job cap, and the dataset's ε with it
+/// against the budget, at `train_rows` released training rows.
+fn budget_checks(
+    site: &Site,
+    d: &DatasetConfig,
+    spec: &JobSpec,
+    job_id: &str,
+    train_rows: u64,
+    verdict: &mut Verdict,
+) -> Result<()> {
+    let plan = spec.site_plan(train_rows);
+    let preview = site.ledger.preview(d, job_id, &plan, spec.privacy.delta)?;
+    let planned = format!(
+        "planned ε {:.3} at δ {:e} (q {:.5}, {} steps a round) against the per-job cap {:.3}",
+        preview.planned_epsilon, spec.privacy.delta, plan.sample_rate, plan.steps_per_round, d.job_epsilon_cap
+    );
+    verdict.line(preview.planned_epsilon <= d.job_epsilon_cap, "per-job cap", &planned);
+    let spent = site.ledger.spent(&d.name, d.budget_delta)?;
+    let budget = format!(
+        "dataset at ε {spent:.3} now; with this job and every accepted job's remaining plan, composed: ε {:.3} of its budget {:.3} (δ {:e})",
+        preview.projected_epsilon, d.budget_epsilon, d.budget_delta
+    );
+    verdict.line(preview.projected_epsilon <= d.budget_epsilon, "budget", &budget);
+    Ok(())
+}
+
+/// The offer's state under manual approval, and who decided it when.
+fn describe_offer(a: &Approval) -> String {
+    let by = if a.decided_by.is_empty() {
+        String::new()
+    } else {
+        format!(" by {} at unix ms {}", a.decided_by, a.decided_at_ms)
+    };
+    format!(
+        "    offer      {}{by}{}\n",
+        a.state.as_str(),
+        if a.reason.is_empty() { String::new() } else { format!(": {}", a.reason) }
+    )
+}
+
+/// The site's decision on the job: none yet, accepted with what it spent,
+/// or refused with the local detail the coordinator never saw.
+fn describe_decision(site: &Site, job_id: &str, spec: &JobSpec) -> Result<String> {
+    Ok(match site.ledger.decision(job_id)? {
+        None => "  decision   none yet\n".to_string(),
         Some(d) => match &d.refusal {
-            None => text.push_str(&format!(
+            None => format!(
                 "  decision   accepted: planned ε {:.3}, released training rows {}, spent so far ε {:.3}\n",
                 d.planned_epsilon,
                 d.train_examples,
                 site.ledger.job_spent(job_id, spec.privacy.delta)?
-            )),
-            Some(r) => text.push_str(&format!(
+            ),
+            Some(r) => format!(
                 "  decision   refused, the coordinator was told {} only\n    here       {}\n",
                 r.reason.code(),
                 r.detail
-            )),
+            ),
         },
-    }
-    output::block(&text)?;
-    Ok(())
+    })
 }
 
 fn budget(site: &Site, json: bool) -> Result<()> {

@@ -20,13 +20,9 @@ impl FedAvg {
         // so the first fold took two faults per 4 KiB (a read, then a
         // write): 1.6 GB of faults at about 0.5 GB/s for a model of 100M.
         let mut sum = Vec::with_capacity(d);
-        proto::memory::advise_huge_pages(&mut sum);
+        meridian_sys::memory::advise_huge_pages(&mut sum);
         sum.resize(d, 0.0);
-        FedAvg {
-            sum: ndarray::Array1::from_vec(sum),
-            total_weight: 0.0,
-            count: 0,
-        }
+        FedAvg { sum: ndarray::Array1::from_vec(sum), total_weight: 0.0, count: 0 }
     }
 
     /// Adds `weight · update`. The caller has checked the length.
@@ -40,7 +36,7 @@ impl FedAvg {
     /// caller calls [`FedAvg::count_update`] once.
     pub fn fold_piece(&mut self, offset: usize, piece: &[f32], weight: f64) {
         let view = ArrayView1::from(piece);
-        let mut sum = self.sum.slice_mut(ndarray::s![offset..offset + piece.len()]);
+        let mut sum = self.sum.slice_axis_mut(ndarray::Axis(0), ndarray::Slice::from(offset..offset + piece.len()));
         Zip::from(&mut sum).and(&view).for_each(|s, &u| *s += weight * f64::from(u));
     }
 
@@ -117,12 +113,7 @@ pub struct ClientDpOutcome {
 impl ClientDpRound {
     /// An empty round over vectors of length `d` with clip `clip`.
     pub fn new(d: usize, clip: f64) -> ClientDpRound {
-        ClientDpRound {
-            sum: vec![0.0; d],
-            clip,
-            count: 0,
-            unclipped: 0,
-        }
+        ClientDpRound { sum: vec![0.0; d], clip, count: 0, unclipped: 0 }
     }
 
     /// Clips `update` to the round's clip and adds it.
@@ -145,9 +136,9 @@ impl ClientDpRound {
         mut self,
         global: &mut [f32],
         eta: f64,
-        spec: &proto::job::ClientDpSpec,
-        noise: &mut privacy::noise::NoiseSource,
-    ) -> Result<ClientDpOutcome, privacy::noise::NoiseError> {
+        spec: &meridian_spec::job::ClientDpSpec,
+        noise: &mut meridian_privacy::noise::NoiseSource,
+    ) -> Result<ClientDpOutcome, meridian_privacy::noise::NoiseError> {
         let mut draws = vec![0.0; self.sum.len()];
         noise.fill_gaussian(&mut draws, spec.update_noise_multiplier() * self.clip)?;
         let m = self.count.max(1) as f64;
@@ -164,27 +155,19 @@ impl ClientDpRound {
             }
         };
         self.sum.clear();
-        Ok(ClientDpOutcome {
-            count: self.count,
-            unclipped: self.unclipped,
-            next_clip,
-        })
+        Ok(ClientDpOutcome { count: self.count, unclipped: self.unclipped, next_clip })
     }
 }
 
 #[cfg(test)]
 mod client_dp_tests {
     use super::*;
-    use proto::job::{AdaptiveClipSpec, ClientDpSpec};
+    use meridian_spec::job::{AdaptiveClipSpec, ClientDpSpec};
 
     #[test]
     fn clipping_bounds_each_site_and_adaptive_clip_moves_towards_the_quantile() {
-        let spec = ClientDpSpec {
-            clip: 1.0,
-            noise_multiplier: 1e-9,
-            adaptive: None,
-        };
-        let mut noise = privacy::noise::NoiseSource::from_seed_for_tests(1);
+        let spec = ClientDpSpec { clip: 1.0, noise_multiplier: 1e-9, adaptive: None };
+        let mut noise = meridian_privacy::noise::NoiseSource::from_seed_for_tests(1);
         let mut round = ClientDpRound::new(2, 1.0);
         round.fold(&[30.0, 40.0]); // norm 50 -> scaled to norm 1
         round.fold(&[0.3, 0.4]); // norm 0.5, unclipped
@@ -198,11 +181,7 @@ mod client_dp_tests {
         let adaptive = ClientDpSpec {
             clip: 1.0,
             noise_multiplier: 1e-9,
-            adaptive: Some(AdaptiveClipSpec {
-                target_quantile: 0.5,
-                learning_rate: 0.2,
-                count_noise_multiplier: 1e-9,
-            }),
+            adaptive: Some(AdaptiveClipSpec { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: 1e-9 }),
         };
         let mut round = ClientDpRound::new(1, 1.0);
         round.fold(&[5.0]);
@@ -216,8 +195,8 @@ mod client_dp_tests {
 /// The robust rules: every update of the round is held at once (n × d
 /// values, bounded by the caller), then combined coordinate-wise (median,
 /// trimmed mean) or by selection (Krum, Multi-Krum).
-pub fn robust(updates: &[Vec<f32>], rule: &proto::job::Aggregation) -> Vec<f32> {
-    use proto::job::Aggregation;
+pub fn robust(updates: &[Vec<f32>], rule: &meridian_spec::job::Aggregation) -> Vec<f32> {
+    use meridian_spec::job::Aggregation;
     let n = updates.len();
     let d = updates.first().map_or(0, Vec::len);
     if n == 0 {
@@ -235,11 +214,7 @@ pub fn robust(updates: &[Vec<f32>], rule: &proto::job::Aggregation) -> Vec<f32> 
         }
         Aggregation::Median => coordinate_wise(updates, |column| {
             let m = column.len();
-            if m % 2 == 1 {
-                column[m / 2]
-            } else {
-                (column[m / 2 - 1] + column[m / 2]) / 2.0
-            }
+            if m % 2 == 1 { column[m / 2] } else { (column[m / 2 - 1] + column[m / 2]) / 2.0 }
         }),
         Aggregation::TrimmedMean { trim_fraction } => {
             let k = ((n as f64) * trim_fraction).floor() as usize;
@@ -288,11 +263,8 @@ fn krum_scores(updates: &[Vec<f32>], byzantine: usize) -> Vec<f64> {
     let mut dist = vec![vec![0.0f64; n]; n];
     for i in 0..n {
         for j in i + 1..n {
-            let d2: f64 = updates[i]
-                .iter()
-                .zip(&updates[j])
-                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
-                .sum();
+            let d2: f64 =
+                updates[i].iter().zip(&updates[j]).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum();
             dist[i][j] = d2;
             dist[j][i] = d2;
         }
@@ -309,17 +281,11 @@ fn krum_scores(updates: &[Vec<f32>], byzantine: usize) -> Vec<f64> {
 #[cfg(test)]
 mod robust_tests {
     use super::*;
-    use proto::job::Aggregation;
+    use meridian_spec::job::Aggregation;
 
     /// Four honest sites near (1, -1, 0.5) and one attacker.
     fn round_with(attacker: Vec<f32>) -> Vec<Vec<f32>> {
-        vec![
-            vec![1.0, -1.0, 0.5],
-            vec![1.1, -0.9, 0.45],
-            vec![0.9, -1.1, 0.55],
-            vec![1.05, -1.0, 0.5],
-            attacker,
-        ]
+        vec![vec![1.0, -1.0, 0.5], vec![1.1, -0.9, 0.45], vec![0.9, -1.1, 0.55], vec![1.05, -1.0, 0.5], attacker]
     }
 
     fn distance_to_honest(agg: &[f32]) -> f32 {
@@ -357,11 +323,12 @@ mod robust_tests {
 #[cfg(test)]
 mod properties {
     use super::*;
+    use meridian_spec::job::Aggregation;
     use proptest::prelude::*;
-    use proto::job::Aggregation;
 
     fn updates() -> impl Strategy<Value = Vec<Vec<f32>>> {
-        (1usize..7, 1usize..12).prop_flat_map(|(n, d)| prop::collection::vec(prop::collection::vec(-100f32..100.0, d), n))
+        (1usize..7, 1usize..12)
+            .prop_flat_map(|(n, d)| prop::collection::vec(prop::collection::vec(-100f32..100.0, d), n))
     }
 
     proptest! {

@@ -8,26 +8,32 @@
 
 use std::collections::BTreeMap;
 
-use proto::pb;
+use meridian_wire::pb;
 use tonic::{Request, Response, Status};
 
 use crate::service::Services;
 
-const READERS: &[proto::identity::Role] = &[
-    proto::identity::Role::Scientist,
-    proto::identity::Role::Reviewer,
-    proto::identity::Role::Admin,
+const READERS: &[meridian_wire::identity::Role] = &[
+    meridian_wire::identity::Role::Scientist,
+    meridian_wire::identity::Role::Reviewer,
+    meridian_wire::identity::Role::Admin,
 ];
 
 /// ε of a set of ledger entries composed by RDP at `delta`.
-pub(crate) fn composed_epsilon<'a>(entries: impl Iterator<Item = &'a pb::LedgerEntry>, delta: f64) -> Result<f64, Status> {
-    privacy::accountant::composed_epsilon(entries.map(|e| (e.sample_rate, e.noise_multiplier, e.steps)), delta)
+pub(crate) fn composed_epsilon<'a>(
+    entries: impl Iterator<Item = &'a pb::LedgerEntry>,
+    delta: f64,
+) -> Result<f64, Status> {
+    meridian_privacy::accountant::composed_epsilon(entries.map(|e| (e.sample_rate, e.noise_multiplier, e.steps)), delta)
         .map_err(|err| Status::data_loss(format!("a mirrored ledger entry the accountant refuses: {err}")))
 }
 
 #[tonic::async_trait]
 impl pb::privacy_service_server::PrivacyService for Services {
-    async fn get_budgets(&self, req: Request<pb::GetBudgetsRequest>) -> Result<Response<pb::GetBudgetsResponse>, Status> {
+    async fn get_budgets(
+        &self,
+        req: Request<pb::GetBudgetsRequest>,
+    ) -> Result<Response<pb::GetBudgetsResponse>, Status> {
         self.authorize(&req, READERS, "PrivacyService/GetBudgets")?;
         let store = &self.inner.store;
         let ledger = store.ledger("", "")?;
@@ -36,7 +42,8 @@ impl pb::privacy_service_server::PrivacyService for Services {
         let mut rows = Vec::new();
         for d in store.datasets()? {
             let info = &d.info;
-            let entries: Vec<&pb::LedgerEntry> = ledger.iter().filter(|e| e.site == d.site && e.dataset == info.name).collect();
+            let entries: Vec<&pb::LedgerEntry> =
+                ledger.iter().filter(|e| e.site == d.site && e.dataset == info.name).collect();
             let spent = composed_epsilon(entries.iter().copied(), info.budget_delta)?;
             rows.push(pb::BudgetRow {
                 site: d.site.clone(),
@@ -71,7 +78,10 @@ impl pb::privacy_service_server::PrivacyService for Services {
         Ok(Response::new(pb::GetBudgetsResponse { rows }))
     }
 
-    async fn list_ledger(&self, req: Request<pb::ListLedgerRequest>) -> Result<Response<pb::ListLedgerResponse>, Status> {
+    async fn list_ledger(
+        &self,
+        req: Request<pb::ListLedgerRequest>,
+    ) -> Result<Response<pb::ListLedgerResponse>, Status> {
         self.authorize(&req, READERS, "PrivacyService/ListLedger")?;
         let r = req.get_ref();
         let entries = self.inner.store.ledger(&r.site, &r.dataset)?;

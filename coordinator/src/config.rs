@@ -86,18 +86,18 @@ pub struct CoordinatorConfig {
     pub source: PathBuf,
 }
 
-pub use proto::config_file::ConfigError;
+pub use meridian_spec::config_file::ConfigError;
 
 impl CoordinatorConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-        let text = proto::config_file::read(path)?;
+        let text = meridian_spec::config_file::read(path)?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` names it in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-        let raw: RawConfig = proto::config_file::parse(text, path)?;
+        let raw: RawConfig = meridian_spec::config_file::parse(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let mut problems = Vec::new();
@@ -120,7 +120,12 @@ impl CoordinatorConfig {
             idle_timeout_secs: raw.idle_timeout_secs,
             receive_window_bytes: raw.receive_window_kib.clamp(16, 65_536) * 1024,
             revoked_names: raw.revocation.names,
-            revoked_fingerprints: raw.revocation.fingerprints.iter().map(|f| f.to_lowercase().replace(':', "")).collect(),
+            revoked_fingerprints: raw
+                .revocation
+                .fingerprints
+                .iter()
+                .map(|f| f.to_lowercase().replace(':', ""))
+                .collect(),
             source: path.to_path_buf(),
         };
         for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
@@ -128,7 +133,7 @@ impl CoordinatorConfig {
                 problems.push(format!("{key}: {} does not exist", file.display()));
             }
         }
-        proto::config_file::check(path, problems)?;
+        meridian_spec::config_file::check(path, problems)?;
         Ok(config)
     }
 }

@@ -9,36 +9,30 @@
 //! - [`CoordinatorConfig`]: the validated `coordinator.toml`.
 //! - `engine`: the per-job state machine (offers → rounds → evaluation).
 //! - `service`: the RPCs, authorized by the role in the caller's certificate.
-//! - [`admission`]: the checks every update passes before it is counted.
-//! - `incoming`: the file an arriving update is written to, from a thread
-//!   of its own when the update is large.
-//! - `transfers`: updates in flight, so a round waits for a slow upload
-//!   that is still making progress and drops a silent one.
+//! - `upload`: receiving an update, from the slot it waits for to the row
+//!   that counts it: leases, transfers in flight, the file it is written
+//!   to, updates sent in parts, and [`admission`], the checks every update
+//!   passes before it is counted.
 //! - `metrics`: a round's metrics, derived from the sites' noised releases.
 //! - `plan`: a job checked and costed at every site before it is submitted.
 //! - `model_cache`: each live job's latest model as wire chunks, shared by
 //!   its pullers.
 //! - `store`: SQLite state; models and updates are files written by
-//!   `proto::checkpoint`.
+//!   `meridian_store::checkpoint`.
 
-#![deny(clippy::unwrap_used)]
-#![deny(missing_docs)]
-
-pub mod admission;
 pub mod aggregate;
 mod budget;
 mod config;
 mod engine;
-mod incoming;
-mod leases;
 mod metrics;
 mod model_cache;
 mod plan;
 mod revocation;
 mod service;
 mod store;
-mod transfers;
-mod update_parts;
+mod upload;
+
+pub use upload::admission;
 
 /// A stream of messages or errors, as the services return it.
 pub(crate) type BoxStream<T> =
@@ -47,12 +41,12 @@ pub(crate) type BoxStream<T> =
 use std::sync::Arc;
 
 pub use config::{ConfigError, CoordinatorConfig};
-use proto::identity::IdentityFiles;
-use proto::pb;
+use meridian_wire::identity::IdentityFiles;
+use meridian_wire::pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 /// Why the coordinator could not start or stopped abnormally.
@@ -68,7 +62,7 @@ pub enum RunError {
     },
     /// The TLS files could not be read.
     #[error(transparent)]
-    Identity(#[from] proto::identity::IdentityError),
+    Identity(#[from] meridian_wire::identity::IdentityError),
     /// The gRPC server failed.
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -89,8 +83,8 @@ pub async fn run(
     let store =
         store::Store::open(&config.data_dir.join("coordinator.sqlite")).map_err(|e| state_err(e.to_string()))?;
     let identity = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
-    let audit =
-        proto::audit::AuditLog::open(&config.data_dir.join("audit.log")).map_err(|e| state_err(e.to_string()))?;
+    let audit = meridian_store::audit::AuditLog::open(&config.data_dir.join("audit.log"))
+        .map_err(|e| state_err(e.to_string()))?;
     let (changes, _) = tokio::sync::watch::channel(0u64);
     let coordinator = Arc::new(engine::Coordinator {
         store,
@@ -100,12 +94,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
         audit,
-        transfers: transfers::Transfers::default(),
-        receiving: Arc::new(tokio::sync::Semaphore::new(engine::RECEIVING_AT_ONCE)),
-        leases: leases::Leases::default(),
-        models: model_cache::ModelCache::default(),
         // An incomplete upload's parts wait as long as a silent stream would.
-        update_parts: update_parts::UpdateParts::new(std::time::Duration::from_secs(config.idle_timeout_secs.max(1))),
+        uploads: upload::Uploads::new(std::time::Duration::from_secs(config.idle_timeout_secs.max(1))),
+        models: model_cache::ModelCache::default(),
     });
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {
@@ -119,7 +110,7 @@ pub async fn run(
         // Four streams' worth per connection: an upload queued unread must not
         // stall the same site's heartbeats and answers on that connection.
         .initial_connection_window_size(Some(config.receive_window_bytes.saturating_mul(4)))
-        .max_frame_size(Some(proto::tensor::MAX_FRAME_BYTES))
+        .max_frame_size(Some(meridian_wire::tensor::MAX_FRAME_BYTES))
         .tls_config(identity.server_tls())?
         .add_service(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())
@@ -138,17 +129,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Accepted connections with Nagle's algorithm off. With it on, the small
-/// frames the coordinator answers an upload with (HTTP/2 window updates) wait
-/// for the site's delayed ACK, up to 40 ms per chunk: measured, a 400 MB
-/// update crawled in at 0.03 GB/s over loopback.
-fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::warn!(%error, "cannot turn Nagle's algorithm off for a connection; it will be slower");
-        }
-        Ok(stream)
-    })
+/// Accepted connections with Nagle's algorithm off (a connection on which
+/// it cannot be turned off is served anyway, with a warning). With it on,
+/// the small frames the coordinator answers an upload with (HTTP/2 window
+/// updates) wait for the site's delayed ACK, once per chunk.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }

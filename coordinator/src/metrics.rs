@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use proto::evaluation::{Histogram, ScoreBins};
-use proto::pb;
+use meridian_spec::evaluation::{Histogram, ScoreBins};
+use meridian_wire::pb;
 
 use crate::store::{EvaluationRow, UpdateRow};
 
@@ -57,10 +57,8 @@ pub fn evaluation(rows: &[&EvaluationRow], bins: &ScoreBins) -> RoundEvaluation 
 /// release them under [`EXACT`] names.
 pub fn training(updates: &[UpdateRow]) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
-    let counted: Vec<(f64, f64)> = updates
-        .iter()
-        .filter_map(|u| u.released.clipped.map(|c| (c as f64, u.released.clip_denominator)))
-        .collect();
+    let counted: Vec<(f64, f64)> =
+        updates.iter().filter_map(|u| u.released.clipped.map(|c| (c as f64, u.released.clip_denominator))).collect();
     let denominator: f64 = counted.iter().map(|c| c.1).sum();
     if denominator > 0.0 {
         let clipped: f64 = counted.iter().map(|c| c.0).sum();
@@ -94,11 +92,7 @@ impl WeightedMean {
 
     /// The means.
     pub fn finish(&self) -> BTreeMap<String, f64> {
-        self.sums
-            .iter()
-            .filter(|(_, (_, w))| *w > 0.0)
-            .map(|(k, (s, w))| (k.clone(), s / w))
-            .collect()
+        self.sums.iter().filter(|(_, (_, w))| *w > 0.0).map(|(k, (s, w))| (k.clone(), s / w)).collect()
     }
 }
 

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::checkpoint::{self, CheckpointError};
-use proto::pb;
+use meridian_store::checkpoint::{self, CheckpointError};
+use meridian_wire::pb;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -64,7 +64,8 @@ impl ModelPart {
             0 => total,
             n => self.first_value.saturating_add(n),
         };
-        if self.first_value > total || end > total || (self.value_count == 0 && self.first_value == total && total > 0) {
+        if self.first_value > total || end > total || (self.value_count == 0 && self.first_value == total && total > 0)
+        {
             return Err(format!(
                 "first_value {} and value_count {} reach past the model's {total} values",
                 self.first_value, self.value_count
@@ -90,7 +91,7 @@ impl ModelPart {
                 "first_value {} and value_count {} do not fall on the model's chunks of {} values",
                 self.first_value,
                 self.value_count,
-                proto::tensor::CHUNK_VALUES
+                meridian_wire::tensor::CHUNK_VALUES
             )),
         }
     }
@@ -98,17 +99,14 @@ impl ModelPart {
 
 impl Default for ModelCache {
     fn default() -> Self {
-        ModelCache {
-            latest: Mutex::new(HashMap::new()),
-            slots: Arc::new(Semaphore::new(SERVING_AT_ONCE)),
-        }
+        ModelCache { latest: Mutex::new(HashMap::new()), slots: Arc::new(Semaphore::new(SERVING_AT_ONCE)) }
     }
 }
 
 impl ModelCache {
     fn latest(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedModel>> {
         // Each change is one insert or remove: a panic cannot leave an entry half-written.
-        self.latest.lock().unwrap_or_else(|e| e.into_inner())
+        meridian_sys::sync::lock(&self.latest)
     }
 
     /// The chunks of `job_id`'s model after `round`, read from `path` on a

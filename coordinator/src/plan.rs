@@ -1,6 +1,6 @@
 //! A job planned before it is submitted: for every site that holds its
 //! dataset, the same checks the site will apply to the offer (its schema,
-//! [`proto::policy`], the per-job cap, the budget) and what the site would
+//! [`meridian_spec::policy`], the per-job cap, the budget) and what the site would
 //! charge, all from what sites announced (schemas, policies, released
 //! sizes) and the mirror of their ledgers.
 //!
@@ -12,10 +12,10 @@
 
 use std::collections::BTreeMap;
 
-use proto::job::JobSpec;
-use proto::mechanism::Mechanism;
-use proto::pb;
-use proto::reason::ReasonCode;
+use meridian_spec::job::JobSpec;
+use meridian_spec::mechanism::Mechanism;
+use meridian_spec::reason::ReasonCode;
+use meridian_wire::pb;
 
 use crate::store::{DatasetRow, Store, StoreError};
 
@@ -27,7 +27,7 @@ pub enum PlanError {
     Store(#[from] StoreError),
     /// The accountant refused a mechanism's parameters.
     #[error("accountant: {0}")]
-    Accountant(#[from] privacy::accountant::AccountantError),
+    Accountant(#[from] meridian_privacy::accountant::AccountantError),
     /// No registered site holds the dataset.
     #[error("dataset: no registered site holds dataset \"{dataset}\" (known: {known})")]
     NoHolder {
@@ -41,22 +41,34 @@ pub enum PlanError {
 fn check(name: &'static str, outcome: Result<String, (ReasonCode, String)>) -> pb::PolicyCheck {
     match outcome {
         Ok(detail) => pb::PolicyCheck { name: name.to_string(), passed: true, detail, code: String::new() },
-        Err((code, detail)) => pb::PolicyCheck { name: name.to_string(), passed: false, detail, code: code.as_str().to_string() },
+        Err((code, detail)) => {
+            pb::PolicyCheck { name: name.to_string(), passed: false, detail, code: code.as_str().to_string() }
+        }
     }
 }
 
 /// Whether the site announced every column the spec reads, of the right kind.
 fn schema(d: &DatasetRow, spec: &JobSpec) -> pb::PolicyCheck {
     let info = &d.info;
-    let wanted = std::iter::once(("features.label".to_string(), &spec.features.label, &info.columns, "known"))
-        .chain(spec.features.numeric.iter().enumerate().map(|(i, c)| (format!("features.numeric[{i}]"), c, &info.numeric, "numeric")))
-        .chain(spec.features.categorical.iter().enumerate().map(|(i, c)| {
-            (format!("features.categorical[{i}].column"), &c.column, &info.categorical, "categorical")
-        }));
+    let wanted =
+        std::iter::once(("features.label".to_string(), &spec.features.label, &info.columns, "known"))
+            .chain(
+                spec.features
+                    .numeric
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("features.numeric[{i}]"), c, &info.numeric, "numeric")),
+            )
+            .chain(spec.features.categorical.iter().enumerate().map(|(i, c)| {
+                (format!("features.categorical[{i}].column"), &c.column, &info.categorical, "categorical")
+            }));
     let missing: Vec<String> = wanted
         .filter(|(_, column, list, _)| !list.contains(column))
         .map(|(field, column, _, kind)| {
-            format!("{field}: column \"{column}\" is not a {kind} column of dataset \"{}\" (site {})", info.name, d.site)
+            format!(
+                "{field}: column \"{column}\" is not a {kind} column of dataset \"{}\" (site {})",
+                info.name, d.site
+            )
         })
         .collect();
     check(
@@ -75,17 +87,22 @@ fn entry_item(e: &pb::LedgerEntry) -> (f64, f64, u64) {
 
 /// Everything charged to `site`'s dataset (its mirrored `entries`), and
 /// every running job's remaining plan there, as accountant items.
-fn committed(store: &Store, site: &str, dataset: &str, entries: &[pb::LedgerEntry]) -> Result<Vec<(f64, f64, u64)>, PlanError> {
+fn committed(
+    store: &Store,
+    site: &str,
+    dataset: &str,
+    entries: &[pb::LedgerEntry],
+) -> Result<Vec<(f64, f64, u64)>, PlanError> {
     let mut items: Vec<(f64, f64, u64)> = entries.iter().map(entry_item).collect();
     for job in store.jobs()?.into_iter().filter(|j| !j.state.is_terminal() && j.spec.dataset == dataset) {
-        let Some(at) = store.job_sites(&job.id)?.into_iter().find(|s| s.site == site && s.state == "accepted") else {
+        let Some(at) = store.participant(&job.id, site)? else {
             continue;
         };
         let mut used: BTreeMap<Mechanism, u64> = BTreeMap::new();
         for e in entries.iter().filter(|e| e.job_id == job.id) {
-            *used.entry(Mechanism::of(e)).or_default() += e.steps;
+            *used.entry(e.charged()).or_default() += e.steps;
         }
-        for c in proto::job::remaining(&job.spec.site_plan(at.train_examples).charges, &used) {
+        for c in meridian_spec::job::remaining(&job.spec.site_plan(at.train_examples).charges, &used) {
             items.push((c.sample_rate, c.noise_multiplier, c.steps));
         }
     }
@@ -93,16 +110,22 @@ fn committed(store: &Store, site: &str, dataset: &str, entries: &[pb::LedgerEntr
 }
 
 /// The plan of `spec` at one site that holds its dataset.
-fn at_site(store: &Store, d: &DatasetRow, policy: &pb::SitePolicy, spec: &JobSpec) -> Result<pb::PlannedSite, PlanError> {
+fn at_site(
+    store: &Store,
+    d: &DatasetRow,
+    policy: &pb::SitePolicy,
+    spec: &JobSpec,
+) -> Result<pb::PlannedSite, PlanError> {
     let info = &d.info;
-    let view = proto::policy::Policy {
+    let view = meridian_spec::policy::Policy {
         allowed_models: &policy.allowed_models,
         min_training_rows: policy.min_training_rows,
         min_test_rows: policy.min_test_rows,
     };
     let sizes = info.size.as_ref().map(|s| (s.train_rows, s.test_rows));
     let mut checks = vec![schema(d, spec)];
-    checks.extend(proto::policy::checks(&view, spec, true, sizes).into_iter().map(|c| check(c.name, c.outcome)));
+    checks
+        .extend(meridian_spec::policy::checks(&view, spec, true, sizes).into_iter().map(|c| check(c.name, c.outcome)));
     let mut planned = pb::PlannedSite {
         site: d.site.clone(),
         manual_approval: policy.manual_approval,
@@ -113,19 +136,24 @@ fn at_site(store: &Store, d: &DatasetRow, policy: &pb::SitePolicy, spec: &JobSpe
     };
     if let Some((train_rows, _)) = sizes {
         let plan = spec.site_plan(train_rows);
-        let items: Vec<(f64, f64, u64)> = plan.charges.iter().map(|c| (c.sample_rate, c.noise_multiplier, c.steps)).collect();
-        let epsilon = privacy::accountant::composed_epsilon(items.iter().copied(), spec.privacy.delta)?;
+        let items: Vec<(f64, f64, u64)> =
+            plan.charges.iter().map(|c| (c.sample_rate, c.noise_multiplier, c.steps)).collect();
+        let epsilon = meridian_privacy::accountant::composed_epsilon(items.iter().copied(), spec.privacy.delta)?;
         let entries = store.ledger(&d.site, &info.name)?;
-        planned.spent_epsilon = privacy::accountant::composed_epsilon(entries.iter().map(entry_item), info.budget_delta)?;
+        planned.spent_epsilon =
+            meridian_privacy::accountant::composed_epsilon(entries.iter().map(entry_item), info.budget_delta)?;
         let mut all = committed(store, &d.site, &info.name, &entries)?;
         all.extend(items);
-        let projected = privacy::accountant::composed_epsilon(all, info.budget_delta)?;
+        let projected = meridian_privacy::accountant::composed_epsilon(all, info.budget_delta)?;
         checks.push(check(
             "per-job cap",
             if epsilon <= info.job_epsilon_cap {
                 Ok(format!("planned ε {epsilon:.3} within the per-job cap {:.3}", info.job_epsilon_cap))
             } else {
-                Err((ReasonCode::JobCapExceeded, format!("planned ε {epsilon:.3} exceeds the per-job cap {:.3}", info.job_epsilon_cap)))
+                Err((
+                    ReasonCode::JobCapExceeded,
+                    format!("planned ε {epsilon:.3} exceeds the per-job cap {:.3}", info.job_epsilon_cap),
+                ))
             },
         ));
         checks.push(check(
@@ -148,7 +176,7 @@ fn at_site(store: &Store, d: &DatasetRow, policy: &pb::SitePolicy, spec: &JobSpe
             .charges
             .iter()
             .map(|c| pb::PlannedCharge {
-                mechanism: c.mechanism.to_wire(),
+                mechanism: meridian_wire::convert::mechanism_value(c.mechanism),
                 sample_rate: c.sample_rate,
                 noise_multiplier: c.noise_multiplier,
                 steps: c.steps,

@@ -20,6 +20,25 @@ struct Lists {
     checked: Instant,
 }
 
+/// Why [`Revocations::check`] refuses a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Revoked {
+    /// Every certificate of this name is revoked.
+    #[error("the certificates of {name} are revoked")]
+    Name {
+        /// The certificate's CN.
+        name: String,
+    },
+    /// This one certificate is revoked, by its fingerprint.
+    #[error("certificate {fingerprint} of {name} is revoked")]
+    Fingerprint {
+        /// The certificate's SHA-256 fingerprint, in hex.
+        fingerprint: String,
+        /// The certificate's CN.
+        name: String,
+    },
+}
+
 /// The live revocation lists.
 pub struct Revocations {
     source: PathBuf,
@@ -45,8 +64,8 @@ impl Revocations {
     }
 
     /// Refuses a revoked certificate, naming why.
-    pub fn check(&self, name: &str, der: &[u8]) -> Result<(), String> {
-        let mut lists = self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn check(&self, name: &str, der: &[u8]) -> Result<(), Revoked> {
+        let mut lists = meridian_sys::sync::lock(&self.lists);
         if lists.checked.elapsed() >= Duration::from_secs(1) {
             lists.checked = Instant::now();
             let now = modified(&self.source);
@@ -56,18 +75,22 @@ impl Revocations {
                     Ok(c) => {
                         lists.names = c.revoked_names.into_iter().collect();
                         lists.fingerprints = c.revoked_fingerprints.into_iter().collect();
-                        info!(names = lists.names.len(), fingerprints = lists.fingerprints.len(), "revocation list reloaded");
+                        info!(
+                            names = lists.names.len(),
+                            fingerprints = lists.fingerprints.len(),
+                            "revocation list reloaded"
+                        );
                     }
                     Err(e) => warn!(error = %e, "cannot reload the revocation list; keeping the previous one"),
                 }
             }
         }
         if lists.names.contains(name) {
-            return Err(format!("the certificates of {name} are revoked"));
+            return Err(Revoked::Name { name: name.to_string() });
         }
         let fingerprint = hex::encode(Sha256::digest(der));
         if lists.fingerprints.contains(&fingerprint) {
-            return Err(format!("certificate {fingerprint} of {name} is revoked"));
+            return Err(Revoked::Fingerprint { fingerprint, name: name.to_string() });
         }
         Ok(())
     }

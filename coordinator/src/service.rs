@@ -4,31 +4,28 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use proto::failpoint;
-use proto::identity::{Principal, Role, principal_from_der};
-use proto::job::JobSpec;
-use proto::pb;
-use proto::evaluation::Histogram;
-use proto::mechanism::Mechanism;
-use proto::reason::SiteReason;
+use meridian_spec::evaluation::{Histogram, ScoreBins};
+use meridian_spec::job::JobSpec;
+use meridian_spec::mechanism::Mechanism;
+use meridian_store::checkpoint;
+use meridian_sys::failpoint;
+use meridian_sys::now_ms;
+use meridian_wire::identity::{Principal, Role, principal_from_der};
+use meridian_wire::pb;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::model_cache::ModelPart;
 use crate::BoxStream;
-use crate::admission::{self, Expected, MAX_UPLOAD_PARTS, UpdateReceiver};
 use crate::engine::{Coordinator, EngineError};
-use crate::incoming::UpdateFile;
+use crate::model_cache::ModelPart;
 use crate::revocation::Revocations;
-use crate::update_parts::{self, Arrival, ReceivedPart};
-use crate::store::{EvaluationRow, Insert, JobRow, JobSiteRow, JobState, RoundRelease, StoreError, UpdateRow, now_ms};
-use proto::checkpoint;
+use crate::store::{EvaluationRow, JobRow, JobSiteRow, JobState, RoundState, SiteState, StoreError};
+use crate::upload::{self, ReceiveError};
 
 /// The three services over one shared [`Coordinator`].
 #[derive(Clone)]
@@ -56,6 +53,23 @@ impl From<StoreError> for Status {
     }
 }
 
+impl From<ReceiveError> for Status {
+    fn from(e: ReceiveError) -> Status {
+        match e {
+            ReceiveError::Store(e) => e.into(),
+            ReceiveError::Stream(status) => status,
+            ReceiveError::NoHeader => Status::deadline_exceeded(e.to_string()),
+            ReceiveError::Empty | ReceiveError::HeaderNotFirst => Status::invalid_argument(e.to_string()),
+            ReceiveError::NoJob(_) => Status::not_found(e.to_string()),
+            ReceiveError::NotParticipant { .. } => Status::permission_denied(e.to_string()),
+            ReceiveError::ShuttingDown => Status::unavailable(e.to_string()),
+            ReceiveError::Checkpoint(_) | ReceiveError::File(_) | ReceiveError::ListingParts(_) => {
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
         warn!(error = %e, "engine error");
@@ -73,11 +87,44 @@ fn client_epsilon(job: &JobRow, rounds: u64) -> Result<f64, Status> {
     if rounds == 0 {
         return Ok(0.0);
     }
-    let mut acc = privacy::accountant::RdpAccountant::new();
+    let mut acc = meridian_privacy::accountant::RdpAccountant::new();
     acc.compose_poisson_gaussian(1.0, cdp.update_noise_multiplier(), rounds)
         .and_then(|()| acc.epsilon(job.spec.privacy.delta))
         .map(|e| e.epsilon)
         .map_err(|e| Status::internal(format!("client-level accountant: {e}")))
+}
+
+/// What a round's status says besides its evaluation.
+struct RoundFacts {
+    round: u32,
+    state: RoundState,
+    attempt: u32,
+    updated_sites: Vec<String>,
+    /// The round's training metrics, exact ones included (see [`crate::metrics::EXACT`]).
+    train: BTreeMap<String, f64>,
+}
+
+/// A round's status, its evaluation pooled from the sites' released
+/// histograms of its model in `evals`.
+fn round_status(facts: RoundFacts, evals: &[EvaluationRow], bins: &ScoreBins) -> pb::RoundStatus {
+    let rows: Vec<&EvaluationRow> = evals.iter().filter(|e| e.round == facts.round).collect();
+    let evaluation = crate::metrics::evaluation(&rows, bins);
+    let (exact_train, train): (BTreeMap<String, f64>, BTreeMap<String, f64>) =
+        facts.train.into_iter().partition(|(k, _)| k.starts_with(crate::metrics::EXACT));
+    pb::RoundStatus {
+        round: facts.round,
+        state: facts.state.as_str().to_string(),
+        attempt: facts.attempt,
+        updated_sites: facts.updated_sites,
+        train_metrics: train.into_iter().collect(),
+        eval_metrics: evaluation.pooled.into_iter().collect(),
+        site_evaluations: evaluation.sites,
+        exact_train_metrics: exact_train
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches(crate::metrics::EXACT).to_string(), v))
+            .collect(),
+        exact_eval_metrics: evaluation.exact.into_iter().collect(),
+    }
 }
 
 /// Waits for the next committed change (and [`COALESCE`] more), or 5 s so
@@ -112,22 +159,11 @@ async fn next_change<T>(
 const COALESCE: Duration = Duration::from_millis(20);
 
 /// Who is calling, from the verified client certificate, if their role may call `rpc`.
-fn authorize<T>(
-    revocations: &Revocations,
-    req: &Request<T>,
-    allowed: &[Role],
-    rpc: &str,
-) -> Result<Principal, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let der = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let principal = principal_from_der(der.as_ref()).map_err(Status::unauthenticated)?;
-    revocations
-        .check(&principal.name, der.as_ref())
-        .map_err(Status::unauthenticated)?;
+fn authorize<T>(revocations: &Revocations, req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
+    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let der = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let principal = principal_from_der(der.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    revocations.check(&principal.name, der.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
     if !allowed.contains(&principal.role) {
         return Err(Status::permission_denied(format!(
             "{} (role {}) may not call {rpc}",
@@ -143,26 +179,44 @@ const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin];
 
 impl Services {
     /// Who is calling, if their certificate is not revoked and their role may call `rpc`.
-    pub(crate) fn authorize<T>(
-        &self,
-        req: &Request<T>,
-        allowed: &[Role],
-        rpc: &str,
-    ) -> Result<Principal, Status> {
+    pub(crate) fn authorize<T>(&self, req: &Request<T>, allowed: &[Role], rpc: &str) -> Result<Principal, Status> {
         authorize(&self.revocations, req, allowed, rpc)
     }
 
     fn job_or_not_found(&self, job_id: &str) -> Result<JobRow, Status> {
-        self.inner
-            .store
-            .job(job_id)?
-            .ok_or_else(|| Status::not_found(format!("no job \"{job_id}\"")))
+        self.inner.store.job(job_id)?.ok_or_else(|| Status::not_found(format!("no job \"{job_id}\"")))
     }
 
     /// The job's status as the scientist sees it.
     pub(crate) fn job_status(&self, job: &JobRow) -> Result<pb::JobStatus, Status> {
+        let closed = self.inner.store.closed_rounds(&job.id)?;
+        Ok(pb::JobStatus {
+            job_id: job.id.clone(),
+            name: job.spec.name.clone(),
+            state: job.state.as_str().to_string(),
+            reason: job.reason.clone(),
+            submitted_by: job.submitted_by.clone(),
+            current_round: job.current_round,
+            total_rounds: job.spec.training.rounds,
+            model: job.spec.model.kind().to_string(),
+            dataset: job.spec.dataset.clone(),
+            num_params: job.num_params,
+            layout_hash: job.layout_hash.clone(),
+            sites: self.site_statuses(job)?,
+            rounds: self.round_statuses(job, &closed)?,
+            submitted_at_unix_ms: job.submitted_at_ms,
+            updated_at_unix_ms: job.updated_at_ms,
+            spec_hash: job.spec_hash.clone(),
+            delta: job.spec.privacy.delta,
+            spec_json: job.spec.canonical_json(),
+            client_epsilon: client_epsilon(job, closed.len() as u64)?,
+        })
+    }
+
+    /// Each of the job's sites: where it stands, what it planned and spent
+    /// of its dataset's budget on the job.
+    fn site_statuses(&self, job: &JobRow) -> Result<Vec<pb::SiteStatus>, Status> {
         let store = &self.inner.store;
-        let sites = store.job_sites(&job.id)?;
         let policies = store.policies()?;
         let budgets: HashMap<String, f64> = store
             .datasets()?
@@ -176,79 +230,59 @@ impl Services {
             let max = spent.entry(e.site).or_insert(0.0);
             *max = max.max(e.epsilon_job);
         }
+        let sites = store.job_sites(&job.id)?;
+        Ok(sites
+            .into_iter()
+            .map(|s| pb::SiteStatus {
+                spent_epsilon: spent.get(&s.site).copied().unwrap_or(0.0),
+                releases_exact_metrics: policies.get(&s.site).is_some_and(|p| p.release_exact_metrics),
+                budget_epsilon: budgets.get(&s.site).copied().unwrap_or(0.0),
+                projected_epsilon: s.projected_epsilon,
+                site: s.site,
+                state: s.state.as_str().to_string(),
+                reason: s.reason,
+                reason_code: s.reason_code,
+                reason_columns: s.reason_columns,
+                planned_epsilon: s.planned_epsilon,
+                train_examples: s.train_examples,
+            })
+            .collect())
+    }
+
+    /// The job's rounds: the initial model's if it was evaluated, every
+    /// `closed` round's, and the open one's while the job is running.
+    fn round_statuses(
+        &self,
+        job: &JobRow,
+        closed: &[crate::store::ClosedRound],
+    ) -> Result<Vec<pb::RoundStatus>, Status> {
+        let store = &self.inner.store;
         let evals = store.evaluations(&job.id)?;
         let bins = job.spec.evaluation.score_bins();
-        let round_status = |round: u32, state: &str, attempt: u32, updated: Vec<String>, train: BTreeMap<String, f64>| {
-            let rows: Vec<&EvaluationRow> = evals.iter().filter(|e| e.round == round).collect();
-            let evaluation = crate::metrics::evaluation(&rows, &bins);
-            let (exact_train, train): (BTreeMap<String, f64>, BTreeMap<String, f64>) =
-                train.into_iter().partition(|(k, _)| k.starts_with(crate::metrics::EXACT));
-            pb::RoundStatus {
-                round,
-                state: state.to_string(),
-                attempt,
-                updated_sites: updated,
-                train_metrics: train.into_iter().collect(),
-                eval_metrics: evaluation.pooled.into_iter().collect(),
-                site_evaluations: evaluation.sites,
-                exact_train_metrics: exact_train
-                    .into_iter()
-                    .map(|(k, v)| (k.trim_start_matches(crate::metrics::EXACT).to_string(), v))
-                    .collect(),
-                exact_eval_metrics: evaluation.exact.into_iter().collect(),
-            }
-        };
         let updated_sites = |round: u32| -> Result<Vec<String>, Status> {
             Ok(store.updates(&job.id, round)?.into_iter().map(|u| u.site).collect())
         };
+        let status = |round, state, attempt, updated_sites, train| {
+            round_status(RoundFacts { round, state, attempt, updated_sites, train }, &evals, &bins)
+        };
         let mut rounds = Vec::new();
         if evals.iter().any(|e| e.round == 0) {
-            rounds.push(round_status(0, "initial", 0, Vec::new(), BTreeMap::new()));
+            rounds.push(status(0, RoundState::Initial, 0, Vec::new(), BTreeMap::new()));
         }
-        let closed = store.closed_rounds(&job.id)?;
-        for (round, attempt, metrics) in &closed {
-            rounds.push(round_status(*round, "aggregated", *attempt, updated_sites(*round)?, metrics.clone()));
+        for (round, attempt, metrics) in closed {
+            rounds.push(status(*round, RoundState::Aggregated, *attempt, updated_sites(*round)?, metrics.clone()));
         }
         if job.state == JobState::Running {
             let round = job.current_round;
-            rounds.push(round_status(round, "open", job.attempt, updated_sites(round)?, BTreeMap::new()));
+            rounds.push(status(round, RoundState::Open, job.attempt, updated_sites(round)?, BTreeMap::new()));
         }
-        Ok(pb::JobStatus {
-            job_id: job.id.clone(),
-            name: job.spec.name.clone(),
-            state: job.state.as_str().to_string(),
-            reason: job.reason.clone(),
-            submitted_by: job.submitted_by.clone(),
-            current_round: job.current_round,
-            total_rounds: job.spec.training.rounds,
-            model: job.spec.model.kind().to_string(),
-            dataset: job.spec.dataset.clone(),
-            num_params: job.num_params,
-            layout_hash: job.layout_hash.clone(),
-            sites: sites
-                .into_iter()
-                .map(|s| pb::SiteStatus {
-                    spent_epsilon: spent.get(&s.site).copied().unwrap_or(0.0),
-                    releases_exact_metrics: policies.get(&s.site).is_some_and(|p| p.release_exact_metrics),
-                    budget_epsilon: budgets.get(&s.site).copied().unwrap_or(0.0),
-                    projected_epsilon: s.projected_epsilon,
-                    site: s.site,
-                    state: s.state,
-                    reason: s.reason,
-                    reason_code: s.reason_code,
-                    reason_columns: s.reason_columns,
-                    planned_epsilon: s.planned_epsilon,
-                    train_examples: s.train_examples,
-                })
-                .collect(),
-            rounds,
-            submitted_at_unix_ms: job.submitted_at_ms,
-            updated_at_unix_ms: job.updated_at_ms,
-            spec_hash: job.spec_hash.clone(),
-            delta: job.spec.privacy.delta,
-            spec_json: job.spec.canonical_json(),
-            client_epsilon: client_epsilon(job, closed.len() as u64)?,
-        })
+        Ok(rounds)
+    }
+
+    /// The status of the watched job `job_id`, and whether it will change no more.
+    fn watched_status(&self, job_id: &str) -> Result<(pb::JobStatus, bool), Status> {
+        let job = self.inner.store.job(job_id)?.ok_or_else(|| Status::not_found("job vanished"))?;
+        Ok((self.job_status(&job)?, job.state.is_terminal()))
     }
 
     /// The job's plan at every site that holds its dataset.
@@ -267,7 +301,8 @@ impl Services {
         let mut eligible = Vec::new();
         let mut problems = BTreeSet::new();
         for site in &plan.sites {
-            let failed: Vec<&pb::PolicyCheck> = site.checks.iter().filter(|c| !c.passed && c.name != "budget").collect();
+            let failed: Vec<&pb::PolicyCheck> =
+                site.checks.iter().filter(|c| !c.passed && c.name != "budget").collect();
             if failed.is_empty() {
                 eligible.push(site.site.clone());
             }
@@ -296,16 +331,12 @@ impl Services {
 
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for Services {
-    async fn submit_job(
-        &self,
-        req: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let who = self.authorize(&req, SUBMITTERS, "JobService/SubmitJob")?;
-        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec").map_err(|e| {
-            Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string())
-        })?;
+        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec")
+            .map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string()))?;
         let sites = self.eligible_sites(&spec)?;
-        let arch = models::Architecture::new(&spec.model, spec.features.input_dim())
+        let arch = meridian_models::Architecture::new(&spec.model, spec.features.input_dim())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let layout = arch.layout();
         // A fresh id: a clash with an existing job must not overwrite its initial model.
@@ -314,13 +345,14 @@ impl pb::job_service_server::JobService for Services {
             .find(|id| !self.inner.model_path(id, 0).exists())
             .ok_or_else(|| Status::internal("no unused job id after 8 draws"))?;
         let seed = u64::from_le_bytes(
-            <sha2::Sha256 as sha2::Digest>::digest(job_id.as_bytes())[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
+            <sha2::Sha256 as sha2::Digest>::digest(job_id.as_bytes())[..8].try_into().unwrap_or([0; 8]),
         );
-        let chunks =
-            checkpoint::write_chunks_atomic(&self.inner.model_path(&job_id, 0), &arch.init_params(seed), "checkpoint.rename")
-                .map_err(|e| Status::internal(e.to_string()))?;
+        let chunks = checkpoint::write_chunks_atomic(
+            &self.inner.model_path(&job_id, 0),
+            &arch.init_params(seed),
+            "checkpoint.rename",
+        )
+        .map_err(|e| Status::internal(e.to_string()))?;
         let now = now_ms();
         let job = JobRow {
             id: job_id.clone(),
@@ -353,31 +385,18 @@ impl pb::job_service_server::JobService for Services {
 
     async fn plan_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::JobPlan>, Status> {
         self.authorize(&req, READERS, "JobService/PlanJob")?;
-        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec").map_err(|e| {
-            Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string())
-        })?;
+        let spec = JobSpec::from_toml(&req.get_ref().spec_toml, "job spec")
+            .map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("job spec: ").to_string()))?;
         Ok(Response::new(self.plan(&spec)?))
     }
 
-    async fn list_jobs(
-        &self,
-        req: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.authorize(&req, READERS, "JobService/ListJobs")?;
-        let jobs = self
-            .inner
-            .store
-            .jobs()?
-            .iter()
-            .map(|j| self.job_status(j))
-            .collect::<Result<Vec<_>, _>>()?;
+        let jobs = self.inner.store.jobs()?.iter().map(|j| self.job_status(j)).collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
-    async fn get_job(
-        &self,
-        req: Request<pb::GetJobRequest>,
-    ) -> Result<Response<pb::JobStatus>, Status> {
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         self.authorize(&req, READERS, "JobService/GetJob")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         Ok(Response::new(self.job_status(&job)?))
@@ -385,10 +404,7 @@ impl pb::job_service_server::JobService for Services {
 
     type WatchJobStream = BoxStream<pb::JobStatus>;
 
-    async fn watch_job(
-        &self,
-        req: Request<pb::GetJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         self.authorize(&req, READERS, "JobService/WatchJob")?;
         let job_id = req.get_ref().job_id.clone();
         self.job_or_not_found(&job_id)?;
@@ -399,23 +415,13 @@ impl pb::job_service_server::JobService for Services {
         self.inner.tasks.spawn(async move {
             let mut last: Option<pb::JobStatus> = None;
             loop {
-                let status = match this
-                    .inner
-                    .store
-                    .job(&job_id)
-                    .map_err(Status::from)
-                    .and_then(|j| {
-                        j.ok_or_else(|| Status::not_found("job vanished"))
-                            .and_then(|j| this.job_status(&j))
-                    }) {
-                    Ok(s) => s,
+                let (status, terminal) = match this.watched_status(&job_id) {
+                    Ok(watched) => watched,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
-                let terminal =
-                    matches!(status.state.as_str(), "completed" | "failed" | "cancelled");
                 let mut comparable = status.clone();
                 comparable.updated_at_unix_ms = 0;
                 let changed = last.as_ref() != Some(&comparable);
@@ -436,10 +442,7 @@ impl pb::job_service_server::JobService for Services {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel_job(
-        &self,
-        req: Request<pb::CancelJobRequest>,
-    ) -> Result<Response<pb::JobStatus>, Status> {
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         let who = self.authorize(&req, SUBMITTERS, "JobService/CancelJob")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         if who.role != Role::Admin && who.name != job.submitted_by {
@@ -449,11 +452,7 @@ impl pb::job_service_server::JobService for Services {
             )));
         }
         if job.state.is_terminal() {
-            return Err(Status::failed_precondition(format!(
-                "job {} is already {}",
-                job.id,
-                job.state.as_str()
-            )));
+            return Err(Status::failed_precondition(format!("job {} is already {}", job.id, job.state.as_str())));
         }
         let reason = match req.get_ref().reason.trim() {
             "" => format!("cancelled by {}", who.name),
@@ -467,11 +466,7 @@ impl pb::job_service_server::JobService for Services {
             job.attempt,
             job.deadline_ms,
         )?;
-        self.inner.audit(
-            "job.cancelled",
-            &job.id,
-            serde_json::json!({ "by": who.name, "reason": reason }),
-        );
+        self.inner.audit("job.cancelled", &job.id, serde_json::json!({ "by": who.name, "reason": reason }));
         self.inner.notify();
         let job = self.job_or_not_found(&job.id)?;
         Ok(Response::new(self.job_status(&job)?))
@@ -492,19 +487,13 @@ impl pb::job_service_server::JobService for Services {
 
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for Services {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/Register")?;
         let r = req.get_ref();
         let mut names = BTreeSet::new();
         for d in &r.datasets {
             if !names.insert(d.name.as_str()) {
-                return Err(Status::invalid_argument(format!(
-                    "datasets: \"{}\" is announced twice",
-                    d.name
-                )));
+                return Err(Status::invalid_argument(format!("datasets: \"{}\" is announced twice", d.name)));
             }
         }
         for e in &r.ledger {
@@ -532,10 +521,7 @@ impl pb::worker_service_server::WorkerService for Services {
         }))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/Heartbeat")?;
         self.inner.store.touch_site(&who.name)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
@@ -575,11 +561,8 @@ impl pb::worker_service_server::WorkerService for Services {
                     }
                 }
                 // Tasks of jobs that ended while this site was working on them: tell it to stop.
-                let finished: Vec<(String, String)> = sent
-                    .iter()
-                    .filter(|(k, _)| !live.contains(*k))
-                    .map(|(k, j)| (k.clone(), j.clone()))
-                    .collect();
+                let finished: Vec<(String, String)> =
+                    sent.iter().filter(|(k, _)| !live.contains(*k)).map(|(k, j)| (k.clone(), j.clone())).collect();
                 for (key, job_id) in finished {
                     sent.remove(&key);
                     if let Ok(Some(job)) = this.inner.store.job(&job_id)
@@ -587,9 +570,7 @@ impl pb::worker_service_server::WorkerService for Services {
                     {
                         let cancel = pb::Task {
                             job_id,
-                            kind: Some(pb::task::Kind::Cancel(pb::CancelJob {
-                                reason: job.reason,
-                            })),
+                            kind: Some(pb::task::Kind::Cancel(pb::CancelJob { reason: job.reason })),
                         };
                         if tx.send(Ok(cancel)).await.is_err() {
                             return;
@@ -604,10 +585,7 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn answer_offer(
-        &self,
-        req: Request<pb::OfferAnswer>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    async fn answer_offer(&self, req: Request<pb::OfferAnswer>) -> Result<Response<pb::Ack>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/AnswerOffer")?;
         let a = req.get_ref();
         let job = self.job_or_not_found(&a.job_id)?;
@@ -616,13 +594,9 @@ impl pb::worker_service_server::WorkerService for Services {
         // charges its count at acceptance).
         if let Some(entry) = &a.ledger_entry {
             if entry.site != who.name || entry.job_id != job.id {
-                return Err(Status::invalid_argument(
-                    "the answer's ledger entry belongs to another site or job",
-                ));
+                return Err(Status::invalid_argument("the answer's ledger entry belongs to another site or job"));
             }
-            self.inner
-                .store
-                .mirror_ledger(&who.name, std::slice::from_ref(entry))?;
+            self.inner.store.mirror_ledger(&who.name, std::slice::from_ref(entry))?;
         }
         if a.spec_hash != job.spec_hash {
             return Err(Status::failed_precondition(format!(
@@ -637,9 +611,10 @@ impl pb::worker_service_server::WorkerService for Services {
                 job.state.as_str()
             )));
         }
-        let state = if a.accept { "accepted" } else { "refused" };
+        let state = if a.accept { SiteState::Accepted } else { SiteState::Refused };
         // Only a code and the spec's own column names are kept of a refusal.
-        let refusal = (!a.accept).then(|| SiteReason::from_wire(a.refusal.as_ref(), &job.spec.features));
+        let refusal =
+            (!a.accept).then(|| meridian_wire::convert::received_reason(a.refusal.as_ref(), &job.spec.features));
         if !self.inner.store.set_job_site(
             &job.id,
             &who.name,
@@ -648,14 +623,11 @@ impl pb::worker_service_server::WorkerService for Services {
             Some((a.planned_epsilon, a.projected_epsilon)),
             Some(a.train_examples),
         )? {
-            return Err(Status::permission_denied(format!(
-                "job {} was not offered to {}",
-                job.id, who.name
-            )));
+            return Err(Status::permission_denied(format!("job {} was not offered to {}", job.id, who.name)));
         }
         let code = refusal.as_ref().map_or("", |r| r.code().as_str());
         let columns = refusal.as_ref().map_or(&[][..], |r| r.columns());
-        info!(job_id = %job.id, site = %who.name, state, code, ?columns, "offer answered");
+        info!(job_id = %job.id, site = %who.name, state = state.as_str(), code, ?columns, "offer answered");
         self.inner.audit(
             if a.accept { "offer.accepted" } else { "offer.refused" },
             &job.id,
@@ -667,10 +639,7 @@ impl pb::worker_service_server::WorkerService for Services {
 
     type PullModelStream = BoxStream<pb::ModelChunk>;
 
-    async fn pull_model(
-        &self,
-        req: Request<pb::PullModelRequest>,
-    ) -> Result<Response<Self::PullModelStream>, Status> {
+    async fn pull_model(&self, req: Request<pb::PullModelRequest>) -> Result<Response<Self::PullModelStream>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/PullModel")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
@@ -686,17 +655,7 @@ impl pb::worker_service_server::WorkerService for Services {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReserveUpload")?;
         let job = self.job_or_not_found(&req.get_ref().job_id)?;
         self.require_participant(&job, &who.name)?;
-        // A slot per part, taken at once: sites that each held one slot and
-        // waited for a second could hold every slot between them.
-        let parts = req.get_ref().parts.clamp(1, MAX_UPLOAD_PARTS);
-        let slots = self.wait_for_upload_slots(&who.name, parts).await?;
-        let valid_secs = self.inner.idle_timeout_secs;
-        let lease = self.inner.leases.grant(&who.name, slots, Duration::from_secs(valid_secs));
-        Ok(Response::new(pb::ReserveUploadResponse {
-            lease,
-            valid_secs: u32::try_from(valid_secs).unwrap_or(u32::MAX),
-            parts,
-        }))
+        Ok(Response::new(upload::reserve(&self.inner, &who.name, req.get_ref().parts).await?))
     }
 
     async fn push_update(
@@ -704,249 +663,15 @@ impl pb::worker_service_server::WorkerService for Services {
         req: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/PushUpdate")?;
-        // At most RECEIVING_AT_ONCE updates are read at a time. A site that
-        // reserved a slot (ReserveUpload) brings it in its lease; any other
-        // waits here, unread, so HTTP/2 flow control holds it to one window.
-        let lease = req
-            .metadata()
-            .get(proto::UPLOAD_LEASE_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|id| self.inner.leases.claim(id, &who.name));
-        let _slot = match lease {
-            Some(slot) => slot,
-            None => self.wait_for_upload_slots(&who.name, 1).await?,
-        };
-        let mut stream = req.into_inner();
-        let idle = Duration::from_secs(self.inner.idle_timeout_secs);
-        // A stream that never sends its header must not keep its slot.
-        let first = tokio::time::timeout(idle, stream.next())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no update header within the idle timeout"))?
-            .ok_or_else(|| Status::invalid_argument("empty update stream"))??;
-        let Some(pb::update_chunk::Part::Header(header)) = first.part else {
-            return Err(Status::invalid_argument(
-                "an update stream must start with its header",
-            ));
-        };
-        let job = self.job_or_not_found(&header.job_id)?;
-        // The site's charges are mirrored before anything can refuse the update: they were spent.
-        self.mirror_own(&who.name, &job, header.ledger_entry.as_slice())?;
-        let participant = self.require_participant(&job, &who.name)?;
-        let reject = |reason: String| {
-            warn!(job_id = %job.id, site = %who.name, round = header.round, reason, "update rejected");
-            self.inner.audit(
-                "update.rejected",
-                &job.id,
-                serde_json::json!({ "site": who.name, "round": header.round, "reason": reason }),
-            );
-            Ok(Response::new(pb::PushUpdateResponse {
-                accepted: false,
-                reason,
-                complete: false,
-            }))
-        };
-        let expected = Expected {
-            job_id: &job.id,
-            state: job.state.as_str(),
-            running: job.state == JobState::Running,
-            current_round: job.current_round,
-            layout_hash: &job.layout_hash,
-            num_params: job.num_params,
-            spec_hash: &job.spec_hash,
-            max_update_norm: job.spec.policy.max_update_norm,
-            declared_examples: participant.train_examples,
-            releases_clip_count: job.spec.privacy.clip_count_noise > 0.0,
-        };
-        let entry = match admission::check_header(&expected, &who.name, &header) {
-            Ok(entry) => entry.clone(),
-            Err(reason) => return reject(reason),
-        };
-        let part = match admission::check_part(&header) {
-            Ok(part) => part,
-            Err(reason) => return reject(reason),
-        };
-        // Every part of an upload carries the same header but for its range.
-        let stream_of_part = match &part {
-            None => None,
-            Some(part) => {
-                let update = (job.id.as_str(), header.round, who.name.as_str());
-                match self.inner.update_parts.begin(update, &part.upload_id, admission::upload_identity(&header)) {
-                    Ok(stream) => Some(stream),
-                    Err(reason) => return reject(reason),
-                }
-            }
-        };
-        // A transfer that keeps making progress is waited for past the round's
-        // deadline; one silent for the idle timeout is dropped.
-        let transfer = self.inner.transfers.start(&job.id, &who.name);
-        let name = format!("r{:04}-{}-{:08x}", header.round, who.name, rand::random::<u32>());
-        let updates = self.inner.job_dir(&job.id).join("updates");
-        // A part is a parameter file of its own until the last part lists them all.
-        let mut path = match &part {
-            None => updates.join(format!("{name}.bin")),
-            Some(part) => update_parts::part_file(&updates, &name, part.first_value),
-        };
-        // Chunks go straight to disk as they are checked: one chunk in memory per transfer.
-        // Read back once, when the round is aggregated: kept out of the page cache.
-        let values = part.as_ref().map_or(job.num_params, |p| p.value_count);
-        let file = checkpoint::CheckpointWriter::create_uncached(&path, values)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let mut file = UpdateFile::new(file);
-        let mut receiver = match &part {
-            None => UpdateReceiver::new(&expected),
-            Some(part) => UpdateReceiver::part(&expected, part),
-        };
-        let receiving = Instant::now();
-        let received: Result<Result<Option<f64>, String>, Status> = async {
-            loop {
-                let chunk = match tokio::time::timeout(idle, stream.next()).await {
-                    Ok(Some(chunk)) => chunk?,
-                    Ok(None) => return Ok(receiver.finish()),
-                    Err(_) => {
-                        return Ok(Err(format!(
-                            "the update stream was silent for more than the idle timeout of {} s; the transfer was dropped",
-                            self.inner.idle_timeout_secs
-                        )));
-                    }
-                };
-                let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
-                    return Ok(Err("a second header inside the update stream".to_string()));
-                };
-                if let Err(reason) = receiver.push(&data) {
-                    return Ok(Err(reason));
-                }
-                let len = data.len();
-                file.write(data).await.map_err(Status::internal)?;
-                transfer.progress(len);
-                failpoint::hit("update.receive");
-            }
-        }
-        .await;
-        let received_in = receiving.elapsed();
-        let abandon = || {
-            if let Some(stream) = &stream_of_part {
-                self.inner.update_parts.abandon(stream);
-            }
-        };
-        let sum_of_squares = match received {
-            Ok(Ok(sum_of_squares)) => {
-                file.commit("update.rename").await.map_err(Status::internal)?;
-                sum_of_squares
-            }
-            // Dropping the file removes it.
-            Ok(Err(reason)) => {
-                abandon();
-                return reject(reason);
-            }
-            Err(status) => {
-                abandon();
-                return Err(status);
-            }
-        };
-        if let (Some(part), Some(stream)) = (&part, &stream_of_part) {
-            let received = ReceivedPart {
-                path: path.clone(),
-                first_value: part.first_value,
-                value_count: part.value_count,
-                sum_of_squares,
-            };
-            let parts = match self.inner.update_parts.arrive(stream, job.num_params, received) {
-                Ok(Arrival::Waiting) => {
-                    info!(job_id = %job.id, site = %who.name, round = header.round, first_value = part.first_value, values = part.value_count, "update part received");
-                    return Ok(Response::new(pb::PushUpdateResponse {
-                        accepted: true,
-                        reason: format!(
-                            "part of values {}..{} received; the update counts once all of its parts are in",
-                            part.first_value,
-                            part.first_value + part.value_count
-                        ),
-                        complete: false,
-                    }));
-                }
-                Ok(Arrival::Whole(parts)) => parts,
-                Err(reason) => return reject(reason),
-            };
-            if let Err(reason) = admission::check_norm(&expected, parts.iter().map(|p| p.sum_of_squares)) {
-                update_parts::remove_files(parts);
-                return reject(reason);
-            }
-            path = updates.join(format!("{name}.bin"));
-            let listed: Vec<_> = parts.iter().map(|p| (p.path.clone(), p.value_count)).collect();
-            // Two fsyncs: on a blocking thread, as the parts' own commits are.
-            let list = path.clone();
-            let written = tokio::task::spawn_blocking(move || checkpoint::write_parts(&list, &listed, "update.parts")).await;
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    update_parts::remove_files(parts);
-                    return Err(Status::internal(e.to_string()));
-                }
-                Err(e) => {
-                    update_parts::remove_files(parts);
-                    return Err(Status::internal(format!("listing the update's parts failed: {e}")));
-                }
-            }
-        }
-        let exact_allowed = self.releases_exact_metrics(&who.name)?;
-        let row = UpdateRow {
-            site: who.name.clone(),
-            num_examples: header.num_examples,
-            released: RoundRelease {
-                clipped: header.clipped_count,
-                clip_denominator: entry.steps as f64 * entry.sample_rate * header.num_examples as f64,
-                exact: if exact_allowed { header.exact_metrics.clone().into_iter().collect() } else { BTreeMap::new() },
-            },
-            path: path.to_string_lossy().into_owned(),
-        };
-        match self.inner.store.insert_update(&job.id, header.round, &row)? {
-            Insert::Inserted => {}
-            Insert::Duplicate => {
-                let _ = checkpoint::remove(&path);
-                return reject(format!("{} already sent its update for round {}", who.name, header.round));
-            }
-            Insert::RoundClosed => {
-                let _ = checkpoint::remove(&path);
-                return reject(format!(
-                    "round {} closed while the update was arriving; it was not counted",
-                    header.round
-                ));
-            }
-        }
-        failpoint::hit("update.persisted");
-        // How long the values took to arrive, then to become durable: an
-        // operator's first look at a slow upload.
-        let receive_ms = received_in.as_millis() as u64;
-        let persist_ms = (receiving.elapsed() - received_in).as_millis() as u64;
-        info!(job_id = %job.id, site = %who.name, round = header.round, examples = header.num_examples, receive_ms, persist_ms, "update accepted");
-        self.inner.audit(
-            "update.accepted",
-            &job.id,
-            serde_json::json!({
-                "site": who.name,
-                "round": header.round,
-                "examples": header.num_examples,
-                "epsilon_round": entry.epsilon_round,
-                "epsilon_job": entry.epsilon_job,
-                "ledger_seq": entry.seq,
-            }),
-        );
-        self.inner.notify();
-        Ok(Response::new(pb::PushUpdateResponse {
-            accepted: true,
-            reason: String::new(),
-            complete: true,
-        }))
+        Ok(Response::new(upload::receive(&self.inner, &who.name, req).await?))
     }
 
-    async fn report_evaluation(
-        &self,
-        req: Request<pb::EvaluationReport>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportEvaluation")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
         // The charge is mirrored before anything can refuse the report: it was spent.
-        self.mirror_own(&who.name, &job, r.ledger_entry.as_slice())?;
+        self.inner.store.mirror_own(&who.name, &job.id, r.ledger_entry.as_slice())?;
         self.require_participant(&job, &who.name)?;
         // A released evaluation comes with its charge.
         let entry = r
@@ -957,9 +682,13 @@ impl pb::worker_service_server::WorkerService for Services {
                     && e.job_id == job.id
                     && e.round == r.round
                     && e.spec_hash == job.spec_hash
-                    && Mechanism::of(e) == Mechanism::Evaluation
+                    && e.charged() == Mechanism::Evaluation
             })
-            .ok_or_else(|| Status::invalid_argument("an evaluation must carry its own ledger entry (mechanism evaluation, this job, round and site)"))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "an evaluation must carry its own ledger entry (mechanism evaluation, this job, round and site)",
+                )
+            })?;
         let histogram = Histogram { negatives: r.negatives.clone(), positives: r.positives.clone() };
         if !histogram.fits(&job.spec.evaluation.score_bins()) {
             return Err(Status::invalid_argument(format!(
@@ -972,7 +701,7 @@ impl pb::worker_service_server::WorkerService for Services {
         if let Some((k, v)) = r.exact_metrics.iter().find(|(_, v)| !v.is_finite()) {
             return Err(Status::invalid_argument(format!("exact_metrics.{k}: not finite ({v})")));
         }
-        let exact_allowed = self.releases_exact_metrics(&who.name)?;
+        let exact_allowed = self.inner.store.releases_exact_metrics(&who.name)?;
         self.inner.store.insert_evaluation(
             &job.id,
             &EvaluationRow {
@@ -987,23 +716,18 @@ impl pb::worker_service_server::WorkerService for Services {
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn report_failure(
-        &self,
-        req: Request<pb::TaskFailure>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    async fn report_failure(&self, req: Request<pb::TaskFailure>) -> Result<Response<pb::Ack>, Status> {
         let who = self.authorize(&req, HOSPITAL, "WorkerService/ReportFailure")?;
         let r = req.get_ref();
         let job = self.job_or_not_found(&r.job_id)?;
-        let reason = SiteReason::from_wire(r.reason.as_ref(), &job.spec.features);
+        let reason = meridian_wire::convert::received_reason(r.reason.as_ref(), &job.spec.features);
         warn!(job_id = %job.id, site = %who.name, round = r.round, %reason, "site reported a failure");
         self.inner.audit(
             "site.failed",
             &job.id,
             serde_json::json!({ "site": who.name, "round": r.round, "code": reason.code().as_str(), "columns": reason.columns() }),
         );
-        self.inner
-            .store
-            .set_job_site(&job.id, &who.name, "failed", Some(&reason), None, None)?;
+        self.inner.store.set_job_site(&job.id, &who.name, SiteState::Failed, Some(&reason), None, None)?;
         self.inner.notify();
         Ok(Response::new(pb::Ack {}))
     }
@@ -1029,28 +753,6 @@ impl pb::worker_service_server::WorkerService for Services {
 }
 
 impl Services {
-    /// `slots` of the coordinator's upload slots, waited for in turn (the
-    /// semaphore is first come, first served). A site waiting here counts as
-    /// a transfer in progress for every job, so rounds wait for it; lapsed
-    /// leases are released while waiting.
-    async fn wait_for_upload_slots(&self, site: &str, slots: u32) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        let queued = self.inner.transfers.start("", site);
-        let acquire = Arc::clone(&self.inner.receiving).acquire_many_owned(slots);
-        tokio::pin!(acquire);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                slot = &mut acquire => {
-                    return slot.map_err(|_| Status::unavailable("the coordinator is shutting down"));
-                }
-                _ = tick.tick() => {
-                    queued.progress(0);
-                    self.inner.leases.purge();
-                }
-            }
-        }
-    }
-
     /// The global model of `round` (default: the latest aggregated) as a chunked stream.
     fn model_stream(
         &self,
@@ -1058,12 +760,7 @@ impl Services {
         round: Option<u32>,
         part: ModelPart,
     ) -> Result<BoxStream<pb::ModelChunk>, Status> {
-        let latest = self
-            .inner
-            .store
-            .closed_rounds(&job.id)?
-            .last()
-            .map_or(0, |r| r.0);
+        let latest = self.inner.store.closed_rounds(&job.id)?.last().map_or(0, |r| r.0);
         let round = round.unwrap_or(latest);
         if round > latest {
             return Err(Status::failed_precondition(format!(
@@ -1086,16 +783,7 @@ impl Services {
             first_value: values(&chunks[..range.start]),
             value_count: values(&chunks[range.clone()]),
         };
-        Ok(self
-            .inner
-            .models
-            .stream(chunks, range, header, Duration::from_secs(self.inner.idle_timeout_secs)))
-    }
-
-    /// Whether `site`'s announced policy lets it send exact metrics beside
-    /// its released ones (kept only then).
-    fn releases_exact_metrics(&self, site: &str) -> Result<bool, Status> {
-        Ok(self.inner.store.policies()?.get(site).is_some_and(|p| p.release_exact_metrics))
+        Ok(self.inner.models.stream(chunks, range, header, Duration::from_secs(self.inner.idle_timeout_secs)))
     }
 
     /// The mirror's account of `site`'s ledger.
@@ -1104,27 +792,12 @@ impl Services {
         Ok(pb::SyncLedgerResponse { count, head })
     }
 
-    /// Mirrors the entries `site` sent with a message about `job` that are
-    /// its own and that job's, whatever the job's state: a site's committed
-    /// charge is spent even when the message it came with is refused.
-    fn mirror_own(&self, site: &str, job: &JobRow, entries: &[pb::LedgerEntry]) -> Result<(), Status> {
-        let own: Vec<pb::LedgerEntry> =
-            entries.iter().filter(|e| e.site == site && e.job_id == job.id).cloned().collect();
-        if !own.is_empty() {
-            self.inner.store.mirror_ledger(site, &own)?;
-        }
-        Ok(())
-    }
-
+    /// `site`'s row of `job`, refused unless the site takes part in the job.
     fn require_participant(&self, job: &JobRow, site: &str) -> Result<JobSiteRow, Status> {
-        let sites = self.inner.store.job_sites(&job.id)?;
-        match sites.into_iter().find(|s| s.site == site) {
-            Some(s) if s.state == "accepted" => Ok(s),
-            _ => Err(Status::permission_denied(format!(
-                "{site} does not take part in job {}",
-                job.id
-            ))),
-        }
+        self.inner
+            .store
+            .participant(&job.id, site)?
+            .ok_or_else(|| Status::permission_denied(format!("{site} does not take part in job {}", job.id)))
     }
 
     /// Tasks a site still owes, keyed so a stream sends each once, read from
@@ -1132,7 +805,7 @@ impl Services {
     fn outstanding_tasks(&self, site: &str) -> Result<Vec<(String, pb::Task)>, Status> {
         let version = *self.inner.changes.borrow();
         // Held while building, so the other streams wait for this board rather than build their own.
-        let mut built = self.board.built.lock().unwrap_or_else(|e| e.into_inner());
+        let mut built = meridian_sys::sync::lock(&self.board.built);
         let board = match &*built {
             Some((v, board)) if *v == version => Arc::clone(board),
             _ => {
@@ -1164,7 +837,7 @@ impl Services {
                             submitted_by: job.submitted_by.clone(),
                         })),
                     };
-                    for s in sites.iter().filter(|s| s.state == "offered") {
+                    for s in sites.iter().filter(|s| s.state == SiteState::Offered) {
                         board.entry(s.site.clone()).or_default().push((format!("{}/offer", job.id), offer.clone()));
                     }
                 }
@@ -1181,7 +854,7 @@ impl Services {
                         })),
                     };
                     let key = format!("{}/train/{}", job.id, job.current_round);
-                    for s in sites.iter().filter(|s| s.state == "accepted" && !done.contains(&s.site)) {
+                    for s in sites.iter().filter(|s| s.state == SiteState::Accepted && !done.contains(&s.site)) {
                         board.entry(s.site.clone()).or_default().push((key.clone(), train.clone()));
                     }
                 }
@@ -1201,7 +874,7 @@ impl Services {
                         })),
                     };
                     let key = format!("{}/evaluate/{}", job.id, job.current_round);
-                    for s in sites.iter().filter(|s| s.state == "accepted" && !done.contains(&s.site)) {
+                    for s in sites.iter().filter(|s| s.state == SiteState::Accepted && !done.contains(&s.site)) {
                         board.entry(s.site.clone()).or_default().push((key.clone(), evaluate.clone()));
                     }
                 }

@@ -10,13 +10,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use proto::evaluation::Histogram;
-use proto::job::JobSpec;
-use proto::pb;
-use serde::{Deserialize, Serialize};
-use proto::mechanism::Mechanism;
-use proto::reason::SiteReason;
+use meridian_spec::evaluation::Histogram;
+use meridian_spec::job::JobSpec;
+use meridian_spec::reason::SiteReason;
+use meridian_store::sqlite::{self, LEDGER_COLUMNS};
+use meridian_sys::now_ms;
+use meridian_wire::pb;
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +76,7 @@ impl JobState {
             "failed" => JobState::Failed,
             "cancelled" => JobState::Cancelled,
             other => {
-                return Err(StoreError::Corrupt {
-                    table: "jobs",
-                    detail: format!("state \"{other}\""),
-                });
+                return Err(StoreError::Corrupt { table: "jobs", detail: format!("state \"{other}\"") });
             }
         })
     }
@@ -86,6 +84,65 @@ impl JobState {
     /// Whether the job will change no more.
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// Where a site stands in a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteState {
+    /// Offered the job, not answered yet.
+    Offered,
+    /// Accepted the job: it takes part in every round.
+    Accepted,
+    /// Refused the offer.
+    Refused,
+    /// Reported a failure; it takes no further part.
+    Failed,
+}
+
+impl SiteState {
+    /// Its name in the database and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteState::Offered => "offered",
+            SiteState::Accepted => "accepted",
+            SiteState::Refused => "refused",
+            SiteState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<SiteState> {
+        Ok(match s {
+            "offered" => SiteState::Offered,
+            "accepted" => SiteState::Accepted,
+            "refused" => SiteState::Refused,
+            "failed" => SiteState::Failed,
+            other => {
+                return Err(StoreError::Corrupt { table: "job_sites", detail: format!("state \"{other}\"") });
+            }
+        })
+    }
+}
+
+/// Where a round is, as the scientist reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundState {
+    /// The initial model, before any round (evaluated only).
+    Initial,
+    /// In progress: updates are arriving.
+    Open,
+    /// Closed: its updates were folded into the next model.
+    Aggregated,
+}
+
+impl RoundState {
+    /// Its name in the database and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundState::Initial => "initial",
+            RoundState::Open => "open",
+            RoundState::Aggregated => "aggregated",
+        }
     }
 }
 
@@ -140,8 +197,8 @@ pub type ClosedRound = (u32, u32, BTreeMap<String, f64>);
 pub struct JobSiteRow {
     /// Site name.
     pub site: String,
-    /// offered, accepted, refused or failed.
-    pub state: String,
+    /// Where it stands.
+    pub state: SiteState,
     /// Why it refused or failed, rendered from its code and columns.
     pub reason: String,
     /// The site's reason code (`schema_mismatch`), empty when none.
@@ -304,13 +361,6 @@ CREATE TABLE IF NOT EXISTS ledger_mirror (
 );
 "#;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// A protobuf message stored as a blob in `table`.
 fn decode<T: prost::Message + Default>(blob: &[u8], table: &'static str) -> Result<T> {
     T::decode(blob).map_err(|e| StoreError::Corrupt { table, detail: e.to_string() })
@@ -324,39 +374,21 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str, table: &'static str) -> Re
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt { table, detail: e.to_string() })
 }
 
-/// Adds `column` to `table` of a database an earlier version wrote.
-fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
-    let present: bool = conn.query_row(
-        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
-        params![column],
-        |r| r.get(0),
-    )?;
-    if !present {
-        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
-    }
-    Ok(())
-}
-
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let conn = sqlite::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
-        add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
-        add_column(&conn, "ledger_mirror", "mechanism", "TEXT NOT NULL DEFAULT ''")?;
-        add_column(&conn, "job_sites", "projected_epsilon", "REAL NOT NULL DEFAULT 0")?;
-        add_column(&conn, "sites", "policy", "BLOB NOT NULL DEFAULT x''")?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        sqlite::add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
+        sqlite::add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
+        sqlite::add_column(&conn, "ledger_mirror", "mechanism", "TEXT NOT NULL DEFAULT ''")?;
+        sqlite::add_column(&conn, "job_sites", "projected_epsilon", "REAL NOT NULL DEFAULT 0")?;
+        sqlite::add_column(&conn, "sites", "policy", "BLOB NOT NULL DEFAULT x''")?;
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut conn = meridian_sys::sync::lock(&self.conn);
         f(&mut conn)
     }
 
@@ -385,8 +417,8 @@ impl Store {
             )?;
             for site in sites {
                 tx.execute(
-                    "INSERT INTO job_sites (job_id, site, state) VALUES (?1, ?2, 'offered')",
-                    params![job.id, site],
+                    "INSERT INTO job_sites (job_id, site, state) VALUES (?1, ?2, ?3)",
+                    params![job.id, site, SiteState::Offered.as_str()],
                 )?;
             }
             tx.commit()?;
@@ -413,10 +445,8 @@ impl Store {
     }
 
     fn finish_job(raw: RawJobRow) -> Result<JobRow> {
-        let spec = JobSpec::from_canonical_json(&raw.spec_json).map_err(|e| StoreError::Corrupt {
-            table: "jobs",
-            detail: e.to_string(),
-        })?;
+        let spec = JobSpec::from_canonical_json(&raw.spec_json)
+            .map_err(|e| StoreError::Corrupt { table: "jobs", detail: e.to_string() })?;
         Ok(JobRow {
             id: raw.id,
             spec,
@@ -452,10 +482,8 @@ impl Store {
     /// Every job, newest first.
     pub fn jobs(&self) -> Result<Vec<JobRow>> {
         let raws = self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {} FROM jobs ORDER BY submitted_at_ms DESC, id",
-                Self::JOB_COLUMNS
-            ))?;
+            let mut stmt =
+                c.prepare(&format!("SELECT {} FROM jobs ORDER BY submitted_at_ms DESC, id", Self::JOB_COLUMNS))?;
             let rows = stmt.query_map([], Self::job_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
@@ -483,34 +511,32 @@ impl Store {
 
     /// The sites of a job.
     pub fn job_sites(&self, job_id: &str) -> Result<Vec<JobSiteRow>> {
-        self.with(|c| {
+        let rows = self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT site, state, reason, planned_epsilon, train_examples, reason_code, reason_columns, projected_epsilon FROM job_sites WHERE job_id = ?1 ORDER BY site",
             )?;
             let rows = stmt
                 .query_map(params![job_id], |r| {
-                    Ok((
-                        JobSiteRow {
-                            site: r.get(0)?,
-                            state: r.get(1)?,
-                            reason: r.get(2)?,
-                            planned_epsilon: r.get(3)?,
-                            train_examples: r.get::<_, i64>(4)? as u64,
-                            reason_code: r.get(5)?,
-                            reason_columns: Vec::new(),
-                            projected_epsilon: r.get(7)?,
-                        },
-                        r.get::<_, String>(6)?,
-                    ))
+                    Ok(RawJobSiteRow {
+                        site: r.get(0)?,
+                        state: r.get(1)?,
+                        reason: r.get(2)?,
+                        planned_epsilon: r.get(3)?,
+                        train_examples: r.get::<_, i64>(4)? as u64,
+                        reason_code: r.get(5)?,
+                        reason_columns: r.get(6)?,
+                        projected_epsilon: r.get(7)?,
+                    })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows.into_iter()
-                .map(|(mut row, columns)| {
-                    row.reason_columns = from_json(&columns, "job_sites")?;
-                    Ok(row)
-                })
-                .collect()
-        })
+            Ok(rows)
+        })?;
+        rows.into_iter().map(RawJobSiteRow::parse).collect()
+    }
+
+    /// `site`'s row of a job, if the site accepted the job and still takes part.
+    pub fn participant(&self, job_id: &str, site: &str) -> Result<Option<JobSiteRow>> {
+        Ok(self.job_sites(job_id)?.into_iter().find(|s| s.site == site && s.state == SiteState::Accepted))
     }
 
     /// Records a site's answer or failure; returns false if the site was not offered the job.
@@ -518,7 +544,7 @@ impl Store {
         &self,
         job_id: &str,
         site: &str,
-        state: &str,
+        state: SiteState,
         reason: Option<&SiteReason>,
         cost: Option<(f64, f64)>,
         train_examples: Option<u64>,
@@ -535,7 +561,17 @@ impl Store {
                     reason_code = ?7, reason_columns = ?8,
                     projected_epsilon = COALESCE(?9, projected_epsilon)
                  WHERE job_id = ?1 AND site = ?2",
-                params![job_id, site, state, text, planned_epsilon, train_examples.map(|n| n as i64), code, columns, projected_epsilon],
+                params![
+                    job_id,
+                    site,
+                    state.as_str(),
+                    text,
+                    planned_epsilon,
+                    train_examples.map(|n| n as i64),
+                    code,
+                    columns,
+                    projected_epsilon
+                ],
             )?;
             Ok(n == 1)
         })
@@ -602,8 +638,8 @@ impl Store {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT OR REPLACE INTO rounds (job_id, round, state, attempt, train_metrics_json, closed_at_ms)
-                 VALUES (?1, ?2, 'aggregated', ?3, ?4, ?5)",
-                params![job_id, round, attempt, to_json(metrics), now_ms()],
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![job_id, round, RoundState::Aggregated.as_str(), attempt, to_json(metrics), now_ms()],
             )?;
             tx.execute(
                 "UPDATE jobs SET state = ?2, current_round = ?3, attempt = 1, deadline_ms = ?4, updated_at_ms = ?5 WHERE id = ?1",
@@ -617,17 +653,14 @@ impl Store {
     /// Aggregated rounds of a job: (round, attempt, train metrics).
     pub fn closed_rounds(&self, job_id: &str) -> Result<Vec<ClosedRound>> {
         let rows = self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT round, attempt, train_metrics_json FROM rounds WHERE job_id = ?1 ORDER BY round",
-            )?;
+            let mut stmt =
+                c.prepare("SELECT round, attempt, train_metrics_json FROM rounds WHERE job_id = ?1 ORDER BY round")?;
             let rows = stmt
                 .query_map(params![job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?
                 .collect::<rusqlite::Result<Vec<(u32, u32, String)>>>()?;
             Ok(rows)
         })?;
-        rows.into_iter()
-            .map(|(r, a, m)| Ok((r, a, from_json(&m, "rounds")?)))
-            .collect()
+        rows.into_iter().map(|(r, a, m)| Ok((r, a, from_json(&m, "rounds")?))).collect()
     }
 
     /// Records a released evaluation; false if already reported.
@@ -712,6 +745,12 @@ impl Store {
         Ok(self.decoded_by_site("SELECT name, policy FROM sites", "sites")?.into_iter().collect())
     }
 
+    /// Whether `site`'s announced policy lets it send exact metrics beside
+    /// its released ones (kept only then).
+    pub fn releases_exact_metrics(&self, site: &str) -> Result<bool> {
+        Ok(self.policies()?.get(site).is_some_and(|p| p.release_exact_metrics))
+    }
+
     /// Every dataset announced by every site.
     pub fn datasets(&self) -> Result<Vec<DatasetRow>> {
         let rows = self.decoded_by_site("SELECT site, info FROM datasets ORDER BY site, name", "datasets")?;
@@ -729,6 +768,18 @@ impl Store {
             Ok(rows)
         })?;
         rows.into_iter().map(|(site, blob)| Ok((site, decode(&blob, table)?))).collect()
+    }
+
+    /// Mirrors the entries `site` sent with a message about `job_id` that
+    /// are its own and that job's, whatever the job's state: a site's
+    /// committed charge is spent even when the message it came with is refused.
+    pub fn mirror_own(&self, site: &str, job_id: &str, entries: &[pb::LedgerEntry]) -> Result<()> {
+        let own: Vec<pb::LedgerEntry> =
+            entries.iter().filter(|e| e.site == site && e.job_id == job_id).cloned().collect();
+        if !own.is_empty() {
+            self.mirror_ledger(site, &own)?;
+        }
+        Ok(())
     }
 
     /// Mirrors ledger entries of `site` (idempotent by sequence number).
@@ -759,7 +810,7 @@ impl Store {
                         e.library_version,
                         e.recorded_at_unix_ms,
                         e.spec_hash,
-                        Mechanism::of(e).as_str()
+                        e.charged().as_str()
                     ],
                 )?;
             }
@@ -782,36 +833,12 @@ impl Store {
     /// Mirrored ledger entries, filtered by site and dataset when non-empty.
     pub fn ledger(&self, site: &str, dataset: &str) -> Result<Vec<pb::LedgerEntry>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT seq, site, dataset, job_id, round, noise_multiplier, sample_rate, clip_norm, steps, delta,
-                        epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, spec_hash, mechanism
-                 FROM ledger_mirror WHERE (?1 = '' OR site = ?1) AND (?2 = '' OR dataset = ?2) ORDER BY site, seq",
-            )?;
-            let rows = stmt
-                .query_map(params![site, dataset], |r| {
-                    Ok(pb::LedgerEntry {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        site: r.get(1)?,
-                        dataset: r.get(2)?,
-                        job_id: r.get(3)?,
-                        round: r.get(4)?,
-                        noise_multiplier: r.get(5)?,
-                        sample_rate: r.get(6)?,
-                        clip_norm: r.get(7)?,
-                        steps: r.get::<_, i64>(8)? as u64,
-                        delta: r.get(9)?,
-                        epsilon_round: r.get(10)?,
-                        epsilon_job: r.get(11)?,
-                        epsilon_dataset: r.get(12)?,
-                        accountant: r.get(13)?,
-                        conversion: r.get(14)?,
-                        library_version: r.get(15)?,
-                        recorded_at_unix_ms: r.get(16)?,
-                        spec_hash: r.get(17)?,
-                        mechanism: Mechanism::parse(&r.get::<_, String>(18)?).map_or(0, Mechanism::to_wire),
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {LEDGER_COLUMNS} FROM ledger_mirror WHERE (?1 = '' OR site = ?1) AND (?2 = '' OR dataset = ?2) \
+                 ORDER BY site, seq"
+            ))?;
+            let rows =
+                stmt.query_map(params![site, dataset], sqlite::ledger_entry)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
     }
@@ -832,4 +859,31 @@ struct RawJobRow {
     layout_hash: String,
     submitted_at_ms: i64,
     updated_at_ms: i64,
+}
+
+/// A job's site as SQLite returns it, before its state and columns are parsed.
+struct RawJobSiteRow {
+    site: String,
+    state: String,
+    reason: String,
+    planned_epsilon: f64,
+    train_examples: u64,
+    reason_code: String,
+    reason_columns: String,
+    projected_epsilon: f64,
+}
+
+impl RawJobSiteRow {
+    fn parse(self) -> Result<JobSiteRow> {
+        Ok(JobSiteRow {
+            site: self.site,
+            state: SiteState::parse(&self.state)?,
+            reason: self.reason,
+            reason_code: self.reason_code,
+            reason_columns: from_json(&self.reason_columns, "job_sites")?,
+            projected_epsilon: self.projected_epsilon,
+            planned_epsilon: self.planned_epsilon,
+            train_examples: self.train_examples,
+        })
+    }
 }

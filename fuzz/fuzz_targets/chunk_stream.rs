@@ -1,4 +1,4 @@
-//! Chunk-stream reassembly (`proto::tensor::ChunkAssembler`): any sequence of
+//! Chunk-stream reassembly (`meridian_wire::tensor::ChunkAssembler`): any sequence of
 //! chunks either reassembles to exactly the announced number of finite
 //! values, byte for byte what was sent, or is refused; never a panic.
 //!
@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proto::tensor::ChunkAssembler;
+use meridian_wire::tensor::ChunkAssembler;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&announced, mut rest)) = data.split_first() else { return };

@@ -1,4 +1,4 @@
-//! CSV schema parsing and encoding (`worker::dataset`): any file, plain or
+//! CSV schema parsing and encoding (`meridian_worker::dataset`): any file, plain or
 //! gzip, either loads into a dataset whose every value is finite and whose
 //! shapes agree with the spec, or fails with an error that names the file;
 //! never a panic.
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use worker::dataset::{CategoricalFeature, FeatureSpec, SplitOptions, load, read_header};
+use meridian_worker::dataset::{CategoricalFeature, FeatureSpec, SplitOptions, load, read_header};
 
 fn scratch() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();

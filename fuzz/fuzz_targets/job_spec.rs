@@ -1,4 +1,4 @@
-//! Job-spec parsing (`proto::job::JobSpec::from_toml`): any text is either a
+//! Job-spec parsing (`meridian_spec::job::JobSpec::from_toml`): any text is either a
 //! valid spec or a `SpecError`, never a panic; a valid spec's canonical JSON
 //! (what sites receive and bind their approval to) parses back to the same
 //! spec hash.
@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proto::job::JobSpec;
+use meridian_spec::job::JobSpec;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

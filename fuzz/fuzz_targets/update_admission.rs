@@ -1,4 +1,4 @@
-//! Update validation as the coordinator runs it (`coordinator::admission`),
+//! Update validation as the coordinator runs it (`meridian_coordinator::admission`),
 //! fed arbitrary bytes decoded as length-delimited `UpdateChunk` protobuf
 //! messages: malformed protobuf, headers and data in any order, any values.
 //! An admitted update always has the job's length, only finite values and a
@@ -9,10 +9,10 @@
 
 #![no_main]
 
-use coordinator::admission::{Expected, UpdateReceiver, check_header, check_norm, check_part};
 use libfuzzer_sys::fuzz_target;
+use meridian_coordinator::admission::{Expected, UpdateReceiver, check_header, check_norm, check_part};
+use meridian_wire::pb;
 use prost::Message;
-use proto::pb;
 
 const BOUND: f64 = 10.0;
 
@@ -39,10 +39,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut messages = messages.into_iter();
-    let Some(pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Header(header)),
-    }) = messages.next()
-    else {
+    let Some(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(header)) }) = messages.next() else {
         return;
     };
     if check_header(&expected, "hospital-a", &header).is_err() {
@@ -57,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some(part) = &part {
         assert!(part.value_count > 0 && part.first_value + part.value_count <= 6);
-        assert_eq!(part.first_value % proto::tensor::CHUNK_VALUES as u64, 0);
+        assert_eq!(part.first_value % meridian_wire::tensor::CHUNK_VALUES as u64, 0);
     }
     let mut receiver = match &part {
         None => UpdateReceiver::new(&expected),

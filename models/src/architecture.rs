@@ -1,7 +1,7 @@
 //! Layer stacks and parameter layouts: what a model is, independent of any
 //! device, so the coordinator can size and hash a model without Burn.
 
-use proto::job::ModelSpec;
+use meridian_spec::job::ModelSpec;
 use sha2::{Digest, Sha256};
 
 /// One layer of a sequential network, at its index in the stack.
@@ -82,46 +82,25 @@ impl Layer {
     /// The shape this layer gives for an example of shape `input`, or why it
     /// cannot take it; `index` is the layer's position, for the error.
     fn output(&self, index: usize, input: Activation) -> Result<Activation, LayoutError> {
-        let mismatch = || LayoutError::LayerMismatch {
-            index,
-            layer: *self,
-            input: input.to_string(),
-        };
-        let empty = || LayoutError::EmptyLayer {
-            index,
-            layer: *self,
-        };
+        let mismatch = || LayoutError::LayerMismatch { index, layer: *self, input: input.to_string() };
+        let empty = || LayoutError::EmptyLayer { index, layer: *self };
         match (*self, input) {
             (Layer::BatchNorm { .. }, _) => Err(LayoutError::BatchNormMixesExamples { index }),
             (Layer::Linear { inputs, outputs }, _) if inputs == 0 || outputs == 0 => Err(empty()),
             (Layer::Linear { inputs, outputs }, Activation::Flat(n)) if n == inputs => Ok(Activation::Flat(outputs)),
-            (
-                Layer::Conv2d {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                },
-                _,
-            ) if in_channels == 0 || out_channels == 0 || kernel == 0 => Err(empty()),
-            (
-                Layer::Conv2d {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                },
-                Activation::Image { channels, height, width },
-            ) if channels == in_channels && height >= kernel && width >= kernel => Ok(Activation::Image {
-                channels: out_channels,
-                height: height - kernel + 1,
-                width: width - kernel + 1,
-            }),
+            (Layer::Conv2d { in_channels, out_channels, kernel }, _)
+                if in_channels == 0 || out_channels == 0 || kernel == 0 =>
+            {
+                Err(empty())
+            }
+            (Layer::Conv2d { in_channels, out_channels, kernel }, Activation::Image { channels, height, width })
+                if channels == in_channels && height >= kernel && width >= kernel =>
+            {
+                Ok(Activation::Image { channels: out_channels, height: height - kernel + 1, width: width - kernel + 1 })
+            }
             (Layer::Relu, _) => Ok(input),
             (Layer::MaxPool2, Activation::Image { channels, height, width }) if height >= 2 && width >= 2 => {
-                Ok(Activation::Image {
-                    channels,
-                    height: height / 2,
-                    width: width / 2,
-                })
+                Ok(Activation::Image { channels, height: height / 2, width: width / 2 })
             }
             (Layer::Flatten, Activation::Image { channels, height, width }) => {
                 Ok(Activation::Flat(channels * height * width))
@@ -133,9 +112,7 @@ impl Layer {
                 Err(LayoutError::GroupsDoNotDivide { index, groups, channels })
             }
             (Layer::GroupNorm { channels, .. }, Activation::Flat(n)) if n == channels => Ok(input),
-            (Layer::GroupNorm { channels, .. }, Activation::Image { channels: c, .. }) if c == channels => {
-                Ok(input)
-            }
+            (Layer::GroupNorm { channels, .. }, Activation::Image { channels: c, .. }) if c == channels => Ok(input),
             _ => Err(mismatch()),
         }
     }
@@ -161,28 +138,16 @@ impl Architecture {
             return Err(LayoutError::NoInputs);
         }
         let (layers, image_side) = match spec {
-            ModelSpec::LogisticRegression => (
-                vec![Layer::Linear {
-                    inputs: input_dim,
-                    outputs: CLASSES,
-                }],
-                None,
-            ),
+            ModelSpec::LogisticRegression => (vec![Layer::Linear { inputs: input_dim, outputs: CLASSES }], None),
             ModelSpec::Mlp { hidden } => {
                 let mut layers = Vec::new();
                 let mut width = input_dim;
                 for &h in hidden {
-                    layers.push(Layer::Linear {
-                        inputs: width,
-                        outputs: h,
-                    });
+                    layers.push(Layer::Linear { inputs: width, outputs: h });
                     layers.push(Layer::Relu);
                     width = h;
                 }
-                layers.push(Layer::Linear {
-                    inputs: width,
-                    outputs: CLASSES,
-                });
+                layers.push(Layer::Linear { inputs: width, outputs: CLASSES });
                 (layers, None)
             }
             ModelSpec::Cnn { image_side } => {
@@ -196,41 +161,22 @@ impl Architecture {
                 }
                 (
                     vec![
-                        Layer::Conv2d {
-                            in_channels: 1,
-                            out_channels: 16,
-                            kernel: 5,
-                        },
+                        Layer::Conv2d { in_channels: 1, out_channels: 16, kernel: 5 },
                         Layer::Relu,
                         Layer::MaxPool2,
-                        Layer::Conv2d {
-                            in_channels: 16,
-                            out_channels: 32,
-                            kernel: 5,
-                        },
+                        Layer::Conv2d { in_channels: 16, out_channels: 32, kernel: 5 },
                         Layer::Relu,
                         Layer::MaxPool2,
                         Layer::Flatten,
-                        Layer::Linear {
-                            inputs: 32 * after * after,
-                            outputs: 128,
-                        },
+                        Layer::Linear { inputs: 32 * after * after, outputs: 128 },
                         Layer::Relu,
-                        Layer::Linear {
-                            inputs: 128,
-                            outputs: CLASSES,
-                        },
+                        Layer::Linear { inputs: 128, outputs: CLASSES },
                     ],
                     Some(side),
                 )
             }
         };
-        Ok(Architecture {
-            layers,
-            input_dim,
-            image_side,
-            kind: spec.kind(),
-        })
+        Ok(Architecture { layers, input_dim, image_side, kind: spec.kind() })
     }
 
     /// Builds an architecture from explicit layers on inputs of `input_dim`
@@ -248,27 +194,16 @@ impl Architecture {
         }
         let mut shape = match image_side {
             Some(side) if side * side != input_dim => return Err(LayoutError::NotAnImage { input_dim, side }),
-            Some(side) => Activation::Image {
-                channels: 1,
-                height: side,
-                width: side,
-            },
+            Some(side) => Activation::Image { channels: 1, height: side, width: side },
             None => Activation::Flat(input_dim),
         };
         for (index, layer) in layers.iter().enumerate() {
             shape = layer.output(index, shape)?;
         }
         if shape != Activation::Flat(CLASSES) {
-            return Err(LayoutError::WrongOutput {
-                output: shape.to_string(),
-            });
+            return Err(LayoutError::WrongOutput { output: shape.to_string() });
         }
-        Ok(Architecture {
-            layers,
-            input_dim,
-            image_side,
-            kind: "custom",
-        })
+        Ok(Architecture { layers, input_dim, image_side, kind: "custom" })
     }
 
     /// The layers, in order.
@@ -295,15 +230,9 @@ impl Architecture {
                     tensors.push(ParamTensor::new(format!("{i}.weight"), vec![outputs, inputs]));
                     tensors.push(ParamTensor::new(format!("{i}.bias"), vec![outputs]));
                 }
-                Layer::Conv2d {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                } => {
-                    tensors.push(ParamTensor::new(
-                        format!("{i}.weight"),
-                        vec![out_channels, in_channels, kernel, kernel],
-                    ));
+                Layer::Conv2d { in_channels, out_channels, kernel } => {
+                    tensors
+                        .push(ParamTensor::new(format!("{i}.weight"), vec![out_channels, in_channels, kernel, kernel]));
                     tensors.push(ParamTensor::new(format!("{i}.bias"), vec![out_channels]));
                 }
                 Layer::LayerNorm { features: channels } | Layer::GroupNorm { channels, .. } => {
@@ -314,11 +243,7 @@ impl Architecture {
                 Layer::Relu | Layer::MaxPool2 | Layer::Flatten | Layer::BatchNorm { .. } => {}
             }
         }
-        ParamLayout {
-            kind: self.kind,
-            input_dim: self.input_dim,
-            tensors,
-        }
+        ParamLayout { kind: self.kind, input_dim: self.input_dim, tensors }
     }
 
     /// Initial parameters: PyTorch's defaults, uniform(±1/√fan_in) for
@@ -335,11 +260,8 @@ impl Architecture {
                 params.extend(std::iter::repeat_n(value, t.numel()));
                 continue;
             }
-            let fan_in: usize = if t.shape.len() == 1 {
-                self.fan_in_of_bias(&t.name)
-            } else {
-                t.shape[1..].iter().product()
-            };
+            let fan_in: usize =
+                if t.shape.len() == 1 { self.fan_in_of_bias(&t.name) } else { t.shape[1..].iter().product() };
             let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
             for _ in 0..t.numel() {
                 counter += 1;
@@ -359,11 +281,7 @@ impl Architecture {
     fn fan_in_of_bias(&self, bias_name: &str) -> usize {
         match self.layer_of(bias_name) {
             Some(Layer::Linear { inputs, .. }) => *inputs,
-            Some(Layer::Conv2d {
-                in_channels,
-                kernel,
-                ..
-            }) => in_channels * kernel * kernel,
+            Some(Layer::Conv2d { in_channels, kernel, .. }) => in_channels * kernel * kernel,
             _ => 1,
         }
     }
@@ -436,10 +354,7 @@ impl ParamLayout {
     /// [`ParamLayout::check`] for values of any float type.
     pub(crate) fn check_values<T: Copy + Into<f64>>(&self, params: &[T]) -> Result<(), LayoutError> {
         if params.len() != self.num_params() {
-            return Err(LayoutError::WrongLength {
-                expected: self.num_params(),
-                got: params.len(),
-            });
+            return Err(LayoutError::WrongLength { expected: self.num_params(), got: params.len() });
         }
         if let Some(index) = params.iter().position(|&v| !v.into().is_finite()) {
             return Err(LayoutError::NotFinite { index });

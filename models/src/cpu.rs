@@ -44,11 +44,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use meridian_privacy::clip_factor;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 
 use crate::architecture::{Architecture, CLASSES, Layer};
-use crate::network::{clip_factor, norm_of_squared};
+use crate::network::norm_of_squared;
 
 mod gemm;
 
@@ -123,33 +124,19 @@ impl Op {
     fn output_len(&self, input_len: usize) -> usize {
         match *self {
             Op::Linear { outputs, .. } => outputs,
-            Op::Conv {
-                out_channels,
-                kernel,
-                height,
-                width,
-                ..
-            } => out_channels * (height + 1 - kernel) * (width + 1 - kernel),
+            Op::Conv { out_channels, kernel, height, width, .. } => {
+                out_channels * (height + 1 - kernel) * (width + 1 - kernel)
+            }
             Op::Relu => input_len,
-            Op::MaxPool {
-                channels,
-                height,
-                width,
-            } => channels * (height / 2) * (width / 2),
+            Op::MaxPool { channels, height, width } => channels * (height / 2) * (width / 2),
         }
     }
 
     /// Forward multiply-adds per example.
     fn macs(&self, output_len: usize) -> usize {
         match *self {
-            Op::Linear {
-                inputs, outputs, ..
-            } => inputs * outputs,
-            Op::Conv {
-                in_channels,
-                kernel,
-                ..
-            } => output_len * in_channels * kernel * kernel,
+            Op::Linear { inputs, outputs, .. } => inputs * outputs,
+            Op::Conv { in_channels, kernel, .. } => output_len * in_channels * kernel * kernel,
             Op::Relu | Op::MaxPool { .. } => 0,
         }
     }
@@ -198,12 +185,7 @@ struct Split {
 /// result that finishes early waits until the chunks before it are folded.
 /// A thread the OS refuses to start is simply not there: the others claim
 /// its chunks.
-fn in_chunks<T: Send>(
-    n: usize,
-    split: Split,
-    work: impl Fn(usize, usize) -> T + Sync,
-    fold: impl FnMut(T) + Send,
-) {
+fn in_chunks<T: Send>(n: usize, split: Split, work: impl Fn(usize, usize) -> T + Sync, fold: impl FnMut(T) + Send) {
     let size = split.size.max(1);
     let chunks = n.div_ceil(size).max(1);
     let bounds = |c: usize| (c * size, ((c + 1) * size).min(n));
@@ -240,9 +222,8 @@ fn in_chunks<T: Send>(
         std::mem::forget(stop);
     };
     std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads)
-            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, claim).ok())
-            .collect();
+        let helpers: Vec<_> =
+            (1..threads).filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, claim).ok()).collect();
         claim();
         // Joined here, not by the scope, so that a helper's panic reaches
         // the caller with its own message.
@@ -310,10 +291,7 @@ const KEPT_WORKSPACES: usize = CHUNKS_PER_BATCH;
 /// Runs `work` with an idle workspace (a new one when none is idle), then
 /// returns it to the pool.
 fn with_workspace<T>(work: impl FnOnce(&mut Workspace) -> T) -> T {
-    let idle = WORKSPACES
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .pop();
+    let idle = WORKSPACES.lock().unwrap_or_else(PoisonError::into_inner).pop();
     let mut ws = idle.unwrap_or_default();
     let result = work(&mut ws);
     let mut pool = WORKSPACES.lock().unwrap_or_else(PoisonError::into_inner);
@@ -348,30 +326,12 @@ impl CpuNet {
         for layer in arch.layers() {
             let op = match (*layer, image) {
                 (Layer::Linear { inputs, outputs }, None) => {
-                    let op = Op::Linear {
-                        inputs,
-                        outputs,
-                        offset,
-                    };
+                    let op = Op::Linear { inputs, outputs, offset };
                     offset += outputs * inputs + outputs;
                     op
                 }
-                (
-                    Layer::Conv2d {
-                        in_channels,
-                        out_channels,
-                        kernel,
-                    },
-                    Some((_, height, width)),
-                ) => {
-                    let op = Op::Conv {
-                        in_channels,
-                        out_channels,
-                        kernel,
-                        height,
-                        width,
-                        offset,
-                    };
+                (Layer::Conv2d { in_channels, out_channels, kernel }, Some((_, height, width))) => {
+                    let op = Op::Conv { in_channels, out_channels, kernel, height, width, offset };
                     offset += out_channels * in_channels * kernel * kernel + out_channels;
                     image = Some((out_channels, height + 1 - kernel, width + 1 - kernel));
                     op
@@ -379,11 +339,7 @@ impl CpuNet {
                 (Layer::Relu, _) => Op::Relu,
                 (Layer::MaxPool2, Some((channels, height, width))) => {
                     image = Some((channels, height / 2, width / 2));
-                    Op::MaxPool {
-                        channels,
-                        height,
-                        width,
-                    }
+                    Op::MaxPool { channels, height, width }
                 }
                 // Row-major [C, H, W] is already the flattened order.
                 (Layer::Flatten, _) => {
@@ -399,26 +355,17 @@ impl CpuNet {
         if offset != params.len() || lens[lens.len() - 1] != CLASSES {
             return None;
         }
-        let first_trainable = ops
-            .iter()
-            .position(|op| matches!(op, Op::Linear { .. } | Op::Conv { .. }))
-            .unwrap_or(ops.len());
-        let macs_per_example = ops
-            .iter()
-            .zip(&lens[1..])
-            .map(|(op, &len)| op.macs(len))
-            .sum();
+        let first_trainable =
+            ops.iter().position(|op| matches!(op, Op::Linear { .. } | Op::Conv { .. })).unwrap_or(ops.len());
+        let macs_per_example = ops.iter().zip(&lens[1..]).map(|(op, &len)| op.macs(len)).sum();
         // Activations, plus what clipping keeps per example.
         let kept: usize = ops
             .iter()
             .map(|op| match *op {
                 Op::Linear { outputs, .. } => outputs,
-                Op::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    ..
-                } => out_channels * (in_channels * kernel * kernel + 1),
+                Op::Conv { in_channels, out_channels, kernel, .. } => {
+                    out_channels * (in_channels * kernel * kernel + 1)
+                }
                 Op::Relu | Op::MaxPool { .. } => 0,
             })
             .sum();
@@ -427,12 +374,9 @@ impl CpuNet {
             .iter()
             .zip(&lens[1..])
             .map(|(op, &len)| match *op {
-                Op::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    ..
-                } => in_channels * kernel * kernel * (len / out_channels),
+                Op::Conv { in_channels, out_channels, kernel, .. } => {
+                    in_channels * kernel * kernel * (len / out_channels)
+                }
                 _ => 0,
             })
             .sum();
@@ -474,14 +418,9 @@ impl CpuNet {
     /// [`CpuNet::gradient_sum`] with the batch cut as `split` says.
     fn gradient_sum_split(&self, x: &[f32], y: &[u8], clip: Option<f64>, split: Split) -> Outcome {
         let d = self.lens[0];
-        let mut total = Outcome {
-            sum: vec![0.0; self.params.len()],
-            ..Outcome::default()
-        };
+        let mut total = Outcome { sum: vec![0.0; self.params.len()], ..Outcome::default() };
         let work = |start: usize, end: usize| {
-            with_workspace(|ws| {
-                self.chunk_gradient(ws, &x[start * d..end * d], &y[start..end], clip)
-            })
+            with_workspace(|ws| self.chunk_gradient(ws, &x[start * d..end * d], &y[start..end], clip))
         };
         in_chunks(y.len(), split, work, |part: Outcome| {
             for (t, p) in total.sum.iter_mut().zip(&part.sum) {
@@ -506,26 +445,15 @@ impl CpuNet {
         };
         let by_work = MACS_PER_CHUNK.div_ceil(self.macs_per_example.max(1));
         Split {
-            threads: cores
-                .min(n.saturating_mul(self.macs_per_example) / MACS_PER_THREAD)
-                .max(1),
-            size: n
-                .div_ceil(CHUNKS_PER_BATCH)
-                .max(by_work)
-                .min(self.max_chunk)
-                .max(1),
+            threads: cores.min(n.saturating_mul(self.macs_per_example) / MACS_PER_THREAD).max(1),
+            size: n.div_ceil(CHUNKS_PER_BATCH).max(by_work).min(self.max_chunk).max(1),
         }
     }
 
     /// Fills `ws.tape` with every activation of the `n` rows of `x`, input
     /// first, logits last, and `ws.argmax` with max pooling's winners.
     fn forward(&self, ws: &mut Workspace, x: &[f32], n: usize) {
-        let Workspace {
-            tape,
-            argmax,
-            unfolded,
-            ..
-        } = ws;
+        let Workspace { tape, argmax, unfolded, .. } = ws;
         tape.resize_with(self.ops.len() + 1, Vec::new);
         argmax.resize_with(self.ops.len(), Vec::new);
         unfolded.resize_with(self.ops.len(), Vec::new);
@@ -539,11 +467,7 @@ impl CpuNet {
             // β = 0 reads nothing of its destination), so no zeroing.
             sized(out, n * out_len);
             match *op {
-                Op::Linear {
-                    inputs,
-                    outputs,
-                    offset,
-                } => {
+                Op::Linear { inputs, outputs, offset } => {
                     let (weight, bias) = self.weight_and_bias(offset, outputs, inputs);
                     let a = view(input, n, inputs);
                     let w = view(weight, outputs, inputs);
@@ -554,21 +478,10 @@ impl CpuNet {
                         }
                     }
                 }
-                Op::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    height,
-                    width,
-                    offset,
-                } => {
+                Op::Conv { in_channels, out_channels, kernel, height, width, offset } => {
                     let rows = in_channels * kernel * kernel;
                     let (weight, bias) = self.weight_and_bias(offset, out_channels, rows);
-                    let w = Strided {
-                        data: weight,
-                        row_stride: rows,
-                        col_stride: 1,
-                    };
+                    let w = Strided { data: weight, row_stride: rows, col_stride: 1 };
                     let positions = out_len / out_channels;
                     let patches = &mut unfolded[j];
                     sized(patches, n * rows * positions);
@@ -591,11 +504,7 @@ impl CpuNet {
                         *o = if v < 0.0 { 0.0 } else { v };
                     }
                 }
-                Op::MaxPool {
-                    channels,
-                    height,
-                    width,
-                } => {
+                Op::MaxPool { channels, height, width } => {
                     let winners = &mut argmax[j];
                     winners.clear();
                     winners.resize(n * out_len, 0);
@@ -612,217 +521,167 @@ impl CpuNet {
     }
 
     /// One chunk's part of [`CpuNet::gradient_sum`].
-    fn chunk_gradient(
-        &self,
-        ws: &mut Workspace,
-        x: &[f32],
-        y: &[u8],
-        clip: Option<f64>,
-    ) -> Outcome {
+    fn chunk_gradient(&self, ws: &mut Workspace, x: &[f32], y: &[u8], clip: Option<f64>) -> Outcome {
         let n = y.len();
         let mut sum = vec![0f32; self.params.len()];
         if n == 0 {
-            return Outcome {
-                sum,
-                ..Outcome::default()
-            };
+            return Outcome { sum, ..Outcome::default() };
         }
         self.forward(ws, x, n);
-        let Workspace {
-            tape,
-            argmax,
-            unfolded,
-            patch_grad,
-            dz_t,
-            weight_t,
-            delta,
-            down,
-            kept,
-            kept_bias,
-            norm2,
-        } = ws;
-        let (loss_sum, correct) = cross_entropy(&tape[self.ops.len()], y, delta);
-        norm2.clear();
-        norm2.resize(n, 0.0);
-        kept.resize_with(self.ops.len(), Vec::new);
-        kept_bias.resize_with(self.ops.len(), Vec::new);
-
+        let (loss_sum, correct) = cross_entropy(&ws.tape[self.ops.len()], y, &mut ws.delta);
+        ws.norm2.clear();
+        ws.norm2.resize(n, 0.0);
+        ws.kept.resize_with(self.ops.len(), Vec::new);
+        ws.kept_bias.resize_with(self.ops.len(), Vec::new);
         for j in (self.first_trainable..self.ops.len()).rev() {
-            let input = &tape[j];
-            let (in_len, out_len) = (self.lens[j], self.lens[j + 1]);
-            let needs_input_grad = j > self.first_trainable;
             match self.ops[j] {
-                Op::Relu => {
-                    // A select, not a conditional store, so that it
-                    // vectorises (the branchy form was a tenth of the CNN
-                    // step). A NaN output keeps its gradient, as before.
-                    for (g, &o) in delta.iter_mut().zip(&tape[j + 1]) {
-                        *g = if o <= 0.0 { 0.0 } else { *g };
-                    }
-                }
-                Op::MaxPool { .. } => {
-                    zeroed(down, n * in_len);
-                    for ((gi, di), wi) in delta
-                        .chunks_exact(out_len)
-                        .zip(down.chunks_exact_mut(in_len))
-                        .zip(argmax[j].chunks_exact(out_len))
-                    {
-                        for (&g, &w) in gi.iter().zip(wi) {
-                            di[w as usize] += g;
-                        }
-                    }
-                    std::mem::swap(delta, down);
-                }
-                Op::Linear {
-                    inputs,
-                    outputs,
-                    offset,
-                } => {
-                    if needs_input_grad {
-                        sized(down, n * inputs);
-                        let dz = Strided {
-                            data: delta,
-                            row_stride: outputs,
-                            col_stride: 1,
-                        };
-                        let w = &self.params[offset..offset + outputs * inputs];
-                        product(down, inputs, dz, w, inputs, (n, inputs, outputs), false);
-                    }
-                    if clip.is_some() {
-                        for ((nn, dz), a) in norm2
-                            .iter_mut()
-                            .zip(delta.chunks_exact(outputs))
-                            .zip(input.chunks_exact(inputs))
-                        {
-                            *nn += squared_norm(dz) * (squared_norm(a) + 1.0);
-                        }
-                        kept[j].clear();
-                        kept[j].extend_from_slice(&delta[..n * outputs]);
-                    } else {
-                        self.add_linear(&mut sum, j, delta, input, n);
-                    }
-                    if needs_input_grad {
-                        std::mem::swap(delta, down);
-                    }
-                }
-                Op::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    height,
-                    width,
-                    offset,
-                } => {
-                    let rows = in_channels * kernel * kernel;
-                    let positions = out_len / out_channels;
-                    let weights = out_channels * rows;
-                    let weight = &self.params[offset..offset + weights];
-                    if needs_input_grad {
-                        zeroed(down, n * in_len);
-                    }
-                    // Weight gradients are made transposed, `[C_in·k·k, C_out]`
-                    // (`weight_t`, `kept`), and turned round once per chunk.
-                    if clip.is_some() {
-                        // Both written whole below, each example's in turn.
-                        sized(&mut kept[j], n * weights);
-                        sized(&mut kept_bias[j], n * out_channels);
-                    } else {
-                        zeroed(weight_t, weights);
-                    }
-                    // Overwritten whole for each example.
-                    sized(dz_t, positions * out_channels);
-                    for i in 0..n {
-                        let dzi = &delta[i * out_len..(i + 1) * out_len];
-                        let ui = &unfolded[j][i * rows * positions..(i + 1) * rows * positions];
-                        transpose(dzi, out_channels, positions, dz_t);
-                        let patches = Strided {
-                            data: ui,
-                            row_stride: positions,
-                            col_stride: 1,
-                        };
-                        let shape = (rows, out_channels, positions);
-                        if clip.is_some() {
-                            let gw = &mut kept[j][i * weights..(i + 1) * weights];
-                            let gb = &mut kept_bias[j][i * out_channels..(i + 1) * out_channels];
-                            product(gw, out_channels, patches, dz_t, out_channels, shape, false);
-                            for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
-                                *b = lane_sum(row);
-                            }
-                            norm2[i] += squared_norm(gw) + squared_norm(gb);
-                        } else {
-                            product(weight_t, out_channels, patches, dz_t, out_channels, shape, true);
-                            let gb = &mut sum[offset + weights..offset + weights + out_channels];
-                            for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
-                                *b += lane_sum(row);
-                            }
-                        }
-                        if needs_input_grad {
-                            sized(patch_grad, rows * positions);
-                            // Wᵀ dZ: W read down its columns.
-                            let w_t = Strided {
-                                data: weight,
-                                row_stride: 1,
-                                col_stride: rows,
-                            };
-                            let shape = (rows, positions, out_channels);
-                            product(patch_grad, positions, w_t, dzi, positions, shape, false);
-                            col2im(
-                                patch_grad,
-                                in_channels,
-                                height,
-                                width,
-                                kernel,
-                                &mut down[i * in_len..(i + 1) * in_len],
-                            );
-                        }
-                    }
-                    if clip.is_none() {
-                        add_transposed(&mut sum[offset..offset + weights], weight_t, rows, out_channels);
-                    }
-                    if needs_input_grad {
-                        std::mem::swap(delta, down);
-                    }
-                }
+                Op::Relu => relu_backward(&mut ws.delta, &ws.tape[j + 1]),
+                Op::MaxPool { .. } => self.max_pool_backward(ws, j, n),
+                Op::Linear { .. } => self.linear_backward(ws, j, n, clip.is_some(), &mut sum),
+                Op::Conv { .. } => self.conv_backward(ws, j, n, clip.is_some(), &mut sum),
             }
         }
-
         let Some(clip) = clip else {
-            return Outcome {
-                sum,
-                norms: Vec::new(),
-                loss_sum,
-                correct,
-                clipped: 0,
-            };
+            return Outcome { sum, norms: Vec::new(), loss_sum, correct, clipped: 0 };
         };
-        let norms: Vec<f64> = norm2.iter().copied().map(norm_of_squared).collect();
+        let (norms, clipped) = self.add_clipped(ws, clip, n, &mut sum);
+        Outcome { sum, norms, loss_sum, correct, clipped }
+    }
+
+    /// Max pooling's backward pass: each output gradient goes to its
+    /// window's winner.
+    fn max_pool_backward(&self, ws: &mut Workspace, j: usize, n: usize) {
+        let Workspace { argmax, delta, down, .. } = ws;
+        let (in_len, out_len) = (self.lens[j], self.lens[j + 1]);
+        zeroed(down, n * in_len);
+        for ((gi, di), wi) in
+            delta.chunks_exact(out_len).zip(down.chunks_exact_mut(in_len)).zip(argmax[j].chunks_exact(out_len))
+        {
+            for (&g, &w) in gi.iter().zip(wi) {
+                di[w as usize] += g;
+            }
+        }
+        std::mem::swap(delta, down);
+    }
+
+    /// A linear layer's backward pass: the input gradient `dZ W` (above the
+    /// first trainable op), then with `clipping` each example's ghost norm
+    /// and its output gradient kept for the clipped sum, without it the
+    /// gradient added to `sum` at once.
+    fn linear_backward(&self, ws: &mut Workspace, j: usize, n: usize, clipping: bool, sum: &mut [f32]) {
+        let Op::Linear { inputs, outputs, offset } = self.ops[j] else {
+            return;
+        };
+        let Workspace { tape, delta, down, kept, norm2, .. } = ws;
+        let input = &tape[j];
+        let needs_input_grad = j > self.first_trainable;
+        if needs_input_grad {
+            sized(down, n * inputs);
+            let dz = Strided { data: delta, row_stride: outputs, col_stride: 1 };
+            let w = &self.params[offset..offset + outputs * inputs];
+            product(down, inputs, dz, w, inputs, (n, inputs, outputs), false);
+        }
+        if clipping {
+            for ((nn, dz), a) in norm2.iter_mut().zip(delta.chunks_exact(outputs)).zip(input.chunks_exact(inputs)) {
+                *nn += squared_norm(dz) * (squared_norm(a) + 1.0);
+            }
+            kept[j].clear();
+            kept[j].extend_from_slice(&delta[..n * outputs]);
+        } else {
+            self.add_linear(sum, j, delta, input, n);
+        }
+        if needs_input_grad {
+            std::mem::swap(delta, down);
+        }
+    }
+
+    /// A convolution's backward pass, example by example: with `clipping`
+    /// each example's weight and bias gradients are kept (and their squared
+    /// norm added to the example's), without it they are summed into
+    /// `sum`; above the first trainable op, the input gradient follows.
+    /// Weight gradients are made transposed, `[C_in·k·k, C_out]`
+    /// (`weight_t`, `kept`), and turned round once per chunk.
+    fn conv_backward(&self, ws: &mut Workspace, j: usize, n: usize, clipping: bool, sum: &mut [f32]) {
+        let Op::Conv { in_channels, out_channels, kernel, offset, .. } = self.ops[j] else {
+            return;
+        };
+        let Workspace { unfolded, patch_grad, dz_t, weight_t, delta, down, kept, kept_bias, norm2, .. } = ws;
+        let (in_len, out_len) = (self.lens[j], self.lens[j + 1]);
+        let needs_input_grad = j > self.first_trainable;
+        let rows = in_channels * kernel * kernel;
+        let positions = out_len / out_channels;
+        let weights = out_channels * rows;
+        let weight = &self.params[offset..offset + weights];
+        if needs_input_grad {
+            zeroed(down, n * in_len);
+        }
+        if clipping {
+            // Both written whole below, each example's in turn.
+            sized(&mut kept[j], n * weights);
+            sized(&mut kept_bias[j], n * out_channels);
+        } else {
+            zeroed(weight_t, weights);
+        }
+        // Overwritten whole for each example.
+        sized(dz_t, positions * out_channels);
+        for i in 0..n {
+            let dzi = &delta[i * out_len..(i + 1) * out_len];
+            let ui = &unfolded[j][i * rows * positions..(i + 1) * rows * positions];
+            transpose(dzi, out_channels, positions, dz_t);
+            let patches = Strided { data: ui, row_stride: positions, col_stride: 1 };
+            let shape = (rows, out_channels, positions);
+            if clipping {
+                let gw = &mut kept[j][i * weights..(i + 1) * weights];
+                let gb = &mut kept_bias[j][i * out_channels..(i + 1) * out_channels];
+                product(gw, out_channels, patches, dz_t, out_channels, shape, false);
+                for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
+                    *b = lane_sum(row);
+                }
+                norm2[i] += squared_norm(gw) + squared_norm(gb);
+            } else {
+                product(weight_t, out_channels, patches, dz_t, out_channels, shape, true);
+                let gb = &mut sum[offset + weights..offset + weights + out_channels];
+                for (b, row) in gb.iter_mut().zip(dzi.chunks_exact(positions)) {
+                    *b += lane_sum(row);
+                }
+            }
+            if needs_input_grad {
+                let down_i = &mut down[i * in_len..(i + 1) * in_len];
+                conv_input_grad(self.ops[j], weight, dzi, patch_grad, down_i);
+            }
+        }
+        if !clipping {
+            add_transposed(&mut sum[offset..offset + weights], weight_t, rows, out_channels);
+        }
+        if needs_input_grad {
+            std::mem::swap(delta, down);
+        }
+    }
+
+    /// Once every norm is known: scales what each trainable op kept of each
+    /// example by its clip factor and adds it to `sum`. Returns each
+    /// example's gradient norm and how many were clipped.
+    fn add_clipped(&self, ws: &mut Workspace, clip: f64, n: usize, sum: &mut [f32]) -> (Vec<f32>, usize) {
+        let norms: Vec<f64> = ws.norm2.iter().copied().map(norm_of_squared).collect();
         let factors: Vec<f64> = norms.iter().map(|&norm| clip_factor(norm, clip)).collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
         let factors: Vec<f32> = factors.into_iter().map(|f| f as f32).collect();
+        let Workspace { tape, weight_t, kept, kept_bias, .. } = ws;
         for (j, op) in self.ops.iter().enumerate().skip(self.first_trainable) {
             match *op {
                 Op::Linear { outputs, .. } => {
                     for (row, &f) in kept[j].chunks_exact_mut(outputs).zip(&factors) {
                         row.iter_mut().for_each(|g| *g *= f);
                     }
-                    self.add_linear(&mut sum, j, &kept[j], &tape[j], n);
+                    self.add_linear(sum, j, &kept[j], &tape[j], n);
                 }
-                Op::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    offset,
-                    ..
-                } => {
+                Op::Conv { in_channels, out_channels, kernel, offset, .. } => {
                     let rows = in_channels * kernel * kernel;
                     let weights = out_channels * rows;
-                    let (gw, gb) =
-                        sum[offset..offset + weights + out_channels].split_at_mut(weights);
+                    let (gw, gb) = sum[offset..offset + weights + out_channels].split_at_mut(weights);
                     zeroed(weight_t, weights);
-                    for ((w, b), &f) in kept[j]
-                        .chunks_exact(weights)
-                        .zip(kept_bias[j].chunks_exact(out_channels))
-                        .zip(&factors)
+                    for ((w, b), &f) in
+                        kept[j].chunks_exact(weights).zip(kept_bias[j].chunks_exact(out_channels)).zip(&factors)
                     {
                         weight_t.iter_mut().zip(w).for_each(|(s, v)| *s += f * v);
                         gb.iter_mut().zip(b).for_each(|(s, v)| *s += f * v);
@@ -832,34 +691,19 @@ impl CpuNet {
                 Op::Relu | Op::MaxPool { .. } => {}
             }
         }
-        Outcome {
-            sum,
-            norms: norms.into_iter().map(|v| v as f32).collect(),
-            loss_sum,
-            correct,
-            clipped,
-        }
+        (norms.into_iter().map(|v| v as f32).collect(), clipped)
     }
 
     /// Adds a linear layer's weight gradient `dZᵀ A` and bias gradient
     /// `Σ dz` to `sum`.
     fn add_linear(&self, sum: &mut [f32], op: usize, dz: &[f32], input: &[f32], n: usize) {
-        let Op::Linear {
-            inputs,
-            outputs,
-            offset,
-        } = self.ops[op]
-        else {
+        let Op::Linear { inputs, outputs, offset } = self.ops[op] else {
             return;
         };
         let weights = outputs * inputs;
         let (gw, gb) = sum[offset..offset + weights + outputs].split_at_mut(weights);
         // dZᵀ: dZ read down its columns.
-        let dz_t = Strided {
-            data: dz,
-            row_stride: 1,
-            col_stride: outputs,
-        };
+        let dz_t = Strided { data: dz, row_stride: 1, col_stride: outputs };
         product(gw, inputs, dz_t, input, inputs, (outputs, inputs, n), true);
         for row in dz.chunks_exact(outputs) {
             gb.iter_mut().zip(row).for_each(|(b, g)| *b += g);
@@ -872,16 +716,39 @@ impl CpuNet {
     }
 }
 
+/// ReLU's backward pass, in place: no gradient where the output is 0. A
+/// select, not a conditional store, so that it vectorises (the branchy
+/// form was a tenth of the CNN step). A NaN output keeps its gradient.
+#[inline]
+fn relu_backward(delta: &mut [f32], output: &[f32]) {
+    for (g, &o) in delta.iter_mut().zip(output) {
+        *g = if o <= 0.0 { 0.0 } else { *g };
+    }
+}
+
+/// Adds one example's input gradient of `conv` (a convolution, its
+/// weight `weight`) to `down`: the patch gradient `Wᵀ dZ` into
+/// `patch_grad`, folded back (col2im).
+#[inline]
+fn conv_input_grad(conv: Op, weight: &[f32], dz: &[f32], patch_grad: &mut Vec<f32>, down: &mut [f32]) {
+    let Op::Conv { in_channels, out_channels, kernel, height, width, .. } = conv else {
+        return;
+    };
+    let rows = in_channels * kernel * kernel;
+    let positions = dz.len() / out_channels;
+    sized(patch_grad, rows * positions);
+    // Wᵀ dZ: W read down its columns.
+    let w_t = Strided { data: weight, row_stride: 1, col_stride: rows };
+    product(patch_grad, positions, w_t, dz, positions, (rows, positions, out_channels), false);
+    col2im(patch_grad, in_channels, height, width, kernel, down);
+}
+
 /// `Σ v²` in `f64`, over eight independent partial sums (one sequential
 /// sum is bound by the latency of each addition).
 fn squared_norm(values: &[f32]) -> f64 {
     let mut partial = [0f64; 8];
     let chunks = values.chunks_exact(8);
-    let rest: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum();
+    let rest: f64 = chunks.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum();
     for chunk in chunks {
         for (p, &v) in partial.iter_mut().zip(chunk) {
             *p += f64::from(v) * f64::from(v);
@@ -912,11 +779,7 @@ fn cross_entropy(logits: &[f32], y: &[u8], delta: &mut Vec<f32>) -> (f64, usize)
     zeroed(delta, logits.len());
     let mut loss_sum = 0.0;
     let mut correct = 0;
-    for ((z, d), &label) in logits
-        .chunks_exact(CLASSES)
-        .zip(delta.chunks_exact_mut(CLASSES))
-        .zip(y)
-    {
+    for ((z, d), &label) in logits.chunks_exact(CLASSES).zip(delta.chunks_exact_mut(CLASSES)).zip(y) {
         let raw = label;
         let label = usize::from(label.min(1));
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -940,16 +803,8 @@ fn view(data: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
 }
 
 /// `dst` `[m, n]` (row-major) `= a · b`, or `+= a · b` with `accumulate`.
-fn matmul(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    a: &ArrayView2<'_, f32>,
-    b: &ArrayView2<'_, f32>,
-    accumulate: bool,
-) {
-    let mut c = ArrayViewMut2::from_shape((m, n), &mut dst[..m * n])
-        .expect("callers size the destination as m · n");
+fn matmul(dst: &mut [f32], m: usize, n: usize, a: &ArrayView2<'_, f32>, b: &ArrayView2<'_, f32>, accumulate: bool) {
+    let mut c = ArrayViewMut2::from_shape((m, n), &mut dst[..m * n]).expect("callers size the destination as m · n");
     general_mat_mul(1.0, a, b, if accumulate { 1.0 } else { 0.0 }, &mut c);
 }
 
@@ -968,13 +823,7 @@ fn add_transposed(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
 /// start at `(c, r + ki, kj)` of the example `[channels, height, width]`.
 /// (Nested loops and a callback: an iterator of `flat_map`s made the CNN
 /// step 5% slower.)
-fn for_each_patch_run(
-    channels: usize,
-    height: usize,
-    width: usize,
-    k: usize,
-    mut run: impl FnMut(usize),
-) {
+fn for_each_patch_run(channels: usize, height: usize, width: usize, k: usize, mut run: impl FnMut(usize)) {
     for c in 0..channels {
         for ki in 0..k {
             for kj in 0..k {
@@ -1018,31 +867,18 @@ fn col2im(patches: &[f32], channels: usize, height: usize, width: usize, k: usiz
     let mut rows = patches.chunks_exact(ow);
     for_each_patch_run(channels, height, width, k, |start| {
         if let Some(values) = rows.next() {
-            dx[start..start + ow]
-                .iter_mut()
-                .zip(values)
-                .for_each(|(d, v)| *d += v);
+            dx[start..start + ow].iter_mut().zip(values).for_each(|(d, v)| *d += v);
         }
     });
 }
 
 /// 2×2 max pooling of one example; `winners` gets each maximum's offset in
 /// `x` (the first in scan order on ties, as PyTorch; a NaN wins, as there).
-fn max_pool(
-    x: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    out: &mut [f32],
-    winners: &mut [u32],
-) {
+fn max_pool(x: &[f32], channels: usize, height: usize, width: usize, out: &mut [f32], winners: &mut [u32]) {
     let (oh, ow) = (height / 2, width / 2);
     // Offsets fit in u32: callers' activations are far below 2³² values.
     let (right, below) = (1u32, width as u32);
-    let rows = out
-        .chunks_exact_mut(ow)
-        .zip(winners.chunks_exact_mut(ow))
-        .take(channels * oh);
+    let rows = out.chunks_exact_mut(ow).zip(winners.chunks_exact_mut(ow)).take(channels * oh);
     for (r, (out_row, winner_row)) in rows.enumerate() {
         let (c, row) = (r / oh, r % oh);
         let top = c * height * width + 2 * row * width;
@@ -1059,10 +895,7 @@ fn max_pool(
             let take = c > best || c.is_nan();
             let (best, at) = (if take { c } else { best }, if take { below } else { at });
             let take = d > best || d.is_nan();
-            let (best, at) = (
-                if take { d } else { best },
-                if take { below + right } else { at },
-            );
+            let (best, at) = (if take { d } else { best }, if take { below + right } else { at });
             out_row[col] = best;
             winner_row[col] = (top + 2 * col) as u32 + at;
         }

@@ -47,6 +47,7 @@ use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::module::{conv2d, max_pool2d, unfold4d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions, UnfoldOptions};
 use burn::tensor::{DType, Device, Element, Tensor, TensorData};
+use meridian_privacy::clip_factor;
 
 use crate::architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON};
 use crate::cpu::CpuNet;
@@ -64,16 +65,11 @@ pub fn default_device(gpu: bool) -> Result<Device, DeviceError> {
         let probe = device.clone();
         let probe = std::panic::AssertUnwindSafe(move || {
             let sum = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &probe).sum();
-            sum.into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap_or_default()
+            sum.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
         });
         return match std::panic::catch_unwind(probe) {
             Ok(sum) if sum == [3.0] => Ok(device),
-            Ok(sum) => Err(DeviceError::NoGpu(format!(
-                "the GPU computed 1 + 2 = {sum:?}"
-            ))),
+            Ok(sum) => Err(DeviceError::NoGpu(format!("the GPU computed 1 + 2 = {sum:?}"))),
             Err(panic) => Err(DeviceError::NoGpu(
                 panic
                     .downcast_ref::<String>()
@@ -84,9 +80,7 @@ pub fn default_device(gpu: bool) -> Result<Device, DeviceError> {
         };
     }
     if gpu {
-        return Err(DeviceError::NoGpu(
-            "this build has no GPU support (build with --features wgpu)".to_string(),
-        ));
+        return Err(DeviceError::NoGpu("this build has no GPU support (build with --features wgpu)".to_string()));
     }
     Ok(Device::flex())
 }
@@ -173,17 +167,10 @@ enum Probe {
     Linear { probe: Tensor<2>, input: Tensor<2> },
     /// Probe on the pre-activation `[B, C_out, H', W']`; the input
     /// `[B, C_in, H, W]` and the kernel side.
-    Conv {
-        probe: Tensor<4>,
-        input: Tensor<4>,
-        kernel: usize,
-    },
+    Conv { probe: Tensor<4>, input: Tensor<4>, kernel: usize },
     /// Probe on `y = x̂ γ + β` as `[B, C, S]`; `x̂` `[B, C, S]` (S pixels per
     /// channel, 1 for a flat input).
-    Norm {
-        probe: Tensor<3>,
-        normalized: Tensor<3>,
-    },
+    Norm { probe: Tensor<3>, normalized: Tensor<3> },
 }
 
 /// A layer's per-example gradients, as the clipping needs them.
@@ -200,11 +187,7 @@ impl Network {
     /// network computes in `f32`. On the `flex` CPU device, networks made of
     /// linear, convolution, ReLU, max-pooling and flatten layers run on
     /// Meridian's own kernels (`cpu`), others on Burn.
-    pub fn new(
-        arch: &Architecture,
-        params: &[f32],
-        device: &Device,
-    ) -> Result<Network, LayoutError> {
+    pub fn new(arch: &Architecture, params: &[f32], device: &Device) -> Result<Network, LayoutError> {
         if *device == Device::flex() {
             arch.layout().check(params)?;
             if let Some(cpu) = CpuNet::new(arch, params) {
@@ -222,21 +205,13 @@ impl Network {
 
     /// Like [`Network::new`], but always on Burn's kernels: for comparing the
     /// two CPU paths, and the path every GPU takes.
-    pub fn with_burn(
-        arch: &Architecture,
-        params: &[f32],
-        device: &Device,
-    ) -> Result<Network, LayoutError> {
+    pub fn with_burn(arch: &Architecture, params: &[f32], device: &Device) -> Result<Network, LayoutError> {
         Network::place(arch, params, DType::F32, device)
     }
 
     /// Places a flat `f64` parameter vector (PyTorch layout) on `device`; the
     /// network computes in `f64` (slower; for reference checks).
-    pub fn new_f64(
-        arch: &Architecture,
-        params: &[f64],
-        device: &Device,
-    ) -> Result<Network, LayoutError> {
+    pub fn new_f64(arch: &Architecture, params: &[f64], device: &Device) -> Result<Network, LayoutError> {
         Network::place(arch, params, DType::F64, device)
     }
 
@@ -261,35 +236,18 @@ impl Network {
                     weight: Tensor::from_data(take(&[outputs, inputs]), options),
                     bias: Tensor::from_data(take(&[outputs]), options),
                 },
-                Layer::Conv2d {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                } => LayerParams::Conv {
-                    weight: Tensor::from_data(
-                        take(&[out_channels, in_channels, kernel, kernel]),
-                        options,
-                    ),
+                Layer::Conv2d { in_channels, out_channels, kernel } => LayerParams::Conv {
+                    weight: Tensor::from_data(take(&[out_channels, in_channels, kernel, kernel]), options),
                     bias: Tensor::from_data(take(&[out_channels]), options),
                 },
-                Layer::LayerNorm { features: channels } | Layer::GroupNorm { channels, .. } => {
-                    LayerParams::Norm {
-                        weight: Tensor::from_data(take(&[channels]), options),
-                        bias: Tensor::from_data(take(&[channels]), options),
-                    }
-                }
-                Layer::Relu | Layer::MaxPool2 | Layer::Flatten | Layer::BatchNorm { .. } => {
-                    LayerParams::None
-                }
+                Layer::LayerNorm { features: channels } | Layer::GroupNorm { channels, .. } => LayerParams::Norm {
+                    weight: Tensor::from_data(take(&[channels]), options),
+                    bias: Tensor::from_data(take(&[channels]), options),
+                },
+                Layer::Relu | Layer::MaxPool2 | Layer::Flatten | Layer::BatchNorm { .. } => LayerParams::None,
             });
         }
-        Ok(Network {
-            arch: arch.clone(),
-            device: device.clone(),
-            dtype,
-            params: layer_params,
-            cpu: None,
-        })
+        Ok(Network { arch: arch.clone(), device: device.clone(), dtype, params: layer_params, cpu: None })
     }
 
     /// Whether Meridian's own CPU kernels compute for this network.
@@ -338,12 +296,7 @@ impl Network {
     /// Runs the layers on `input` `[B, input_dim]`, giving the logits
     /// `[B, CLASSES]`. With `probes`, adds a zero probe to every trainable
     /// layer's output and records what [`Probe`] says.
-    fn forward(
-        &self,
-        input: Tensor<2>,
-        params: &[LayerParams],
-        mut probes: Option<&mut Vec<Probe>>,
-    ) -> Tensor<2> {
+    fn forward(&self, input: Tensor<2>, params: &[LayerParams], mut probes: Option<&mut Vec<Probe>>) -> Tensor<2> {
         let mut act = match self.arch.image_side() {
             Some(side) => {
                 let [b, _] = input.dims();
@@ -355,38 +308,22 @@ impl Network {
         // before it, so the arms not listed never occur.
         for (layer, p) in self.arch.layers().iter().zip(params) {
             act = match (layer, p, act) {
-                (
-                    Layer::Linear { .. },
-                    LayerParams::Linear { weight, bias },
-                    Activation::Flat(a),
-                ) => {
-                    let mut z = a.clone().matmul(weight.clone().transpose())
-                        + bias.clone().unsqueeze::<2>();
+                (Layer::Linear { .. }, LayerParams::Linear { weight, bias }, Activation::Flat(a)) => {
+                    let mut z = a.clone().matmul(weight.clone().transpose()) + bias.clone().unsqueeze::<2>();
                     if let Some(probes) = probes.as_deref_mut() {
                         let probe = self.probe(z.dims());
                         z = z + probe.clone();
-                        probes.push(Probe::Linear {
-                            probe,
-                            input: a.inner(),
-                        });
+                        probes.push(Probe::Linear { probe, input: a.inner() });
                     }
                     Activation::Flat(z)
                 }
-                (
-                    Layer::Conv2d { kernel, .. },
-                    LayerParams::Conv { weight, bias },
-                    Activation::Image(x),
-                ) => {
+                (Layer::Conv2d { kernel, .. }, LayerParams::Conv { weight, bias }, Activation::Image(x)) => {
                     let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
                     let mut z = conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
                     if let Some(probes) = probes.as_deref_mut() {
                         let probe = self.probe(z.dims());
                         z = z + probe.clone();
-                        probes.push(Probe::Conv {
-                            probe,
-                            input: x.inner(),
-                            kernel: *kernel,
-                        });
+                        probes.push(Probe::Conv { probe, input: x.inner(), kernel: *kernel });
                     }
                     Activation::Image(z)
                 }
@@ -399,36 +336,17 @@ impl Network {
                     let [b, c, h, w] = x.dims();
                     Activation::Flat(x.reshape([b, c * h * w]))
                 }
-                (
-                    Layer::LayerNorm { .. },
-                    LayerParams::Norm { weight, bias },
-                    Activation::Flat(x),
-                ) => {
+                (Layer::LayerNorm { .. }, LayerParams::Norm { weight, bias }, Activation::Flat(x)) => {
                     let [b, f] = x.dims();
                     let normalized = normalize(x, 1).reshape([b, f, 1]);
-                    Activation::Flat(
-                        self.affine(normalized, weight, bias, probes.as_deref_mut())
-                            .reshape([b, f]),
-                    )
+                    Activation::Flat(self.affine(normalized, weight, bias, probes.as_deref_mut()).reshape([b, f]))
                 }
-                (
-                    Layer::GroupNorm { groups, .. },
-                    LayerParams::Norm { weight, bias },
-                    Activation::Flat(x),
-                ) => {
+                (Layer::GroupNorm { groups, .. }, LayerParams::Norm { weight, bias }, Activation::Flat(x)) => {
                     let [b, c] = x.dims();
-                    let normalized =
-                        normalize(x.reshape([b, *groups, c / groups]), 2).reshape([b, c, 1]);
-                    Activation::Flat(
-                        self.affine(normalized, weight, bias, probes.as_deref_mut())
-                            .reshape([b, c]),
-                    )
+                    let normalized = normalize(x.reshape([b, *groups, c / groups]), 2).reshape([b, c, 1]);
+                    Activation::Flat(self.affine(normalized, weight, bias, probes.as_deref_mut()).reshape([b, c]))
                 }
-                (
-                    Layer::GroupNorm { groups, .. },
-                    LayerParams::Norm { weight, bias },
-                    Activation::Image(x),
-                ) => {
+                (Layer::GroupNorm { groups, .. }, LayerParams::Norm { weight, bias }, Activation::Image(x)) => {
                     let [b, c, h, w] = x.dims();
                     let grouped = x.reshape([b, *groups, c / groups * h * w]);
                     let normalized = normalize(grouped, 2).reshape([b, c, h * w]);
@@ -456,15 +374,11 @@ impl Network {
         probes: Option<&mut Vec<Probe>>,
     ) -> Tensor<3> {
         let [_, c, _] = normalized.dims();
-        let mut y = normalized.clone() * weight.clone().reshape([1, c, 1])
-            + bias.clone().reshape([1, c, 1]);
+        let mut y = normalized.clone() * weight.clone().reshape([1, c, 1]) + bias.clone().reshape([1, c, 1]);
         if let Some(probes) = probes {
             let probe = self.probe(y.dims());
             y = y + probe.clone();
-            probes.push(Probe::Norm {
-                probe,
-                normalized: normalized.inner(),
-            });
+            probes.push(Probe::Norm { probe, normalized: normalized.inner() });
         }
         y
     }
@@ -503,40 +417,18 @@ impl Network {
         let log_probs = log_softmax(logits, 1);
         let per_example = (log_probs.clone() * onehot).sum_dim(1).neg();
         let grads = per_example.clone().sum().backward();
-        let (loss_sum, correct) =
-            loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
+        let (loss_sum, correct) = loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
 
-        let layers: Vec<PerExample> = probes
-            .into_iter()
-            .map(|probe| per_example_gradients(probe, &grads))
-            .collect();
-        let norm2 = layers
-            .iter()
-            .map(PerExample::norm2)
-            .reduce(|a, b| a + b)
-            .map(to_f64)
-            .unwrap_or_else(|| vec![0.0; b]);
+        let layers: Vec<PerExample> = probes.into_iter().map(|probe| per_example_gradients(probe, &grads)).collect();
+        let norm2 =
+            layers.iter().map(PerExample::norm2).reduce(|a, b| a + b).map(to_f64).unwrap_or_else(|| vec![0.0; b]);
         let norms: Vec<f64> = norm2.iter().copied().map(norm_of_squared).collect();
         let factors: Vec<f64> = norms.iter().map(|n| clip_factor(*n, clip)).collect();
         let clipped = factors.iter().filter(|&&f| f < 1.0).count();
-        let factors =
-            Tensor::<2>::from_data(TensorData::new(factors, [b, 1]), (&self.device, self.dtype));
-        let parts: Vec<Tensor<1>> = layers
-            .into_iter()
-            .flat_map(|layer| layer.clipped_sum(&factors))
-            .collect();
-        let sum = if parts.is_empty() {
-            vec![0.0; num_params]
-        } else {
-            to_f32(Tensor::cat(parts, 0))
-        };
-        ClippedGradients {
-            sum,
-            norms: norms.into_iter().map(|n| n as f32).collect(),
-            loss_sum,
-            correct,
-            clipped,
-        }
+        let factors = Tensor::<2>::from_data(TensorData::new(factors, [b, 1]), (&self.device, self.dtype));
+        let parts: Vec<Tensor<1>> = layers.into_iter().flat_map(|layer| layer.clipped_sum(&factors)).collect();
+        let sum = if parts.is_empty() { vec![0.0; num_params] } else { to_f32(Tensor::cat(parts, 0)) };
+        ClippedGradients { sum, norms: norms.into_iter().map(|n| n as f32).collect(), loss_sum, correct, clipped }
     }
 
     /// The gradient of the summed cross-entropy of the `y.len()` rows of `x`,
@@ -545,18 +437,10 @@ impl Network {
     pub fn gradient_sum(&self, x: &[f32], y: &[u8]) -> GradientSum {
         if let Some(cpu) = &self.cpu {
             let outcome = cpu.gradient_sum(x, y, None);
-            return GradientSum {
-                sum: outcome.sum,
-                loss_sum: outcome.loss_sum,
-                correct: outcome.correct,
-            };
+            return GradientSum { sum: outcome.sum, loss_sum: outcome.loss_sum, correct: outcome.correct };
         }
         let (sum, loss_sum, correct) = self.burn_gradient_sum(x, y);
-        GradientSum {
-            sum: sum.into_iter().map(|v| v as f32).collect(),
-            loss_sum,
-            correct,
-        }
+        GradientSum { sum: sum.into_iter().map(|v| v as f32).collect(), loss_sum, correct }
     }
 
     /// [`Network::gradient_sum`] on Burn's kernels, the sum in full
@@ -572,18 +456,13 @@ impl Network {
             .params
             .iter()
             .map(|p| match p {
-                LayerParams::Linear { weight, bias } => LayerParams::Linear {
-                    weight: weight.clone().autodiff().require_grad(),
-                    bias: track(bias),
-                },
-                LayerParams::Conv { weight, bias } => LayerParams::Conv {
-                    weight: weight.clone().autodiff().require_grad(),
-                    bias: track(bias),
-                },
-                LayerParams::Norm { weight, bias } => LayerParams::Norm {
-                    weight: track(weight),
-                    bias: track(bias),
-                },
+                LayerParams::Linear { weight, bias } => {
+                    LayerParams::Linear { weight: weight.clone().autodiff().require_grad(), bias: track(bias) }
+                }
+                LayerParams::Conv { weight, bias } => {
+                    LayerParams::Conv { weight: weight.clone().autodiff().require_grad(), bias: track(bias) }
+                }
+                LayerParams::Norm { weight, bias } => LayerParams::Norm { weight: track(weight), bias: track(bias) },
                 LayerParams::None => LayerParams::None,
             })
             .collect();
@@ -591,8 +470,7 @@ impl Network {
         let log_probs = log_softmax(self.forward(input, &tracked, None), 1);
         let per_example = (log_probs.clone() * onehot).sum_dim(1).neg();
         let grads = per_example.clone().sum().backward();
-        let (loss_sum, correct) =
-            loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
+        let (loss_sum, correct) = loss_and_correct(&to_f64(per_example.inner()), &to_f64(log_probs.inner()), y);
         let mut sum = Vec::with_capacity(num_params);
         for p in &tracked {
             match p {
@@ -632,16 +510,7 @@ impl Network {
 /// The norm from a squared norm; a NaN stays NaN, so that a gradient gone
 /// NaN never reads as a zero one.
 pub(crate) fn norm_of_squared(norm2: f64) -> f64 {
-    if norm2.is_nan() {
-        norm2
-    } else {
-        norm2.max(0.0).sqrt()
-    }
-}
-
-/// Opacus' clip factor `min(1, clip / (norm + 1e-6))`.
-pub(crate) fn clip_factor(norm: f64, clip: f64) -> f64 {
-    (clip / (norm + 1e-6)).min(1.0)
+    if norm2.is_nan() { norm2 } else { norm2.max(0.0).sqrt() }
 }
 
 /// `(x - mean) / √(var + ε)` over `dim`, with the biased variance.
@@ -655,30 +524,18 @@ fn normalize<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
 /// without a gradient (the loss does not depend on it) counts as zero.
 fn per_example_gradients(probe: Probe, grads: &burn::tensor::Gradients) -> PerExample {
     match probe {
-        Probe::Linear { probe, input } => PerExample::Outer {
-            dz: probe.grad(grads).unwrap_or_else(|| probe.inner()),
-            input,
-        },
-        Probe::Conv {
-            probe,
-            input,
-            kernel,
-        } => {
+        Probe::Linear { probe, input } => {
+            PerExample::Outer { dz: probe.grad(grads).unwrap_or_else(|| probe.inner()), input }
+        }
+        Probe::Conv { probe, input, kernel } => {
             let dz = probe.grad(grads).unwrap_or_else(|| probe.inner());
             let [b, c_out, h, w] = dz.dims();
             let dz = dz.reshape([b, c_out, h * w]);
             // [B, C_in·k·k, L], rows in PyTorch's weight order (c, kh, kw).
-            let patches = unfold4d(
-                input,
-                [kernel, kernel],
-                UnfoldOptions::new([1, 1], [0, 0], [1, 1]),
-            );
+            let patches = unfold4d(input, [kernel, kernel], UnfoldOptions::new([1, 1], [0, 0], [1, 1]));
             let [_, patch, _] = patches.dims();
             let weight = dz.clone().matmul(patches.swap_dims(1, 2));
-            PerExample::Explicit {
-                weight: weight.reshape([b, c_out * patch]),
-                bias: dz.sum_dim(2).reshape([b, c_out]),
-            }
+            PerExample::Explicit { weight: weight.reshape([b, c_out * patch]), bias: dz.sum_dim(2).reshape([b, c_out]) }
         }
         Probe::Norm { probe, normalized } => {
             let dy = probe.grad(grads).unwrap_or_else(|| probe.inner());
@@ -712,26 +569,19 @@ impl PerExample {
         match self {
             PerExample::Outer { dz, input } => {
                 let scaled = dz * factors.clone();
-                [
-                    flat(scaled.clone().transpose().matmul(input)),
-                    flat(scaled.sum_dim(0)),
-                ]
+                [flat(scaled.clone().transpose().matmul(input)), flat(scaled.sum_dim(0))]
             }
-            PerExample::Explicit { weight, bias } => [
-                flat((weight * factors.clone()).sum_dim(0)),
-                flat((bias * factors.clone()).sum_dim(0)),
-            ],
+            PerExample::Explicit { weight, bias } => {
+                [flat((weight * factors.clone()).sum_dim(0)), flat((bias * factors.clone()).sum_dim(0))]
+            }
         }
     }
 }
 
 fn loss_and_correct(per_example_loss: &[f64], log_probs: &[f64], y: &[u8]) -> (f64, usize) {
     let loss = per_example_loss.iter().sum();
-    let correct = log_probs
-        .chunks_exact(CLASSES)
-        .zip(y)
-        .filter(|(lp, label)| u8::from(lp[1] > lp[0]) == **label)
-        .count();
+    let correct =
+        log_probs.chunks_exact(CLASSES).zip(y).filter(|(lp, label)| u8::from(lp[1] > lp[0]) == **label).count();
     (loss, correct)
 }
 
@@ -746,18 +596,12 @@ fn gradient_of<const D: usize>(tracked: &Tensor<D>, grads: &burn::tensor::Gradie
 
 /// Copies a tensor's values to the host as `f32`.
 fn to_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap_or_default()
+    t.into_data().convert::<f32>().try_into_vec().unwrap_or_default()
 }
 
 /// Copies a tensor's values to the host as `f64`.
 fn to_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data()
-        .convert::<f64>()
-        .try_into_vec()
-        .unwrap_or_default()
+    t.into_data().convert::<f64>().try_into_vec().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! accounting is cheap enough to report on every round (dp_accounting's
 //! `PLDAccountant` takes 4–8 s for these).
 //!
-//! Run with `cargo run --release -p privacy --example pld_cost`.
+//! Run with `cargo run --release -p meridian-privacy --example pld_cost`.
 
 use std::time::Instant;
 
@@ -11,12 +11,7 @@ use std::time::Instant;
 const RUNS: [(&str, f64, f64, u64); 4] = [
     ("q=0.01 sigma=1 T=10000", 0.01, 1.0, 10_000),
     ("Abadi 2016: q=0.01 sigma=4 T=10000", 0.01, 4.0, 10_000),
-    (
-        "MNIST b256: sigma=1.1 T=14062",
-        256.0 / 60_000.0,
-        1.1,
-        14_062,
-    ),
+    ("MNIST b256: sigma=1.1 T=14062", 256.0 / 60_000.0, 1.1, 14_062),
     ("MNIST b256: sigma=0.6 T=7031", 256.0 / 60_000.0, 0.6, 7_031),
 ];
 
@@ -29,12 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut pld = 0.0;
         for _ in 0..REPETITIONS {
             let start = Instant::now();
-            pld = privacy::dpsgd_epsilon_pld(q, sigma, steps, 1e-5)?;
+            pld = meridian_privacy::dpsgd_epsilon_pld(q, sigma, steps, 1e-5)?;
             pld_ms.push(start.elapsed().as_secs_f64() * 1e3);
         }
         pld_ms.sort_by(f64::total_cmp);
         let start = Instant::now();
-        let rdp = privacy::dpsgd_epsilon(q, sigma, steps, 1e-5)?.epsilon;
+        let rdp = meridian_privacy::dpsgd_epsilon(q, sigma, steps, 1e-5)?.epsilon;
         let rdp_ms = start.elapsed().as_secs_f64() * 1e3;
         println!(
             "{name}: PLD ε {pld:.6} in {:.1} ms (median; min {:.1}), RDP ε {rdp:.6} in {rdp_ms:.1} ms",

@@ -49,11 +49,11 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 mod pld;
+#[cfg(test)]
+mod properties;
 mod special;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod properties;
 
 pub use pld::{DEFAULT_DISCRETIZATION, MAX_PLD_POINTS, PldAccountant, dpsgd_epsilon_pld};
 
@@ -184,7 +184,7 @@ fn fractional_orders() -> Vec<f64> {
 /// mechanisms, at a fixed list of orders.
 ///
 /// ```
-/// use privacy::RdpAccountant;
+/// use meridian_privacy::RdpAccountant;
 ///
 /// let mut accountant = RdpAccountant::new();
 /// // Abadi et al. 2016, Sec. 3.1: q = 0.01, σ = 4, 10,000 steps.
@@ -192,7 +192,7 @@ fn fractional_orders() -> Vec<f64> {
 /// let spent = accountant.epsilon(1e-5)?;
 /// assert!((spent.epsilon - 1.03549).abs() < 1e-5);
 /// assert_eq!(spent.order, 17.0);
-/// # Ok::<(), privacy::AccountantError>(())
+/// # Ok::<(), meridian_privacy::AccountantError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RdpAccountant {
@@ -228,11 +228,7 @@ impl RdpAccountant {
         if orders.is_empty() {
             return Err(AccountantError::NoOrders);
         }
-        if let Some((index, &value)) = orders
-            .iter()
-            .enumerate()
-            .find(|&(_, &a)| !(a > 1.0 && a <= MAX_ORDER))
-        {
+        if let Some((index, &value)) = orders.iter().enumerate().find(|&(_, &a)| !(a > 1.0 && a <= MAX_ORDER)) {
             return Err(AccountantError::Order { index, value });
         }
         Ok(Self::from_valid_orders(orders))
@@ -355,8 +351,7 @@ pub fn noise_multiplier_for_epsilon(
     if sample_rate == 0.0 || steps == 0 {
         return Ok(0.0);
     }
-    let epsilon_at =
-        |sigma: f64| dpsgd_epsilon(sample_rate, sigma, steps, delta).map(|e| e.epsilon);
+    let epsilon_at = |sigma: f64| dpsgd_epsilon(sample_rate, sigma, steps, delta).map(|e| e.epsilon);
 
     // Bracket: ε(σ) is non-increasing in σ and infinite at σ = 0.
     let mut low = 0.0;
@@ -367,11 +362,7 @@ pub fn noise_multiplier_for_epsilon(
             break;
         }
         if high >= MAX_NOISE_MULTIPLIER {
-            return Err(AccountantError::Unreachable {
-                target_epsilon,
-                noise_multiplier: high,
-                epsilon,
-            });
+            return Err(AccountantError::Unreachable { target_epsilon, noise_multiplier: high, epsilon });
         }
         low = high;
         high = (high * 2.0).min(MAX_NOISE_MULTIPLIER);
@@ -388,28 +379,16 @@ pub fn noise_multiplier_for_epsilon(
 }
 
 fn check_sample_rate(sample_rate: f64) -> Result<(), AccountantError> {
-    if (0.0..=1.0).contains(&sample_rate) {
-        Ok(())
-    } else {
-        Err(AccountantError::SampleRate(sample_rate))
-    }
+    if (0.0..=1.0).contains(&sample_rate) { Ok(()) } else { Err(AccountantError::SampleRate(sample_rate)) }
 }
 
 fn check_delta(delta: f64) -> Result<(), AccountantError> {
-    if (0.0..=1.0).contains(&delta) {
-        Ok(())
-    } else {
-        Err(AccountantError::Delta(delta))
-    }
+    if (0.0..=1.0).contains(&delta) { Ok(()) } else { Err(AccountantError::Delta(delta)) }
 }
 
 /// RDP of one step of the Poisson-subsampled Gaussian mechanism at each
 /// order (`_compute_rdp_poisson_subsampled_gaussian`).
-fn poisson_gaussian_rdp(
-    sample_rate: f64,
-    noise_multiplier: f64,
-    orders: &[f64],
-) -> Result<Vec<f64>, AccountantError> {
+fn poisson_gaussian_rdp(sample_rate: f64, noise_multiplier: f64, orders: &[f64]) -> Result<Vec<f64>, AccountantError> {
     check_sample_rate(sample_rate)?;
     if !(noise_multiplier.is_finite() && noise_multiplier >= 0.0) {
         return Err(AccountantError::NoiseMultiplier(noise_multiplier));
@@ -451,11 +430,8 @@ const LOG_FACTORIAL_TABLE_MAX: usize = 1024;
 /// default orders.
 fn log_factorial(k: usize) -> f64 {
     static TABLE: OnceLock<Vec<f64>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        (0..=LOG_FACTORIAL_TABLE_MAX)
-            .map(|k| special::ln_gamma(k as f64 + 1.0))
-            .collect()
-    });
+    let table =
+        TABLE.get_or_init(|| (0..=LOG_FACTORIAL_TABLE_MAX).map(|k| special::ln_gamma(k as f64 + 1.0)).collect());
     match table.get(k) {
         Some(&value) => value,
         None => special::ln_gamma(k as f64 + 1.0),
@@ -550,22 +526,11 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
 }
 
 /// dp_accounting's `compute_epsilon` (improved conversion).
-fn improved_epsilon(
-    orders: &[f64],
-    rdp: &[f64],
-    delta: f64,
-) -> Result<EpsilonAtDelta, AccountantError> {
+fn improved_epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> Result<EpsilonAtDelta, AccountantError> {
     check_delta(delta)?;
     if delta == 0.0 {
-        let epsilon = if rdp.iter().all(|&r| r == 0.0) {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-        return Ok(EpsilonAtDelta {
-            epsilon,
-            order: 0.0,
-        });
+        let epsilon = if rdp.iter().all(|&r| r == 0.0) { 0.0 } else { f64::INFINITY };
+        return Ok(EpsilonAtDelta { epsilon, order: 0.0 });
     }
     let candidates = orders.iter().zip(rdp).map(|(&a, &r)| {
         let epsilon = if r < 0.0 {
@@ -583,27 +548,17 @@ fn improved_epsilon(
         (epsilon, a)
     });
     let (epsilon, order) = first_minimum(candidates);
-    Ok(EpsilonAtDelta {
-        epsilon: epsilon.max(0.0),
-        order,
-    })
+    Ok(EpsilonAtDelta { epsilon: epsilon.max(0.0), order })
 }
 
 /// TF Privacy's old `_compute_eps`: `ε = rdp − ln(δ)/(α − 1)`, minimised.
-fn legacy_epsilon(
-    orders: &[f64],
-    rdp: &[f64],
-    delta: f64,
-) -> Result<EpsilonAtDelta, AccountantError> {
+fn legacy_epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> Result<EpsilonAtDelta, AccountantError> {
     if !(delta > 0.0 && delta <= 1.0) {
         return Err(AccountantError::LegacyDelta(delta));
     }
     let log_delta = delta.ln();
-    let candidates = orders
-        .iter()
-        .zip(rdp)
-        .map(|(&a, &r)| (r - log_delta / (a - 1.0), a))
-        .filter(|(epsilon, _)| !epsilon.is_nan());
+    let candidates =
+        orders.iter().zip(rdp).map(|(&a, &r)| (r - log_delta / (a - 1.0), a)).filter(|(epsilon, _)| !epsilon.is_nan());
     let (epsilon, order) = first_minimum(candidates);
     Ok(EpsilonAtDelta { epsilon, order })
 }

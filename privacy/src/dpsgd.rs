@@ -1,12 +1,18 @@
-//! The scalar rules of a DP-SGD step: per-example clipping and the validated
-//! parameters that determine the noise and the privacy cost.
+//! The two rules of a DP-SGD step that the accountant's ε depends on:
+//! each example's gradient is clipped to norm C ([`clip_factor`]), and each
+//! step's batch is a Poisson sample of the rows ([`PoissonSampler`]).
 //!
-//! The tensor math (per-example gradients, their norms, the clipped sum)
-//! lives in the worker; it calls [`clip_factor`] for each example and draws
-//! noise with standard deviation [`DpSgdConfig::noise_std`] from
-//! [`crate::NoiseSource`]. The same [`DpSgdConfig`] feeds the accountant, so
-//! the noise that is added and the noise that is accounted for cannot drift
-//! apart.
+//! The accountant assumes exactly these: sensitivity C, and a batch in
+//! which every row is present with probability q independently of the
+//! others (so batch sizes vary). The tensor math (per-example gradients,
+//! their norms, the clipped sum) lives in `meridian-models` and the
+//! training loop in the worker; both call these rules rather than restate
+//! them, so the noise that is added and the noise that is accounted for
+//! cannot drift apart.
+
+use rand::rngs::SysRng;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 
 #[cfg(test)]
 mod tests;
@@ -20,7 +26,7 @@ pub const CLIP_EPSILON: f64 = 1e-6;
 /// (Opacus' rule, which the reference fixtures use).
 ///
 /// A NaN `norm` gives NaN, so that a broken gradient is noticed rather than
-/// silently kept at full weight.
+/// silently kept at full weight (`f64::min` would return 1 for it).
 pub fn clip_factor(norm: f64, clip_norm: f64) -> f64 {
     if norm.is_nan() {
         return f64::NAN;
@@ -28,106 +34,73 @@ pub fn clip_factor(norm: f64, clip_norm: f64) -> f64 {
     (clip_norm / (norm + CLIP_EPSILON)).min(1.0)
 }
 
-/// One invalid field of a [`DpSgdConfig`], naming the value at fault.
+/// The sampling rate is not in (0, 1].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DpSgdConfigError {
-    /// The noise multiplier is negative, infinite or NaN.
-    #[error("noise_multiplier must be finite and >= 0, got {0}")]
-    NoiseMultiplier(f64),
-    /// The clipping norm is not positive and finite.
-    #[error("clip_norm must be finite and > 0, got {0}")]
-    ClipNorm(f64),
-    /// The Poisson sampling rate is not in (0, 1].
+pub enum SamplerError {
+    /// The rate is outside (0, 1] or NaN.
     #[error("sample_rate must be in (0, 1], got {0}")]
     SampleRate(f64),
+    /// The operating system gave no randomness to seed the sampler.
+    #[error("no secure randomness for the Poisson sampler: {0}")]
+    Random(String),
 }
 
-/// Every problem found when validating a [`DpSgdConfig`], so that a user
-/// fixes them all at once.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("invalid DP-SGD configuration: {}", display_all(.0))]
-pub struct InvalidDpSgdConfig(pub Vec<DpSgdConfigError>);
-
-fn display_all(problems: &[DpSgdConfigError]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// Validated DP-SGD parameters.
+/// Draws Poisson samples of row indices: row `i` of `n` is in a batch with
+/// probability `q`, independently of every other row and batch.
 ///
-/// Invariants: `noise_multiplier` is finite and >= 0, `clip_norm` is finite
-/// and > 0, `sample_rate` is in (0, 1].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DpSgdConfig {
-    noise_multiplier: f64,
-    clip_norm: f64,
+/// Rows are visited by geometric gaps (the distance to the next sampled row
+/// is `⌊ln U / ln(1 − q)⌋` for `U` uniform in (0, 1]), so a batch costs one
+/// draw per sampled row instead of one per row. The generator is ChaCha20
+/// seeded from the operating system: which rows trained a step is as
+/// unpredictable as the noise.
+#[derive(Debug)]
+pub struct PoissonSampler {
+    rng: ChaCha20Rng,
     sample_rate: f64,
+    /// `ln(1 − q)`; `-inf` at `q = 1`, where every gap is 0.
+    ln_keep: f64,
 }
 
-impl DpSgdConfig {
-    /// Validates the parameters, reporting every invalid one.
-    ///
-    /// - `noise_multiplier`: noise standard deviation over the clipping norm
-    ///   (σ in the accountant); 0 means no privacy.
-    /// - `clip_norm`: the per-example L2 clipping norm C.
-    /// - `sample_rate`: the Poisson sampling probability q of each example
-    ///   in each step.
-    pub fn new(
-        noise_multiplier: f64,
-        clip_norm: f64,
-        sample_rate: f64,
-    ) -> Result<Self, InvalidDpSgdConfig> {
-        let mut problems = Vec::new();
-        if !(noise_multiplier.is_finite() && noise_multiplier >= 0.0) {
-            problems.push(DpSgdConfigError::NoiseMultiplier(noise_multiplier));
-        }
-        if !(clip_norm.is_finite() && clip_norm > 0.0) {
-            problems.push(DpSgdConfigError::ClipNorm(clip_norm));
-        }
+impl PoissonSampler {
+    /// A sampler at rate `sample_rate`, seeded from the operating system.
+    pub fn new(sample_rate: f64) -> Result<PoissonSampler, SamplerError> {
+        let rng = ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|e| SamplerError::Random(e.to_string()))?;
+        PoissonSampler::with_rng(sample_rate, rng)
+    }
+
+    /// A sampler drawing from `rng`: for tests that need a fixed sequence.
+    pub fn with_rng(sample_rate: f64, rng: ChaCha20Rng) -> Result<PoissonSampler, SamplerError> {
         if !(sample_rate > 0.0 && sample_rate <= 1.0) {
-            problems.push(DpSgdConfigError::SampleRate(sample_rate));
+            return Err(SamplerError::SampleRate(sample_rate));
         }
-        if problems.is_empty() {
-            Ok(Self {
-                noise_multiplier,
-                clip_norm,
-                sample_rate,
-            })
-        } else {
-            Err(InvalidDpSgdConfig(problems))
-        }
+        Ok(PoissonSampler { rng, sample_rate, ln_keep: (1.0 - sample_rate).ln() })
     }
 
-    /// The noise multiplier σ.
-    pub fn noise_multiplier(&self) -> f64 {
-        self.noise_multiplier
-    }
-
-    /// The per-example clipping norm C.
-    pub fn clip_norm(&self) -> f64 {
-        self.clip_norm
-    }
-
-    /// The Poisson sampling rate q.
+    /// The rate q.
     pub fn sample_rate(&self) -> f64 {
         self.sample_rate
     }
 
-    /// The standard deviation σ·C of the noise added to the sum of clipped
-    /// per-example gradients.
-    pub fn noise_std(&self) -> f64 {
-        self.noise_multiplier * self.clip_norm
+    /// Calls `take` with each index of one batch drawn from `0..n`, in
+    /// increasing order.
+    pub fn sample(&mut self, n: usize, mut take: impl FnMut(usize)) {
+        let mut i = 0usize;
+        loop {
+            i = i.saturating_add(self.gap());
+            if i >= n {
+                return;
+            }
+            take(i);
+            i += 1;
+        }
     }
 
-    /// Composes `steps` steps with these parameters into `accountant`.
-    pub fn compose_into(
-        &self,
-        accountant: &mut crate::RdpAccountant,
-        steps: u64,
-    ) -> Result<(), crate::AccountantError> {
-        accountant.compose_poisson_gaussian(self.sample_rate, self.noise_multiplier, steps)
+    /// Rows skipped before the next sampled one.
+    fn gap(&mut self) -> usize {
+        if self.sample_rate >= 1.0 {
+            return 0;
+        }
+        let u: f64 = 1.0 - self.rng.random::<f64>(); // (0, 1]
+        (u.ln() / self.ln_keep).floor() as usize
     }
 }

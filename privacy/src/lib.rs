@@ -1,11 +1,12 @@
-//! Differential privacy for Meridian: noise, DP-SGD clipping, privacy
-//! accounting and the ledger's record types.
+//! Differential privacy for Meridian: noise, the DP-SGD step's clipping and
+//! sampling rules, and privacy accounting.
 //!
 //! Every guarantee Meridian makes about a patient's record rests on three
-//! things done right: per-example gradients are clipped, noise is drawn from
-//! a secure source with a hardened sampler, and the privacy spent is
-//! accounted exactly as the reference implementation does. This crate holds
-//! all three, so that no other crate draws noise or computes ε.
+//! things done right: batches are Poisson samples and per-example gradients
+//! are clipped, noise is drawn from a secure source with a hardened sampler,
+//! and the privacy spent is accounted exactly as the reference
+//! implementation does. This crate holds all three, so that no other crate
+//! samples a batch, draws noise or computes ε.
 //!
 //! # Brief overview
 //!
@@ -21,48 +22,44 @@
 //!   form.
 //! - [`NoiseSource`] draws Gaussian noise from an OS-keyed AES-256-CTR
 //!   keystream with Opacus' secure-mode sampler.
-//! - [`DpSgdConfig`] holds validated DP-SGD parameters; [`clip_factor`] is
-//!   the per-example clipping rule.
-//! - [`LedgerEntry`] records one round of one job against a dataset;
-//!   [`dataset_epsilon`] composes a dataset's entries by RDP, and [`Budget`]
-//!   with [`remaining`] compares them with a total.
+//! - [`clip_factor`] is the per-example clipping rule and [`PoissonSampler`]
+//!   draws each step's batch: the two assumptions the accountant's ε rests on.
+//! - [`accountant::composed_epsilon`] composes a ledger's or a plan's
+//!   mechanisms by RDP: the one place entries add up.
 //!
 //! # Example
 //!
 //! ```
-//! use privacy::{DpSgdConfig, NoiseSource, RdpAccountant, clip_factor};
+//! use meridian_privacy::{NoiseSource, PoissonSampler, RdpAccountant, clip_factor};
 //!
-//! let config = DpSgdConfig::new(1.1, 1.0, 256.0 / 60_000.0)?;
+//! let (noise_multiplier, clip_norm, sample_rate) = (1.1, 1.0, 256.0 / 60_000.0);
 //!
-//! // One step: clip each example's gradient, sum, add noise.
+//! // One step: sample a batch, clip each example's gradient, sum, add noise.
+//! let mut batch = Vec::new();
+//! PoissonSampler::new(sample_rate)?.sample(60_000, |row| batch.push(row));
 //! let norms = [0.5_f64, 3.0];
-//! let factors: Vec<f64> = norms.iter().map(|&n| clip_factor(n, config.clip_norm())).collect();
+//! let factors: Vec<f64> = norms.iter().map(|&n| clip_factor(n, clip_norm)).collect();
 //! assert_eq!(factors[0], 1.0);
 //! let mut summed_gradient = vec![0.0_f32; 4];
 //! let mut noise = NoiseSource::new()?;
-//! noise.add_gaussian_noise(&mut summed_gradient, config.noise_std())?;
+//! noise.add_gaussian_noise(&mut summed_gradient, noise_multiplier * clip_norm)?;
 //!
 //! // Account for 60 epochs of such steps.
 //! let mut accountant = RdpAccountant::new();
-//! config.compose_into(&mut accountant, 14_062)?;
+//! accountant.compose_poisson_gaussian(sample_rate, noise_multiplier, 14_062)?;
 //! let spent = accountant.epsilon(1e-5)?;
 //! assert!((spent.epsilon - 2.597).abs() < 1e-3);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-#![deny(clippy::unwrap_used)]
-#![deny(missing_docs)]
-
 pub mod accountant;
 pub mod dpsgd;
-pub mod ledger;
 pub mod noise;
 pub mod release;
 
 pub use accountant::{
-    AccountantError, EpsilonAtDelta, PldAccountant, RdpAccountant, dpsgd_epsilon,
-    dpsgd_epsilon_pld, noise_multiplier_for_epsilon,
+    AccountantError, EpsilonAtDelta, PldAccountant, RdpAccountant, dpsgd_epsilon, dpsgd_epsilon_pld,
+    noise_multiplier_for_epsilon,
 };
-pub use dpsgd::{DpSgdConfig, DpSgdConfigError, InvalidDpSgdConfig, clip_factor};
-pub use ledger::{Budget, LedgerEntry, LedgerError, dataset_epsilon, remaining};
+pub use dpsgd::{PoissonSampler, SamplerError, clip_factor};
 pub use noise::{NoiseError, NoiseSource};

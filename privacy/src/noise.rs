@@ -6,9 +6,8 @@
 //! `noise/keystream.rs`) under a 256-bit key from the operating system
 //! (`getrandom`). AES-CTR is the core of NIST's `CTR_DRBG`; it is taken
 //! from `ring`'s AES-GCM, already in the build for TLS, which runs on the
-//! CPU's AES instructions at about 8 GB/s here. It replaced ChaCha12 (3.6 GB/s),
-//! which had replaced ChaCha20, each time because noise was the largest
-//! cost of a DP-SGD step. The key is never stored, logged or printed:
+//! CPU's AES instructions. It replaced ChaCha12, which had replaced
+//! ChaCha20, each time because noise was the largest cost of a DP-SGD step. The key is never stored, logged or printed:
 //! [`NoiseSource`]'s `Debug` shows no state. The only deterministic
 //! constructor, [`NoiseSource::from_seed_for_tests`], says what it is for in
 //! its name. Predictable noise gives no privacy at all.
@@ -100,9 +99,7 @@ impl std::fmt::Debug for NoiseSource {
 impl NoiseSource {
     /// A noise source keyed with 256 bits from the operating system.
     pub fn new() -> Result<Self, NoiseError> {
-        Ok(Self {
-            stream: Keystream::from_os()?,
-        })
+        Ok(Self { stream: Keystream::from_os()? })
     }
 
     /// A deterministic noise source, for tests only.
@@ -112,9 +109,7 @@ impl NoiseSource {
     pub fn from_seed_for_tests(seed: u64) -> Self {
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&seed.to_le_bytes());
-        Self {
-            stream: Keystream::with_key(&key),
-        }
+        Self { stream: Keystream::with_key(&key) }
     }
 
     /// One hardened standard normal: four Ziggurat normals summed and
@@ -152,11 +147,7 @@ impl NoiseSource {
     ///
     /// The noise is drawn and added in `f64`, then rounded to `f32` once.
     /// `std_dev == 0` leaves the values unchanged and draws nothing.
-    pub fn add_gaussian_noise(
-        &mut self,
-        values: &mut [f32],
-        std_dev: f64,
-    ) -> Result<(), NoiseError> {
+    pub fn add_gaussian_noise(&mut self, values: &mut [f32], std_dev: f64) -> Result<(), NoiseError> {
         check_std_dev(std_dev)?;
         if std_dev == 0.0 {
             return Ok(());
@@ -169,11 +160,7 @@ impl NoiseSource {
 }
 
 fn check_std_dev(std_dev: f64) -> Result<(), NoiseError> {
-    if std_dev.is_finite() && std_dev >= 0.0 {
-        Ok(())
-    } else {
-        Err(NoiseError::StdDev(std_dev))
-    }
+    if std_dev.is_finite() && std_dev >= 0.0 { Ok(()) } else { Err(NoiseError::StdDev(std_dev)) }
 }
 
 /// Standard normals for the next DP-SGD steps, drawn ahead on threads of
@@ -226,32 +213,24 @@ const SPLIT_FROM_CORES: usize = 4;
 
 /// Noise threads for `len` values per step on a machine of `cores` cores.
 fn noise_threads(cores: usize, len: usize) -> usize {
-    if cores >= SPLIT_FROM_CORES && len > SPLIT_ABOVE {
-        2
-    } else {
-        1
-    }
+    if cores >= SPLIT_FROM_CORES && len > SPLIT_ABOVE { 2 } else { 1 }
 }
 
 impl PrefetchedNoise {
     /// Starts drawing `len` standard normals per step: on two threads when
-    /// the machine has [`SPLIT_FROM_CORES`] cores or more and the vector is
+    /// the machine has `SPLIT_FROM_CORES` cores or more and the vector is
     /// large enough to split, else on one.
     pub fn new(len: usize) -> Result<Self, NoiseError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = noise_threads(cores, len);
-        let sources = (0..threads)
-            .map(|_| NoiseSource::new())
-            .collect::<Result<Vec<_>, _>>()?;
+        let sources = (0..threads).map(|_| NoiseSource::new()).collect::<Result<Vec<_>, _>>()?;
         Self::start(sources, len)
     }
 
     /// A deterministic prefetcher on `threads` threads, for tests only:
     /// thread `i` draws from `NoiseSource::from_seed_for_tests(seed + i)`.
     pub fn from_seed_for_tests(seed: u64, len: usize, threads: usize) -> Result<Self, NoiseError> {
-        let sources = (0..threads.max(1) as u64)
-            .map(|i| NoiseSource::from_seed_for_tests(seed + i))
-            .collect();
+        let sources = (0..threads.max(1) as u64).map(|i| NoiseSource::from_seed_for_tests(seed + i)).collect();
         Self::start(sources, len)
     }
 
@@ -280,11 +259,7 @@ impl PrefetchedNoise {
                     }
                 })
                 .map_err(|e| NoiseError::Thread(e.to_string()))?;
-            parts.push(Part {
-                range,
-                ready,
-                recycle,
-            });
+            parts.push(Part { range, ready, recycle });
         }
         Ok(PrefetchedNoise { len, parts })
     }
@@ -292,17 +267,10 @@ impl PrefetchedNoise {
     /// Adds independent N(0, `std_dev`²) noise to `values` (exactly the
     /// length given at construction), drawn in `f64` and rounded to `f32`
     /// once, as [`NoiseSource::add_gaussian_noise`] does.
-    pub fn add_gaussian_noise(
-        &mut self,
-        values: &mut [f32],
-        std_dev: f64,
-    ) -> Result<(), NoiseError> {
+    pub fn add_gaussian_noise(&mut self, values: &mut [f32], std_dev: f64) -> Result<(), NoiseError> {
         check_std_dev(std_dev)?;
         if values.len() != self.len {
-            return Err(NoiseError::Length {
-                expected: self.len,
-                got: values.len(),
-            });
+            return Err(NoiseError::Length { expected: self.len, got: values.len() });
         }
         for part in &self.parts {
             let buffer = part.ready.recv().map_err(|_| NoiseError::Stopped)?;

@@ -4,12 +4,26 @@
 //! conversion of such a release.
 //!
 //! Why OpenDP here and not for DP-SGD: its discrete Gaussian sampler is
-//! exact (no floating-point attack surface) but costs about 10 µs per value,
-//! so a 100k-parameter model would spend a second per step on noise alone.
-//! One integer per job is nothing. The release's privacy cost is also
+//! exact (no floating-point attack surface) but orders of magnitude slower
+//! per value than the keystream sampler of [`crate::noise`] (see
+//! `examples/opendp_cost.rs`): fine for one integer per job, not for a
+//! gradient per step. The release's privacy cost is also
 //! composed into the site's ledger by [`crate::accountant`]: a Gaussian
 //! release with sensitivity 1 and scale s has RDP α/(2s²), exactly the
 //! Poisson-subsampled Gaussian with q = 1, σ = s and one step.
+//!
+//! # OpenDP's `contrib` feature
+//!
+//! The workspace builds OpenDP with `contrib`, its label for constructors
+//! whose proofs have not yet completed OpenDP's vetting process; both used
+//! here sit behind it: `make_gaussian` (on integers it samples the discrete
+//! Gaussian of Canonne, Kamath and Steinke) and `make_zCDP_to_approxDP`
+//! (used only by [`count_release_epsilon`], a cross-check). Neither
+//! `floating-point` nor `honest-but-curious` is enabled. Meridian does not
+//! take the privacy claim on OpenDP's word alone: the ρ = 1/(2s²) each
+//! release reports is checked against that closed form in the tests, the
+//! noise's mean and variance are tested, and the ledger charges the
+//! release through the accountant above, not through OpenDP's map.
 
 use opendp::combinators::make_zCDP_to_approxDP;
 use opendp::domains::{AtomDomain, VectorDomain};
@@ -65,11 +79,7 @@ pub fn release_count(count: u64, scale: f64) -> Result<NoisyCount, ReleaseError>
     let value = i64::try_from(count).map_err(|_| ReleaseError::TooLarge(count))?;
     let noisy = meas.invoke(&value).map_err(opendp_err)?;
     let rho = meas.map(&1).map_err(opendp_err)?;
-    Ok(NoisyCount {
-        value: noisy.max(1) as u64,
-        scale,
-        rho,
-    })
+    Ok(NoisyCount { value: noisy.max(1) as u64, scale, rho })
 }
 
 /// Counts released together with OpenDP's exact discrete Gaussian
@@ -112,10 +122,7 @@ pub fn release_counts(counts: &[u64], scale: f64) -> Result<NoisyCounts, Release
 /// ε at `delta` of one count release with noise `scale`, by OpenDP's
 /// zCDP → approximate-DP conversion.
 pub fn count_release_epsilon(scale: f64, delta: f64) -> Result<f64, ReleaseError> {
-    let profile = make_zCDP_to_approxDP(gaussian_on_counts(scale)?)
-        .map_err(opendp_err)?
-        .map(&1)
-        .map_err(opendp_err)?;
+    let profile = make_zCDP_to_approxDP(gaussian_on_counts(scale)?).map_err(opendp_err)?.map(&1).map_err(opendp_err)?;
     profile.epsilon(delta).map_err(opendp_err)
 }
 

@@ -17,9 +17,8 @@
 
 use std::path::Path;
 
+use meridian_sys::now_ms;
 use rusqlite::{Connection, OptionalExtension, params};
-
-use crate::ledger::now_ms;
 
 /// Where an offer stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,19 +150,16 @@ pub struct Approvals {
 impl Approvals {
     /// Opens the site database (the worker's `data_dir/ledger.sqlite`).
     pub fn open(path: &Path) -> Result<Approvals, ApprovalError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = meridian_store::sqlite::open(path)?;
         conn.execute_batch(SCHEMA)?;
         for (column, declaration) in ADDED {
-            crate::ledger::add_column(&conn, "approvals", column, declaration)?;
+            meridian_store::sqlite::add_column(&conn, "approvals", column, declaration)?;
         }
         Ok(Approvals { conn: std::sync::Mutex::new(conn) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        meridian_sys::sync::lock(&self.conn)
     }
 
     /// Records an offer as pending (idempotent), marks it as waited on, and

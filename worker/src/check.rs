@@ -12,10 +12,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::identity::{IdentityFiles, Role};
+use meridian_wire::identity::{IdentityFiles, Role};
 
 use crate::config::{DatasetConfig, WorkerConfig};
-use crate::dataset;
+use crate::dataset::{self, ColumnKind};
 
 /// Days of validity under which a certificate is worth a warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -74,7 +74,7 @@ fn identity(config: &WorkerConfig, report: &mut Report) {
         Ok(files) => files,
         Err(e) => return report.problems.push(e.to_string()),
     };
-    match proto::identity::check_identity(&files, Role::Hospital) {
+    match meridian_wire::identity::check_identity(&files, Role::Hospital) {
         Err(problems) => report.problems.extend(problems),
         Ok(id) => {
             report.notes.push(format!(
@@ -143,7 +143,7 @@ fn rows(d: &DatasetConfig, report: &mut Report) {
                 c.name, c.not_numeric, survey.rows
             ));
         }
-        if c.kind == "label" {
+        if c.kind == ColumnKind::Label {
             let values: Vec<String> = c.values.iter().map(|(v, n)| format!("{v:?} {n}")).collect();
             report.notes.push(format!("datasets \"{name}\": label \"{}\" takes {}", c.name, values.join(", ")));
         }
@@ -174,52 +174,94 @@ pub async fn connect(config: &WorkerConfig, report: &mut Report) {
     }
 }
 
+/// Why `--connect` could not reach the coordinator or was refused by it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The site's TLS files are unreadable.
+    #[error(transparent)]
+    Identity(#[from] meridian_wire::identity::IdentityError),
+    /// A PEM file holds no certificate or key.
+    #[error(transparent)]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// rustls refused the CA, the certificate or the key.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// The coordinator's name for TLS is not a valid server name.
+    #[error(transparent)]
+    ServerName(#[from] rustls::pki_types::InvalidDnsNameError),
+    /// No TCP connection within the timeout.
+    #[error("no connection within 5 s")]
+    ConnectTimeout,
+    /// The TCP connection failed.
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    /// No TLS handshake within the timeout.
+    #[error("no TLS handshake within 5 s")]
+    HandshakeTimeout,
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    /// The coordinator presented no certificate.
+    #[error("the coordinator presented no certificate")]
+    NoCertificate,
+    /// The coordinator's certificate names no principal.
+    #[error(transparent)]
+    Certificate(meridian_wire::identity::CertificateError),
+    /// The gRPC endpoint or its connection failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// The coordinator refused the call.
+    #[error("{}", .0.message())]
+    Refused(tonic::Status),
+}
+
 /// The mutual-TLS handshake alone; who the coordinator's certificate names.
-async fn handshake(config: &WorkerConfig) -> Result<String, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let files = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key).map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(&files.ca_pem).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    let cert = CertificateDer::from_pem_slice(&files.cert_pem).map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(&files.key_pem).map_err(|e| e.to_string())?;
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)
-        .map_err(|e| e.to_string())?;
+async fn handshake(config: &WorkerConfig) -> Result<String, ConnectError> {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let files = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
+    let tls = Arc::new(client_config(&files)?);
     let address = config.coordinator.trim_start_matches("https://").trim_end_matches('/');
     let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(address))
         .await
-        .map_err(|_| "no connection within 5 s".to_string())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    let name = ServerName::try_from(proto::identity::COORDINATOR_SERVER_NAME).map_err(|e| e.to_string())?;
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp))
+        .map_err(|_| ConnectError::ConnectTimeout)?
+        .map_err(ConnectError::Connect)?;
+    let name = ServerName::try_from(meridian_wire::identity::COORDINATOR_SERVER_NAME)?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio_rustls::TlsConnector::from(tls).connect(name, tcp))
         .await
-        .map_err(|_| "no TLS handshake within 5 s".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        .map_err(|_| ConnectError::HandshakeTimeout)?
+        .map_err(ConnectError::Handshake)?;
     let (_, session) = stream.get_ref();
-    let presented = session.peer_certificates().and_then(|c| c.first()).ok_or("the coordinator presented no certificate")?;
-    let principal = proto::identity::principal_from_der(presented)?;
+    let presented: &CertificateDer<'_> =
+        session.peer_certificates().and_then(|c| c.first()).ok_or(ConnectError::NoCertificate)?;
+    let principal = meridian_wire::identity::principal_from_der(presented).map_err(ConnectError::Certificate)?;
     Ok(format!("{} (role {}), signed by this site's CA", principal.name, principal.role))
 }
 
-async fn heartbeat(config: &WorkerConfig) -> Result<(), String> {
-    let files = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key).map_err(|e| e.to_string())?;
-    let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| e.to_string())?
-        .tls_config(files.client_tls())
-        .map_err(|e| e.to_string())?
+/// A rustls client that trusts the site's CA and presents the site's certificate.
+fn client_config(files: &IdentityFiles) -> Result<rustls::ClientConfig, ConnectError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(&files.ca_pem)?)?;
+    let cert = CertificateDer::from_pem_slice(&files.cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key_pem)?;
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)?)
+}
+
+/// A heartbeat over gRPC: whether the coordinator accepts the site's certificate.
+async fn heartbeat(config: &WorkerConfig) -> Result<(), ConnectError> {
+    let files = IdentityFiles::from_paths(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
+    let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())?
+        .tls_config(files.client_tls())?
         .connect_timeout(Duration::from_secs(5))
         .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    proto::pb::worker_service_client::WorkerServiceClient::new(channel)
-        .heartbeat(proto::pb::HeartbeatRequest {})
+        .await?;
+    meridian_wire::pb::worker_service_client::WorkerServiceClient::new(channel)
+        .heartbeat(meridian_wire::pb::HeartbeatRequest {})
         .await
         .map(|_| ())
-        .map_err(|s| s.message().to_string())
+        .map_err(ConnectError::Refused)
 }

@@ -203,26 +203,19 @@ pub struct WorkerConfig {
     pub datasets: Vec<DatasetConfig>,
 }
 
-pub use proto::config_file::ConfigError;
+pub use meridian_spec::config_file::ConfigError;
 
 impl WorkerConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
-        let text = proto::config_file::read(path)?;
+        let text = meridian_spec::config_file::read(path)?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` names it and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<WorkerConfig, ConfigError> {
-        let raw: RawConfig = proto::config_file::parse(text, path)?;
+        let raw: RawConfig = meridian_spec::config_file::parse(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
         let mut problems = Vec::new();
         if !raw.coordinator.starts_with("https://") {
             problems.push(format!(
@@ -230,144 +223,24 @@ impl WorkerConfig {
                 raw.coordinator
             ));
         }
-        let device = match raw.device.as_str() {
-            "cpu" => TrainingDevice::Cpu,
-            "gpu" => {
-                if !cfg!(feature = "wgpu") {
-                    problems.push(
-                        "device: \"gpu\" needs a meridian built with --features wgpu".to_string(),
-                    );
-                }
-                TrainingDevice::Gpu
-            }
-            other => {
-                problems.push(format!("device: \"{other}\" is not cpu or gpu"));
-                TrainingDevice::Cpu
-            }
-        };
-        let cpu_threads = match raw.cpu_threads {
-            None => None,
-            Some(n) => {
-                let threads = std::num::NonZeroUsize::new(n);
-                if threads.is_none() {
-                    problems.push("cpu_threads: must be at least 1, got 0 (leave it out for one per core)".to_string());
-                }
-                threads
-            }
-        };
+        let device = training_device(&raw.device, &mut problems);
+        let cpu_threads = cpu_threads(raw.cpu_threads, &mut problems);
         if let Some(limit) = raw.network.upload_limit_mb_per_sec
             && !(limit.is_finite() && limit >= 0.001)
         {
-            problems.push(format!(
-                "network.upload_limit_mb_per_sec: must be finite and >= 0.001, got {limit}"
-            ));
+            problems.push(format!("network.upload_limit_mb_per_sec: must be finite and >= 0.001, got {limit}"));
         }
-        let manual_approval = match raw.policy.approval.as_str() {
-            "auto" => false,
-            "manual" => true,
-            other => {
-                problems.push(format!(
-                    "policy.approval: \"{other}\" is not auto or manual"
-                ));
-                false
-            }
-        };
-        for (key, value) in
-            [("policy.min_training_rows", raw.policy.min_training_rows), ("policy.min_test_rows", raw.policy.min_test_rows)]
-        {
-            if value < LOWEST_MIN_ROWS {
-                problems.push(format!(
-                    "{key}: must be at least {LOWEST_MIN_ROWS} (DataSHIELD's disclosure floor), got {value}"
-                ));
-            }
-        }
-        for (i, m) in raw.policy.allowed_models.iter().enumerate() {
-            if !["logistic_regression", "mlp", "cnn"].contains(&m.as_str()) {
-                problems.push(format!("policy.allowed_models[{i}]: unknown model \"{m}\""));
-            }
-        }
-        let mut datasets = Vec::new();
-        for (i, d) in raw.datasets.into_iter().enumerate() {
-            let key = |field: &str| format!("datasets[{i}].{field}");
-            if let Err(e) = proto::identity::validate_name(&d.name) {
-                problems.push(format!("{}: {e}", key("name")));
-            }
-            if datasets
-                .iter()
-                .any(|other: &DatasetConfig| other.name == d.name)
-            {
-                problems.push(format!(
-                    "{}: dataset \"{}\" is defined twice",
-                    key("name"),
-                    d.name
-                ));
-            }
-            let file = resolve(&d.path);
-            if !file.is_file() {
-                problems.push(format!(
-                    "{}: {} does not exist",
-                    key("path"),
-                    file.display()
-                ));
-            }
-            if !(d.budget_epsilon.is_finite() && d.budget_epsilon > 0.0) {
-                problems.push(format!(
-                    "{}: must be finite and > 0, got {}",
-                    key("budget_epsilon"),
-                    d.budget_epsilon
-                ));
-            }
-            if !(d.budget_delta > 0.0 && d.budget_delta < 1e-2) {
-                problems.push(format!(
-                    "{}: must be in (0, 0.01), got {}",
-                    key("budget_delta"),
-                    d.budget_delta
-                ));
-            }
-            if !(d.job_epsilon_cap.is_finite() && d.job_epsilon_cap > 0.0) {
-                problems.push(format!(
-                    "{}: must be finite and > 0, got {}",
-                    key("job_epsilon_cap"),
-                    d.job_epsilon_cap
-                ));
-            }
-            if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
-                problems.push(format!(
-                    "{}: must be in (0, 1), got {}",
-                    key("test_fraction"),
-                    d.test_fraction
-                ));
-            }
-            if !(d.size_noise_scale.is_finite() && d.size_noise_scale >= 1.0) {
-                problems.push(format!(
-                    "{}: must be finite and >= 1, got {}",
-                    key("size_noise_scale"),
-                    d.size_noise_scale
-                ));
-            }
-            datasets.push(DatasetConfig {
-                name: d.name,
-                path: file,
-                label: d.label,
-                numeric: d.numeric,
-                categorical: d.categorical,
-                budget_epsilon: d.budget_epsilon,
-                budget_delta: d.budget_delta,
-                job_epsilon_cap: d.job_epsilon_cap,
-                test_fraction: d.test_fraction,
-                split_seed: d.split_seed,
-                size_noise_scale: d.size_noise_scale,
-            });
-        }
+        let manual_approval = check_policy(&raw.policy, &mut problems);
+        let datasets = datasets(raw.datasets, base, &mut problems);
         let config = WorkerConfig {
             coordinator: raw.coordinator,
-            data_dir: resolve(&raw.data_dir),
+            data_dir: resolve(base, &raw.data_dir),
             device,
             cpu_threads,
             upload_limit_bytes_per_sec: raw.network.upload_limit_mb_per_sec.map(|mb| mb * 1e6),
-            tls_ca: resolve(&raw.tls.ca),
-            tls_cert: resolve(&raw.tls.cert),
-            tls_key: resolve(&raw.tls.key),
+            tls_ca: resolve(base, &raw.tls.ca),
+            tls_cert: resolve(base, &raw.tls.cert),
+            tls_key: resolve(base, &raw.tls.key),
             allowed_models: raw.policy.allowed_models,
             manual_approval,
             min_training_rows: raw.policy.min_training_rows,
@@ -375,16 +248,124 @@ impl WorkerConfig {
             release_exact_metrics: raw.policy.release_exact_metrics,
             datasets,
         };
-        for (key, file) in [
-            ("tls.ca", &config.tls_ca),
-            ("tls.cert", &config.tls_cert),
-            ("tls.key", &config.tls_key),
-        ] {
+        for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
             if !file.is_file() {
                 problems.push(format!("{key}: {} does not exist", file.display()));
             }
         }
-        proto::config_file::check(path, problems)?;
+        meridian_spec::config_file::check(path, problems)?;
         Ok(config)
+    }
+}
+
+/// `p`, or `base` joined with it when it is relative.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+/// The `device` key as a [`TrainingDevice`]; a problem for an unknown one,
+/// or for `gpu` in a build without it.
+fn training_device(device: &str, problems: &mut Vec<String>) -> TrainingDevice {
+    match device {
+        "cpu" => TrainingDevice::Cpu,
+        "gpu" => {
+            if !cfg!(feature = "wgpu") {
+                problems.push("device: \"gpu\" needs a meridian built with --features wgpu".to_string());
+            }
+            TrainingDevice::Gpu
+        }
+        other => {
+            problems.push(format!("device: \"{other}\" is not cpu or gpu"));
+            TrainingDevice::Cpu
+        }
+    }
+}
+
+/// The `cpu_threads` key; a problem for 0.
+fn cpu_threads(threads: Option<usize>, problems: &mut Vec<String>) -> Option<std::num::NonZeroUsize> {
+    let n = threads?;
+    let threads = std::num::NonZeroUsize::new(n);
+    if threads.is_none() {
+        problems.push("cpu_threads: must be at least 1, got 0 (leave it out for one per core)".to_string());
+    }
+    threads
+}
+
+/// Checks the `[policy]` table; whether offers need a person's approval.
+fn check_policy(policy: &RawPolicy, problems: &mut Vec<String>) -> bool {
+    let manual_approval = match policy.approval.as_str() {
+        "auto" => false,
+        "manual" => true,
+        other => {
+            problems.push(format!("policy.approval: \"{other}\" is not auto or manual"));
+            false
+        }
+    };
+    for (key, value) in
+        [("policy.min_training_rows", policy.min_training_rows), ("policy.min_test_rows", policy.min_test_rows)]
+    {
+        if value < LOWEST_MIN_ROWS {
+            problems.push(format!(
+                "{key}: must be at least {LOWEST_MIN_ROWS} (DataSHIELD's disclosure floor), got {value}"
+            ));
+        }
+    }
+    for (i, m) in policy.allowed_models.iter().enumerate() {
+        if !["logistic_regression", "mlp", "cnn"].contains(&m.as_str()) {
+            problems.push(format!("policy.allowed_models[{i}]: unknown model \"{m}\""));
+        }
+    }
+    manual_approval
+}
+
+/// The `[[datasets]]` tables, paths resolved against `base`, each checked.
+fn datasets(raw: Vec<RawDataset>, base: &Path, problems: &mut Vec<String>) -> Vec<DatasetConfig> {
+    let mut datasets: Vec<DatasetConfig> = Vec::new();
+    for (i, d) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("datasets[{i}].{field}");
+        if let Err(e) = meridian_wire::identity::validate_name(&d.name) {
+            problems.push(format!("{}: {e}", key("name")));
+        }
+        if datasets.iter().any(|other| other.name == d.name) {
+            problems.push(format!("{}: dataset \"{}\" is defined twice", key("name"), d.name));
+        }
+        let file = resolve(base, &d.path);
+        if !file.is_file() {
+            problems.push(format!("{}: {} does not exist", key("path"), file.display()));
+        }
+        check_dataset_numbers(&d, &key, problems);
+        datasets.push(DatasetConfig {
+            name: d.name,
+            path: file,
+            label: d.label,
+            numeric: d.numeric,
+            categorical: d.categorical,
+            budget_epsilon: d.budget_epsilon,
+            budget_delta: d.budget_delta,
+            job_epsilon_cap: d.job_epsilon_cap,
+            test_fraction: d.test_fraction,
+            split_seed: d.split_seed,
+            size_noise_scale: d.size_noise_scale,
+        });
+    }
+    datasets
+}
+
+/// Checks a dataset's budget, cap, split and size noise; `key` names a field.
+fn check_dataset_numbers(d: &RawDataset, key: &dyn Fn(&str) -> String, problems: &mut Vec<String>) {
+    if !(d.budget_epsilon.is_finite() && d.budget_epsilon > 0.0) {
+        problems.push(format!("{}: must be finite and > 0, got {}", key("budget_epsilon"), d.budget_epsilon));
+    }
+    if !(d.budget_delta > 0.0 && d.budget_delta < 1e-2) {
+        problems.push(format!("{}: must be in (0, 0.01), got {}", key("budget_delta"), d.budget_delta));
+    }
+    if !(d.job_epsilon_cap.is_finite() && d.job_epsilon_cap > 0.0) {
+        problems.push(format!("{}: must be finite and > 0, got {}", key("job_epsilon_cap"), d.job_epsilon_cap));
+    }
+    if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
+        problems.push(format!("{}: must be in (0, 1), got {}", key("test_fraction"), d.test_fraction));
+    }
+    if !(d.size_noise_scale.is_finite() && d.size_noise_scale >= 1.0) {
+        problems.push(format!("{}: must be finite and >= 1, got {}", key("size_noise_scale"), d.size_noise_scale));
     }
 }

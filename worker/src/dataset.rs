@@ -28,7 +28,7 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use worker::dataset::{self, CategoricalFeature, FeatureSpec, SplitOptions};
+//! use meridian_worker::dataset::{self, CategoricalFeature, FeatureSpec, SplitOptions};
 //!
 //! let spec = FeatureSpec {
 //!     label: "HeartDisease".into(),
@@ -43,7 +43,7 @@
 //! let split = SplitOptions { test_fraction: 0.2, seed: 7 };
 //! let data = dataset::load(Path::new("heart.csv.gz"), &spec, &split)?;
 //! assert_eq!(data.dim, 4); // BMI, SleepTime, Sex=Female, Sex=Male
-//! # Ok::<(), worker::dataset::DatasetError>(())
+//! # Ok::<(), meridian_worker::dataset::DatasetError>(())
 //! ```
 
 mod lines;
@@ -54,13 +54,12 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use flate2::bufread::MultiGzDecoder;
+use lines::LineTracker;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use lines::LineTracker;
-
-pub use proto::job::{CategoricalFeature, FeatureSpec};
-use proto::reason::{ReasonCode, SiteReason};
+pub use meridian_spec::job::{CategoricalFeature, FeatureSpec};
+use meridian_spec::reason::{ReasonCode, SiteReason};
 
 /// How the rows are split into train and test sets.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,10 +89,7 @@ impl SplitOptions {
         if self.test_fraction > 0.0 && self.test_fraction < 1.0 {
             Ok(())
         } else {
-            Err(vec![format!(
-                "split.test_fraction must be strictly between 0 and 1, got {}",
-                self.test_fraction
-            )])
+            Err(vec![format!("split.test_fraction must be strictly between 0 and 1, got {}", self.test_fraction)])
         }
     }
 }
@@ -394,16 +390,9 @@ pub fn read_header(path: &Path) -> Result<Vec<String>, DatasetError> {
 /// The spec and split options are validated first; then the first bad row
 /// fails the whole load. Each row goes to the test set when its keyed hash
 /// ([`SplitOptions::holds_out`]) says so.
-pub fn load(
-    path: &Path,
-    spec: &FeatureSpec,
-    split: &SplitOptions,
-) -> Result<EncodedDataset, DatasetError> {
-    spec.validate()
-        .map_err(|problems| DatasetError::InvalidSpec { problems })?;
-    split
-        .validate()
-        .map_err(|problems| DatasetError::InvalidSplit { problems })?;
+pub fn load(path: &Path, spec: &FeatureSpec, split: &SplitOptions) -> Result<EncodedDataset, DatasetError> {
+    spec.validate().map_err(|problems| DatasetError::InvalidSpec { problems })?;
+    split.validate().map_err(|problems| DatasetError::InvalidSplit { problems })?;
 
     let mut reader = open(path)?;
     let columns = header(path, &mut reader)?;
@@ -412,9 +401,7 @@ pub fn load(
 
     let n = rows.labels.len();
     if n == 0 {
-        return Err(DatasetError::NoRows {
-            path: path.to_path_buf(),
-        });
+        return Err(DatasetError::NoRows { path: path.to_path_buf() });
     }
     let (test, train): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| rows.held_out[i]);
     if test.is_empty() || train.is_empty() {
@@ -497,14 +484,42 @@ pub fn count_split(path: &Path, split: &SplitOptions) -> Result<SplitSizes, Data
     Ok(SplitSizes { train, test, digest: hex::encode(digest.finalize()) })
 }
 
+/// What the configuration declares a column to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// The label column.
+    Label,
+    /// A column of numbers.
+    Numeric,
+    /// A column of categories.
+    Categorical,
+}
+
+impl ColumnKind {
+    /// The kind as `worker.toml` names it: `label`, `numeric` or `categorical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnKind::Label => "label",
+            ColumnKind::Numeric => "numeric",
+            ColumnKind::Categorical => "categorical",
+        }
+    }
+}
+
+impl std::fmt::Display for ColumnKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a declared column holds over a whole file, for the site's own
 /// eyes (`meridian worker --check`): it never leaves the site.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ColumnSurvey {
     /// The column.
     pub name: String,
-    /// `label`, `numeric` or `categorical`.
-    pub kind: &'static str,
+    /// What the configuration declares it to be.
+    pub kind: ColumnKind,
     /// Cells that are empty (after trimming).
     pub empty: u64,
     /// Numeric cells that do not parse as a finite number within f32's range.
@@ -533,14 +548,18 @@ pub struct Survey {
 pub fn survey(path: &Path, label: &str, numeric: &[String], categorical: &[String]) -> Result<Survey, DatasetError> {
     let mut reader = open(path)?;
     let header = header(path, &mut reader)?;
-    let declared = std::iter::once((label, "label"))
-        .chain(numeric.iter().map(|c| (c.as_str(), "numeric")))
-        .chain(categorical.iter().map(|c| (c.as_str(), "categorical")));
+    let declared = std::iter::once((label, ColumnKind::Label))
+        .chain(numeric.iter().map(|c| (c.as_str(), ColumnKind::Numeric)))
+        .chain(categorical.iter().map(|c| (c.as_str(), ColumnKind::Categorical)));
     let mut missing = Vec::new();
     let mut columns: Vec<(usize, ColumnSurvey, HashMap<Vec<u8>, u64>)> = Vec::new();
     for (name, kind) in declared {
         match header.iter().position(|h| h == name) {
-            Some(at) => columns.push((at, ColumnSurvey { name: name.to_string(), kind, ..Default::default() }, HashMap::new())),
+            Some(at) => {
+                let survey =
+                    ColumnSurvey { name: name.to_string(), kind, empty: 0, not_numeric: 0, values: Vec::new() };
+                columns.push((at, survey, HashMap::new()))
+            }
             None => missing.push(name.to_string()),
         }
     }
@@ -556,7 +575,7 @@ pub fn survey(path: &Path, label: &str, numeric: &[String], categorical: &[Strin
             let cell = record[*at].trim_ascii();
             if cell.is_empty() {
                 column.empty += 1;
-            } else if column.kind == "numeric" {
+            } else if column.kind == ColumnKind::Numeric {
                 let number = std::str::from_utf8(cell).ok().and_then(|s| s.parse::<f64>().ok());
                 if !number.is_some_and(|v| v.is_finite() && v.abs() <= MAX_NUMERIC) {
                     column.not_numeric += 1;
@@ -637,18 +656,12 @@ fn open(path: &Path) -> Result<CsvReader, DatasetError> {
         }
         file.seek(SeekFrom::Start(0))?;
         Ok(if magic[..filled] == [0x1f, 0x8b] {
-            Source::Gzip(Box::new(MultiGzDecoder::new(BufReader::with_capacity(
-                1 << 16,
-                file,
-            ))))
+            Source::Gzip(Box::new(MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file))))
         } else {
             Source::Plain(file)
         })
     };
-    let source = opened().map_err(|source| DatasetError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let source = opened().map_err(|source| DatasetError::Open { path: path.to_path_buf(), source })?;
     Ok(csv::ReaderBuilder::new()
         .has_headers(true)
         // Rows of the wrong width are reported by `read_rows`, with their line.
@@ -665,27 +678,17 @@ fn header(path: &Path, reader: &mut CsvReader) -> Result<Vec<String>, DatasetErr
         Ok(record) => record,
         Err(source) => {
             let line = reader.get_ref().current_line();
-            return Err(DatasetError::Read {
-                path: path.to_path_buf(),
-                line,
-                source,
-            });
+            return Err(DatasetError::Read { path: path.to_path_buf(), line, source });
         }
     };
     if record.is_empty() {
-        return Err(DatasetError::NoHeader {
-            path: path.to_path_buf(),
-        });
+        return Err(DatasetError::NoHeader { path: path.to_path_buf() });
     }
     Ok(record
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let name = if i == 0 {
-                name.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(name)
-            } else {
-                name
-            };
+            let name = if i == 0 { name.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(name) } else { name };
             String::from_utf8_lossy(name.trim_ascii()).into_owned()
         })
         .collect())
@@ -713,11 +716,7 @@ impl<'s> Layout<'s> {
     /// Finds the spec's columns among `columns`, the header of `path`.
     fn new(path: &Path, spec: &'s FeatureSpec, columns: &[String]) -> Result<Self, DatasetError> {
         let find = |field: String, column: &str| -> Result<usize, DatasetError> {
-            let mut at = columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| *c == column)
-                .map(|(i, _)| i);
+            let mut at = columns.iter().enumerate().filter(|(_, c)| *c == column).map(|(i, _)| i);
             match (at.next(), at.next()) {
                 (Some(i), None) => Ok(i),
                 (Some(first), Some(second)) => Err(DatasetError::DuplicateColumn {
@@ -754,23 +753,11 @@ impl<'s> Layout<'s> {
             .enumerate()
             .map(|(i, feature)| {
                 let index = find(format!("features.categorical[{i}].column"), &feature.column)?;
-                let levels = feature
-                    .levels
-                    .iter()
-                    .zip(0..)
-                    .map(|(level, k)| (level.as_bytes(), k))
-                    .collect();
+                let levels = feature.levels.iter().zip(0..).map(|(level, k)| (level.as_bytes(), k)).collect();
                 Ok((index, levels))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Layout {
-            spec,
-            width: columns.len(),
-            label,
-            classes,
-            numeric,
-            categorical,
-        })
+        Ok(Layout { spec, width: columns.len(), label, classes, numeric, categorical })
     }
 }
 
@@ -793,26 +780,15 @@ fn read_rows(
     reader: &mut CsvReader,
     split: &SplitOptions,
 ) -> Result<Rows, DatasetError> {
-    let mut rows = Rows {
-        numeric: Vec::new(),
-        levels: Vec::new(),
-        labels: Vec::new(),
-        held_out: Vec::new(),
-    };
+    let mut rows = Rows { numeric: Vec::new(), levels: Vec::new(), labels: Vec::new(), held_out: Vec::new() };
     let mut record = csv::ByteRecord::new();
     while next_record(path, reader, &mut record)? {
         let start = record.position().map_or(0, csv::Position::byte);
         let line = reader.get_mut().record_line(start);
         if let Err(fault) = rows.push(layout, &record) {
             // Only the header starts without a line break before it.
-            let line = line
-                .or(record.position().map(csv::Position::line))
-                .unwrap_or(0);
-            return Err(DatasetError::Row {
-                path: path.to_path_buf(),
-                line,
-                fault: Box::new(fault),
-            });
+            let line = line.or(record.position().map(csv::Position::line)).unwrap_or(0);
+            return Err(DatasetError::Row { path: path.to_path_buf(), line, fault: Box::new(fault) });
         }
         rows.held_out.push(split.holds_out(&record));
     }
@@ -824,10 +800,7 @@ impl Rows {
     /// incomplete, and the load is abandoned.
     fn push(&mut self, layout: &Layout<'_>, record: &csv::ByteRecord) -> Result<(), RowError> {
         if record.len() != layout.width {
-            return Err(RowError::FieldCount {
-                expected: layout.width,
-                found: record.len(),
-            });
+            return Err(RowError::FieldCount { expected: layout.width, found: record.len() });
         }
         let spec = layout.spec;
         let field = |index: usize| record[index].trim_ascii();
@@ -847,22 +820,13 @@ impl Rows {
             let number = std::str::from_utf8(value)
                 .ok()
                 .and_then(|s| s.parse::<f64>().ok())
-                .ok_or_else(|| RowError::NotANumber {
-                    column: column.clone(),
-                    value: text(value),
-                })?;
+                .ok_or_else(|| RowError::NotANumber { column: column.clone(), value: text(value) })?;
             if !number.is_finite() {
-                return Err(RowError::NotFinite {
-                    column: column.clone(),
-                    value: text(value),
-                });
+                return Err(RowError::NotFinite { column: column.clone(), value: text(value) });
             }
             // Training runs in f32: a value beyond its range would become infinite.
             if number.abs() > MAX_NUMERIC {
-                return Err(RowError::OutOfRange {
-                    column: column.clone(),
-                    value: text(value),
-                });
+                return Err(RowError::OutOfRange { column: column.clone(), value: text(value) });
             }
             self.numeric.push(number);
         }
@@ -887,10 +851,8 @@ impl Rows {
         (0..width)
             .map(|j| {
                 let values = || train.iter().map(|&row| self.numeric[row * width + j]);
-                let (min, max) = values()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-                        (lo.min(x), hi.max(x))
-                    });
+                let (min, max) =
+                    values().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)));
                 if min == max {
                     // Exactly constant: the mean is the value itself, while
                     // summing could leave a rounding error as a tiny std.
@@ -904,12 +866,7 @@ impl Rows {
     }
 
     /// Features and labels of the rows `which`, in that order.
-    fn encode(
-        &self,
-        spec: &FeatureSpec,
-        standardisation: &[(f64, f64)],
-        which: &[usize],
-    ) -> (Vec<f32>, Vec<u8>) {
+    fn encode(&self, spec: &FeatureSpec, standardisation: &[(f64, f64)], which: &[usize]) -> (Vec<f32>, Vec<u8>) {
         let dim = spec.input_dim();
         let n_numeric = spec.numeric.len();
         let n_categorical = spec.categorical.len();

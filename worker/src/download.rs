@@ -4,24 +4,24 @@
 //!
 //! On one connection, a transfer's work runs as a pipeline: the sender's
 //! encoding and encryption, the kernel's copies, the receiver's decryption
-//! and copies, each stage waking the next. Measured on 400 MB transfers
-//! between two processes on 2 vCPUs, both cores were idle 17–36 % of the
-//! time inside a transfer, its stages waiting on each other. A second
+//! and copies, each stage waking the next, and on few cores both sit idle
+//! for much of a transfer, its stages waiting on each other. A second
 //! connection carries the other half through a pipeline of its own, which
-//! fills those gaps: idle 6–14 %, a pull over a 5-round job 0.96–1.16 →
-//! 1.19–1.33 GB/s (`BENCHMARKS.md`, session 11). A model below
+//! fills those gaps (`docs/perf-log.md`, "Figures moved from rustdoc"). A
+//! model below
 //! [`PARTED_FROM_BYTES`] is pulled whole over the session's connection: a
 //! second one would not pay for its handshake.
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use proto::pb;
-use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::{PartAssembler, PartedAssembly};
-use tonic::Status;
+use meridian_wire::pb;
+use meridian_wire::pb::worker_service_client::WorkerServiceClient;
+use meridian_wire::tensor::{PartAssembler, PartedAssembly};
 use tonic::transport::Channel;
 use tracing::warn;
+
+use crate::error::TransferError;
 
 /// Model size from which a pull goes over two connections.
 pub const PARTED_FROM_BYTES: u64 = 32 << 20;
@@ -49,86 +49,48 @@ pub async fn pull_model(
     wanted: Wanted<'_>,
     buffer: Vec<f32>,
     idle: Duration,
-) -> Result<Vec<f32>, Status> {
-    let count = usize::try_from(wanted.num_params).map_err(|_| {
-        Status::invalid_argument(format!(
-            "a model of {} values does not fit in memory",
-            wanted.num_params
-        ))
-    })?;
-    let mut assembly = PartedAssembly::reusing(count, buffer).map_err(|e| {
-        Status::resource_exhausted(format!(
-            "no memory for a model of {} values: {e}",
-            wanted.num_params
-        ))
-    })?;
-    if wanted.num_params.saturating_mul(4) >= PARTED_FROM_BYTES {
+) -> Result<Vec<f32>, TransferError> {
+    let values = wanted.num_params;
+    let count = usize::try_from(values).map_err(|_| TransferError::TooLarge { values })?;
+    let mut assembly =
+        PartedAssembly::reusing(count, buffer).map_err(|refused| TransferError::NoMemory { values, refused })?;
+    if values.saturating_mul(4) >= PARTED_FROM_BYTES {
         let parted = {
             let mut parts = assembly.parts(2).into_iter();
             match (parts.next(), parts.next()) {
-                (Some(first), Some(rest)) => tokio::try_join!(
-                    pull_part(session, wanted, first, idle),
-                    pull_part(second, wanted, rest, idle)
-                )
-                .map(|_| ()),
+                (Some(first), Some(rest)) => {
+                    tokio::try_join!(pull_part(session, wanted, first, idle), pull_part(second, wanted, rest, idle))
+                        .map(|_| ())
+                }
                 (Some(whole), None) => pull_part(session, wanted, whole, idle).await,
-                _ => Err(Part::Failed(Status::internal("a model cut into no parts"))),
+                _ => Err(TransferError::NoParts),
             }
         };
         match parted {
+            Ok(()) => return Ok(assembly.finish()?),
             // A second connection that could not be opened (a proxy that
             // allows one per client, say) is not a reason to fail: pulled whole below.
-            Err(Part::Failed(status)) if status.code() == tonic::Code::Unavailable => {
-                warn!(error = %status, "a pull in two parts failed; pulling the model whole");
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                warn!(error = %e, "a pull in two parts failed; pulling the model whole");
             }
-            Ok(()) => {
-                return assembly
-                    .finish()
-                    .map_err(|e| Status::data_loss(e.to_string()));
-            }
-            Err(Part::Failed(status)) => return Err(status),
             // An older coordinator: pulled whole below.
-            Err(Part::NotServed) => {}
+            Err(TransferError::NotServed) => {}
+            Err(e) => return Err(e),
         }
     }
-    let whole = assembly.parts(1).into_iter().next();
-    match whole {
-        Some(whole) => pull_part(session, wanted, whole, idle)
-            .await
-            .map_err(|e| match e {
-                Part::Failed(status) => status,
-                Part::NotServed => {
-                    Status::data_loss("the coordinator did not serve the model asked for")
-                }
-            })?,
-        None => return Err(Status::internal("a model cut into no parts")),
-    }
-    assembly
-        .finish()
-        .map_err(|e| Status::data_loss(e.to_string()))
+    let whole = assembly.parts(1).into_iter().next().ok_or(TransferError::NoParts)?;
+    pull_part(session, wanted, whole, idle).await?;
+    Ok(assembly.finish()?)
 }
 
-/// Why a part was not pulled.
-enum Part {
-    Failed(Status),
-    /// The coordinator predates parts: its header says it sends the whole
-    /// model, not the part asked for (nothing of it was read).
-    NotServed,
-}
-
-impl From<Status> for Part {
-    fn from(status: Status) -> Self {
-        Part::Failed(status)
-    }
-}
-
-/// Pulls one part of the model into `part`.
+/// Pulls one part of the model into `part`; [`TransferError::NotServed`]
+/// when the coordinator predates parts and would send the whole model.
 async fn pull_part(
     client: &mut WorkerServiceClient<Channel>,
     wanted: Wanted<'_>,
     mut part: PartAssembler<'_>,
     idle: Duration,
-) -> Result<(), Part> {
+) -> Result<(), TransferError> {
     let asked = (part.first_value() as u64, part.len() as u64);
     // The whole model is asked for as 0 and 0, as before parts.
     let whole = asked == (0, wanted.num_params);
@@ -139,60 +101,39 @@ async fn pull_part(
         value_count: if whole { 0 } else { asked.1 },
     };
     let mut stream = client.pull_model(request).await?.into_inner();
-    let silent = || {
-        Status::deadline_exceeded(format!(
-            "the model stream was silent for more than the idle timeout of {} s",
-            idle.as_secs()
-        ))
-    };
-    let header = match tokio::time::timeout(idle, stream.next())
-        .await
-        .map_err(|_| silent())?
-    {
-        Some(Ok(pb::ModelChunk {
-            part: Some(pb::model_chunk::Part::Header(h)),
-        })) => h,
+    let silent = |_| TransferError::Silent { secs: idle.as_secs() };
+    let header = match tokio::time::timeout(idle, stream.next()).await.map_err(silent)? {
+        Some(Ok(pb::ModelChunk { part: Some(pb::model_chunk::Part::Header(h)) })) => h,
         Some(Err(e)) => return Err(e.into()),
-        _ => return Err(Status::data_loss("model stream did not start with a header").into()),
+        _ => return Err(TransferError::NoHeader),
     };
+    check_header(&header, wanted, asked)?;
+    while let Some(chunk) = tokio::time::timeout(idle, stream.next()).await.map_err(silent)? {
+        match chunk?.part {
+            Some(pb::model_chunk::Part::Data(d)) => part.push(&d)?,
+            _ => return Err(TransferError::SecondHeader),
+        }
+    }
+    Ok(part.finish()?)
+}
+
+/// Checks that a part's header is of the model `wanted` and serves the
+/// values `asked` for (first value, count).
+fn check_header(header: &pb::ModelHeader, wanted: Wanted<'_>, asked: (u64, u64)) -> Result<(), TransferError> {
     if header.layout_hash != wanted.layout_hash || header.num_params != wanted.num_params {
-        return Err(Status::data_loss(format!(
-            "model layout {} / {} values does not match the job's {} / {}",
-            header.layout_hash, header.num_params, wanted.layout_hash, wanted.num_params
-        ))
-        .into());
+        return Err(TransferError::Layout {
+            layout: header.layout_hash.clone(),
+            values: header.num_params,
+            wanted_layout: wanted.layout_hash.to_string(),
+            wanted_values: wanted.num_params,
+        });
     }
     // A coordinator that predates parts says 0 and 0, and sends the whole model.
     let older = (header.first_value, header.value_count) == (0, 0);
-    let served = if older {
-        (0, wanted.num_params)
-    } else {
-        (header.first_value, header.value_count)
-    };
-    if served != asked {
-        if older {
-            return Err(Part::NotServed);
-        }
-        return Err(Status::data_loss(format!(
-            "the coordinator sent values {}..{} of the model for values {}..{}",
-            served.0,
-            served.0.saturating_add(served.1),
-            asked.0,
-            asked.0 + asked.1
-        ))
-        .into());
+    let served = if older { (0, wanted.num_params) } else { (header.first_value, header.value_count) };
+    match (served == asked, older) {
+        (true, _) => Ok(()),
+        (false, true) => Err(TransferError::NotServed),
+        (false, false) => Err(TransferError::WrongPart { served, asked }),
     }
-    while let Some(chunk) = tokio::time::timeout(idle, stream.next())
-        .await
-        .map_err(|_| silent())?
-    {
-        match chunk?.part {
-            Some(pb::model_chunk::Part::Data(d)) => part
-                .push(&d)
-                .map_err(|e| Status::data_loss(e.to_string()))?,
-            _ => return Err(Status::data_loss("a second header in the model stream").into()),
-        }
-    }
-    part.finish()
-        .map_err(|e| Status::data_loss(e.to_string()).into())
 }

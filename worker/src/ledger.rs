@@ -17,15 +17,15 @@
 
 mod schema;
 
-pub(crate) use schema::add_column;
-
 use std::path::Path;
 use std::sync::Mutex;
 
-use proto::job::{PlannedCharge, SitePlan};
-use proto::mechanism::Mechanism;
-use proto::pb;
-use proto::reason::ReasonCode;
+use meridian_spec::job::{PlannedCharge, SitePlan};
+use meridian_spec::mechanism::Mechanism;
+use meridian_spec::reason::ReasonCode;
+use meridian_store::sqlite::{self, LEDGER_COLUMNS};
+use meridian_sys::now_ms;
+use meridian_wire::pb;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::config::DatasetConfig;
@@ -43,9 +43,11 @@ pub enum LedgerError {
     Accountant(String),
     /// OpenDP refused a release.
     #[error("release: {0}")]
-    Release(#[from] privacy::release::ReleaseError),
+    Release(#[from] meridian_privacy::release::ReleaseError),
     /// The charge would exceed the dataset's budget.
-    #[error("dataset \"{dataset}\": charging {mechanism} of round {round} of {job_id} would bring it to ε {after:.4} (composed), over its budget of {budget:.4}")]
+    #[error(
+        "dataset \"{dataset}\": charging {mechanism} of round {round} of {job_id} would bring it to ε {after:.4} (composed), over its budget of {budget:.4}"
+    )]
     OverBudget {
         /// Dataset.
         dataset: String,
@@ -62,7 +64,9 @@ pub enum LedgerError {
     },
     /// A charge the job's accepted plan does not hold: a round or a release
     /// the site never agreed to (a coordinator asking for more).
-    #[error("job {job_id}: charging {mechanism} at σ {noise_multiplier} for round {round} would go past the plan the site accepted")]
+    #[error(
+        "job {job_id}: charging {mechanism} at σ {noise_multiplier} for round {round} would go past the plan the site accepted"
+    )]
     BeyondPlan {
         /// Job.
         job_id: String,
@@ -183,40 +187,6 @@ pub const ACCOUNTANT: &str = "rdp";
 /// The conversion named in ledger entries.
 pub const CONVERSION: &str = "dp_accounting-improved";
 
-/// Milliseconds since the Unix epoch, as the site database records times.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-const ENTRY_COLUMNS: &str = "seq, site, dataset, job_id, round, spec_hash, noise_multiplier, sample_rate, clip_norm, steps, delta, epsilon_round, epsilon_job, epsilon_dataset, accountant, conversion, library_version, recorded_at_ms, mechanism";
-
-fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<pb::LedgerEntry> {
-    let mechanism = Mechanism::parse(&r.get::<_, String>(18)?).unwrap_or(Mechanism::DpSgd);
-    Ok(pb::LedgerEntry {
-        seq: r.get::<_, i64>(0)? as u64,
-        site: r.get(1)?,
-        dataset: r.get(2)?,
-        job_id: r.get(3)?,
-        round: r.get(4)?,
-        spec_hash: r.get(5)?,
-        noise_multiplier: r.get(6)?,
-        sample_rate: r.get(7)?,
-        clip_norm: r.get(8)?,
-        steps: r.get::<_, i64>(9)? as u64,
-        delta: r.get(10)?,
-        epsilon_round: r.get(11)?,
-        epsilon_job: r.get(12)?,
-        epsilon_dataset: r.get(13)?,
-        accountant: r.get(14)?,
-        conversion: r.get(15)?,
-        library_version: r.get(16)?,
-        recorded_at_unix_ms: r.get(17)?,
-        mechanism: mechanism.to_wire(),
-    })
-}
-
 /// The recorded decision on a job, if any.
 fn read_decision(conn: &Connection, job_id: &str) -> Result<Option<Decision>, LedgerError> {
     Ok(conn
@@ -253,7 +223,7 @@ pub fn planned_epsilon(plan: &SitePlan, delta: f64) -> Result<f64, LedgerError> 
 
 /// ε of `(q, σ, steps)` triples composed by RDP at `delta` (0 when empty).
 fn compose(items: impl IntoIterator<Item = Item>, delta: f64) -> Result<f64, LedgerError> {
-    privacy::accountant::composed_epsilon(items, delta).map_err(|e| LedgerError::Accountant(e.to_string()))
+    meridian_privacy::accountant::composed_epsilon(items, delta).map_err(|e| LedgerError::Accountant(e.to_string()))
 }
 
 /// A plan as the jobs table keeps it.
@@ -281,16 +251,13 @@ fn parse_plan(job_id: &str, json: &str) -> Result<Vec<PlannedCharge>, LedgerErro
 impl Ledger {
     /// Opens (creating or migrating if needed) the ledger of `site` at `path`.
     pub fn open(path: &Path, site: &str) -> Result<Ledger, LedgerError> {
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let mut conn = sqlite::open(path)?;
         schema::prepare(&mut conn)?;
         Ok(Ledger { conn: Mutex::new(conn), site: site.to_string() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        meridian_sys::sync::lock(&self.conn)
     }
 
     /// (q, σ, steps) of every entry charged to `dataset`.
@@ -332,7 +299,7 @@ impl Ledger {
                     *charged.entry(m).or_insert(0) += steps;
                 }
             }
-            reserved.extend(proto::job::remaining(&planned, &charged).iter().map(item));
+            reserved.extend(meridian_spec::job::remaining(&planned, &charged).iter().map(item));
         }
         Ok(reserved)
     }
@@ -346,7 +313,13 @@ impl Ledger {
     /// budget and records the decision; an accepted job reserves its plan.
     /// Serialized by an immediate transaction, so concurrent offers see
     /// each other. A job already decided gets the same decision again.
-    pub fn decide(&self, dataset: &DatasetConfig, offer: &Offered<'_>, plan: &SitePlan, delta: f64) -> Result<Decision, LedgerError> {
+    pub fn decide(
+        &self,
+        dataset: &DatasetConfig,
+        offer: &Offered<'_>,
+        plan: &SitePlan,
+        delta: f64,
+    ) -> Result<Decision, LedgerError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some(d) = read_decision(&tx, offer.job_id)? {
@@ -382,7 +355,13 @@ impl Ledger {
 
     /// What [`Ledger::decide`] would decide now, recording nothing: the
     /// offer a person is asked to approve is one the budget allows.
-    pub fn preview(&self, dataset: &DatasetConfig, job_id: &str, plan: &SitePlan, delta: f64) -> Result<Decision, LedgerError> {
+    pub fn preview(
+        &self,
+        dataset: &DatasetConfig,
+        job_id: &str,
+        plan: &SitePlan,
+        delta: f64,
+    ) -> Result<Decision, LedgerError> {
         let conn = self.lock();
         if let Some(d) = read_decision(&conn, job_id)? {
             return Ok(d);
@@ -391,7 +370,13 @@ impl Ledger {
     }
 
     /// The decision on `plan` against the cap and what the dataset has charged and reserved.
-    fn assess(tx: &Connection, dataset: &DatasetConfig, job_id: &str, plan: &SitePlan, delta: f64) -> Result<Decision, LedgerError> {
+    fn assess(
+        tx: &Connection,
+        dataset: &DatasetConfig,
+        job_id: &str,
+        plan: &SitePlan,
+        delta: f64,
+    ) -> Result<Decision, LedgerError> {
         let planned = planned_epsilon(plan, delta)?;
         let mut committed = Self::charged(tx, &dataset.name)?;
         committed.extend(Self::reserved(tx, &dataset.name, job_id)?);
@@ -416,7 +401,12 @@ impl Ledger {
         } else {
             None
         };
-        Ok(Decision { refusal, planned_epsilon: planned, projected_epsilon: projected, train_examples: plan.train_rows })
+        Ok(Decision {
+            refusal,
+            planned_epsilon: planned,
+            projected_epsilon: projected,
+            train_examples: plan.train_rows,
+        })
     }
 
     /// Records `decision` on `job_id` in the jobs table (its plan reserved if accepted).
@@ -542,10 +532,12 @@ impl Ledger {
             && let Some((release, ..)) = &latest
         {
             let last = Self::size_release(&tx, &dataset.name, *release)?;
-            return last.map(|r| SizeRelease { stale: true, ..r }).ok_or(LedgerError::Sql(rusqlite::Error::QueryReturnedNoRows));
+            return last
+                .map(|r| SizeRelease { stale: true, ..r })
+                .ok_or(LedgerError::Sql(rusqlite::Error::QueryReturnedNoRows));
         }
         let release = latest.map_or(1, |(r, ..)| r + 1);
-        let noisy = privacy::release::release_counts(&[sizes.train, sizes.test], dataset.size_noise_scale)?;
+        let noisy = meridian_privacy::release::release_counts(&[sizes.train, sizes.test], dataset.size_noise_scale)?;
         // Post-processing: a size is not negative.
         let (train_rows, test_rows) = (noisy.values[0].max(0) as u64, noisy.values[1].max(0) as u64);
         let charge = Charge {
@@ -648,13 +640,18 @@ impl Ledger {
     }
 
     /// The entry charging `mechanism` for a job's round, if it was charged.
-    pub fn entry(&self, job_id: &str, round: u32, mechanism: Mechanism) -> Result<Option<pb::LedgerEntry>, LedgerError> {
+    pub fn entry(
+        &self,
+        job_id: &str,
+        round: u32,
+        mechanism: Mechanism,
+    ) -> Result<Option<pb::LedgerEntry>, LedgerError> {
         let conn = self.lock();
         Ok(conn
             .query_row(
-                &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE job_id = ?1 AND round = ?2 AND mechanism = ?3"),
+                &format!("SELECT {LEDGER_COLUMNS} FROM ledger WHERE job_id = ?1 AND round = ?2 AND mechanism = ?3"),
                 params![job_id, round, mechanism.as_str()],
-                entry_from_row,
+                sqlite::ledger_entry,
             )
             .optional()?)
     }
@@ -668,11 +665,9 @@ impl Ledger {
     pub fn count_through(&self, seq: u64) -> Result<(u64, u64), LedgerError> {
         let conn = self.lock();
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        Ok(conn.query_row(
-            "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM ledger WHERE seq <= ?1",
-            params![seq],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )?)
+        Ok(conn.query_row("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM ledger WHERE seq <= ?1", params![seq], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?)
     }
 
     /// At most `limit` entries after sequence number `seq`, oldest first.
@@ -681,16 +676,16 @@ impl Ledger {
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt =
-            conn.prepare(&format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
-        let rows = stmt.query_map(params![seq, limit], entry_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            conn.prepare(&format!("SELECT {LEDGER_COLUMNS} FROM ledger WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        let rows = stmt.query_map(params![seq, limit], sqlite::ledger_entry)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     /// Every entry, oldest first.
     pub fn entries(&self) -> Result<Vec<pb::LedgerEntry>, LedgerError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(&format!("SELECT {ENTRY_COLUMNS} FROM ledger ORDER BY seq"))?;
-        let rows = stmt.query_map([], entry_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt = conn.prepare(&format!("SELECT {LEDGER_COLUMNS} FROM ledger ORDER BY seq"))?;
+        let rows = stmt.query_map([], sqlite::ledger_entry)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
@@ -745,7 +740,9 @@ impl Ledger {
         };
         let conn = self.lock();
         let json: Option<String> = conn
-            .query_row("SELECT values_json FROM released_values WHERE seq = ?1", params![entry.seq as i64], |r| r.get(0))
+            .query_row("SELECT values_json FROM released_values WHERE seq = ?1", params![entry.seq as i64], |r| {
+                r.get(0)
+            })
             .optional()?;
         let Some(json) = json else {
             return Ok(None);
@@ -771,14 +768,17 @@ impl Ledger {
             noise_multiplier: c.noise_multiplier,
         };
         let stored: Option<(i64, String)> = tx
-            .query_row("SELECT accepted, plan_json FROM jobs WHERE job_id = ?1", params![c.job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row("SELECT accepted, plan_json FROM jobs WHERE job_id = ?1", params![c.job_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         let plan = match stored {
             Some((1, json)) if json.is_empty() => return Ok(()),
             Some((1, json)) => parse_plan(&c.job_id, &json)?,
             _ => return Err(beyond()),
         };
-        let same = |m: Mechanism, sigma: f64| m == c.mechanism && (sigma - c.noise_multiplier).abs() <= 1e-12 * sigma.max(1.0);
+        let same =
+            |m: Mechanism, sigma: f64| m == c.mechanism && (sigma - c.noise_multiplier).abs() <= 1e-12 * sigma.max(1.0);
         let planned: u64 = plan.iter().filter(|p| same(p.mechanism, p.noise_multiplier)).map(|p| p.steps).sum();
         let mut stmt = tx.prepare("SELECT mechanism, noise_multiplier, steps FROM ledger WHERE job_id = ?1")?;
         let mut used = 0u64;
@@ -800,10 +800,10 @@ impl Ledger {
         Ok(tx
             .query_row(
                 &format!(
-                    "SELECT {ENTRY_COLUMNS} FROM ledger WHERE dataset = ?1 AND job_id = ?2 AND round = ?3 AND mechanism = ?4"
+                    "SELECT {LEDGER_COLUMNS} FROM ledger WHERE dataset = ?1 AND job_id = ?2 AND round = ?3 AND mechanism = ?4"
                 ),
                 params![dataset, c.job_id, c.round, c.mechanism.as_str()],
-                entry_from_row,
+                sqlite::ledger_entry,
             )
             .optional()?)
     }
@@ -820,7 +820,12 @@ impl Ledger {
     }
 
     /// Inserts a charge inside `tx` (or returns the one already there).
-    fn insert_charge(&self, tx: &Connection, dataset: &DatasetConfig, c: &Charge) -> Result<pb::LedgerEntry, LedgerError> {
+    fn insert_charge(
+        &self,
+        tx: &Connection,
+        dataset: &DatasetConfig,
+        c: &Charge,
+    ) -> Result<pb::LedgerEntry, LedgerError> {
         if let Some(existing) = Self::find(tx, &dataset.name, c)? {
             return Ok(existing);
         }
@@ -875,9 +880,9 @@ impl Ledger {
             ],
         )?;
         Ok(tx.query_row(
-            &format!("SELECT {ENTRY_COLUMNS} FROM ledger WHERE seq = last_insert_rowid()"),
+            &format!("SELECT {LEDGER_COLUMNS} FROM ledger WHERE seq = last_insert_rowid()"),
             [],
-            entry_from_row,
+            sqlite::ledger_entry,
         )?)
     }
 }

@@ -14,9 +14,9 @@
 
 use std::collections::BTreeMap;
 
-use proto::evaluation::Histogram;
-use proto::pb;
-use proto::reason::{ReasonCode, SiteReason};
+use meridian_spec::evaluation::Histogram;
+use meridian_spec::reason::{ReasonCode, SiteReason};
+use meridian_wire::pb;
 
 /// A site's "no": what the coordinator is told, and what only the site keeps.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,7 +59,7 @@ pub fn refusal(job_id: &str, spec_hash: &str, reason: &SiteReason, cost: Cost) -
         job_id: job_id.to_string(),
         spec_hash: spec_hash.to_string(),
         accept: false,
-        refusal: Some(reason.to_wire()),
+        refusal: Some(pb::SiteReason::from(reason)),
         planned_epsilon: cost.planned,
         projected_epsilon: cost.projected,
         ..Default::default()
@@ -83,7 +83,7 @@ pub fn acceptance(job_id: &str, spec_hash: &str, cost: Cost, train_examples: u64
 
 /// The report of a task the site could not carry out.
 pub fn failure(job_id: &str, round: u32, reason: &SiteReason) -> pb::TaskFailure {
-    pb::TaskFailure { job_id: job_id.to_string(), round, reason: Some(reason.to_wire()) }
+    pb::TaskFailure { job_id: job_id.to_string(), round, reason: Some(pb::SiteReason::from(reason)) }
 }
 
 /// A value released under DP, with the ledger entry that charged it.
@@ -99,7 +99,12 @@ pub struct Released<T> {
 pub type ExactMetrics = Option<BTreeMap<String, f64>>;
 
 /// The report of a held-out evaluation of round `round`'s model.
-pub fn evaluation(job_id: &str, round: u32, histogram: Released<Histogram>, exact: ExactMetrics) -> pb::EvaluationReport {
+pub fn evaluation(
+    job_id: &str,
+    round: u32,
+    histogram: Released<Histogram>,
+    exact: ExactMetrics,
+) -> pb::EvaluationReport {
     pb::EvaluationReport {
         job_id: job_id.to_string(),
         round,

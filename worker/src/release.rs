@@ -12,10 +12,10 @@
 //! Gaussian of noise multiplier (σ⁻² + σ_b⁻²)^(−1/2), charged as the round's
 //! DP-SGD entry; summing the steps' counts is post-processing.
 
-use proto::evaluation::Histogram;
-use proto::job::{JobSpec, SitePlan};
-use proto::mechanism::Mechanism;
-use proto::pb;
+use meridian_spec::evaluation::Histogram;
+use meridian_spec::job::{JobSpec, SitePlan};
+use meridian_spec::mechanism::Mechanism;
+use meridian_wire::pb;
 
 use crate::config::DatasetConfig;
 use crate::ledger::{Charge, Ledger, LedgerError};
@@ -65,7 +65,7 @@ pub fn evaluation(
     let scale = job.spec.evaluation.noise_for(round, job.spec.training.rounds);
     let charge = job.charge(round, Mechanism::Evaluation, 1.0, scale, 1);
     let (entry, cells) = ledger.release(dataset, &charge, || {
-        Ok(privacy::release::release_counts(&counts(&exact.cells()), scale)?.values)
+        Ok(meridian_privacy::release::release_counts(&counts(&exact.cells()), scale)?.values)
     })?;
     Ok(Released { value: Histogram::from_cells(&cells), entry })
 }
@@ -85,13 +85,19 @@ pub fn round(
     per_step: &[u64],
 ) -> Result<(pb::LedgerEntry, Option<Released<i64>>), LedgerError> {
     let noise = job.spec.privacy.clip_count_noise;
-    let mut charge = job.charge(round, Mechanism::DpSgd, plan.sample_rate, job.spec.privacy.charged_noise_multiplier(), per_step.len() as u64);
+    let mut charge = job.charge(
+        round,
+        Mechanism::DpSgd,
+        plan.sample_rate,
+        job.spec.privacy.charged_noise_multiplier(),
+        per_step.len() as u64,
+    );
     charge.clip_norm = job.spec.privacy.clip_norm;
     let (entry, values) = ledger.release(dataset, &charge, || {
         if noise <= 0.0 {
             return Ok(Vec::new());
         }
-        let noisy = privacy::release::release_counts(per_step, noise)?;
+        let noisy = meridian_privacy::release::release_counts(per_step, noise)?;
         Ok(vec![noisy.values.iter().sum()])
     })?;
     let clipped = values.first().map(|&value| Released { value, entry: entry.clone() });

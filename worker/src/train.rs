@@ -2,8 +2,8 @@
 //!
 //! One round at a site: `steps = ceil(local_epochs / q)` steps with
 //! `q = batch_size / Ñ`, where Ñ is the dataset's *released* training-set
-//! size ([`proto::job::SitePlan`]); each step Poisson-samples every
-//! training row with probability `q` (so batch sizes vary, as the
+//! size ([`meridian_spec::job::SitePlan`]); each step Poisson-samples every
+//! training row with probability `q` (`meridian_privacy::PoissonSampler`) (so batch sizes vary, as the
 //! accountant assumes), clips each example's gradient to norm C (exactly,
 //! see `models`), adds N(0, σ²C²) to the sum, divides by the expected batch
 //! size `qÑ` (Opacus' semantics, with a public denominator) and takes an
@@ -12,13 +12,11 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::Device;
-use models::{Architecture, Network};
-use privacy::noise::PrefetchedNoise;
-use proto::evaluation::{Histogram, ScoreBins};
-use proto::job::{JobSpec, SitePlan};
-use rand::rngs::SysRng;
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+use meridian_models::{Architecture, Network};
+use meridian_privacy::PoissonSampler;
+use meridian_privacy::noise::PrefetchedNoise;
+use meridian_spec::evaluation::{Histogram, ScoreBins};
+use meridian_spec::job::{JobSpec, SitePlan};
 use tokio_util::sync::CancellationToken;
 
 use crate::dataset::EncodedDataset;
@@ -31,7 +29,7 @@ pub enum TrainError {
     Cancelled,
     /// The pulled model does not fit the job's architecture.
     #[error("model: {0}")]
-    Layout(#[from] models::LayoutError),
+    Layout(#[from] meridian_models::LayoutError),
     /// No secure randomness.
     #[error("randomness: {0}")]
     Random(String),
@@ -81,36 +79,22 @@ pub fn train_round(
     let lr = spec.training.learning_rate;
     // Each step's noise is drawn on a second thread while the step before computes.
     let mut noise = PrefetchedNoise::new(global.len()).map_err(|e| TrainError::Random(e.to_string()))?;
-    let mut sampler = ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|e| TrainError::Random(e.to_string()))?;
+    let mut sampler = PoissonSampler::new(q).map_err(|e| TrainError::Random(e.to_string()))?;
     let mut params = global.to_vec();
     let (mut loss_sum, mut seen, mut correct, mut clipped) = (0.0f64, 0usize, 0usize, 0usize);
     let mut clipped_per_step = Vec::with_capacity(steps as usize);
     let mut bx = Vec::new();
     let mut by = Vec::new();
-    let ln_keep = (1.0 - q).ln();
     for step in 0..steps {
         if cancel.is_cancelled() {
             return Err(TrainError::Cancelled);
         }
-        // Poisson sampling by geometric gaps: row i is taken with probability q, independently.
         bx.clear();
         by.clear();
-        let mut i = 0usize;
-        loop {
-            let gap = if q >= 1.0 {
-                0
-            } else {
-                let u: f64 = 1.0 - sampler.random::<f64>(); // (0, 1]
-                (u.ln() / ln_keep).floor() as usize
-            };
-            i = i.saturating_add(gap);
-            if i >= n {
-                break;
-            }
+        sampler.sample(n, |i| {
             bx.extend_from_slice(&data.train_x[i * d..(i + 1) * d]);
             by.push(data.train_y[i]);
-            i += 1;
-        }
+        });
         let net = Network::new(arch, &params, device)?;
         let mut grads = net.clipped_gradient_sum(&bx, &by, clip);
         loss_sum += grads.loss_sum;
@@ -118,9 +102,7 @@ pub fn train_round(
         correct += grads.correct;
         clipped += grads.clipped;
         clipped_per_step.push(grads.clipped as u64);
-        noise
-            .add_gaussian_noise(&mut grads.sum, noise_std)
-            .map_err(|e| TrainError::Random(e.to_string()))?;
+        noise.add_gaussian_noise(&mut grads.sum, noise_std).map_err(|e| TrainError::Random(e.to_string()))?;
         let scale = (lr / expected_batch) as f32;
         for (p, g) in params.iter_mut().zip(&grads.sum) {
             *p -= scale * g;
@@ -161,10 +143,7 @@ pub fn evaluate(
     let probs: Vec<f32> = logits.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
     let mut exact_metrics = metrics(&probs, &data.test_y);
     exact_metrics.insert("examples".to_string(), data.n_test() as f64);
-    Ok(Evaluation {
-        histogram: Histogram::of(bins, logits.iter().map(|&z| f64::from(z)), &data.test_y),
-        exact_metrics,
-    })
+    Ok(Evaluation { histogram: Histogram::of(bins, logits.iter().map(|&z| f64::from(z)), &data.test_y), exact_metrics })
 }
 
 /// Binary classification metrics from probabilities of class 1.

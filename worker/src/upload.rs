@@ -5,7 +5,7 @@
 //! A paced upload is cut into chunks of at most a tenth of a second's worth
 //! of bytes, so the coordinator sees steady progress: it waits past a
 //! round's deadline for an upload that keeps moving and drops one that is
-//! silent for its idle timeout (`coordinator::transfers`).
+//! silent for its idle timeout (`meridian_coordinator::upload::transfers`).
 //!
 //! [`push_reserved`] first waits for an upload slot (`ReserveUpload`), so
 //! that the update leaves only once the coordinator will read it: a
@@ -16,11 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use proto::pb;
-use proto::pb::worker_service_client::WorkerServiceClient;
-use proto::tensor::{CHUNK_VALUES, chunk_view};
+use meridian_wire::pb;
+use meridian_wire::pb::worker_service_client::WorkerServiceClient;
+use meridian_wire::tensor::{CHUNK_VALUES, chunk_view};
 use tonic::transport::Channel;
 use tracing::warn;
+
+use crate::error::TransferError;
 
 /// Values per chunk for an upload capped at `limit` bytes per second.
 fn chunk_values(limit: Option<f64>) -> usize {
@@ -43,7 +45,7 @@ pub async fn push_reserved(
     header: pb::UpdateHeader,
     values: Arc<Vec<f32>>,
     limit: Option<f64>,
-) -> Result<pb::PushUpdateResponse, tonic::Status> {
+) -> Result<pb::PushUpdateResponse, TransferError> {
     let large = values.len() as u64 * 4 >= crate::download::PARTED_FROM_BYTES;
     let reserve = pb::ReserveUploadRequest {
         job_id: header.job_id.clone(),
@@ -56,7 +58,7 @@ pub async fn push_reserved(
             (Some(reply.lease), reply.parts)
         }
         Err(status) if status.code() == tonic::Code::Unimplemented => (None, 0),
-        Err(status) => return Err(status),
+        Err(status) => return Err(status.into()),
     };
     if reserve.parts < 2 || parts < 2 {
         let whole = 0..values.len();
@@ -81,14 +83,14 @@ pub async fn push_reserved(
         // A second connection that could not be opened (a proxy that allows
         // one per client, say) is not a reason to fail: sent whole, under a
         // lease of its own (which releases the one of two slots).
-        Err(status) if status.code() == tonic::Code::Unavailable => {
-            warn!(error = %status, "an upload in two parts failed; sending the update whole");
+        Err(e) if e.code() == tonic::Code::Unavailable => {
+            warn!(error = %e, "an upload in two parts failed; sending the update whole");
             let reserve = pb::ReserveUploadRequest { parts: 1, ..reserve };
             let lease = session.reserve_upload(reserve).await?.into_inner().lease;
             let whole = 0..values.len();
             push(session, header, values, whole, limit, Some(&lease)).await
         }
-        Err(status) => Err(status),
+        Err(e) => Err(e),
     }
 }
 
@@ -97,14 +99,14 @@ pub async fn push_reserved(
 /// to arrive made it whole. Accepted parts of which none made the update
 /// whole (the coordinator dropped the first while waiting for the second)
 /// are an error, so that the update is sent again.
-fn combine(first: pb::PushUpdateResponse, rest: pb::PushUpdateResponse) -> Result<pb::PushUpdateResponse, tonic::Status> {
+fn combine(
+    first: pb::PushUpdateResponse,
+    rest: pb::PushUpdateResponse,
+) -> Result<pb::PushUpdateResponse, TransferError> {
     match (first, rest) {
         (refused, _) | (_, refused) if !refused.accepted => Ok(refused),
         (whole, _) | (_, whole) if whole.complete => Ok(whole),
-        (first, _) => Err(tonic::Status::aborted(format!(
-            "the coordinator accepted both parts of the update but counted neither ({})",
-            first.reason
-        ))),
+        (first, _) => Err(TransferError::Uncounted { reason: first.reason }),
     }
 }
 
@@ -116,12 +118,10 @@ async fn push(
     range: std::ops::Range<usize>,
     limit: Option<f64>,
     lease: Option<&str>,
-) -> Result<pb::PushUpdateResponse, tonic::Status> {
+) -> Result<pb::PushUpdateResponse, TransferError> {
     let mut request = tonic::Request::new(update_messages(header, values, range, limit));
     if let Some(value) = lease.and_then(|lease| lease.parse().ok()) {
-        request
-            .metadata_mut()
-            .insert(proto::UPLOAD_LEASE_METADATA, value);
+        request.metadata_mut().insert(meridian_wire::UPLOAD_LEASE_METADATA, value);
     }
     Ok(client.push_update(request).await?.into_inner())
 }
@@ -144,24 +144,15 @@ pub fn update_messages(
             }
             if let Some(rate) = limit {
                 // Chunk k leaves no earlier than the bytes before it allow at `rate`.
-                tokio::time::sleep_until(
-                    start + Duration::from_secs_f64((offset - first) as f64 * 4.0 / rate),
-                )
-                .await;
+                tokio::time::sleep_until(start + Duration::from_secs_f64((offset - first) as f64 * 4.0 / rate)).await;
             }
             let end = (offset + per_chunk).min(range.end);
-            let chunk = pb::UpdateChunk {
-                part: Some(pb::update_chunk::Part::Data(chunk_view(&values, offset..end))),
-            };
+            let chunk = pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(chunk_view(&values, offset..end))) };
             Some((chunk, end))
         }
     });
-    futures::stream::once(async move {
-        pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Header(header)),
-        }
-    })
-    .chain(data)
+    futures::stream::once(async move { pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(header)) } })
+        .chain(data)
 }
 
 #[cfg(test)]
@@ -183,13 +174,8 @@ mod tests {
     async fn unlimited_uploads_use_whole_chunks() {
         let values = Arc::new(vec![0.5f32; CHUNK_VALUES + 3]);
         let whole = 0..values.len();
-        let messages: Vec<_> = update_messages(pb::UpdateHeader::default(), values, whole, None)
-            .collect()
-            .await;
-        assert!(matches!(
-            messages[0].part,
-            Some(pb::update_chunk::Part::Header(_))
-        ));
+        let messages: Vec<_> = update_messages(pb::UpdateHeader::default(), values, whole, None).collect().await;
+        assert!(matches!(messages[0].part, Some(pb::update_chunk::Part::Header(_))));
         assert_eq!(data_lengths(&messages), vec![CHUNK_VALUES * 4, 12]);
     }
 
@@ -198,19 +184,15 @@ mod tests {
         // 40 kB/s: chunks of 4 kB (1,000 values); 10,000 values take 0.9 s to start the last chunk.
         let values = Arc::new((0..10_000).map(|i| i as f32).collect::<Vec<f32>>());
         let started = tokio::time::Instant::now();
-        let messages: Vec<_> = update_messages(
-            pb::UpdateHeader::default(),
-            Arc::clone(&values),
-            0..values.len(),
-            Some(40_000.0),
-        )
-        .collect()
-        .await;
+        let messages: Vec<_> =
+            update_messages(pb::UpdateHeader::default(), Arc::clone(&values), 0..values.len(), Some(40_000.0))
+                .collect()
+                .await;
         assert_eq!(data_lengths(&messages), vec![4_000; 10]);
         let elapsed = started.elapsed();
         // A lower bound only: pacing may never send early (tests assert no upper timing bounds).
         assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
-        let mut asm = proto::tensor::ChunkAssembler::new(values.len());
+        let mut asm = meridian_wire::tensor::ChunkAssembler::new(values.len());
         for m in &messages[1..] {
             if let Some(pb::update_chunk::Part::Data(d)) = &m.part {
                 asm.push(d).unwrap();
@@ -227,7 +209,7 @@ mod tests {
                 .collect()
                 .await;
         assert_eq!(data_lengths(&messages), vec![CHUNK_VALUES * 4, 20]);
-        let mut asm = proto::tensor::ChunkAssembler::new(CHUNK_VALUES + 5);
+        let mut asm = meridian_wire::tensor::ChunkAssembler::new(CHUNK_VALUES + 5);
         for m in &messages[1..] {
             if let Some(pb::update_chunk::Part::Data(d)) = &m.part {
                 asm.push(d).unwrap();
@@ -238,7 +220,11 @@ mod tests {
 
     #[test]
     fn two_parts_are_refused_if_either_is_and_accepted_if_one_made_the_update_whole() {
-        let reply = |accepted, complete, reason: &str| pb::PushUpdateResponse { accepted, complete, reason: reason.to_string() };
+        let reply = |accepted, complete, reason: &str| pb::PushUpdateResponse {
+            accepted,
+            complete,
+            reason: reason.to_string(),
+        };
         let part = reply(true, false, "part received");
         let whole = reply(true, true, "");
         let refused = reply(false, false, "norm");

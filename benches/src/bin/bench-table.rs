@@ -3,7 +3,7 @@
 //! prints the markdown tables for `BENCHMARKS.md`, next to the Opacus
 //! reference figures.
 //!
-//! Run with `cargo run --release -p benches --bin bench-table -- [--quick]
+//! Run with `cargo run --release -p meridian-benches --bin bench-table -- [--quick]
 //! [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all] [--python PATH]`.
 //! Progress goes to stderr, the tables to stdout.
 //!
@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use benches::workload::{
+use burn::tensor::Device;
+use meridian_benches::workload::{
     ACCOUNTANT_DELTA, ACCOUNTANT_NOISE_MULTIPLIER, ACCOUNTANT_SAMPLE_RATE, ACCOUNTANT_STEPS,
 };
-use benches::{DpSgd, PlainSgd, Reference, StepError, WorkerRound, Workload};
-use burn::tensor::Device;
+use meridian_benches::{DpSgd, PlainSgd, Reference, StepError, WorkerRound, Workload};
 
 const USAGE: &str = "usage: bench-table [--quick] [--device cpu|gpu] [--workload mlp-a|mlp-b|cnn|all] [--python PATH]";
 
@@ -45,7 +45,7 @@ const MAX_EPOCHS: usize = 20_000;
 const QUICK_MLP_B_STEPS: usize = 125;
 /// Warm-up steps with `--quick`.
 const QUICK_WARMUP_STEPS: usize = 3;
-/// Progress label of the `worker::train::train_round` cross-check.
+/// Progress label of the `meridian_worker::train::train_round` cross-check.
 const WORKER_LABEL: &str = "worker round";
 
 /// Where the networks compute.
@@ -66,24 +66,15 @@ struct Options {
 }
 
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-    let mut options = Options {
-        quick: false,
-        device: DeviceChoice::Cpu,
-        workloads: Workload::ALL.to_vec(),
-        python: None,
-    };
+    let mut options =
+        Options { quick: false, device: DeviceChoice::Cpu, workloads: Workload::ALL.to_vec(), python: None };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) => (f.to_string(), Some(v.to_string())),
             None => (arg, None),
         };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or(format!("{name} needs a value"))
-        };
+        let mut value = |name: &str| inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value"));
         match flag.as_str() {
             "--quick" => options.quick = true,
             "--device" => {
@@ -97,9 +88,10 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
                 let key = value("--workload")?;
                 options.workloads = match key.as_str() {
                     "all" => Workload::ALL.to_vec(),
-                    _ => vec![Workload::from_key(&key).ok_or(format!(
-                        "--workload: expected mlp-a, mlp-b, cnn or all, got '{key}'"
-                    ))?],
+                    _ => vec![
+                        Workload::from_key(&key)
+                            .ok_or(format!("--workload: expected mlp-a, mlp-b, cnn or all, got '{key}'"))?,
+                    ],
                 };
             }
             "--python" => options.python = Some(PathBuf::from(value("--python")?)),
@@ -112,12 +104,12 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
 
 fn device(choice: DeviceChoice) -> Result<Device, String> {
     match choice {
-        DeviceChoice::Cpu => models::default_device(false).map_err(|e| e.to_string()),
+        DeviceChoice::Cpu => meridian_models::default_device(false).map_err(|e| e.to_string()),
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Gpu => models::default_device(true).map_err(|e| e.to_string()),
+        DeviceChoice::Gpu => meridian_models::default_device(true).map_err(|e| e.to_string()),
         #[cfg(not(feature = "wgpu"))]
         DeviceChoice::Gpu => Err(
-            "--device gpu needs the `wgpu` feature: cargo run --release -p benches --features wgpu --bin bench-table"
+            "--device gpu needs the `wgpu` feature: cargo run --release -p meridian-benches --features wgpu --bin bench-table"
                 .into(),
         ),
     }
@@ -153,13 +145,9 @@ impl Plan {
                 secs: 0.0,
                 steps_per_epoch: QUICK_MLP_B_STEPS.min(steps_per_epoch),
             },
-            (true, _) => Plan {
-                warmup_steps: QUICK_WARMUP_STEPS,
-                warmup_secs: 0.0,
-                epochs: 1,
-                secs: 0.0,
-                steps_per_epoch,
-            },
+            (true, _) => {
+                Plan { warmup_steps: QUICK_WARMUP_STEPS, warmup_secs: 0.0, epochs: 1, secs: 0.0, steps_per_epoch }
+            }
         }
     }
 }
@@ -194,11 +182,7 @@ fn measure(
     mut run: impl FnMut(usize) -> Result<usize, StepError>,
 ) -> Result<Epochs, StepError> {
     // The worker's plan counts rounds, one local epoch each.
-    let unit = if label == WORKER_LABEL {
-        "rounds"
-    } else {
-        "steps"
-    };
+    let unit = if label == WORKER_LABEL { "rounds" } else { "steps" };
     let start = Instant::now();
     // At least one call (of `warmup_steps`, which may be 0: no warm-up),
     // then more until `warmup_secs` have passed.
@@ -210,18 +194,10 @@ fn measure(
             break;
         }
     }
-    eprintln!(
-        "  {label}: warm-up {warmup} {unit}, {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
-    let mut epochs = Epochs {
-        rates: Vec::new(),
-        examples: Vec::new(),
-    };
+    eprintln!("  {label}: warm-up {warmup} {unit}, {:.1} s", start.elapsed().as_secs_f64());
+    let mut epochs = Epochs { rates: Vec::new(), examples: Vec::new() };
     let mut measured = 0.0;
-    while epochs.rates.len() < plan.epochs
-        || (measured < plan.secs && epochs.rates.len() < MAX_EPOCHS)
-    {
+    while epochs.rates.len() < plan.epochs || (measured < plan.secs && epochs.rates.len() < MAX_EPOCHS) {
         let start = Instant::now();
         let examples = run(plan.steps_per_epoch)?;
         let secs = start.elapsed().as_secs_f64();
@@ -247,7 +223,7 @@ struct Row {
     dp_plan: Plan,
     plain: Epochs,
     plain_plan: Plan,
-    /// `worker::train::train_round`, one round per epoch (examples expected).
+    /// `meridian_worker::train::train_round`, one round per epoch (examples expected).
     worker: Epochs,
     worker_plan: Plan,
     /// Plain PyTorch and Opacus, when measured in this run (`--python`).
@@ -270,11 +246,7 @@ fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Ro
     // One "step" of this plan is one round, i.e. one local epoch.
     let mut round = WorkerRound::new(workload, &data, device)?;
     let (round_steps, round_examples) = round.plan();
-    let worker_plan = Plan {
-        warmup_steps: usize::from(!quick),
-        steps_per_epoch: 1,
-        ..Plan::new(quick, workload, 1)
-    };
+    let worker_plan = Plan { warmup_steps: usize::from(!quick), steps_per_epoch: 1, ..Plan::new(quick, workload, 1) };
     let worker_epochs = measure(WORKER_LABEL, worker_plan, |rounds| {
         for _ in 0..rounds {
             round.run()?;
@@ -289,10 +261,7 @@ fn bench_workload(workload: Workload, device: &Device, quick: bool) -> Result<Ro
         plain: plain_epochs,
         plain_plan,
         worker: worker_epochs,
-        worker_plan: Plan {
-            steps_per_epoch: round_steps as usize,
-            ..worker_plan
-        },
+        worker_plan: Plan { steps_per_epoch: round_steps as usize, ..worker_plan },
         measured_reference: None,
     })
 }
@@ -309,14 +278,8 @@ struct PythonRun {
 /// stderr, on as many threads as Meridian's kernels use here (one per core;
 /// the issue's setting is a 2-core machine).
 fn measure_python(python: &Path, workload: Workload) -> Result<PythonRun, String> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
-    eprintln!(
-        "{}: plain PyTorch and Opacus ({}, {threads} threads)",
-        workload.name(),
-        python.display()
-    );
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
+    eprintln!("{}: plain PyTorch and Opacus ({}, {threads} threads)", workload.name(), python.display());
     let output = Command::new(python)
         .args([OPACUS_SCRIPT, "--json", "--threads", &threads, "--workload", workload.key()])
         .stderr(Stdio::inherit())
@@ -325,17 +288,14 @@ fn measure_python(python: &Path, workload: Workload) -> Result<PythonRun, String
     if !output.status.success() {
         return Err(format!("{OPACUS_SCRIPT} failed ({})", output.status));
     }
-    parse_python_run(&String::from_utf8_lossy(&output.stdout))
-        .map_err(|e| format!("{OPACUS_SCRIPT}: {e}"))
+    parse_python_run(&String::from_utf8_lossy(&output.stdout)).map_err(|e| format!("{OPACUS_SCRIPT}: {e}"))
 }
 
 /// Reads the script's one JSON object (one workload's row).
 fn parse_python_run(stdout: &str) -> Result<PythonRun, String> {
     let value: serde_json::Value =
         serde_json::from_str(stdout.trim()).map_err(|e| format!("output is not JSON: {e}"))?;
-    let row = value["rows"]
-        .get(0)
-        .ok_or("output has no row (field `rows`)")?;
+    let row = value["rows"].get(0).ok_or("output has no row (field `rows`)")?;
     let rate = |field: &str| {
         row[field]
             .as_f64()
@@ -363,8 +323,8 @@ struct AccountantTiming {
 fn time_accountant(
     label: &str,
     runs: usize,
-    query: impl Fn() -> Result<f64, privacy::AccountantError>,
-) -> Result<AccountantTiming, privacy::AccountantError> {
+    query: impl Fn() -> Result<f64, meridian_privacy::AccountantError>,
+) -> Result<AccountantTiming, meridian_privacy::AccountantError> {
     let mut times = Vec::with_capacity(runs);
     let mut epsilon = f64::NAN;
     for _ in 0..runs {
@@ -374,11 +334,7 @@ fn time_accountant(
     }
     let median = Duration::from_secs_f64(median(&times));
     eprintln!("{label}: ε = {epsilon:.4}, median {median:?} over {runs} runs");
-    Ok(AccountantTiming {
-        epsilon,
-        median,
-        runs,
-    })
+    Ok(AccountantTiming { epsilon, median, runs })
 }
 
 /// `12345.6` as `12,346`; under 100 with three significant figures.
@@ -387,10 +343,7 @@ fn grouped(x: f64) -> String {
         return "—".into();
     }
     if x < 100.0 {
-        return format!("{x:.3}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string();
+        return format!("{x:.3}").trim_end_matches('0').trim_end_matches('.').to_string();
     }
     let digits = format!("{:.0}", x);
     let mut out = String::new();
@@ -404,11 +357,7 @@ fn grouped(x: f64) -> String {
 }
 
 fn ratio(x: f64) -> String {
-    if x >= 10.0 {
-        format!("{x:.0}×")
-    } else {
-        format!("{x:.2}×")
-    }
+    if x >= 10.0 { format!("{x:.0}×") } else { format!("{x:.2}×") }
 }
 
 fn duration(d: Duration) -> String {
@@ -447,17 +396,12 @@ fn cpu_model() -> String {
 fn time_fedavg(runs: usize) -> f64 {
     const D: usize = 1_000_000;
     const UPDATES: usize = 10;
-    let updates: Vec<Vec<f32>> = (0..UPDATES)
-        .map(|k| {
-            (0..D)
-                .map(|i| ((i * 31 + k * 7) % 1000) as f32 * 1e-3)
-                .collect()
-        })
-        .collect();
+    let updates: Vec<Vec<f32>> =
+        (0..UPDATES).map(|k| (0..D).map(|i| ((i * 31 + k * 7) % 1000) as f32 * 1e-3).collect()).collect();
     let mut rates = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = std::time::Instant::now();
-        let mut avg = coordinator::aggregate::FedAvg::new(D);
+        let mut avg = meridian_coordinator::aggregate::FedAvg::new(D);
         for (k, u) in updates.iter().enumerate() {
             avg.fold(u, (k + 1) as f64);
         }
@@ -470,6 +414,8 @@ fn time_fedavg(runs: usize) -> f64 {
     rates[rates.len() / 2]
 }
 
+/// Prints every table of `BENCHMARKS.md`: throughput, the epochs behind
+/// it, the accountants and the aggregation.
 fn print_tables(
     options: &Options,
     rows: &[Row],
@@ -477,12 +423,18 @@ fn print_tables(
     rdp: &AccountantTiming,
     pld: &AccountantTiming,
 ) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    print_throughput(options, rows, python_versions);
+    print_epochs(rows);
+    print_accountants(rdp, pld);
+    print_aggregation(options);
+}
+
+/// The machine, the device and how epochs were measured, as one line.
+fn run_description(options: &Options) -> String {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let device = match options.device {
         DeviceChoice::Cpu => {
-            "cpu (Meridian's CPU kernels, `models::cpu`: the batch split across every core; noise drawn ahead on one or two more threads)"
+            "cpu (Meridian's CPU kernels, `meridian_models::cpu`: the batch split across every core; noise drawn ahead on one or two more threads)"
         }
         DeviceChoice::Gpu => "gpu (Burn wgpu)",
     };
@@ -495,19 +447,20 @@ fn print_tables(
             "warm-up epochs for {WARMUP_SECS} s (at least one), then median throughput of at least {MEASURED_EPOCHS} whole epochs (more until {MEASURED_SECS} s are measured)"
         )
     };
+    format!("Machine: {} ({threads} threads available); device: {device}; {mode}.\n", cpu_model())
+}
+
+/// The throughput table, Meridian next to Opacus, and where the Opacus
+/// figures come from.
+fn print_throughput(options: &Options, rows: &[Row], python_versions: Option<&str>) {
     println!("## Meridian training throughput\n");
-    println!(
-        "Machine: {} ({threads} threads available); device: {device}; {mode}.\n",
-        cpu_model()
-    );
+    println!("{}", run_description(options));
     println!(
         "| workload | params | Meridian DP-SGD ex/s | Meridian plain ex/s | DP cost | Opacus DP-SGD ex/s † | Meridian ÷ Opacus (DP) | PyTorch plain ex/s † | Opacus DP cost † |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for row in rows {
-        let reference = row
-            .measured_reference
-            .unwrap_or_else(|| row.workload.opacus_reference());
+        let reference = row.measured_reference.unwrap_or_else(|| row.workload.opacus_reference());
         let dp = row.dp.median();
         let plain = row.plain.median();
         println!(
@@ -539,9 +492,12 @@ fn print_tables(
         "DP-SGD: σ = 1.0, C = 1.0, Poisson sampling q = 1/ceil(N/B), ceil(N/B) steps per epoch, examples = sum of \
          sampled batch sizes; plain: floor(N/B) shuffled batches of exactly B, mean cross-entropy gradient; SGD lr 0.05.\n"
     );
-    println!(
-        "| workload | run | steps/epoch | measured epochs | mean examples/epoch | ex/s min / median / max |"
-    );
+}
+
+/// Each run's epochs behind the throughput table, and what the worker-round
+/// row checks.
+fn print_epochs(rows: &[Row]) {
+    println!("| workload | run | steps/epoch | measured epochs | mean examples/epoch | ex/s min / median / max |");
     println!("|---|---|---|---|---|---|");
     for row in rows {
         let runs = [
@@ -567,9 +523,13 @@ fn print_tables(
         }
     }
     println!(
-        "\n‡ `worker::train::train_round`, one local epoch per round (q = B/N, ceil(N/B) steps), examples counted as \
+        "\n‡ `meridian_worker::train::train_round`, one local epoch per round (q = B/N, ceil(N/B) steps), examples counted as \
          the expected steps · B; a check that the DP-SGD row times what a site runs.\n"
     );
+}
+
+/// The accountants' ε and the time of one query.
+fn print_accountants(rdp: &AccountantTiming, pld: &AccountantTiming) {
     println!("## Accountants\n");
     println!(
         "ε of {} DP-SGD steps, q = {ACCOUNTANT_SAMPLE_RATE}, σ = {ACCOUNTANT_NOISE_MULTIPLIER}, δ = {ACCOUNTANT_DELTA:e}.\n",
@@ -578,21 +538,25 @@ fn print_tables(
     println!("| accountant | ε | time per query (median of runs) | Python reference † |");
     println!("|---|---|---|---|");
     println!(
-        "| RDP `privacy::dpsgd_epsilon` | {:.4} | {} ({}) | dp_accounting RDP ≈ 0.1 s |",
+        "| RDP `meridian_privacy::dpsgd_epsilon` | {:.4} | {} ({}) | dp_accounting RDP ≈ 0.1 s |",
         rdp.epsilon,
         duration(rdp.median),
         rdp.runs
     );
     println!(
-        "| PLD `privacy::dpsgd_epsilon_pld` | {:.4} | {} ({}) | dp_accounting PLD ≈ 8 s; prv_accountant ≈ 0.8 s |",
+        "| PLD `meridian_privacy::dpsgd_epsilon_pld` | {:.4} | {} ({}) | dp_accounting PLD ≈ 8 s; prv_accountant ≈ 0.8 s |",
         pld.epsilon,
         duration(pld.median),
         pld.runs
     );
+}
+
+/// The coordinator's streaming FedAvg, timed here.
+fn print_aggregation(options: &Options) {
     let rate = time_fedavg(if options.quick { 1 } else { 7 });
     println!("\n## Aggregation\n");
     println!(
-        "Streaming weighted FedAvg (`coordinator::aggregate::FedAvg`), 10 updates of d = 1,000,000 folded into an f64 running sum: {:.2} GB/s of update data (median).",
+        "Streaming weighted FedAvg (`meridian_coordinator::aggregate::FedAvg`), 10 updates of d = 1,000,000 folded into an f64 running sum: {:.2} GB/s of update data (median).",
         rate / 1e9
     );
 }
@@ -602,8 +566,8 @@ fn run(options: &Options) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut python_versions = None;
     for &workload in &options.workloads {
-        let mut row = bench_workload(workload, &device, options.quick)
-            .map_err(|e| format!("{}: {e}", workload.name()))?;
+        let mut row =
+            bench_workload(workload, &device, options.quick).map_err(|e| format!("{}: {e}", workload.name()))?;
         if let Some(python) = &options.python {
             let measured = measure_python(python, workload)?;
             row.measured_reference = Some(measured.reference);
@@ -613,7 +577,7 @@ fn run(options: &Options) -> Result<(), String> {
     }
     let (rdp_runs, pld_runs) = if options.quick { (1, 1) } else { (5, 3) };
     let rdp = time_accountant("RDP", rdp_runs, || {
-        privacy::dpsgd_epsilon(
+        meridian_privacy::dpsgd_epsilon(
             ACCOUNTANT_SAMPLE_RATE,
             ACCOUNTANT_NOISE_MULTIPLIER,
             ACCOUNTANT_STEPS,
@@ -623,7 +587,7 @@ fn run(options: &Options) -> Result<(), String> {
     })
     .map_err(|e| format!("RDP accountant: {e}"))?;
     let pld = time_accountant("PLD", pld_runs, || {
-        privacy::dpsgd_epsilon_pld(
+        meridian_privacy::dpsgd_epsilon_pld(
             ACCOUNTANT_SAMPLE_RATE,
             ACCOUNTANT_NOISE_MULTIPLIER,
             ACCOUNTANT_STEPS,
@@ -637,7 +601,7 @@ fn run(options: &Options) -> Result<(), String> {
 
 fn main() -> ExitCode {
     // The allocator settings of the `meridian` binary, whose code this times.
-    proto::memory::keep_transfer_buffers();
+    meridian_sys::memory::keep_transfer_buffers();
     let options = match parse(std::env::args().skip(1)) {
         Ok(options) => options,
         Err(message) if message.is_empty() => {

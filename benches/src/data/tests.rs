@@ -31,16 +31,10 @@ fn features_match_reference_rows() {
     // [2 * u(seed, i * D + j) - 1 ...] in Python floats (f64, exact here)
     let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
     let a = Dataset::generate(1, 569, 30);
-    assert_eq!(
-        widen(&a.row(0)[..3]),
-        [0.13312304019927979, 0.49156343936920166, 0.9420053958892822]
-    );
+    assert_eq!(widen(&a.row(0)[..3]), [0.13312304019927979, 0.49156343936920166, 0.9420053958892822]);
     assert_eq!(f64::from(a.row(568)[29]), 0.22354066371917725);
     let b = Dataset::generate(3, 3, 784);
-    assert_eq!(
-        widen(&b.row(0)[..3]),
-        [-0.773099422454834, 0.40058696269989014, 0.22594928741455078]
-    );
+    assert_eq!(widen(&b.row(0)[..3]), [-0.773099422454834, 0.40058696269989014, 0.22594928741455078]);
     assert!(a.x.iter().all(|v| (-1.0..1.0).contains(v)));
 }
 
@@ -53,11 +47,7 @@ fn labels_match_reference_rows() {
         (3, 784, [0, 1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 1]),
     ];
     for (seed, dim, want) in cases {
-        assert_eq!(
-            Dataset::generate(seed, 12, dim).y,
-            want,
-            "seed {seed}, D = {dim}"
-        );
+        assert_eq!(Dataset::generate(seed, 12, dim).y, want, "seed {seed}, D = {dim}");
     }
 }
 
@@ -68,14 +58,7 @@ fn labels_follow_the_rule() {
         let sum: f64 = data.row(i)[..5].iter().map(|&v| f64::from(v)).sum();
         assert_eq!(data.y[i], u8::from(sum > 0.0), "row {i}");
     }
-    assert_eq!(
-        label(&[0.5, -0.5, 0.0, 0.0, 0.0, 9.0]),
-        0,
-        "a zero sum is class 0; feature 6 is ignored"
-    );
+    assert_eq!(label(&[0.5, -0.5, 0.0, 0.0, 0.0, 9.0]), 0, "a zero sum is class 0; feature 6 is ignored");
     let positives = data.y.iter().filter(|&&l| l == 1).count();
-    assert!(
-        (900..1100).contains(&positives),
-        "{positives} positives of 2000"
-    );
+    assert!((900..1100).contains(&positives), "{positives} positives of 2000");
 }

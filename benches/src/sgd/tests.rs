@@ -26,11 +26,7 @@ fn check_plain_gradient(workload: Workload, rows: usize) {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-4 * scale,
-            "{}: parameter {i}: got {g}, want {w}",
-            workload.name()
-        );
+        assert!((g - w).abs() <= 1e-4 * scale, "{}: parameter {i}: got {g}, want {w}", workload.name());
     }
 }
 
@@ -57,10 +53,7 @@ fn plain_step_descends_the_gradient() {
     let after = plain.params();
     for ((a, b), g) in after.iter().zip(&before).zip(&grad) {
         let want = b - (LEARNING_RATE as f32) * g;
-        assert!(
-            (a - want).abs() <= 1e-6 * (1.0 + want.abs()),
-            "got {a}, want {want}"
-        );
+        assert!((a - want).abs() <= 1e-6 * (1.0 + want.abs()), "got {a}, want {want}");
     }
 }
 
@@ -103,10 +96,7 @@ fn dp_run_counts_sampled_examples_and_moves_the_parameters() {
     let mut dp = DpSgd::new(w, &cpu()).unwrap();
     let examples = dp.run(&data, w.steps_per_epoch()).unwrap();
     // 569 rows in expectation; Binomial sd about 22.
-    assert!(
-        (400..740).contains(&examples),
-        "{examples} examples in an epoch"
-    );
+    assert!((400..740).contains(&examples), "{examples} examples in an epoch");
     assert_ne!(dp.params(), w.initial_params().unwrap().as_slice());
     assert!(dp.params().iter().all(|v| v.is_finite()));
 }

@@ -7,28 +7,15 @@
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, SystemTime};
 
-use proto::checkpoint;
-
+use meridian_store::checkpoint;
 use rusqlite::Connection;
 
 use crate::util::{Federation, WDBC_NUMERIC, WdbcJob, example, free_port, wait_for};
 
 const NUMERIC: &[&str] = WDBC_NUMERIC;
 
-fn job_spec(
-    fed: &Federation,
-    file: &str,
-    rounds: u32,
-    local_epochs: f64,
-    hidden: &str,
-) -> std::path::PathBuf {
-    WdbcJob {
-        rounds,
-        local_epochs,
-        hidden,
-        ..WdbcJob::default()
-    }
-    .write(fed, file)
+fn job_spec(fed: &Federation, file: &str, rounds: u32, local_epochs: f64, hidden: &str) -> std::path::PathBuf {
+    WdbcJob { rounds, local_epochs, hidden, ..WdbcJob::default() }.write(fed, file)
 }
 
 /// The rounds of `job_id` whose DP-SGD is charged in the ledger of the worker at `home`, in order.
@@ -61,24 +48,14 @@ fn stdout(out: &std::process::Output) -> String {
 #[test]
 fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
     let mut fed = Federation::start(&["hospital-a"]);
-    let home = fed.start_worker(
-        "hospital-a",
-        "wdbc",
-        &example("data/wdbc_breast_cancer.csv"),
-        "diagnosis",
-        NUMERIC,
-    );
+    let home = fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC);
     let spec = job_spec(&fed, "long.toml", 6, 40.0, "[128, 128]");
     let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| stdout(&out))
     });
     // Kill the worker at pseudo-random moments (10 to 400 ms apart), restarting it each time.
-    let mut seed = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
+    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     let mut kills = 0;
     for _ in 0..12 {
         seed ^= seed << 13;
@@ -94,10 +71,7 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
         kills += 1;
     }
     eprintln!("killed the worker {kills} times");
-    assert!(
-        kills >= 3,
-        "the job ended before the worker could be killed 3 times"
-    );
+    assert!(kills >= 3, "the job ended before the worker could be killed 3 times");
     let out = fed.client("alice", &["job", "watch", &job_id]);
     assert!(
         out.status.success(),
@@ -110,12 +84,11 @@ fn worker_killed_at_any_moment_never_overspends_and_the_job_completes() {
     // One charge per round, every round charged, none twice.
     assert_eq!(rounds, vec![1, 2, 3, 4, 5, 6], "after {kills} kills");
     let ledger = Connection::open(home.join("state").join("ledger.sqlite")).unwrap();
-    let max_dataset_eps: f64 = ledger
-        .query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0))
-        .unwrap();
+    let max_dataset_eps: f64 = ledger.query_row("SELECT MAX(epsilon_dataset) FROM ledger", [], |r| r.get(0)).unwrap();
     assert!(max_dataset_eps <= 40.0);
     // The coordinator's mirror has every charge: DP-SGD, clip counts, evaluations.
-    let local: i64 = ledger.query_row("SELECT COUNT(*) FROM ledger WHERE job_id = ?1", [&job_id], |r| r.get(0)).unwrap();
+    let local: i64 =
+        ledger.query_row("SELECT COUNT(*) FROM ledger WHERE job_id = ?1", [&job_id], |r| r.get(0)).unwrap();
     let mirrored = count(&coordinator_db(&fed), "ledger_mirror", "site = 'hospital-a'", &job_id);
     assert_eq!(mirrored, local);
     assert_eq!(count(&coordinator_db(&fed), "ledger_mirror", "mechanism = 'dp_sgd'", &job_id), 6);
@@ -145,18 +118,9 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
         let b = s.spawn(|| stdout(&fed.client("alice", &["job", "submit", two.to_str().unwrap()])));
         vec![a.join().unwrap(), b.join().unwrap()]
     });
-    let outcomes: Vec<String> = ids
-        .iter()
-        .map(|id| stdout(&fed.client("alice", &["job", "watch", id])))
-        .collect();
-    let completed = outcomes
-        .iter()
-        .filter(|o| o.contains("state      completed"))
-        .count();
-    let refused = outcomes
-        .iter()
-        .filter(|o| o.contains("refused: budget_exceeded"))
-        .count();
+    let outcomes: Vec<String> = ids.iter().map(|id| stdout(&fed.client("alice", &["job", "watch", id]))).collect();
+    let completed = outcomes.iter().filter(|o| o.contains("state      completed")).count();
+    let refused = outcomes.iter().filter(|o| o.contains("refused: budget_exceeded")).count();
     assert_eq!((completed, refused), (1, 1), "{outcomes:#?}");
     // The refusal says what is true: the ε the dataset would reach, by RDP
     // composition of both jobs (less than the sum of their ε), over its budget.
@@ -165,9 +129,13 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
         .map(|id| serde_json::from_str(&stdout(&fed.client("alice", &["job", "status", id, "--json"]))).unwrap())
         .collect();
     let site = |s: &serde_json::Value, key: &str| s["sites"][0][key].as_f64().unwrap();
-    let (done, refused) = if statuses[0]["state"] == "completed" { (&statuses[0], &statuses[1]) } else { (&statuses[1], &statuses[0]) };
+    let (done, refused) =
+        if statuses[0]["state"] == "completed" { (&statuses[0], &statuses[1]) } else { (&statuses[1], &statuses[0]) };
     let projected = site(refused, "projected_epsilon");
-    assert!(projected > 1.8 && projected < site(done, "planned_epsilon") + site(refused, "planned_epsilon"), "{refused}");
+    assert!(
+        projected > 1.8 && projected < site(done, "planned_epsilon") + site(refused, "planned_epsilon"),
+        "{refused}"
+    );
     assert_eq!(site(refused, "budget_epsilon"), 1.8);
     let text = outcomes.iter().find(|o| o.contains("budget_exceeded")).unwrap();
     assert!(text.contains(&format!("would bring the dataset to ε {projected:.3}, composed with everything spent and reserved, over its budget of ε 1.800")), "{text}");
@@ -178,7 +146,7 @@ fn two_jobs_racing_for_the_last_of_a_budget_cannot_both_get_it() {
 }
 
 /// The moments of a round where a coordinator crash matters, as named by
-/// `proto::failpoint` calls in the coordinator.
+/// `meridian_sys::failpoint` calls in the coordinator.
 const PHASES: [&str; 7] = [
     "round.assign",     // a training task is being handed to a site
     "update.receive",   // an update's chunks are streaming in
@@ -197,14 +165,8 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
         fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", NUMERIC),
         fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC),
     ];
-    let spec = WdbcJob {
-        rounds: 10,
-        local_epochs: 20.0,
-        hidden: "[256, 256]",
-        min_sites: 2,
-        ..WdbcJob::default()
-    }
-    .write(&fed, "ten.toml");
+    let spec = WdbcJob { rounds: 10, local_epochs: 20.0, hidden: "[256, 256]", min_sites: 2, ..WdbcJob::default() }
+        .write(&fed, "ten.toml");
     let job_id = wait_for(Duration::from_secs(30), "both workers to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| stdout(&out))
@@ -216,29 +178,16 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
         for phase in PHASES {
             fed.restart_coordinator_armed(phase);
             let Some(status) = fed.wait_for_coordinator_exit(Duration::from_secs(90)) else {
-                panic!(
-                    "cycle {cycle}: the coordinator never reached {phase}\n{}",
-                    fed.coordinator_log()
-                );
+                panic!("cycle {cycle}: the coordinator never reached {phase}\n{}", fed.coordinator_log());
             };
-            assert_eq!(
-                status.signal(),
-                Some(9),
-                "cycle {cycle}, {phase}: {status}\n{}",
-                fed.coordinator_log()
-            );
+            assert_eq!(status.signal(), Some(9), "cycle {cycle}, {phase}: {status}\n{}", fed.coordinator_log());
             kills += 1;
         }
     }
     assert_eq!(kills, 21);
     fed.kill_and_restart_coordinator();
     let out = fed.client("alice", &["job", "watch", &job_id]);
-    assert!(
-        out.status.success(),
-        "after {kills} kills: {}\n{}",
-        stdout(&out),
-        fed.coordinator_log()
-    );
+    assert!(out.status.success(), "after {kills} kills: {}\n{}", stdout(&out), fed.coordinator_log());
     let log = fed.coordinator_log();
     for phase in PHASES {
         let at = format!("killing this process at {phase} ");
@@ -246,17 +195,9 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
     }
 
     let coordinator = coordinator_db(&fed);
-    assert_eq!(
-        count(&coordinator, "rounds", "state = 'aggregated'", &job_id),
-        10
-    );
+    assert_eq!(count(&coordinator, "rounds", "state = 'aggregated'", &job_id), 10);
     for home in &homes {
-        assert_eq!(
-            charged_rounds(home, &job_id),
-            (1..=10).collect::<Vec<u32>>(),
-            "{}",
-            home.display()
-        );
+        assert_eq!(charged_rounds(home, &job_id), (1..=10).collect::<Vec<u32>>(), "{}", home.display());
     }
     // Every acknowledged update was counted once: one update row per site and round.
     assert_eq!(count(&coordinator, "updates", "1", &job_id), 20);
@@ -280,9 +221,7 @@ fn coordinator_killed_at_every_phase_of_a_round_carries_the_job_to_completion() 
         let rows: Vec<(String, f64)> = coordinator
             .prepare("SELECT path, num_examples FROM updates WHERE job_id = ?1 AND round = ?2")
             .unwrap()
-            .query_map(rusqlite::params![job_id, round], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_map(rusqlite::params![job_id, round], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
@@ -318,25 +257,15 @@ fn a_partitioned_site_does_not_hang_the_job() {
     fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", NUMERIC);
     fed.start_worker("hospital-b", "wdbc", &data, "diagnosis", NUMERIC);
     // A deadline far beyond the test's patience: only the idle timeout can end the wait.
-    let spec = WdbcJob {
-        rounds: 6,
-        local_epochs: 10.0,
-        hidden: "[64, 64]",
-        deadline_secs: 600,
-        ..WdbcJob::default()
-    }
-    .write(&fed, "partition.toml");
+    let spec = WdbcJob { rounds: 6, local_epochs: 10.0, hidden: "[64, 64]", deadline_secs: 600, ..WdbcJob::default() }
+        .write(&fed, "partition.toml");
     wait_for(Duration::from_secs(30), "both workers to register", || {
         let out = fed.client("rita", &["budget", "--json"]);
         let text = stdout(&out);
         (text.contains("hospital-a") && text.contains("hospital-b")).then_some(())
     });
     let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let job_id = stdout(&out);
     wait_for(Duration::from_secs(30), "round 2", || {
         let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
@@ -344,39 +273,17 @@ fn a_partitioned_site_does_not_hang_the_job() {
         (state["current_round"].as_u64()? >= 2).then_some(())
     });
     let frozen = fed.daemons[2].0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &frozen])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let finished = wait_for(
-        Duration::from_secs(120),
-        "the job to end without the frozen site",
-        || {
-            let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
-            let state: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
-            matches!(state["state"].as_str(), Some("completed" | "failed")).then_some(state)
-        },
-    );
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-CONT", &frozen])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(std::process::Command::new("kill").args(["-STOP", &frozen]).status().unwrap().success());
+    let finished = wait_for(Duration::from_secs(120), "the job to end without the frozen site", || {
+        let out = fed.client("alice", &["job", "status", &job_id, "--json"]);
+        let state: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+        matches!(state["state"].as_str(), Some("completed" | "failed")).then_some(state)
+    });
+    assert!(std::process::Command::new("kill").args(["-CONT", &frozen]).status().unwrap().success());
     assert_eq!(finished["state"], "completed", "{finished}");
     let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
-    assert!(
-        audit.contains("round.sites_silent") && audit.contains("hospital-b"),
-        "{audit}"
-    );
-    assert!(
-        audit.contains("no heartbeat for more than the idle timeout of 2 s"),
-        "{audit}"
-    );
+    assert!(audit.contains("round.sites_silent") && audit.contains("hospital-b"), "{audit}");
+    assert!(audit.contains("no heartbeat for more than the idle timeout of 2 s"), "{audit}");
 }
 
 #[test]

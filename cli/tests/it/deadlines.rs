@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proto::pb;
+use meridian_wire::pb;
 use rusqlite::Connection;
 
 use crate::util::{Federation, RawSite, WDBC_NUMERIC, WdbcJob, example, wait_for};
@@ -20,15 +20,8 @@ fn spec(
     hidden: &str,
     deadline_secs: u32,
 ) -> std::path::PathBuf {
-    WdbcJob {
-        rounds,
-        local_epochs,
-        hidden,
-        deadline_secs,
-        max_round_attempts: 2,
-        ..WdbcJob::default()
-    }
-    .write(fed, file)
+    WdbcJob { rounds, local_epochs, hidden, deadline_secs, max_round_attempts: 2, ..WdbcJob::default() }
+        .write(fed, file)
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -65,17 +58,11 @@ fn an_upload_still_making_progress_is_waited_for_past_the_deadline() {
     let spec = spec(&fed, "slow.toml", 2, 1.0, "[256, 256]", 4);
     let job_id = fed.submit(&spec);
     let out = fed.client("alice", &["job", "watch", &job_id]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        stdout(&out),
-        fed.coordinator_log()
-    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), fed.coordinator_log());
 
     // min_sites is 1, so without the wait each round would have closed at its
     // deadline with hospital-a alone and refused hospital-b's late update.
-    let coordinator =
-        Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
+    let coordinator = Connection::open(fed.dir.join("coord-state").join("coordinator.sqlite")).unwrap();
     let sites: Vec<(u32, String)> = coordinator
         .prepare("SELECT round, site FROM updates WHERE job_id = ?1 ORDER BY round, site")
         .unwrap()
@@ -83,42 +70,25 @@ fn an_upload_still_making_progress_is_waited_for_past_the_deadline() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let expected: Vec<(u32, String)> = [
-        (1, "hospital-a"),
-        (1, "hospital-b"),
-        (2, "hospital-a"),
-        (2, "hospital-b"),
-    ]
-    .iter()
-    .map(|(r, s)| (*r, s.to_string()))
-    .collect();
+    let expected: Vec<(u32, String)> = [(1, "hospital-a"), (1, "hospital-b"), (2, "hospital-a"), (2, "hospital-b")]
+        .iter()
+        .map(|(r, s)| (*r, s.to_string()))
+        .collect();
     assert_eq!(sites, expected);
     let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
     assert!(!audit.contains("update.rejected"), "{audit}");
     // Each round was closed with both sites' updates in it.
-    let aggregated: Vec<&str> = audit
-        .lines()
-        .filter(|l| l.contains("\"round.aggregated\""))
-        .collect();
+    let aggregated: Vec<&str> = audit.lines().filter(|l| l.contains("\"round.aggregated\"")).collect();
     assert_eq!(aggregated.len(), 2, "{audit}");
     for line in aggregated {
-        assert!(
-            line.contains("hospital-a") && line.contains("hospital-b"),
-            "{line}"
-        );
+        assert!(line.contains("hospital-a") && line.contains("hospital-b"), "{line}");
     }
 }
 
 #[test]
 fn an_update_stream_silent_for_the_idle_timeout_is_dropped_with_its_reason() {
     let mut fed = Federation::start_with(&["hospital-a", "hospital-x"], 0, "idle_timeout_secs = 2");
-    fed.start_worker(
-        "hospital-a",
-        "wdbc",
-        &example("data/wdbc_breast_cancer.csv"),
-        "diagnosis",
-        NUMERIC,
-    );
+    fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC);
     let mut stalled = RawSite::join(&fed, "hospital-x", "wdbc", "diagnosis", NUMERIC);
     wait_for_sites(&fed, &["hospital-a"]);
     let spec = spec(&fed, "stall.toml", 1, 1.0, "[16]", 30);
@@ -145,19 +115,10 @@ fn an_update_stream_silent_for_the_idle_timeout_is_dropped_with_its_reason() {
         })),
     };
     let half = pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Data(proto::tensor::encode_chunk(
-            &vec![0.01f32; n / 2],
-        ))),
+        part: Some(pb::update_chunk::Part::Data(meridian_wire::tensor::encode_chunk(&vec![0.01f32; n / 2]))),
     };
-    let messages = tokio_stream::StreamExt::chain(
-        tokio_stream::iter(vec![header, half]),
-        tokio_stream::pending(),
-    );
-    let reply = stalled
-        .rt
-        .block_on(stalled.client.push_update(messages))
-        .unwrap()
-        .into_inner();
+    let messages = tokio_stream::StreamExt::chain(tokio_stream::iter(vec![header, half]), tokio_stream::pending());
+    let reply = stalled.rt.block_on(stalled.client.push_update(messages)).unwrap().into_inner();
     assert!(!reply.accepted);
     assert_eq!(
         reply.reason,
@@ -166,57 +127,32 @@ fn an_update_stream_silent_for_the_idle_timeout_is_dropped_with_its_reason() {
     let out = fed.client("alice", &["job", "watch", &job_id]);
     assert!(out.status.success(), "{}", stdout(&out));
     let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
-    assert!(
-        audit.contains("the update stream was silent for more than the idle timeout of 2 s"),
-        "{audit}"
-    );
+    assert!(audit.contains("the update stream was silent for more than the idle timeout of 2 s"), "{audit}");
 }
 
 #[test]
 fn a_cancelled_job_stops_local_training_within_a_second() {
     let mut fed = Federation::start(&["hospital-a"]);
-    let home = fed.start_worker(
-        "hospital-a",
-        "wdbc",
-        &example("data/wdbc_breast_cancer.csv"),
-        "diagnosis",
-        NUMERIC,
-    );
+    let home = fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", NUMERIC);
     wait_for_sites(&fed, &["hospital-a"]);
     // One round of 50 local epochs of a 1M-parameter MLP: many seconds of training.
     let spec = spec(&fed, "long.toml", 1, 50.0, "[1024, 1024]", 3600);
     let job_id = fed.submit(&spec);
     let log = home.join("worker.log");
     wait_for(Duration::from_secs(60), "local training to start", || {
-        std::fs::read_to_string(&log)
-            .ok()?
-            .contains("local training started")
-            .then_some(())
+        std::fs::read_to_string(&log).ok()?.contains("local training started").then_some(())
     });
     std::thread::sleep(Duration::from_millis(500));
-    let asked_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let asked_at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let out = fed.client("alice", &["job", "cancel", &job_id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let audit = home.join("state").join("audit.log");
-    let stopped_at = wait_for(
-        Duration::from_secs(30),
-        "the worker to stop training",
-        || {
-            let text = std::fs::read_to_string(&audit).ok()?;
-            let line = text
-                .lines()
-                .find(|l| l.contains("\"training.cancelled\""))?;
-            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
-            entry["at_unix_ms"].as_i64()
-        },
-    );
+    let stopped_at = wait_for(Duration::from_secs(30), "the worker to stop training", || {
+        let text = std::fs::read_to_string(&audit).ok()?;
+        let line = text.lines().find(|l| l.contains("\"training.cancelled\""))?;
+        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+        entry["at_unix_ms"].as_i64()
+    });
     let took = stopped_at - asked_at;
     eprintln!("local training stopped {took} ms after the cancel was asked for");
     assert!(

@@ -41,7 +41,13 @@ fn a_bad_cell_stays_at_the_site_and_only_its_code_and_column_leave() {
     let planted: Vec<String> = original
         .lines()
         .enumerate()
-        .map(|(i, line)| if i == 41 { line.replacen(",M,", &format!(",{marker},"), 1).replacen(",B,", &format!(",{marker},"), 1) } else { line.to_string() })
+        .map(|(i, line)| {
+            if i == 41 {
+                line.replacen(",M,", &format!(",{marker},"), 1).replacen(",B,", &format!(",{marker},"), 1)
+            } else {
+                line.to_string()
+            }
+        })
         .collect();
     assert!(planted[41].contains(&marker));
     let csv = fed.dir.join("hospital-a-data.csv");
@@ -102,7 +108,13 @@ fn mirrored_ledger(fed: &Federation) -> Vec<serde_json::Value> {
 #[test]
 fn sizes_leave_once_noised_and_every_job_plans_from_them() {
     let mut fed = Federation::start(&["hospital-a"]);
-    fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", crate::util::WDBC_NUMERIC);
+    fed.start_worker(
+        "hospital-a",
+        "wdbc",
+        &example("data/wdbc_breast_cancer.csv"),
+        "diagnosis",
+        crate::util::WDBC_NUMERIC,
+    );
     let spec = WdbcJob::default().write(&fed, "job.toml");
     let submit = || {
         wait_for(Duration::from_secs(30), "the worker to register", || {
@@ -139,7 +151,12 @@ fn sizes_leave_once_noised_and_every_job_plans_from_them() {
 fn a_site_with_too_few_records_refuses_with_a_code() {
     let mut fed = Federation::start(&["hospital-a"]);
     // The first 40 records of WDBC: about 32 for training, under the default floor of 50.
-    let text40: String = std::fs::read_to_string(example("data/wdbc_breast_cancer.csv")).unwrap().lines().take(41).map(|l| format!("{l}\n")).collect();
+    let text40: String = std::fs::read_to_string(example("data/wdbc_breast_cancer.csv"))
+        .unwrap()
+        .lines()
+        .take(41)
+        .map(|l| format!("{l}\n"))
+        .collect();
     let csv = fed.dir.join("few.csv");
     std::fs::write(&csv, text40).unwrap();
     fed.start_worker("hospital-a", "wdbc", &csv, "diagnosis", crate::util::WDBC_NUMERIC);
@@ -169,7 +186,9 @@ fn a_site_with_too_few_records_refuses_with_a_code() {
 fn auc_of(sites: &[serde_json::Value]) -> f64 {
     let bins = sites[0]["negatives"].as_array().unwrap().len();
     let cell = |s: &serde_json::Value, class: &str, b: usize| s[class][b].as_i64().unwrap();
-    let sum = |class: &str| -> Vec<f64> { (0..bins).map(|b| sites.iter().map(|s| cell(s, class, b)).sum::<i64>().max(0) as f64).collect() };
+    let sum = |class: &str| -> Vec<f64> {
+        (0..bins).map(|b| sites.iter().map(|s| cell(s, class, b)).sum::<i64>().max(0) as f64).collect()
+    };
     let (neg, pos) = (sum("negatives"), sum("positives"));
     let (mut below, mut wins) = (0.0, 0.0);
     for b in 0..bins {
@@ -184,7 +203,8 @@ fn metrics_leave_as_charged_noised_releases_unless_a_policy_says_exact() {
     let mut fed = Federation::start(&["hospital-a", "hospital-b"]);
     let data = example("data/wdbc_breast_cancer.csv");
     let (budget, cap) = (40.0, 20.0);
-    let home_a = fed.start_worker_with_budget("hospital-a", "wdbc", &data, "diagnosis", crate::util::WDBC_NUMERIC, budget, cap);
+    let home_a =
+        fed.start_worker_with_budget("hospital-a", "wdbc", &data, "diagnosis", crate::util::WDBC_NUMERIC, budget, cap);
     let home_b = fed.start_worker_with_toml(
         "hospital-b",
         "wdbc",
@@ -218,13 +238,28 @@ fn metrics_leave_as_charged_noised_releases_unless_a_policy_says_exact() {
             let entry = entries
                 .iter()
                 .find(|l| {
-                    l["site"] == e["site"] && l["job_id"] == job.as_str() && l["round"] == round["round"] && l["mechanism"] == "evaluation"
+                    l["site"] == e["site"]
+                        && l["job_id"] == job.as_str()
+                        && l["round"] == round["round"]
+                        && l["mechanism"] == "evaluation"
                 })
                 .unwrap_or_else(|| panic!("no evaluation entry for {e}"));
             assert_eq!(entry["noise_multiplier"], e["noise_scale"]);
             let sigma = entry["noise_multiplier"].as_f64().unwrap().to_string();
             let delta = entry["delta"].as_f64().unwrap().to_string();
-            let out = crate::util::run(&["privacy", "epsilon", "--sample-rate", "1", "--noise", &sigma, "--steps", "1", "--delta", &delta, "--json"]);
+            let out = crate::util::run(&[
+                "privacy",
+                "epsilon",
+                "--sample-rate",
+                "1",
+                "--noise",
+                &sigma,
+                "--steps",
+                "1",
+                "--delta",
+                &delta,
+                "--json",
+            ]);
             let recomputed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             let (got, want) = (recomputed["epsilon"].as_f64().unwrap(), entry["epsilon_round"].as_f64().unwrap());
             assert!((got - want).abs() <= 1e-9 * want, "{got} vs {entry}");
@@ -257,7 +292,8 @@ fn metrics_leave_as_charged_noised_releases_unless_a_policy_says_exact() {
         }
     }
     // The budget flags the site that releases exact metrics; its audit records each release.
-    let budget: Vec<serde_json::Value> = serde_json::from_slice(&fed.client("rita", &["budget", "--json"]).stdout).unwrap();
+    let budget: Vec<serde_json::Value> =
+        serde_json::from_slice(&fed.client("rita", &["budget", "--json"]).stdout).unwrap();
     assert!(budget.iter().all(|r| r["releases_exact_metrics"] == (r["site"] == "hospital-b")), "{budget:?}");
     let audit = |home: &Path| std::fs::read_to_string(home.join("state").join("audit.log")).unwrap();
     assert!(audit(&home_b).contains("exact_metrics.released"));

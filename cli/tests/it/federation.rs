@@ -19,7 +19,11 @@ fn demo_federation_trains_and_ledgers_agree() {
     );
     // The demo says where its configs are, and they are there.
     let printed = String::from_utf8_lossy(&out.stdout);
-    for config in [work.join("hospital-a").join("worker.toml"), work.join("coordinator").join("coordinator.toml"), work.join("job.toml")] {
+    for config in [
+        work.join("hospital-a").join("worker.toml"),
+        work.join("coordinator").join("coordinator.toml"),
+        work.join("job.toml"),
+    ] {
         assert!(config.is_file() && printed.contains(config.to_str().unwrap()), "{}: {printed}", config.display());
     }
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(work.join("summary.json")).unwrap()).unwrap();
@@ -52,7 +56,16 @@ fn demo_federation_trains_and_ledgers_agree() {
             let mut stmt = conn.prepare(&sql).unwrap();
             let args: Vec<&dyn rusqlite::ToSql> = if filter.is_empty() { vec![&job_id] } else { vec![&job_id, site] };
             stmt.query_map(args.as_slice(), |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
             })
             .unwrap()
             .collect::<Result<_, _>>()
@@ -109,9 +122,11 @@ fn demo_federation_trains_and_ledgers_agree() {
     assert_eq!(model.len(), 8 + header_len + 62 * 4);
     // The pulled model separates the classes on the whole dataset: its own
     // AUC, computed here from its weights, not from any released metric.
-    let weights: Vec<f32> = model[8 + header_len..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let weights: Vec<f32> =
+        model[8 + header_len..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     let offset = |name: &str| header[name]["data_offsets"][0].as_u64().unwrap() as usize / 4;
-    let (w, b) = (&weights[offset("0.weight")..offset("0.weight") + 60], &weights[offset("0.bias")..offset("0.bias") + 2]);
+    let (w, b) =
+        (&weights[offset("0.weight")..offset("0.weight") + 60], &weights[offset("0.bias")..offset("0.bias") + 2]);
     let auc = pulled_model_auc(w, b);
     assert!(auc > 0.95, "the pulled model's AUC on WDBC is {auc}");
 }
@@ -131,7 +146,8 @@ fn pulled_model_auc(w: &[f32], b: &[f32]) -> f64 {
         .collect();
     let n = rows.len() as f64;
     let mean: Vec<f64> = (0..30).map(|j| rows.iter().map(|r| r.0[j]).sum::<f64>() / n).collect();
-    let std: Vec<f64> = (0..30).map(|j| (rows.iter().map(|r| (r.0[j] - mean[j]).powi(2)).sum::<f64>() / n).sqrt()).collect();
+    let std: Vec<f64> =
+        (0..30).map(|j| (rows.iter().map(|r| (r.0[j] - mean[j]).powi(2)).sum::<f64>() / n).sqrt()).collect();
     let score = |x: &[f64]| -> f64 {
         (0..30).map(|j| f64::from(w[30 + j] - w[j]) * (x[j] - mean[j]) / std[j]).sum::<f64>() + f64::from(b[1] - b[0])
     };
@@ -139,7 +155,22 @@ fn pulled_model_auc(w: &[f32], b: &[f32]) -> f64 {
         let scored: Vec<(f64, bool)> = rows.iter().map(|(x, y)| (score(x), *y)).collect();
         (scored.iter().filter(|s| s.1).map(|s| s.0).collect(), scored.iter().filter(|s| !s.1).map(|s| s.0).collect())
     };
-    let wins: f64 = pos.iter().map(|p| neg.iter().map(|q| if p > q { 1.0 } else if p == q { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+    let wins: f64 = pos
+        .iter()
+        .map(|p| {
+            neg.iter()
+                .map(|q| {
+                    if p > q {
+                        1.0
+                    } else if p == q {
+                        0.5
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>()
+        })
+        .sum();
     wins / (pos.len() * neg.len()) as f64
 }
 
@@ -197,7 +228,7 @@ count_noise_multiplier = 2.0
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     // 4 rounds of a Gaussian with z_Δ = (0.5⁻² − 4⁻²)^(−1/2) at sampling rate 1.
     let z = (0.5f64.powi(-2) - 4.0f64.powi(-2)).powf(-0.5);
-    let mut acc = privacy::accountant::RdpAccountant::new();
+    let mut acc = meridian_privacy::accountant::RdpAccountant::new();
     acc.compose_poisson_gaussian(1.0, z, 4).unwrap();
     let expected = acc.epsilon(1e-5).unwrap().epsilon;
     assert!((status["client_epsilon"].as_f64().unwrap() - expected).abs() < 1e-9, "{status}");
@@ -217,7 +248,7 @@ count_noise_multiplier = 2.0
 #[test]
 fn a_large_model_moves_between_a_real_worker_and_the_coordinator_in_parts() {
     // An MLP of about 8.4M parameters (34 MB with the WDBC features, past
-    // `worker::download::PARTED_FROM_BYTES`): the worker pulls each model
+    // `meridian_worker::download::PARTED_FROM_BYTES`): the worker pulls each model
     // and pushes each update in two parts over two connections, its update
     // headers carrying its training metrics, which every part must share.
     use crate::util::{Federation, WDBC_NUMERIC, WdbcJob, example, wait_for};
@@ -225,14 +256,9 @@ fn a_large_model_moves_between_a_real_worker_and_the_coordinator_in_parts() {
     let mut fed = Federation::start(&["hospital-a"]);
     let data = example("data/wdbc_breast_cancer.csv");
     fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", WDBC_NUMERIC);
-    let spec = WdbcJob {
-        rounds: 2,
-        local_epochs: 0.05,
-        hidden: "[3000, 2800]",
-        deadline_secs: 300,
-        ..WdbcJob::default()
-    }
-    .write(&fed, "big.toml");
+    let spec =
+        WdbcJob { rounds: 2, local_epochs: 0.05, hidden: "[3000, 2800]", deadline_secs: 300, ..WdbcJob::default() }
+            .write(&fed, "big.toml");
     let job_id = wait_for(Duration::from_secs(30), "the worker to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())

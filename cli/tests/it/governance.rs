@@ -13,7 +13,8 @@ fn spec(fed: &Federation, file: &str) -> std::path::PathBuf {
     let end = text[start..].find(']').unwrap() + start + 1;
     let mut text = text.clone();
     text.replace_range(start..end, "numeric = [\"radius_mean\", \"texture_mean\"]");
-    let text = text.replace("min_sites = 3", "min_sites = 1").replace("round_deadline_secs = 60", "round_deadline_secs = 30");
+    let text =
+        text.replace("min_sites = 3", "min_sites = 1").replace("round_deadline_secs = 60", "round_deadline_secs = 30");
     let path = fed.dir.join(file);
     std::fs::write(&path, text).unwrap();
     path
@@ -95,10 +96,17 @@ fn manual_approval_decides_which_jobs_run_at_a_site() {
     // Deciding again is refused; nothing is pending any more.
     let out = site(&["approve", &rejected]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("job \"{rejected}\" was already rejected by ")), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("job \"{rejected}\" was already rejected by ")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The refusal's local detail is the site's to read.
     let shown = String::from_utf8_lossy(&site(&["show", &rejected]).stdout).to_string();
-    assert!(shown.contains("the coordinator was told not_approved only") && shown.contains("not on our research agenda"), "{shown}");
+    assert!(
+        shown.contains("the coordinator was told not_approved only") && shown.contains("not on our research agenda"),
+        "{shown}"
+    );
 
     // An offer the budget would refuse anyway is refused without asking anyone.
     let greedy = spec(&fed, "greedy.toml");
@@ -107,7 +115,11 @@ fn manual_approval_decides_which_jobs_run_at_a_site() {
     // The coordinator's plan already says so at submit; nothing reaches the site to decide.
     let out = fed.client("alice", &["job", "submit", greedy.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("(job_cap_exceeded)"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(job_cap_exceeded)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&site(&["pending"]).stdout).contains("no offers waiting"));
 
     // An offer whose job is stopped is no longer pending, and deciding it records nothing.
@@ -119,16 +131,23 @@ fn manual_approval_decides_which_jobs_run_at_a_site() {
     });
     let out = site(&["approve", &stopped]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("was stopped by the coordinator before it was decided; nothing was recorded"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("was stopped by the coordinator before it was decided; nothing was recorded")
+    );
 
     // The hospital reads its own budgets and ledger with its worker config.
     let ledger: Vec<serde_json::Value> = serde_json::from_slice(&site(&["ledger", "--json"]).stdout).unwrap();
     assert!(ledger.iter().any(|e| e["job_id"] == approved.as_str() && e["mechanism"] == "dp_sgd"));
     let budget: Vec<serde_json::Value> = serde_json::from_slice(&site(&["budget", "--json"]).stdout).unwrap();
     let total = budget.iter().find(|r| r["job_id"].is_null()).unwrap();
-    let mirrored: Vec<serde_json::Value> = serde_json::from_slice(&fed.client("rita", &["budget", "--json"]).stdout).unwrap();
+    let mirrored: Vec<serde_json::Value> =
+        serde_json::from_slice(&fed.client("rita", &["budget", "--json"]).stdout).unwrap();
     let theirs = mirrored.iter().find(|r| r["job_id"].is_null()).unwrap();
-    assert!((total["epsilon_spent"].as_f64().unwrap() - theirs["epsilon_spent"].as_f64().unwrap()).abs() < 1e-9, "{total} vs {theirs}");
+    assert!(
+        (total["epsilon_spent"].as_f64().unwrap() - theirs["epsilon_spent"].as_f64().unwrap()).abs() < 1e-9,
+        "{total} vs {theirs}"
+    );
     assert!(String::from_utf8_lossy(&site(&["pending"]).stdout).contains("no offers waiting"));
     // The site's audit log records both decisions and verifies.
     let audit = home.join("state").join("audit.log");

@@ -27,7 +27,8 @@ fn assert_rel(got: f64, want: f64, rel: f64, what: &str) {
 fn epsilon_matches_dp_accounting_and_published_values() {
     let fix = fixture();
     for case in fix["classic"].as_array().unwrap() {
-        let (q, s, t, d) = (case["q"].to_string(), case["sigma"].to_string(), case["steps"].to_string(), case["delta"].to_string());
+        let (q, s, t, d) =
+            (case["q"].to_string(), case["sigma"].to_string(), case["steps"].to_string(), case["delta"].to_string());
         let args = ["--sample-rate", q.as_str(), "--noise", s.as_str(), "--steps", t.as_str(), "--delta", d.as_str()];
         let name = case["name"].as_str().unwrap();
         let got = epsilon(&args);
@@ -46,23 +47,50 @@ fn epsilon_matches_dp_accounting_and_published_values() {
         for (delta, want) in case["rdp_dpacc"].as_object().unwrap() {
             let (q, s, t) = (case["q"].to_string(), case["sigma"].to_string(), case["steps"].to_string());
             let got = epsilon(&["--sample-rate", &q, "--noise", &s, "--steps", &t, "--delta", delta]);
-            assert_rel(got["epsilon"].as_f64().unwrap(), want["eps"].as_f64().unwrap(), 1e-6, &format!("q={q} σ={s} T={t} δ={delta}"));
-            let got = epsilon(&["--sample-rate", &q, "--noise", &s, "--steps", &t, "--delta", delta, "--accountant", "pld"]);
+            assert_rel(
+                got["epsilon"].as_f64().unwrap(),
+                want["eps"].as_f64().unwrap(),
+                1e-6,
+                &format!("q={q} σ={s} T={t} δ={delta}"),
+            );
+            let got =
+                epsilon(&["--sample-rate", &q, "--noise", &s, "--steps", &t, "--delta", delta, "--accountant", "pld"]);
             let want = case["pld_dpacc"][delta].as_f64().unwrap();
             assert_rel(got["epsilon"].as_f64().unwrap(), want, 0.01, &format!("pld q={q} σ={s} T={t} δ={delta}"));
         }
     }
     // Abadi et al. 2016, Sec. 3.1: q = 0.01, σ = 4, T = 10,000, δ = 1e-5 -> 1.26 with the moments accountant.
-    let abadi = epsilon(&["--sample-rate", "0.01", "--noise", "4", "--steps", "10000", "--delta", "1e-5", "--legacy-conversion"]);
+    let abadi = epsilon(&[
+        "--sample-rate",
+        "0.01",
+        "--noise",
+        "4",
+        "--steps",
+        "10000",
+        "--delta",
+        "1e-5",
+        "--legacy-conversion",
+    ]);
     assert_eq!(format!("{:.2}", abadi["epsilon"].as_f64().unwrap()), "1.26");
     // TF Privacy MNIST tutorial: N = 60,000, batch 256, σ = 1.12, 60 epochs -> 2.92.
-    let mnist = epsilon(&["--sample-rate", "0.004266666666666667", "--noise", "1.12", "--steps", "14062", "--delta", "1e-5", "--legacy-conversion"]);
+    let mnist = epsilon(&[
+        "--sample-rate",
+        "0.004266666666666667",
+        "--noise",
+        "1.12",
+        "--steps",
+        "14062",
+        "--delta",
+        "1e-5",
+        "--legacy-conversion",
+    ]);
     assert_eq!(format!("{:.2}", mnist["epsilon"].as_f64().unwrap()), "2.92");
 }
 
 #[test]
 fn noise_for_a_target_epsilon_meets_it() {
-    let out = run(&["privacy", "noise", "--target-epsilon", "1.0", "--sample-rate", "0.01", "--steps", "1000", "--json"]);
+    let out =
+        run(&["privacy", "noise", "--target-epsilon", "1.0", "--sample-rate", "0.01", "--steps", "1000", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let sigma = v["noise_multiplier"].as_f64().unwrap().to_string();

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use proto::checkpoint;
-use proto::pb;
+use meridian_store::checkpoint;
+use meridian_wire::pb;
 
 use crate::util::{Federation, RawSite, WDBC_NUMERIC, WdbcJob, example, wait_for};
 
@@ -32,11 +32,7 @@ fn spec(fed: &Federation, rule: &str, options: &str) -> std::path::PathBuf {
 }
 
 fn norm_of_difference(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(x - y).powi(2))
-        .sum::<f64>()
-        .sqrt()
+    a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt()
 }
 
 #[test]
@@ -49,15 +45,11 @@ fn one_poisoning_hospital_of_five_corrupts_fedavg_but_not_the_robust_rules() {
         fed.start_worker(site, "wdbc", &data, "diagnosis", NUMERIC);
     }
     let mut evil = RawSite::join(&fed, "hospital-x", "wdbc", "diagnosis", NUMERIC);
-    wait_for(
-        Duration::from_secs(60),
-        "the honest workers to register",
-        || {
-            let out = fed.client("rita", &["budget", "--json"]);
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            HONEST.iter().all(|s| text.contains(s)).then_some(())
-        },
-    );
+    wait_for(Duration::from_secs(60), "the honest workers to register", || {
+        let out = fed.client("rita", &["budget", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        HONEST.iter().all(|s| text.contains(s)).then_some(())
+    });
     let rules = [
         ("fedavg", ""),
         ("median", ""),
@@ -69,15 +61,8 @@ fn one_poisoning_hospital_of_five_corrupts_fedavg_but_not_the_robust_rules() {
     for (rule, options) in rules {
         let path = spec(&fed, rule, options);
         let out = fed.client("alice", &["job", "submit", path.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{rule}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        jobs.insert(
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            rule,
-        );
+        assert!(out.status.success(), "{rule}: {}", String::from_utf8_lossy(&out.stderr));
+        jobs.insert(String::from_utf8_lossy(&out.stdout).trim().to_string(), rule);
     }
 
     // The poisoner: accepts every job claiming 2,000 rows, sends its scaled
@@ -126,43 +111,22 @@ fn one_poisoning_hospital_of_five_corrupts_fedavg_but_not_the_robust_rules() {
     let mut auc = BTreeMap::new();
     for (job_id, rule) in &jobs {
         let out = fed.client("alice", &["job", "watch", job_id]);
-        assert!(
-            out.status.success(),
-            "{rule}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert!(out.status.success(), "{rule}: {}", String::from_utf8_lossy(&out.stdout));
         let status = fed.client("alice", &["job", "status", job_id, "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-        let last = status["rounds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["round"] == ROUNDS)
-            .cloned()
-            .unwrap_or_default();
-        auc.insert(
-            *rule,
-            last["eval_metrics"]["auc"].as_f64().unwrap_or(f64::NAN),
-        );
+        let last =
+            status["rounds"].as_array().unwrap().iter().find(|r| r["round"] == ROUNDS).cloned().unwrap_or_default();
+        auc.insert(*rule, last["eval_metrics"]["auc"].as_f64().unwrap_or(f64::NAN));
         let dir = fed.dir.join("coord-state").join("jobs").join(job_id);
         let start = checkpoint::read(&dir.join("model-r0000.bin")).unwrap();
         let end = checkpoint::read(&dir.join(format!("model-r{ROUNDS:04}.bin"))).unwrap();
         drift.insert(*rule, norm_of_difference(&start, &end));
     }
-    eprintln!(
-        "distance moved from the initial model: {drift:?}\nfinal AUC at the honest sites: {auc:?}"
-    );
+    eprintln!("distance moved from the initial model: {drift:?}\nfinal AUC at the honest sites: {auc:?}");
     // FedAvg moves every parameter by about 10 × 2000 / (2000 + 4 × ~364) ≈ 6
     // per round; the robust rules move the model only as far as honest training does.
     for rule in ["median", "trimmed_mean", "krum", "multi_krum"] {
-        assert!(
-            drift["fedavg"] > 5.0 * drift[rule],
-            "{rule} drifted like FedAvg: {drift:?}"
-        );
-        assert!(
-            auc[rule] >= 0.8,
-            "{rule}: AUC {} at the honest sites ({auc:?})",
-            auc[rule]
-        );
+        assert!(drift["fedavg"] > 5.0 * drift[rule], "{rule} drifted like FedAvg: {drift:?}");
+        assert!(auc[rule] >= 0.8, "{rule}: AUC {} at the honest sites ({auc:?})", auc[rule]);
     }
 }

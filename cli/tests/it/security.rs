@@ -1,11 +1,11 @@
 //! Who may talk to the coordinator: only holders of certificates from the
 //! federation's CA, and each only through the service of its role.
 
-use proto::identity::IdentityFiles;
-use proto::pb;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
 use std::time::Duration;
+
+use meridian_wire::identity::IdentityFiles;
+use meridian_wire::pb;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::util::{Federation, run, wait_for};
 
@@ -13,14 +13,8 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-async fn channel(url: &str, tls: ClientTlsConfig) -> Result<tonic::transport::Channel, String> {
-    Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))
+async fn channel(url: &str, tls: ClientTlsConfig) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    Endpoint::from_shared(url.to_string()).unwrap().tls_config(tls).unwrap().connect().await
 }
 
 #[test]
@@ -32,14 +26,13 @@ fn strangers_and_wrong_roles_are_refused() {
     // No client certificate: the TLS handshake or the first call fails.
     let no_cert = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca))
-        .domain_name(proto::identity::COORDINATOR_SERVER_NAME);
+        .domain_name(meridian_wire::identity::COORDINATOR_SERVER_NAME);
     let refused = rt.block_on(async {
         match channel(&fed.url, no_cert).await {
             Err(_) => true,
-            Ok(ch) => pb::job_service_client::JobServiceClient::new(ch)
-                .list_jobs(pb::ListJobsRequest {})
-                .await
-                .is_err(),
+            Ok(ch) => {
+                pb::job_service_client::JobServiceClient::new(ch).list_jobs(pb::ListJobsRequest {}).await.is_err()
+            }
         }
     });
     assert!(refused, "a client without a certificate was served");
@@ -52,14 +45,13 @@ fn strangers_and_wrong_roles_are_refused() {
     let stranger_tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca))
         .identity(tonic::transport::Identity::from_pem(&mallory.cert_pem, &mallory.key_pem))
-        .domain_name(proto::identity::COORDINATOR_SERVER_NAME);
+        .domain_name(meridian_wire::identity::COORDINATOR_SERVER_NAME);
     let refused = rt.block_on(async {
         match channel(&fed.url, stranger_tls).await {
             Err(_) => true,
-            Ok(ch) => pb::job_service_client::JobServiceClient::new(ch)
-                .list_jobs(pb::ListJobsRequest {})
-                .await
-                .is_err(),
+            Ok(ch) => {
+                pb::job_service_client::JobServiceClient::new(ch).list_jobs(pb::ListJobsRequest {}).await.is_err()
+            }
         }
     });
     assert!(refused, "a certificate from another CA was accepted");
@@ -68,10 +60,7 @@ fn strangers_and_wrong_roles_are_refused() {
     let hospital = IdentityFiles::from_dir(&fed.identity("hospital-a")).unwrap();
     let err = rt.block_on(async {
         let ch = channel(&fed.url, hospital.client_tls()).await.unwrap();
-        pb::job_service_client::JobServiceClient::new(ch)
-            .list_jobs(pb::ListJobsRequest {})
-            .await
-            .unwrap_err()
+        pb::job_service_client::JobServiceClient::new(ch).list_jobs(pb::ListJobsRequest {}).await.unwrap_err()
     });
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert_eq!(err.message(), "hospital-a (role hospital) may not call JobService/ListJobs");
@@ -133,25 +122,67 @@ fn every_rpc_checks_the_callers_role() {
         ("adam", "admin"),
         ("coordinator", "coordinator"),
     ];
-    type Call = fn(tonic::transport::Channel) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>>>>;
+    type Call = fn(
+        tonic::transport::Channel,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>>>>;
     let calls: Vec<(&str, &[&str], Call)> = vec![
-        ("WorkerService/Register", &["hospital"], |c| Box::pin(async move { Workers::new(c).register(pb::RegisterRequest::default()).await.map(|_| ()) })),
-        ("WorkerService/Heartbeat", &["hospital"], |c| Box::pin(async move { Workers::new(c).heartbeat(pb::HeartbeatRequest {}).await.map(|_| ()) })),
-        ("WorkerService/ReceiveTasks", &["hospital"], |c| Box::pin(async move { Workers::new(c).receive_tasks(pb::ReceiveTasksRequest {}).await.map(|_| ()) })),
-        ("WorkerService/AnswerOffer", &["hospital"], |c| Box::pin(async move { Workers::new(c).answer_offer(pb::OfferAnswer::default()).await.map(|_| ()) })),
-        ("WorkerService/PullModel", &["hospital"], |c| Box::pin(async move { Workers::new(c).pull_model(pb::PullModelRequest::default()).await.map(|_| ()) })),
-        ("WorkerService/ReserveUpload", &["hospital"], |c| Box::pin(async move { Workers::new(c).reserve_upload(pb::ReserveUploadRequest::default()).await.map(|_| ()) })),
-        ("WorkerService/PushUpdate", &["hospital"], |c| Box::pin(async move { Workers::new(c).push_update(tokio_stream::iter(Vec::<pb::UpdateChunk>::new())).await.map(|_| ()) })),
-        ("WorkerService/ReportEvaluation", &["hospital"], |c| Box::pin(async move { Workers::new(c).report_evaluation(pb::EvaluationReport::default()).await.map(|_| ()) })),
-        ("WorkerService/ReportFailure", &["hospital"], |c| Box::pin(async move { Workers::new(c).report_failure(pb::TaskFailure::default()).await.map(|_| ()) })),
-        ("JobService/SubmitJob", &["scientist", "admin"], |c| Box::pin(async move { Jobs::new(c).submit_job(pb::SubmitJobRequest::default()).await.map(|_| ()) })),
-        ("JobService/ListJobs", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Jobs::new(c).list_jobs(pb::ListJobsRequest {}).await.map(|_| ()) })),
-        ("JobService/GetJob", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Jobs::new(c).get_job(pb::GetJobRequest::default()).await.map(|_| ()) })),
-        ("JobService/WatchJob", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Jobs::new(c).watch_job(pb::GetJobRequest::default()).await.map(|_| ()) })),
-        ("JobService/CancelJob", &["scientist", "admin"], |c| Box::pin(async move { Jobs::new(c).cancel_job(pb::CancelJobRequest::default()).await.map(|_| ()) })),
-        ("JobService/PullJobModel", &["scientist", "admin"], |c| Box::pin(async move { Jobs::new(c).pull_job_model(pb::PullJobModelRequest::default()).await.map(|_| ()) })),
-        ("PrivacyService/GetBudgets", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Privacy::new(c).get_budgets(pb::GetBudgetsRequest {}).await.map(|_| ()) })),
-        ("PrivacyService/ListLedger", &["scientist", "reviewer", "admin"], |c| Box::pin(async move { Privacy::new(c).list_ledger(pb::ListLedgerRequest::default()).await.map(|_| ()) })),
+        ("WorkerService/Register", &["hospital"], |c| {
+            Box::pin(async move { Workers::new(c).register(pb::RegisterRequest::default()).await.map(|_| ()) })
+        }),
+        ("WorkerService/Heartbeat", &["hospital"], |c| {
+            Box::pin(async move { Workers::new(c).heartbeat(pb::HeartbeatRequest {}).await.map(|_| ()) })
+        }),
+        ("WorkerService/ReceiveTasks", &["hospital"], |c| {
+            Box::pin(async move { Workers::new(c).receive_tasks(pb::ReceiveTasksRequest {}).await.map(|_| ()) })
+        }),
+        ("WorkerService/AnswerOffer", &["hospital"], |c| {
+            Box::pin(async move { Workers::new(c).answer_offer(pb::OfferAnswer::default()).await.map(|_| ()) })
+        }),
+        ("WorkerService/PullModel", &["hospital"], |c| {
+            Box::pin(async move { Workers::new(c).pull_model(pb::PullModelRequest::default()).await.map(|_| ()) })
+        }),
+        ("WorkerService/ReserveUpload", &["hospital"], |c| {
+            Box::pin(
+                async move { Workers::new(c).reserve_upload(pb::ReserveUploadRequest::default()).await.map(|_| ()) },
+            )
+        }),
+        ("WorkerService/PushUpdate", &["hospital"], |c| {
+            Box::pin(async move {
+                Workers::new(c).push_update(tokio_stream::iter(Vec::<pb::UpdateChunk>::new())).await.map(|_| ())
+            })
+        }),
+        ("WorkerService/ReportEvaluation", &["hospital"], |c| {
+            Box::pin(
+                async move { Workers::new(c).report_evaluation(pb::EvaluationReport::default()).await.map(|_| ()) },
+            )
+        }),
+        ("WorkerService/ReportFailure", &["hospital"], |c| {
+            Box::pin(async move { Workers::new(c).report_failure(pb::TaskFailure::default()).await.map(|_| ()) })
+        }),
+        ("JobService/SubmitJob", &["scientist", "admin"], |c| {
+            Box::pin(async move { Jobs::new(c).submit_job(pb::SubmitJobRequest::default()).await.map(|_| ()) })
+        }),
+        ("JobService/ListJobs", &["scientist", "reviewer", "admin"], |c| {
+            Box::pin(async move { Jobs::new(c).list_jobs(pb::ListJobsRequest {}).await.map(|_| ()) })
+        }),
+        ("JobService/GetJob", &["scientist", "reviewer", "admin"], |c| {
+            Box::pin(async move { Jobs::new(c).get_job(pb::GetJobRequest::default()).await.map(|_| ()) })
+        }),
+        ("JobService/WatchJob", &["scientist", "reviewer", "admin"], |c| {
+            Box::pin(async move { Jobs::new(c).watch_job(pb::GetJobRequest::default()).await.map(|_| ()) })
+        }),
+        ("JobService/CancelJob", &["scientist", "admin"], |c| {
+            Box::pin(async move { Jobs::new(c).cancel_job(pb::CancelJobRequest::default()).await.map(|_| ()) })
+        }),
+        ("JobService/PullJobModel", &["scientist", "admin"], |c| {
+            Box::pin(async move { Jobs::new(c).pull_job_model(pb::PullJobModelRequest::default()).await.map(|_| ()) })
+        }),
+        ("PrivacyService/GetBudgets", &["scientist", "reviewer", "admin"], |c| {
+            Box::pin(async move { Privacy::new(c).get_budgets(pb::GetBudgetsRequest {}).await.map(|_| ()) })
+        }),
+        ("PrivacyService/ListLedger", &["scientist", "reviewer", "admin"], |c| {
+            Box::pin(async move { Privacy::new(c).list_ledger(pb::ListLedgerRequest::default()).await.map(|_| ()) })
+        }),
     ];
     let mut checked = 0;
     for (name, role) in roles {
@@ -160,7 +191,8 @@ fn every_rpc_checks_the_callers_role() {
         let channel = rt.block_on(channel(&fed.url, identity.client_tls())).unwrap();
         for (rpc, allowed, call) in &calls {
             let result = rt.block_on(call(channel.clone()));
-            let denied = matches!(&result, Err(s) if s.code() == Code::PermissionDenied && s.message().contains("may not call"));
+            let denied =
+                matches!(&result, Err(s) if s.code() == Code::PermissionDenied && s.message().contains("may not call"));
             assert_eq!(denied, !allowed.contains(&role), "{rpc} as {role}: {result:?}");
             if denied {
                 let message = result.unwrap_err().message().to_string();
@@ -183,7 +215,7 @@ fn certificates_added_renewed_expired_and_revoked_take_effect_live() {
     let register = |dir: &std::path::Path| {
         let identity = IdentityFiles::from_dir(dir).unwrap();
         rt.block_on(async {
-            let ch = channel(&fed.url, identity.client_tls()).await?;
+            let ch = channel(&fed.url, identity.client_tls()).await.map_err(|e| format!("{e:?}"))?;
             pb::worker_service_client::WorkerServiceClient::new(ch)
                 .register(pb::RegisterRequest::default())
                 .await
@@ -214,7 +246,8 @@ fn certificates_added_renewed_expired_and_revoked_take_effect_live() {
     assert_eq!(err.message(), "ledger: entry 1 names site \"hospital-b\", the certificate says \"hospital-a\"");
 
     // An expired certificate is refused by the TLS handshake.
-    let out = run(&["provision", "add-user", "temp", "--role", "reviewer", "--valid-days", "0", "--federation", fed_arg]);
+    let out =
+        run(&["provision", "add-user", "temp", "--role", "reviewer", "--valid-days", "0", "--federation", fed_arg]);
     assert!(out.status.success());
     wait_for(Duration::from_secs(10), "the certificate to expire", || {
         let out = fed.client("temp", &["budget"]);

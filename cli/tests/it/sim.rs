@@ -24,12 +24,7 @@ fn sim_report_in(dir: &std::path::Path, sites: &str, rounds: &str, params: &str)
         "--work-dir",
         work.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -54,7 +49,7 @@ fn a_simulated_federation_completes_and_reports_its_rounds_and_memory() {
 #[test]
 fn a_large_model_moves_in_parts_and_aggregates_exactly() {
     // About 36 MB: models are pulled and updates pushed in two parts over
-    // two connections each (`worker::download::PARTED_FROM_BYTES`), the
+    // two connections each (`meridian_worker::download::PARTED_FROM_BYTES`), the
     // parts written around the page cache from threads of their own and
     // read back, in order, for aggregation; each site checks every model
     // it pulls against the last one plus the update all sites sent.

@@ -36,7 +36,11 @@ fn bad_job_specs_and_bad_rows_get_clear_errors() {
 
     let submit = |path: &std::path::Path| {
         let out = fed.client("alice", &["job", "submit", path.to_str().unwrap()]);
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
     };
     // Wait until the worker registered: a valid job is then accepted.
     let good = job(&fed, "good.toml", small_spec);
@@ -118,13 +122,20 @@ fn malformed_daemon_configs_name_file_line_and_key() {
     let out = crate::util::run(&["worker", "--check", "--config", worker.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("coordinator: \"http://plain\" must be an https:// URL (Meridian has no plaintext mode)"), "{err}");
+    assert!(
+        err.contains("coordinator: \"http://plain\" must be an https:// URL (Meridian has no plaintext mode)"),
+        "{err}"
+    );
     assert!(err.contains("datasets[0].budget_epsilon: must be finite and > 0, got -1"), "{err}");
     assert!(err.contains("cpu_threads: must be at least 1, got 0 (leave it out for one per core)"), "{err}");
     assert!(err.contains(&format!("datasets[0].path: {} does not exist", tmp.path().join("d.csv").display())), "{err}");
 
     let coordinator = tmp.path().join("coordinator.toml");
-    std::fs::write(&coordinator, "listen = \"localhost:port\"\ndata_dir = \"s\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
+    std::fs::write(
+        &coordinator,
+        "listen = \"localhost:port\"\ndata_dir = \"s\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+    )
+    .unwrap();
     let out = crate::util::run(&["coordinator", "--config", coordinator.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -177,16 +188,20 @@ fn worker_check_lists_every_problem_before_the_daemon_runs() {
     }
     // A certificate of another federation.
     let other = tempfile::tempdir().unwrap();
-    let out = crate::util::run(&["provision", "--out", other.path().join("f").to_str().unwrap(), "--site", "hospital-a"]);
+    let out =
+        crate::util::run(&["provision", "--out", other.path().join("f").to_str().unwrap(), "--site", "hospital-a"]);
     assert!(out.status.success());
     let stranger = write("stranger.toml", &a.join("key.pem"), "state", 5.0);
-    let text = std::fs::read_to_string(&stranger).unwrap().replace(
-        &format!("{:?}", a.join("ca.pem")),
-        &format!("{:?}", other.path().join("f/sites/hospital-a/ca.pem")),
-    );
+    let text = std::fs::read_to_string(&stranger)
+        .unwrap()
+        .replace(&format!("{:?}", a.join("ca.pem")), &format!("{:?}", other.path().join("f/sites/hospital-a/ca.pem")));
     std::fs::write(&stranger, text).unwrap();
     let out = crate::util::run(&["worker", "--check", "--config", stranger.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("tls.cert: not valid with this CA now"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("tls.cert: not valid with this CA now"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // A good one, connecting: who the coordinator is, and that it takes us.
     let std::process::Output { stdout, status, .. } = {
@@ -202,15 +217,28 @@ fn worker_check_lists_every_problem_before_the_daemon_runs() {
     assert!(text.contains("label \"diagnosis\" takes \"B\" 357, \"M\" 212"), "{text}");
 
     // A certificate near its end is a warning, not a problem.
-    let out = crate::util::run(&["provision", "add-site", "hospital-c", "--federation", fed.dir.join("fed").to_str().unwrap(), "--valid-days", "10"]);
+    let out = crate::util::run(&[
+        "provision",
+        "add-site",
+        "hospital-c",
+        "--federation",
+        fed.dir.join("fed").to_str().unwrap(),
+        "--valid-days",
+        "10",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let c = fed.identity("hospital-c");
     let soon = write("soon.toml", &c.join("key.pem"), "state", 5.0);
-    let text = std::fs::read_to_string(&soon).unwrap().replace(&format!("{:?}", a.join("cert.pem")), &format!("{:?}", c.join("cert.pem")));
+    let text = std::fs::read_to_string(&soon)
+        .unwrap()
+        .replace(&format!("{:?}", a.join("cert.pem")), &format!("{:?}", c.join("cert.pem")));
     std::fs::write(&soon, text).unwrap();
     let out = crate::util::run(&["worker", "--check", "--config", soon.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success() && (text.contains("expires in 9 days") || text.contains("expires in 10 days")), "{text}");
+    assert!(
+        out.status.success() && (text.contains("expires in 9 days") || text.contains("expires in 10 days")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -226,7 +254,9 @@ fn labels_written_as_toml_integers_work_like_their_strings() {
     std::fs::write(&data, csv).unwrap();
     fed.start_worker("hospital-a", "wdbc", &data, "diagnosis", WDBC_NUMERIC);
     let spec = job(&fed, "coded.toml", |t| {
-        small_spec(t).replace("positive_label = \"M\"", "positive_label = 1").replace("negative_labels = [\"B\"]", "negative_labels = [0]")
+        small_spec(t)
+            .replace("positive_label = \"M\"", "positive_label = 1")
+            .replace("negative_labels = [\"B\"]", "negative_labels = [0]")
     });
     let id = wait_for(Duration::from_secs(30), "the worker to register", || {
         let out = fed.client("alice", &["job", "submit", spec.to_str().unwrap()]);
@@ -256,23 +286,35 @@ fn job_plan_says_what_each_site_would_charge_before_anything_is_submitted() {
     let site = |name: &str| json["sites"].as_array().unwrap().iter().find(|s| s["site"] == name).unwrap().clone();
     let (a, b) = (site("hospital-a"), site("hospital-b"));
     assert_eq!((a["would_take"].as_bool(), b["would_take"].as_bool()), (Some(true), Some(false)), "{json}");
-    let failed: Vec<&serde_json::Value> = b["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).collect();
+    let failed: Vec<&serde_json::Value> =
+        b["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).collect();
     assert_eq!(failed[0]["code"], "too_few_rows", "{b}");
-    let mechanisms: Vec<&str> = a["charges"].as_array().unwrap().iter().map(|c| c["mechanism"].as_str().unwrap()).collect();
+    let mechanisms: Vec<&str> =
+        a["charges"].as_array().unwrap().iter().map(|c| c["mechanism"].as_str().unwrap()).collect();
     assert_eq!(mechanisms, ["dp_sgd", "evaluation", "evaluation"]);
     assert_eq!(json["takers"], 1);
-    let text = String::from_utf8_lossy(&fed.client("rita", &["job", "plan", spec.to_str().unwrap()]).stdout).to_string();
-    assert!(text.contains("hospital-b: would refuse it") && text.contains("1 of 2 sites would take the job; it needs 1"), "{text}");
+    let text =
+        String::from_utf8_lossy(&fed.client("rita", &["job", "plan", spec.to_str().unwrap()]).stdout).to_string();
+    assert!(
+        text.contains("hospital-b: would refuse it") && text.contains("1 of 2 sites would take the job; it needs 1"),
+        "{text}"
+    );
 
     // The plan is what the site then charges.
-    let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout).trim().to_string();
+    let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout)
+        .trim()
+        .to_string();
     let status: serde_json::Value = wait_for(Duration::from_secs(60), "hospital-a to answer", || {
-        let s: serde_json::Value = serde_json::from_slice(&fed.client("alice", &["job", "status", &id, "--json"]).stdout).ok()?;
+        let s: serde_json::Value =
+            serde_json::from_slice(&fed.client("alice", &["job", "status", &id, "--json"]).stdout).ok()?;
         let answered = s["sites"].as_array()?.iter().any(|x| x["site"] == "hospital-a" && x["state"] == "accepted");
         answered.then_some(s)
     });
     let at_a = status["sites"].as_array().unwrap().iter().find(|x| x["site"] == "hospital-a").unwrap();
-    assert!((at_a["planned_epsilon"].as_f64().unwrap() - a["planned_epsilon"].as_f64().unwrap()).abs() < 1e-12, "{at_a} vs {a}");
+    assert!(
+        (at_a["planned_epsilon"].as_f64().unwrap() - a["planned_epsilon"].as_f64().unwrap()).abs() < 1e-12,
+        "{at_a} vs {a}"
+    );
     assert_eq!(at_a["train_examples"], a["train_rows"]);
 
     // A batch no site can serve: refused by the plan and at submit.
@@ -282,7 +324,11 @@ fn job_plan_says_what_each_site_would_charge_before_anything_is_submitted() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL batch          training.batch_size 100000"));
     let out = fed.client("alice", &["job", "submit", big.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("training.batch_size 100000 against"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("training.batch_size 100000 against"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A spec that is wrong on its own is refused before anything is sent.
     let broken = job(&fed, "broken.toml", |t| small_spec(t).replace("rounds = 5", "rounds = 0"));
     let out = fed.client("rita", &["job", "plan", broken.to_str().unwrap()]);
@@ -295,7 +341,8 @@ fn init_writes_templates_that_work_once_their_paths_exist() {
     let fed = Federation::start(&["hospital-a"]);
     let dir = fed.dir.join("init");
     std::fs::create_dir_all(dir.join("data")).unwrap();
-    let init = |what: &str| crate::util::run(&["init", what, "--out", dir.join(format!("{what}.toml")).to_str().unwrap()]);
+    let init =
+        |what: &str| crate::util::run(&["init", what, "--out", dir.join(format!("{what}.toml")).to_str().unwrap()]);
     for what in ["coordinator", "worker", "job"] {
         let out = init(what);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -328,12 +375,16 @@ fn init_writes_templates_that_work_once_their_paths_exist() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let listening = wait_for(Duration::from_secs(30), "the templated coordinator to listen", || std::fs::read_to_string(&ready).ok());
+    let listening = wait_for(Duration::from_secs(30), "the templated coordinator to listen", || {
+        std::fs::read_to_string(&ready).ok()
+    });
     let _ = child.kill();
     let _ = child.wait();
     assert!(listening.starts_with("127.0.0.1:"), "{listening}");
     // The job's is a valid spec, for the template's dataset.
-    let spec = proto::job::JobSpec::from_toml(&std::fs::read_to_string(dir.join("job.toml")).unwrap(), "job.toml").unwrap();
+    let spec =
+        meridian_spec::job::JobSpec::from_toml(&std::fs::read_to_string(dir.join("job.toml")).unwrap(), "job.toml")
+            .unwrap();
     assert_eq!(spec.dataset, "brfss");
     // To stdout.
     let out = crate::util::run(&["init", "job", "--out", "-"]);

@@ -11,7 +11,13 @@ use crate::util::{Federation, WdbcJob, example, meridian, wait_for};
 
 fn started_federation() -> (Federation, std::path::PathBuf) {
     let mut fed = Federation::start(&["hospital-a"]);
-    fed.start_worker("hospital-a", "wdbc", &example("data/wdbc_breast_cancer.csv"), "diagnosis", crate::util::WDBC_NUMERIC);
+    fed.start_worker(
+        "hospital-a",
+        "wdbc",
+        &example("data/wdbc_breast_cancer.csv"),
+        "diagnosis",
+        crate::util::WDBC_NUMERIC,
+    );
     let spec = WdbcJob { rounds: 2, ..Default::default() }.write(&fed, "job.toml");
     wait_for(Duration::from_secs(30), "the worker to register", || {
         let out = fed.client("rita", &["budget", "--json"]);
@@ -94,7 +100,9 @@ fn exit_codes_say_how_a_command_ended() {
     let (fed, _) = started_federation();
     // A job that ends cancelled.
     let spec = WdbcJob { rounds: 50, local_epochs: 5.0, ..Default::default() }.write(&fed, "long.toml");
-    let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout).trim().to_string();
+    let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout)
+        .trim()
+        .to_string();
     assert!(fed.client("alice", &["job", "cancel", &id]).status.success());
     let (status, out, _) = piped(&fed, "alice", &["job", "watch", &id]);
     assert_eq!(status.code(), Some(3), "a job ended cancelled: {out}");
@@ -154,15 +162,25 @@ fn no_colour_on_a_terminal_when_no_color_is_set() {
     // A coordinator run on a terminal for two seconds, stopped by `timeout`.
     let fed = Federation::start(&[]);
     let config = fed.dir.join("tty.toml");
-    std::fs::write(&config, std::fs::read_to_string(fed.dir.join("coordinator.toml")).unwrap().replace("coord-state", "tty-state")).unwrap();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(fed.dir.join("coordinator.toml")).unwrap().replace("coord-state", "tty-state"),
+    )
+    .unwrap();
     let args = format!("coordinator --config {}", config.display());
-    let Some(coloured) = on_a_terminal(&format!("--version && timeout 2 {} {args}", env!("CARGO_BIN_EXE_meridian")), &[]) else {
+    let Some(coloured) =
+        on_a_terminal(&format!("--version && timeout 2 {} {args}", env!("CARGO_BIN_EXE_meridian")), &[])
+    else {
         eprintln!("no `script` on this machine: skipped");
         return;
     };
     assert!(coloured.contains("listening") || coloured.contains("INFO"), "{coloured}");
     assert!(coloured.contains('\u{1b}'), "a terminal gets colour: {coloured:?}");
-    let plain = on_a_terminal(&format!("--version && timeout 2 {} {args}", env!("CARGO_BIN_EXE_meridian")), &[("NO_COLOR", "1")]).unwrap();
+    let plain = on_a_terminal(
+        &format!("--version && timeout 2 {} {args}", env!("CARGO_BIN_EXE_meridian")),
+        &[("NO_COLOR", "1")],
+    )
+    .unwrap();
     assert!(plain.contains("INFO"), "{plain}");
     assert!(!plain.contains('\u{1b}'), "NO_COLOR: {plain:?}");
 }

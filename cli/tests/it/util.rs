@@ -14,11 +14,7 @@ pub fn meridian() -> Command {
 
 /// Runs a meridian command to completion.
 pub fn run(args: &[&str]) -> Output {
-    meridian()
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("meridian runs")
+    meridian().args(args).stdin(Stdio::null()).output().expect("meridian runs")
 }
 
 /// Polls `f` until it returns `Some`, at most `limit`.
@@ -71,20 +67,9 @@ impl Federation {
         for s in sites {
             args.extend(["--site", s]);
         }
-        args.extend([
-            "--user",
-            "alice:scientist",
-            "--user",
-            "rita:reviewer",
-            "--user",
-            "adam:admin",
-        ]);
+        args.extend(["--user", "alice:scientist", "--user", "rita:reviewer", "--user", "adam:admin"]);
         let out = run(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let id = fed.join("coordinator");
         let config = dir.join("coordinator.toml");
         std::fs::write(
@@ -98,33 +83,17 @@ impl Federation {
         )
         .unwrap();
         let (child, addr) = spawn_coordinator(&dir);
-        Federation {
-            url: format!("https://{addr}"),
-            dir,
-            daemons: vec![Daemon(child)],
-            _tmp: tmp,
-        }
+        Federation { url: format!("https://{addr}"), dir, daemons: vec![Daemon(child)], _tmp: tmp }
     }
 
     /// The identity directory of a site or user.
     pub fn identity(&self, name: &str) -> PathBuf {
         let fed = self.dir.join("fed");
-        if fed.join("sites").join(name).exists() {
-            fed.join("sites").join(name)
-        } else {
-            fed.join("users").join(name)
-        }
+        if fed.join("sites").join(name).exists() { fed.join("sites").join(name) } else { fed.join("users").join(name) }
     }
 
     /// Starts a worker for `site` serving `data` (a CSV) as dataset `name` with the given columns.
-    pub fn start_worker(
-        &mut self,
-        site: &str,
-        name: &str,
-        data: &Path,
-        label: &str,
-        numeric: &[&str],
-    ) -> PathBuf {
+    pub fn start_worker(&mut self, site: &str, name: &str, data: &Path, label: &str, numeric: &[&str]) -> PathBuf {
         self.start_worker_with_budget(site, name, data, label, numeric, 40.0, 20.0)
     }
 
@@ -187,7 +156,7 @@ impl Federation {
     }
 
     /// Kills the coordinator with SIGKILL (if it still runs) and starts it
-    /// again with `failpoint` armed (`proto::failpoint`), without waiting for
+    /// again with `failpoint` armed (`meridian_sys::failpoint`), without waiting for
     /// it to listen: it may reach the point and kill itself first.
     pub fn restart_coordinator_armed(&mut self, failpoint: &str) {
         let daemon = &mut self.daemons[0];
@@ -199,10 +168,7 @@ impl Federation {
     }
 
     /// Waits at most `limit` for the coordinator to exit by itself; its exit status, if it did.
-    pub fn wait_for_coordinator_exit(
-        &mut self,
-        limit: Duration,
-    ) -> Option<std::process::ExitStatus> {
+    pub fn wait_for_coordinator_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.daemons[0].0.try_wait().unwrap() {
@@ -225,12 +191,7 @@ impl Federation {
     pub fn client(&self, user: &str, args: &[&str]) -> Output {
         let id = self.identity(user);
         let mut all = args.to_vec();
-        all.extend([
-            "--coordinator",
-            &self.url,
-            "--identity",
-            id.to_str().unwrap(),
-        ]);
+        all.extend(["--coordinator", &self.url, "--identity", id.to_str().unwrap()]);
         run(&all)
     }
 
@@ -238,11 +199,7 @@ impl Federation {
     /// it is refused. Returns the job's id.
     pub fn submit(&self, spec: &Path) -> String {
         let out = self.client("alice", &["job", "submit", spec.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -258,9 +215,7 @@ fn spawn_coordinator(dir: &Path) -> (Child, String) {
     let _ = std::fs::remove_file(&ready);
     let child = coordinator_command(dir).spawn().unwrap();
     let addr = wait_for(Duration::from_secs(30), "the coordinator", || {
-        std::fs::read_to_string(&ready)
-            .ok()
-            .filter(|s| !s.is_empty())
+        std::fs::read_to_string(&ready).ok().filter(|s| !s.is_empty())
     });
     (child, addr)
 }
@@ -268,22 +223,12 @@ fn spawn_coordinator(dir: &Path) -> (Child, String) {
 /// The command that starts the coordinator of `dir`, logging to its
 /// `coordinator.log` and writing its address to `coordinator.addr`.
 fn coordinator_command(dir: &Path) -> Command {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("coordinator.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("coordinator.log")).unwrap();
     let config = dir.join("coordinator.toml");
     let ready = dir.join("coordinator.addr");
     let mut command = meridian();
     command
-        .args([
-            "coordinator",
-            "--config",
-            config.to_str().unwrap(),
-            "--ready-file",
-            ready.to_str().unwrap(),
-        ])
+        .args(["coordinator", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()])
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     command
@@ -291,26 +236,14 @@ fn coordinator_command(dir: &Path) -> Command {
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Starts the worker whose `worker.toml` is in `home`, appending to its log.
 fn spawn_worker(home: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.join("worker.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("worker.log")).unwrap();
     meridian()
-        .args([
-            "worker",
-            "--config",
-            home.join("worker.toml").to_str().unwrap(),
-        ])
+        .args(["worker", "--config", home.join("worker.toml").to_str().unwrap()])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -319,37 +252,24 @@ fn spawn_worker(home: &Path) -> Child {
 
 /// Path of a file shipped in the repository's examples.
 pub fn example(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("examples")
-        .join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("examples").join(path)
 }
 
 /// A hospital that speaks the worker protocol by hand, for behaviour a real
 /// worker never shows: hostile updates, stalled streams.
 pub struct RawSite {
     pub rt: tokio::runtime::Runtime,
-    pub client: proto::pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
-    tasks: tonic::Streaming<proto::pb::Task>,
+    pub client: meridian_wire::pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    tasks: tonic::Streaming<meridian_wire::pb::Task>,
 }
 
 impl RawSite {
     /// Connects as `site` with its certificate, registers dataset `dataset`
     /// (columns `id`, `label`, then `numeric`) and opens its task stream.
-    pub fn join(
-        fed: &Federation,
-        site: &str,
-        dataset: &str,
-        label: &str,
-        numeric: &[&str],
-    ) -> RawSite {
-        use proto::pb;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let identity = proto::identity::IdentityFiles::from_dir(&fed.identity(site)).unwrap();
+    pub fn join(fed: &Federation, site: &str, dataset: &str, label: &str, numeric: &[&str]) -> RawSite {
+        use meridian_wire::pb;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let identity = meridian_wire::identity::IdentityFiles::from_dir(&fed.identity(site)).unwrap();
         let url = fed.url.clone();
         let mut client = rt.block_on(async {
             let channel = tonic::transport::Endpoint::from_shared(url)
@@ -361,11 +281,7 @@ impl RawSite {
                 .unwrap();
             pb::worker_service_client::WorkerServiceClient::new(channel)
         });
-        let columns = ["id", label]
-            .iter()
-            .chain(numeric)
-            .map(|s| s.to_string())
-            .collect();
+        let columns = ["id", label].iter().chain(numeric).map(|s| s.to_string()).collect();
         rt.block_on(client.register(pb::RegisterRequest {
             datasets: vec![pb::DatasetInfo {
                 name: dataset.to_string(),
@@ -381,15 +297,12 @@ impl RawSite {
             ..Default::default()
         }))
         .unwrap();
-        let tasks = rt
-            .block_on(client.receive_tasks(pb::ReceiveTasksRequest {}))
-            .unwrap()
-            .into_inner();
+        let tasks = rt.block_on(client.receive_tasks(pb::ReceiveTasksRequest {})).unwrap().into_inner();
         RawSite { rt, client, tasks }
     }
 
     /// The next task, waiting at most `limit`.
-    pub fn next_task(&mut self, limit: Duration) -> proto::pb::Task {
+    pub fn next_task(&mut self, limit: Duration) -> meridian_wire::pb::Task {
         use tokio_stream::StreamExt;
         let tasks = &mut self.tasks;
         self.rt
@@ -400,9 +313,9 @@ impl RawSite {
     }
 
     /// Accepts an offer, claiming `train_examples` rows.
-    pub fn accept(&mut self, job_id: &str, offer: &proto::pb::JobOffer, train_examples: u64) {
+    pub fn accept(&mut self, job_id: &str, offer: &meridian_wire::pb::JobOffer, train_examples: u64) {
         self.rt
-            .block_on(self.client.answer_offer(proto::pb::OfferAnswer {
+            .block_on(self.client.answer_offer(meridian_wire::pb::OfferAnswer {
                 job_id: job_id.to_string(),
                 spec_hash: offer.spec_hash.clone(),
                 accept: true,
@@ -414,16 +327,16 @@ impl RawSite {
 
     /// Accepts every offer (claiming `train_examples` rows) until the first
     /// training task arrives; returns the accepted spec's hash and that task.
-    pub fn accept_until_training(&mut self, train_examples: u64) -> (String, proto::pb::TrainTask) {
+    pub fn accept_until_training(&mut self, train_examples: u64) -> (String, meridian_wire::pb::TrainTask) {
         let mut spec_hash = String::new();
         loop {
             let task = self.next_task(Duration::from_secs(30));
             match task.kind.unwrap() {
-                proto::pb::task::Kind::Offer(offer) => {
+                meridian_wire::pb::task::Kind::Offer(offer) => {
                     spec_hash = offer.spec_hash.clone();
                     self.accept(&task.job_id, &offer, train_examples);
                 }
-                proto::pb::task::Kind::Train(t) => return (spec_hash, t),
+                meridian_wire::pb::task::Kind::Train(t) => return (spec_hash, t),
                 _ => {}
             }
         }
@@ -441,8 +354,8 @@ impl RawSite {
         layout: &str,
         num_examples: u64,
         values: &[f32],
-    ) -> proto::pb::PushUpdateResponse {
-        use proto::pb;
+    ) -> meridian_wire::pb::PushUpdateResponse {
+        use meridian_wire::pb;
         let header = pb::UpdateHeader {
             job_id: job_id.to_string(),
             round,
@@ -460,23 +373,18 @@ impl RawSite {
             }),
             ..Default::default()
         };
-        let messages =
-            worker::upload::update_messages(header, std::sync::Arc::new(values.to_vec()), 0..values.len(), None);
-        self.rt
-            .block_on(self.client.push_update(messages))
-            .unwrap()
-            .into_inner()
+        let messages = meridian_worker::upload::update_messages(
+            header,
+            std::sync::Arc::new(values.to_vec()),
+            0..values.len(),
+            None,
+        );
+        self.rt.block_on(self.client.push_update(messages)).unwrap().into_inner()
     }
 }
 
 /// The five WDBC columns the fault tests train on.
-pub const WDBC_NUMERIC: &[&str] = &[
-    "radius_mean",
-    "texture_mean",
-    "perimeter_mean",
-    "area_mean",
-    "smoothness_mean",
-];
+pub const WDBC_NUMERIC: &[&str] = &["radius_mean", "texture_mean", "perimeter_mean", "area_mean", "smoothness_mean"];
 
 /// A WDBC job spec for the fault tests: an MLP on [`WDBC_NUMERIC`] with σ = 1.5,
 /// C = 1, batches of 32; the fields below vary from test to test.

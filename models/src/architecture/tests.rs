@@ -55,10 +55,7 @@ fn init_is_deterministic_and_bounded() {
     let mut bad = p.clone();
     bad[3] = f32::NAN;
     assert_eq!(arch.layout().check(&bad), Err(LayoutError::NotFinite { index: 3 }));
-    assert_eq!(
-        arch.layout().check(&p[1..]),
-        Err(LayoutError::WrongLength { expected: p.len(), got: p.len() - 1 })
-    );
+    assert_eq!(arch.layout().check(&p[1..]), Err(LayoutError::WrongLength { expected: p.len(), got: p.len() - 1 }));
 }
 
 #[test]
@@ -79,9 +76,23 @@ fn model_spec_layouts_and_hashes_are_unchanged() {
     // Values computed independently from the SplitMix64 definition.
     let p = Architecture::new(&ModelSpec::Mlp { hidden: vec![3] }, 2).unwrap().init_params(7);
     let want: [f32; 17] = [
-        -0.683_364_57, 0.566_761_2, 0.117_281_15, -0.067_257_315, -0.354_357_33, -0.045_321_297, -0.243_136_21,
-        -0.517_236_9, -0.122_836_61, -0.457_769_54, 0.531_016_8, 0.482_687_44, 0.428_776_98, 0.420_319_86,
-        0.055_757_508, 0.438_340_13, -0.200_500_7,
+        -0.683_364_57,
+        0.566_761_2,
+        0.117_281_15,
+        -0.067_257_315,
+        -0.354_357_33,
+        -0.045_321_297,
+        -0.243_136_21,
+        -0.517_236_9,
+        -0.122_836_61,
+        -0.457_769_54,
+        0.531_016_8,
+        0.482_687_44,
+        0.428_776_98,
+        0.420_319_86,
+        0.055_757_508,
+        0.438_340_13,
+        -0.200_500_7,
     ];
     assert_eq!(p, want);
 }

@@ -65,10 +65,7 @@ pub(super) fn product(
         return;
     }
     let a_last = end(m, a.row_stride, 0).checked_add(end(k, a.col_stride, 0));
-    assert!(
-        a_last.is_some_and(|last| last < a.data.len()),
-        "A is shorter than [{m}, {k}]"
-    );
+    assert!(a_last.is_some_and(|last| last < a.data.len()), "A is shorter than [{m}, {k}]");
     assert!(b.len() >= end(k, ldb, n), "B is shorter than [{k}, {n}]");
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
@@ -158,8 +155,7 @@ fn portable(
     let a_len = span(m, a.row_stride) + span(k, a.col_stride) - 1;
     let a = ArrayView2::from_shape((m, k).strides((a.row_stride, a.col_stride)), &a.data[..a_len])
         .expect("checked by `product`");
-    let b = ArrayView2::from_shape((k, n).strides((ldb, 1)), &b[..span(k, ldb) + n - 1])
-        .expect("checked by `product`");
+    let b = ArrayView2::from_shape((k, n).strides((ldb, 1)), &b[..span(k, ldb) + n - 1]).expect("checked by `product`");
     ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut c);
 }
 
@@ -168,8 +164,8 @@ fn portable(
 mod x86 {
     use std::arch::x86_64::{
         __m256, __m256i, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps,
-        _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps,
-        _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+        _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_shuffle_ps,
+        _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
     };
     use std::sync::OnceLock;
 
@@ -184,9 +180,8 @@ mod x86 {
     /// Whether this CPU has AVX2 and FMA, asked once.
     pub(super) fn available() -> bool {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        })
+        *AVAILABLE
+            .get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
     }
 
     /// Transposes the 8 × 8 block at `from` (row stride `from_stride`) into
@@ -379,13 +374,7 @@ mod x86 {
     #[inline]
     unsafe fn load<const MASKED: bool>(at: *const f32, mask: __m256i) -> __m256 {
         // SAFETY: the caller's promise.
-        unsafe {
-            if MASKED {
-                _mm256_maskload_ps(at, mask)
-            } else {
-                _mm256_loadu_ps(at)
-            }
-        }
+        unsafe { if MASKED { _mm256_maskload_ps(at, mask) } else { _mm256_loadu_ps(at) } }
     }
 
     /// Stores eight values at `at`; with `MASKED`, only the lanes `mask`
@@ -397,13 +386,7 @@ mod x86 {
     #[inline]
     unsafe fn store<const MASKED: bool>(at: *mut f32, mask: __m256i, values: __m256) {
         // SAFETY: the caller's promise.
-        unsafe {
-            if MASKED {
-                _mm256_maskstore_ps(at, mask, values)
-            } else {
-                _mm256_storeu_ps(at, values)
-            }
-        }
+        unsafe { if MASKED { _mm256_maskstore_ps(at, mask, values) } else { _mm256_storeu_ps(at, values) } }
     }
 }
 
@@ -483,9 +466,15 @@ mod tests {
                             let base = if accumulate { f64::from(start[i * ldc + j]) } else { 0.0 };
                             let exact = base + want[i * n + j];
                             let tolerance = 1e-5 * (k as f64 + 1.0);
-                            let what = format!("{m}×{n}×{k} ({}, {}) acc {accumulate} at ({i}, {j})", a.row_stride, a.col_stride);
+                            let what = format!(
+                                "{m}×{n}×{k} ({}, {}) acc {accumulate} at ({i}, {j})",
+                                a.row_stride, a.col_stride
+                            );
                             assert!((f64::from(got) - exact).abs() <= tolerance, "{what}: {got} vs {exact}");
-                            assert!((f64::from(other) - exact).abs() <= tolerance, "{what}, portable: {other} vs {exact}");
+                            assert!(
+                                (f64::from(other) - exact).abs() <= tolerance,
+                                "{what}, portable: {other} vs {exact}"
+                            );
                         }
                     }
                 }

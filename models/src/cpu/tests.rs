@@ -1,7 +1,7 @@
 //! The CPU kernels against Burn's, layer by layer and on whole networks.
 
 use burn::tensor::Device;
-use proto::job::ModelSpec;
+use meridian_spec::job::ModelSpec;
 
 use crate::{Architecture, Layer, Network};
 
@@ -11,12 +11,8 @@ fn arch(layers: Vec<Layer>, input_dim: usize, side: Option<usize>) -> Architectu
 
 /// Made-up rows and labels.
 fn batch(d: usize, rows: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
-    let x = (0..rows * d)
-        .map(|i| (i as f32 * 0.61 + seed as f32).sin() * 1.5)
-        .collect();
-    let y = (0..rows)
-        .map(|i| ((i as u64 * 7 + seed) % 3 % 2) as u8)
-        .collect();
+    let x = (0..rows * d).map(|i| (i as f32 * 0.61 + seed as f32).sin() * 1.5).collect();
+    let y = (0..rows).map(|i| ((i as u64 * 7 + seed) % 3 % 2) as u8).collect();
     (x, y)
 }
 
@@ -25,10 +21,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= rel * scale,
-            "{what}[{i}]: {g} vs {w} (scale {scale})"
-        );
+        assert!((g - w).abs() <= rel * scale, "{what}[{i}]: {g} vs {w} (scale {scale})");
     }
 }
 
@@ -36,12 +29,8 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
 /// parameters, batch and clip norm.
 #[track_caller]
 fn check(arch: &Architecture, rows: usize, seed: u64) {
-    let params: Vec<f32> = arch
-        .init_params(seed)
-        .iter()
-        .enumerate()
-        .map(|(i, p)| p + 0.05 * (i as f32 * 0.3).cos())
-        .collect();
+    let params: Vec<f32> =
+        arch.init_params(seed).iter().enumerate().map(|(i, p)| p + 0.05 * (i as f32 * 0.3).cos()).collect();
     let device = Device::flex();
     let cpu = Network::new(arch, &params, &device).unwrap();
     assert!(cpu.on_cpu_kernels(), "the CPU kernels take this network");
@@ -63,10 +52,7 @@ fn check(arch: &Architecture, rows: usize, seed: u64) {
         len => f64::from(sorted[len / 2 - 1] + sorted[len / 2]) / 2.0,
     };
     for clip in [f64::from(sorted[0]) / 10.0, middle, f64::INFINITY] {
-        let (got, want) = (
-            cpu.clipped_gradient_sum(&x, &y, clip),
-            burn.clipped_gradient_sum(&x, &y, clip),
-        );
+        let (got, want) = (cpu.clipped_gradient_sum(&x, &y, clip), burn.clipped_gradient_sum(&x, &y, clip));
         assert_close("clipped sum", &got.sum, &want.sum, 1e-5);
         assert_close("norms", &got.norms, &want.norms, 1e-5);
         assert_eq!(got.clipped, want.clipped, "clip {clip}");
@@ -79,11 +65,7 @@ fn check(arch: &Architecture, rows: usize, seed: u64) {
 fn linear_stacks_match_burn() {
     let mlp = Architecture::new(&ModelSpec::Mlp { hidden: vec![9, 5] }, 7).unwrap();
     check(&mlp, 13, 1);
-    check(
-        &Architecture::new(&ModelSpec::LogisticRegression, 4).unwrap(),
-        6,
-        2,
-    );
+    check(&Architecture::new(&ModelSpec::LogisticRegression, 4).unwrap(), 6, 2);
 }
 
 #[test]
@@ -99,24 +81,13 @@ fn odd_shapes_match_burn() {
     // An odd side (pooling drops the last row and column), several input
     // channels after the first convolution, and a ReLU before a linear head.
     let layers = vec![
-        Layer::Conv2d {
-            in_channels: 1,
-            out_channels: 3,
-            kernel: 3,
-        },
+        Layer::Conv2d { in_channels: 1, out_channels: 3, kernel: 3 },
         Layer::MaxPool2,
         Layer::Relu,
-        Layer::Conv2d {
-            in_channels: 3,
-            out_channels: 4,
-            kernel: 2,
-        },
+        Layer::Conv2d { in_channels: 3, out_channels: 4, kernel: 2 },
         Layer::Relu,
         Layer::Flatten,
-        Layer::Linear {
-            inputs: 4 * 2 * 2,
-            outputs: 2,
-        },
+        Layer::Linear { inputs: 4 * 2 * 2, outputs: 2 },
     ];
     check(&arch(layers, 81, Some(9)), 5, 4);
 }
@@ -124,15 +95,9 @@ fn odd_shapes_match_burn() {
 #[test]
 fn norm_layers_stay_on_burn() {
     let layers = vec![
-        Layer::Linear {
-            inputs: 3,
-            outputs: 4,
-        },
+        Layer::Linear { inputs: 3, outputs: 4 },
         Layer::LayerNorm { features: 4 },
-        Layer::Linear {
-            inputs: 4,
-            outputs: 2,
-        },
+        Layer::Linear { inputs: 4, outputs: 2 },
     ];
     let arch = arch(layers, 3, None);
     let net = Network::new(&arch, &arch.init_params(1), &Device::flex()).unwrap();
@@ -187,11 +152,7 @@ fn every_cut_of_the_batch_gives_the_same_sums() {
 fn pooling_last_and_a_relu_first_match_burn_down_to_one_example() {
     let layers = vec![
         Layer::Relu,
-        Layer::Conv2d {
-            in_channels: 1,
-            out_channels: 2,
-            kernel: 4,
-        },
+        Layer::Conv2d { in_channels: 1, out_channels: 2, kernel: 4 },
         Layer::MaxPool2,
         Layer::Flatten,
     ];
@@ -218,10 +179,7 @@ fn a_nan_input_reaches_the_gradient() {
 fn a_panicking_chunk_reaches_the_caller_with_its_message() {
     let mut folded = Vec::new();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let split = super::Split {
-            threads: 3,
-            size: 1,
-        };
+        let split = super::Split { threads: 3, size: 1 };
         let work = |start: usize, _end: usize| {
             if start == 4 {
                 panic!("chunk four");

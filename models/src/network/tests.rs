@@ -1,10 +1,11 @@
 //! Tests of the network: the probe path against the batch-size-1 oracle and
 //! against PyTorch reference values.
 
+use meridian_spec::job::ModelSpec;
+use serde_json::Value;
+
 use super::*;
 use crate::architecture::Layer;
-use proto::job::ModelSpec;
-use serde_json::Value;
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -16,10 +17,7 @@ fn floats(v: &Value) -> Vec<f64> {
         .unwrap()
         .iter()
         .flat_map(|x| match x {
-            Value::Array(inner) => inner
-                .iter()
-                .map(|y| y.as_f64().unwrap())
-                .collect::<Vec<_>>(),
+            Value::Array(inner) => inner.iter().map(|y| y.as_f64().unwrap()).collect::<Vec<_>>(),
             other => vec![other.as_f64().unwrap()],
         })
         .collect()
@@ -27,12 +25,7 @@ fn floats(v: &Value) -> Vec<f64> {
 
 /// Flat values of a fixture's per-parameter map, in its param_names order.
 fn flat(fix: &Value, map: &Value) -> Vec<f64> {
-    fix["param_names"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|n| floats(&map[n.as_str().unwrap()]))
-        .collect()
+    fix["param_names"].as_array().unwrap().iter().flat_map(|n| floats(&map[n.as_str().unwrap()])).collect()
 }
 
 fn widen(v: &[f32]) -> Vec<f64> {
@@ -45,10 +38,7 @@ fn max_relative_error(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     let floor = (1e-3 * scale).max(f64::MIN_POSITIVE);
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs() / w.abs().max(floor))
-        .fold(0.0, f64::max)
+    got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(floor)).fold(0.0, f64::max)
 }
 
 #[track_caller]
@@ -63,10 +53,7 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= rel * scale.max(1e-6),
-            "index {i}: got {g}, want {w}"
-        );
+        assert!((g - w).abs() <= rel * scale.max(1e-6), "index {i}: got {g}, want {w}");
     }
 }
 
@@ -93,41 +80,21 @@ fn clipped_sum_per_example(net: &Network, x: &[f32], y: &[u8], clip: f64) -> Cli
         }
         norms.push(norm as f32);
     }
-    ClippedGradients {
-        sum: sum.into_iter().map(|v| v as f32).collect(),
-        norms,
-        loss_sum,
-        correct,
-        clipped,
-    }
+    ClippedGradients { sum: sum.into_iter().map(|v| v as f32).collect(), norms, loss_sum, correct, clipped }
 }
 
 fn labels(fix: &Value) -> Vec<u8> {
-    fix["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u8)
-        .collect()
+    fix["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect()
 }
 
 fn mlp_fixture_arch() -> Architecture {
     Architecture::from_layers(
         vec![
-            Layer::Linear {
-                inputs: 30,
-                outputs: 64,
-            },
+            Layer::Linear { inputs: 30, outputs: 64 },
             Layer::Relu,
-            Layer::Linear {
-                inputs: 64,
-                outputs: 64,
-            },
+            Layer::Linear { inputs: 64, outputs: 64 },
             Layer::Relu,
-            Layer::Linear {
-                inputs: 64,
-                outputs: 2,
-            },
+            Layer::Linear { inputs: 64, outputs: 2 },
         ],
         30,
         None,
@@ -138,24 +105,13 @@ fn mlp_fixture_arch() -> Architecture {
 fn cnn_fixture_arch() -> Architecture {
     Architecture::from_layers(
         vec![
-            Layer::Conv2d {
-                in_channels: 1,
-                out_channels: 4,
-                kernel: 3,
-            },
+            Layer::Conv2d { in_channels: 1, out_channels: 4, kernel: 3 },
             Layer::Relu,
             Layer::MaxPool2,
-            Layer::Conv2d {
-                in_channels: 4,
-                out_channels: 8,
-                kernel: 3,
-            },
+            Layer::Conv2d { in_channels: 4, out_channels: 8, kernel: 3 },
             Layer::Relu,
             Layer::Flatten,
-            Layer::Linear {
-                inputs: 72,
-                outputs: 2,
-            },
+            Layer::Linear { inputs: 72, outputs: 2 },
         ],
         144,
         Some(12),
@@ -178,19 +134,11 @@ fn check_fixture(name: &str, arch: &Architecture) {
     let weights_f32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
     let fast = Network::new(arch, &weights_f32, &Device::flex()).unwrap();
 
-    let losses: Vec<f64> = (0..y.len())
-        .map(|i| {
-            exact
-                .clipped_gradient_sum(&x[i * d..(i + 1) * d], &y[i..=i], 1.0)
-                .loss_sum
-        })
-        .collect();
+    let losses: Vec<f64> =
+        (0..y.len()).map(|i| exact.clipped_gradient_sum(&x[i * d..(i + 1) * d], &y[i..=i], 1.0).loss_sum).collect();
     let want_losses = floats(&fix["per_sample_loss"]);
     let err = max_relative_error(&losses, &want_losses);
-    assert!(
-        err <= 1e-6,
-        "per-example losses: max relative error {err:e}"
-    );
+    assert!(err <= 1e-6, "per-example losses: max relative error {err:e}");
     let want_norms = floats(&fix["per_sample_grad_norm"]);
     for (clip, case) in fix["clipped_sums"].as_object().unwrap() {
         let clip: f64 = clip.parse().unwrap();
@@ -199,22 +147,14 @@ fn check_fixture(name: &str, arch: &Architecture) {
         assert_relative("norms", &got.norms, &want_norms, 1e-6);
         assert_relative("clipped sum", &got.sum, &want_sum, 1e-6);
         let loss: f64 = want_losses.iter().sum();
-        assert!(
-            (got.loss_sum - loss).abs() <= 1e-6 * loss.abs(),
-            "{} vs {loss}",
-            got.loss_sum
-        );
+        assert!((got.loss_sum - loss).abs() <= 1e-6 * loss.abs(), "{} vs {loss}", got.loss_sum);
         assert_eq!(got.clipped as u64, case["num_clipped"].as_u64().unwrap());
 
         let got = fast.clipped_gradient_sum(&x, &y, clip);
         let narrow = |v: &[f64]| v.iter().map(|&w| w as f32).collect::<Vec<_>>();
         assert_close(&got.norms, &narrow(&want_norms), 1e-4);
         assert_close(&got.sum, &narrow(&want_sum), 1e-4);
-        assert!(
-            (got.loss_sum - loss).abs() <= 1e-4 * loss.abs(),
-            "{} vs {loss}",
-            got.loss_sum
-        );
+        assert!((got.loss_sum - loss).abs() <= 1e-4 * loss.abs(), "{} vs {loss}", got.loss_sum);
     }
 }
 
@@ -245,9 +185,7 @@ fn random_params(arch: &Architecture, seed: u64) -> Vec<f64> {
 fn check_against_oracle(arch: &Architecture, seed: u64, rows: usize, rel_f32: f32) {
     let d = arch.input_dim();
     let params = random_params(arch, seed);
-    let x: Vec<f32> = (0..rows * d)
-        .map(|i| (i as f32 * 0.37 + seed as f32).sin() * 2.0)
-        .collect();
+    let x: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.37 + seed as f32).sin() * 2.0).collect();
     let y: Vec<u8> = (0..rows).map(|i| ((i + seed as usize) % 2) as u8).collect();
     let exact = Network::new_f64(arch, &params, &Device::flex()).unwrap();
     let params_f32: Vec<f32> = params.iter().map(|&p| p as f32).collect();
@@ -278,11 +216,7 @@ fn check_against_oracle(arch: &Architecture, seed: u64, rows: usize, rel_f32: f3
 #[test]
 fn probes_equal_the_oracle_on_mlps() {
     for (seed, hidden) in [(1u64, vec![8]), (2, vec![5, 7]), (3, vec![])] {
-        let spec = if hidden.is_empty() {
-            ModelSpec::LogisticRegression
-        } else {
-            ModelSpec::Mlp { hidden }
-        };
+        let spec = if hidden.is_empty() { ModelSpec::LogisticRegression } else { ModelSpec::Mlp { hidden } };
         check_against_oracle(&Architecture::new(&spec, 6).unwrap(), seed, 9, 1e-5);
     }
 }
@@ -302,25 +236,13 @@ fn probes_equal_the_oracle_on_the_benchmark_cnn() {
 fn probes_equal_the_oracle_with_layer_and_group_norm() {
     let mlp = Architecture::from_layers(
         vec![
-            Layer::Linear {
-                inputs: 6,
-                outputs: 8,
-            },
+            Layer::Linear { inputs: 6, outputs: 8 },
             Layer::LayerNorm { features: 8 },
             Layer::Relu,
-            Layer::Linear {
-                inputs: 8,
-                outputs: 6,
-            },
-            Layer::GroupNorm {
-                groups: 3,
-                channels: 6,
-            },
+            Layer::Linear { inputs: 8, outputs: 6 },
+            Layer::GroupNorm { groups: 3, channels: 6 },
             Layer::Relu,
-            Layer::Linear {
-                inputs: 6,
-                outputs: 2,
-            },
+            Layer::Linear { inputs: 6, outputs: 2 },
         ],
         6,
         None,
@@ -329,33 +251,16 @@ fn probes_equal_the_oracle_with_layer_and_group_norm() {
     check_against_oracle(&mlp, 6, 9, 1e-5);
     let cnn = Architecture::from_layers(
         vec![
-            Layer::Conv2d {
-                in_channels: 1,
-                out_channels: 4,
-                kernel: 3,
-            },
-            Layer::GroupNorm {
-                groups: 2,
-                channels: 4,
-            },
+            Layer::Conv2d { in_channels: 1, out_channels: 4, kernel: 3 },
+            Layer::GroupNorm { groups: 2, channels: 4 },
             Layer::Relu,
             Layer::MaxPool2,
-            Layer::Conv2d {
-                in_channels: 4,
-                out_channels: 6,
-                kernel: 3,
-            },
-            Layer::GroupNorm {
-                groups: 3,
-                channels: 6,
-            },
+            Layer::Conv2d { in_channels: 4, out_channels: 6, kernel: 3 },
+            Layer::GroupNorm { groups: 3, channels: 6 },
             Layer::Relu,
             Layer::Flatten,
             Layer::LayerNorm { features: 24 },
-            Layer::Linear {
-                inputs: 24,
-                outputs: 2,
-            },
+            Layer::Linear { inputs: 24, outputs: 2 },
         ],
         100,
         Some(10),
@@ -378,10 +283,7 @@ fn f64_parameters_are_checked_like_f32_ones() {
     let arch = mlp_fixture_arch();
     let mut params = random_params(&arch, 1);
     params[5] = f64::NAN;
-    assert_eq!(
-        Network::new_f64(&arch, &params, &Device::flex()).err(),
-        Some(LayoutError::NotFinite { index: 5 })
-    );
+    assert_eq!(Network::new_f64(&arch, &params, &Device::flex()).err(), Some(LayoutError::NotFinite { index: 5 }));
 }
 
 #[test]

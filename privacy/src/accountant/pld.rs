@@ -131,20 +131,12 @@ impl Run {
 impl LossPmf {
     /// No privacy loss at all: mass 1 at loss 0.
     fn identity() -> Self {
-        Self {
-            lower: 0,
-            probs: vec![1.0],
-            infinity_mass: 0.0,
-        }
+        Self { lower: 0, probs: vec![1.0], infinity_mass: 0.0 }
     }
 
     /// A mechanism without privacy: all mass at +∞.
     fn non_private() -> Self {
-        Self {
-            lower: 0,
-            probs: vec![0.0],
-            infinity_mass: 1.0,
-        }
+        Self { lower: 0, probs: vec![0.0], infinity_mass: 1.0 }
     }
 
     fn is_identity(&self) -> bool {
@@ -153,21 +145,13 @@ impl LossPmf {
 
     /// The connect-the-dots distribution of one step in `direction`.
     fn poisson_gaussian(direction: Direction, run: Run) -> Result<Self, AccountantError> {
-        let Run {
-            sample_rate: q,
-            noise_multiplier: sigma,
-            discretization: h,
-            ..
-        } = run;
+        let Run { sample_rate: q, noise_multiplier: sigma, discretization: h, .. } = run;
         let z = standard_normal_tail_quantile(LOG_MASS_TRUNCATION_BOUND);
         // Beyond these, each of N(0, σ²) and N(1, σ²) has mass ½·e^(−50).
         let (x_low, x_high) = (-sigma * z, 1.0 + sigma * z);
         let (loss_low, loss_high) = match direction {
             Direction::Remove => (remove_loss(q, sigma, x_low), remove_loss(q, sigma, x_high)),
-            Direction::Add => (
-                -remove_loss(q, sigma, x_high),
-                -remove_loss(q, sigma, x_low),
-            ),
+            Direction::Add => (-remove_loss(q, sigma, x_high), -remove_loss(q, sigma, x_low)),
         };
         let k_low = (loss_low / h).floor();
         let k_high = (loss_high / h).ceil();
@@ -230,11 +214,7 @@ impl LossPmf {
         }
         let rest: f64 = probs[1..].iter().sum();
         probs[0] = (1.0 - rest - infinity_mass).max(0.0);
-        let mut pmf = Self {
-            lower: k_low,
-            probs,
-            infinity_mass,
-        };
+        let mut pmf = Self { lower: k_low, probs, infinity_mass };
         pmf.trim_zeros();
         pmf
     }
@@ -305,11 +285,7 @@ impl LossPmf {
             // down into it by the cyclic transform; count it as infinite.
             infinity_mass += TAIL_MASS_PER_SIDE;
         }
-        let mut pmf = Self {
-            lower,
-            probs,
-            infinity_mass: infinity_mass.min(1.0),
-        };
+        let mut pmf = Self { lower, probs, infinity_mass: infinity_mass.min(1.0) };
         pmf.truncate_tails();
         Ok(pmf)
     }
@@ -332,16 +308,9 @@ impl LossPmf {
         let fft_len = fft::transform_len(len).ok_or_else(|| run.too_large(len as f64))?;
         let fft = RealFft::new(fft_len);
         let probs = fft::convolve(&fft, &self.probs, &other.probs);
-        let lower = self
-            .lower
-            .checked_add(other.lower)
-            .ok_or_else(|| run.too_large(f64::INFINITY))?;
+        let lower = self.lower.checked_add(other.lower).ok_or_else(|| run.too_large(f64::INFINITY))?;
         let (a, b) = (self.infinity_mass, other.infinity_mass);
-        let mut pmf = Self {
-            lower,
-            probs,
-            infinity_mass: (a + b - a * b).min(1.0),
-        };
+        let mut pmf = Self { lower, probs, infinity_mass: (a + b - a * b).min(1.0) };
         pmf.truncate_tails();
         Ok(pmf)
     }
@@ -365,10 +334,7 @@ impl LossPmf {
             let p = self.probs[i];
             let exp_neg_loss = (-loss).exp();
             // ln((mass_upper − δ)/mass_lower) >= loss: ε is on this segment.
-            if mass_upper > delta
-                && mass_lower > 0.0
-                && (mass_upper - delta) * exp_neg_loss >= mass_lower
-            {
+            if mass_upper > delta && mass_lower > 0.0 && (mass_upper - delta) * exp_neg_loss >= mass_lower {
                 break;
             }
             mass_upper += p;
@@ -418,41 +384,21 @@ fn chernoff_window(probs: &[f64], times: u64) -> (u128, u128) {
     let log_inv_tail = -TAIL_MASS_PER_SIDE.ln();
     let gaussian_order = {
         let mass: f64 = probs.iter().sum();
-        let mean = probs
-            .iter()
-            .enumerate()
-            .map(|(j, p)| j as f64 * p)
-            .sum::<f64>()
-            / mass;
-        let variance = probs
-            .iter()
-            .enumerate()
-            .map(|(j, p)| (j as f64 - mean).powi(2) * p)
-            .sum::<f64>()
-            / mass;
+        let mean = probs.iter().enumerate().map(|(j, p)| j as f64 * p).sum::<f64>() / mass;
+        let variance = probs.iter().enumerate().map(|(j, p)| (j as f64 - mean).powi(2) * p).sum::<f64>() / mass;
         // At least one grid step of spread, so that the order is finite.
         (2.0 * log_inv_tail / (count * variance.max(1.0))).sqrt()
     };
     // For t > 0, relative to the top: K(t) = t·last + ln Σ p_j e^(−t·(last − j)),
     // so b_upper = T·last + excess(t).
     let reversed: Vec<f64> = probs.iter().rev().copied().collect();
-    let excess = minimise_over_log_order(gaussian_order, |t| {
-        (count * discounted_sum(&reversed, t).ln() + log_inv_tail) / t
-    });
+    let excess =
+        minimise_over_log_order(gaussian_order, |t| (count * discounted_sum(&reversed, t).ln() + log_inv_tail) / t);
     // For t = −u < 0: K(−u) = ln Σ p_j e^(−u·j), and b_lower = −(T·K + c)/u.
-    let lower = -minimise_over_log_order(gaussian_order, |u| {
-        (count * discounted_sum(probs, u).ln() + log_inv_tail) / u
-    });
-    let end = if excess < 0.0 {
-        full_last.saturating_sub(float_to_u128((-excess).floor()))
-    } else {
-        full_last
-    };
-    let start = if lower > 0.0 {
-        float_to_u128(lower.floor()).min(end)
-    } else {
-        0
-    };
+    let lower =
+        -minimise_over_log_order(gaussian_order, |u| (count * discounted_sum(probs, u).ln() + log_inv_tail) / u);
+    let end = if excess < 0.0 { full_last.saturating_sub(float_to_u128((-excess).floor())) } else { full_last };
+    let start = if lower > 0.0 { float_to_u128(lower.floor()).min(end) } else { 0 };
     (start, end)
 }
 
@@ -536,11 +482,7 @@ fn standard_normal_tail_quantile(log_mass: f64) -> f64 {
 /// `ln(1 − q + q·e^((2x − 1)/(2σ²)))`, without overflow.
 fn remove_loss(q: f64, sigma: f64, x: f64) -> f64 {
     let a = (2.0 * x - 1.0) / (2.0 * sigma * sigma);
-    if a <= 0.0 {
-        (q * a.exp_m1()).ln_1p()
-    } else {
-        a + (q + (1.0 - q) * (-a).exp()).ln()
-    }
+    if a <= 0.0 { (q * a.exp_m1()).ln_1p() } else { a + (q + (1.0 - q) * (-a).exp()).ln() }
 }
 
 /// `Φ(−x)` for the standard normal.
@@ -617,11 +559,8 @@ fn remove_delta(q: f64, mu: f64, epsilon: f64) -> GridDelta {
         return GridDelta::Complement(0.0);
     }
     // ln(1 + (e^ε − 1)/q), computed for large ε without overflow.
-    let gaussian_epsilon = if epsilon > 1.0 {
-        epsilon + (-(1.0 - q) * (-epsilon).exp()).ln_1p() - q.ln()
-    } else {
-        shifted.ln_1p()
-    };
+    let gaussian_epsilon =
+        if epsilon > 1.0 { epsilon + (-(1.0 - q) * (-epsilon).exp()).ln_1p() - q.ln() } else { shifted.ln_1p() };
     scaled_gaussian_delta(q, mu, gaussian_epsilon)
 }
 
@@ -641,7 +580,7 @@ fn add_delta(q: f64, mu: f64, epsilon: f64) -> GridDelta {
 /// distributions of both directions.
 ///
 /// ```
-/// use privacy::PldAccountant;
+/// use meridian_privacy::PldAccountant;
 ///
 /// let mut accountant = PldAccountant::new();
 /// // Abadi et al. 2016, Sec. 3.1: q = 0.01, σ = 4, 10,000 steps.
@@ -650,7 +589,7 @@ fn add_delta(q: f64, mu: f64, epsilon: f64) -> GridDelta {
 /// // dp_accounting's PLDAccountant gives 0.946999; RDP gives 1.035.
 /// assert!((epsilon - 0.946999).abs() < 1e-5);
 /// assert!((accountant.delta(epsilon)? - 1e-5).abs() < 1e-12);
-/// # Ok::<(), privacy::AccountantError>(())
+/// # Ok::<(), meridian_privacy::AccountantError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct PldAccountant {
@@ -672,11 +611,7 @@ impl PldAccountant {
     /// An empty accountant at dp_accounting's default discretization
     /// interval, [`DEFAULT_DISCRETIZATION`] (1e-4).
     pub fn new() -> Self {
-        Self {
-            discretization: DEFAULT_DISCRETIZATION,
-            remove: LossPmf::identity(),
-            add: LossPmf::identity(),
-        }
+        Self { discretization: DEFAULT_DISCRETIZATION, remove: LossPmf::identity(), add: LossPmf::identity() }
     }
 
     /// An empty accountant whose privacy loss grid has spacing `interval`,
@@ -691,10 +626,7 @@ impl PldAccountant {
         if !(interval.is_finite() && interval > 0.0) {
             return Err(AccountantError::Discretization(interval));
         }
-        Ok(Self {
-            discretization: interval,
-            ..Self::new()
-        })
+        Ok(Self { discretization: interval, ..Self::new() })
     }
 
     /// The privacy loss grid spacing.
@@ -729,35 +661,23 @@ impl PldAccountant {
             self.add = LossPmf::non_private();
             return Ok(());
         }
-        let run = Run {
-            sample_rate,
-            noise_multiplier,
-            steps,
-            discretization: self.discretization,
-        };
+        let run = Run { sample_rate, noise_multiplier, steps, discretization: self.discretization };
         let composed = |direction: Direction, accumulated: &LossPmf| {
             let steps_pmf = LossPmf::poisson_gaussian(direction, run)?.self_compose(steps, run)?;
             accumulated.compose(&steps_pmf, run)
         };
         let (remove, add) = if sample_rate == 1.0 {
             // Without sampling the two directions are mirror images.
-            let steps_pmf =
-                LossPmf::poisson_gaussian(Direction::Remove, run)?.self_compose(steps, run)?;
-            (
-                self.remove.compose(&steps_pmf, run),
-                self.add.compose(&steps_pmf, run),
-            )
+            let steps_pmf = LossPmf::poisson_gaussian(Direction::Remove, run)?.self_compose(steps, run)?;
+            (self.remove.compose(&steps_pmf, run), self.add.compose(&steps_pmf, run))
         } else {
             // The directions are independent: one on another thread, if the
             // system gives us one.
             std::thread::scope(|scope| {
-                let add = std::thread::Builder::new()
-                    .spawn_scoped(scope, || composed(Direction::Add, &self.add));
+                let add = std::thread::Builder::new().spawn_scoped(scope, || composed(Direction::Add, &self.add));
                 let remove = composed(Direction::Remove, &self.remove);
                 let add = match add {
-                    Ok(handle) => handle
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Ok(handle) => handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
                     Err(_) => composed(Direction::Add, &self.add),
                 };
                 (remove, add)
@@ -775,10 +695,7 @@ impl PldAccountant {
     pub fn epsilon(&self, delta: f64) -> Result<f64, AccountantError> {
         check_delta(delta)?;
         let h = self.discretization;
-        Ok(self
-            .remove
-            .epsilon(delta, h)
-            .max(self.add.epsilon(delta, h)))
+        Ok(self.remove.epsilon(delta, h).max(self.add.epsilon(delta, h)))
     }
 
     /// The smallest δ such that everything composed so far is
@@ -789,10 +706,7 @@ impl PldAccountant {
             return Err(AccountantError::Epsilon(epsilon));
         }
         let h = self.discretization;
-        Ok(self
-            .remove
-            .delta(epsilon, h)
-            .max(self.add.delta(epsilon, h)))
+        Ok(self.remove.delta(epsilon, h).max(self.add.delta(epsilon, h)))
     }
 }
 

@@ -7,10 +7,7 @@ use super::*;
 #[track_caller]
 fn assert_rel(got: f64, want: f64, tol: f64) {
     let err = ((got - want) / want).abs();
-    assert!(
-        err <= tol,
-        "got {got}, want {want} (relative error {err:e} > {tol:e})"
-    );
+    assert!(err <= tol, "got {got}, want {want} (relative error {err:e} > {tol:e})");
 }
 
 #[test]
@@ -41,13 +38,7 @@ fn zero_sample_rate_spends_nothing() {
     accountant.compose_poisson_gaussian(0.0, 0.0, 1000).unwrap();
     assert!(accountant.rdp().iter().all(|&r| r == 0.0));
     assert_eq!(accountant.epsilon(1e-5).unwrap().epsilon, 0.0);
-    assert_eq!(
-        accountant.epsilon(0.0).unwrap(),
-        EpsilonAtDelta {
-            epsilon: 0.0,
-            order: 0.0
-        }
-    );
+    assert_eq!(accountant.epsilon(0.0).unwrap(), EpsilonAtDelta { epsilon: 0.0, order: 0.0 });
 }
 
 #[test]
@@ -57,10 +48,7 @@ fn zero_noise_is_infinite_epsilon() {
     assert!(accountant.rdp().iter().all(|&r| r == f64::INFINITY));
     let spent = accountant.epsilon(1e-5).unwrap();
     assert_eq!(spent.epsilon, f64::INFINITY);
-    assert_eq!(
-        spent.order, 1.1,
-        "argmin over all-infinite picks the first order"
-    );
+    assert_eq!(spent.order, 1.1, "argmin over all-infinite picks the first order");
 }
 
 #[test]
@@ -74,10 +62,7 @@ fn zero_steps_spend_nothing_even_without_noise() {
 fn full_batch_is_the_gaussian_mechanism() {
     let mut accountant = RdpAccountant::with_orders(vec![2.0, 2.5, 32.0]).unwrap();
     accountant.compose_poisson_gaussian(1.0, 2.0, 3).unwrap();
-    assert_eq!(
-        accountant.rdp(),
-        &[3.0 * 2.0 / 8.0, 3.0 * 2.5 / 8.0, 3.0 * 32.0 / 8.0]
-    );
+    assert_eq!(accountant.rdp(), &[3.0 * 2.0 / 8.0, 3.0 * 2.5 / 8.0, 3.0 * 32.0 / 8.0]);
 }
 
 #[test]
@@ -87,13 +72,7 @@ fn delta_zero_after_spending_is_infinite() {
         a.compose_poisson_gaussian(0.01, 1.0, 1).unwrap();
         a
     };
-    assert_eq!(
-        accountant.epsilon(0.0).unwrap(),
-        EpsilonAtDelta {
-            epsilon: f64::INFINITY,
-            order: 0.0
-        }
-    );
+    assert_eq!(accountant.epsilon(0.0).unwrap(), EpsilonAtDelta { epsilon: f64::INFINITY, order: 0.0 });
 }
 
 #[test]
@@ -117,14 +96,9 @@ fn heterogeneous_composition_is_order_independent() {
     }
     let mut backward = RdpAccountant::new();
     for (q, sigma, steps) in runs.iter().rev() {
-        backward
-            .compose_poisson_gaussian(*q, *sigma, *steps)
-            .unwrap();
+        backward.compose_poisson_gaussian(*q, *sigma, *steps).unwrap();
     }
-    let (f, b) = (
-        forward.epsilon(1e-6).unwrap(),
-        backward.epsilon(1e-6).unwrap(),
-    );
+    let (f, b) = (forward.epsilon(1e-6).unwrap(), backward.epsilon(1e-6).unwrap());
     assert_rel(f.epsilon, b.epsilon, 1e-14);
     assert_eq!(f.order, b.order);
     // Composition costs more than either part alone.
@@ -199,26 +173,14 @@ fn log_add_handles_zero_and_infinity() {
 fn invalid_parameters_name_the_value() {
     let mut accountant = RdpAccountant::new();
     let cases = [
-        (
-            accountant.compose_poisson_gaussian(1.5, 1.0, 1),
-            "sample_rate must be in [0, 1], got 1.5",
-        ),
-        (
-            accountant.compose_poisson_gaussian(-0.1, 1.0, 1),
-            "sample_rate must be in [0, 1], got -0.1",
-        ),
-        (
-            accountant.compose_poisson_gaussian(0.1, f64::NAN, 1),
-            "noise_multiplier must be finite and >= 0, got NaN",
-        ),
+        (accountant.compose_poisson_gaussian(1.5, 1.0, 1), "sample_rate must be in [0, 1], got 1.5"),
+        (accountant.compose_poisson_gaussian(-0.1, 1.0, 1), "sample_rate must be in [0, 1], got -0.1"),
+        (accountant.compose_poisson_gaussian(0.1, f64::NAN, 1), "noise_multiplier must be finite and >= 0, got NaN"),
         (
             accountant.compose_poisson_gaussian(0.1, f64::INFINITY, 1),
             "noise_multiplier must be finite and >= 0, got inf",
         ),
-        (
-            accountant.compose_poisson_gaussian(0.1, -1.0, 1),
-            "noise_multiplier must be finite and >= 0, got -1",
-        ),
+        (accountant.compose_poisson_gaussian(0.1, -1.0, 1), "noise_multiplier must be finite and >= 0, got -1"),
     ];
     for (result, message) in cases {
         assert_eq!(result.unwrap_err().to_string(), message);
@@ -226,10 +188,7 @@ fn invalid_parameters_name_the_value() {
     // A rejected composition leaves the accountant untouched.
     assert!(accountant.rdp().iter().all(|&r| r == 0.0));
 
-    assert_eq!(
-        accountant.epsilon(-1e-5).unwrap_err().to_string(),
-        "delta must be in [0, 1], got -0.00001"
-    );
+    assert_eq!(accountant.epsilon(-1e-5).unwrap_err().to_string(), "delta must be in [0, 1], got -0.00001");
     assert!(matches!(accountant.epsilon(f64::NAN), Err(AccountantError::Delta(d)) if d.is_nan()));
     assert_eq!(
         accountant.epsilon_legacy(0.0).unwrap_err().to_string(),
@@ -239,22 +198,14 @@ fn invalid_parameters_name_the_value() {
 
 #[test]
 fn invalid_orders_are_rejected_with_their_index() {
+    assert_eq!(RdpAccountant::with_orders(vec![]).unwrap_err(), AccountantError::NoOrders);
     assert_eq!(
-        RdpAccountant::with_orders(vec![]).unwrap_err(),
-        AccountantError::NoOrders
-    );
-    assert_eq!(
-        RdpAccountant::with_orders(vec![2.0, 1.0])
-            .unwrap_err()
-            .to_string(),
+        RdpAccountant::with_orders(vec![2.0, 1.0]).unwrap_err().to_string(),
         "order 1 at index 1 must be finite, > 1 and <= 10000"
     );
     assert_eq!(
         RdpAccountant::with_orders(vec![f64::INFINITY]).unwrap_err(),
-        AccountantError::Order {
-            index: 0,
-            value: f64::INFINITY
-        }
+        AccountantError::Order { index: 0, value: f64::INFINITY }
     );
     assert!(RdpAccountant::with_orders(vec![1e5]).is_err());
     assert!(RdpAccountant::with_orders(vec![1.001, 10_000.0]).is_ok());
@@ -263,16 +214,8 @@ fn invalid_orders_are_rejected_with_their_index() {
 #[test]
 fn orders_too_close_to_one_give_infinity() {
     let mut accountant = RdpAccountant::with_orders(vec![1.005]).unwrap();
-    accountant
-        .compose_poisson_gaussian(0.01, 1.0, 1000)
-        .unwrap();
-    assert_eq!(
-        accountant.epsilon(1e-5).unwrap(),
-        EpsilonAtDelta {
-            epsilon: f64::INFINITY,
-            order: 1.005
-        }
-    );
+    accountant.compose_poisson_gaussian(0.01, 1.0, 1000).unwrap();
+    assert_eq!(accountant.epsilon(1e-5).unwrap(), EpsilonAtDelta { epsilon: f64::INFINITY, order: 1.005 });
 }
 
 #[test]
@@ -281,13 +224,7 @@ fn kl_bound_gives_zero_for_tiny_spend() {
     let mut accountant = RdpAccountant::new();
     accountant.compose_poisson_gaussian(1e-6, 50.0, 1).unwrap();
     let spent = accountant.epsilon(0.1).unwrap();
-    assert_eq!(
-        spent,
-        EpsilonAtDelta {
-            epsilon: 0.0,
-            order: 1.1
-        }
-    );
+    assert_eq!(spent, EpsilonAtDelta { epsilon: 0.0, order: 1.1 });
 }
 
 #[test]
@@ -306,27 +243,18 @@ fn noise_multiplier_for_epsilon_edge_cases() {
     assert_eq!(noise_multiplier_for_epsilon(1.0, 0.0, 100, 1e-5), Ok(0.0));
     assert_eq!(noise_multiplier_for_epsilon(1.0, 0.5, 0, 1e-5), Ok(0.0));
     assert_eq!(
-        noise_multiplier_for_epsilon(0.0, 0.5, 10, 1e-5)
-            .unwrap_err()
-            .to_string(),
+        noise_multiplier_for_epsilon(0.0, 0.5, 10, 1e-5).unwrap_err().to_string(),
         "target_epsilon must be finite and > 0, got 0"
     );
     assert!(matches!(
         noise_multiplier_for_epsilon(f64::NAN, 0.5, 10, 1e-5),
         Err(AccountantError::TargetEpsilon(e)) if e.is_nan()
     ));
-    assert_eq!(
-        noise_multiplier_for_epsilon(1.0, 2.0, 10, 1e-5),
-        Err(AccountantError::SampleRate(2.0))
-    );
+    assert_eq!(noise_multiplier_for_epsilon(1.0, 2.0, 10, 1e-5), Err(AccountantError::SampleRate(2.0)));
     // Full batches for a million steps cannot reach ε = 0.001: even σ = 1e6
     // leaves ε ≈ 0.012 over the default orders.
     match noise_multiplier_for_epsilon(1e-3, 1.0, 1_000_000, 1e-5) {
-        Err(AccountantError::Unreachable {
-            target_epsilon,
-            noise_multiplier,
-            epsilon,
-        }) => {
+        Err(AccountantError::Unreachable { target_epsilon, noise_multiplier, epsilon }) => {
             assert_eq!(target_epsilon, 1e-3);
             assert_eq!(noise_multiplier, MAX_NOISE_MULTIPLIER);
             assert!(epsilon > 1e-3);

@@ -9,9 +9,9 @@
 //! is already in the build for TLS and runs on the AES-NI and carry-less
 //! multiply instructions: sealing a buffer of zeros under a unique nonce
 //! leaves exactly the counter-mode keystream in it (GCM encrypts by XOR with
-//! AES-CTR; the tag it also computes is discarded). On the 2 vCPU Xeon of
-//! `BENCHMARKS.md` this gives about 8 GB/s, against 3.6 GB/s for ChaCha12
-//! (which it replaced) and about 2.5 GB/s for ChaCha20 (before that).
+//! AES-CTR; the tag it also computes is discarded). It replaced ChaCha12,
+//! which had replaced ChaCha20, each faster than the one before
+//! (`docs/perf-log.md`, "Figures moved from rustdoc").
 //!
 //! Each refill seals [`BUFFER_BYTES`] under the next nonce of a 96-bit
 //! counter, so no (key, nonce) pair is ever used twice, and inside one seal
@@ -72,10 +72,8 @@ impl Keystream {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&self.next_nonce.to_be_bytes());
         // 2^64 refills of 16 KiB would take longer than the sun has left.
-        self.next_nonce = self
-            .next_nonce
-            .checked_add(1)
-            .unwrap_or_else(|| unreachable!("AES keystream nonces exhausted"));
+        self.next_nonce =
+            self.next_nonce.checked_add(1).unwrap_or_else(|| unreachable!("AES keystream nonces exhausted"));
         self.buffer.fill(0);
         let sealed = self.key.seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
@@ -166,9 +164,6 @@ mod tests {
     fn os_keys_differ() {
         let mut a = Keystream::from_os().unwrap();
         let mut b = Keystream::from_os().unwrap();
-        assert_ne!(
-            (a.next_u64(), a.next_u64()),
-            (b.next_u64(), b.next_u64())
-        );
+        assert_ne!((a.next_u64(), a.next_u64()), (b.next_u64(), b.next_u64()));
     }
 }

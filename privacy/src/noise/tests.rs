@@ -27,18 +27,10 @@ fn mean_and_variance_match() {
     let variance = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     // Standard errors: σ/√n for the mean, σ²·√(2/n) for the variance.
     let se_mean = std_dev / n.sqrt();
-    assert!(
-        mean.abs() < 5.0 * se_mean,
-        "mean {mean} vs 5 SE {}",
-        5.0 * se_mean
-    );
+    assert!(mean.abs() < 5.0 * se_mean, "mean {mean} vs 5 SE {}", 5.0 * se_mean);
     let var = std_dev * std_dev;
     let se_var = var * (2.0 / n).sqrt();
-    assert!(
-        (variance - var).abs() < 5.0 * se_var,
-        "variance {variance} vs {var} ± {}",
-        5.0 * se_var
-    );
+    assert!((variance - var).abs() < 5.0 * se_var, "variance {variance} vs {var} ± {}", 5.0 * se_var);
 }
 
 #[test]
@@ -49,11 +41,7 @@ fn tail_frequencies_match() {
         let p = erfc(k / std::f64::consts::SQRT_2); // P(|X| > k)
         let observed = xs.iter().filter(|x| x.abs() > k).count() as f64 / n;
         let se = (p * (1.0 - p) / n).sqrt();
-        assert!(
-            (observed - p).abs() < 5.0 * se,
-            "P(|X| > {k}) observed {observed}, expected {p} ± {}",
-            5.0 * se
-        );
+        assert!((observed - p).abs() < 5.0 * se, "P(|X| > {k}) observed {observed}, expected {p} ± {}", 5.0 * se);
     }
 }
 
@@ -119,10 +107,7 @@ fn invalid_std_dev_is_rejected() {
     let mut values = [1.0_f32];
     for bad in [-1.0, f64::INFINITY, f64::NAN] {
         let err = noise.add_gaussian_noise(&mut values, bad).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("std_dev must be finite and >= 0, got {bad}")
-        );
+        assert_eq!(err.to_string(), format!("std_dev must be finite and >= 0, got {bad}"));
         assert!(noise.fill_gaussian(&mut [0.0], bad).is_err());
     }
     assert_eq!(values, [1.0]);
@@ -166,30 +151,16 @@ fn prefetched_noise_is_the_same_stream_drawn_ahead() {
         prefetched.add_gaussian_noise(&mut b, 1.5).unwrap();
         assert_eq!(a, b, "step {step}");
     }
-    let err = prefetched
-        .add_gaussian_noise(&mut [0.0; 3], 1.0)
-        .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "noise prefetched for 1000 values, asked for 3"
-    );
-    assert!(
-        prefetched
-            .add_gaussian_noise(&mut [0.0; 1000], f64::NAN)
-            .is_err()
-    );
+    let err = prefetched.add_gaussian_noise(&mut [0.0; 3], 1.0).unwrap_err();
+    assert_eq!(err.to_string(), "noise prefetched for 1000 values, asked for 3");
+    assert!(prefetched.add_gaussian_noise(&mut [0.0; 1000], f64::NAN).is_err());
     // Two threads: each half is its own seeded stream, step after step.
-    let (mut first, mut second) = (
-        NoiseSource::from_seed_for_tests(20),
-        NoiseSource::from_seed_for_tests(21),
-    );
+    let (mut first, mut second) = (NoiseSource::from_seed_for_tests(20), NoiseSource::from_seed_for_tests(21));
     let mut split = PrefetchedNoise::from_seed_for_tests(20, 1001, 2).unwrap();
     for step in 0..3 {
         let mut expected = vec![0.0f32; 1001];
         first.add_gaussian_noise(&mut expected[..501], 2.0).unwrap();
-        second
-            .add_gaussian_noise(&mut expected[501..], 2.0)
-            .unwrap();
+        second.add_gaussian_noise(&mut expected[501..], 2.0).unwrap();
         let mut got = vec![0.0f32; 1001];
         split.add_gaussian_noise(&mut got, 2.0).unwrap();
         assert_eq!(got, expected, "step {step}");

@@ -207,11 +207,7 @@ fn wedge_or_tail<R: Rng + ?Sized>(rng: &mut R, strip: usize, u: f64, x: f64) -> 
             tail_x = a.ln() / TAIL_START;
             tail_y = b.ln();
         }
-        return Some(if u < 0.0 {
-            tail_x - TAIL_START
-        } else {
-            TAIL_START - tail_x
-        });
+        return Some(if u < 0.0 { tail_x - TAIL_START } else { TAIL_START - tail_x });
     }
     let height = F[strip + 1] + (F[strip] - F[strip + 1]) * rng.random::<f64>();
     (height < density(x)).then_some(x)

@@ -3,25 +3,20 @@
 //! conversion), by TF Privacy's legacy conversion, and the published values
 //! of Abadi et al. 2016 and the TensorFlow Privacy MNIST tutorial.
 
-use privacy::{EpsilonAtDelta, RdpAccountant, dpsgd_epsilon};
+use meridian_privacy::{EpsilonAtDelta, RdpAccountant, dpsgd_epsilon};
 use serde_json::Value;
 
 /// Relative tolerance against dp_accounting.
 const TOLERANCE: f64 = 1e-6;
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/accountant.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/accountant.json");
     let text = std::fs::read_to_string(path).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
 fn f(value: &Value, key: &str) -> f64 {
-    value[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {value}"))
+    value[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {value}"))
 }
 
 #[track_caller]
@@ -39,9 +34,7 @@ fn check(case: &str, got: EpsilonAtDelta, want_epsilon: f64, want_order: Option<
 
 fn legacy_epsilon(q: f64, sigma: f64, steps: u64, delta: f64) -> EpsilonAtDelta {
     let mut accountant = RdpAccountant::legacy();
-    accountant
-        .compose_poisson_gaussian(q, sigma, steps)
-        .unwrap();
+    accountant.compose_poisson_gaussian(q, sigma, steps).unwrap();
     accountant.epsilon_legacy(delta).unwrap()
 }
 
@@ -52,11 +45,7 @@ fn classic_cases_match_dp_accounting() {
     assert_eq!(cases.len(), 7);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        assert_eq!(
-            case["rdp_dpacc_excluded_orders"].as_array().map(Vec::len),
-            Some(0),
-            "{name}"
-        );
+        assert_eq!(case["rdp_dpacc_excluded_orders"].as_array().map(Vec::len), Some(0), "{name}");
         let (q, sigma, delta) = (f(case, "q"), f(case, "sigma"), f(case, "delta"));
         let steps = case["steps"].as_u64().unwrap();
         let want = &case["rdp_dpacc"];
@@ -71,10 +60,7 @@ fn classic_cases_match_legacy_conversion() {
     for case in fixture["classic"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let want = &case["legacy_tfprivacy_basic_conversion"];
-        assert_eq!(
-            want["orders"], "1+x/10 for x in 1..99, then 12..63",
-            "{name}"
-        );
+        assert_eq!(want["orders"], "1+x/10 for x in 1..99, then 12..63", "{name}");
         let steps = case["steps"].as_u64().unwrap();
         let got = legacy_epsilon(f(case, "q"), f(case, "sigma"), steps, f(case, "delta"));
         check(name, got, f(want, "eps"), Some(f(want, "order")));
@@ -91,18 +77,11 @@ fn grid_sample_matches_dp_accounting() {
         let (q, sigma) = (f(case, "q"), f(case, "sigma"));
         let steps = case["steps"].as_u64().unwrap();
         let mut accountant = RdpAccountant::new();
-        accountant
-            .compose_poisson_gaussian(q, sigma, steps)
-            .unwrap();
+        accountant.compose_poisson_gaussian(q, sigma, steps).unwrap();
         for (delta, want) in case["rdp_dpacc"].as_object().unwrap() {
             let delta: f64 = delta.parse().unwrap();
             let name = format!("q={q} sigma={sigma} steps={steps} delta={delta}");
-            check(
-                &name,
-                accountant.epsilon(delta).unwrap(),
-                f(want, "eps"),
-                Some(f(want, "order")),
-            );
+            check(&name, accountant.epsilon(delta).unwrap(), f(want, "eps"), Some(f(want, "order")));
             checked += 1;
         }
     }
@@ -112,19 +91,12 @@ fn grid_sample_matches_dp_accounting() {
 #[test]
 fn gaussian_single_release_matches_dp_accounting() {
     let fixture = fixture();
-    let cases = fixture["gaussian_mechanism_single_release"]
-        .as_array()
-        .unwrap();
+    let cases = fixture["gaussian_mechanism_single_release"].as_array().unwrap();
     assert_eq!(cases.len(), 14);
     for case in cases {
         let (sigma, delta) = (f(case, "sigma"), f(case, "delta"));
         let got = dpsgd_epsilon(1.0, sigma, 1, delta).unwrap();
-        check(
-            &format!("sigma={sigma} delta={delta}"),
-            got,
-            f(case, "rdp_dpacc"),
-            None,
-        );
+        check(&format!("sigma={sigma} delta={delta}"), got, f(case, "rdp_dpacc"), None);
     }
 }
 

@@ -3,35 +3,27 @@
 //! `value_discretization_interval = 1e-4`), and never above the RDP ε of the
 //! same run.
 
-use privacy::{PldAccountant, dpsgd_epsilon, dpsgd_epsilon_pld};
+use meridian_privacy::{PldAccountant, dpsgd_epsilon, dpsgd_epsilon_pld};
 use serde_json::Value;
 
 /// Relative tolerance against dp_accounting's PLD accountant.
 const TOLERANCE: f64 = 1e-6;
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/accountant.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/accountant.json");
     let text = std::fs::read_to_string(path).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
 fn f(value: &Value, key: &str) -> f64 {
-    value[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {value}"))
+    value[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {value}"))
 }
 
 #[track_caller]
 fn check(case: &str, got: f64, want: f64) {
     let err = ((got - want) / want).abs();
     eprintln!("{case}: pld {got} vs dp_accounting {want} (relative error {err:.3e})");
-    assert!(
-        err <= TOLERANCE,
-        "{case}: epsilon {got} vs dp_accounting {want} (relative error {err:e})"
-    );
+    assert!(err <= TOLERANCE, "{case}: epsilon {got} vs dp_accounting {want} (relative error {err:e})");
 }
 
 #[test]
@@ -60,9 +52,7 @@ fn grid_sample_matches_dp_accounting_pld() {
         let (q, sigma) = (f(case, "q"), f(case, "sigma"));
         let steps = case["steps"].as_u64().unwrap();
         let mut accountant = PldAccountant::new();
-        accountant
-            .compose_poisson_gaussian(q, sigma, steps)
-            .unwrap();
+        accountant.compose_poisson_gaussian(q, sigma, steps).unwrap();
         for (delta, want) in case["pld_dpacc"].as_object().unwrap() {
             let delta: f64 = delta.parse().unwrap();
             let name = format!("q={q} sigma={sigma} steps={steps} delta={delta}");
@@ -79,17 +69,11 @@ fn grid_sample_matches_dp_accounting_pld() {
 #[test]
 fn gaussian_single_release_matches_dp_accounting_pld() {
     let fixture = fixture();
-    let cases = fixture["gaussian_mechanism_single_release"]
-        .as_array()
-        .unwrap();
+    let cases = fixture["gaussian_mechanism_single_release"].as_array().unwrap();
     assert_eq!(cases.len(), 14);
     for case in cases {
         let (sigma, delta) = (f(case, "sigma"), f(case, "delta"));
         let got = dpsgd_epsilon_pld(1.0, sigma, 1, delta).unwrap();
-        check(
-            &format!("sigma={sigma} delta={delta}"),
-            got,
-            f(case, "pld_dpacc_GaussianDpEvent"),
-        );
+        check(&format!("sigma={sigma} delta={delta}"), got, f(case, "pld_dpacc_GaussianDpEvent"));
     }
 }

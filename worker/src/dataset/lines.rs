@@ -51,14 +51,7 @@ pub(super) struct LineTracker<R> {
 impl<R> LineTracker<R> {
     /// Wraps `inner`, whose first byte is on line 1.
     pub(super) fn new(inner: R) -> Self {
-        LineTracker {
-            inner,
-            offset: 0,
-            breaks: 0,
-            prev_cr: false,
-            open_run: None,
-            runs: VecDeque::new(),
-        }
+        LineTracker { inner, offset: 0, breaks: 0, prev_cr: false, open_run: None, runs: VecDeque::new() }
     }
 
     /// The line of the first byte of a record the CSV reader started reading
@@ -72,10 +65,7 @@ impl<R> LineTracker<R> {
         while self.runs.front().is_some_and(|run| run.end < start) {
             self.runs.pop_front();
         }
-        self.runs
-            .front()
-            .filter(|run| run.start <= start)
-            .map(|run| run.line_after)
+        self.runs.front().filter(|run| run.start <= start).map(|run| run.line_after)
     }
 
     /// The line the stream has been read up to: where a read error struck.

@@ -18,14 +18,8 @@ fn patients_spec() -> FeatureSpec {
         negative_labels: vec!["No".into()],
         numeric: vec!["Age".into(), "Const".into()],
         categorical: vec![
-            CategoricalFeature {
-                column: "Sex".into(),
-                levels: vec!["Female".into(), "Male".into()],
-            },
-            CategoricalFeature {
-                column: "Race".into(),
-                levels: vec!["White".into(), "Black".into(), "Asian".into()],
-            },
+            CategoricalFeature { column: "Sex".into(), levels: vec!["Female".into(), "Male".into()] },
+            CategoricalFeature { column: "Race".into(), levels: vec!["White".into(), "Black".into(), "Asian".into()] },
         ],
     }
 }
@@ -42,10 +36,7 @@ Age,Sex,Const,Race,HeartDisease,Unused
 
 /// A 0.2 test fraction: one test row and four training rows of [`PATIENTS`].
 fn split() -> SplitOptions {
-    SplitOptions {
-        test_fraction: 0.2,
-        seed: 42,
-    }
+    SplitOptions { test_fraction: 0.2, seed: 42 }
 }
 
 /// A 0.2 split of `path` that holds out some rows and keeps some for
@@ -86,10 +77,7 @@ fn check_error(contents: &str, spec: &FeatureSpec, expected: &str) {
 #[track_caller]
 fn check_load_error(path: &Path, spec: &FeatureSpec, split: &SplitOptions, expected: &str) {
     let error = load(path, spec, split).unwrap_err().to_string();
-    assert_eq!(
-        error,
-        expected.replace("{path}", &path.display().to_string())
-    );
+    assert_eq!(error, expected.replace("{path}", &path.display().to_string()));
     assert!(!error.contains('\n'), "error spans lines: {error}");
 }
 
@@ -102,15 +90,7 @@ fn encodes_one_hot_and_standardised_values() {
     assert_eq!(data.dim, 7);
     assert_eq!(
         data.encoded_names,
-        [
-            "Age",
-            "Const",
-            "Sex=Female",
-            "Sex=Male",
-            "Race=White",
-            "Race=Black",
-            "Race=Asian"
-        ]
+        ["Age", "Const", "Sex=Female", "Sex=Male", "Race=White", "Race=Black", "Race=Asian"]
     );
     assert_eq!((data.n_train(), data.n_test()), (4, 1));
     assert_eq!((data.train_x.len(), data.test_x.len()), (4 * 7, 7));
@@ -133,15 +113,7 @@ fn encodes_one_hot_and_standardised_values() {
 
     // Every patient appears once, encoded exactly.
     let encoded = |age: f64, female: bool, race: usize| {
-        let mut row = vec![
-            ((age - age_mean) / age_std) as f32,
-            0.0,
-            0.0,
-            0.0,
-            0.0,
-            0.0,
-            0.0,
-        ];
+        let mut row = vec![((age - age_mean) / age_std) as f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
         row[if female { 2 } else { 3 }] = 1.0;
         row[4 + race] = 1.0;
         row
@@ -153,16 +125,9 @@ fn encodes_one_hot_and_standardised_values() {
         (encoded(60.0, false, 0), 1),
         (encoded(70.0, true, 1), 0),
     ];
-    let rows = data
-        .train_x
-        .chunks(7)
-        .zip(&data.train_y)
-        .chain(data.test_x.chunks(7).zip(&data.test_y));
+    let rows = data.train_x.chunks(7).zip(&data.train_y).chain(data.test_x.chunks(7).zip(&data.test_y));
     for (x, &y) in rows {
-        let at = expected_rows
-            .iter()
-            .position(|(row, _)| row[0] == x[0])
-            .unwrap();
+        let at = expected_rows.iter().position(|(row, _)| row[0] == x[0]).unwrap();
         assert_eq!((x.to_vec(), y), expected_rows.remove(at));
     }
     assert!(expected_rows.is_empty());
@@ -181,18 +146,8 @@ fn gzip_is_detected_by_magic_bytes_and_reads_like_plain() {
     let multi_member = write(&dir, "members.csv.gz", &members);
 
     let expected = load(&plain, &patients_spec(), &split()).unwrap();
-    for path in [
-        gz,
-        gz_without_extension,
-        plain_with_gz_extension,
-        multi_member,
-    ] {
-        assert_eq!(
-            load(&path, &patients_spec(), &split()).unwrap(),
-            expected,
-            "{}",
-            path.display()
-        );
+    for path in [gz, gz_without_extension, plain_with_gz_extension, multi_member] {
+        assert_eq!(load(&path, &patients_spec(), &split()).unwrap(), expected, "{}", path.display());
         assert_eq!(read_header(&path).unwrap(), read_header(&plain).unwrap());
     }
 }
@@ -216,12 +171,7 @@ No,50,No
         numeric: vec![],
         categorical: vec![CategoricalFeature {
             column: "Diabetic".into(),
-            levels: vec![
-                "No".into(),
-                "No, borderline diabetes".into(),
-                "Yes".into(),
-                "Yes (during pregnancy)".into(),
-            ],
+            levels: vec!["No".into(), "No, borderline diabetes".into(), "Yes".into(), "Yes (during pregnancy)".into()],
         }],
     };
     assert_eq!(read_header(&path).unwrap(), ["Diabetic", "BMI", "Label"]);
@@ -232,12 +182,7 @@ No,50,No
         .chunks(4)
         .map(<[f32]>::to_vec)
         .zip(data.train_y.iter().copied())
-        .chain(
-            data.test_x
-                .chunks(4)
-                .map(<[f32]>::to_vec)
-                .zip(data.test_y.iter().copied()),
-        )
+        .chain(data.test_x.chunks(4).map(<[f32]>::to_vec).zip(data.test_y.iter().copied()))
         .collect();
     rows.sort_by(|a, b| a.partial_cmp(b).unwrap());
     assert_eq!(
@@ -298,12 +243,8 @@ fn split_is_deterministic_and_each_row_decides_its_own_side() {
 
     // Every row lands in exactly one split, with its own label.
     let (train, test) = sides(&first);
-    let mut seen: Vec<(u32, u8)> = train
-        .iter()
-        .zip(&first.train_y)
-        .chain(test.iter().zip(&first.test_y))
-        .map(|(&x, &y)| (x, y))
-        .collect();
+    let mut seen: Vec<(u32, u8)> =
+        train.iter().zip(&first.train_y).chain(test.iter().zip(&first.test_y)).map(|(&x, &y)| (x, y)).collect();
     seen.sort();
     assert_eq!(seen, (0..10).map(|i| (i, u8::from(i % 2 == 0))).collect::<Vec<_>>());
 
@@ -356,34 +297,17 @@ fn wdbc_loads_standardised() {
         numeric: header[2..].to_vec(),
         categorical: vec![],
     };
-    let data = load(
-        &path,
-        &spec,
-        &SplitOptions {
-            test_fraction: 0.2,
-            seed: 7,
-        },
-    )
-    .unwrap();
+    let data = load(&path, &spec, &SplitOptions { test_fraction: 0.2, seed: 7 }).unwrap();
 
     assert_eq!(data.dim, 30);
     // Each record's own hash decides: about a fifth of 569 are held out.
     assert_eq!((data.n_train(), data.n_test()), (445, 124));
     let counted = count_split(&path, &SplitOptions { test_fraction: 0.2, seed: 7 }).unwrap();
     assert_eq!((counted.train, counted.test), (445, 124));
-    let malignant = data
-        .train_y
-        .iter()
-        .chain(&data.test_y)
-        .filter(|&&y| y == 1)
-        .count();
+    let malignant = data.train_y.iter().chain(&data.test_y).filter(|&&y| y == 1).count();
     assert_eq!(malignant, 212);
     for j in 0..30 {
-        let column: Vec<f64> = data
-            .train_x
-            .chunks(30)
-            .map(|row| f64::from(row[j]))
-            .collect();
+        let column: Vec<f64> = data.train_x.chunks(30).map(|row| f64::from(row[j])).collect();
         let n = column.len() as f64;
         let mean = column.iter().sum::<f64>() / n;
         let std = (column.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -407,9 +331,7 @@ fn spec_deserialises_strictly() {
     let spec: FeatureSpec = serde_json::from_str(json).unwrap();
     assert_eq!(spec.input_dim(), 2);
     let typo = json.replace("\"numeric\"", "\"numerics\"");
-    let error = serde_json::from_str::<FeatureSpec>(&typo)
-        .unwrap_err()
-        .to_string();
+    let error = serde_json::from_str::<FeatureSpec>(&typo).unwrap_err().to_string();
     assert!(error.starts_with("unknown field `numerics`"), "{error}");
 }
 
@@ -423,18 +345,9 @@ fn spec_validation_collects_every_problem() {
         negative_labels: vec!["No".into(), "Yes".into(), "No".into(), " Maybe".into()],
         numeric: vec!["BMI".into(), "HeartDisease".into(), "".into()],
         categorical: vec![
-            CategoricalFeature {
-                column: "BMI".into(),
-                levels: vec!["a".into()],
-            },
-            CategoricalFeature {
-                column: "Sex".into(),
-                levels: vec![],
-            },
-            CategoricalFeature {
-                column: "Race".into(),
-                levels: vec!["White".into(), "Black ".into(), "White".into()],
-            },
+            CategoricalFeature { column: "BMI".into(), levels: vec!["a".into()] },
+            CategoricalFeature { column: "Sex".into(), levels: vec![] },
+            CategoricalFeature { column: "Race".into(), levels: vec!["White".into(), "Black ".into(), "White".into()] },
         ],
     };
     assert_eq!(
@@ -490,10 +403,7 @@ fn error_invalid_split() {
         check_load_error(
             &path,
             &patients_spec(),
-            &SplitOptions {
-                test_fraction,
-                seed: 0,
-            },
+            &SplitOptions { test_fraction, seed: 0 },
             &format!(
                 "invalid split options: split.test_fraction must be strictly between 0 and 1, got {test_fraction}"
             ),
@@ -506,16 +416,8 @@ fn error_cannot_open() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("absent.csv");
     let cause = std::fs::File::open(&path).unwrap_err();
-    check_load_error(
-        &path,
-        &patients_spec(),
-        &split(),
-        &format!("{{path}}: cannot open: {cause}"),
-    );
-    assert_eq!(
-        read_header(&path).unwrap_err().to_string(),
-        format!("{}: cannot open: {cause}", path.display())
-    );
+    check_load_error(&path, &patients_spec(), &split(), &format!("{{path}}: cannot open: {cause}"));
+    assert_eq!(read_header(&path).unwrap_err().to_string(), format!("{}: cannot open: {cause}", path.display()));
 }
 
 #[test]
@@ -525,33 +427,15 @@ fn error_corrupt_gzip() {
     let middle = bytes.len() / 2;
     bytes.truncate(middle);
     let truncated = write(&dir, "truncated.csv.gz", &bytes);
-    check_load_error(
-        &truncated,
-        &patients_spec(),
-        &split(),
-        "{path}:1: cannot read: incomplete deflate stream",
-    );
+    check_load_error(&truncated, &patients_spec(), &split(), "{path}:1: cannot read: incomplete deflate stream");
     let garbage = write(&dir, "garbage.csv.gz", b"\x1f\x8bnot really gzip");
-    check_load_error(
-        &garbage,
-        &patients_spec(),
-        &split(),
-        "{path}:1: cannot read: invalid gzip header",
-    );
+    check_load_error(&garbage, &patients_spec(), &split(), "{path}:1: cannot read: invalid gzip header");
 }
 
 #[test]
 fn error_no_header() {
-    check_error(
-        "",
-        &patients_spec(),
-        "{path}: the file is empty, but a header row is required",
-    );
-    check_error(
-        "\n\r\n\n",
-        &patients_spec(),
-        "{path}: the file is empty, but a header row is required",
-    );
+    check_error("", &patients_spec(), "{path}: the file is empty, but a header row is required");
+    check_error("\n\r\n\n", &patients_spec(), "{path}: the file is empty, but a header row is required");
 }
 
 #[test]
@@ -620,28 +504,13 @@ fn error_field_count() {
 #[test]
 fn row_errors_carry_line_and_fault() {
     let dir = TempDir::new().unwrap();
-    let path = write(
-        &dir,
-        "data.csv",
-        PATIENTS.replace("40,Male", "4O,Male").as_bytes(),
-    );
+    let path = write(&dir, "data.csv", PATIENTS.replace("40,Male", "4O,Male").as_bytes());
     let error = load(&path, &patients_spec(), &split()).unwrap_err();
-    let DatasetError::Row {
-        path: at,
-        line,
-        fault,
-    } = error
-    else {
+    let DatasetError::Row { path: at, line, fault } = error else {
         panic!("not a row error: {error}");
     };
     assert_eq!((at, line), (path, 3));
-    assert_eq!(
-        *fault,
-        RowError::NotANumber {
-            column: "Age".into(),
-            value: "4O".into()
-        }
-    );
+    assert_eq!(*fault, RowError::NotANumber { column: "Age".into(), value: "4O".into() });
 }
 
 #[test]
@@ -709,11 +578,7 @@ fn error_unknown_label() {
 
 #[test]
 fn error_no_rows() {
-    check_error(
-        "Age,Sex,Const,Race,HeartDisease\n",
-        &patients_spec(),
-        "{path}: no data rows after the header",
-    );
+    check_error("Age,Sex,Const,Race,HeartDisease\n", &patients_spec(), "{path}: no data rows after the header");
 }
 
 #[test]
@@ -723,19 +588,13 @@ fn error_empty_split() {
     check_load_error(
         &path,
         &patients_spec(),
-        &SplitOptions {
-            test_fraction: 0.05,
-            seed: 0,
-        },
+        &SplitOptions { test_fraction: 0.05, seed: 0 },
         "{path}: test_fraction 0.05 (split_seed 0) splits 5 rows into 5 train and 0 test rows, but both need at least one",
     );
     check_load_error(
         &path,
         &patients_spec(),
-        &SplitOptions {
-            test_fraction: 0.95,
-            seed: 0,
-        },
+        &SplitOptions { test_fraction: 0.95, seed: 0 },
         "{path}: test_fraction 0.95 (split_seed 0) splits 5 rows into 0 train and 5 test rows, but both need at least one",
     );
 }
@@ -752,39 +611,19 @@ fn error_lines_are_physical_lines() {
     // Plain `\n`: header on line 1, five rows, the bad row on line 7.
     check_error(&bad_last_row(PATIENTS), &patients_spec(), &expected(7));
     // Windows line breaks.
-    check_error(
-        &bad_last_row(PATIENTS).replace('\n', "\r\n"),
-        &patients_spec(),
-        &expected(7),
-    );
+    check_error(&bad_last_row(PATIENTS).replace('\n', "\r\n"), &patients_spec(), &expected(7));
     // Old Mac line breaks.
-    check_error(
-        &bad_last_row(PATIENTS).replace('\n', "\r"),
-        &patients_spec(),
-        &expected(7),
-    );
+    check_error(&bad_last_row(PATIENTS).replace('\n', "\r"), &patients_spec(), &expected(7));
     // Blank lines are skipped but still counted.
+    check_error(&bad_last_row(&PATIENTS.replace("\n40", "\n\n\n40")), &patients_spec(), &expected(9));
     check_error(
-        &bad_last_row(&PATIENTS.replace("\n40", "\n\n\n40")),
-        &patients_spec(),
-        &expected(9),
-    );
-    check_error(
-        &bad_last_row(
-            &PATIENTS
-                .replace("\n40", "\r\n\r\n40")
-                .replace("x\n", "x\r\n"),
-        ),
+        &bad_last_row(&PATIENTS.replace("\n40", "\r\n\r\n40").replace("x\n", "x\r\n")),
         &patients_spec(),
         &expected(8),
     );
     // A quoted value spanning lines counts each of them; the bad row is
     // reported where it starts.
-    check_error(
-        &bad_last_row(&PATIENTS.replace(",y\n", ",\"y\ny\"\n")),
-        &patients_spec(),
-        &expected(9),
-    );
+    check_error(&bad_last_row(&PATIENTS.replace(",y\n", ",\"y\ny\"\n")), &patients_spec(), &expected(9));
     check_error(
         &PATIENTS.replace("Asian", "\"Mart\nian\""),
         &patients_spec(),
@@ -798,10 +637,7 @@ fn error_lines_in_gzip_and_long_files() {
     let dir = TempDir::new().unwrap();
     let mut csv = String::from("Age,Sex,Const,Race,HeartDisease,Unused\r\n");
     for i in 0..20_000 {
-        csv.push_str(&format!(
-            "{},Female,5,White,No,\"note\r\n{i}\"\r\n",
-            20 + i % 50
-        ));
+        csv.push_str(&format!("{},Female,5,White,No,\"note\r\n{i}\"\r\n", 20 + i % 50));
     }
     csv.push_str("20,Female,5,White,Perhaps,x\r\n");
     let path = write(&dir, "long.csv.gz", &gzip(csv.as_bytes()));

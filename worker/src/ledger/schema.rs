@@ -2,7 +2,8 @@
 //! written by an earlier version up to them, without losing or changing a
 //! committed entry.
 
-use rusqlite::{Connection, params};
+use meridian_store::sqlite;
+use rusqlite::Connection;
 
 /// The tables, created when missing.
 pub(super) const SCHEMA: &str = r#"
@@ -80,31 +81,14 @@ CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
 /// Creates what is missing and migrates what an earlier version wrote.
 pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
-    add_column(conn, "jobs", "code", "TEXT NOT NULL DEFAULT ''")?;
-    add_column(conn, "jobs", "plan_json", "TEXT NOT NULL DEFAULT ''")?;
-    add_column(conn, "jobs", "projected_epsilon", "REAL NOT NULL DEFAULT 0")?;
-    add_column(conn, "jobs", "submitted_by", "TEXT NOT NULL DEFAULT ''")?;
-    if !has_column(conn, "ledger", "mechanism")? {
+    sqlite::add_column(conn, "jobs", "code", "TEXT NOT NULL DEFAULT ''")?;
+    sqlite::add_column(conn, "jobs", "plan_json", "TEXT NOT NULL DEFAULT ''")?;
+    sqlite::add_column(conn, "jobs", "projected_epsilon", "REAL NOT NULL DEFAULT 0")?;
+    sqlite::add_column(conn, "jobs", "submitted_by", "TEXT NOT NULL DEFAULT ''")?;
+    if !sqlite::has_column(conn, "ledger", "mechanism")? {
         add_mechanisms(conn)?;
     }
     conn.execute_batch(TRIGGERS)
-}
-
-fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
-        params![column],
-        |r| r.get(0),
-    )
-}
-
-/// Adds `column` to `table` unless it is there (ALTER TABLE ADD COLUMN
-/// changes no row, so the ledger's append-only triggers do not object).
-pub(crate) fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
-    if !has_column(conn, table, column)? {
-        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
-    }
-    Ok(())
 }
 
 /// A ledger from before mechanisms had one entry per (job, round): round 0
@@ -115,7 +99,7 @@ fn add_mechanisms(conn: &mut Connection) -> rusqlite::Result<()> {
     // Immediate, and checked again inside: the daemon and a `site` command
     // opening an old database at once migrate it once.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    if has_column(&tx, "ledger", "mechanism")? {
+    if sqlite::has_column(&tx, "ledger", "mechanism")? {
         return Ok(());
     }
     tx.execute_batch(

@@ -44,7 +44,12 @@ fn plan(steps: u64) -> SitePlan {
 /// [`plan`] with `evaluations` evaluations at σ = 50.
 fn plan_with_evaluations(steps: u64, evaluations: u64) -> SitePlan {
     let mut p = plan(steps);
-    p.charges.push(PlannedCharge { mechanism: Mechanism::Evaluation, sample_rate: 1.0, noise_multiplier: 50.0, steps: evaluations });
+    p.charges.push(PlannedCharge {
+        mechanism: Mechanism::Evaluation,
+        sample_rate: 1.0,
+        noise_multiplier: 50.0,
+        steps: evaluations,
+    });
     p
 }
 
@@ -64,7 +69,7 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     // One job of 1,000 steps at q = 0.01, σ = 2 costs ε ≈ 0.69 alone.
     let first = ledger.decide(&d, &offer("job-1", "h1", "{}"), &plan(1000), 1e-5).unwrap();
     assert!(first.refusal.is_none(), "{first:?}");
-    let mut acc = privacy::accountant::RdpAccountant::new();
+    let mut acc = meridian_privacy::accountant::RdpAccountant::new();
     acc.compose_poisson_gaussian(0.01, 2.0, 1000).unwrap();
     assert!((first.planned_epsilon - acc.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
     assert_eq!(first.train_examples, 1000);
@@ -73,11 +78,15 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     let refusal = second.refusal.clone().expect("refused");
     assert_eq!(refusal.reason.code(), ReasonCode::BudgetExceeded);
     // What the dataset would reach: both jobs composed by RDP, not their ε summed.
-    let mut both = privacy::accountant::RdpAccountant::new();
+    let mut both = meridian_privacy::accountant::RdpAccountant::new();
     both.compose_poisson_gaussian(0.01, 2.0, 2000).unwrap();
     assert!((second.projected_epsilon - both.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
     assert!(second.projected_epsilon < 2.0 * first.planned_epsilon);
-    assert!(refusal.detail.contains(&format!("would bring the dataset to ε {:.3}", second.projected_epsilon)), "{}", refusal.detail);
+    assert!(
+        refusal.detail.contains(&format!("would bring the dataset to ε {:.3}", second.projected_epsilon)),
+        "{}",
+        refusal.detail
+    );
     // Decisions are recorded once: asking again returns the same answer.
     assert_eq!(ledger.decide(&d, &offer("job-2", "h2", "{}"), &plan(10), 1e-5).unwrap(), second);
     // Over the per-job cap.
@@ -88,7 +97,7 @@ fn reservations_stop_two_jobs_taking_the_last_of_a_budget() {
     // Once the first job has charged part of its plan, only the rest stays reserved.
     ledger.charge(&d, &charge("job-1", 1, 400)).unwrap();
     let third = ledger.decide(&d, &offer("job-4", "h4", "{}"), &plan(10), 1e-5).unwrap();
-    let mut spent_and_reserved = privacy::accountant::RdpAccountant::new();
+    let mut spent_and_reserved = meridian_privacy::accountant::RdpAccountant::new();
     spent_and_reserved.compose_poisson_gaussian(0.01, 2.0, 1010).unwrap();
     assert!((third.projected_epsilon - spent_and_reserved.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
 }
@@ -104,13 +113,19 @@ fn charges_compose_are_durable_and_never_overspend() {
         let e1 = ledger.charge(&d, &charge("job-1", 1, 300)).unwrap();
         let e2 = ledger.charge(&d, &charge("job-1", 2, 300)).unwrap();
         assert_eq!((e1.seq, e2.seq), (1, 2));
-        assert_eq!(Mechanism::of(&e2), Mechanism::DpSgd);
+        assert_eq!(e2.charged(), Mechanism::DpSgd);
         // An evaluation of the same round is a charge of its own.
-        let eval = Charge { mechanism: Mechanism::Evaluation, sample_rate: 1.0, noise_multiplier: 50.0, steps: 1, ..charge("job-1", 2, 1) };
+        let eval = Charge {
+            mechanism: Mechanism::Evaluation,
+            sample_rate: 1.0,
+            noise_multiplier: 50.0,
+            steps: 1,
+            ..charge("job-1", 2, 1)
+        };
         let e3 = ledger.charge(&d, &eval).unwrap();
         assert_eq!(e3.seq, 3);
         // Composition by RDP, not by summing ε.
-        let mut acc = privacy::accountant::RdpAccountant::new();
+        let mut acc = meridian_privacy::accountant::RdpAccountant::new();
         acc.compose_poisson_gaussian(0.01, 2.0, 600).unwrap();
         acc.compose_poisson_gaussian(1.0, 50.0, 1).unwrap();
         assert!((e3.epsilon_job - acc.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
@@ -129,7 +144,13 @@ fn charges_compose_are_durable_and_never_overspend() {
     assert_eq!(ledger.entries().unwrap().len(), 3);
     // So is one the accepted plan does not hold (a second evaluation, a
     // round at another noise), however small, and one for a job not accepted.
-    let eval = Charge { mechanism: Mechanism::Evaluation, sample_rate: 1.0, noise_multiplier: 50.0, steps: 1, ..charge("job-1", 3, 1) };
+    let eval = Charge {
+        mechanism: Mechanism::Evaluation,
+        sample_rate: 1.0,
+        noise_multiplier: 50.0,
+        steps: 1,
+        ..charge("job-1", 3, 1)
+    };
     assert!(matches!(ledger.charge(&d, &eval), Err(LedgerError::BeyondPlan { .. })));
     let noisier = Charge { noise_multiplier: 3.0, ..charge("job-1", 4, 1) };
     assert!(matches!(ledger.charge(&d, &noisier), Err(LedgerError::BeyondPlan { .. })));
@@ -157,7 +178,7 @@ fn sizes_are_released_once_per_version_of_the_records_and_charged() {
     assert!(first.train_rows.abs_diff(8_000) < 600 && first.test_rows.abs_diff(2_000) < 600, "{first:?}");
     let entry = &ledger.entries().unwrap()[0];
     assert_eq!(entry.seq, first.ledger_seq);
-    assert_eq!((Mechanism::of(entry), entry.job_id.as_str(), entry.round), (Mechanism::SizeRelease, "", 1));
+    assert_eq!((entry.charged(), entry.job_id.as_str(), entry.round), (Mechanism::SizeRelease, "", 1));
     assert_eq!((entry.sample_rate, entry.noise_multiplier, entry.steps), (1.0, 100.0, 1));
     // The same records again: the same release, nothing charged.
     assert_eq!(ledger.release_sizes(&d, &sizes(8_000, 2_000, "aaa")).unwrap(), first);
@@ -167,7 +188,7 @@ fn sizes_are_released_once_per_version_of_the_records_and_charged() {
     assert_eq!(second.release, 2);
     let entries = ledger.entries().unwrap();
     assert_eq!(entries.len(), 2);
-    let mut acc = privacy::accountant::RdpAccountant::new();
+    let mut acc = meridian_privacy::accountant::RdpAccountant::new();
     acc.compose_poisson_gaussian(1.0, 100.0, 2).unwrap();
     assert!((entries[1].epsilon_dataset - acc.epsilon(1e-5).unwrap().epsilon).abs() < 1e-12);
     assert_eq!(ledger.current_sizes("heart").unwrap(), Some(second.clone()));
@@ -223,7 +244,7 @@ fn a_ledger_from_before_mechanisms_is_migrated_entry_for_entry() {
     let ledger = Ledger::open(&path, "site-a").unwrap();
     let after = ledger.entries().unwrap();
     assert_eq!(after.iter().map(|e| (e.seq as i64, e.round, e.epsilon_dataset)).collect::<Vec<_>>(), before);
-    assert_eq!(after.iter().map(Mechanism::of).collect::<Vec<_>>(), [Mechanism::JobSize, Mechanism::DpSgd]);
+    assert_eq!(after.iter().map(pb::LedgerEntry::charged).collect::<Vec<_>>(), [Mechanism::JobSize, Mechanism::DpSgd]);
     // Still append-only, and the sequence goes on after the migrated entries.
     assert!(ledger.lock().execute("UPDATE ledger SET steps = 0", []).unwrap_err().to_string().contains("append-only"));
     let d = dataset(10.0, 10.0);

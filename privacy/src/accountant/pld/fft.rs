@@ -35,38 +35,23 @@ impl Complex {
     const ONE: Self = Self { re: 1.0, im: 0.0 };
 
     fn add(self, other: Self) -> Self {
-        Self {
-            re: self.re + other.re,
-            im: self.im + other.im,
-        }
+        Self { re: self.re + other.re, im: self.im + other.im }
     }
 
     fn sub(self, other: Self) -> Self {
-        Self {
-            re: self.re - other.re,
-            im: self.im - other.im,
-        }
+        Self { re: self.re - other.re, im: self.im - other.im }
     }
 
     fn mul(self, other: Self) -> Self {
-        Self {
-            re: self.re * other.re - self.im * other.im,
-            im: self.re * other.im + self.im * other.re,
-        }
+        Self { re: self.re * other.re - self.im * other.im, im: self.re * other.im + self.im * other.re }
     }
 
     fn conj(self) -> Self {
-        Self {
-            re: self.re,
-            im: -self.im,
-        }
+        Self { re: self.re, im: -self.im }
     }
 
     fn scale(self, factor: f64) -> Self {
-        Self {
-            re: self.re * factor,
-            im: self.im * factor,
-        }
+        Self { re: self.re * factor, im: self.im * factor }
     }
 
     /// `self^exponent` by binary exponentiation: about `2·log2(exponent)`
@@ -150,20 +135,14 @@ impl RealFft {
         // Z = E + i·O, with E and O the DFTs of the even and odd samples;
         // X[k] = E[k] + W^k·O[k] and X[half − k] = conj(E[k] − W^k·O[k]).
         let z0 = data[0];
-        data[0] = Complex {
-            re: z0.re + z0.im,
-            im: z0.re - z0.im,
-        };
+        data[0] = Complex { re: z0.re + z0.im, im: z0.re - z0.im };
         for k in 1..half.div_ceil(2) {
             let z = data[k];
             let z_mirror = data[half - k].conj();
             let even = z.add(z_mirror).scale(0.5);
             let odd = z.sub(z_mirror).scale(0.5);
             // odd/i = −i·odd
-            let odd = Complex {
-                re: odd.im,
-                im: -odd.re,
-            };
+            let odd = Complex { re: odd.im, im: -odd.re };
             let turned = self.twiddles[k].mul(odd);
             data[k] = even.add(turned);
             data[half - k] = even.sub(turned).conj();
@@ -179,24 +158,15 @@ impl RealFft {
         let half = self.len / 2;
         debug_assert_eq!(data.len(), half);
         let x0 = data[0];
-        data[0] = Complex {
-            re: 0.5 * (x0.re + x0.im),
-            im: 0.5 * (x0.re - x0.im),
-        };
+        data[0] = Complex { re: 0.5 * (x0.re + x0.im), im: 0.5 * (x0.re - x0.im) };
         for k in 1..half.div_ceil(2) {
             let x = data[k];
             let x_mirror = data[half - k].conj();
             let even = x.add(x_mirror).scale(0.5);
             let odd = x.sub(x_mirror).mul(self.twiddles[k].conj()).scale(0.5);
             // Z[k] = E + i·O and Z[half − k] = conj(E) + i·conj(O).
-            data[k] = Complex {
-                re: even.re - odd.im,
-                im: even.im + odd.re,
-            };
-            data[half - k] = Complex {
-                re: even.re + odd.im,
-                im: odd.re - even.im,
-            };
+            data[k] = Complex { re: even.re - odd.im, im: even.im + odd.re };
+            data[half - k] = Complex { re: even.re + odd.im, im: odd.re - even.im };
         }
         if half >= 2 {
             data[half / 2] = data[half / 2].conj();
@@ -251,11 +221,7 @@ impl RealFft {
                 for j in 0..half {
                     let w1 = self.twiddles[j * inner_stride];
                     let w2 = self.twiddles[j * outer_stride];
-                    let (w1, w2) = if INVERSE {
-                        (w1.conj(), w2.conj())
-                    } else {
-                        (w1, w2)
-                    };
+                    let (w1, w2) = if INVERSE { (w1.conj(), w2.conj()) } else { (w1, w2) };
                     let t1 = x1[j].mul(w1);
                     let t3 = x3[j].mul(w1);
                     let (b0, b1) = (x0[j].add(t1), x0[j].sub(t1));
@@ -263,17 +229,7 @@ impl RealFft {
                     let u2 = b2.mul(w2);
                     // w2·(∓i)·b3: the twiddle of the odd half.
                     let v = b3.mul(w2);
-                    let u3 = if INVERSE {
-                        Complex {
-                            re: -v.im,
-                            im: v.re,
-                        }
-                    } else {
-                        Complex {
-                            re: v.im,
-                            im: -v.re,
-                        }
-                    };
+                    let u3 = if INVERSE { Complex { re: -v.im, im: v.re } } else { Complex { re: v.im, im: -v.re } };
                     x0[j] = b0.add(u2);
                     x2[j] = b0.sub(u2);
                     x1[j] = b1.add(u3);
@@ -308,11 +264,7 @@ fn fold_into(buffer: &mut [Complex], values: &[f64], offset: usize) {
 /// The real sample at `position` of a packed buffer.
 fn sample(buffer: &[Complex], position: usize) -> f64 {
     let slot = buffer[position / 2];
-    if position.is_multiple_of(2) {
-        slot.re
-    } else {
-        slot.im
-    }
+    if position.is_multiple_of(2) { slot.re } else { slot.im }
 }
 
 /// Entries `window_start .. window_start + window_len` of the `times`-fold
@@ -340,29 +292,16 @@ pub(super) fn self_convolve_window(
     // subnormal); for a spread-out distribution that is most frequencies.
     let underflow_sq = (-1490.0 / times as f64).exp();
     for x in &mut buffer[1..] {
-        *x = if x.re * x.re + x.im * x.im < underflow_sq {
-            Complex::ZERO
-        } else {
-            x.powu(times)
-        };
+        *x = if x.re * x.re + x.im * x.im < underflow_sq { Complex::ZERO } else { x.powu(times) };
     }
     // Slot 0 holds the real coefficients X[0] and X[len/2].
     let real_power = |x: f64| {
-        if x * x < underflow_sq {
-            0.0
-        } else {
-            Complex { re: x, im: 0.0 }.powu(times).re
-        }
+        if x * x < underflow_sq { 0.0 } else { Complex { re: x, im: 0.0 }.powu(times).re }
     };
-    buffer[0] = Complex {
-        re: real_power(buffer[0].re),
-        im: real_power(buffer[0].im),
-    };
+    buffer[0] = Complex { re: real_power(buffer[0].re), im: real_power(buffer[0].im) };
     fft.inverse(&mut buffer);
     let start = (window_start % len as u128) as usize;
-    (0..window_len)
-        .map(|i| sample(&buffer, (start + i) % len))
-        .collect()
+    (0..window_len).map(|i| sample(&buffer, (start + i) % len)).collect()
 }
 
 /// The full linear convolution of `a` and `b` (length `a.len() + b.len() −
@@ -380,10 +319,7 @@ pub(super) fn convolve(fft: &RealFft, a: &[f64], b: &[f64]) -> Vec<f64> {
     for (x, &y) in buffer_a.iter_mut().zip(&buffer_b).skip(1) {
         *x = x.mul(y);
     }
-    buffer_a[0] = Complex {
-        re: a0.re * b0.re,
-        im: a0.im * b0.im,
-    };
+    buffer_a[0] = Complex { re: a0.re * b0.re, im: a0.im * b0.im };
     fft.inverse(&mut buffer_a);
     (0..out_len).map(|i| sample(&buffer_a, i)).collect()
 }

@@ -9,27 +9,17 @@ use crate::accountant::RdpAccountant;
 #[track_caller]
 fn assert_rel(got: f64, want: f64, tol: f64) {
     let err = ((got - want) / want).abs();
-    assert!(
-        err <= tol,
-        "got {got}, want {want} (relative error {err:e} > {tol:e})"
-    );
+    assert!(err <= tol, "got {got}, want {want} (relative error {err:e} > {tol:e})");
 }
 
 fn composed(q: f64, sigma: f64, steps: u64) -> PldAccountant {
     let mut accountant = PldAccountant::new();
-    accountant
-        .compose_poisson_gaussian(q, sigma, steps)
-        .unwrap();
+    accountant.compose_poisson_gaussian(q, sigma, steps).unwrap();
     accountant
 }
 
 fn run(q: f64, sigma: f64) -> Run {
-    Run {
-        sample_rate: q,
-        noise_multiplier: sigma,
-        steps: 1,
-        discretization: DEFAULT_DISCRETIZATION,
-    }
+    Run { sample_rate: q, noise_multiplier: sigma, steps: 1, discretization: DEFAULT_DISCRETIZATION }
 }
 
 /// `(∫ (p − e^ε·q)_+, ∫ (e^ε·q − p)_+)`, δ and its complement, with `p`
@@ -93,18 +83,13 @@ fn hockey_stick_formulas_match_numerical_integration() {
     for (q, sigma) in [(0.01, 1.0), (0.2, 0.8), (0.5, 2.0), (1.0, 1.5)] {
         let mu = 1.0 / sigma;
         for epsilon in [-0.5, -0.001, 0.0, 0.05, 0.3, 1.0, 2.5] {
-            for (direction, got) in [
-                (Direction::Remove, remove_delta(q, mu, epsilon)),
-                (Direction::Add, add_delta(q, mu, epsilon)),
-            ] {
+            for (direction, got) in
+                [(Direction::Remove, remove_delta(q, mu, epsilon)), (Direction::Add, add_delta(q, mu, epsilon))]
+            {
                 let (delta, complement) = integrated_deltas(direction, q, sigma, epsilon);
                 let checks = [
                     ("delta", got.delta(epsilon), delta),
-                    (
-                        "complement",
-                        GridDelta::Complement(0.0).same_form(got, epsilon),
-                        complement,
-                    ),
+                    ("complement", GridDelta::Complement(0.0).same_form(got, epsilon), complement),
                 ];
                 for (what, got, want) in checks {
                     assert!(
@@ -124,24 +109,15 @@ fn hockey_stick_limits() {
     // Below the smallest remove loss ln(1 − q), δ = 1 − e^ε exactly.
     let epsilon = (1.0 - q).ln() - 0.01;
     assert_eq!(remove_delta(q, mu, epsilon), GridDelta::Complement(0.0));
-    assert_eq!(
-        remove_delta(q, mu, epsilon).delta(epsilon),
-        -epsilon.exp_m1()
-    );
+    assert_eq!(remove_delta(q, mu, epsilon).delta(epsilon), -epsilon.exp_m1());
     // Above the largest add loss ln(1/(1 − q)), δ = 0.
-    assert_eq!(
-        add_delta(q, mu, -(1.0 - q).ln() + 1e-9),
-        GridDelta::Direct(0.0)
-    );
+    assert_eq!(add_delta(q, mu, -(1.0 - q).ln() + 1e-9), GridDelta::Direct(0.0));
     // Far in the tail, δ underflows to zero rather than going negative.
     assert_eq!(remove_delta(q, mu, 500.0), GridDelta::Direct(0.0));
     assert_eq!(gaussian_delta(mu, 1e4), 0.0);
     // The accurate form switches at the Gaussian's ε = 0.
     assert!(matches!(remove_delta(q, mu, 1e-3), GridDelta::Direct(_)));
-    assert!(matches!(
-        remove_delta(q, mu, -1e-3),
-        GridDelta::Complement(_)
-    ));
+    assert!(matches!(remove_delta(q, mu, -1e-3), GridDelta::Complement(_)));
 }
 
 #[test]
@@ -156,41 +132,24 @@ fn connect_the_dots_interpolates_delta_pessimistically() {
     let (q, sigma) = (0.05, 1.0);
     let mu = 1.0 / sigma;
     let h = DEFAULT_DISCRETIZATION;
-    for (direction, exact) in [
-        (
-            Direction::Remove,
-            remove_delta as fn(f64, f64, f64) -> GridDelta,
-        ),
-        (Direction::Add, add_delta),
-    ] {
+    for (direction, exact) in
+        [(Direction::Remove, remove_delta as fn(f64, f64, f64) -> GridDelta), (Direction::Add, add_delta)]
+    {
         let exact = |q, mu, epsilon| exact(q, mu, epsilon).delta(epsilon);
         let pmf = LossPmf::poisson_gaussian(direction, run(q, sigma)).unwrap();
         let total: f64 = pmf.probs.iter().sum::<f64>() + pmf.infinity_mass;
-        assert!(
-            (total - 1.0).abs() < 1e-13,
-            "{direction:?}: total mass {total}"
-        );
-        assert!(
-            pmf.infinity_mass < 1e-20,
-            "{direction:?}: {}",
-            pmf.infinity_mass
-        );
+        assert!((total - 1.0).abs() < 1e-13, "{direction:?}: total mass {total}");
+        assert!(pmf.infinity_mass < 1e-20, "{direction:?}: {}", pmf.infinity_mass);
         for k in [-500_i64, -20, -1, 0, 1, 7, 100, 1000, 5000] {
             let epsilon = k as f64 * h;
             // On the grid: equal; between grid points: never below, and
             // above by the chord's gap over a convex curve, O(h²).
             let want = exact(q, mu, epsilon);
             let got = pmf.delta(epsilon, h);
-            assert!(
-                (got - want).abs() < 1e-12,
-                "{direction:?} at {epsilon}: {got} vs {want}"
-            );
+            assert!((got - want).abs() < 1e-12, "{direction:?} at {epsilon}: {got} vs {want}");
             let between = epsilon + 0.5 * h;
             let (got, want) = (pmf.delta(between, h), exact(q, mu, between));
-            assert!(
-                got >= want - 1e-14 && got - want < 1e-7,
-                "{direction:?} at {between}: {got} vs {want}"
-            );
+            assert!(got >= want - 1e-14 && got - want < 1e-7, "{direction:?} at {between}: {got} vs {want}");
         }
     }
 }
@@ -238,12 +197,7 @@ fn delta_zero_gives_infinite_epsilon_after_a_gaussian_step() {
 
 #[test]
 fn delta_of_epsilon_inverts_epsilon_of_delta() {
-    for (q, sigma, steps) in [
-        (0.01, 1.0, 1000),
-        (0.004, 1.1, 1000),
-        (0.1, 2.0, 10),
-        (1.0, 3.0, 5),
-    ] {
+    for (q, sigma, steps) in [(0.01, 1.0, 1000), (0.004, 1.1, 1000), (0.1, 2.0, 10), (1.0, 3.0, 5)] {
         let accountant = composed(q, sigma, steps);
         for delta in [1e-3, 1e-5, 1e-7, 1e-9] {
             let epsilon = accountant.epsilon(delta).unwrap();
@@ -258,15 +212,10 @@ fn delta_of_epsilon_inverts_epsilon_of_delta() {
 #[test]
 fn epsilon_decreases_with_delta_and_noise() {
     let accountant = composed(0.01, 1.0, 1000);
-    let epsilons: Vec<f64> = [1e-3, 1e-4, 1e-5, 1e-6]
-        .iter()
-        .map(|&d| accountant.epsilon(d).unwrap())
-        .collect();
+    let epsilons: Vec<f64> = [1e-3, 1e-4, 1e-5, 1e-6].iter().map(|&d| accountant.epsilon(d).unwrap()).collect();
     assert!(epsilons.windows(2).all(|w| w[0] < w[1]), "{epsilons:?}");
-    let by_noise: Vec<f64> = [0.8, 1.0, 1.5, 3.0]
-        .iter()
-        .map(|&s| dpsgd_epsilon_pld(0.01, s, 1000, 1e-5).unwrap())
-        .collect();
+    let by_noise: Vec<f64> =
+        [0.8, 1.0, 1.5, 3.0].iter().map(|&s| dpsgd_epsilon_pld(0.01, s, 1000, 1e-5).unwrap()).collect();
     assert!(by_noise.windows(2).all(|w| w[0] > w[1]), "{by_noise:?}");
 }
 
@@ -277,11 +226,7 @@ fn split_composition_equals_one_call() {
         let mut twice = composed(q, sigma, steps);
         twice.compose_poisson_gaussian(q, sigma, steps).unwrap();
         for delta in [1e-5, 1e-6] {
-            assert_rel(
-                twice.epsilon(delta).unwrap(),
-                once.epsilon(delta).unwrap(),
-                1e-9,
-            );
+            assert_rel(twice.epsilon(delta).unwrap(), once.epsilon(delta).unwrap(), 1e-9);
         }
     }
 }
@@ -344,11 +289,8 @@ fn composed_distribution_stays_compact() {
 
 #[test]
 fn truncate_tails_moves_mass_pessimistically() {
-    let mut pmf = LossPmf {
-        lower: -2,
-        probs: vec![1e-17, 2e-16, 0.5, -1e-18, 0.5 - 1e-15, 3e-16, 1e-16],
-        infinity_mass: 0.0,
-    };
+    let mut pmf =
+        LossPmf { lower: -2, probs: vec![1e-17, 2e-16, 0.5, -1e-18, 0.5 - 1e-15, 3e-16, 1e-16], infinity_mass: 0.0 };
     pmf.truncate_tails();
     assert_eq!(pmf.lower, 0);
     assert_eq!(pmf.probs, vec![0.5 + 2.1e-16, 0.0, 0.5 - 1e-15]);
@@ -374,18 +316,12 @@ fn chernoff_window_holds_the_mass() {
 fn invalid_inputs_are_rejected_and_leave_the_accountant_unchanged() {
     let mut accountant = composed(0.01, 1.0, 10);
     let before = accountant.clone();
-    assert_eq!(
-        accountant.compose_poisson_gaussian(1.5, 1.0, 1),
-        Err(AccountantError::SampleRate(1.5))
-    );
+    assert_eq!(accountant.compose_poisson_gaussian(1.5, 1.0, 1), Err(AccountantError::SampleRate(1.5)));
     assert!(matches!(
         accountant.compose_poisson_gaussian(f64::NAN, 1.0, 1),
         Err(AccountantError::SampleRate(q)) if q.is_nan()
     ));
-    assert_eq!(
-        accountant.compose_poisson_gaussian(0.1, -1.0, 1),
-        Err(AccountantError::NoiseMultiplier(-1.0))
-    );
+    assert_eq!(accountant.compose_poisson_gaussian(0.1, -1.0, 1), Err(AccountantError::NoiseMultiplier(-1.0)));
     assert_eq!(
         accountant.compose_poisson_gaussian(0.1, f64::INFINITY, 1),
         Err(AccountantError::NoiseMultiplier(f64::INFINITY))
@@ -397,15 +333,9 @@ fn invalid_inputs_are_rejected_and_leave_the_accountant_unchanged() {
         Err(AccountantError::Epsilon(e)) if e.is_nan()
     ));
     for interval in [0.0, -1e-4, f64::INFINITY] {
-        assert_eq!(
-            PldAccountant::with_discretization(interval),
-            Err(AccountantError::Discretization(interval))
-        );
+        assert_eq!(PldAccountant::with_discretization(interval), Err(AccountantError::Discretization(interval)));
     }
-    assert_eq!(
-        dpsgd_epsilon_pld(0.01, 1.0, 10, 2.0),
-        Err(AccountantError::Delta(2.0))
-    );
+    assert_eq!(dpsgd_epsilon_pld(0.01, 1.0, 10, 2.0), Err(AccountantError::Delta(2.0)));
     assert_eq!(accountant, before);
 }
 
@@ -413,18 +343,8 @@ fn invalid_inputs_are_rejected_and_leave_the_accountant_unchanged() {
 fn too_fine_a_grid_is_refused_with_its_parameters() {
     let mut accountant = composed(0.01, 1.0, 10);
     let before = accountant.clone();
-    let err = accountant
-        .compose_poisson_gaussian(0.01, 0.01, 10)
-        .unwrap_err();
-    let AccountantError::PldTooLarge {
-        sample_rate,
-        noise_multiplier,
-        steps,
-        points,
-        max,
-        ..
-    } = err
-    else {
+    let err = accountant.compose_poisson_gaussian(0.01, 0.01, 10).unwrap_err();
+    let AccountantError::PldTooLarge { sample_rate, noise_multiplier, steps, points, max, .. } = err else {
         panic!("{err:?}");
     };
     assert_eq!((sample_rate, noise_multiplier, steps), (0.01, 0.01, 10));
@@ -433,9 +353,6 @@ fn too_fine_a_grid_is_refused_with_its_parameters() {
     assert!(err.to_string().contains("noise_multiplier 0.01"), "{err}");
     // Long runs at a fine interval hit the limit in the composition.
     let mut fine = PldAccountant::with_discretization(1e-6).unwrap();
-    assert!(matches!(
-        fine.compose_poisson_gaussian(0.01, 1.0, 1_000_000),
-        Err(AccountantError::PldTooLarge { .. })
-    ));
+    assert!(matches!(fine.compose_poisson_gaussian(0.01, 1.0, 1_000_000), Err(AccountantError::PldTooLarge { .. })));
     assert_eq!(accountant, before);
 }

@@ -10,10 +10,7 @@ fn naive_dft(input: &[f64]) -> Vec<Complex> {
             let mut sum = Complex::ZERO;
             for (j, &x) in input.iter().enumerate() {
                 let angle = -2.0 * std::f64::consts::PI * ((j * k) % n) as f64 / n as f64;
-                sum = sum.add(Complex {
-                    re: x * angle.cos(),
-                    im: x * angle.sin(),
-                });
+                sum = sum.add(Complex { re: x * angle.cos(), im: x * angle.sin() });
             }
             sum
         })
@@ -35,9 +32,7 @@ fn sequence(len: usize, seed: u64) -> Vec<f64> {
     let mut state = seed;
     (0..len)
         .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             (state >> 11) as f64 / (1u64 << 53) as f64
         })
         .collect()
@@ -66,10 +61,7 @@ fn forward_matches_the_definition() {
         assert!(want[0].im.abs() < tolerance && want[len / 2].im.abs() < tolerance);
         for k in 1..len / 2 {
             let (g, w) = (got[k], want[k]);
-            assert!(
-                close(g.re, w.re) && close(g.im, w.im),
-                "len {len}, k {k}: {g:?} vs {w:?}"
-            );
+            assert!(close(g.re, w.re) && close(g.im, w.im), "len {len}, k {k}: {g:?} vs {w:?}");
         }
     }
 }
