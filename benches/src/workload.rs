@@ -160,8 +160,8 @@ impl Workload {
     }
 
     /// Opacus' throughput on this workload, from
-    /// `shared/fixtures/reference-throughput.md`: measured on 2 vCPU AMD
-    /// EPYC (Zen 3) machines with 2 threads, medians; not measured by this
+    /// `shared/fixtures/reference-throughput.md`, which says where and how it
+    /// was measured (see also `docs/perf-log.md`); not measured by this
     /// crate.
     pub fn opacus_reference(self) -> Reference {
         let (plain, dp) = match self {

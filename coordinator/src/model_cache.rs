@@ -4,8 +4,9 @@
 //!
 //! A round's new model goes into the cache once the round is committed
 //! ([`ModelCache::install`]), from the very chunks the engine wrote to disk,
-//! so the first pull of a round does not read the file back (measured with
-//! a 400 MB model: a read into fresh memory was a quarter of the pull).
+//! so the first pull of a round does not read the file back (for a large
+//! model, a read into fresh memory was a large share of the pull;
+//! `docs/perf-log.md`).
 //! Each job keeps its own entry, so jobs running side by side do not evict
 //! each other's models; a job's entry goes when the job ends
 //! ([`ModelCache::forget`]), and its chunks while a round's step makes the

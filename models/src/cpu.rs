@@ -4,8 +4,8 @@
 //! `flex` CPU device.
 //!
 //! # Why not Burn here
-//! Profiled on the benchmark CNN (2 vCPU Xeon), Burn's direct convolution
-//! and max pooling took about half of a plain training step, its probes add
+//! Profiled on the benchmark CNN, Burn's direct convolution and max pooling
+//! took much of a plain training step (`docs/perf-log.md`), its probes add
 //! a second pass over the patches for the per-example gradients, and the
 //! workspace builds Burn single-threaded. These kernels compute the same
 //! values (the tests compare them with Burn's kernels, with a one example at
@@ -19,7 +19,7 @@
 //!   gradient `Wᵀ dZ` folded back (col2im). These products are small and
 //!   made per example, so they go to [`gemm`], which reads its operands in
 //!   place (AVX2/FMA, chosen at run time): packing them for
-//!   `matrixmultiply` was a fifth of the CNN's step. A linear layer's
+//!   `matrixmultiply` was a large share of the CNN's step. A linear layer's
 //!   backward products (made per chunk) go there too; its forward product
 //!   still goes to `ndarray`'s packed GEMM.
 //! - **Per-example gradients for free.** Summed over the batch, a
@@ -63,12 +63,11 @@ const MACS_PER_THREAD: usize = 2_000_000;
 /// (added in chunk order) do not depend on it; several per thread on the
 /// small machines hospitals train on, so that a core that loses time to
 /// another process (or to the noise prefetcher) takes fewer chunks instead
-/// of holding up the step. Sixteen rather than eight keeps a chunk of the
+/// of holding up the step. Sixteen rather than eight keep a chunk of the
 /// benchmark CNN's batch (four examples, their patches and per-example
-/// gradients) within about a megabyte: its DP step was 11,185–13,087 ex/s
-/// over six runs with sixteen and 9,074–13,244 with eight, which fell to
-/// about 9,500 in half of them; the plain step was about 3 % slower. It
-/// also caps a batch at sixteen threads...
+/// gradients) within about a megabyte, and kept the DP step's throughput
+/// steady where eight let it fall in half the runs; figures in
+/// `docs/perf-log.md`. It also caps a batch at sixteen threads...
 const CHUNKS_PER_BATCH: usize = 16;
 
 /// ...but no chunk smaller than this many forward multiply-adds.
@@ -247,8 +246,8 @@ impl Drop for StopOnPanic<'_> {
 
 /// Buffers one chunk's computation reuses from batch to batch. Allocating
 /// them afresh each step faulted in, and gave back, megabytes of pages per
-/// step: about a tenth of the CNN step, mostly TLB shootdowns between the
-/// two threads.
+/// step, a measurable cost to the CNN step, mostly TLB shootdowns between
+/// the two threads (`docs/perf-log.md`).
 #[derive(Default)]
 struct Workspace {
     /// Activations: `tape[0]` the input, `tape[j + 1]` op `j`'s output.
@@ -257,7 +256,7 @@ struct Workspace {
     argmax: Vec<Vec<u32>>,
     /// Per convolution op, every example's patches `[n, C_in·k·k, L]`,
     /// unfolded once in the forward pass and read again by the backward
-    /// pass (unfolding twice was a tenth of the CNN step)...
+    /// pass (unfolding twice cost the CNN step measurably; `docs/perf-log.md`)...
     unfolded: Vec<Vec<f32>>,
     /// ...and one example's patch gradient.
     patch_grad: Vec<f32>,
@@ -718,7 +717,8 @@ impl CpuNet {
 
 /// ReLU's backward pass, in place: no gradient where the output is 0. A
 /// select, not a conditional store, so that it vectorises (the branchy
-/// form was a tenth of the CNN step). A NaN output keeps its gradient.
+/// form cost the CNN step measurably; `docs/perf-log.md`). A NaN output
+/// keeps its gradient.
 #[inline]
 fn relu_backward(delta: &mut [f32], output: &[f32]) {
     for (g, &o) in delta.iter_mut().zip(output) {
@@ -822,7 +822,7 @@ fn add_transposed(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
 /// `width + 1 - k` input values under kernel tap `(ki, kj)` of channel `c`
 /// start at `(c, r + ki, kj)` of the example `[channels, height, width]`.
 /// (Nested loops and a callback: an iterator of `flat_map`s made the CNN
-/// step 5% slower.)
+/// step slower; `docs/perf-log.md`.)
 fn for_each_patch_run(channels: usize, height: usize, width: usize, k: usize, mut run: impl FnMut(usize)) {
     for c in 0..channels {
         for ki in 0..k {

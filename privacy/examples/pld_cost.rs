@@ -1,7 +1,7 @@
 //! Measures what the PLD accountant costs per ε against the RDP accountant,
 //! on the DP-SGD runs the fixture records, to back the claim that PLD
 //! accounting is cheap enough to report on every round (dp_accounting's
-//! `PLDAccountant` takes 4–8 s for these).
+//! `PLDAccountant` is far slower on these; `docs/perf-log.md`).
 //!
 //! Run with `cargo run --release -p meridian-privacy --example pld_cost`.
 

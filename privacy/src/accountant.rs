@@ -33,9 +33,9 @@
 //!
 //! [`PldAccountant`] (in `accountant/pld.rs`) accounts for the same
 //! mechanisms by their privacy loss distributions, as dp_accounting's
-//! `PLDAccountant` does: slower (tens of milliseconds instead of one) and
-//! tighter (8–12 % less ε on long DP-SGD runs at δ = 1e-5, more on short
-//! ones).
+//! `PLDAccountant` does: slower (`examples/pld_cost.rs`; figures in
+//! `docs/perf-log.md`) and tighter (8–12 % less ε on long DP-SGD runs at
+//! δ = 1e-5, more on short ones).
 //!
 //! [`RdpAccountant::legacy`] with [`RdpAccountant::epsilon_legacy`] gives the
 //! numbers of older papers and tutorials (Abadi et al. 2016, the TensorFlow

@@ -37,9 +37,9 @@
 //! 98.8 % of draws. This is a mitigation, not a proof; an exact discrete
 //! Gaussian would be the principled fix.
 //!
-//! Per noised value (four normals, 32 bytes of keystream), on the 2 vCPU
-//! Xeon of `BENCHMARKS.md`: 90 ns with Box–Muller and ChaCha20, 31 ns with
-//! `rand_distr`'s Ziggurat, 19 ns with ChaCha12, 9 ns now.
+//! Each change of keystream and of sampler above made a noised value (four
+//! normals, 32 bytes of keystream) cheaper to draw; the figures are in `docs/perf-log.md`,
+//! "Figures moved from rustdoc".
 //!
 //! # Performance
 //!
@@ -196,19 +196,15 @@ impl std::fmt::Debug for PrefetchedNoise {
 const PREFETCH_DEPTH: usize = 2;
 
 /// Below this many values one thread draws everything: splitting costs more
-/// than it saves. At 9 ns per value, 16,384 values take about as long as a
-/// whole MLP-A step; with MLP-A's 6,274 parameters one thread measured
-/// 1.27–1.31× the plain step and two 1.34–1.36× (one step's gradient and
-/// noise timed in a loop, outside `bench-table`).
+/// than it saves. This many values take about as long to draw as a whole
+/// MLP-A step, and MLP-A's DP step, with fewer parameters, was slower on two
+/// noise threads than on one (`docs/perf-log.md`).
 const SPLIT_ABOVE: usize = 16_384;
 
 /// Fewest cores for a second noise thread. The step's own kernels take one
 /// thread per core, so on two cores a second noise thread only preempts
-/// them: on a 2 vCPU AMD EPYC, MLP-B's DP step cost 1.31–1.37× its plain
-/// step with one noise thread and 1.44–1.64× with two (three alternated
-/// pairs of `bench-table --workload mlp-b`); the CNN's was the same or
-/// better with one (four pairs, medians 9,704–10,830 against
-/// 9,499–10,432 ex/s).
+/// them: there MLP-B's DP step was costlier with two noise threads than
+/// with one, and the CNN's the same or better with one (`docs/perf-log.md`).
 const SPLIT_FROM_CORES: usize = 4;
 
 /// Noise threads for `len` values per step on a machine of `cores` cores.

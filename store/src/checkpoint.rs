@@ -104,12 +104,12 @@ pub struct CheckpointWriter {
 /// model is served from memory (`meridian_coordinator::model_cache`; the file is
 /// read after a restart, for an older round, or once the job has ended),
 /// and an update is read once, when its round is aggregated. Through the
-/// page cache, every large file took fresh memory, 400 MB per update and
-/// per model, and the copy into it was a third of the coordinator's time
-/// receiving a 400 MB update (on this project's KVM guests, where fresh
-/// memory is what the host has to back first, from 0.05 s to a whole
-/// second). The price is that the round reads the update back from the
-/// disk rather than from memory.
+/// page cache, every large file took fresh memory as large as itself, and
+/// the copy into it was a large share of the coordinator's time receiving a
+/// large update (on this project's KVM guests, where fresh memory is what
+/// the host has to back first, at a cost that varies widely; figures in
+/// `docs/perf-log.md`). The price is that the round reads the update back
+/// from the disk rather than from memory.
 pub const UNCACHED_FROM_BYTES: u64 = 16 << 20;
 
 impl CheckpointWriter {
@@ -318,8 +318,8 @@ impl Part {
     /// [`MAX_CHUNK_BYTES`] each, read into one reused buffer.
     ///
     /// A file of [`UNCACHED_FROM_BYTES`] or more is read around the page
-    /// cache where the file system allows (`direct_read`, Linux): a round of a
-    /// 400 MB model 2.58–2.63 → 2.00–2.23 s (`meridian sim`, alternated).
+    /// cache where the file system allows (`direct_read`, Linux), which
+    /// shortens a large model's round (`docs/perf-log.md`).
     fn for_each_bytes(mut self, each: &mut impl FnMut(&[u8])) -> Result<(), CheckpointError> {
         let mut remaining = self.len * 4;
         #[cfg(target_os = "linux")]
@@ -449,8 +449,8 @@ pub fn remove(path: &Path) -> Result<(), CheckpointError> {
 
 /// Reads a parameter file straight into wire chunks of at most
 /// [`MAX_CHUNK_BYTES`]: the values are stored little-endian, as chunks
-/// carry them, so a model is served without decoding and re-encoding it
-/// (measured: three fewer copies of a 400 MB model per round).
+/// carry them, so a model is served without decoding and re-encoding it:
+/// three fewer copies of the model per round (`docs/perf-log.md`).
 pub fn read_chunks(path: &Path) -> Result<Vec<Bytes>, CheckpointError> {
     let (mut file, len) = open_values(path)?;
     let mut chunks = Vec::with_capacity((len * 4).div_ceil(MAX_CHUNK_BYTES));

@@ -5,9 +5,10 @@
 //! with, and a task stream keeps its buffer for as long as a site stays
 //! connected. Nearly every Meridian message but a tensor chunk is a few
 //! hundred bytes, and a chunk makes the buffer grow to fit it anyway, so
-//! 8 KiB per stream only costs memory: measured with 1,000 connected sites,
-//! the coordinator held two 8 KiB buffers per site. A buffer now starts at
-//! [`INITIAL_BUFFER_BYTES`] and grows as a message needs.
+//! 8 KiB per stream only costs memory, and the coordinator pays it for every
+//! connected site (`docs/perf-log.md`, "Figures moved from rustdoc"). A
+//! buffer now starts at [`INITIAL_BUFFER_BYTES`] and grows as a message
+//! needs.
 
 use std::marker::PhantomData;
 

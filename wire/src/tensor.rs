@@ -156,8 +156,9 @@ impl ChunkValidator {
     /// [`ChunkValidator::new`], also summing the squares for
     /// [`ChunkValidator::norm`]. Finiteness alone is a test of each value's
     /// exponent bits, at memory speed; the sum converts every value to
-    /// `f64` and was about a tenth of the coordinator's time receiving a
-    /// 400 MB update, so it is kept only where a norm bound needs it.
+    /// `f64`, a noticeable share of the coordinator's time receiving a large
+    /// update (`docs/perf-log.md`), so it is kept only where a norm bound
+    /// needs it.
     pub fn with_norm(expected: usize) -> Self {
         ChunkValidator { sum_of_squares: Some(0.0), ..ChunkValidator::new(expected) }
     }
@@ -279,18 +280,19 @@ impl ChunkAssembler {
     ///
     /// A receiver that pulls one model after another can pass the last one
     /// back in: writing into fresh memory costs a page fault every 4 KiB,
-    /// and was about 40 % of a 400 MB pull's time on the receiving side.
+    /// which took a large part of a big pull's time on the receiving side.
     ///
     /// A `buffer` that already holds room for all `expected` values, at
     /// least [`STREAMING_FROM_BYTES`] of them, is written with [`meridian_sys::copy`]
-    /// stores (assembly 8 → 12 GiB/s, criterion `assemble_reused_40mb`).
+    /// stores, which assemble faster (criterion `assemble_reused_40mb`).
     /// Fresh memory is not: the kernel has just zeroed each page through
     /// the cache, where ordinary stores find it (streaming made
-    /// `assemble_40mb` 25 % slower). Nor is fresh memory asked for in huge
-    /// pages: that doubled `assemble_40mb`, which allocates again and again,
-    /// but a process's first pull, which draws memory the host of a virtual
-    /// machine may have taken back, was no faster or slower with them (see
-    /// [`meridian_sys::memory::advise_huge_pages`]).
+    /// `assemble_40mb` slower). Nor is fresh memory asked for in huge
+    /// pages: they sped up `assemble_40mb`, which allocates again and again,
+    /// but not a process's first pull, which draws memory the host of a
+    /// virtual machine may have taken back (see
+    /// [`meridian_sys::memory::advise_huge_pages`]). The figures are in
+    /// `docs/perf-log.md`, "Figures moved from rustdoc".
     pub fn reusing(expected: usize, mut buffer: Vec<f32>) -> Self {
         let streaming = buffer.capacity() >= expected && expected.saturating_mul(4) >= STREAMING_FROM_BYTES;
         buffer.clear();

@@ -29,17 +29,18 @@ const USAGE: &str = "usage: bench-table [--quick] [--device cpu|gpu] [--workload
 const OPACUS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/opacus_reference.py");
 
 /// In a full run, whole warm-up epochs until this much time has passed (at
-/// least one): criterion's default warm-up. After a single epoch (1.1 s for
-/// the CNN) the CNN's next two DP epochs still ran 10–15 % below the rest.
+/// least one): criterion's default warm-up. After a single epoch the CNN's
+/// next DP epochs still ran below the rest (`docs/perf-log.md`).
 const WARMUP_SECS: f64 = 3.0;
 /// Fewest measured epochs after the warm-up, in a full run...
 const MEASURED_EPOCHS: usize = 5;
 /// ...and more, whole ones, until this much time is measured (MLP-A's
 /// epochs take milliseconds): long enough that a few seconds in which the
-/// virtual machine runs slower (seen in long runs of every row, 10–25 %)
-/// move the median little...
+/// virtual machine runs slower (seen in long runs of every row;
+/// `docs/perf-log.md`) move the median little...
 const MEASURED_SECS: f64 = 10.0;
-/// ...but no more than this many (MLP-A's 10 s at about 800k ex/s).
+/// ...but no more than this many (enough for MLP-A's short epochs to fill
+/// the measured time; `docs/perf-log.md`).
 const MAX_EPOCHS: usize = 20_000;
 /// Steps of MLP-B's one measured "epoch" with `--quick` (a tenth of one).
 const QUICK_MLP_B_STEPS: usize = 125;

@@ -4,9 +4,9 @@
 //! into panels before it multiplies them. That pays for large matrices. The
 //! convolutions here make small products, one per example (K from 25 to
 //! 576, N from 16 to 576), whose operands already sit in the core's L2
-//! cache: in the benchmark CNN's DP step, packing was 18 % of the time
-//! against 44 % for the multiplications themselves, and the weights were
-//! packed again for every example.
+//! cache: in the benchmark CNN's DP step, packing took a large share of the
+//! time beside the multiplications themselves (`docs/perf-log.md`), and the
+//! weights were packed again for every example.
 //!
 //! [`product`] multiplies in place instead: `B` is row-major, so a kernel
 //! loads 16 of its columns at a time, and `A` may have any strides, since
@@ -84,8 +84,8 @@ pub(super) fn product(
 /// `out` `[cols, rows]` `=` `m`ᵀ, for `m` row-major `[rows, cols]`: a
 /// convolution's output gradient turned position-major for its weight
 /// gradient's product. Eight by eight in AVX registers where whole blocks
-/// fit (a value at a time, with stores or loads `rows` apart, was 5 % of
-/// the CNN's step), a value at a time around them.
+/// fit (a value at a time, with stores or loads `rows` apart, cost the CNN's
+/// step measurably; `docs/perf-log.md`), a value at a time around them.
 ///
 /// # Panics
 /// If `m` or `out` is shorter than `rows · cols`.

@@ -3,9 +3,9 @@
 //! that the common case inlines into the noise loop.
 //!
 //! `rand_distr`'s sampler (Doornik's ZIGNOR, 256 strips) is what Meridian
-//! drew its noise from before; through its generic interface it cost about
-//! 2.6 ns per normal, which made the Ziggurat, not the keystream, the
-//! larger part of DP-SGD's noise. This copy keeps every decision of the
+//! drew its noise from before; through its generic interface it, not the
+//! keystream, was the larger part of DP-SGD's noise (`docs/perf-log.md`,
+//! "Figures moved from rustdoc"). This copy keeps every decision of the
 //! original, with its tables copied digit for digit, and differs only in
 //! where the code sits: the accept test of 98.8 % of draws is a few inlined
 //! instructions, and the wedge and tail (the rest) stay out of line. The

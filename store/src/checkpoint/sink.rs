@@ -5,11 +5,11 @@
 //!   the step is written (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`,
 //!   which does not wait for the writes, though it may block while the
 //!   device's queue is full), as PostgreSQL's `*_flush_after` settings do,
-//!   so `commit`'s fsync waits for the tail only: without it, a 400 MB
-//!   update waited about 0.2 s on the disk after its last byte arrived. An
-//!   uncached file whose file system refuses `O_DIRECT` is also dropped
-//!   from the page cache behind the writer (`POSIX_FADV_DONTNEED`, once an
-//!   earlier step is on the disk).
+//!   so `commit`'s fsync waits for the tail only: without it, a large
+//!   update still waited on the disk after its last byte arrived
+//!   (`docs/perf-log.md`). An uncached file whose file system refuses
+//!   `O_DIRECT` is also dropped from the page cache behind the writer
+//!   (`POSIX_FADV_DONTNEED`, once an earlier step is on the disk).
 //! - [`Direct`]: `O_DIRECT` writes of whole 4 MiB blocks, copied into an
 //!   aligned buffer, the last partial block through the page cache. No
 //!   page cache to fill; each write waits for the disk. A file system that
@@ -33,7 +33,7 @@ const STEP_BYTES: u64 = 8 << 20;
 pub(super) const ALIGN: usize = 4096;
 
 /// Bytes an `O_DIRECT` write carries: large enough that the disk, not the
-/// number of writes, sets the pace (4 MiB beat 1 MiB with `dd oflag=direct`).
+/// number of writes, sets the pace (chosen by measurement, `docs/perf-log.md`).
 pub(super) const DIRECT_BLOCK_BYTES: usize = 4 << 20;
 
 /// A checkpoint file's bytes on their way to the disk.
