@@ -9,7 +9,11 @@
 //! is already in the build for TLS and runs on the AES-NI and carry-less
 //! multiply instructions: sealing a buffer of zeros under a unique nonce
 //! leaves exactly the counter-mode keystream in it (GCM encrypts by XOR with
-//! AES-CTR; the tag it also computes is discarded). It replaced ChaCha12,
+//! AES-CTR; the tag it also computes is discarded). RustCrypto's `ctr`
+//! over `aes` gives the same bytes (`Ctr32BE` from the counter block
+//! `nonce ‖ 2`) with no tag to throw away, but two more crates and, measured,
+//! a slower stream than `ring`'s stitched AES-NI code, so `ring` it stays
+//! (`docs/perf-log.md`, "Noise"). It replaced ChaCha12,
 //! which had replaced ChaCha20, each faster than the one before
 //! (`docs/perf-log.md`, "Figures moved from rustdoc").
 //!
@@ -29,7 +33,7 @@ use super::NoiseError;
 
 /// Keystream bytes produced per seal: large enough that the per-call cost
 /// of GCM (nonce setup, tag) vanishes, small enough to stay in L1/L2
-/// (16 KiB measured fastest of 4, 8, 16 and 64 KiB).
+/// (chosen by measurement, `docs/perf-log.md`).
 const BUFFER_BYTES: usize = 16 * 1024;
 
 /// An AES-256-CTR keystream read as little-endian `u64` words.
