@@ -2,7 +2,8 @@
 //! SGD step for each workload, the noise within the DP step, the
 //! accountants' ε for a long run, the coordinator's FedAvg fold, and the
 //! CPU side of a model transfer (encoding into ≤ 1 MiB chunks, checking and
-//! assembling them). Whole rounds and transfers over mTLS are measured by
+//! assembling them), and the convolutions' matrix products by Meridian's
+//! kernel against the `gemm` crate's. Whole rounds and transfers over mTLS are measured by
 //! `meridian sim` (see `BENCHMARKS.md`): they need two processes and a
 //! socket, not a loop criterion can repeat in-process.
 //! `cargo bench -p meridian-benches --features criterion`; whole-epoch
@@ -126,6 +127,35 @@ fn fedavg_fold(c: &mut Criterion) {
     group.finish();
 }
 
+/// The benchmark CNN's per-example matrix products (forward of each
+/// convolution, the second's weight and patch gradients, the first's weight
+/// gradient), by Meridian's own kernel and by the `gemm` crate Burn builds,
+/// one thread each, in multiply-adds per second.
+fn gemm_products(c: &mut Criterion) {
+    use meridian_models::kernels::{gemm_crate_product, own_product};
+    let mut group = c.benchmark_group("gemm");
+    let shapes = [
+        ("conv1_forward", (16, 576, 25)),
+        ("conv2_forward", (32, 64, 400)),
+        ("conv2_weight_grad", (400, 32, 64)),
+        ("conv2_patch_grad", (400, 64, 32)),
+        ("conv1_weight_grad", (25, 16, 576)),
+    ];
+    for (name, (m, n, k)) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 * 1e-2).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 89) as f32 * 1e-2).collect();
+        let mut out = vec![0.0f32; m * n];
+        group.throughput(Throughput::Elements((m * n * k) as u64));
+        group.bench_function(format!("own/{name}"), |bench| {
+            bench.iter(|| own_product(black_box(&mut out), black_box(&a), black_box(&b), (m, n, k)))
+        });
+        group.bench_function(format!("gemm_crate/{name}"), |bench| {
+            bench.iter(|| gemm_crate_product(black_box(&mut out), black_box(&a), black_box(&b), (m, n, k)))
+        });
+    }
+    group.finish();
+}
+
 /// A 10M-parameter (40 MB) model through the wire format, without the
 /// socket: encoded into chunks as the coordinator serves it, then each
 /// chunk checked and assembled as a site receives it.
@@ -176,7 +206,7 @@ fn transfer_codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(steps, dpsgd_step, plain_step, noise);
+criterion_group!(steps, dpsgd_step, plain_step, noise, gemm_products);
 criterion_group!(accountants, accountant);
 criterion_group!(coordination, fedavg_fold, transfer_codec);
 criterion_main!(steps, accountants, coordination);

@@ -52,6 +52,8 @@ use crate::architecture::{Architecture, CLASSES, Layer};
 use crate::network::norm_of_squared;
 
 mod gemm;
+#[cfg(feature = "kernels")]
+pub mod kernels;
 
 use gemm::{Strided, product, transpose};
 

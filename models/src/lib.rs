@@ -28,5 +28,7 @@ mod cpu;
 mod network;
 
 pub use architecture::{Architecture, CLASSES, Layer, LayoutError, NORM_EPSILON, ParamLayout, ParamTensor};
+#[cfg(feature = "kernels")]
+pub use cpu::kernels;
 pub use cpu::limit_cpu_threads;
 pub use network::{ClippedGradients, DeviceError, GradientSum, Network, default_device};
