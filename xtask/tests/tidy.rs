@@ -45,13 +45,16 @@ fn every_module_starts_with_a_doc_comment() {
 #[test]
 fn unsafe_code_lives_only_in_sys_and_the_cpu_kernels() {
     let allowed = |path: &str| path.starts_with("sys/src/") || path.starts_with("models/src/cpu/");
+    // Spelled in two pieces so that the issue's own check, a grep for the
+    // attribute, finds only the code it is about.
+    let attribute = concat!("allow(", "unsafe_code)");
     let bad: Vec<String> = workspace_files()
         .iter()
         .map(|path| (relative(path), code_only(&std::fs::read_to_string(path).unwrap())))
-        .filter(|(path, code)| code.contains("allow(unsafe_code)") && !allowed(path))
+        .filter(|(path, code)| code.contains(attribute) && !allowed(path))
         .map(|(path, _)| path)
         .collect();
-    assert!(bad.is_empty(), "allow(unsafe_code) outside meridian-sys and the GEMM kernel: {bad:#?}");
+    assert!(bad.is_empty(), "{attribute} outside meridian-sys and the CPU kernels: {bad:#?}");
 }
 
 #[test]
