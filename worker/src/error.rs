@@ -1,8 +1,9 @@
 //! The worker's error types, so that a failure keeps its kind until the one
 //! place that reports it: [`RunError`], why the daemon could not start;
 //! [`TransferError`], why a model or an update did not cross the wire; and
-//! [`WorkerError`], why a session or a task ended. A gRPC status is one
-//! variant among them, never the type every internal function returns.
+//! `WorkerError` (the crate's own), why a session or a task ended. A gRPC
+//! status is one variant among them, never the type every internal function
+//! returns.
 //!
 //! Nothing here is sent to the coordinator: what leaves a site about a
 //! failure is a reason code, built by [`crate::outgoing`].
