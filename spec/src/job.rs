@@ -802,7 +802,12 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    fn from_toml(err: &toml::de::Error, text: &str, origin: &str) -> SpecError {
+    /// A spec from `origin` with these problems, each naming its field.
+    pub(crate) fn invalid(origin: &str, problems: Vec<String>) -> SpecError {
+        SpecError::Invalid { origin: origin.to_string(), problems }
+    }
+
+    pub(crate) fn from_toml(err: &toml::de::Error, text: &str, origin: &str) -> SpecError {
         let (line, column) = err.span().map(|span| line_column(text, span.start)).unwrap_or((1, 1));
         let message = err.message().lines().next().unwrap_or("invalid TOML").to_string();
         let key = key_at(text, line);

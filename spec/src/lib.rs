@@ -4,6 +4,9 @@
 //! here knows the wire or the disk.
 //!
 //! # Brief overview
+//! - [`application::ApplicationSpec`]: a data-use application (purpose,
+//!   datasets and columns, model families, validity, jobs, ε per site) and
+//!   the one check of a job against its terms; [`date`] its calendar days.
 //! - [`job::JobSpec`]: a validated job, parsed once from TOML; the coordinator
 //!   and every site see the same canonical JSON of it and bind to its hash.
 //! - [`evaluation`]: a held-out evaluation as the noised score × label
@@ -16,7 +19,9 @@
 //!   column names only: the one form a site's reasons leave it in.
 //! - [`config_file`]: errors of a TOML file, naming the file and the field.
 
+pub mod application;
 pub mod config_file;
+pub mod date;
 pub mod evaluation;
 pub mod job;
 pub mod mechanism;
