@@ -8,7 +8,8 @@
 //!   shutdown token fires, resuming unfinished jobs first.
 //! - [`CoordinatorConfig`]: the validated `coordinator.toml`.
 //! - `engine`: the per-job state machine (offers → rounds → evaluation).
-//! - `service`: the RPCs, authorized by the role in the caller's certificate.
+//! - `service`: the RPCs, authorized by the role in the caller's certificate;
+//!   `applications` the data-use applications' (submit, list, show).
 //! - `upload`: receiving an update, from the slot it waits for to the row
 //!   that counts it: leases, transfers in flight, the file it is written
 //!   to, updates sent in parts, and [`admission`], the checks every update
@@ -21,6 +22,7 @@
 //!   `meridian_store::checkpoint`.
 
 pub mod aggregate;
+mod applications;
 mod budget;
 mod config;
 mod engine;
@@ -120,6 +122,7 @@ pub async fn run(
             pb::job_service_server::JobServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(pb::application_service_server::ApplicationServiceServer::new(services.clone()))
         .add_service(pb::privacy_service_server::PrivacyServiceServer::new(services))
         .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await?;

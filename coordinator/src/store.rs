@@ -37,6 +37,10 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+mod applications;
+
+pub use applications::ApplicationRow;
+
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobState {
@@ -379,6 +383,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let conn = sqlite::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(applications::SCHEMA)?;
         sqlite::add_column(&conn, "job_sites", "reason_code", "TEXT NOT NULL DEFAULT ''")?;
         sqlite::add_column(&conn, "job_sites", "reason_columns", "TEXT NOT NULL DEFAULT '[]'")?;
         sqlite::add_column(&conn, "ledger_mirror", "mechanism", "TEXT NOT NULL DEFAULT ''")?;

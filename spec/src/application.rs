@@ -130,6 +130,28 @@ impl Output {
     }
 }
 
+/// Where a day lies in an application's validity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Validity {
+    /// Before `valid_from`.
+    NotStarted,
+    /// From `valid_from` to the end of `valid_until`.
+    InForce,
+    /// After `valid_until`.
+    Expired,
+}
+
+impl Validity {
+    /// The name in statuses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Validity::NotStarted => "not_started",
+            Validity::InForce => "in_force",
+            Validity::Expired => "expired",
+        }
+    }
+}
+
 /// A term of an application that a job can fall outside of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Term {
@@ -285,11 +307,21 @@ impl ApplicationSpec {
         self.sites.iter().find(|s| s.site == site)
     }
 
-    /// Whether the application is in force at `now_ms` (ms since the Unix
-    /// epoch): from `valid_from`'s first instant to the end of
-    /// `valid_until`.
+    /// Where `now_ms` (ms since the Unix epoch) lies in the validity.
+    pub fn validity_at(&self, now_ms: i64) -> Validity {
+        if now_ms < self.valid_from.start_ms() {
+            Validity::NotStarted
+        } else if now_ms < self.valid_until.end_ms() {
+            Validity::InForce
+        } else {
+            Validity::Expired
+        }
+    }
+
+    /// Whether the application is in force at `now_ms`: from
+    /// `valid_from`'s first instant to the end of `valid_until`.
     pub fn in_force_at(&self, now_ms: i64) -> bool {
-        self.valid_from.start_ms() <= now_ms && now_ms < self.valid_until.end_ms()
+        self.validity_at(now_ms) == Validity::InForce
     }
 
     /// Checks the parts of `job` that the application alone decides: its

@@ -109,6 +109,8 @@ fn a_job_within_the_terms_passes() {
     assert!(app.in_force_at(app.valid_until.end_ms() - 1));
     assert!(!app.in_force_at(app.valid_until.end_ms()));
     assert!(!app.in_force_at(app.valid_from.start_ms() - 1));
+    assert_eq!(app.validity_at(app.valid_from.start_ms() - 1), Validity::NotStarted);
+    assert_eq!(app.validity_at(app.valid_until.end_ms()), Validity::Expired);
 }
 
 #[test]
