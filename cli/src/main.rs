@@ -5,6 +5,7 @@
 //! command line's top level and the wiring that turns a result into an exit
 //! code.
 
+mod application;
 mod audit;
 mod budget;
 mod client;
@@ -98,6 +99,13 @@ enum Command {
         #[command(flatten)]
         args: provision::ProvisionArgs,
     },
+    /// Data-use applications: submit one, list them, show one's terms.
+    Application {
+        #[command(subcommand)]
+        command: application::ApplicationCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Submit, list, inspect, watch and cancel training jobs.
     Job {
         #[command(subcommand)]
@@ -180,6 +188,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         Command::Worker { config, check: true, connect, .. } => daemon::check_worker(&config, connect).await,
         Command::Worker { config, check: false, log_format, .. } => daemon::worker(&config, log_format).await.map(done),
         Command::Provision { command, args } => provision::run(command, args).map(done),
+        Command::Application { command, client } => application::run(command, &client.connection()).await.map(done),
         Command::Job { command, client } => job::run(command, &client.connection()).await,
         Command::Model { command, client } => model::run(command, &client.connection()).await.map(done),
         Command::Budget { command, json, client } => budget::run(command, json, &client.connection()).await.map(done),

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, reason = "integration tests: a step that fails fails the test")]
 
+mod applications;
 mod crash;
 mod deadlines;
 mod disclosure;
