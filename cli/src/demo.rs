@@ -213,6 +213,7 @@ fn provision_federation(dir: &Path) -> Result<Provisioned> {
             ("alice".to_string(), meridian_wire::identity::Role::Scientist),
             ("rita".to_string(), meridian_wire::identity::Role::Reviewer),
         ],
+        stewards: Vec::new(),
         valid_days: 30,
     })
 }

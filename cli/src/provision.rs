@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use meridian_wire::identity::{COORDINATOR_SERVER_NAME, Role, validate_name};
+use meridian_wire::identity::{COORDINATOR_SERVER_NAME, Role, site_uri, validate_name};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
@@ -34,7 +34,8 @@ pub struct ProvisionArgs {
     /// A hospital site name (repeat for each site).
     #[arg(long = "site")]
     sites: Vec<String>,
-    /// A user as NAME:ROLE with ROLE scientist, reviewer or admin (repeat).
+    /// A user as NAME:ROLE with ROLE scientist, reviewer or admin, or a
+    /// hospital's data steward as NAME:steward@SITE (repeat).
     #[arg(long = "user")]
     users: Vec<String>,
     /// Extra DNS name or IP address of the coordinator (repeat).
@@ -63,9 +64,12 @@ pub enum ProvisionCommand {
     AddUser {
         /// User name.
         name: String,
-        /// scientist, reviewer or admin.
+        /// scientist, reviewer, admin or steward.
         #[arg(long)]
         role: String,
+        /// For a steward: the one site it decides for (one of the federation's sites).
+        #[arg(long)]
+        site: Option<String>,
         /// The federation directory.
         #[arg(long, default_value = "federation")]
         federation: PathBuf,
@@ -96,20 +100,31 @@ pub fn run(command: Option<ProvisionCommand>, args: ProvisionArgs) -> Result<()>
 
 /// `meridian provision --site … --user …`: the CA and every identity.
 fn create_federation(args: ProvisionArgs) -> Result<()> {
-    let mut users = Vec::new();
+    let (mut users, mut stewards) = (Vec::new(), Vec::new());
     for u in &args.users {
         let (name, role) = u.split_once(':').with_context(|| format!("--user \"{u}\": expected NAME:ROLE"))?;
-        let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-        if matches!(role, Role::Hospital | Role::Coordinator) {
-            bail!("--user \"{u}\": users are scientist, reviewer or admin; hospitals use --site");
+        if let Some(site) = role.strip_prefix("steward@") {
+            if !args.sites.iter().any(|s| s == site) {
+                bail!("--user \"{u}\": {site} is not a --site of this federation");
+            }
+            stewards.push((name.to_string(), site.to_string()));
+            continue;
         }
-        users.push((name.to_string(), role));
+        let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+        match role {
+            Role::Hospital | Role::Coordinator => {
+                bail!("--user \"{u}\": users are scientist, reviewer, admin or steward@SITE; hospitals use --site")
+            }
+            Role::Steward => bail!("--user \"{u}\": a steward decides for one site: NAME:steward@SITE"),
+            _ => users.push((name.to_string(), role)),
+        }
     }
     let done = provision(&Plan {
         out: args.out.clone(),
         coordinator_hosts: args.coordinator_hosts,
         sites: args.sites,
         users,
+        stewards,
         valid_days: args.valid_days,
     })?;
     out!("federation in {}", args.out.display())?;
@@ -123,40 +138,57 @@ fn create_federation(args: ProvisionArgs) -> Result<()> {
 /// `meridian provision add-site|add-user|renew`: one identity signed with
 /// the existing CA.
 fn add_identity(command: ProvisionCommand) -> Result<()> {
-    let (name, role, federation, days, renew) = match command {
+    let (name, role, site, federation, days, renew) = match command {
         ProvisionCommand::AddSite { name, federation, valid_days } => {
-            (name, Role::Hospital, federation, valid_days, false)
+            (name, Role::Hospital, None, federation, valid_days, false)
         }
-        ProvisionCommand::AddUser { name, role, federation, valid_days } => {
+        ProvisionCommand::AddUser { name, role, site, federation, valid_days } => {
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-            if matches!(role, Role::Hospital | Role::Coordinator) {
-                bail!("--role {role}: users are scientist, reviewer or admin; hospitals use add-site");
-            }
-            (name, role, federation, valid_days, false)
+            let site = user_site(&federation, role, site)?;
+            (name, role, site, federation, valid_days, false)
         }
         ProvisionCommand::Renew { name, federation, valid_days } => {
-            let role = existing_role(&federation, &name)?;
-            (name, role, federation, valid_days, true)
+            let (role, site) = existing_role(&federation, &name)?;
+            (name, role, site, federation, valid_days, true)
         }
     };
-    let (dir, fingerprint) = add(&federation, &name, role, days, renew)?;
-    out!("{} {name} ({role}) in {}", if renew { "renewed" } else { "added" }, dir.display())?;
+    let (dir, fingerprint) = add(&federation, &name, role, site.as_deref(), days, renew)?;
+    let what = site.map_or_else(|| role.to_string(), |site| format!("{role} of {site}"));
+    out!("{} {name} ({what}) in {}", if renew { "renewed" } else { "added" }, dir.display())?;
     out!("certificate sha256 {fingerprint}")?;
     Ok(())
 }
 
-/// The role of an identity `federation` already holds: the coordinator, a
-/// site, or a user (read from its certificate).
-fn existing_role(federation: &Path, name: &str) -> Result<Role> {
+/// The site `add-user` binds a user to: a steward's, which must be one of
+/// the federation's sites; no other role takes one.
+fn user_site(federation: &Path, role: Role, site: Option<String>) -> Result<Option<String>> {
+    match (role, site) {
+        (Role::Hospital | Role::Coordinator, _) => {
+            bail!("--role {role}: users are scientist, reviewer, admin or steward; hospitals use add-site")
+        }
+        (Role::Steward, None) => bail!("--role steward: a steward decides for one site; name it with --site"),
+        (Role::Steward, Some(site)) if !federation.join("sites").join(&site).join("cert.pem").exists() => {
+            bail!("--site {site}: not a site of the federation in {}", federation.display())
+        }
+        (Role::Steward, Some(site)) => Ok(Some(site)),
+        (_, Some(_)) => bail!("--site is for stewards only; a {role} is not bound to a site"),
+        (_, None) => Ok(None),
+    }
+}
+
+/// The role (and a steward's site) of an identity `federation` already
+/// holds: the coordinator, a site, or a user (read from its certificate).
+fn existing_role(federation: &Path, name: &str) -> Result<(Role, Option<String>)> {
     if name == "coordinator" {
-        return Ok(Role::Coordinator);
+        return Ok((Role::Coordinator, None));
     }
     if federation.join("sites").join(name).exists() {
-        return Ok(Role::Hospital);
+        return Ok((Role::Hospital, None));
     }
     let cert = std::fs::read(federation.join("users").join(name).join("cert.pem"))
         .with_context(|| format!("{name} is neither a site nor a user of {}", federation.display()))?;
-    Ok(meridian_wire::identity::principal_from_pem(&cert)?.role)
+    let principal = meridian_wire::identity::principal_from_pem(&cert)?;
+    Ok((principal.role, principal.site))
 }
 
 /// What to provision.
@@ -169,6 +201,8 @@ pub struct Plan {
     pub sites: Vec<String>,
     /// Users and their roles.
     pub users: Vec<(String, Role)>,
+    /// Data stewards and the site each decides for.
+    pub stewards: Vec<(String, String)>,
     /// Validity of every certificate in days.
     pub valid_days: u32,
 }
@@ -185,6 +219,7 @@ fn issue(
     name: &str,
     role: Role,
     server_names: &[String],
+    site: Option<&str>,
     valid_days: u32,
     replace: bool,
 ) -> Result<PathBuf> {
@@ -198,6 +233,9 @@ fn issue(
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(host.clone().try_into()?),
         });
+    }
+    if let Some(site) = site {
+        params.subject_alt_names.push(SanType::URI(site_uri(site).try_into()?));
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = if server_names.is_empty() {
@@ -231,7 +269,14 @@ fn replace_file(path: &Path, contents: &str, private: bool) -> Result<()> {
 /// other certificate; with `renew`, replaces an existing identity's key and
 /// certificate. Returns the identity directory and the certificate's
 /// SHA-256 fingerprint (for revocation lists).
-pub fn add(federation: &Path, name: &str, role: Role, valid_days: u32, renew: bool) -> Result<(PathBuf, String)> {
+pub fn add(
+    federation: &Path,
+    name: &str,
+    role: Role,
+    site: Option<&str>,
+    valid_days: u32,
+    renew: bool,
+) -> Result<(PathBuf, String)> {
     validate_name(name)?;
     let ca_dir = federation.join("ca");
     let ca_pem = fs::read_to_string(ca_dir.join("ca.pem"))
@@ -256,7 +301,7 @@ pub fn add(federation: &Path, name: &str, role: Role, valid_days: u32, renew: bo
     } else {
         Vec::new()
     };
-    let dir = issue(&issuer, &ca_pem, &dir, name, role, &server_names, valid_days, renew)?;
+    let dir = issue(&issuer, &ca_pem, &dir, name, role, &server_names, site, valid_days, renew)?;
     let cert = fs::read(dir.join("cert.pem"))?;
     Ok((dir, fingerprint(&cert)?))
 }
@@ -301,7 +346,8 @@ pub fn provision(plan: &Plan) -> Result<Provisioned> {
     if plan.out.join("ca").join("ca.key").exists() {
         bail!("{} already holds a federation (ca/ca.key exists); choose an empty directory", plan.out.display());
     }
-    for name in plan.sites.iter().chain(plan.users.iter().map(|(n, _)| n)) {
+    let stewards = plan.stewards.iter().map(|(n, _)| n);
+    for name in plan.sites.iter().chain(plan.users.iter().map(|(n, _)| n)).chain(stewards) {
         validate_name(name)?;
     }
     let ca_key = KeyPair::generate().context("generating the CA key")?;
@@ -319,20 +365,23 @@ pub fn provision(plan: &Plan) -> Result<Provisioned> {
     let issuer = Issuer::new(ca_params, ca_key);
 
     let ca_pem = ca_cert.pem();
-    let issue = |dir: &Path, name: &str, role: Role, server_names: &[String]| {
-        issue(&issuer, &ca_pem, dir, name, role, server_names, plan.valid_days, false)
+    let issue = |dir: &Path, name: &str, role: Role, server_names: &[String], site: Option<&str>| {
+        issue(&issuer, &ca_pem, dir, name, role, server_names, site, plan.valid_days, false)
     };
 
     let mut server_names = vec![COORDINATOR_SERVER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
     server_names.extend(plan.coordinator_hosts.iter().cloned());
-    let coordinator = issue(&plan.out.join("coordinator"), "coordinator", Role::Coordinator, &server_names)?;
+    let coordinator = issue(&plan.out.join("coordinator"), "coordinator", Role::Coordinator, &server_names, None)?;
     let mut sites = Vec::new();
     for s in &plan.sites {
-        sites.push((s.clone(), issue(&plan.out.join("sites").join(s), s, Role::Hospital, &[])?));
+        sites.push((s.clone(), issue(&plan.out.join("sites").join(s), s, Role::Hospital, &[], None)?));
     }
     let mut users = Vec::new();
     for (u, role) in &plan.users {
-        users.push((u.clone(), issue(&plan.out.join("users").join(u), u, *role, &[])?));
+        users.push((u.clone(), issue(&plan.out.join("users").join(u), u, *role, &[], None)?));
+    }
+    for (u, site) in &plan.stewards {
+        users.push((u.clone(), issue(&plan.out.join("users").join(u), u, Role::Steward, &[], Some(site))?));
     }
     Ok(Provisioned { coordinator, sites, users })
 }

@@ -1,5 +1,6 @@
 //! `ApplicationService`: scientists submit data-use applications, and every
-//! role that reads jobs reads them. An application is validated here as the
+//! role that reads jobs reads them; a hospital's steward reads those that
+//! ask its site, and no other. An application is validated here as the
 //! CLI validated it, so a hand-made request is held to the same rules, and
 //! one whose validity has already ended is refused: nobody could approve
 //! it. Each submission is an audit entry bound to the application's hash.
@@ -7,7 +8,7 @@
 use meridian_spec::application::ApplicationSpec;
 use meridian_spec::date::Date;
 use meridian_sys::now_ms;
-use meridian_wire::identity::Role;
+use meridian_wire::identity::{Principal, Role};
 use meridian_wire::pb;
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -16,7 +17,7 @@ use crate::service::Services;
 use crate::store::ApplicationRow;
 
 const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
-const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin];
+const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin, Role::Steward];
 
 #[tonic::async_trait]
 impl pb::application_service_server::ApplicationService for Services {
@@ -49,9 +50,10 @@ impl pb::application_service_server::ApplicationService for Services {
         &self,
         req: Request<pb::ListApplicationsRequest>,
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
-        self.authorize(&req, READERS, "ApplicationService/ListApplications")?;
+        let who = self.authorize(&req, READERS, "ApplicationService/ListApplications")?;
         let now = now_ms();
-        let applications = self.inner.store.applications()?.iter().map(|a| status(a, now)).collect();
+        let rows = self.inner.store.applications()?;
+        let applications = rows.iter().filter(|a| visible_to(&who, a)).map(|a| status(a, now)).collect();
         Ok(Response::new(pb::ListApplicationsResponse { applications }))
     }
 
@@ -59,10 +61,17 @@ impl pb::application_service_server::ApplicationService for Services {
         &self,
         req: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<pb::ApplicationStatus>, Status> {
-        self.authorize(&req, READERS, "ApplicationService/GetApplication")?;
+        let who = self.authorize(&req, READERS, "ApplicationService/GetApplication")?;
         let id = &req.get_ref().application_id;
         let row =
             self.inner.store.application(id)?.ok_or_else(|| Status::not_found(format!("no application \"{id}\"")))?;
+        if !visible_to(&who, &row) {
+            let site = who.site.as_deref().unwrap_or_default();
+            return Err(Status::permission_denied(format!(
+                "{} (steward of {site}) may not read {id}, which asks nothing of {site}",
+                who.name
+            )));
+        }
         Ok(Response::new(status(&row, now_ms())))
     }
 }
@@ -85,6 +94,16 @@ impl Services {
             }
         }
         Err(Status::internal("no unused application id after 8 draws"))
+    }
+}
+
+/// Whether `who` may read `row`: a steward only an application that asks
+/// its site.
+fn visible_to(who: &Principal, row: &ApplicationRow) -> bool {
+    match (&who.role, &who.site) {
+        (Role::Steward, Some(site)) => row.spec.site(site).is_some(),
+        (Role::Steward, None) => false,
+        _ => true,
     }
 }
 

@@ -1,5 +1,9 @@
 //! How a certificate names its holder: the subject's common name (CN) is the
-//! site or user name and its organizational unit (OU) is the [`Role`].
+//! site or user name and its organizational unit (OU) is the [`Role`]. A
+//! steward's certificate also names the one site it decides for, as the
+//! URI subject alternative name `urn:meridian:site:NAME` ([`site_uri`]):
+//! the binding is signed by the federation's CA like the rest, so a steward
+//! cannot speak for another hospital.
 //!
 //! Provisioning writes these fields and the coordinator reads them back on
 //! every call, so both sides share this one definition.
@@ -18,13 +22,17 @@ pub enum Role {
     Reviewer,
     /// An administrator: everything a scientist and a reviewer may do.
     Admin,
+    /// A hospital's data steward: decides, for the one site its certificate
+    /// names, on the data-use applications that ask that site.
+    Steward,
     /// The coordinator's own server certificate; it calls no RPC.
     Coordinator,
 }
 
 impl Role {
     /// Every role, in a fixed order (for help texts and matrix tests).
-    pub const ALL: [Role; 5] = [Role::Hospital, Role::Scientist, Role::Reviewer, Role::Admin, Role::Coordinator];
+    pub const ALL: [Role; 6] =
+        [Role::Hospital, Role::Scientist, Role::Reviewer, Role::Admin, Role::Steward, Role::Coordinator];
 
     /// The string stored in the certificate's OU.
     pub fn as_str(self) -> &'static str {
@@ -33,6 +41,7 @@ impl Role {
             Role::Scientist => "scientist",
             Role::Reviewer => "reviewer",
             Role::Admin => "admin",
+            Role::Steward => "steward",
             Role::Coordinator => "coordinator",
         }
     }
@@ -46,7 +55,7 @@ impl fmt::Display for Role {
 
 /// A role name that is not one of [`Role::ALL`].
 #[derive(Debug, thiserror::Error)]
-#[error("unknown role \"{0}\" (expected hospital, scientist, reviewer, admin or coordinator)")]
+#[error("unknown role \"{0}\" (expected hospital, scientist, reviewer, admin, steward or coordinator)")]
 pub struct UnknownRole(pub String);
 
 impl FromStr for Role {
@@ -150,6 +159,15 @@ impl IdentityFiles {
 /// alternative name; clients verify it whatever address they dial.
 pub const COORDINATOR_SERVER_NAME: &str = "meridian-coordinator";
 
+/// The URI subject alternative names of a steward's certificate start
+/// with this, followed by the site's name.
+pub const SITE_URI_PREFIX: &str = "urn:meridian:site:";
+
+/// The URI a steward's certificate carries for `site`.
+pub fn site_uri(site: &str) -> String {
+    format!("{SITE_URI_PREFIX}{site}")
+}
+
 /// Who a peer certificate says its holder is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
@@ -157,6 +175,9 @@ pub struct Principal {
     pub name: String,
     /// The subject's OU.
     pub role: Role,
+    /// For a steward, the one site it decides for; `None` for every other
+    /// role.
+    pub site: Option<String>,
 }
 
 /// Why a certificate names no [`Principal`].
@@ -183,6 +204,14 @@ pub enum CertificateError {
     /// The CN is not a valid name ([`validate_name`]).
     #[error(transparent)]
     Name(#[from] NameError),
+    /// A steward's certificate names no site, or more than one.
+    #[error("steward certificate of {name} must name exactly one site ({SITE_URI_PREFIX}NAME), it names {count}")]
+    StewardSite {
+        /// The steward.
+        name: String,
+        /// How many sites it names.
+        count: usize,
+    },
 }
 
 /// Reads the CN and OU of a DER certificate.
@@ -199,7 +228,34 @@ pub fn principal_from_der(der: &[u8]) -> Result<Principal, CertificateError> {
         subject.iter_organizational_unit().next().and_then(|ou| ou.as_str().ok()).ok_or(CertificateError::NoRole)?;
     let role: Role = role.parse()?;
     validate_name(&name)?;
-    Ok(Principal { name, role })
+    let site = if role == Role::Steward { Some(steward_site(&cert, &name)?) } else { None };
+    Ok(Principal { name, role, site })
+}
+
+/// The one site a steward's certificate names.
+fn steward_site(cert: &x509_parser::certificate::X509Certificate<'_>, name: &str) -> Result<String, CertificateError> {
+    let sites: Vec<&str> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(SITE_URI_PREFIX),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match sites.as_slice() {
+        [site] => {
+            validate_name(site)?;
+            Ok((*site).to_string())
+        }
+        _ => Err(CertificateError::StewardSite { name: name.to_string(), count: sites.len() }),
+    }
 }
 
 /// Reads the CN and OU of the first certificate in a PEM file's contents.

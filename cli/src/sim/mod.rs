@@ -67,6 +67,7 @@ fn provision_sites(work: &Path, sites: usize) -> Result<Provisioned> {
         coordinator_hosts: Vec::new(),
         sites: (0..sites).map(|i| format!("sim-{i:04}")).collect(),
         users: vec![("sim-scientist".to_string(), meridian_wire::identity::Role::Scientist)],
+        stewards: Vec::new(),
         valid_days: 2,
     })
 }

@@ -95,3 +95,86 @@ fn a_bad_application_is_refused_naming_the_file_and_field_and_hospitals_may_not_
     let out = fed.client("rita", &["application", "list", "--json"]);
     assert_eq!(stdout(&out).trim(), "[]");
 }
+
+#[test]
+fn a_steward_is_bound_to_one_site_and_reads_only_what_asks_it() {
+    let fed = Federation::start(&["hospital-a", "hospital-z"]);
+    let fed_dir = fed.dir.join("fed");
+    let fed_arg = fed_dir.to_str().unwrap();
+    let file = example("applications/brfss.toml");
+    let out = fed.client("alice", &["application", "submit", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+
+    // sam decides for hospital-a, which the application asks.
+    let sam = std::fs::read(fed.identity("sam").join("cert.pem")).unwrap();
+    let principal = meridian_wire::identity::principal_from_pem(&sam).unwrap();
+    assert_eq!((principal.role.as_str(), principal.site.as_deref()), ("steward", Some("hospital-a")));
+    let out = fed.client("sam", &["application", "list", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(list.len(), 1, "{}", stderr(&out));
+    assert!(fed.client("sam", &["application", "show", &id]).status.success());
+
+    // zoe decides for hospital-z, which it does not ask: she sees nothing of it.
+    let out = crate::util::run(&[
+        "provision",
+        "add-user",
+        "zoe",
+        "--role",
+        "steward",
+        "--site",
+        "hospital-z",
+        "--federation",
+        fed_arg,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("added zoe (steward of hospital-z)"), "{}", stdout(&out));
+    let out = fed.client("zoe", &["application", "list", "--json"]);
+    assert_eq!(stdout(&out).trim(), "[]", "{}", stderr(&out));
+    let out = fed.client("zoe", &["application", "show", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains(&format!("zoe (steward of hospital-z) may not read {id}, which asks nothing of hospital-z")),
+        "{}",
+        stderr(&out)
+    );
+    // Nor may a steward call anything else.
+    let out = fed.client("zoe", &["job", "list"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("zoe (role steward) may not call JobService/ListJobs"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Renewing keeps the binding.
+    let out = crate::util::run(&["provision", "renew", "zoe", "--federation", fed_arg]);
+    assert!(out.status.success() && stdout(&out).contains("renewed zoe (steward of hospital-z)"), "{}", stderr(&out));
+    let zoe = std::fs::read(fed.identity("zoe").join("cert.pem")).unwrap();
+    assert_eq!(meridian_wire::identity::principal_from_pem(&zoe).unwrap().site.as_deref(), Some("hospital-z"));
+
+    // A steward is for one site of the federation, and only a steward is bound to one.
+    let refused = |args: &[&str], expected: &str| {
+        let out = crate::util::run(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
+    };
+    refused(&["provision", "add-user", "x", "--role", "steward", "--federation", fed_arg], "name it with --site");
+    refused(
+        &["provision", "add-user", "x", "--role", "steward", "--site", "nowhere", "--federation", fed_arg],
+        "--site nowhere: not a site of the federation",
+    );
+    refused(
+        &["provision", "add-user", "x", "--role", "reviewer", "--site", "hospital-a", "--federation", fed_arg],
+        "--site is for stewards only",
+    );
+    let other = fed.dir.join("other");
+    refused(
+        &["provision", "--out", other.to_str().unwrap(), "--site", "h1", "--user", "x:steward@h2"],
+        "h2 is not a --site of this federation",
+    );
+    refused(
+        &["provision", "--out", other.to_str().unwrap(), "--site", "h1", "--user", "x:steward"],
+        "NAME:steward@SITE",
+    );
+}

@@ -108,6 +108,7 @@ fn private_keys_are_owner_only() {
 /// get PermissionDenied.
 #[test]
 fn every_rpc_checks_the_callers_role() {
+    use pb::application_service_client::ApplicationServiceClient as Applications;
     use pb::job_service_client::JobServiceClient as Jobs;
     use pb::privacy_service_client::PrivacyServiceClient as Privacy;
     use pb::worker_service_client::WorkerServiceClient as Workers;
@@ -120,6 +121,7 @@ fn every_rpc_checks_the_callers_role() {
         ("alice", "scientist"),
         ("rita", "reviewer"),
         ("adam", "admin"),
+        ("sam", "steward"),
         ("coordinator", "coordinator"),
     ];
     type Call = fn(
@@ -183,6 +185,21 @@ fn every_rpc_checks_the_callers_role() {
         ("PrivacyService/ListLedger", &["scientist", "reviewer", "admin"], |c| {
             Box::pin(async move { Privacy::new(c).list_ledger(pb::ListLedgerRequest::default()).await.map(|_| ()) })
         }),
+        ("ApplicationService/SubmitApplication", &["scientist", "admin"], |c| {
+            Box::pin(async move {
+                Applications::new(c).submit_application(pb::SubmitApplicationRequest::default()).await.map(|_| ())
+            })
+        }),
+        ("ApplicationService/ListApplications", &["scientist", "reviewer", "admin", "steward"], |c| {
+            Box::pin(
+                async move { Applications::new(c).list_applications(pb::ListApplicationsRequest {}).await.map(|_| ()) },
+            )
+        }),
+        ("ApplicationService/GetApplication", &["scientist", "reviewer", "admin", "steward"], |c| {
+            Box::pin(async move {
+                Applications::new(c).get_application(pb::GetApplicationRequest::default()).await.map(|_| ())
+            })
+        }),
     ];
     let mut checked = 0;
     for (name, role) in roles {
@@ -201,7 +218,7 @@ fn every_rpc_checks_the_callers_role() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 5 * 17);
+    assert_eq!(checked, 6 * 20);
 }
 
 /// Adding, renewing, expiring and revoking certificates against a running

@@ -48,7 +48,8 @@ pub struct Federation {
 }
 
 impl Federation {
-    /// Provisions sites and users (alice scientist, rita reviewer, adam admin) and starts the coordinator.
+    /// Provisions sites and users (alice scientist, rita reviewer, adam admin,
+    /// sam the first site's steward) and starts the coordinator.
     pub fn start(sites: &[&str]) -> Federation {
         Self::start_on(sites, 0)
     }
@@ -68,6 +69,11 @@ impl Federation {
             args.extend(["--site", s]);
         }
         args.extend(["--user", "alice:scientist", "--user", "rita:reviewer", "--user", "adam:admin"]);
+        // sam, the first site's data steward.
+        let steward = sites.first().map(|site| format!("sam:steward@{site}"));
+        if let Some(steward) = &steward {
+            args.extend(["--user", steward.as_str()]);
+        }
         let out = run(&args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let id = fed.join("coordinator");
