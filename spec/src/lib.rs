@@ -6,7 +6,9 @@
 //! # Brief overview
 //! - [`application::ApplicationSpec`]: a data-use application (purpose,
 //!   datasets and columns, model families, validity, jobs, ε per site) and
-//!   the one check of a job against its terms; [`date`] its calendar days.
+//!   the one check of a job against its terms; [`date`] its calendar days;
+//!   [`decision`] a steward's approval (with a grant no wider than asked),
+//!   rejection or revocation for one site.
 //! - [`job::JobSpec`]: a validated job, parsed once from TOML; the coordinator
 //!   and every site see the same canonical JSON of it and bind to its hash.
 //! - [`evaluation`]: a held-out evaluation as the noised score × label
@@ -22,6 +24,7 @@
 pub mod application;
 pub mod config_file;
 pub mod date;
+pub mod decision;
 pub mod evaluation;
 pub mod job;
 pub mod mechanism;
