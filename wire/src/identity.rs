@@ -323,7 +323,7 @@ pub fn check_identity(files: &IdentityFiles, role: Role) -> Result<IdentityCheck
 
 /// Why [`verify_chain`] found a certificate not valid with a CA now.
 #[derive(Debug, thiserror::Error)]
-enum ChainError {
+pub(crate) enum ChainError {
     /// rustls cannot use the CA certificate as a root.
     #[error("the CA certificate is unusable ({0})")]
     Ca(rustls::Error),
@@ -336,7 +336,7 @@ enum ChainError {
 }
 
 /// Whether `cert` chains to `ca` and is valid now for client authentication.
-fn verify_chain(
+pub(crate) fn verify_chain(
     cert: &rustls::pki_types::CertificateDer<'_>,
     ca: rustls::pki_types::CertificateDer<'static>,
 ) -> Result<(), ChainError> {

@@ -10,10 +10,14 @@
 //! - [`codec`]: the services' gRPC codec (prost, with small first buffers).
 //! - [`convert`]: the spec's mechanisms and reasons to and from messages.
 //! - [`identity`]: the role a certificate carries in its subject's
-//!   organizational unit, and the TLS set-up of every party.
+//!   organizational unit (and a steward's site), and the TLS set-up of
+//!   every party.
+//! - [`decision`]: a steward's decision signed with its own key, and the
+//!   check a site makes of one without trusting the coordinator.
 
 pub mod codec;
 pub mod convert;
+pub mod decision;
 pub mod identity;
 pub mod tensor;
 
