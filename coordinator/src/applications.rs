@@ -4,20 +4,29 @@
 //! CLI validated it, so a hand-made request is held to the same rules, and
 //! one whose validity has already ended is refused: nobody could approve
 //! it. Each submission is an audit entry bound to the application's hash.
+//!
+//! A steward's decision arrives signed with the steward's key. The
+//! coordinator checks it as a site will ([`meridian_wire::decision::verify`]),
+//! against the application's terms, and against the site's earlier
+//! decisions (a decision is final, except that an approval can be revoked),
+//! then records it with its certificate and signature and audits it.
 
 use meridian_spec::application::ApplicationSpec;
 use meridian_spec::date::Date;
+use meridian_spec::decision::{SiteDecision, Verdict};
 use meridian_sys::now_ms;
+use meridian_wire::decision::SignedDecision;
 use meridian_wire::identity::{Principal, Role};
 use meridian_wire::pb;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::service::Services;
-use crate::store::ApplicationRow;
+use crate::store::{ApplicationRow, DecisionRow};
 
 const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
 const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin, Role::Steward];
+const STEWARDS: &[Role] = &[Role::Steward];
 
 #[tonic::async_trait]
 impl pb::application_service_server::ApplicationService for Services {
@@ -53,7 +62,10 @@ impl pb::application_service_server::ApplicationService for Services {
         let who = self.authorize(&req, READERS, "ApplicationService/ListApplications")?;
         let now = now_ms();
         let rows = self.inner.store.applications()?;
-        let applications = rows.iter().filter(|a| visible_to(&who, a)).map(|a| status(a, now)).collect();
+        let mut applications = Vec::new();
+        for row in rows.iter().filter(|a| visible_to(&who, a)) {
+            applications.push(status(row, &self.inner.store.decisions(&row.id)?, now));
+        }
         Ok(Response::new(pb::ListApplicationsResponse { applications }))
     }
 
@@ -72,7 +84,75 @@ impl pb::application_service_server::ApplicationService for Services {
                 who.name
             )));
         }
-        Ok(Response::new(status(&row, now_ms())))
+        Ok(Response::new(status(&row, &self.inner.store.decisions(id)?, now_ms())))
+    }
+
+    async fn decide_application(
+        &self,
+        req: Request<pb::DecideApplicationRequest>,
+    ) -> Result<Response<pb::ApplicationStatus>, Status> {
+        let who = self.authorize(&req, STEWARDS, "ApplicationService/DecideApplication")?;
+        let site = who.site.clone().unwrap_or_default();
+        let r = req.into_inner();
+        let signed = SignedDecision {
+            decision_json: r.decision_json,
+            steward_cert_pem: r.steward_cert_pem.to_vec(),
+            signature: r.signature.to_vec(),
+        };
+        let decision = meridian_wire::decision::verify(&signed, &self.ca_pem, &site)
+            .map_err(|e| Status::invalid_argument(format!("decision refused: {e}")))?;
+        if decision.steward != who.name {
+            return Err(Status::permission_denied(format!(
+                "{} may not send {}'s decision",
+                who.name, decision.steward
+            )));
+        }
+        let id = decision.application_id.clone();
+        let row =
+            self.inner.store.application(&id)?.ok_or_else(|| Status::not_found(format!("no application \"{id}\"")))?;
+        decision.check_against(&row.spec).map_err(|problems| Status::invalid_argument(problems.join("; ")))?;
+        let past = self.inner.store.decisions(&id)?;
+        check_sequence(&past, &decision, now_ms())?;
+        let record = DecisionRow {
+            decision_json: signed.decision_json,
+            steward_cert_pem: signed.steward_cert_pem,
+            signature: signed.signature,
+            decision,
+        };
+        self.inner.store.insert_decision(&record)?;
+        let d = &record.decision;
+        info!(application = %id, site = %d.site, steward = %d.steward, verdict = d.verdict.as_str(), "application decided");
+        self.inner.audit(
+            "application.decided",
+            &id,
+            serde_json::json!({
+                "site": d.site, "steward": d.steward, "verdict": d.verdict.as_str(),
+                "application_hash": d.application_hash, "decision_hash": d.hash(),
+            }),
+        );
+        Ok(Response::new(status(&row, &self.inner.store.decisions(&id)?, now_ms())))
+    }
+}
+
+/// Whether `decision` may follow the site's `past` decisions: a first
+/// decision approves or rejects, an approval may later be revoked, and
+/// nothing else changes a decision; an approval must still be in force.
+fn check_sequence(past: &[DecisionRow], decision: &SiteDecision, now: i64) -> Result<(), Status> {
+    let (site, id) = (&decision.site, &decision.application_id);
+    let current = past.iter().rev().find(|d| &d.decision.site == site).map(|d| &d.decision.verdict);
+    match (current, &decision.verdict) {
+        (None, Verdict::Approve { grant }) if grant.valid_until.end_ms() <= now => {
+            Err(Status::failed_precondition(format!("valid_until: {} has passed", grant.valid_until)))
+        }
+        (None, Verdict::Approve { .. } | Verdict::Reject { .. })
+        | (Some(Verdict::Approve { .. }), Verdict::Revoke { .. }) => Ok(()),
+        (None, Verdict::Revoke { .. }) => {
+            Err(Status::failed_precondition(format!("{site} has not approved {id}: there is nothing to revoke")))
+        }
+        (Some(verdict), _) => Err(Status::failed_precondition(format!(
+            "{site} already decided \"{}\" on {id}; a decision is final, except that an approval can be revoked",
+            verdict.as_str()
+        ))),
     }
 }
 
@@ -107,8 +187,9 @@ fn visible_to(who: &Principal, row: &ApplicationRow) -> bool {
     }
 }
 
-/// An application as every reader sees it, with its validity on `now`.
-fn status(row: &ApplicationRow, now: i64) -> pb::ApplicationStatus {
+/// An application as every reader sees it, with its decisions and its
+/// validity on `now`.
+fn status(row: &ApplicationRow, decisions: &[DecisionRow], now: i64) -> pb::ApplicationStatus {
     let spec = &row.spec;
     pb::ApplicationStatus {
         application_id: row.id.clone(),
@@ -122,6 +203,16 @@ fn status(row: &ApplicationRow, now: i64) -> pb::ApplicationStatus {
             .sites
             .iter()
             .map(|s| pb::ApplicationSiteRequest { site: s.site.clone(), epsilon: s.epsilon, delta: s.delta })
+            .collect(),
+        decisions: decisions
+            .iter()
+            .map(|d| pb::ApplicationDecision {
+                site: d.decision.site.clone(),
+                steward: d.decision.steward.clone(),
+                verdict: d.decision.verdict.as_str().to_string(),
+                decided_at_unix_ms: d.decision.decided_at_ms,
+                decision_json: d.decision_json.clone(),
+            })
             .collect(),
     }
 }

@@ -103,6 +103,7 @@ pub async fn run(
     coordinator.resume_jobs().map_err(|e| state_err(e.to_string()))?;
     let services = service::Services {
         inner: Arc::clone(&coordinator),
+        ca_pem: identity.ca_pem.clone(),
         revocations: Arc::new(revocation::Revocations::new(&config)),
         board: Arc::default(),
     };

@@ -31,6 +31,9 @@ use crate::upload::{self, ReceiveError};
 #[derive(Clone)]
 pub struct Services {
     pub(crate) inner: Arc<Coordinator>,
+    /// The federation's CA certificate (PEM), against which stewards'
+    /// signed decisions are checked.
+    pub(crate) ca_pem: Vec<u8>,
     pub(crate) revocations: Arc<Revocations>,
     pub(crate) board: Arc<TaskBoard>,
 }

@@ -39,7 +39,7 @@ type Result<T> = std::result::Result<T, StoreError>;
 
 mod applications;
 
-pub use applications::ApplicationRow;
+pub use applications::{ApplicationRow, DecisionRow};
 
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,9 +1,12 @@
 //! Data-use applications as the coordinator keeps them: the validated spec
-//! as canonical JSON beside its hash, who submitted it and when. The hash
-//! is stored, not recomputed on read, so that a row whose JSON was altered
-//! on disk is caught as corrupt rather than silently given a new identity.
+//! as canonical JSON beside its hash, who submitted it and when, and every
+//! steward's signed decision on it. The hash is stored, not recomputed on
+//! read, so that a row whose JSON was altered on disk is caught as corrupt
+//! rather than silently given a new identity; a decision is kept with its
+//! certificate and signature, so anyone can verify it again.
 
 use meridian_spec::application::ApplicationSpec;
+use meridian_spec::decision::SiteDecision;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Result, Store, StoreError};
@@ -16,7 +19,28 @@ CREATE TABLE IF NOT EXISTS applications (
     requester TEXT NOT NULL,
     submitted_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS application_decisions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    application_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    decision_json TEXT NOT NULL,
+    steward_cert_pem BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
 "#;
+
+/// A recorded decision: the decision and what proves it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecisionRow {
+    /// The decision.
+    pub decision: SiteDecision,
+    /// Its canonical JSON, as signed.
+    pub decision_json: String,
+    /// The steward's certificate (PEM).
+    pub steward_cert_pem: Vec<u8>,
+    /// The steward's signature over `decision_json`.
+    pub signature: Vec<u8>,
+}
 
 /// One submitted application.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,6 +92,45 @@ impl Store {
     pub fn application(&self, id: &str) -> Result<Option<ApplicationRow>> {
         let raw = self.with(|c| Ok(select_one(c, id)?))?;
         raw.map(finish).transpose()
+    }
+
+    /// Records a checked decision.
+    pub fn insert_decision(&self, row: &DecisionRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO application_decisions (application_id, site, decision_json, steward_cert_pem, signature)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    row.decision.application_id,
+                    row.decision.site,
+                    row.decision_json,
+                    row.steward_cert_pem,
+                    row.signature
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every decision on an application, oldest first.
+    pub fn decisions(&self, application_id: &str) -> Result<Vec<DecisionRow>> {
+        let raws = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT decision_json, steward_cert_pem, signature FROM application_decisions
+                 WHERE application_id = ?1 ORDER BY seq",
+            )?;
+            let rows = stmt
+                .query_map(params![application_id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        raws.into_iter()
+            .map(|(decision_json, steward_cert_pem, signature)| {
+                let decision = serde_json::from_str(&decision_json)
+                    .map_err(|e| StoreError::Corrupt { table: "application_decisions", detail: e.to_string() })?;
+                Ok(DecisionRow { decision, decision_json, steward_cert_pem, signature })
+            })
+            .collect()
     }
 
     /// Every application, newest first.
