@@ -1,7 +1,9 @@
 //! `meridian application`: data-use applications, what a study asks of the
 //! hospitals before any job runs. A scientist submits one (checked here
 //! first, so a mistake names the file and line without a round trip);
-//! every reader lists and shows them, as text or as JSON.
+//! every reader lists and shows them, as text or as JSON; a hospital's
+//! steward approves (with terms no wider than asked), rejects or revokes
+//! for its site, each decision signed here with the steward's own key.
 
 use std::path::Path;
 
@@ -9,6 +11,8 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use meridian_spec::application::ApplicationSpec;
 use meridian_spec::date::Date;
+use meridian_spec::decision::{SiteDecision, Verdict};
+use meridian_wire::identity::{IdentityFiles, principal_from_pem};
 use meridian_wire::pb;
 
 use crate::client::{Connection, status_error};
@@ -40,6 +44,56 @@ pub enum ApplicationCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Approve an application for your site (stewards), by default on every term it asks.
+    Approve {
+        /// Application id.
+        id: String,
+        /// Grant less ε than asked.
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// End the grant earlier (YYYY-MM-DD, the last day it holds).
+        #[arg(long)]
+        until: Option<String>,
+        /// Allow fewer jobs than asked.
+        #[arg(long)]
+        max_jobs: Option<u32>,
+        /// Allow only these of the columns asked for (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+        /// Print the application's status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reject an application for your site (stewards).
+    Reject {
+        /// Application id.
+        id: String,
+        /// Why, for the requester and the audit.
+        #[arg(long)]
+        reason: String,
+        /// Print the application's status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke your site's approval of an application (stewards).
+    Revoke {
+        /// Application id.
+        id: String,
+        /// Why, for the requester and the audit.
+        #[arg(long)]
+        reason: String,
+        /// Print the application's status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The terms a steward narrows an approval to.
+struct Narrower {
+    epsilon: Option<f64>,
+    until: Option<String>,
+    max_jobs: Option<u32>,
+    columns: Vec<String>,
 }
 
 /// Runs an application command against the coordinator.
@@ -48,7 +102,98 @@ pub async fn run(command: ApplicationCommand, conn: &Connection) -> Result<()> {
         ApplicationCommand::Submit { spec, json } => submit(conn, &spec, json).await,
         ApplicationCommand::List { json } => list(conn, json).await,
         ApplicationCommand::Show { id, json } => show(conn, &id, json).await,
+        ApplicationCommand::Approve { id, epsilon, until, max_jobs, columns, json } => {
+            let terms = Narrower { epsilon, until, max_jobs, columns };
+            decide(conn, &id, json, |spec, site| approval(spec, site, terms)).await
+        }
+        ApplicationCommand::Reject { id, reason, json } => {
+            decide(conn, &id, json, |_, _| Ok(Verdict::Reject { reason })).await
+        }
+        ApplicationCommand::Revoke { id, reason, json } => {
+            decide(conn, &id, json, |_, _| Ok(Verdict::Revoke { reason })).await
+        }
     }
+}
+
+/// An approval of everything `site` was asked, narrowed by `terms`.
+fn approval(spec: &ApplicationSpec, site: &str, terms: Narrower) -> Result<Verdict> {
+    let mut grant = spec.full_grant(site).with_context(|| format!("the application asks nothing of {site}"))?;
+    if let Some(epsilon) = terms.epsilon {
+        grant.epsilon = epsilon;
+    }
+    if let Some(until) = terms.until {
+        grant.valid_until = Date::parse(&until).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
+    }
+    if let Some(max_jobs) = terms.max_jobs {
+        grant.max_jobs = max_jobs;
+    }
+    if !terms.columns.is_empty() {
+        grant.columns = terms.columns;
+    }
+    Ok(Verdict::Approve { grant })
+}
+
+/// Signs the steward's decision on application `id` with its own key and
+/// sends it; prints what it decided, or the application's status as JSON.
+async fn decide(
+    conn: &Connection,
+    id: &str,
+    json: bool,
+    verdict: impl FnOnce(&ApplicationSpec, &str) -> Result<Verdict>,
+) -> Result<()> {
+    let identity = IdentityFiles::from_dir(&conn.identity)
+        .with_context(|| format!("loading the identity in {}", conn.identity.display()))?;
+    let me = principal_from_pem(&identity.cert_pem)?;
+    let Some(site) = me.site.clone() else {
+        anyhow::bail!("{} is a {}: only a site's steward decides on an application", me.name, me.role);
+    };
+    let status = get(conn, id).await?;
+    let spec = spec_of(&status)?;
+    let decision = SiteDecision {
+        application_id: id.to_string(),
+        application_hash: spec.hash(),
+        site,
+        steward: me.name,
+        decided_at_ms: meridian_sys::now_ms(),
+        verdict: verdict(&spec, me.site.as_deref().unwrap_or_default())?,
+    };
+    decision.check_against(&spec).map_err(|problems| anyhow::anyhow!("{id}: {}", problems.join("; ")))?;
+    let signed = meridian_wire::decision::sign(&decision, &identity)?;
+    let request = pb::DecideApplicationRequest {
+        decision_json: signed.decision_json,
+        steward_cert_pem: signed.steward_cert_pem.into(),
+        signature: signed.signature.into(),
+    };
+    let status = client(conn).await?.decide_application(request).await.map_err(status_error)?.into_inner();
+    if json {
+        output::json(&status_json(&status)?)?;
+    } else {
+        out!("{} {}", decision.application_id, decision_line(&decision))?;
+    }
+    Ok(())
+}
+
+/// One decision as a line: the site, the verdict, who, and its terms.
+fn decision_line(d: &SiteDecision) -> String {
+    let day = Date::containing_ms(d.decided_at_ms);
+    let head = format!("{}: {} by {} on {day}", d.site, d.verdict.as_str(), d.steward);
+    match &d.verdict {
+        Verdict::Approve { grant } => format!(
+            "{head}: ε {} at δ = {:e} until {}, at most {} jobs, {} columns",
+            grant.epsilon,
+            grant.delta,
+            grant.valid_until,
+            grant.max_jobs,
+            grant.columns.len()
+        ),
+        Verdict::Reject { reason } | Verdict::Revoke { reason } => format!("{head}: {reason}"),
+    }
+}
+
+/// One application's status from the coordinator.
+async fn get(conn: &Connection, id: &str) -> Result<pb::ApplicationStatus> {
+    let request = pb::GetApplicationRequest { application_id: id.to_string() };
+    Ok(client(conn).await?.get_application(request).await.map_err(status_error)?.into_inner())
 }
 
 async fn client(
@@ -98,12 +243,7 @@ async fn list(conn: &Connection, json: bool) -> Result<()> {
 
 /// `application show`: one application, as a block or as JSON.
 async fn show(conn: &Connection, id: &str, json: bool) -> Result<()> {
-    let status = client(conn)
-        .await?
-        .get_application(pb::GetApplicationRequest { application_id: id.to_string() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let status = get(conn, id).await?;
     if json {
         output::json(&status_json(&status)?)?;
     } else {
@@ -129,7 +269,17 @@ fn status_json(status: &pb::ApplicationStatus) -> Result<serde_json::Value> {
         "submitted_at_unix_ms": status.submitted_at_unix_ms,
         "validity": status.validity,
         "spec": spec,
+        "decisions": decisions(status)?,
     }))
+}
+
+/// The decisions a status carries, parsed.
+fn decisions(status: &pb::ApplicationStatus) -> Result<Vec<SiteDecision>> {
+    status
+        .decisions
+        .iter()
+        .map(|d| serde_json::from_str(&d.decision_json).context("a decision the coordinator sent does not parse"))
+        .collect()
 }
 
 /// An application as a block of text for a person.
@@ -158,6 +308,16 @@ fn render(status: &pb::ApplicationStatus, spec: &ApplicationSpec) -> String {
     );
     for s in &spec.sites {
         text.push_str(&format!("    {:<14} ε {} at δ = {:e}\n", s.site, s.epsilon, s.delta));
+    }
+    match decisions(status) {
+        Ok(decisions) if decisions.is_empty() => text.push_str("  decisions: none yet\n"),
+        Ok(decisions) => {
+            text.push_str("  decisions (a site's latest is in force):\n");
+            for d in &decisions {
+                text.push_str(&format!("    {}\n", decision_line(d)));
+            }
+        }
+        Err(e) => text.push_str(&format!("  decisions: {e}\n")),
     }
     text
 }

@@ -178,3 +178,125 @@ fn a_steward_is_bound_to_one_site_and_reads_only_what_asks_it() {
         "NAME:steward@SITE",
     );
 }
+
+#[test]
+fn stewards_approve_within_the_terms_reject_and_revoke_each_decision_signed() {
+    let fed = Federation::start(&["hospital-a", "hospital-b"]);
+    let fed_arg = fed.dir.join("fed");
+    let out = crate::util::run(&[
+        "provision",
+        "add-user",
+        "ann",
+        "--role",
+        "steward",
+        "--site",
+        "hospital-b",
+        "--federation",
+        fed_arg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = example("applications/brfss.toml");
+    let out = fed.client("alice", &["application", "submit", file.to_str().unwrap()]);
+    let id = stdout(&out).trim().to_string();
+    let refused = |user: &str, args: &[&str], expected: &str| {
+        let out = fed.client(user, args);
+        assert!(!out.status.success(), "{user} {args:?}: {}", stdout(&out));
+        assert!(stderr(&out).contains(expected), "{user} {args:?}: {}", stderr(&out));
+    };
+
+    // Wider than asked: refused before anything is signed or sent.
+    refused(
+        "sam",
+        &["application", "approve", &id, "--epsilon", "5"],
+        "epsilon: 5 is not in (0, 4], what hospital-a was asked",
+    );
+    refused(
+        "sam",
+        &["application", "approve", &id, "--columns", "BMI,Income"],
+        "columns: \"Income\" was not asked for",
+    );
+    refused("alice", &["application", "approve", &id], "alice is a scientist: only a site's steward decides");
+
+    // sam approves for hospital-a on narrower terms.
+    let approve = ["application", "approve", &id, "--epsilon", "2.5", "--until", "2027-03-31", "--max-jobs", "2"];
+    let out = fed.client("sam", &approve);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(line.contains("hospital-a: approve by sam"), "{line}");
+    assert!(line.contains("ε 2.5 at δ = 1e-5 until 2027-03-31, at most 2 jobs, 17 columns"), "{line}");
+    refused("sam", &approve, "hospital-a already decided \"approve\"");
+
+    // ann rejects for hospital-b; there is nothing of hers to revoke.
+    refused("ann", &["application", "revoke", &id, "--reason", "x"], "hospital-b has not approved");
+    let out = fed.client("ann", &["application", "reject", &id, "--reason", "our board meets in March"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    refused("ann", &["application", "approve", &id], "a decision is final");
+
+    // sam withdraws hospital-a's approval.
+    let out = fed.client("sam", &["application", "revoke", &id, "--reason", "consent withdrawn", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let decisions = status["decisions"].as_array().unwrap();
+    let summary: Vec<(&str, &str, &str)> = decisions
+        .iter()
+        .map(|d| {
+            (d["site"].as_str().unwrap(), d["steward"].as_str().unwrap(), d["verdict"]["decision"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("hospital-a", "sam", "approve"), ("hospital-b", "ann", "reject"), ("hospital-a", "sam", "revoke")]
+    );
+    assert_eq!(decisions[0]["verdict"]["grant"]["epsilon"], 2.5);
+    assert_eq!(decisions[1]["verdict"]["reason"], "our board meets in March");
+
+    // The reader's view lists every decision; the audit names each by hash.
+    let text = stdout(&fed.client("rita", &["application", "show", &id]));
+    assert!(text.contains("hospital-b: reject by ann") && text.contains("hospital-a: revoke by sam"), "{text}");
+    let audit = std::fs::read_to_string(fed.dir.join("coord-state").join("audit.log")).unwrap();
+    assert_eq!(audit.matches("application.decided").count(), 3, "{audit}");
+}
+
+#[test]
+fn the_coordinator_refuses_a_decision_whose_signature_does_not_hold() {
+    use meridian_spec::decision::{SiteDecision, Verdict};
+    use meridian_wire::identity::IdentityFiles;
+    use meridian_wire::pb;
+
+    let fed = Federation::start(&["hospital-a"]);
+    let file = example("applications/brfss.toml");
+    let id = stdout(&fed.client("alice", &["application", "submit", file.to_str().unwrap()])).trim().to_string();
+    let spec =
+        meridian_spec::application::ApplicationSpec::from_toml(&std::fs::read_to_string(&file).unwrap(), "a").unwrap();
+    let sam = IdentityFiles::from_dir(&fed.identity("sam")).unwrap();
+    let decision = SiteDecision {
+        application_id: id,
+        application_hash: spec.hash(),
+        site: "hospital-a".into(),
+        steward: "sam".into(),
+        decided_at_ms: meridian_sys::now_ms(),
+        verdict: Verdict::Reject { reason: "no".into() },
+    };
+    let signed = meridian_wire::decision::sign(&decision, &sam).unwrap();
+    // The reason changed after signing: a relay cannot turn it into anything else.
+    let request = pb::DecideApplicationRequest {
+        decision_json: signed.decision_json.replace("\"no\"", "\"yes\""),
+        steward_cert_pem: signed.steward_cert_pem.clone().into(),
+        signature: signed.signature.clone().into(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let err = rt
+        .block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(fed.url.clone())
+                .unwrap()
+                .tls_config(sam.client_tls())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            pb::application_service_client::ApplicationServiceClient::new(channel).decide_application(request).await
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "decision refused: the signature does not match the decision");
+}
