@@ -292,12 +292,18 @@ impl ApplicationSpec {
         }
         let names: Vec<String> = self.sites.iter().map(|s| s.site.clone()).collect();
         names_problems("sites.site", &names, problems);
-        for (i, s) in self.sites.iter().enumerate() {
+        // Parsing sorts them; a canonical form from elsewhere must be sorted
+        // too, or the same terms would have two hashes.
+        if names.windows(2).any(|w| w[0] > w[1]) {
+            problems.push("sites: must be in name order".into());
+        }
+        for s in &self.sites {
+            let site = &s.site;
             if !(s.epsilon.is_finite() && s.epsilon > 0.0) {
-                problems.push(format!("sites[{i}].epsilon: must be a positive number, got {}", s.epsilon));
+                problems.push(format!("sites[{site}].epsilon: must be a positive number, got {}", s.epsilon));
             }
             if !(s.delta > 0.0 && s.delta < 1.0) {
-                problems.push(format!("sites[{i}].delta: must lie strictly between 0 and 1, got {}", s.delta));
+                problems.push(format!("sites[{site}].delta: must lie strictly between 0 and 1, got {}", s.delta));
             }
         }
     }
@@ -358,7 +364,7 @@ impl ApplicationSpec {
 }
 
 /// Problems with a list of names: empty, blank or repeated entries.
-fn names_problems(field: &str, names: &[String], problems: &mut Vec<String>) {
+pub(crate) fn names_problems(field: &str, names: &[String], problems: &mut Vec<String>) {
     if names.is_empty() {
         problems.push(format!("{field}: must name at least one"));
     }

@@ -155,10 +155,8 @@ impl ApplicationSpec {
         if grant.max_jobs == 0 || grant.max_jobs > self.max_jobs {
             problems.push(format!("max_jobs: {} is not in 1..={}", grant.max_jobs, self.max_jobs));
         }
-        if grant.columns.is_empty() {
-            problems.push("columns: a grant allows at least one column".to_string());
-        }
-        if let Some(c) = grant.columns.iter().find(|c| !self.columns.contains(c)) {
+        crate::application::names_problems("columns", &grant.columns, &mut problems);
+        for c in grant.columns.iter().filter(|c| !self.columns.contains(c)) {
             problems.push(format!("columns: {c:?} was not asked for"));
         }
         if problems.is_empty() { Ok(()) } else { Err(problems) }

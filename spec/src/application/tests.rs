@@ -46,6 +46,11 @@ fn canonical_json_round_trips_and_the_hash_binds_every_term() {
     let reordered = BRFSS.replacen("hospital-a", "hospital-x", 1).replacen("hospital-c", "hospital-a", 1);
     let reordered = reordered.replacen("hospital-x", "hospital-c", 1);
     assert_eq!(ApplicationSpec::from_toml(&reordered, "r.toml").unwrap().hash(), app.hash());
+    // A canonical form from elsewhere with its sites out of order is refused.
+    let mut unsorted = app.clone();
+    unsorted.sites.reverse();
+    let err = ApplicationSpec::from_canonical_json(&unsorted.canonical_json(), "offer").unwrap_err().to_string();
+    assert_eq!(err, "offer: sites: must be in name order");
 }
 
 #[test]
@@ -82,8 +87,8 @@ fn every_problem_is_named_by_its_field() {
             "outputs: must ask for at least one output",
             "max_jobs: must be at least 1",
             "valid_until: 2027-06-30 is before valid_from 2027-07-01",
-            "sites[0].epsilon: must be a positive number, got -1",
-            "sites[0].delta: must lie strictly between 0 and 1, got 1",
+            "sites[hospital-a].epsilon: must be a positive number, got -1",
+            "sites[hospital-a].delta: must lie strictly between 0 and 1, got 1",
         ]
     );
 }

@@ -57,6 +57,14 @@ fn a_grant_wider_than_asked_is_refused_naming_each_term() {
     );
     let none = Grant { epsilon: 0.0, max_jobs: 0, columns: vec![], ..app.full_grant("hospital-a").unwrap() };
     assert_eq!(app.check_grant("hospital-a", &none).unwrap_err().len(), 3);
+    let twice = Grant {
+        columns: vec!["BMI".into(), "BMI".into(), "Age".into(), "Pay".into()],
+        ..app.full_grant("hospital-a").unwrap()
+    };
+    assert_eq!(
+        app.check_grant("hospital-a", &twice).unwrap_err(),
+        ["columns: \"BMI\" is named twice", "columns: \"Age\" was not asked for", "columns: \"Pay\" was not asked for"]
+    );
     assert_eq!(app.check_grant("hospital-z", &none).unwrap_err(), ["site: the application asks nothing of hospital-z"]);
 }
 
