@@ -28,6 +28,9 @@ const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
 const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin, Role::Steward];
 const STEWARDS: &[Role] = &[Role::Steward];
 
+/// How far a decision's time may be from the coordinator's clock.
+const MAX_CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
+
 #[tonic::async_trait]
 impl pb::application_service_server::ApplicationService for Services {
     async fn submit_application(
@@ -93,33 +96,39 @@ impl pb::application_service_server::ApplicationService for Services {
     ) -> Result<Response<pb::ApplicationStatus>, Status> {
         let who = self.authorize(&req, STEWARDS, "ApplicationService/DecideApplication")?;
         let site = who.site.clone().unwrap_or_default();
+        let peer = req.peer_certs().and_then(|certs| certs.first().map(|c| c.as_ref().to_vec())).unwrap_or_default();
         let r = req.into_inner();
         let signed = SignedDecision {
             decision_json: r.decision_json,
             steward_cert_pem: r.steward_cert_pem.to_vec(),
             signature: r.signature.to_vec(),
         };
+        // The signing certificate is the caller's own, whose revocation
+        // `authorize` has just checked.
+        if !meridian_wire::decision::signed_with(&signed, &peer) {
+            return Err(Status::permission_denied(format!(
+                "{} may send only decisions signed with its own certificate",
+                who.name
+            )));
+        }
         let decision = meridian_wire::decision::verify(&signed, &self.ca_pem, &site)
             .map_err(|e| Status::invalid_argument(format!("decision refused: {e}")))?;
-        if decision.steward != who.name {
-            return Err(Status::permission_denied(format!(
-                "{} may not send {}'s decision",
-                who.name, decision.steward
-            )));
+        let now = now_ms();
+        if (decision.decided_at_ms - now).abs() > MAX_CLOCK_SKEW_MS {
+            let at = Date::containing_ms(decision.decided_at_ms);
+            return Err(Status::invalid_argument(format!("decided_at_ms: {at} is not now (more than 10 minutes off)")));
         }
         let id = decision.application_id.clone();
         let row =
             self.inner.store.application(&id)?.ok_or_else(|| Status::not_found(format!("no application \"{id}\"")))?;
         decision.check_against(&row.spec).map_err(|problems| Status::invalid_argument(problems.join("; ")))?;
-        let past = self.inner.store.decisions(&id)?;
-        check_sequence(&past, &decision, now_ms())?;
         let record = DecisionRow {
             decision_json: signed.decision_json,
             steward_cert_pem: signed.steward_cert_pem,
             signature: signed.signature,
             decision,
         };
-        self.inner.store.insert_decision(&record)?;
+        self.inner.store.record_decision(&record, |past| check_sequence(past, &record.decision, now))?;
         let d = &record.decision;
         info!(application = %id, site = %d.site, steward = %d.steward, verdict = d.verdict.as_str(), "application decided");
         self.inner.audit(

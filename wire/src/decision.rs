@@ -91,6 +91,12 @@ pub fn sign(decision: &SiteDecision, identity: &IdentityFiles) -> Result<SignedD
     })
 }
 
+/// Whether `signed` carries the certificate whose DER is `der` (a TLS
+/// peer's): a caller may send only decisions signed with its own.
+pub fn signed_with(signed: &SignedDecision, der: &[u8]) -> bool {
+    CertificateDer::from_pem_slice(&signed.steward_cert_pem).is_ok_and(|cert| cert.as_ref() == der)
+}
+
 /// Verifies `signed` at `site` against the federation's CA (PEM); returns
 /// the decision it carries.
 pub fn verify(signed: &SignedDecision, ca_pem: &[u8], site: &str) -> Result<SiteDecision, DecisionError> {

@@ -94,43 +94,37 @@ impl Store {
         raw.map(finish).transpose()
     }
 
-    /// Records a checked decision.
-    pub fn insert_decision(&self, row: &DecisionRow) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO application_decisions (application_id, site, decision_json, steward_cert_pem, signature)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    row.decision.application_id,
-                    row.decision.site,
-                    row.decision_json,
-                    row.steward_cert_pem,
-                    row.signature
-                ],
-            )?;
-            Ok(())
-        })
+    /// Records `row` if `check` allows it after the application's earlier
+    /// decisions, read under the same lock, so two decisions sent at once
+    /// for one site cannot both pass the check.
+    pub fn record_decision<E: From<StoreError>>(
+        &self,
+        row: &DecisionRow,
+        check: impl FnOnce(&[DecisionRow]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let mut conn = meridian_sys::sync::lock(&self.conn);
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let past = select_decisions(&tx, &row.decision.application_id)?;
+        check(&past)?;
+        tx.execute(
+            "INSERT INTO application_decisions (application_id, site, decision_json, steward_cert_pem, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                row.decision.application_id,
+                row.decision.site,
+                row.decision_json,
+                row.steward_cert_pem,
+                row.signature
+            ],
+        )
+        .map_err(StoreError::from)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(())
     }
 
     /// Every decision on an application, oldest first.
     pub fn decisions(&self, application_id: &str) -> Result<Vec<DecisionRow>> {
-        let raws = self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT decision_json, steward_cert_pem, signature FROM application_decisions
-                 WHERE application_id = ?1 ORDER BY seq",
-            )?;
-            let rows = stmt
-                .query_map(params![application_id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })?;
-        raws.into_iter()
-            .map(|(decision_json, steward_cert_pem, signature)| {
-                let decision = serde_json::from_str(&decision_json)
-                    .map_err(|e| StoreError::Corrupt { table: "application_decisions", detail: e.to_string() })?;
-                Ok(DecisionRow { decision, decision_json, steward_cert_pem, signature })
-            })
-            .collect()
+        self.with(|c| select_decisions(c, application_id))
     }
 
     /// Every application, newest first.
@@ -143,6 +137,30 @@ impl Store {
         })?;
         raws.into_iter().map(finish).collect()
     }
+}
+
+/// The decisions on `application_id`, each checked against its own row: a
+/// decision whose text was altered on disk is corrupt, not a new decision.
+fn select_decisions(c: &Connection, application_id: &str) -> Result<Vec<DecisionRow>> {
+    let mut stmt = c.prepare(
+        "SELECT application_id, site, decision_json, steward_cert_pem, signature FROM application_decisions
+         WHERE application_id = ?1 ORDER BY seq",
+    )?;
+    let raws = stmt
+        .query_map(params![application_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<Vec<(String, String, String, Vec<u8>, Vec<u8>)>>>()?;
+    raws.into_iter()
+        .map(|(id, site, decision_json, steward_cert_pem, signature)| {
+            let corrupt = |detail: String| StoreError::Corrupt { table: "application_decisions", detail };
+            let decision: SiteDecision = serde_json::from_str(&decision_json).map_err(|e| corrupt(e.to_string()))?;
+            if decision.canonical_json() != decision_json || decision.application_id != id || decision.site != site {
+                return Err(corrupt(format!("a decision on {id} for {site} is not the one recorded")));
+            }
+            Ok(DecisionRow { decision, decision_json, steward_cert_pem, signature })
+        })
+        .collect()
 }
 
 fn select_one(c: &Connection, id: &str) -> rusqlite::Result<Option<RawRow>> {

@@ -62,6 +62,8 @@ fn a_stewards_signed_decision_verifies_at_its_site_only() {
     let signed = sign(&decision("hospital-a", "sam"), &sam).unwrap();
     let ca = fed.ca_pem.as_bytes();
     assert_eq!(verify(&signed, ca, "hospital-a"), Ok(decision("hospital-a", "sam")));
+    let der = CertificateDer::from_pem_slice(&sam.cert_pem).unwrap();
+    assert!(signed_with(&signed, der.as_ref()) && !signed_with(&signed, b"other"));
     let elsewhere = verify(&signed, ca, "hospital-b").unwrap_err();
     assert_eq!(elsewhere.to_string(), "sam is not a steward of hospital-b");
 }
