@@ -48,6 +48,10 @@ pub enum ApplicationCommand {
     Approve {
         /// Application id.
         id: String,
+        /// The application's hash, as `application show` printed it: the
+        /// terms you reviewed. Nothing is signed if the application differs.
+        #[arg(long)]
+        hash: String,
         /// Grant less ε than asked.
         #[arg(long)]
         epsilon: Option<f64>,
@@ -102,9 +106,15 @@ pub async fn run(command: ApplicationCommand, conn: &Connection) -> Result<()> {
         ApplicationCommand::Submit { spec, json } => submit(conn, &spec, json).await,
         ApplicationCommand::List { json } => list(conn, json).await,
         ApplicationCommand::Show { id, json } => show(conn, &id, json).await,
-        ApplicationCommand::Approve { id, epsilon, until, max_jobs, columns, json } => {
+        ApplicationCommand::Approve { id, hash, epsilon, until, max_jobs, columns, json } => {
             let terms = Narrower { epsilon, until, max_jobs, columns };
-            decide(conn, &id, json, |spec, site| approval(spec, site, terms)).await
+            decide(conn, &id, json, |spec, site| {
+                if spec.hash() != hash {
+                    anyhow::bail!("{id} now hashes to {}, not the {hash} you reviewed: show it again", spec.hash());
+                }
+                approval(spec, site, terms)
+            })
+            .await
         }
         ApplicationCommand::Reject { id, reason, json } => {
             decide(conn, &id, json, |_, _| Ok(Verdict::Reject { reason })).await

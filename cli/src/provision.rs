@@ -167,6 +167,9 @@ fn user_site(federation: &Path, role: Role, site: Option<String>) -> Result<Opti
             bail!("--role {role}: users are scientist, reviewer, admin or steward; hospitals use add-site")
         }
         (Role::Steward, None) => bail!("--role steward: a steward decides for one site; name it with --site"),
+        (Role::Steward, Some(site)) if validate_name(&site).is_err() => {
+            bail!("--site {site}: not a site name (letters, digits, '.', '_' and '-')")
+        }
         (Role::Steward, Some(site)) if !federation.join("sites").join(&site).join("cert.pem").exists() => {
             bail!("--site {site}: not a site of the federation in {}", federation.display())
         }

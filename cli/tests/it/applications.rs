@@ -8,6 +8,10 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+fn args(a: &[String]) -> Vec<&str> {
+    a.iter().map(String::as_str).collect()
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
@@ -161,6 +165,10 @@ fn a_steward_is_bound_to_one_site_and_reads_only_what_asks_it() {
     };
     refused(&["provision", "add-user", "x", "--role", "steward", "--federation", fed_arg], "name it with --site");
     refused(
+        &["provision", "add-user", "x", "--role", "steward", "--site", "../users/sam", "--federation", fed_arg],
+        "--site ../users/sam: not a site name",
+    );
+    refused(
         &["provision", "add-user", "x", "--role", "steward", "--site", "nowhere", "--federation", fed_arg],
         "--site nowhere: not a site of the federation",
     );
@@ -198,6 +206,8 @@ fn stewards_approve_within_the_terms_reject_and_revoke_each_decision_signed() {
     let file = example("applications/brfss.toml");
     let out = fed.client("alice", &["application", "submit", file.to_str().unwrap()]);
     let id = stdout(&out).trim().to_string();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let hash = meridian_spec::application::ApplicationSpec::from_toml(&text, "a").unwrap().hash();
     let refused = |user: &str, args: &[&str], expected: &str| {
         let out = fed.client(user, args);
         assert!(!out.status.success(), "{user} {args:?}: {}", stdout(&out));
@@ -205,32 +215,32 @@ fn stewards_approve_within_the_terms_reject_and_revoke_each_decision_signed() {
     };
 
     // Wider than asked: refused before anything is signed or sent.
-    refused(
-        "sam",
-        &["application", "approve", &id, "--epsilon", "5"],
-        "epsilon: 5 is not in (0, 4], what hospital-a was asked",
-    );
-    refused(
-        "sam",
-        &["application", "approve", &id, "--columns", "BMI,Income"],
-        "columns: \"Income\" was not asked for",
-    );
-    refused("alice", &["application", "approve", &id], "alice is a scientist: only a site's steward decides");
+    let approve = |extra: &[&str]| {
+        let mut args = vec!["application", "approve", id.as_str(), "--hash", hash.as_str()];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    refused("sam", &args(&approve(&["--epsilon", "5"])), "epsilon: 5 is not in (0, 4], what hospital-a was asked");
+    refused("sam", &args(&approve(&["--columns", "BMI,Income"])), "columns: \"Income\" was not asked for");
+    refused("alice", &args(&approve(&[])), "alice is a scientist: only a site's steward decides");
+    // The terms reviewed are named by hash: another hash signs nothing.
+    let other = "0".repeat(64);
+    refused("sam", &["application", "approve", &id, "--hash", &other], "not the 000");
 
     // sam approves for hospital-a on narrower terms.
-    let approve = ["application", "approve", &id, "--epsilon", "2.5", "--until", "2027-03-31", "--max-jobs", "2"];
-    let out = fed.client("sam", &approve);
+    let narrower = approve(&["--epsilon", "2.5", "--until", "2027-03-31", "--max-jobs", "2"]);
+    let out = fed.client("sam", &args(&narrower));
     assert!(out.status.success(), "{}", stderr(&out));
     let line = stdout(&out);
     assert!(line.contains("hospital-a: approve by sam"), "{line}");
     assert!(line.contains("ε 2.5 at δ = 1e-5 until 2027-03-31, at most 2 jobs, 17 columns"), "{line}");
-    refused("sam", &approve, "hospital-a already decided \"approve\"");
+    refused("sam", &args(&narrower), "hospital-a already decided \"approve\"");
 
     // ann rejects for hospital-b; there is nothing of hers to revoke.
     refused("ann", &["application", "revoke", &id, "--reason", "x"], "hospital-b has not approved");
     let out = fed.client("ann", &["application", "reject", &id, "--reason", "our board meets in March"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    refused("ann", &["application", "approve", &id], "a decision is final");
+    refused("ann", &["application", "approve", &id, "--hash", &hash], "a decision is final");
 
     // sam withdraws hospital-a's approval.
     let out = fed.client("sam", &["application", "revoke", &id, "--reason", "consent withdrawn", "--json"]);
@@ -268,7 +278,21 @@ fn the_coordinator_refuses_a_decision_whose_signature_does_not_hold() {
     let id = stdout(&fed.client("alice", &["application", "submit", file.to_str().unwrap()])).trim().to_string();
     let spec =
         meridian_spec::application::ApplicationSpec::from_toml(&std::fs::read_to_string(&file).unwrap(), "a").unwrap();
+    let fed_dir = fed.dir.join("fed");
+    let out = crate::util::run(&[
+        "provision",
+        "add-user",
+        "ann",
+        "--role",
+        "steward",
+        "--site",
+        "hospital-a",
+        "--federation",
+        fed_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let sam = IdentityFiles::from_dir(&fed.identity("sam")).unwrap();
+    let ann = IdentityFiles::from_dir(&fed.identity("ann")).unwrap();
     let decision = SiteDecision {
         application_id: id,
         application_hash: spec.hash(),
@@ -285,18 +309,36 @@ fn the_coordinator_refuses_a_decision_whose_signature_does_not_hold() {
         signature: signed.signature.clone().into(),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let err = rt
-        .block_on(async {
+    let send = |as_sam: bool, request: pb::DecideApplicationRequest| {
+        let tls = if as_sam { sam.client_tls() } else { ann.client_tls() };
+        rt.block_on(async {
             let channel = tonic::transport::Endpoint::from_shared(fed.url.clone())
                 .unwrap()
-                .tls_config(sam.client_tls())
+                .tls_config(tls)
                 .unwrap()
                 .connect()
                 .await
                 .unwrap();
             pb::application_service_client::ApplicationServiceClient::new(channel).decide_application(request).await
         })
-        .unwrap_err();
+        .unwrap_err()
+    };
+    let err = send(true, request);
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(err.message(), "decision refused: the signature does not match the decision");
+
+    // Sam's intact decision, sent over another steward's connection.
+    let intact = |signed: &meridian_wire::decision::SignedDecision| pb::DecideApplicationRequest {
+        decision_json: signed.decision_json.clone(),
+        steward_cert_pem: signed.steward_cert_pem.clone().into(),
+        signature: signed.signature.clone().into(),
+    };
+    let err = send(false, intact(&signed));
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(err.message(), "ann may send only decisions signed with its own certificate");
+
+    // Signed, but dated a day ago.
+    let stale = SiteDecision { decided_at_ms: meridian_sys::now_ms() - 86_400_000, ..decision };
+    let err = send(true, intact(&meridian_wire::decision::sign(&stale, &sam).unwrap()));
+    assert!(err.message().contains("is not now (more than 10 minutes off)"), "{}", err.message());
 }
