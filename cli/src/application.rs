@@ -246,7 +246,8 @@ async fn list(conn: &Connection, json: bool) -> Result<()> {
     }
     out!("application   validity     sites  requester    title")?;
     for a in &apps {
-        out!("{:<13} {:<12} {:>5}  {:<12} {}", a.application_id, a.validity, a.sites.len(), a.requester, a.title)?;
+        let validity = validity_name(a);
+        out!("{:<13} {:<12} {:>5}  {:<12} {}", a.application_id, validity, a.sites.len(), a.requester, a.title)?;
     }
     Ok(())
 }
@@ -277,10 +278,15 @@ fn status_json(status: &pb::ApplicationStatus) -> Result<serde_json::Value> {
         "requester": status.requester,
         "spec_hash": status.spec_hash,
         "submitted_at_unix_ms": status.submitted_at_unix_ms,
-        "validity": status.validity,
+        "validity": validity_name(status),
         "spec": spec,
         "decisions": decisions(status)?,
     }))
+}
+
+/// The validity a status carries, by name.
+fn validity_name(status: &pb::ApplicationStatus) -> &'static str {
+    meridian_wire::convert::validity(status.validity).map_or("unknown", |v| v.as_str())
 }
 
 /// The decisions a status carries, parsed.
@@ -309,7 +315,7 @@ fn render(status: &pb::ApplicationStatus, spec: &ApplicationSpec) -> String {
         spec.ethics_reference,
         spec.valid_from,
         spec.valid_until,
-        status.validity,
+        validity_name(status),
         spec.max_jobs,
         list(spec.datasets.iter().map(String::as_str).collect()),
         spec.label,

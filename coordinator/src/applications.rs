@@ -207,7 +207,7 @@ fn status(row: &ApplicationRow, decisions: &[DecisionRow], now: i64) -> pb::Appl
         spec_hash: row.spec_hash.clone(),
         spec_json: spec.canonical_json(),
         submitted_at_unix_ms: row.submitted_at_ms,
-        validity: spec.validity_at(now).as_str().to_string(),
+        validity: pb::ApplicationValidity::from(spec.validity_at(now)) as i32,
         sites: spec
             .sites
             .iter()
@@ -218,7 +218,7 @@ fn status(row: &ApplicationRow, decisions: &[DecisionRow], now: i64) -> pb::Appl
             .map(|d| pb::ApplicationDecision {
                 site: d.decision.site.clone(),
                 steward: d.decision.steward.clone(),
-                verdict: d.decision.verdict.as_str().to_string(),
+                verdict: pb::DecisionVerdict::from(&d.decision.verdict) as i32,
                 decided_at_unix_ms: d.decision.decided_at_ms,
                 decision_json: d.decision_json.clone(),
             })

@@ -1,10 +1,13 @@
-//! Between the spec's types and their messages: mechanisms and reasons.
+//! Between the spec's types and their messages: mechanisms, reasons, and
+//! an application's validity and a decision's verdict.
 //!
 //! The spec crate names what a ledger entry charged ([`Mechanism`]) and why a
 //! site refused ([`SiteReason`]) without knowing the wire; here is the one
 //! place each is mapped to and from its `meridian.v1` form. A received
 //! reason keeps only what [`SiteReason`]'s own constructors allow.
 
+use meridian_spec::application::Validity;
+use meridian_spec::decision::Verdict;
 use meridian_spec::job::FeatureSpec;
 use meridian_spec::mechanism::Mechanism;
 use meridian_spec::reason::{ReasonCode, SiteReason};
@@ -35,6 +38,36 @@ pub fn mechanism(value: i32) -> Option<Mechanism> {
         Ok(pb::Mechanism::Evaluation) => Some(Mechanism::Evaluation),
         Ok(pb::Mechanism::JobSize) => Some(Mechanism::JobSize),
         Ok(pb::Mechanism::Unspecified) | Err(_) => None,
+    }
+}
+
+impl From<Validity> for pb::ApplicationValidity {
+    fn from(v: Validity) -> pb::ApplicationValidity {
+        match v {
+            Validity::NotStarted => pb::ApplicationValidity::NotStarted,
+            Validity::InForce => pb::ApplicationValidity::InForce,
+            Validity::Expired => pb::ApplicationValidity::Expired,
+        }
+    }
+}
+
+/// The validity of a wire value; `None` for unspecified or unknown.
+pub fn validity(value: i32) -> Option<Validity> {
+    match pb::ApplicationValidity::try_from(value) {
+        Ok(pb::ApplicationValidity::NotStarted) => Some(Validity::NotStarted),
+        Ok(pb::ApplicationValidity::InForce) => Some(Validity::InForce),
+        Ok(pb::ApplicationValidity::Expired) => Some(Validity::Expired),
+        Ok(pb::ApplicationValidity::Unspecified) | Err(_) => None,
+    }
+}
+
+impl From<&Verdict> for pb::DecisionVerdict {
+    fn from(v: &Verdict) -> pb::DecisionVerdict {
+        match v {
+            Verdict::Approve { .. } => pb::DecisionVerdict::Approve,
+            Verdict::Reject { .. } => pb::DecisionVerdict::Reject,
+            Verdict::Revoke { .. } => pb::DecisionVerdict::Revoke,
+        }
     }
 }
 
@@ -120,6 +153,15 @@ mod tests {
             numeric: vec!["BMI".into()],
             categorical: vec![CategoricalFeature { column: "Smoking".into(), levels: vec!["No".into(), "Yes".into()] }],
         }
+    }
+
+    #[test]
+    fn validities_round_trip() {
+        for v in [Validity::NotStarted, Validity::InForce, Validity::Expired] {
+            assert_eq!(validity(pb::ApplicationValidity::from(v) as i32), Some(v));
+        }
+        assert_eq!(validity(0), None);
+        assert_eq!(validity(99), None);
     }
 
     #[test]
