@@ -8,6 +8,23 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The day `days` from today (UTC), as YYYY-MM-DD.
+fn day(days: i64) -> String {
+    meridian_spec::date::Date::containing_ms(meridian_sys::now_ms() + days * 86_400_000).to_string()
+}
+
+/// The example application, in force from yesterday for a year, so that
+/// the tests do not depend on the day they run.
+fn application(fed: &Federation) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(example("applications/brfss.toml")).unwrap();
+    let text = text
+        .replace("valid_from = 2026-12-01", &format!("valid_from = {}", day(-1)))
+        .replace("valid_until = 2027-06-30", &format!("valid_until = {}", day(365)));
+    let path = fed.dir.join("application.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn args(a: &[String]) -> Vec<&str> {
     a.iter().map(String::as_str).collect()
 }
@@ -19,7 +36,7 @@ fn stderr(out: &std::process::Output) -> String {
 #[test]
 fn an_application_is_submitted_listed_and_shown_bound_to_its_hash() {
     let fed = Federation::start(&["hospital-a"]);
-    let file = example("applications/brfss.toml");
+    let file = application(&fed);
     let text = std::fs::read_to_string(&file).unwrap();
     let local = meridian_spec::application::ApplicationSpec::from_toml(&text, "brfss.toml").unwrap();
 
@@ -47,7 +64,7 @@ fn an_application_is_submitted_listed_and_shown_bound_to_its_hash() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("Heart disease risk from routine survey answers"), "{text}");
-    assert!(text.contains("DEMO-IRB-2026-017") && text.contains("2026-12-01 to 2027-06-30"), "{text}");
+    assert!(text.contains("DEMO-IRB-2026-017") && text.contains(&format!("{} to {}", day(-1), day(365))), "{text}");
     assert!(text.contains("hospital-b") && text.contains("ε 4 at δ = 1e-5"), "{text}");
 
     // A second one; the list is newest first.
@@ -68,7 +85,7 @@ fn an_application_is_submitted_listed_and_shown_bound_to_its_hash() {
 #[test]
 fn a_bad_application_is_refused_naming_the_file_and_field_and_hospitals_may_not_submit() {
     let fed = Federation::start(&["hospital-a"]);
-    let text = std::fs::read_to_string(example("applications/brfss.toml")).unwrap();
+    let text = std::fs::read_to_string(application(&fed)).unwrap();
 
     let bad = fed.dir.join("bad.toml");
     std::fs::write(&bad, text.replace("max_jobs = 5", "max_jobs = 0")).unwrap();
@@ -79,14 +96,14 @@ fn a_bad_application_is_refused_naming_the_file_and_field_and_hospitals_may_not_
 
     // Valid, but over: nobody could approve it. The coordinator says so.
     let past = fed.dir.join("past.toml");
-    let expired = text.replace("valid_from = 2026-12-01", "valid_from = 2020-01-01");
-    std::fs::write(&past, expired.replace("valid_until = 2027-06-30", "valid_until = 2020-06-30")).unwrap();
+    let expired = text.replace(&format!("valid_from = {}", day(-1)), "valid_from = 2020-01-01");
+    std::fs::write(&past, expired.replace(&format!("valid_until = {}", day(365)), "valid_until = 2020-06-30")).unwrap();
     let out = fed.client("alice", &["application", "submit", past.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("past.toml") && err.contains("valid_until: 2020-06-30 has passed"), "{err}");
 
-    let good = example("applications/brfss.toml");
+    let good = application(&fed);
     let out = fed.client("hospital-a", &["application", "submit", good.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -105,7 +122,7 @@ fn a_steward_is_bound_to_one_site_and_reads_only_what_asks_it() {
     let fed = Federation::start(&["hospital-a", "hospital-z"]);
     let fed_dir = fed.dir.join("fed");
     let fed_arg = fed_dir.to_str().unwrap();
-    let file = example("applications/brfss.toml");
+    let file = application(&fed);
     let out = fed.client("alice", &["application", "submit", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let id = stdout(&out).trim().to_string();
@@ -203,7 +220,7 @@ fn stewards_approve_within_the_terms_reject_and_revoke_each_decision_signed() {
         fed_arg.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let file = example("applications/brfss.toml");
+    let file = application(&fed);
     let out = fed.client("alice", &["application", "submit", file.to_str().unwrap()]);
     let id = stdout(&out).trim().to_string();
     let text = std::fs::read_to_string(&file).unwrap();
@@ -228,12 +245,13 @@ fn stewards_approve_within_the_terms_reject_and_revoke_each_decision_signed() {
     refused("sam", &["application", "approve", &id, "--hash", &other], "not the 000");
 
     // sam approves for hospital-a on narrower terms.
-    let narrower = approve(&["--epsilon", "2.5", "--until", "2027-03-31", "--max-jobs", "2"]);
+    let until = day(90);
+    let narrower = approve(&["--epsilon", "2.5", "--until", &until, "--max-jobs", "2"]);
     let out = fed.client("sam", &args(&narrower));
     assert!(out.status.success(), "{}", stderr(&out));
     let line = stdout(&out);
     assert!(line.contains("hospital-a: approve by sam"), "{line}");
-    assert!(line.contains("ε 2.5 at δ = 1e-5 until 2027-03-31, at most 2 jobs, 17 columns"), "{line}");
+    assert!(line.contains(&format!("ε 2.5 at δ = 1e-5 until {until}, at most 2 jobs, 17 columns")), "{line}");
     refused("sam", &args(&narrower), "hospital-a already decided \"approve\"");
 
     // ann rejects for hospital-b; there is nothing of hers to revoke.
@@ -274,7 +292,7 @@ fn the_coordinator_refuses_a_decision_whose_signature_does_not_hold() {
     use meridian_wire::pb;
 
     let fed = Federation::start(&["hospital-a"]);
-    let file = example("applications/brfss.toml");
+    let file = application(&fed);
     let id = stdout(&fed.client("alice", &["application", "submit", file.to_str().unwrap()])).trim().to_string();
     let spec =
         meridian_spec::application::ApplicationSpec::from_toml(&std::fs::read_to_string(&file).unwrap(), "a").unwrap();
