@@ -1,7 +1,7 @@
-//! `meridian init coordinator|worker|job`: writes a commented, working
-//! configuration to start from, every key explained with its default. The
-//! templates are the files in `examples/config/`, which the tests load with
-//! the real parsers.
+//! `meridian init coordinator|worker|job|application`: writes a commented,
+//! working configuration to start from, every key explained with its
+//! default. The templates are the files in `examples/config/` and the
+//! example application, which the tests load with the real parsers.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,8 @@ pub enum Template {
     Worker,
     /// job.toml, for `meridian job plan` and `meridian job submit`.
     Job,
+    /// application.toml, a data-use application for `meridian application submit`.
+    Application,
 }
 
 impl Template {
@@ -27,6 +29,7 @@ impl Template {
             Template::Coordinator => include_str!("../../examples/config/coordinator.toml"),
             Template::Worker => include_str!("../../examples/config/worker.toml"),
             Template::Job => include_str!("../../examples/config/job.toml"),
+            Template::Application => include_str!("../../examples/applications/brfss.toml"),
         }
     }
 
@@ -35,6 +38,7 @@ impl Template {
             Template::Coordinator => "coordinator.toml",
             Template::Worker => "worker.toml",
             Template::Job => "job.toml",
+            Template::Application => "application.toml",
         }
     }
 }
@@ -57,6 +61,7 @@ pub fn run(template: Template, out: Option<PathBuf>, force: bool) -> Result<()> 
             Template::Coordinator => "meridian coordinator --config FILE",
             Template::Worker => "meridian worker --check --connect --config FILE",
             Template::Job => "meridian job plan FILE",
+            Template::Application => "set its dates, then meridian application submit FILE",
         }
     )?;
     Ok(())

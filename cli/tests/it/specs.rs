@@ -346,7 +346,7 @@ fn init_writes_templates_that_work_once_their_paths_exist() {
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let init =
         |what: &str| crate::util::run(&["init", what, "--out", dir.join(format!("{what}.toml")).to_str().unwrap()]);
-    for what in ["coordinator", "worker", "job"] {
+    for what in ["coordinator", "worker", "job", "application"] {
         let out = init(what);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         // Never over an existing file.
@@ -389,6 +389,11 @@ fn init_writes_templates_that_work_once_their_paths_exist() {
         meridian_spec::job::JobSpec::from_toml(&std::fs::read_to_string(dir.join("job.toml")).unwrap(), "job.toml")
             .unwrap();
     assert_eq!(spec.dataset, "brfss");
+    // The application's is a valid application, for the same dataset.
+    let text = std::fs::read_to_string(dir.join("application.toml")).unwrap();
+    let app = meridian_spec::application::ApplicationSpec::from_toml(&text, "application.toml").unwrap();
+    assert_eq!(app.datasets, ["brfss"]);
+    assert_eq!(app.check_job(&spec, app.valid_from.start_ms()), Ok(()));
     // To stdout.
     let out = crate::util::run(&["init", "job", "--out", "-"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("# job.toml"));
