@@ -65,6 +65,10 @@ struct RawPolicy {
     /// statistics of the site's records, so never the default.
     #[serde(default)]
     release_exact_metrics: bool,
+    /// The stewards (certificate names) whose decisions on data-use
+    /// applications this site honours; empty: none.
+    #[serde(default)]
+    stewards: Vec<String>,
 }
 
 fn default_approval() -> String {
@@ -118,6 +122,7 @@ impl Default for RawPolicy {
             min_training_rows: default_min_training_rows(),
             min_test_rows: default_min_test_rows(),
             release_exact_metrics: false,
+            stewards: Vec::new(),
         }
     }
 }
@@ -199,6 +204,8 @@ pub struct WorkerConfig {
     pub min_test_rows: u64,
     /// Whether exact metrics go with the noised ones (`policy.release_exact_metrics`).
     pub release_exact_metrics: bool,
+    /// The stewards whose decisions on applications the site honours (`policy.stewards`).
+    pub stewards: Vec<String>,
     /// Datasets served.
     pub datasets: Vec<DatasetConfig>,
 }
@@ -231,6 +238,7 @@ impl WorkerConfig {
             problems.push(format!("network.upload_limit_mb_per_sec: must be finite and >= 0.001, got {limit}"));
         }
         let manual_approval = check_policy(&raw.policy, &mut problems);
+        check_stewards(&raw.policy.stewards, &mut problems);
         let datasets = datasets(raw.datasets, base, &mut problems);
         let config = WorkerConfig {
             coordinator: raw.coordinator,
@@ -246,6 +254,7 @@ impl WorkerConfig {
             min_training_rows: raw.policy.min_training_rows,
             min_test_rows: raw.policy.min_test_rows,
             release_exact_metrics: raw.policy.release_exact_metrics,
+            stewards: raw.policy.stewards,
             datasets,
         };
         for (key, file) in [("tls.ca", &config.tls_ca), ("tls.cert", &config.tls_cert), ("tls.key", &config.tls_key)] {
@@ -289,6 +298,18 @@ fn cpu_threads(threads: Option<usize>, problems: &mut Vec<String>) -> Option<std
         problems.push("cpu_threads: must be at least 1, got 0 (leave it out for one per core)".to_string());
     }
     threads
+}
+
+/// Checks `policy.stewards`: certificate names, each once.
+fn check_stewards(stewards: &[String], problems: &mut Vec<String>) {
+    let mut seen = std::collections::BTreeSet::new();
+    for name in stewards {
+        if let Err(e) = meridian_wire::identity::validate_name(name) {
+            problems.push(format!("policy.stewards: {e}"));
+        } else if !seen.insert(name) {
+            problems.push(format!("policy.stewards: \"{name}\" is named twice"));
+        }
+    }
 }
 
 /// Checks the `[policy]` table; whether offers need a person's approval.
@@ -367,5 +388,23 @@ fn check_dataset_numbers(d: &RawDataset, key: &dyn Fn(&str) -> String, problems:
     }
     if !(d.size_noise_scale.is_finite() && d.size_noise_scale >= 1.0) {
         problems.push(format!("{}: must be finite and >= 1, got {}", key("size_noise_scale"), d.size_noise_scale));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn honoured_stewards_are_certificate_names_each_named_once() {
+        let text = "coordinator = \"https://127.0.0.1:1\"\ndata_dir = \"state\"\n\
+                    [tls]\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+                    [policy]\nstewards = [\"sam\", \"a b\", \"sam\"]\n";
+        let err = WorkerConfig::parse(text, Path::new("/nonexistent/worker.toml")).unwrap_err().to_string();
+        assert!(err.contains("policy.stewards: name \"a b\" contains ' '"), "{err}");
+        assert!(err.contains("policy.stewards: \"sam\" is named twice"), "{err}");
+        let example = include_str!("../../examples/config/worker.toml");
+        let raw: RawConfig = meridian_spec::config_file::parse(example, Path::new("worker.toml")).unwrap();
+        assert!(raw.policy.stewards.is_empty());
     }
 }

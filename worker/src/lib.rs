@@ -10,12 +10,15 @@
 //! - [`dataset`]: CSV loading and encoding; [`ledger`]: the site's privacy
 //!   ledger and budget; [`train`]: DP-SGD rounds and evaluation.
 //! - [`error`]: why the daemon could not start, or a transfer failed.
+//! - [`decisions`]: the site's own check of a steward's signed decision on
+//!   a data-use application, against its policy's honoured stewards.
 
 pub mod approvals;
 pub mod check;
 pub mod config;
 mod daemon;
 pub mod dataset;
+pub mod decisions;
 pub mod download;
 pub mod error;
 pub mod ledger;
