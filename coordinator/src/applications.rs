@@ -21,10 +21,9 @@ use meridian_wire::pb;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::service::Services;
+use crate::service::{SUBMITTERS, Services};
 use crate::store::{ApplicationRow, DecisionRow};
 
-const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
 const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin, Role::Steward];
 const STEWARDS: &[Role] = &[Role::Steward];
 

@@ -177,7 +177,8 @@ fn authorize<T>(revocations: &Revocations, req: &Request<T>, allowed: &[Role], r
 }
 
 const HOSPITAL: &[Role] = &[Role::Hospital];
-const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
+/// Who may submit: jobs here, applications in `applications`.
+pub(crate) const SUBMITTERS: &[Role] = &[Role::Scientist, Role::Admin];
 const READERS: &[Role] = &[Role::Scientist, Role::Reviewer, Role::Admin];
 
 impl Services {

@@ -102,24 +102,26 @@ impl Store {
         row: &DecisionRow,
         check: impl FnOnce(&[DecisionRow]) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
-        let mut conn = meridian_sys::sync::lock(&self.conn);
-        let tx = conn.transaction().map_err(StoreError::from)?;
-        let past = select_decisions(&tx, &row.decision.application_id)?;
-        check(&past)?;
-        tx.execute(
-            "INSERT INTO application_decisions (application_id, site, decision_json, steward_cert_pem, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                row.decision.application_id,
-                row.decision.site,
-                row.decision_json,
-                row.steward_cert_pem,
-                row.signature
-            ],
-        )
-        .map_err(StoreError::from)?;
-        tx.commit().map_err(StoreError::from)?;
-        Ok(())
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let past = select_decisions(&tx, &row.decision.application_id)?;
+            if let Err(refused) = check(&past) {
+                return Ok(Err(refused));
+            }
+            tx.execute(
+                "INSERT INTO application_decisions (application_id, site, decision_json, steward_cert_pem, signature)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    row.decision.application_id,
+                    row.decision.site,
+                    row.decision_json,
+                    row.steward_cert_pem,
+                    row.signature
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })?
     }
 
     /// Every decision on an application, oldest first.
