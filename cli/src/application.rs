@@ -154,18 +154,19 @@ async fn decide(
     let identity = IdentityFiles::from_dir(&conn.identity)
         .with_context(|| format!("loading the identity in {}", conn.identity.display()))?;
     let me = principal_from_pem(&identity.cert_pem)?;
-    let Some(site) = me.site.clone() else {
+    let Some(site) = me.site else {
         anyhow::bail!("{} is a {}: only a site's steward decides on an application", me.name, me.role);
     };
     let status = get(conn, id).await?;
     let spec = spec_of(&status)?;
+    let verdict = verdict(&spec, &site)?;
     let decision = SiteDecision {
         application_id: id.to_string(),
         application_hash: spec.hash(),
         site,
         steward: me.name,
         decided_at_ms: meridian_sys::now_ms(),
-        verdict: verdict(&spec, me.site.as_deref().unwrap_or_default())?,
+        verdict,
     };
     decision.check_against(&spec).map_err(|problems| anyhow::anyhow!("{id}: {}", problems.join("; ")))?;
     let signed = meridian_wire::decision::sign(&decision, &identity)?;
@@ -174,7 +175,7 @@ async fn decide(
         steward_cert_pem: signed.steward_cert_pem.into(),
         signature: signed.signature.into(),
     };
-    let status = client(conn).await?.decide_application(request).await.map_err(status_error)?.into_inner();
+    let status = conn.applications().await?.decide_application(request).await.map_err(status_error)?.into_inner();
     if json {
         output::json(&status_json(&status)?)?;
     } else {
@@ -203,20 +204,15 @@ fn decision_line(d: &SiteDecision) -> String {
 /// One application's status from the coordinator.
 async fn get(conn: &Connection, id: &str) -> Result<pb::ApplicationStatus> {
     let request = pb::GetApplicationRequest { application_id: id.to_string() };
-    Ok(client(conn).await?.get_application(request).await.map_err(status_error)?.into_inner())
-}
-
-async fn client(
-    conn: &Connection,
-) -> Result<pb::application_service_client::ApplicationServiceClient<tonic::transport::Channel>> {
-    Ok(pb::application_service_client::ApplicationServiceClient::new(conn.channel().await?))
+    Ok(conn.applications().await?.get_application(request).await.map_err(status_error)?.into_inner())
 }
 
 /// `application submit`: checks the file, sends it, prints the new id.
 async fn submit(conn: &Connection, path: &Path, json: bool) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     ApplicationSpec::from_toml(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?;
-    let reply = client(conn)
+    let reply = conn
+        .applications()
         .await?
         .submit_application(pb::SubmitApplicationRequest { spec_toml: text })
         .await
@@ -232,7 +228,8 @@ async fn submit(conn: &Connection, path: &Path, json: bool) -> Result<()> {
 
 /// `application list`: one line per application, or a JSON array.
 async fn list(conn: &Connection, json: bool) -> Result<()> {
-    let apps = client(conn)
+    let apps = conn
+        .applications()
         .await?
         .list_applications(pb::ListApplicationsRequest {})
         .await

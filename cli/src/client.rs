@@ -44,6 +44,11 @@ impl Connection {
         Ok(pb::job_service_client::JobServiceClient::new(self.channel().await?).max_decoding_message_size(4 << 20))
     }
 
+    /// An application service client.
+    pub async fn applications(&self) -> Result<pb::application_service_client::ApplicationServiceClient<Channel>> {
+        Ok(pb::application_service_client::ApplicationServiceClient::new(self.channel().await?))
+    }
+
     /// A privacy service client.
     pub async fn privacy(&self) -> Result<pb::privacy_service_client::PrivacyServiceClient<Channel>> {
         Ok(pb::privacy_service_client::PrivacyServiceClient::new(self.channel().await?))
