@@ -25,6 +25,26 @@ fn application(fed: &Federation) -> std::path::PathBuf {
     path
 }
 
+/// Provisions `name` as the steward of `site` with the federation's CA;
+/// returns what `provision` printed.
+fn add_steward(fed: &Federation, name: &str, site: &str) -> String {
+    let federation = fed.dir.join("fed");
+    let federation = federation.to_str().unwrap();
+    let out = crate::util::run(&[
+        "provision",
+        "add-user",
+        name,
+        "--role",
+        "steward",
+        "--site",
+        site,
+        "--federation",
+        federation,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
 fn args(a: &[String]) -> Vec<&str> {
     a.iter().map(String::as_str).collect()
 }
@@ -137,19 +157,8 @@ fn a_steward_is_bound_to_one_site_and_reads_only_what_asks_it() {
     assert!(fed.client("sam", &["application", "show", &id]).status.success());
 
     // zoe decides for hospital-z, which it does not ask: she sees nothing of it.
-    let out = crate::util::run(&[
-        "provision",
-        "add-user",
-        "zoe",
-        "--role",
-        "steward",
-        "--site",
-        "hospital-z",
-        "--federation",
-        fed_arg,
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("added zoe (steward of hospital-z)"), "{}", stdout(&out));
+    let added = add_steward(&fed, "zoe", "hospital-z");
+    assert!(added.contains("added zoe (steward of hospital-z)"), "{added}");
     let out = fed.client("zoe", &["application", "list", "--json"]);
     assert_eq!(stdout(&out).trim(), "[]", "{}", stderr(&out));
     let out = fed.client("zoe", &["application", "show", &id]);
@@ -207,19 +216,7 @@ fn a_steward_is_bound_to_one_site_and_reads_only_what_asks_it() {
 #[test]
 fn stewards_approve_within_the_terms_reject_and_revoke_each_decision_signed() {
     let fed = Federation::start(&["hospital-a", "hospital-b"]);
-    let fed_arg = fed.dir.join("fed");
-    let out = crate::util::run(&[
-        "provision",
-        "add-user",
-        "ann",
-        "--role",
-        "steward",
-        "--site",
-        "hospital-b",
-        "--federation",
-        fed_arg.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_steward(&fed, "ann", "hospital-b");
     let file = application(&fed);
     let out = fed.client("alice", &["application", "submit", file.to_str().unwrap()]);
     let id = stdout(&out).trim().to_string();
@@ -296,19 +293,7 @@ fn the_coordinator_refuses_a_decision_whose_signature_does_not_hold() {
     let id = stdout(&fed.client("alice", &["application", "submit", file.to_str().unwrap()])).trim().to_string();
     let spec =
         meridian_spec::application::ApplicationSpec::from_toml(&std::fs::read_to_string(&file).unwrap(), "a").unwrap();
-    let fed_dir = fed.dir.join("fed");
-    let out = crate::util::run(&[
-        "provision",
-        "add-user",
-        "ann",
-        "--role",
-        "steward",
-        "--site",
-        "hospital-a",
-        "--federation",
-        fed_dir.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_steward(&fed, "ann", "hospital-a");
     let sam = IdentityFiles::from_dir(&fed.identity("sam")).unwrap();
     let ann = IdentityFiles::from_dir(&fed.identity("ann")).unwrap();
     let decision = SiteDecision {
