@@ -98,12 +98,16 @@ fn watching_off_a_terminal_prints_a_line_per_round_and_json_lines_on_request() {
 #[test]
 fn exit_codes_say_how_a_command_ended() {
     let (fed, _) = started_federation();
-    // A job that ends cancelled.
-    let spec = WdbcJob { rounds: 50, local_epochs: 5.0, ..Default::default() }.write(&fed, "long.toml");
+    // A job that ends cancelled: wide layers keep it running for many
+    // seconds (its ε does not depend on them), so it cannot finish before
+    // the cancel arrives, however fast the machine.
+    let long = WdbcJob { rounds: 50, local_epochs: 5.0, hidden: "[512, 512]", ..Default::default() };
+    let spec = long.write(&fed, "long.toml");
     let id = String::from_utf8_lossy(&fed.client("alice", &["job", "submit", spec.to_str().unwrap()]).stdout)
         .trim()
         .to_string();
-    assert!(fed.client("alice", &["job", "cancel", &id]).status.success());
+    let cancel = fed.client("alice", &["job", "cancel", &id]);
+    assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
     let (status, out, _) = piped(&fed, "alice", &["job", "watch", &id]);
     assert_eq!(status.code(), Some(3), "a job ended cancelled: {out}");
     assert!(out.contains("state      cancelled"), "{out}");
